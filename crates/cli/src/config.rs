@@ -1,0 +1,141 @@
+//! The effective configuration of `outpost serve`: embedded defaults, then an optional TOML file
+//! (`--config` or `OUTPOST_CONFIG`), then `OUTPOST_*` environment variables, then flags. Unknown
+//! keys are errors, and every error names the file or variable the bad value came from.
+
+use crate::serve::ServeArgs;
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory holding blobs, uploads and the metadata database.
+    pub data_dir: PathBuf,
+    /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
+    pub log_level: String,
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_bytes: usize,
+    /// Largest blob accepted, in bytes (0 = unlimited).
+    pub max_blob_bytes: u64,
+    /// Upload sessions untouched for this many seconds are removed.
+    pub upload_max_age_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data_dir: PathBuf::from("./outpost-data"),
+            log_level: "info".into(),
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 0,
+            upload_max_age_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Flag values that override everything else (only those given).
+#[derive(Serialize, Default)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+}
+
+impl Config {
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let file = args
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("OUTPOST_CONFIG").map(PathBuf::from));
+        if let Some(path) = &file {
+            anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig
+            .merge(Env::prefixed("OUTPOST_").ignore(&["config"]))
+            .merge(Serialized::defaults(Overrides {
+                listen: args.listen,
+                data_dir: args.data_dir.clone(),
+                log_level: args.log_level.clone(),
+            }));
+        let config: Config = fig.extract().context("invalid configuration")?;
+        anyhow::ensure!(config.max_manifest_bytes > 0, "max_manifest_bytes must be positive");
+        anyhow::ensure!(config.upload_max_age_secs > 0, "upload_max_age_secs must be positive");
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("listen = \"{}\"\n", self.listen));
+        out.push_str(&format!("data_dir = {:?}\n", self.data_dir.display().to_string()));
+        out.push_str(&format!("log_level = {:?}\n", self.log_level));
+        out.push_str(&format!("max_manifest_bytes = {}\n", self.max_manifest_bytes));
+        out.push_str(&format!("max_blob_bytes = {}\n", self.max_blob_bytes));
+        out.push_str(&format!("upload_max_age_secs = {}\n", self.upload_max_age_secs));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs::default()
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.example.toml");
+        let parsed: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(path))
+            .extract()
+            .expect("config.example.toml parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn file_env_and_flags_layer() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "listen = \"127.0.0.1:6000\"\nlog_level = \"debug\"\n")?;
+            jail.set_env("OUTPOST_DATA_DIR", "/tmp/x");
+            let mut a = args();
+            a.config = Some("c.toml".into());
+            let c = Config::load(&a).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.port(), 6000);
+            assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+            assert_eq!(c.log_level, "debug");
+            a.log_level = Some("warn".into());
+            assert_eq!(Config::load(&a).map_err(|e| e.to_string())?.log_level, "warn");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "lisen = \"127.0.0.1:6000\"\n")?;
+            let mut a = args();
+            a.config = Some("c.toml".into());
+            let e = format!("{:#}", Config::load(&a).unwrap_err());
+            assert!(e.contains("lisen"), "{e}");
+            jail.create_file("d.toml", "")?;
+            jail.set_env("OUTPOST_LISTEN", "nonsense");
+            a.config = Some("d.toml".into());
+            let e = format!("{:#}", Config::load(&a).unwrap_err());
+            assert!(e.contains("LISTEN") && e.contains("OUTPOST_"), "{e}");
+            Ok(())
+        });
+    }
+}

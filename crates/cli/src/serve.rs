@@ -1,0 +1,112 @@
+//! `outpost serve`: open the data directory, start the HTTP server and the upload reaper, and
+//! shut down gracefully on SIGTERM or SIGINT (in-flight requests finish, new ones are refused).
+
+use crate::config::Config;
+use anyhow::Context;
+use outpost_registry::{Registry, RegistryConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file [env: OUTPOST_CONFIG]
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [env: OUTPOST_LISTEN] [default: 0.0.0.0:5000]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [env: OUTPOST_DATA_DIR] [default: ./outpost-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Log level or filter [env: OUTPOST_LOG_LEVEL] [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    init_logging(&config.log_level)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config))
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("log_level {level:?} is not a valid level or filter"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let registry = Registry::open(
+        &config.data_dir,
+        RegistryConfig {
+            max_manifest_bytes: config.max_manifest_bytes,
+            max_blob_bytes: (config.max_blob_bytes > 0).then_some(config.max_blob_bytes),
+            fsync: true,
+        },
+    )
+    .await
+    .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "outpost listening");
+
+    let reaper = tokio::spawn(reap_uploads(registry.clone(), Duration::from_secs(config.upload_max_age_secs)));
+    let app = outpost_server::router(outpost_server::AppState {
+        registry: registry.clone(),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    reaper.abort();
+    registry.close().await;
+    tracing::info!("outpost stopped");
+    Ok(())
+}
+
+async fn reap_uploads(registry: Registry, age: Duration) {
+    let period = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        if let Err(e) = registry.reap_uploads(age).await {
+            tracing::warn!(error = %e, "reaping stale uploads failed; will retry");
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

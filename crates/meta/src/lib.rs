@@ -1,0 +1,541 @@
+//! `outpost-meta` is the only crate that speaks SQL. It stores repositories, manifests (the exact
+//! bytes), tags, which blobs each repository may serve, upload sessions, and the event log, in
+//! SQLite (WAL mode) through `sqlx`.
+//!
+//! Invariants: every state change — tag set or removed, manifest put or deleted — is appended to
+//! `events` in the same transaction as the change. A manifest is inserted only after checking,
+//! inside that transaction, that every blob and child manifest it references is present in the
+//! repository, so a concurrent delete cannot slip between the check and the insert. All writes go
+//! through one connection, so writers never see `SQLITE_BUSY`.
+
+mod schema;
+
+use outpost_oci::Digest;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaError {
+    #[error("metadata database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("blob {0} is not in the repository")]
+    MissingBlob(Digest),
+    #[error("manifest {0} is not in the repository")]
+    MissingManifest(Digest),
+    #[error("metadata database holds an invalid value: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+/// A stored manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub content: Vec<u8>,
+}
+
+/// A manifest whose `subject` is some digest, as the referrers API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrer {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub artifact_type: Option<String>,
+    /// JSON object of the manifest's annotations, if it had any.
+    pub annotations: Option<String>,
+}
+
+/// Everything `put_manifest` needs to store one manifest.
+#[derive(Debug, Clone)]
+pub struct NewManifest<'a> {
+    pub repo: &'a str,
+    pub digest: &'a Digest,
+    pub media_type: &'a str,
+    pub artifact_type: Option<&'a str>,
+    pub subject: Option<&'a Digest>,
+    pub annotations: Option<String>,
+    pub content: &'a [u8],
+    pub tag: Option<&'a str>,
+    /// Blobs that must already be linked to the repository.
+    pub blobs: Vec<&'a Digest>,
+    /// Manifests that must already be in the repository.
+    pub children: Vec<&'a Digest>,
+}
+
+/// What `put_manifest` changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub manifest_created: bool,
+    pub tag_changed: bool,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub repo: String,
+    pub kind: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    pub media_type: Option<String>,
+}
+
+pub const EVENT_MANIFEST_PUT: &str = "manifest_put";
+pub const EVENT_MANIFEST_DELETED: &str = "manifest_deleted";
+pub const EVENT_TAG_SET: &str = "tag_set";
+pub const EVENT_TAG_REMOVED: &str = "tag_removed";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_digest(s: &str) -> Result<Digest> {
+    s.parse().map_err(|e| MetaError::Corrupt(format!("digest {s:?}: {e}")))
+}
+
+/// The metadata store.
+#[derive(Clone)]
+pub struct Meta {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+
+impl Meta {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> Result<Meta> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        Self::migrate(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(Meta { read, write })
+    }
+
+    async fn migrate(pool: &SqlitePool) -> Result<()> {
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(pool).await?;
+        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let mut tx = pool.begin().await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(migration = i + 1, "applied metadata migration");
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    async fn repo_id(tx: &mut Tx<'_>, repo: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
+            .bind(repo)
+            .fetch_optional(&mut **tx)
+            .await?)
+    }
+
+    async fn ensure_repo(tx: &mut Tx<'_>, repo: &str) -> Result<i64> {
+        if let Some(id) = Self::repo_id(tx, repo).await? {
+            return Ok(id);
+        }
+        Ok(sqlx::query_scalar("INSERT INTO repositories (name, created_at) VALUES (?, ?) RETURNING id")
+            .bind(repo)
+            .bind(now_ms())
+            .fetch_one(&mut **tx)
+            .await?)
+    }
+
+    async fn event(tx: &mut Tx<'_>, repo: &str, kind: &str, tag: Option<&str>, digest: Option<&str>, media_type: Option<&str>) -> Result<()> {
+        sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(now_ms())
+            .bind(repo)
+            .bind(kind)
+            .bind(tag)
+            .bind(digest)
+            .bind(media_type)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    // ---- repositories -------------------------------------------------------------------
+
+    pub async fn repo_exists(&self, repo: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT 1 FROM repositories WHERE name = ?")
+            .bind(repo)
+            .fetch_optional(&self.read)
+            .await?
+            .is_some())
+    }
+
+    /// Repository names in lexical order, after `last`, at most `n`.
+    pub async fn catalog(&self, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT name FROM repositories WHERE name > ? ORDER BY name LIMIT ?")
+            .bind(last.unwrap_or(""))
+            .bind(n.map(i64::from).unwrap_or(-1))
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    // ---- blobs ---------------------------------------------------------------------------
+
+    /// Size of `digest` if `repo` may serve it.
+    pub async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let size: Option<i64> = sqlx::query_scalar(
+            "SELECT b.size FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id \
+             JOIN blobs b ON b.digest = l.digest WHERE r.name = ? AND l.digest = ?",
+        )
+        .bind(repo)
+        .bind(digest.to_string())
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(size.map(|s| s as u64))
+    }
+
+    /// Size of `digest` if any repository holds it.
+    pub async fn known_blob(&self, digest: &Digest) -> Result<Option<u64>> {
+        let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blobs WHERE digest = ?")
+            .bind(digest.to_string())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(size.map(|s| s as u64))
+    }
+
+    /// Records that `digest` (of `size` bytes, already in the blob store) belongs to `repo`.
+    pub async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let id = Self::ensure_repo(&mut tx, repo).await?;
+        sqlx::query("INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(digest.to_string())
+            .bind(size as i64)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO repo_blobs (repo_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(id)
+            .bind(digest.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes `repo`'s link to a blob. Returns whether it was linked.
+    pub async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let res = sqlx::query(
+            "DELETE FROM repo_blobs WHERE digest = ? AND repo_id = (SELECT id FROM repositories WHERE name = ?)",
+        )
+        .bind(digest.to_string())
+        .bind(repo)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    // ---- uploads -------------------------------------------------------------------------
+
+    pub async fn create_upload(&self, id: &str, repo: &str) -> Result<()> {
+        sqlx::query("INSERT INTO uploads (id, repo, started_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(repo)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// The repository an upload was started in, if the upload exists.
+    pub async fn upload_repo(&self, id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT repo FROM uploads WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?)
+    }
+
+    pub async fn delete_upload(&self, id: &str) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.write).await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    /// Uploads started before `age` ago.
+    pub async fn uploads_older_than(&self, age: Duration) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT id FROM uploads WHERE started_at < ?")
+            .bind(now_ms() - age.as_millis() as i64)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    // ---- manifests and tags --------------------------------------------------------------
+
+    /// Stores a manifest (and optionally points a tag at it) after checking, in the same
+    /// transaction, that everything it references is present.
+    pub async fn put_manifest(&self, m: NewManifest<'_>) -> Result<PutOutcome> {
+        let mut tx = self.write.begin().await?;
+        let id = Self::ensure_repo(&mut tx, m.repo).await?;
+        for b in &m.blobs {
+            let linked: Option<i64> = sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE repo_id = ? AND digest = ?")
+                .bind(id)
+                .bind(b.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if linked.is_none() {
+                return Err(MetaError::MissingBlob((*b).clone()));
+            }
+        }
+        for c in &m.children {
+            let present: Option<i64> = sqlx::query_scalar("SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?")
+                .bind(id)
+                .bind(c.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if present.is_none() {
+                return Err(MetaError::MissingManifest((*c).clone()));
+            }
+        }
+        let digest = m.digest.to_string();
+        let created = sqlx::query(
+            "INSERT INTO manifests (repo_id, digest, media_type, artifact_type, subject, annotations, content, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&digest)
+        .bind(m.media_type)
+        .bind(m.artifact_type)
+        .bind(m.subject.map(|s| s.to_string()))
+        .bind(&m.annotations)
+        .bind(m.content)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if created {
+            for child in m.blobs.iter().chain(m.children.iter()) {
+                sqlx::query("INSERT INTO manifest_refs (repo_id, manifest, child) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                    .bind(id)
+                    .bind(&digest)
+                    .bind(child.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Self::event(&mut tx, m.repo, EVENT_MANIFEST_PUT, None, Some(&digest), Some(m.media_type)).await?;
+        }
+        let mut tag_changed = false;
+        if let Some(tag) = m.tag {
+            let old: Option<String> = sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = ? AND name = ?")
+                .bind(id)
+                .bind(tag)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if old.as_deref() != Some(digest.as_str()) {
+                sqlx::query(
+                    "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+                )
+                .bind(id)
+                .bind(tag)
+                .bind(&digest)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                Self::event(&mut tx, m.repo, EVENT_TAG_SET, Some(tag), Some(&digest), Some(m.media_type)).await?;
+                tag_changed = true;
+            }
+        }
+        tx.commit().await?;
+        Ok(PutOutcome {
+            manifest_created: created,
+            tag_changed,
+        })
+    }
+
+    fn record(row: sqlx::sqlite::SqliteRow) -> Result<ManifestRecord> {
+        let digest: String = row.try_get(0)?;
+        Ok(ManifestRecord {
+            digest: parse_digest(&digest)?,
+            media_type: row.try_get(1)?,
+            content: row.try_get(2)?,
+        })
+    }
+
+    pub async fn manifest_by_tag(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>> {
+        sqlx::query(
+            "SELECT m.digest, m.media_type, m.content FROM tags t \
+             JOIN repositories r ON r.id = t.repo_id \
+             JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest \
+             WHERE r.name = ? AND t.name = ?",
+        )
+        .bind(repo)
+        .bind(tag)
+        .fetch_optional(&self.read)
+        .await?
+        .map(Self::record)
+        .transpose()
+    }
+
+    pub async fn manifest_by_digest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        sqlx::query(
+            "SELECT m.digest, m.media_type, m.content FROM manifests m \
+             JOIN repositories r ON r.id = m.repo_id WHERE r.name = ? AND m.digest = ?",
+        )
+        .bind(repo)
+        .bind(digest.to_string())
+        .fetch_optional(&self.read)
+        .await?
+        .map(Self::record)
+        .transpose()
+    }
+
+    /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None` if
+    /// the manifest was not there.
+    pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<Option<Vec<String>>> {
+        let mut tx = self.write.begin().await?;
+        let Some(id) = Self::repo_id(&mut tx, repo).await? else {
+            return Ok(None);
+        };
+        let d = digest.to_string();
+        let deleted = sqlx::query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?")
+            .bind(id)
+            .bind(&d)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Ok(None);
+        }
+        let tags: Vec<String> = sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND digest = ? RETURNING name")
+            .bind(id)
+            .bind(&d)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM manifest_refs WHERE repo_id = ? AND manifest = ?")
+            .bind(id)
+            .bind(&d)
+            .execute(&mut *tx)
+            .await?;
+        for t in &tags {
+            Self::event(&mut tx, repo, EVENT_TAG_REMOVED, Some(t), Some(&d), None).await?;
+        }
+        Self::event(&mut tx, repo, EVENT_MANIFEST_DELETED, None, Some(&d), None).await?;
+        tx.commit().await?;
+        Ok(Some(tags))
+    }
+
+    /// Removes a tag (the manifest stays, reachable by digest). Returns whether it existed.
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let Some(id) = Self::repo_id(&mut tx, repo).await? else {
+            return Ok(false);
+        };
+        let old: Option<String> = sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND name = ? RETURNING digest")
+            .bind(id)
+            .bind(tag)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(d) = &old {
+            Self::event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None).await?;
+        }
+        tx.commit().await?;
+        Ok(old.is_some())
+    }
+
+    /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if the repository
+    /// does not exist.
+    pub async fn tags(&self, repo: &str, n: Option<u32>, last: Option<&str>) -> Result<Option<Vec<String>>> {
+        let mut conn = self.read.acquire().await?;
+        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
+            .bind(repo)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        let tags = sqlx::query_scalar("SELECT name FROM tags WHERE repo_id = ? AND name > ? ORDER BY name LIMIT ?")
+            .bind(id)
+            .bind(last.unwrap_or(""))
+            .bind(n.map(i64::from).unwrap_or(-1))
+            .fetch_all(&mut *conn)
+            .await?;
+        Ok(Some(tags))
+    }
+
+    /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
+    pub async fn referrers(&self, repo: &str, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>> {
+        let rows = sqlx::query(
+            "SELECT m.digest, m.media_type, length(m.content), m.artifact_type, m.annotations FROM manifests m \
+             JOIN repositories r ON r.id = m.repo_id \
+             WHERE r.name = ? AND m.subject = ? AND (? IS NULL OR m.artifact_type = ?) ORDER BY m.created_at, m.digest",
+        )
+        .bind(repo)
+        .bind(subject.to_string())
+        .bind(artifact_type)
+        .bind(artifact_type)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let digest: String = row.try_get(0)?;
+                let size: i64 = row.try_get(2)?;
+                Ok(Referrer {
+                    digest: parse_digest(&digest)?,
+                    media_type: row.try_get(1)?,
+                    size: size as u64,
+                    artifact_type: row.try_get(3)?,
+                    annotations: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- event log -----------------------------------------------------------------------
+
+    /// Events after `seq`, oldest first, at most `limit`.
+    pub async fn events_after(&self, seq: i64, limit: u32) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, repo, kind, tag, digest, media_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Event {
+                    seq: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    repo: r.try_get(2)?,
+                    kind: r.try_get(3)?,
+                    tag: r.try_get(4)?,
+                    digest: r.try_get(5)?,
+                    media_type: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,75 @@
+//! The SQLite schema as an ordered list of migrations. `PRAGMA user_version` records how many
+//! have been applied; each runs once, in its own transaction, at open. Append new migrations;
+//! never edit an applied one.
+
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: the registry core
+    r#"
+    CREATE TABLE repositories (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE blobs (
+        digest     TEXT PRIMARY KEY,
+        size       INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+
+    -- A repository may serve a blob only if it is linked here (pushed, mounted or referenced).
+    CREATE TABLE repo_blobs (
+        repo_id INTEGER NOT NULL REFERENCES repositories(id),
+        digest  TEXT NOT NULL REFERENCES blobs(digest),
+        PRIMARY KEY (repo_id, digest)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE TABLE manifests (
+        repo_id       INTEGER NOT NULL REFERENCES repositories(id),
+        digest        TEXT NOT NULL,
+        media_type    TEXT NOT NULL,
+        artifact_type TEXT,
+        subject       TEXT,
+        annotations   TEXT,
+        content       BLOB NOT NULL,
+        created_at    INTEGER NOT NULL,
+        PRIMARY KEY (repo_id, digest)
+    ) STRICT;
+    CREATE INDEX manifests_by_subject ON manifests(repo_id, subject) WHERE subject IS NOT NULL;
+
+    -- What each manifest references (blobs and child manifests), for garbage collection.
+    CREATE TABLE manifest_refs (
+        repo_id  INTEGER NOT NULL,
+        manifest TEXT NOT NULL,
+        child    TEXT NOT NULL,
+        PRIMARY KEY (repo_id, manifest, child)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE TABLE tags (
+        repo_id    INTEGER NOT NULL REFERENCES repositories(id),
+        name       TEXT NOT NULL,
+        digest     TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (repo_id, name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX tags_by_digest ON tags(repo_id, digest);
+
+    CREATE TABLE uploads (
+        id         TEXT PRIMARY KEY,
+        repo       TEXT NOT NULL,
+        started_at INTEGER NOT NULL
+    ) STRICT;
+
+    -- Every state change, appended in the same transaction as the change. Children sync from
+    -- this log and the outbox replays it.
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         INTEGER NOT NULL,
+        repo       TEXT NOT NULL,
+        kind       TEXT NOT NULL,
+        tag        TEXT,
+        digest     TEXT,
+        media_type TEXT
+    ) STRICT;
+    "#,
+];

@@ -1,0 +1,44 @@
+//! Everything that can go wrong in a registry operation, in terms a client can act on. The
+//! mapping to OCI error codes and HTTP statuses lives in `outpost-server::error`.
+
+use outpost_meta::MetaError;
+use outpost_oci::{Digest, ManifestError, RepoName};
+use outpost_storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("repository {0} is not known to this registry")]
+    NameUnknown(RepoName),
+    #[error("manifest {0} is not in the repository")]
+    ManifestUnknown(String),
+    #[error("blob {0} is not in the repository")]
+    BlobUnknown(Digest),
+    #[error("upload {0} does not exist in this repository; start a new upload with POST")]
+    UploadUnknown(String),
+    #[error("content hashes to {actual}, not to the digest {expected} given by the client")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("manifest is invalid: {0}")]
+    ManifestInvalid(#[from] ManifestError),
+    #[error("manifest is {size} bytes, larger than this registry's {limit} byte limit")]
+    ManifestTooLarge { size: usize, limit: usize },
+    #[error("manifest references blob {0}, which is not in the repository; push the blob first")]
+    ManifestBlobUnknown(Digest),
+    #[error("index references manifest {0}, which is not in the repository; push it first")]
+    ManifestChildUnknown(Digest),
+    #[error(transparent)]
+    Storage(StorageError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+impl From<StorageError> for RegistryError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::UploadUnknown(id) => RegistryError::UploadUnknown(id),
+            StorageError::BlobUnknown(d) => RegistryError::BlobUnknown(d),
+            StorageError::DigestMismatch { expected, actual } => RegistryError::DigestMismatch { expected, actual },
+            other => RegistryError::Storage(other),
+        }
+    }
+}

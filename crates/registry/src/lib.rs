@@ -1,0 +1,338 @@
+//! `outpost-registry` is the registry domain: what it means to push, pull and delete blobs and
+//! manifests, run upload sessions, list tags and repositories, and answer referrers queries. It
+//! combines `outpost-storage` (bytes) and `outpost-meta` (everything else) and enforces the
+//! rules that span both: a blob is linked to a repository only after its digest was verified;
+//! a manifest is accepted only if it parses, fits the size limit, matches the digest it was
+//! pushed under, and everything it references is present. No HTTP types appear here; the server
+//! maps [`RegistryError`] to status codes in one place.
+
+mod error;
+
+pub use error::RegistryError;
+pub use outpost_meta::{Event, Meta, MetaError};
+pub use outpost_storage::{BlobRead, Storage, StorageError};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use outpost_meta::{ManifestRecord, NewManifest};
+use outpost_oci::manifest::OCI_INDEX;
+use outpost_oci::{ByteRange, Descriptor, Digest, Manifest, Reference, RepoName};
+use std::path::Path;
+use std::time::Duration;
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// Limits and knobs of the registry domain.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_bytes: usize,
+    /// Largest blob accepted, in bytes (`None`: no limit).
+    pub max_blob_bytes: Option<u64>,
+    /// Whether blob and database writes are fsynced (always, outside tests).
+    pub fsync: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: None,
+            fsync: true,
+        }
+    }
+}
+
+/// A manifest as served: its digest, media type and exact bytes.
+pub type StoredManifest = ManifestRecord;
+
+/// The result of a manifest push.
+#[derive(Debug, Clone)]
+pub struct PushedManifest {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// One node's registry: blob store plus metadata.
+#[derive(Clone)]
+pub struct Registry {
+    storage: Storage,
+    meta: Meta,
+    config: RegistryConfig,
+}
+
+impl Registry {
+    /// Opens the registry stored in `data_dir` (creating it if needed).
+    pub async fn open(data_dir: &Path, config: RegistryConfig) -> Result<Registry> {
+        let storage = Storage::open(data_dir, config.fsync).await?;
+        let meta = Meta::open(&data_dir.join("meta.db")).await?;
+        Ok(Registry { storage, meta, config })
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    pub async fn close(&self) {
+        self.meta.close().await;
+    }
+
+    // ---- blobs ----------------------------------------------------------------------------
+
+    /// Size of a blob `repo` may serve.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        self.meta
+            .linked_blob(repo.as_str(), digest)
+            .await?
+            .ok_or_else(|| RegistryError::BlobUnknown(digest.clone()))
+    }
+
+    /// Opens a blob (or a range of it, resolved by the caller against [`Self::blob_size`]).
+    pub async fn open_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobRead> {
+        self.blob_size(repo, digest).await?;
+        match self.storage.open_blob(digest, range).await {
+            Err(StorageError::BlobUnknown(d)) => Err(RegistryError::BlobUnknown(d)),
+            other => Ok(other?),
+        }
+    }
+
+    /// Removes a blob from a repository. The bytes stay while other repositories use them.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if self.meta.unlink_blob(repo.as_str(), digest).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::BlobUnknown(digest.clone()))
+        }
+    }
+
+    /// Links an existing blob from `from` into `repo` (cross-repository mount). Returns its size,
+    /// or `None` if `from` does not hold it (the caller then starts a normal upload).
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName) -> Result<Option<u64>> {
+        let Some(size) = self.meta.linked_blob(from.as_str(), digest).await? else {
+            return Ok(None);
+        };
+        if self.storage.blob_size(digest).await?.is_none() {
+            return Ok(None);
+        }
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        Ok(Some(size))
+    }
+
+    // ---- uploads --------------------------------------------------------------------------
+
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
+        let id = self.storage.create_upload().await?;
+        self.meta.create_upload(&id, repo.as_str()).await?;
+        Ok(id)
+    }
+
+    async fn check_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        match self.meta.upload_repo(id).await? {
+            Some(r) if r == repo.as_str() => Ok(()),
+            _ => Err(RegistryError::UploadUnknown(id.to_string())),
+        }
+    }
+
+    /// Bytes an upload holds so far.
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        self.check_upload(repo, id).await?;
+        self.storage
+            .upload_size(id)
+            .await?
+            .ok_or_else(|| RegistryError::UploadUnknown(id.to_string()))
+    }
+
+    /// Appends a chunk (`start` from `Content-Range`, if given). Returns the new size.
+    pub async fn append_upload<S, E>(&self, repo: &RepoName, id: &str, start: Option<u64>, body: S) -> Result<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        self.check_upload(repo, id).await?;
+        let out = self.storage.append(id, start, self.config.max_blob_bytes, body).await?;
+        Ok(out.size)
+    }
+
+    /// Completes an upload: appends the final body (if any), verifies `digest`, and links the
+    /// blob into `repo`. Returns the blob size.
+    pub async fn finish_upload<S, E>(&self, repo: &RepoName, id: &str, digest: &Digest, body: Option<S>) -> Result<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        self.check_upload(repo, id).await?;
+        if let Some(body) = body {
+            self.storage.append(id, None, self.config.max_blob_bytes, body).await?;
+        }
+        let size = match self.storage.commit_upload(id, digest).await {
+            Ok(size) => size,
+            Err(e @ StorageError::DigestMismatch { .. }) => {
+                self.meta.delete_upload(id).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        self.meta.delete_upload(id).await?;
+        Ok(size)
+    }
+
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        self.check_upload(repo, id).await?;
+        match self.storage.abort_upload(id).await {
+            Ok(()) | Err(StorageError::UploadUnknown(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.meta.delete_upload(id).await?;
+        Ok(())
+    }
+
+    /// Removes upload sessions untouched for longer than `age` (and stray upload files).
+    /// Returns how many were removed.
+    pub async fn reap_uploads(&self, age: Duration) -> Result<usize> {
+        let mut n = 0;
+        let stale_files = self.storage.stale_uploads(age).await?;
+        for id in &stale_files {
+            let _ = self.storage.abort_upload(id).await;
+            self.meta.delete_upload(id).await?;
+            n += 1;
+        }
+        // Records whose file is gone (e.g. removed by hand) are dropped too.
+        for id in self.meta.uploads_older_than(age).await? {
+            if self.storage.upload_size(&id).await?.is_none() {
+                self.meta.delete_upload(&id).await?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(removed = n, "reaped stale upload sessions");
+        }
+        Ok(n)
+    }
+
+    // ---- manifests ------------------------------------------------------------------------
+
+    /// Validates and stores a manifest pushed to `repo` under `reference`.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<PushedManifest> {
+        if bytes.len() > self.config.max_manifest_bytes {
+            return Err(RegistryError::ManifestTooLarge {
+                size: bytes.len(),
+                limit: self.config.max_manifest_bytes,
+            });
+        }
+        let manifest = Manifest::parse(bytes, content_type)?;
+        let (digest, tag) = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::of(d.algorithm(), bytes);
+                if &actual != d {
+                    return Err(RegistryError::DigestMismatch {
+                        expected: d.clone(),
+                        actual,
+                    });
+                }
+                (actual, None)
+            }
+            Reference::Tag(t) => (Digest::sha256_of(bytes), Some(t.as_str())),
+        };
+        let annotations = manifest
+            .annotations
+            .as_ref()
+            .filter(|a| !a.is_empty())
+            .and_then(|a| serde_json::to_string(a).ok());
+        let artifact_type = manifest.effective_artifact_type();
+        let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
+        let result = self
+            .meta
+            .put_manifest(NewManifest {
+                repo: repo.as_str(),
+                digest: &digest,
+                media_type: &manifest.media_type,
+                artifact_type: artifact_type.as_deref(),
+                subject: subject.as_ref(),
+                annotations,
+                content: bytes,
+                tag,
+                blobs: manifest.required_blobs().map(|d| &d.digest).collect(),
+                children: manifest.required_manifests().map(|d| &d.digest).collect(),
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(PushedManifest { digest, subject }),
+            Err(MetaError::MissingBlob(d)) => Err(RegistryError::ManifestBlobUnknown(d)),
+            Err(MetaError::MissingManifest(d)) => Err(RegistryError::ManifestChildUnknown(d)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<StoredManifest> {
+        let found = match reference {
+            Reference::Tag(t) => self.meta.manifest_by_tag(repo.as_str(), t.as_str()).await?,
+            Reference::Digest(d) => self.meta.manifest_by_digest(repo.as_str(), d).await?,
+        };
+        match found {
+            Some(m) => Ok(m),
+            None if !self.meta.repo_exists(repo.as_str()).await? => Err(RegistryError::NameUnknown(repo.clone())),
+            None => Err(RegistryError::ManifestUnknown(reference.to_string())),
+        }
+    }
+
+    /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let found = match reference {
+            Reference::Digest(d) => self.meta.delete_manifest(repo.as_str(), d).await?.is_some(),
+            Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(RegistryError::ManifestUnknown(reference.to_string()))
+        }
+    }
+
+    // ---- discovery ------------------------------------------------------------------------
+
+    pub async fn tags(&self, repo: &RepoName, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
+        self.meta
+            .tags(repo.as_str(), n, last)
+            .await?
+            .ok_or_else(|| RegistryError::NameUnknown(repo.clone()))
+    }
+
+    pub async fn catalog(&self, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
+        Ok(self.meta.catalog(n, last).await?)
+    }
+
+    /// The referrers index of `subject` in `repo` (an OCI image index, empty when there are
+    /// none), optionally filtered to one artifact type.
+    pub async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<u8>> {
+        let refs = self.meta.referrers(repo.as_str(), subject, artifact_type).await?;
+        let manifests: Vec<Descriptor> = refs
+            .into_iter()
+            .map(|r| Descriptor {
+                media_type: r.media_type,
+                digest: r.digest,
+                size: r.size,
+                urls: None,
+                artifact_type: r.artifact_type,
+                annotations: r.annotations.and_then(|a| serde_json::from_str(&a).ok()),
+                platform: None,
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        });
+        Ok(serde_json::to_vec(&index).unwrap_or_default())
+    }
+}

@@ -1,0 +1,160 @@
+//! The one place where failures become HTTP: every [`RegistryError`] and request-parsing error
+//! maps to a status code and an OCI error body `{"errors":[{"code","message","detail"}]}`.
+//! Internal causes (I/O, database) are logged with their source and reported to the client only
+//! as a generic message, never with paths or SQL.
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use outpost_oci::{ErrorCode, RouteError};
+use outpost_registry::{RegistryError, StorageError};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+    pub detail: Option<serde_json::Value>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_detail(mut self, detail: serde_json::Value) -> ApiError {
+        self.detail = Some(detail);
+        self
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: &str) -> ApiError {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+
+    fn internal(cause: &dyn std::error::Error) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            "internal registry error; the operator can find the cause in the server log",
+        )
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> ApiError {
+        let (status, code) = match &e {
+            RouteError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
+            RouteError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            RouteError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            RouteError::Tag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        use RegistryError as R;
+        let msg = e.to_string();
+        match e {
+            R::NameUnknown(n) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
+                .with_detail(json!({ "name": n.as_str() })),
+            R::ManifestUnknown(r) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, msg)
+                .with_detail(json!({ "reference": r })),
+            R::BlobUnknown(d) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, msg)
+                .with_detail(json!({ "digest": d.to_string() })),
+            R::UploadUnknown(_) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown, msg),
+            R::DigestMismatch { expected, actual } => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, msg)
+                .with_detail(json!({ "expected": expected.to_string(), "actual": actual.to_string() })),
+            R::ManifestInvalid(_) => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, msg),
+            R::ManifestTooLarge { size, limit } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
+                .with_detail(json!({ "size": size, "limit": limit })),
+            R::ManifestBlobUnknown(d) | R::ManifestChildUnknown(d) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown, msg)
+                    .with_detail(json!({ "digest": d.to_string() }))
+            }
+            R::Storage(s) => match s {
+                StorageError::OutOfOrder { offset, .. } => {
+                    let range = format!("0-{}", offset.saturating_sub(1));
+                    ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::BlobUploadInvalid, msg)
+                        .with_header(header::RANGE, &range)
+                }
+                StorageError::Interrupted { .. } => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, msg),
+                StorageError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg),
+                StorageError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                    tracing::error!(error = %s, "storage is full");
+                    ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        ErrorCode::Unknown,
+                        "the registry's storage is full; nothing was stored, retry after the operator frees space",
+                    )
+                }
+                other => ApiError::internal(&other),
+            },
+            R::Meta(m) => ApiError::internal(&m),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code.as_str(), "message": self.message });
+        if let Some(d) = self.detail {
+            error["detail"] = d;
+        }
+        let body = json!({ "errors": [error] }).to_string();
+        let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_oci::Digest;
+
+    #[test]
+    fn mapping() {
+        let d = Digest::sha256_of(b"x");
+        let cases: Vec<(RegistryError, StatusCode, ErrorCode)> = vec![
+            (RegistryError::BlobUnknown(d.clone()), StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            (RegistryError::ManifestBlobUnknown(d.clone()), StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown),
+            (RegistryError::ManifestChildUnknown(d.clone()), StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown),
+            (RegistryError::UploadUnknown("x".into()), StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
+            (
+                RegistryError::DigestMismatch { expected: d.clone(), actual: d.clone() },
+                StatusCode::BAD_REQUEST,
+                ErrorCode::DigestInvalid,
+            ),
+            (
+                RegistryError::ManifestTooLarge { size: 5, limit: 4 },
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::SizeInvalid,
+            ),
+            (
+                RegistryError::Storage(StorageError::OutOfOrder { offset: 10, got: 3 }),
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::BlobUploadInvalid,
+            ),
+        ];
+        for (e, status, code) in cases {
+            let a = ApiError::from(e);
+            assert_eq!((a.status, a.code), (status, code));
+        }
+    }
+}

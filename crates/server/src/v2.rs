@@ -1,0 +1,414 @@
+//! Handlers for the OCI distribution API. One dispatcher matches the parsed [`Route`] and the
+//! method; each arm parses headers and query, calls the registry, and renders headers and body
+//! the way Docker, containerd, podman, skopeo and oras expect.
+
+use crate::error::ApiError;
+use crate::App;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use outpost_oci::manifest::OCI_INDEX;
+use outpost_oci::range::{parse_content_range, parse_range};
+use outpost_oci::{Digest, ErrorCode, Reference, RepoName, Route};
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
+
+const DIGEST_HEADER: &str = "docker-content-digest";
+const UPLOAD_UUID: &str = "docker-upload-uuid";
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+pub(crate) async fn dispatch(State(app): State<App>, req: Request) -> Response {
+    let is_head = req.method() == Method::HEAD;
+    match handle(&app, req).await {
+        Ok(r) => r,
+        Err(e) if is_head => {
+            // HEAD responses carry no body; keep status and headers.
+            let mut r = e.into_response();
+            *r.body_mut() = Body::empty();
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Default)]
+struct Query {
+    n: Option<String>,
+    last: Option<String>,
+    digest: Option<String>,
+    mount: Option<String>,
+    from: Option<String>,
+    artifact_type: Option<String>,
+}
+
+fn bad_request(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, msg)
+}
+
+fn unsupported(method: &Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::Unsupported,
+        format!("method {method} is not supported on this endpoint"),
+    )
+}
+
+fn parse_n(q: &Query) -> Result<Option<u32>> {
+    q.n.as_deref()
+        .map(|n| {
+            n.parse::<u32>().map_err(|_| {
+                bad_request(ErrorCode::Unsupported, format!("n={n:?} is not a valid page size; use a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+fn query_digest(q: &Query) -> Result<Option<Digest>> {
+    q.digest
+        .as_deref()
+        .map(|d| d.parse::<Digest>().map_err(|e| bad_request(ErrorCode::DigestInvalid, e.to_string())))
+        .transpose()
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: impl header::AsHeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(app: &App, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let route = Route::parse(parts.uri.path())?;
+    let query: Query = match parts.uri.query() {
+        Some(q) => serde_urlencoded_lite(q),
+        None => Query::default(),
+    };
+    let m = &parts.method;
+    let h = &parts.headers;
+    let reg = &app.registry;
+    match route {
+        Route::Base => match *m {
+            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
+            _ => Err(unsupported(m)),
+        },
+        Route::Catalog => {
+            if *m != Method::GET {
+                return Err(unsupported(m));
+            }
+            let n = parse_n(&query)?;
+            let repos = reg.catalog(n, query.last.as_deref()).await?;
+            let link = next_link("/v2/_catalog", n, &repos);
+            let body = serde_json::json!({ "repositories": repos });
+            Ok(with_link(json_response(StatusCode::OK, body.to_string().into_bytes()), link))
+        }
+        Route::Tags { name } => {
+            if *m != Method::GET {
+                return Err(unsupported(m));
+            }
+            let n = parse_n(&query)?;
+            let tags = reg.tags(&name, n, query.last.as_deref()).await?;
+            let link = next_link(&format!("/v2/{name}/tags/list"), n, &tags);
+            let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
+            Ok(with_link(json_response(StatusCode::OK, body.to_string().into_bytes()), link))
+        }
+        Route::Manifest { name, reference } => match *m {
+            Method::GET | Method::HEAD => {
+                let mf = reg.get_manifest(&name, &reference).await?;
+                let len = mf.content.len();
+                let body = if *m == Method::HEAD { Body::empty() } else { Body::from(mf.content) };
+                let digest = mf.digest.to_string();
+                Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, mf.media_type)
+                    .header(header::CONTENT_LENGTH, len)
+                    .header(DIGEST_HEADER, &digest)
+                    .header(header::ETAG, format!("\"{digest}\""))
+                    .body(body)
+                    .unwrap_or_default())
+            }
+            Method::PUT => put_manifest(app, &name, &reference, h, body).await,
+            Method::DELETE => {
+                reg.delete_manifest(&name, &reference).await?;
+                Ok(StatusCode::ACCEPTED.into_response())
+            }
+            _ => Err(unsupported(m)),
+        },
+        Route::Blob { name, digest } => match *m {
+            Method::GET | Method::HEAD => get_blob(app, &name, &digest, h, *m == Method::HEAD).await,
+            Method::DELETE => {
+                reg.delete_blob(&name, &digest).await?;
+                Ok(StatusCode::ACCEPTED.into_response())
+            }
+            _ => Err(unsupported(m)),
+        },
+        Route::UploadStart { name } => {
+            if *m != Method::POST {
+                return Err(unsupported(m));
+            }
+            start_upload(app, &name, &query, body).await
+        }
+        Route::Upload { name, id } => match *m {
+            Method::GET => {
+                let size = reg.upload_status(&name, &id).await?;
+                Ok(upload_response(StatusCode::NO_CONTENT, &name, &id, size))
+            }
+            Method::PATCH => {
+                let start = match header_str(h, header::CONTENT_RANGE) {
+                    Some(cr) => {
+                        let r = parse_content_range(cr)
+                            .map_err(|e| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::BlobUploadInvalid, e.to_string()))?;
+                        if let Some(len) = content_length(h)?
+                            && len != r.len()
+                        {
+                            return Err(bad_request(
+                                ErrorCode::SizeInvalid,
+                                format!("Content-Length {len} does not match Content-Range {cr} ({} bytes)", r.len()),
+                            ));
+                        }
+                        Some(r.start)
+                    }
+                    None => None,
+                };
+                let size = reg
+                    .append_upload(&name, &id, start, body.into_data_stream())
+                    .await
+                    .map_err(|e| {
+                        let mut api = ApiError::from(e);
+                        if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
+                            api = api.with_header(header::LOCATION, &format!("/v2/{name}/blobs/uploads/{id}"));
+                        }
+                        api
+                    })?;
+                Ok(upload_response(StatusCode::ACCEPTED, &name, &id, size))
+            }
+            Method::PUT => {
+                let digest = query_digest(&query)?.ok_or_else(|| {
+                    bad_request(ErrorCode::DigestInvalid, "completing an upload needs ?digest=<algorithm:hex>")
+                })?;
+                reg.finish_upload(&name, &id, &digest, Some(body.into_data_stream())).await?;
+                Ok(blob_created(&name, &digest))
+            }
+            Method::DELETE => {
+                reg.cancel_upload(&name, &id).await?;
+                Ok(StatusCode::NO_CONTENT.into_response())
+            }
+            _ => Err(unsupported(m)),
+        },
+        Route::Referrers { name, digest } => {
+            if *m != Method::GET {
+                return Err(unsupported(m));
+            }
+            let filter = query.artifact_type.as_deref().filter(|a| !a.is_empty());
+            let body = reg.referrers(&name, &digest, filter).await?;
+            let mut resp = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, OCI_INDEX)
+                .body(Body::from(body))
+                .unwrap_or_default();
+            if filter.is_some() {
+                resp.headers_mut()
+                    .insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// Query strings here are simple `k=v&k=v` pairs; values are percent-decoded.
+fn serde_urlencoded_lite(q: &str) -> Query {
+    let mut out = Query::default();
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "n" => out.n = Some(v),
+            "last" => out.last = Some(v),
+            "digest" => out.digest = Some(v),
+            "mount" => out.mount = Some(v),
+            "from" => out.from = Some(v),
+            "artifactType" => out.artifact_type = Some(v),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
+    header_str(h, header::CONTENT_LENGTH)
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| bad_request(ErrorCode::SizeInvalid, format!("Content-Length {v:?} is not a number")))
+        })
+        .transpose()
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn next_link(path: &str, n: Option<u32>, items: &[String]) -> Option<String> {
+    let n = n?;
+    if n == 0 || items.len() < n as usize {
+        return None;
+    }
+    let last = items.last()?;
+    Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""))
+}
+
+fn with_link(mut resp: Response, link: Option<String>) -> Response {
+    if let Some(l) = link
+        && let Ok(v) = HeaderValue::from_str(&l)
+    {
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    resp
+}
+
+fn upload_response(status: StatusCode, name: &RepoName, id: &str, size: u64) -> Response {
+    Response::builder()
+        .status(status)
+        .header(header::LOCATION, format!("/v2/{name}/blobs/uploads/{id}"))
+        .header(header::RANGE, format!("0-{}", size.saturating_sub(1)))
+        .header(UPLOAD_UUID, id)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+fn blob_created(name: &RepoName, digest: &Digest) -> Response {
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/blobs/{digest}"))
+        .header(DIGEST_HEADER, digest.to_string())
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+async fn start_upload(app: &App, name: &RepoName, q: &Query, body: Body) -> Result<Response> {
+    let reg = &app.registry;
+    if let (Some(mount), Some(from)) = (&q.mount, &q.from) {
+        let digest: Digest = mount.parse().map_err(|e: outpost_oci::DigestError| bad_request(ErrorCode::DigestInvalid, e.to_string()))?;
+        // An unreadable or invalid source falls back to a normal upload, as the spec requires.
+        if let Ok(from) = from.parse::<RepoName>()
+            && reg.mount_blob(name, &digest, &from).await?.is_some()
+        {
+            return Ok(blob_created(name, &digest));
+        }
+    }
+    let id = reg.start_upload(name).await?;
+    if let Some(digest) = query_digest(q)? {
+        reg.finish_upload(name, &id, &digest, Some(body.into_data_stream())).await?;
+        return Ok(blob_created(name, &digest));
+    }
+    Ok(upload_response(StatusCode::ACCEPTED, name, &id, 0))
+}
+
+async fn put_manifest(app: &App, name: &RepoName, reference: &Reference, h: &HeaderMap, body: Body) -> Result<Response> {
+    let limit = app.registry.config().max_manifest_bytes;
+    let too_large = |size: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::SizeInvalid,
+            format!("manifest is {size} bytes or more, larger than this registry's {limit} byte limit"),
+        )
+    };
+    if let Some(len) = content_length(h)?
+        && len > limit as u64
+    {
+        return Err(too_large(len as usize));
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(s) if s.to_string().contains("length limit") => too_large(limit + 1),
+            _ => bad_request(ErrorCode::ManifestInvalid, format!("could not read the manifest body: {e}")),
+        })?;
+    let pushed = app
+        .registry
+        .put_manifest(name, reference, header_str(h, header::CONTENT_TYPE), &bytes)
+        .await?;
+    let mut resp = Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/manifests/{}", pushed.digest))
+        .header(DIGEST_HEADER, pushed.digest.to_string())
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .unwrap_or_default();
+    if let Some(s) = pushed.subject
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        resp.headers_mut().insert("oci-subject", v);
+    }
+    Ok(resp)
+}
+
+async fn get_blob(app: &App, name: &RepoName, digest: &Digest, h: &HeaderMap, head: bool) -> Result<Response> {
+    let reg = &app.registry;
+    let size = reg.blob_size(name, digest).await?;
+    let range = match header_str(h, header::RANGE) {
+        Some(r) => Some(parse_range(r, size).map_err(|e| {
+            ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid, e.to_string())
+                .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
+        })?),
+        None => None,
+    };
+    let mut b = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(DIGEST_HEADER, digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes");
+    let len = match range {
+        Some(r) => {
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end));
+            r.len()
+        }
+        None => {
+            b = b.status(StatusCode::OK);
+            size
+        }
+    };
+    b = b.header(header::CONTENT_LENGTH, len);
+    if head {
+        return Ok(b.body(Body::empty()).unwrap_or_default());
+    }
+    let read = reg.open_blob(name, digest, range).await?;
+    // Large reads mean fewer hops through tokio's blocking pool than the default 4 KiB.
+    let stream = ReaderStream::with_capacity(read.file.take(read.len), 256 * 1024);
+    Ok(b.body(Body::from_stream(stream)).unwrap_or_default())
+}

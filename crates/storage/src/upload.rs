@@ -1,0 +1,183 @@
+//! Upload sessions: appending bodies to `uploads/<id>` while hashing them, rolling a failed chunk
+//! back, and committing a verified upload into the blob store with temp → fsync → rename.
+//!
+//! Bytes are written and hashed on a blocking thread fed through a bounded channel, so reading
+//! the request body from the network, hashing and writing overlap instead of alternating.
+
+use crate::{Layout, Result, StorageError, io_err};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use outpost_oci::{Algorithm, Digest, Digester};
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+/// One upload's progress, guarded by a per-upload lock.
+pub(crate) struct State {
+    size: u64,
+    /// SHA-256 state over bytes `0..size`, when this process has seen all of them.
+    hasher: Option<Digester>,
+}
+
+impl State {
+    /// State for an upload found on disk with `size` bytes.
+    pub(crate) fn resumed(size: u64) -> State {
+        State {
+            size,
+            hasher: (size == 0).then(|| Digester::new(Algorithm::Sha256)),
+        }
+    }
+}
+
+/// A chunk accepted into an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Total bytes the upload now holds.
+    pub size: u64,
+    /// Bytes this request added.
+    pub written: u64,
+}
+
+/// Alias kept for callers that name body pieces.
+pub type Chunk = Bytes;
+
+const CHANNEL_DEPTH: usize = 64;
+
+pub(crate) async fn append<S, E>(
+    layout: &Layout,
+    id: &str,
+    state: &mut State,
+    start: Option<u64>,
+    limit: Option<u64>,
+    mut body: S,
+) -> Result<AppendOutcome>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: std::fmt::Display,
+{
+    if let Some(got) = start
+        && got != state.size
+    {
+        return Err(StorageError::OutOfOrder { offset: state.size, got });
+    }
+    let path = layout.upload(id);
+    let before = state.size;
+    let snapshot = state.hasher.clone();
+    let mut hasher = state.hasher.take();
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let wpath = path.clone();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<Option<Digester>> {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&wpath)?;
+        while let Some(chunk) = rx.blocking_recv() {
+            f.write_all(&chunk)?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+        }
+        Ok(hasher)
+    });
+
+    let mut received: u64 = 0;
+    let mut failure: Option<StorageError> = None;
+    while let Some(item) = body.next().await {
+        match item {
+            Ok(chunk) => {
+                received += chunk.len() as u64;
+                if let Some(limit) = limit
+                    && before + received > limit
+                {
+                    failure = Some(StorageError::TooLarge { size: before + received, limit });
+                    break;
+                }
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failure = Some(StorageError::Interrupted {
+                    received,
+                    reason: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| StorageError::Io { path: path.clone(), source: io::Error::other(e) })
+        .and_then(|r| r.map_err(io_err(&path)));
+    let error = match (written, failure) {
+        (Ok(hasher), None) => {
+            state.size = before + received;
+            state.hasher = hasher;
+            return Ok(AppendOutcome { size: state.size, written: received });
+        }
+        (_, Some(failure)) => failure,
+        (Err(e), None) => e,
+    };
+    // Roll back to the last complete chunk so the client can resend this one.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+    f.set_len(before).map_err(io_err(&path))?;
+    state.size = before;
+    state.hasher = snapshot;
+    Err(error)
+}
+
+pub(crate) async fn commit(layout: &Layout, id: &str, state: &mut State, digest: &Digest, fsync: bool) -> Result<u64> {
+    let src = layout.upload(id);
+    let dst = layout.blob(digest);
+    let size = state.size;
+    let hasher = state.hasher.take().filter(|h| h.algorithm() == digest.algorithm());
+    let algorithm = digest.algorithm();
+    let path = src.clone();
+    let actual = tokio::task::spawn_blocking(move || -> Result<Digest> {
+        match hasher {
+            Some(h) => Ok(h.finish()),
+            None => rehash(&path, algorithm),
+        }
+    })
+    .await
+    .map_err(|e| StorageError::Io { path: src.clone(), source: io::Error::other(e) })??;
+    if &actual != digest {
+        return Err(StorageError::DigestMismatch { expected: digest.clone(), actual });
+    }
+    let target = dst.clone();
+    tokio::task::spawn_blocking(move || publish(&src, &target, fsync))
+        .await
+        .map_err(|e| StorageError::Io { path: dst.clone(), source: io::Error::other(e) })??;
+    Ok(size)
+}
+
+fn rehash(path: &Path, algorithm: Algorithm) -> Result<Digest> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Digester::new(algorithm);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// Makes verified bytes at `src` visible at `dst`: fsync, rename, fsync the directory. If the
+/// blob already exists (a concurrent upload of the same content won), `src` is just removed.
+fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
+    if fsync {
+        std::fs::File::open(src).and_then(|f| f.sync_all()).map_err(io_err(src))?;
+    }
+    let dir = dst.parent().ok_or_else(|| io_err(dst)(io::Error::other("blob path has no parent")))?;
+    if dst.exists() {
+        std::fs::remove_file(src).map_err(io_err(src))?;
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::rename(src, dst).map_err(io_err(dst))?;
+    if fsync {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
