@@ -9,7 +9,7 @@ and one line "<sha256 hex>  ./<path>" per regular file is printed, sorted by pat
 what `cd ROOTFS && find . -type f | sort | xargs sha256sum` prints for the unpacked image.
 The interop tests compare this with what a real client unpacked.
 """
-import argparse, gzip, hashlib, json, os, posixpath, sys, tarfile
+import argparse, gzip, hashlib, io, json, os, posixpath, sys, tarfile
 
 
 def blob(layout, digest):
@@ -28,12 +28,12 @@ def resolve(layout, ref, platform):
         sys.exit(f"layerfiles.py: {ref} not found in {layout}/index.json")
     doc = json.loads(blob(layout, desc["digest"]))
     if "manifests" in doc:  # an index: pick the platform
-    	want_os, want_arch = platform.split("/")
-    	for m in doc["manifests"]:
+        want_os, want_arch = platform.split("/")
+        for m in doc["manifests"]:
             p = m.get("platform") or {}
             if p.get("os") == want_os and p.get("architecture") == want_arch:
                 return json.loads(blob(layout, m["digest"]))
-    	sys.exit(f"layerfiles.py: no {platform} manifest in {ref}")
+        sys.exit(f"layerfiles.py: no {platform} manifest in {ref}")
     return doc
 
 
@@ -49,14 +49,16 @@ def main():
         data = blob(a.layout, layer["digest"])
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)
-        import io
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as t:
             for info in t:
-                name = posixpath.normpath("./" + info.name.lstrip("/"))
+                name = posixpath.normpath(info.name.lstrip("/"))
+                if name in (".", ""):
+                    continue
                 base = posixpath.basename(name)
                 parent = posixpath.dirname(name)
                 if base == ".wh..wh..opq":
-                    for k in [k for k in files if k.startswith(parent + "/")]:
+                    prefix = parent + "/" if parent else ""
+                    for k in [k for k in files if k.startswith(prefix)]:
                         del files[k]
                     continue
                 if base.startswith(".wh."):
@@ -67,7 +69,7 @@ def main():
                 if info.isfile():
                     files[name] = hashlib.sha256(t.extractfile(info).read()).hexdigest()
     for name in sorted(files):
-        print(f"{files[name]}  {name if name.startswith('./') else './' + name}")
+        print(f"{files[name]}  ./{name}")
 
 
 if __name__ == "__main__":

@@ -1,1 +1,276 @@
-fn main() {}
+//! Process-level tests: the real `outpost` binary on loopback, restarted, killed with SIGKILL,
+//! and spoken to over real sockets (including clients that disconnect mid-upload).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use sha2::Digest as _;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+use support::Outpost;
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn start_upload(c: &reqwest::Client, o: &Outpost, repo: &str) -> String {
+    let r = c
+        .post(o.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.headers()["location"].to_str().unwrap().to_string()
+}
+
+async fn upload_range(c: &reqwest::Client, o: &Outpost, loc: &str) -> String {
+    let r = c.get(o.url(loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204, "upload status of {loc}");
+    r.headers()["range"].to_str().unwrap().to_string()
+}
+
+/// Writes a raw HTTP/1.1 request that announces `announced` body bytes but sends only `sent`,
+/// then closes the connection.
+fn send_truncated(addr: &str, path: &str, announced: usize, sent: &[u8]) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n").unwrap();
+    s.write_all(sent).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(s);
+}
+
+#[tokio::test]
+async fn kill9_mid_upload_then_resume_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let digest = sha256(&data);
+    let c = client();
+
+    let o = Outpost::start(dir.path(), &[]);
+    let loc = start_upload(&c, &o, "crash/test").await;
+    let r = c
+        .patch(o.url(&loc))
+        .header("content-range", format!("0-{}", 1024 * 1024 - 1))
+        .body(data[..1024 * 1024].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Start the second chunk but die half-way through it.
+    let addr = o.addr.clone();
+    let partial = data[1024 * 1024..1024 * 1024 + 300_000].to_vec();
+    let path = loc.clone();
+    let writer = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            1024 * 1024
+        )
+        .unwrap();
+        s.write_all(&partial).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    o.kill9();
+    writer.join().unwrap();
+
+    // Nothing partial is visible after the restart; the upload resumes from what is on disk.
+    let o = Outpost::start(dir.path(), &[]);
+    let r = c
+        .head(o.url(&format!("/v2/crash/test/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "a partial blob must never be visible");
+    let range = upload_range(&c, &o, &loc).await;
+    let have: usize = range.trim_start_matches("0-").parse::<usize>().unwrap() + 1;
+    assert!(
+        (1024 * 1024..=1024 * 1024 + 300_000).contains(&have),
+        "upload holds {have} bytes"
+    );
+    let r = c
+        .put(o.url(&format!("{loc}?digest={digest}")))
+        .body(data[have..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let got = c
+        .get(o.url(&format!("/v2/crash/test/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256(&got), digest);
+    assert_eq!(got.len(), data.len());
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_chunk_leaves_upload_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let c = client();
+    let loc = start_upload(&c, &o, "cut").await;
+    let r = c
+        .patch(o.url(&loc))
+        .body(vec![1u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    send_truncated(&o.addr, &loc, 100_000, &[2u8; 40_000]);
+    // The half-received chunk is rolled back, so the client resumes from its last good chunk.
+    let mut range = String::new();
+    for _ in 0..50 {
+        range = upload_range(&c, &o, &loc).await;
+        if range == "0-999" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(range, "0-999");
+    let mut all = vec![1u8; 1000];
+    all.extend_from_slice(&[3u8; 500]);
+    let r = c
+        .put(o.url(&format!("{loc}?digest={}", sha256(&all))))
+        .body(vec![3u8; 500])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn truncated_single_request_upload_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let data = vec![9u8; 50_000];
+    let digest = sha256(&data);
+    let mut s = TcpStream::connect(&o.addr).unwrap();
+    write!(s, "POST /v2/t/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n").unwrap();
+    s.write_all(&data[..20_000]).unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = client();
+    let r = c
+        .head(o.url(&format!("/v2/t/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn data_survives_graceful_restart_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let c = client();
+    let blob = b"persisted".to_vec();
+    let d = sha256(&blob);
+    let r = c
+        .post(o.url(&format!("/v2/p/blobs/uploads/?digest={d}")))
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let status = o.terminate();
+    assert!(status.success(), "SIGTERM should exit 0, got {status}");
+
+    let o = Outpost::start(dir.path(), &[]);
+    let got = c
+        .get(o.url(&format!("/v2/p/blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().to_vec(), blob);
+}
+
+#[tokio::test]
+async fn stale_uploads_are_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let c = client();
+    let loc = start_upload(&c, &o, "stale").await;
+    c.patch(o.url(&loc))
+        .body(vec![0u8; 10])
+        .send()
+        .await
+        .unwrap();
+    drop(o);
+    // Restart with a 1-second maximum upload age: the reaper removes the session.
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = Outpost::start_env(dir.path(), &[("OUTPOST_UPLOAD_MAX_AGE_SECS", "1")]);
+    let mut status = 0;
+    for _ in 0..60 {
+        status = c.get(o.url(&loc)).send().await.unwrap().status().as_u16();
+        if status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 404, "stale upload should be reaped");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn bad_configuration_is_reported_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing.toml") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("OUTPOST_LOG_LEVEL", "loud")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loud"));
+}
+
+#[test]
+fn port_in_use_is_reported() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr), "{err}");
+}

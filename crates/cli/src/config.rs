@@ -59,7 +59,11 @@ impl Config {
             .clone()
             .or_else(|| std::env::var_os("OUTPOST_CONFIG").map(PathBuf::from));
         if let Some(path) = &file {
-            anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+            anyhow::ensure!(
+                path.is_file(),
+                "config file {} does not exist",
+                path.display()
+            );
             fig = fig.merge(Toml::file(path));
         }
         fig = fig
@@ -70,24 +74,40 @@ impl Config {
                 log_level: args.log_level.clone(),
             }));
         let config: Config = fig.extract().context("invalid configuration")?;
-        anyhow::ensure!(config.max_manifest_bytes > 0, "max_manifest_bytes must be positive");
-        anyhow::ensure!(config.upload_max_age_secs > 0, "upload_max_age_secs must be positive");
+        anyhow::ensure!(
+            config.max_manifest_bytes > 0,
+            "max_manifest_bytes must be positive"
+        );
+        anyhow::ensure!(
+            config.upload_max_age_secs > 0,
+            "upload_max_age_secs must be positive"
+        );
         Ok(config)
     }
 
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("listen = \"{}\"\n", self.listen));
-        out.push_str(&format!("data_dir = {:?}\n", self.data_dir.display().to_string()));
+        out.push_str(&format!(
+            "data_dir = {:?}\n",
+            self.data_dir.display().to_string()
+        ));
         out.push_str(&format!("log_level = {:?}\n", self.log_level));
-        out.push_str(&format!("max_manifest_bytes = {}\n", self.max_manifest_bytes));
+        out.push_str(&format!(
+            "max_manifest_bytes = {}\n",
+            self.max_manifest_bytes
+        ));
         out.push_str(&format!("max_blob_bytes = {}\n", self.max_blob_bytes));
-        out.push_str(&format!("upload_max_age_secs = {}\n", self.upload_max_age_secs));
+        out.push_str(&format!(
+            "upload_max_age_secs = {}\n",
+            self.upload_max_age_secs
+        ));
         out
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
 
@@ -108,7 +128,10 @@ mod tests {
     #[test]
     fn file_env_and_flags_layer() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "listen = \"127.0.0.1:6000\"\nlog_level = \"debug\"\n")?;
+            jail.create_file(
+                "c.toml",
+                "listen = \"127.0.0.1:6000\"\nlog_level = \"debug\"\n",
+            )?;
             jail.set_env("OUTPOST_DATA_DIR", "/tmp/x");
             let mut a = args();
             a.config = Some("c.toml".into());
@@ -117,7 +140,10 @@ mod tests {
             assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
             assert_eq!(c.log_level, "debug");
             a.log_level = Some("warn".into());
-            assert_eq!(Config::load(&a).map_err(|e| e.to_string())?.log_level, "warn");
+            assert_eq!(
+                Config::load(&a).map_err(|e| e.to_string())?.log_level,
+                "warn"
+            );
             Ok(())
         });
     }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "outpost", version, about = "A container registry for sites that are only sometimes online")]
+#[command(
+    name = "outpost",
+    version,
+    about = "A container registry for sites that are only sometimes online"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -4,6 +4,7 @@
 use crate::config::Config;
 use anyhow::Context;
 use outpost_registry::{Registry, RegistryConfig};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,12 +35,38 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(serve(config))
 }
 
+/// Turns a configured log level into a `tracing` filter. Accepts the usual levels, ACR's
+/// connected-registry names (`Debug`, `Information`, `Warning`, `Error`, `None`), or a full
+/// filter directive list such as `info,outpost_server=debug`.
+pub(crate) fn log_filter(level: &str) -> anyhow::Result<String> {
+    if level.contains(['=', ',', ':']) {
+        return Ok(level.to_string());
+    }
+    let l = match level.to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" | "information" => "info",
+        "warn" | "warning" => "warn",
+        "error" => "error",
+        "off" | "none" => "off",
+        _ => anyhow::bail!(
+            "log_level {level:?} is not a level: use error, warn, info, debug, trace or off \
+             (ACR names Debug, Information, Warning, Error and None work too), or a filter such as \
+             \"info,outpost_server=debug\""
+        ),
+    };
+    // Keep sqlx's per-statement logging out unless asked for explicitly.
+    Ok(format!("{l},sqlx=warn"))
+}
+
 fn init_logging(level: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    let directives = log_filter(level)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .with_context(|| format!("log_level {level:?} is not a valid level or filter"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     Ok(())
@@ -65,7 +92,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "outpost listening");
 
-    let reaper = tokio::spawn(reap_uploads(registry.clone(), Duration::from_secs(config.upload_max_age_secs)));
+    let reaper = tokio::spawn(reap_uploads(
+        registry.clone(),
+        Duration::from_secs(config.upload_max_age_secs),
+    ));
     let app = outpost_server::router(outpost_server::AppState {
         registry: registry.clone(),
     });
@@ -109,4 +139,22 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(log_filter("Information").unwrap(), "info,sqlx=warn");
+        assert_eq!(log_filter("None").unwrap(), "off,sqlx=warn");
+        assert_eq!(log_filter("debug").unwrap(), "debug,sqlx=warn");
+        assert_eq!(
+            log_filter("info,outpost_server=debug").unwrap(),
+            "info,outpost_server=debug"
+        );
+        let e = log_filter("loud").unwrap_err().to_string();
+        assert!(e.contains("\"loud\"") && e.contains("Information"), "{e}");
+    }
 }

@@ -99,7 +99,8 @@ fn now_ms() -> i64 {
 }
 
 fn parse_digest(s: &str) -> Result<Digest> {
-    s.parse().map_err(|e| MetaError::Corrupt(format!("digest {s:?}: {e}")))
+    s.parse()
+        .map_err(|e| MetaError::Corrupt(format!("digest {s:?}: {e}")))
 }
 
 /// The metadata store.
@@ -137,8 +138,14 @@ impl Meta {
     }
 
     async fn migrate(pool: &SqlitePool) -> Result<()> {
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(pool).await?;
-        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(pool)
+            .await?;
+        for (i, sql) in schema::MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(version.max(0) as usize)
+        {
             let mut tx = pool.begin().await?;
             sqlx::raw_sql(sql).execute(&mut *tx).await?;
             sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
@@ -156,24 +163,35 @@ impl Meta {
     }
 
     async fn repo_id(tx: &mut Tx<'_>, repo: &str) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
-            .bind(repo)
-            .fetch_optional(&mut **tx)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
+                .bind(repo)
+                .fetch_optional(&mut **tx)
+                .await?,
+        )
     }
 
     async fn ensure_repo(tx: &mut Tx<'_>, repo: &str) -> Result<i64> {
         if let Some(id) = Self::repo_id(tx, repo).await? {
             return Ok(id);
         }
-        Ok(sqlx::query_scalar("INSERT INTO repositories (name, created_at) VALUES (?, ?) RETURNING id")
-            .bind(repo)
-            .bind(now_ms())
-            .fetch_one(&mut **tx)
-            .await?)
+        Ok(sqlx::query_scalar(
+            "INSERT INTO repositories (name, created_at) VALUES (?, ?) RETURNING id",
+        )
+        .bind(repo)
+        .bind(now_ms())
+        .fetch_one(&mut **tx)
+        .await?)
     }
 
-    async fn event(tx: &mut Tx<'_>, repo: &str, kind: &str, tag: Option<&str>, digest: Option<&str>, media_type: Option<&str>) -> Result<()> {
+    async fn event(
+        tx: &mut Tx<'_>,
+        repo: &str,
+        kind: &str,
+        tag: Option<&str>,
+        digest: Option<&str>,
+        media_type: Option<&str>,
+    ) -> Result<()> {
         sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type) VALUES (?, ?, ?, ?, ?, ?)")
             .bind(now_ms())
             .bind(repo)
@@ -189,20 +207,26 @@ impl Meta {
     // ---- repositories -------------------------------------------------------------------
 
     pub async fn repo_exists(&self, repo: &str) -> Result<bool> {
-        Ok(sqlx::query_scalar::<_, i64>("SELECT 1 FROM repositories WHERE name = ?")
-            .bind(repo)
-            .fetch_optional(&self.read)
-            .await?
-            .is_some())
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM repositories WHERE name = ?")
+                .bind(repo)
+                .fetch_optional(&self.read)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Repository names in lexical order, after `last`, at most `n`.
     pub async fn catalog(&self, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT name FROM repositories WHERE name > ? ORDER BY name LIMIT ?")
+        Ok(
+            sqlx::query_scalar(
+                "SELECT name FROM repositories WHERE name > ? ORDER BY name LIMIT ?",
+            )
             .bind(last.unwrap_or(""))
             .bind(n.map(i64::from).unwrap_or(-1))
             .fetch_all(&self.read)
-            .await?)
+            .await?,
+        )
     }
 
     // ---- blobs ---------------------------------------------------------------------------
@@ -233,17 +257,21 @@ impl Meta {
     pub async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
         let mut tx = self.write.begin().await?;
         let id = Self::ensure_repo(&mut tx, repo).await?;
-        sqlx::query("INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-            .bind(digest.to_string())
-            .bind(size as i64)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO repo_blobs (repo_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING")
-            .bind(id)
-            .bind(digest.to_string())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(digest.to_string())
+        .bind(size as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO repo_blobs (repo_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(digest.to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -281,16 +309,21 @@ impl Meta {
     }
 
     pub async fn delete_upload(&self, id: &str) -> Result<bool> {
-        let res = sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.write).await?;
+        let res = sqlx::query("DELETE FROM uploads WHERE id = ?")
+            .bind(id)
+            .execute(&self.write)
+            .await?;
         Ok(res.rows_affected() > 0)
     }
 
     /// Uploads started before `age` ago.
     pub async fn uploads_older_than(&self, age: Duration) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM uploads WHERE started_at < ?")
-            .bind(now_ms() - age.as_millis() as i64)
-            .fetch_all(&self.read)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT id FROM uploads WHERE started_at < ?")
+                .bind(now_ms() - age.as_millis() as i64)
+                .fetch_all(&self.read)
+                .await?,
+        )
     }
 
     // ---- manifests and tags --------------------------------------------------------------
@@ -301,21 +334,23 @@ impl Meta {
         let mut tx = self.write.begin().await?;
         let id = Self::ensure_repo(&mut tx, m.repo).await?;
         for b in &m.blobs {
-            let linked: Option<i64> = sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE repo_id = ? AND digest = ?")
-                .bind(id)
-                .bind(b.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
+            let linked: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE repo_id = ? AND digest = ?")
+                    .bind(id)
+                    .bind(b.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if linked.is_none() {
                 return Err(MetaError::MissingBlob((*b).clone()));
             }
         }
         for c in &m.children {
-            let present: Option<i64> = sqlx::query_scalar("SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?")
-                .bind(id)
-                .bind(c.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
+            let present: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?")
+                    .bind(id)
+                    .bind(c.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if present.is_none() {
                 return Err(MetaError::MissingManifest((*c).clone()));
             }
@@ -346,15 +381,24 @@ impl Meta {
                     .execute(&mut *tx)
                     .await?;
             }
-            Self::event(&mut tx, m.repo, EVENT_MANIFEST_PUT, None, Some(&digest), Some(m.media_type)).await?;
+            Self::event(
+                &mut tx,
+                m.repo,
+                EVENT_MANIFEST_PUT,
+                None,
+                Some(&digest),
+                Some(m.media_type),
+            )
+            .await?;
         }
         let mut tag_changed = false;
         if let Some(tag) = m.tag {
-            let old: Option<String> = sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = ? AND name = ?")
-                .bind(id)
-                .bind(tag)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let old: Option<String> =
+                sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = ? AND name = ?")
+                    .bind(id)
+                    .bind(tag)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if old.as_deref() != Some(digest.as_str()) {
                 sqlx::query(
                     "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) \
@@ -366,7 +410,15 @@ impl Meta {
                 .bind(now_ms())
                 .execute(&mut *tx)
                 .await?;
-                Self::event(&mut tx, m.repo, EVENT_TAG_SET, Some(tag), Some(&digest), Some(m.media_type)).await?;
+                Self::event(
+                    &mut tx,
+                    m.repo,
+                    EVENT_TAG_SET,
+                    Some(tag),
+                    Some(&digest),
+                    Some(m.media_type),
+                )
+                .await?;
                 tag_changed = true;
             }
         }
@@ -401,7 +453,11 @@ impl Meta {
         .transpose()
     }
 
-    pub async fn manifest_by_digest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+    pub async fn manifest_by_digest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>> {
         sqlx::query(
             "SELECT m.digest, m.media_type, m.content FROM manifests m \
              JOIN repositories r ON r.id = m.repo_id WHERE r.name = ? AND m.digest = ?",
@@ -416,7 +472,11 @@ impl Meta {
 
     /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None` if
     /// the manifest was not there.
-    pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<Option<Vec<String>>> {
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<Vec<String>>> {
         let mut tx = self.write.begin().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(None);
@@ -431,11 +491,12 @@ impl Meta {
         if deleted == 0 {
             return Ok(None);
         }
-        let tags: Vec<String> = sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND digest = ? RETURNING name")
-            .bind(id)
-            .bind(&d)
-            .fetch_all(&mut *tx)
-            .await?;
+        let tags: Vec<String> =
+            sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND digest = ? RETURNING name")
+                .bind(id)
+                .bind(&d)
+                .fetch_all(&mut *tx)
+                .await?;
         sqlx::query("DELETE FROM manifest_refs WHERE repo_id = ? AND manifest = ?")
             .bind(id)
             .bind(&d)
@@ -455,11 +516,12 @@ impl Meta {
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(false);
         };
-        let old: Option<String> = sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND name = ? RETURNING digest")
-            .bind(id)
-            .bind(tag)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let old: Option<String> =
+            sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND name = ? RETURNING digest")
+                .bind(id)
+                .bind(tag)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some(d) = &old {
             Self::event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None).await?;
         }
@@ -469,24 +531,36 @@ impl Meta {
 
     /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if the repository
     /// does not exist.
-    pub async fn tags(&self, repo: &str, n: Option<u32>, last: Option<&str>) -> Result<Option<Vec<String>>> {
+    pub async fn tags(
+        &self,
+        repo: &str,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<Option<Vec<String>>> {
         let mut conn = self.read.acquire().await?;
         let id: Option<i64> = sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
             .bind(repo)
             .fetch_optional(&mut *conn)
             .await?;
         let Some(id) = id else { return Ok(None) };
-        let tags = sqlx::query_scalar("SELECT name FROM tags WHERE repo_id = ? AND name > ? ORDER BY name LIMIT ?")
-            .bind(id)
-            .bind(last.unwrap_or(""))
-            .bind(n.map(i64::from).unwrap_or(-1))
-            .fetch_all(&mut *conn)
-            .await?;
+        let tags = sqlx::query_scalar(
+            "SELECT name FROM tags WHERE repo_id = ? AND name > ? ORDER BY name LIMIT ?",
+        )
+        .bind(id)
+        .bind(last.unwrap_or(""))
+        .bind(n.map(i64::from).unwrap_or(-1))
+        .fetch_all(&mut *conn)
+        .await?;
         Ok(Some(tags))
     }
 
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
-    pub async fn referrers(&self, repo: &str, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>> {
+    pub async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
         let rows = sqlx::query(
             "SELECT m.digest, m.media_type, length(m.content), m.artifact_type, m.annotations FROM manifests m \
              JOIN repositories r ON r.id = m.repo_id \

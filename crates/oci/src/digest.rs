@@ -42,9 +42,7 @@ impl fmt::Display for Algorithm {
 pub enum DigestError {
     #[error("digest {0:?} is not of the form <algorithm>:<hex>")]
     Malformed(String),
-    #[error(
-        "digest algorithm {0:?} is not supported; use sha256 or sha512"
-    )]
+    #[error("digest algorithm {0:?} is not supported; use sha256 or sha512")]
     UnsupportedAlgorithm(String),
     #[error("digest {digest:?} must have {expected} lowercase hex characters after '{algorithm}:'")]
     BadEncoding {
@@ -93,9 +91,11 @@ impl FromStr for Digest {
             .ok_or_else(|| DigestError::Malformed(s.to_string()))?;
         // The image spec grammar: algorithm-component ([a-z0-9]+) joined by [+._-].
         let alg_ok = !alg.is_empty()
-            && alg
-                .split(['+', '.', '_', '-'])
-                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            && alg.split(['+', '.', '_', '-']).all(|c| {
+                !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
         let enc_ok = !enc.is_empty()
             && enc
                 .bytes()
@@ -109,7 +109,9 @@ impl FromStr for Digest {
             other => return Err(DigestError::UnsupportedAlgorithm(other.to_string())),
         };
         if enc.len() != algorithm.hex_len()
-            || !enc.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !enc
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(DigestError::BadEncoding {
                 digest: s.to_string(),

@@ -57,8 +57,15 @@ mod tests {
 
     #[test]
     fn serde_matches_as_str() {
-        for c in [ErrorCode::BlobUnknown, ErrorCode::TooManyRequests, ErrorCode::ManifestBlobUnknown] {
-            assert_eq!(serde_json::to_value(c).unwrap(), serde_json::Value::String(c.as_str().into()));
+        for c in [
+            ErrorCode::BlobUnknown,
+            ErrorCode::TooManyRequests,
+            ErrorCode::ManifestBlobUnknown,
+        ] {
+            assert_eq!(
+                serde_json::to_value(c).unwrap(),
+                serde_json::Value::String(c.as_str().into())
+            );
         }
     }
 }

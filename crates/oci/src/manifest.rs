@@ -20,7 +20,12 @@ pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.man
 pub const OCI_EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 
 /// Every manifest media type Outpost accepts, in the order offered to clients.
-pub const SUPPORTED: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
+pub const SUPPORTED: [&str; 4] = [
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];
 
 /// Whether a media type names a manifest (rather than a blob).
 pub fn is_manifest_type(media_type: &str) -> bool {
@@ -55,7 +60,8 @@ impl Descriptor {
     /// Layers a registry need not hold: Docker foreign layers and OCI non-distributable layers
     /// that name external `urls`.
     pub fn is_external(&self) -> bool {
-        let foreign = self.media_type.contains(".foreign.") || self.media_type.contains(".nondistributable.");
+        let foreign =
+            self.media_type.contains(".foreign.") || self.media_type.contains(".nondistributable.");
         foreign && self.urls.as_ref().is_some_and(|u| !u.is_empty())
     }
 }
@@ -92,12 +98,17 @@ pub enum ManifestError {
     Json(String),
     #[error("manifest schemaVersion must be 2, got {0:?}")]
     SchemaVersion(Option<i64>),
-    #[error("Docker schema 1 manifests are not supported; push with a current client (schema 2 or OCI)")]
+    #[error(
+        "Docker schema 1 manifests are not supported; push with a current client (schema 2 or OCI)"
+    )]
     Schema1,
     #[error("manifest media type {0:?} is not supported; use one of {SUPPORTED:?}")]
     UnsupportedMediaType(String),
     #[error("Content-Type {content_type:?} does not match the manifest's mediaType {media_type:?}")]
-    ContentTypeMismatch { content_type: String, media_type: String },
+    ContentTypeMismatch {
+        content_type: String,
+        media_type: String,
+    },
     #[error("manifest has no mediaType and the Content-Type {0:?} does not name a manifest type")]
     UnknownMediaType(String),
     #[error("image manifest has no config descriptor")]
@@ -118,7 +129,8 @@ impl Manifest {
         if matches!(content_type, Some(DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED)) {
             return Err(ManifestError::Schema1);
         }
-        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let raw: Raw =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         if raw.schema_version == Some(1) {
             return Err(ManifestError::Schema1);
         }
@@ -138,7 +150,9 @@ impl Manifest {
                 // The OCI spec lets mediaType be absent; fall back on the document's shape when
                 // the client sent no usable Content-Type either.
                 if ct.is_some_and(|c| c != "application/json") {
-                    return Err(ManifestError::UnknownMediaType(ct.unwrap_or_default().to_string()));
+                    return Err(ManifestError::UnknownMediaType(
+                        ct.unwrap_or_default().to_string(),
+                    ));
                 }
                 if raw.manifests.is_some() {
                     OCI_INDEX.to_string()
@@ -165,10 +179,19 @@ impl Manifest {
         };
         match kind {
             ManifestKind::Image if m.config.is_none() => return Err(ManifestError::MissingConfig),
-            ManifestKind::Index if raw.manifests.is_none() => return Err(ManifestError::MissingManifests),
+            ManifestKind::Index if raw.manifests.is_none() => {
+                return Err(ManifestError::MissingManifests);
+            }
             ManifestKind::Index => {
-                if let Some(d) = m.manifests.iter().find(|d| !is_manifest_type(&d.media_type)) {
-                    return Err(ManifestError::IndexEntryNotManifest(d.digest.clone(), d.media_type.clone()));
+                if let Some(d) = m
+                    .manifests
+                    .iter()
+                    .find(|d| !is_manifest_type(&d.media_type))
+                {
+                    return Err(ManifestError::IndexEntryNotManifest(
+                        d.digest.clone(),
+                        d.media_type.clone(),
+                    ));
                 }
             }
             ManifestKind::Image => {}
@@ -178,7 +201,9 @@ impl Manifest {
 
     /// Blobs the registry must hold before accepting this manifest.
     pub fn required_blobs(&self) -> impl Iterator<Item = &Descriptor> {
-        self.config.iter().chain(self.layers.iter().filter(|d| !d.is_external()))
+        self.config
+            .iter()
+            .chain(self.layers.iter().filter(|d| !d.is_external()))
     }
 
     /// Child manifests the registry must hold before accepting this index.
@@ -189,12 +214,10 @@ impl Manifest {
     /// The artifact type reported by the referrers API: `artifactType`, else the config's
     /// media type for image manifests.
     pub fn effective_artifact_type(&self) -> Option<String> {
-        self.artifact_type
-            .clone()
-            .or_else(|| match self.kind {
-                ManifestKind::Image => self.config.as_ref().map(|c| c.media_type.clone()),
-                ManifestKind::Index => None,
-            })
+        self.artifact_type.clone().or_else(|| match self.kind {
+            ManifestKind::Image => self.config.as_ref().map(|c| c.media_type.clone()),
+            ManifestKind::Index => None,
+        })
     }
 }
 
@@ -236,7 +259,9 @@ mod tests {
 
     #[test]
     fn missing_media_type_uses_content_type_or_shape() {
-        let body = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{D1}","size":3}}]}}"#);
+        let body = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{D1}","size":3}}]}}"#
+        );
         let m = Manifest::parse(body.as_bytes(), None).unwrap();
         assert_eq!(m.kind, ManifestKind::Index);
         assert_eq!(m.media_type, OCI_INDEX);
@@ -245,24 +270,45 @@ mod tests {
 
     #[test]
     fn rejects_invalid() {
-        assert!(matches!(Manifest::parse(b"{", None), Err(ManifestError::Json(_))));
-        assert!(matches!(Manifest::parse(b"[]", None), Err(ManifestError::Json(_))));
-        assert!(matches!(Manifest::parse(br#"{"schemaVersion":1}"#, None), Err(ManifestError::Schema1)));
+        assert!(matches!(
+            Manifest::parse(b"{", None),
+            Err(ManifestError::Json(_))
+        ));
+        assert!(matches!(
+            Manifest::parse(b"[]", None),
+            Err(ManifestError::Json(_))
+        ));
+        assert!(matches!(
+            Manifest::parse(br#"{"schemaVersion":1}"#, None),
+            Err(ManifestError::Schema1)
+        ));
         assert!(matches!(
             Manifest::parse(br#"{"schemaVersion":3,"mediaType":"x"}"#, None),
             Err(ManifestError::SchemaVersion(Some(3)))
         ));
-        let no_config = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
-        assert_eq!(Manifest::parse(no_config.as_bytes(), None), Err(ManifestError::MissingConfig));
+        let no_config =
+            format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
+        assert_eq!(
+            Manifest::parse(no_config.as_bytes(), None),
+            Err(ManifestError::MissingConfig)
+        );
         let bad_digest = image(OCI_MANIFEST).replace(D2, "sha256:zz");
-        assert!(matches!(Manifest::parse(bad_digest.as_bytes(), None), Err(ManifestError::Json(_))));
-        let index_of_blob = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/octet-stream","digest":"{D1}","size":3}}]}}"#);
+        assert!(matches!(
+            Manifest::parse(bad_digest.as_bytes(), None),
+            Err(ManifestError::Json(_))
+        ));
+        let index_of_blob = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/octet-stream","digest":"{D1}","size":3}}]}}"#
+        );
         assert!(matches!(
             Manifest::parse(index_of_blob.as_bytes(), None),
             Err(ManifestError::IndexEntryNotManifest(..))
         ));
         let unknown = r#"{"schemaVersion":2,"mediaType":"application/x-thing"}"#;
-        assert!(matches!(Manifest::parse(unknown.as_bytes(), None), Err(ManifestError::UnsupportedMediaType(_))));
+        assert!(matches!(
+            Manifest::parse(unknown.as_bytes(), None),
+            Err(ManifestError::UnsupportedMediaType(_))
+        ));
     }
 
     #[test]
@@ -281,7 +327,10 @@ mod tests {
         );
         let m = Manifest::parse(body.as_bytes(), None).unwrap();
         assert_eq!(m.subject.unwrap().digest.to_string(), D2);
-        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.example.sbom"));
+        assert_eq!(
+            m.artifact_type.as_deref(),
+            Some("application/vnd.example.sbom")
+        );
     }
 
     proptest! {

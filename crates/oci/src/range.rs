@@ -109,25 +109,73 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), ByteRange { start: 0, end: 9 });
-        assert_eq!(parse_range("bytes=90-", 100).unwrap(), ByteRange { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=90-1000", 100).unwrap(), ByteRange { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=-5", 100).unwrap(), ByteRange { start: 95, end: 99 });
-        assert_eq!(parse_range("bytes=-500", 100).unwrap(), ByteRange { start: 0, end: 99 });
-        assert!(matches!(parse_range("bytes=100-", 100), Err(RangeError::Unsatisfiable { .. })));
-        assert!(matches!(parse_range("bytes=-0", 100), Err(RangeError::Unsatisfiable { .. })));
-        assert!(matches!(parse_range("bytes=0-1,5-6", 100), Err(RangeError::Multiple)));
-        assert!(matches!(parse_range("bytes=5-1", 100), Err(RangeError::Malformed(_))));
-        assert!(matches!(parse_range("items=0-1", 100), Err(RangeError::Malformed(_))));
-        assert!(matches!(parse_range("bytes=a-b", 100), Err(RangeError::Malformed(_))));
-        assert!(matches!(parse_range("bytes=99999999999999999999999-", 100), Err(RangeError::Malformed(_))));
+        assert_eq!(
+            parse_range("bytes=0-9", 100).unwrap(),
+            ByteRange { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range("bytes=90-", 100).unwrap(),
+            ByteRange { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=90-1000", 100).unwrap(),
+            ByteRange { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-5", 100).unwrap(),
+            ByteRange { start: 95, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-500", 100).unwrap(),
+            ByteRange { start: 0, end: 99 }
+        );
+        assert!(matches!(
+            parse_range("bytes=100-", 100),
+            Err(RangeError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            parse_range("bytes=-0", 100),
+            Err(RangeError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            parse_range("bytes=0-1,5-6", 100),
+            Err(RangeError::Multiple)
+        ));
+        assert!(matches!(
+            parse_range("bytes=5-1", 100),
+            Err(RangeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_range("items=0-1", 100),
+            Err(RangeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_range("bytes=a-b", 100),
+            Err(RangeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_range("bytes=99999999999999999999999-", 100),
+            Err(RangeError::Malformed(_))
+        ));
     }
 
     #[test]
     fn content_ranges() {
-        assert_eq!(parse_content_range("0-99").unwrap(), ByteRange { start: 0, end: 99 });
-        assert_eq!(parse_content_range("bytes 100-199/*").unwrap(), ByteRange { start: 100, end: 199 });
-        assert_eq!(parse_content_range("bytes=5-5").unwrap(), ByteRange { start: 5, end: 5 });
+        assert_eq!(
+            parse_content_range("0-99").unwrap(),
+            ByteRange { start: 0, end: 99 }
+        );
+        assert_eq!(
+            parse_content_range("bytes 100-199/*").unwrap(),
+            ByteRange {
+                start: 100,
+                end: 199
+            }
+        );
+        assert_eq!(
+            parse_content_range("bytes=5-5").unwrap(),
+            ByteRange { start: 5, end: 5 }
+        );
         assert!(parse_content_range("9-0").is_err());
         assert!(parse_content_range("-5").is_err());
         assert!(parse_content_range("").is_err());

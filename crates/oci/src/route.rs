@@ -17,7 +17,10 @@ pub enum Route {
     /// `/v2/<name>/tags/list`
     Tags { name: RepoName },
     /// `/v2/<name>/manifests/<reference>`
-    Manifest { name: RepoName, reference: Reference },
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -147,29 +150,52 @@ mod tests {
         assert_eq!(Route::parse("/v2/_catalog").unwrap(), Route::Catalog);
         assert_eq!(
             Route::parse("/v2/library/alpine/tags/list").unwrap(),
-            Route::Tags { name: n("library/alpine") }
+            Route::Tags {
+                name: n("library/alpine")
+            }
         );
         assert_eq!(
             Route::parse("/v2/a/b/manifests/latest").unwrap(),
-            Route::Manifest { name: n("a/b"), reference: Reference::Tag("latest".parse().unwrap()) }
+            Route::Manifest {
+                name: n("a/b"),
+                reference: Reference::Tag("latest".parse().unwrap())
+            }
         );
         assert_eq!(
             Route::parse(&format!("/v2/a/manifests/{D}")).unwrap(),
-            Route::Manifest { name: n("a"), reference: Reference::Digest(D.parse().unwrap()) }
+            Route::Manifest {
+                name: n("a"),
+                reference: Reference::Digest(D.parse().unwrap())
+            }
         );
         assert_eq!(
             Route::parse(&format!("/v2/a/blobs/{D}")).unwrap(),
-            Route::Blob { name: n("a"), digest: D.parse().unwrap() }
+            Route::Blob {
+                name: n("a"),
+                digest: D.parse().unwrap()
+            }
         );
-        assert_eq!(Route::parse("/v2/a/b/blobs/uploads/").unwrap(), Route::UploadStart { name: n("a/b") });
-        assert_eq!(Route::parse("/v2/a/b/blobs/uploads").unwrap(), Route::UploadStart { name: n("a/b") });
+        assert_eq!(
+            Route::parse("/v2/a/b/blobs/uploads/").unwrap(),
+            Route::UploadStart { name: n("a/b") }
+        );
+        assert_eq!(
+            Route::parse("/v2/a/b/blobs/uploads").unwrap(),
+            Route::UploadStart { name: n("a/b") }
+        );
         assert_eq!(
             Route::parse("/v2/a/blobs/uploads/0f6e-11").unwrap(),
-            Route::Upload { name: n("a"), id: "0f6e-11".into() }
+            Route::Upload {
+                name: n("a"),
+                id: "0f6e-11".into()
+            }
         );
         assert_eq!(
             Route::parse(&format!("/v2/x/referrers/{D}")).unwrap(),
-            Route::Referrers { name: n("x"), digest: D.parse().unwrap() }
+            Route::Referrers {
+                name: n("x"),
+                digest: D.parse().unwrap()
+            }
         );
     }
 
@@ -177,26 +203,61 @@ mod tests {
     fn names_may_contain_keywords() {
         assert_eq!(
             Route::parse("/v2/blobs/manifests/tags/list").unwrap(),
-            Route::Tags { name: n("blobs/manifests") }
+            Route::Tags {
+                name: n("blobs/manifests")
+            }
         );
         assert_eq!(
             Route::parse("/v2/manifests/manifests/v1").unwrap(),
-            Route::Manifest { name: n("manifests"), reference: Reference::Tag("v1".parse().unwrap()) }
+            Route::Manifest {
+                name: n("manifests"),
+                reference: Reference::Tag("v1".parse().unwrap())
+            }
         );
     }
 
     #[test]
     fn hostile_paths() {
-        assert!(matches!(Route::parse("/v2/../etc/manifests/x"), Err(RouteError::Name(_))));
-        assert!(matches!(Route::parse("/v2/a%2F..%2Fb/manifests/x"), Err(RouteError::Name(_))));
-        assert!(matches!(Route::parse("/v2/a/blobs/sha256:..%2f..%2fetc"), Err(RouteError::Digest(_))));
-        assert!(matches!(Route::parse("/v2/a/blobs/md5:abc"), Err(RouteError::Digest(_))));
-        assert!(matches!(Route::parse("/v2/a/manifests/bad tag"), Err(RouteError::Tag(_))));
-        assert!(matches!(Route::parse("/v2/a/blobs/uploads/../../x"), Err(RouteError::Name(_)) | Err(RouteError::NotFound(_))));
-        assert!(matches!(Route::parse("/v2/a/blobs/uploads/a.b"), Err(RouteError::NotFound(_))));
-        assert!(matches!(Route::parse("/v2/a"), Err(RouteError::NotFound(_))));
-        assert!(matches!(Route::parse("/v2/manifests/x"), Err(RouteError::NotFound(_)) | Err(RouteError::Name(_))));
-        assert!(matches!(Route::parse("/v3/a/tags/list"), Err(RouteError::NotFound(_))));
+        assert!(matches!(
+            Route::parse("/v2/../etc/manifests/x"),
+            Err(RouteError::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a%2F..%2Fb/manifests/x"),
+            Err(RouteError::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/sha256:..%2f..%2fetc"),
+            Err(RouteError::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/md5:abc"),
+            Err(RouteError::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/manifests/bad tag"),
+            Err(RouteError::Tag(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/uploads/../../x"),
+            Err(RouteError::Name(_)) | Err(RouteError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/uploads/a.b"),
+            Err(RouteError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a"),
+            Err(RouteError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/manifests/x"),
+            Err(RouteError::NotFound(_)) | Err(RouteError::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v3/a/tags/list"),
+            Err(RouteError::NotFound(_))
+        ));
     }
 
     proptest! {

@@ -37,7 +37,9 @@ impl From<StorageError> for RegistryError {
         match e {
             StorageError::UploadUnknown(id) => RegistryError::UploadUnknown(id),
             StorageError::BlobUnknown(d) => RegistryError::BlobUnknown(d),
-            StorageError::DigestMismatch { expected, actual } => RegistryError::DigestMismatch { expected, actual },
+            StorageError::DigestMismatch { expected, actual } => {
+                RegistryError::DigestMismatch { expected, actual }
+            }
             other => RegistryError::Storage(other),
         }
     }

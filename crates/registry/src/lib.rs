@@ -66,7 +66,11 @@ impl Registry {
     pub async fn open(data_dir: &Path, config: RegistryConfig) -> Result<Registry> {
         let storage = Storage::open(data_dir, config.fsync).await?;
         let meta = Meta::open(&data_dir.join("meta.db")).await?;
-        Ok(Registry { storage, meta, config })
+        Ok(Registry {
+            storage,
+            meta,
+            config,
+        })
     }
 
     pub fn meta(&self) -> &Meta {
@@ -92,7 +96,12 @@ impl Registry {
     }
 
     /// Opens a blob (or a range of it, resolved by the caller against [`Self::blob_size`]).
-    pub async fn open_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobRead> {
+    pub async fn open_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobRead> {
         self.blob_size(repo, digest).await?;
         match self.storage.open_blob(digest, range).await {
             Err(StorageError::BlobUnknown(d)) => Err(RegistryError::BlobUnknown(d)),
@@ -111,7 +120,12 @@ impl Registry {
 
     /// Links an existing blob from `from` into `repo` (cross-repository mount). Returns its size,
     /// or `None` if `from` does not hold it (the caller then starts a normal upload).
-    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName) -> Result<Option<u64>> {
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: &RepoName,
+    ) -> Result<Option<u64>> {
         let Some(size) = self.meta.linked_blob(from.as_str(), digest).await? else {
             return Ok(None);
         };
@@ -147,26 +161,43 @@ impl Registry {
     }
 
     /// Appends a chunk (`start` from `Content-Range`, if given). Returns the new size.
-    pub async fn append_upload<S, E>(&self, repo: &RepoName, id: &str, start: Option<u64>, body: S) -> Result<u64>
+    pub async fn append_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        body: S,
+    ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         self.check_upload(repo, id).await?;
-        let out = self.storage.append(id, start, self.config.max_blob_bytes, body).await?;
+        let out = self
+            .storage
+            .append(id, start, self.config.max_blob_bytes, body)
+            .await?;
         Ok(out.size)
     }
 
     /// Completes an upload: appends the final body (if any), verifies `digest`, and links the
     /// blob into `repo`. Returns the blob size.
-    pub async fn finish_upload<S, E>(&self, repo: &RepoName, id: &str, digest: &Digest, body: Option<S>) -> Result<u64>
+    pub async fn finish_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: Option<S>,
+    ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         self.check_upload(repo, id).await?;
         if let Some(body) = body {
-            self.storage.append(id, None, self.config.max_blob_bytes, body).await?;
+            self.storage
+                .append(id, None, self.config.max_blob_bytes, body)
+                .await?;
         }
         let size = match self.storage.commit_upload(id, digest).await {
             Ok(size) => size,
@@ -274,14 +305,20 @@ impl Registry {
         }
     }
 
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<StoredManifest> {
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest> {
         let found = match reference {
             Reference::Tag(t) => self.meta.manifest_by_tag(repo.as_str(), t.as_str()).await?,
             Reference::Digest(d) => self.meta.manifest_by_digest(repo.as_str(), d).await?,
         };
         match found {
             Some(m) => Ok(m),
-            None if !self.meta.repo_exists(repo.as_str()).await? => Err(RegistryError::NameUnknown(repo.clone())),
+            None if !self.meta.repo_exists(repo.as_str()).await? => {
+                Err(RegistryError::NameUnknown(repo.clone()))
+            }
             None => Err(RegistryError::ManifestUnknown(reference.to_string())),
         }
     }
@@ -301,7 +338,12 @@ impl Registry {
 
     // ---- discovery ------------------------------------------------------------------------
 
-    pub async fn tags(&self, repo: &RepoName, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<Vec<String>> {
         self.meta
             .tags(repo.as_str(), n, last)
             .await?
@@ -314,8 +356,16 @@ impl Registry {
 
     /// The referrers index of `subject` in `repo` (an OCI image index, empty when there are
     /// none), optionally filtered to one artifact type.
-    pub async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<u8>> {
-        let refs = self.meta.referrers(repo.as_str(), subject, artifact_type).await?;
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<u8>> {
+        let refs = self
+            .meta
+            .referrers(repo.as_str(), subject, artifact_type)
+            .await?;
         let manifests: Vec<Descriptor> = refs
             .into_iter()
             .map(|r| Descriptor {

@@ -70,16 +70,27 @@ impl From<RegistryError> for ApiError {
         match e {
             R::NameUnknown(n) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
                 .with_detail(json!({ "name": n.as_str() })),
-            R::ManifestUnknown(r) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, msg)
-                .with_detail(json!({ "reference": r })),
+            R::ManifestUnknown(r) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, msg)
+                    .with_detail(json!({ "reference": r }))
+            }
             R::BlobUnknown(d) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, msg)
                 .with_detail(json!({ "digest": d.to_string() })),
-            R::UploadUnknown(_) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown, msg),
-            R::DigestMismatch { expected, actual } => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, msg)
-                .with_detail(json!({ "expected": expected.to_string(), "actual": actual.to_string() })),
-            R::ManifestInvalid(_) => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, msg),
-            R::ManifestTooLarge { size, limit } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
-                .with_detail(json!({ "size": size, "limit": limit })),
+            R::UploadUnknown(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown, msg)
+            }
+            R::DigestMismatch { expected, actual } => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, msg).with_detail(
+                    json!({ "expected": expected.to_string(), "actual": actual.to_string() }),
+                )
+            }
+            R::ManifestInvalid(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, msg)
+            }
+            R::ManifestTooLarge { size, limit } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
+                    .with_detail(json!({ "size": size, "limit": limit }))
+            }
             R::ManifestBlobUnknown(d) | R::ManifestChildUnknown(d) => {
                 ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown, msg)
                     .with_detail(json!({ "digest": d.to_string() }))
@@ -87,12 +98,22 @@ impl From<RegistryError> for ApiError {
             R::Storage(s) => match s {
                 StorageError::OutOfOrder { offset, .. } => {
                     let range = format!("0-{}", offset.saturating_sub(1));
-                    ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::BlobUploadInvalid, msg)
-                        .with_header(header::RANGE, &range)
+                    ApiError::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        ErrorCode::BlobUploadInvalid,
+                        msg,
+                    )
+                    .with_header(header::RANGE, &range)
                 }
-                StorageError::Interrupted { .. } => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, msg),
-                StorageError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg),
-                StorageError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                StorageError::Interrupted { .. } => {
+                    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, msg)
+                }
+                StorageError::TooLarge { .. } => {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
+                }
+                StorageError::Io { ref source, .. }
+                    if source.kind() == std::io::ErrorKind::StorageFull =>
+                {
                     tracing::error!(error = %s, "storage is full");
                     ApiError::new(
                         StatusCode::INSUFFICIENT_STORAGE,
@@ -115,7 +136,12 @@ impl IntoResponse for ApiError {
             error["detail"] = d;
         }
         let body = json!({ "errors": [error] }).to_string();
-        let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        let mut resp = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }
@@ -132,12 +158,31 @@ mod tests {
     fn mapping() {
         let d = Digest::sha256_of(b"x");
         let cases: Vec<(RegistryError, StatusCode, ErrorCode)> = vec![
-            (RegistryError::BlobUnknown(d.clone()), StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
-            (RegistryError::ManifestBlobUnknown(d.clone()), StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown),
-            (RegistryError::ManifestChildUnknown(d.clone()), StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown),
-            (RegistryError::UploadUnknown("x".into()), StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
             (
-                RegistryError::DigestMismatch { expected: d.clone(), actual: d.clone() },
+                RegistryError::BlobUnknown(d.clone()),
+                StatusCode::NOT_FOUND,
+                ErrorCode::BlobUnknown,
+            ),
+            (
+                RegistryError::ManifestBlobUnknown(d.clone()),
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ManifestBlobUnknown,
+            ),
+            (
+                RegistryError::ManifestChildUnknown(d.clone()),
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ManifestBlobUnknown,
+            ),
+            (
+                RegistryError::UploadUnknown("x".into()),
+                StatusCode::NOT_FOUND,
+                ErrorCode::BlobUploadUnknown,
+            ),
+            (
+                RegistryError::DigestMismatch {
+                    expected: d.clone(),
+                    actual: d.clone(),
+                },
                 StatusCode::BAD_REQUEST,
                 ErrorCode::DigestInvalid,
             ),

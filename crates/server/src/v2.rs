@@ -2,8 +2,8 @@
 //! method; each arm parses headers and query, calls the registry, and renders headers and body
 //! the way Docker, containerd, podman, skopeo and oras expect.
 
-use crate::error::ApiError;
 use crate::App;
+use crate::error::ApiError;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -59,7 +59,10 @@ fn parse_n(q: &Query) -> Result<Option<u32>> {
     q.n.as_deref()
         .map(|n| {
             n.parse::<u32>().map_err(|_| {
-                bad_request(ErrorCode::Unsupported, format!("n={n:?} is not a valid page size; use a non-negative integer"))
+                bad_request(
+                    ErrorCode::Unsupported,
+                    format!("n={n:?} is not a valid page size; use a non-negative integer"),
+                )
             })
         })
         .transpose()
@@ -68,11 +71,14 @@ fn parse_n(q: &Query) -> Result<Option<u32>> {
 fn query_digest(q: &Query) -> Result<Option<Digest>> {
     q.digest
         .as_deref()
-        .map(|d| d.parse::<Digest>().map_err(|e| bad_request(ErrorCode::DigestInvalid, e.to_string())))
+        .map(|d| {
+            d.parse::<Digest>()
+                .map_err(|e| bad_request(ErrorCode::DigestInvalid, e.to_string()))
+        })
         .transpose()
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: impl header::AsHeaderName) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -99,7 +105,10 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             let repos = reg.catalog(n, query.last.as_deref()).await?;
             let link = next_link("/v2/_catalog", n, &repos);
             let body = serde_json::json!({ "repositories": repos });
-            Ok(with_link(json_response(StatusCode::OK, body.to_string().into_bytes()), link))
+            Ok(with_link(
+                json_response(StatusCode::OK, body.to_string().into_bytes()),
+                link,
+            ))
         }
         Route::Tags { name } => {
             if *m != Method::GET {
@@ -109,13 +118,20 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             let tags = reg.tags(&name, n, query.last.as_deref()).await?;
             let link = next_link(&format!("/v2/{name}/tags/list"), n, &tags);
             let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
-            Ok(with_link(json_response(StatusCode::OK, body.to_string().into_bytes()), link))
+            Ok(with_link(
+                json_response(StatusCode::OK, body.to_string().into_bytes()),
+                link,
+            ))
         }
         Route::Manifest { name, reference } => match *m {
             Method::GET | Method::HEAD => {
                 let mf = reg.get_manifest(&name, &reference).await?;
                 let len = mf.content.len();
-                let body = if *m == Method::HEAD { Body::empty() } else { Body::from(mf.content) };
+                let body = if *m == Method::HEAD {
+                    Body::empty()
+                } else {
+                    Body::from(mf.content)
+                };
                 let digest = mf.digest.to_string();
                 Ok(Response::builder()
                     .status(StatusCode::OK)
@@ -134,7 +150,9 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             _ => Err(unsupported(m)),
         },
         Route::Blob { name, digest } => match *m {
-            Method::GET | Method::HEAD => get_blob(app, &name, &digest, h, *m == Method::HEAD).await,
+            Method::GET | Method::HEAD => {
+                get_blob(app, &name, &digest, h, *m == Method::HEAD).await
+            }
             Method::DELETE => {
                 reg.delete_blob(&name, &digest).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
@@ -155,14 +173,22 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             Method::PATCH => {
                 let start = match header_str(h, header::CONTENT_RANGE) {
                     Some(cr) => {
-                        let r = parse_content_range(cr)
-                            .map_err(|e| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::BlobUploadInvalid, e.to_string()))?;
+                        let r = parse_content_range(cr).map_err(|e| {
+                            ApiError::new(
+                                StatusCode::RANGE_NOT_SATISFIABLE,
+                                ErrorCode::BlobUploadInvalid,
+                                e.to_string(),
+                            )
+                        })?;
                         if let Some(len) = content_length(h)?
                             && len != r.len()
                         {
                             return Err(bad_request(
                                 ErrorCode::SizeInvalid,
-                                format!("Content-Length {len} does not match Content-Range {cr} ({} bytes)", r.len()),
+                                format!(
+                                    "Content-Length {len} does not match Content-Range {cr} ({} bytes)",
+                                    r.len()
+                                ),
                             ));
                         }
                         Some(r.start)
@@ -175,7 +201,10 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     .map_err(|e| {
                         let mut api = ApiError::from(e);
                         if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
-                            api = api.with_header(header::LOCATION, &format!("/v2/{name}/blobs/uploads/{id}"));
+                            api = api.with_header(
+                                header::LOCATION,
+                                &format!("/v2/{name}/blobs/uploads/{id}"),
+                            );
                         }
                         api
                     })?;
@@ -183,9 +212,13 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             }
             Method::PUT => {
                 let digest = query_digest(&query)?.ok_or_else(|| {
-                    bad_request(ErrorCode::DigestInvalid, "completing an upload needs ?digest=<algorithm:hex>")
+                    bad_request(
+                        ErrorCode::DigestInvalid,
+                        "completing an upload needs ?digest=<algorithm:hex>",
+                    )
                 })?;
-                reg.finish_upload(&name, &id, &digest, Some(body.into_data_stream())).await?;
+                reg.finish_upload(&name, &id, &digest, Some(body.into_data_stream()))
+                    .await?;
                 Ok(blob_created(&name, &digest))
             }
             Method::DELETE => {
@@ -206,8 +239,10 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 .body(Body::from(body))
                 .unwrap_or_default();
             if filter.is_some() {
-                resp.headers_mut()
-                    .insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+                resp.headers_mut().insert(
+                    "oci-filters-applied",
+                    HeaderValue::from_static("artifactType"),
+                );
             }
             Ok(resp)
         }
@@ -240,7 +275,9 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(v) => {
                         out.push(v);
@@ -268,9 +305,12 @@ fn percent_decode(s: &str) -> String {
 fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
     header_str(h, header::CONTENT_LENGTH)
         .map(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| bad_request(ErrorCode::SizeInvalid, format!("Content-Length {v:?} is not a number")))
+            v.trim().parse::<u64>().map_err(|_| {
+                bad_request(
+                    ErrorCode::SizeInvalid,
+                    format!("Content-Length {v:?} is not a number"),
+                )
+            })
         })
         .transpose()
 }
@@ -321,7 +361,9 @@ fn blob_created(name: &RepoName, digest: &Digest) -> Response {
 async fn start_upload(app: &App, name: &RepoName, q: &Query, body: Body) -> Result<Response> {
     let reg = &app.registry;
     if let (Some(mount), Some(from)) = (&q.mount, &q.from) {
-        let digest: Digest = mount.parse().map_err(|e: outpost_oci::DigestError| bad_request(ErrorCode::DigestInvalid, e.to_string()))?;
+        let digest: Digest = mount.parse().map_err(|e: outpost_oci::DigestError| {
+            bad_request(ErrorCode::DigestInvalid, e.to_string())
+        })?;
         // An unreadable or invalid source falls back to a normal upload, as the spec requires.
         if let Ok(from) = from.parse::<RepoName>()
             && reg.mount_blob(name, &digest, &from).await?.is_some()
@@ -331,19 +373,28 @@ async fn start_upload(app: &App, name: &RepoName, q: &Query, body: Body) -> Resu
     }
     let id = reg.start_upload(name).await?;
     if let Some(digest) = query_digest(q)? {
-        reg.finish_upload(name, &id, &digest, Some(body.into_data_stream())).await?;
+        reg.finish_upload(name, &id, &digest, Some(body.into_data_stream()))
+            .await?;
         return Ok(blob_created(name, &digest));
     }
     Ok(upload_response(StatusCode::ACCEPTED, name, &id, 0))
 }
 
-async fn put_manifest(app: &App, name: &RepoName, reference: &Reference, h: &HeaderMap, body: Body) -> Result<Response> {
+async fn put_manifest(
+    app: &App,
+    name: &RepoName,
+    reference: &Reference,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let limit = app.registry.config().max_manifest_bytes;
     let too_large = |size: usize| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::SizeInvalid,
-            format!("manifest is {size} bytes or more, larger than this registry's {limit} byte limit"),
+            format!(
+                "manifest is {size} bytes or more, larger than this registry's {limit} byte limit"
+            ),
         )
     };
     if let Some(len) = content_length(h)?
@@ -351,11 +402,15 @@ async fn put_manifest(app: &App, name: &RepoName, reference: &Reference, h: &Hea
     {
         return Err(too_large(len as usize));
     }
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| match std::error::Error::source(&e) {
-            Some(s) if s.to_string().contains("length limit") => too_large(limit + 1),
-            _ => bad_request(ErrorCode::ManifestInvalid, format!("could not read the manifest body: {e}")),
+    let bytes =
+        axum::body::to_bytes(body, limit).await.map_err(|e| {
+            match std::error::Error::source(&e) {
+                Some(s) if s.to_string().contains("length limit") => too_large(limit + 1),
+                _ => bad_request(
+                    ErrorCode::ManifestInvalid,
+                    format!("could not read the manifest body: {e}"),
+                ),
+            }
         })?;
     let pushed = app
         .registry
@@ -363,7 +418,10 @@ async fn put_manifest(app: &App, name: &RepoName, reference: &Reference, h: &Hea
         .await?;
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)
-        .header(header::LOCATION, format!("/v2/{name}/manifests/{}", pushed.digest))
+        .header(
+            header::LOCATION,
+            format!("/v2/{name}/manifests/{}", pushed.digest),
+        )
         .header(DIGEST_HEADER, pushed.digest.to_string())
         .header(header::CONTENT_LENGTH, 0)
         .body(Body::empty())
@@ -376,13 +434,23 @@ async fn put_manifest(app: &App, name: &RepoName, reference: &Reference, h: &Hea
     Ok(resp)
 }
 
-async fn get_blob(app: &App, name: &RepoName, digest: &Digest, h: &HeaderMap, head: bool) -> Result<Response> {
+async fn get_blob(
+    app: &App,
+    name: &RepoName,
+    digest: &Digest,
+    h: &HeaderMap,
+    head: bool,
+) -> Result<Response> {
     let reg = &app.registry;
     let size = reg.blob_size(name, digest).await?;
     let range = match header_str(h, header::RANGE) {
         Some(r) => Some(parse_range(r, size).map_err(|e| {
-            ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid, e.to_string())
-                .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
+            ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::RangeInvalid,
+                e.to_string(),
+            )
+            .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
         })?),
         None => None,
     };
@@ -393,9 +461,10 @@ async fn get_blob(app: &App, name: &RepoName, digest: &Digest, h: &HeaderMap, he
         .header(header::ACCEPT_RANGES, "bytes");
     let len = match range {
         Some(r) => {
-            b = b
-                .status(StatusCode::PARTIAL_CONTENT)
-                .header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end));
+            b = b.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{size}", r.start, r.end),
+            );
             r.len()
         }
         None => {

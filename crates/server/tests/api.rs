@@ -1,6 +1,8 @@
 //! In-process tests of the whole `/v2/` API over the axum router (no sockets): every endpoint,
 //! the spec's error codes and statuses, and hostile input that must leave the store intact.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -25,25 +27,42 @@ struct Resp {
 
 impl Resp {
     fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
     fn code(&self) -> String {
-        self.json()["errors"][0]["code"].as_str().unwrap_or("").to_string()
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
 async fn setup_with(config: RegistryConfig) -> T {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::open(dir.path(), config).await.unwrap();
-    let app = outpost_server::router(outpost_server::AppState { registry: registry.clone() });
-    T { app, registry, _dir: dir }
+    let app = outpost_server::router(outpost_server::AppState {
+        registry: registry.clone(),
+    });
+    T {
+        app,
+        registry,
+        _dir: dir,
+    }
 }
 
 async fn setup() -> T {
-    setup_with(RegistryConfig { fsync: false, ..Default::default() }).await
+    setup_with(RegistryConfig {
+        fsync: false,
+        ..Default::default()
+    })
+    .await
 }
 
 impl T {
@@ -52,10 +71,20 @@ impl T {
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp { status, headers, body }
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
-    async fn req(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: impl Into<Body>) -> Resp {
+    async fn req(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Body>,
+    ) -> Resp {
         let mut b = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
@@ -70,15 +99,35 @@ impl T {
     /// Monolithic POST + PUT upload; returns the digest.
     async fn push_blob(&self, repo: &str, data: &[u8]) -> Digest {
         let d = Digest::sha256_of(data);
-        let r = self.req(Method::POST, &format!("/v2/{repo}/blobs/uploads/"), &[], Body::empty()).await;
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/"),
+                &[],
+                Body::empty(),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::ACCEPTED);
         let loc = r.header("location").to_string();
-        let r = self.req(Method::PUT, &format!("{loc}?digest={d}"), &[], data.to_vec()).await;
+        let r = self
+            .req(
+                Method::PUT,
+                &format!("{loc}?digest={d}"),
+                &[],
+                data.to_vec(),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
         d
     }
 
-    async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Resp {
+    async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Resp {
         self.req(
             Method::PUT,
             &format!("/v2/{repo}/manifests/{reference}"),
@@ -90,8 +139,12 @@ impl T {
 
     /// Pushes a config and one layer, then an image manifest tagged `tag`; returns its bytes.
     async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> (Vec<u8>, Digest) {
-        let config = self.push_blob(repo, format!("{{\"seed\":\"{seed}\"}}").as_bytes()).await;
-        let layer = self.push_blob(repo, format!("layer-{seed}").as_bytes()).await;
+        let config = self
+            .push_blob(repo, format!("{{\"seed\":\"{seed}\"}}").as_bytes())
+            .await;
+        let layer = self
+            .push_blob(repo, format!("layer-{seed}").as_bytes())
+            .await;
         let m = image_manifest(&config, &layer, None);
         let r = self.push_manifest(repo, tag, OCI_MANIFEST, &m).await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
@@ -111,7 +164,8 @@ fn image_manifest(config: &Digest, layer: &Digest, extra: Option<(&str, &Digest)
     });
     if let Some((artifact_type, subject)) = extra {
         m["artifactType"] = json!(artifact_type);
-        m["subject"] = json!({"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": 100});
+        m["subject"] =
+            json!({"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": 100});
         m["annotations"] = json!({"org.example.kind": artifact_type});
     }
     serde_json::to_vec_pretty(&m).unwrap()
@@ -135,7 +189,14 @@ async fn monolithic_upload_then_pull_with_ranges() {
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     let d = t.push_blob("lib/app", &data).await;
 
-    let r = t.req(Method::HEAD, &format!("/v2/lib/app/blobs/{d}"), &[], Body::empty()).await;
+    let r = t
+        .req(
+            Method::HEAD,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("content-length"), "10000");
     assert_eq!(r.header("docker-content-digest"), d.to_string());
@@ -145,15 +206,36 @@ async fn monolithic_upload_then_pull_with_ranges() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(&r.body[..], &data[..]);
 
-    let r = t.req(Method::GET, &format!("/v2/lib/app/blobs/{d}"), &[("range", "bytes=100-199")], Body::empty()).await;
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[("range", "bytes=100-199")],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.header("content-range"), "bytes 100-199/10000");
     assert_eq!(&r.body[..], &data[100..200]);
 
-    let r = t.req(Method::GET, &format!("/v2/lib/app/blobs/{d}"), &[("range", "bytes=-10")], Body::empty()).await;
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[("range", "bytes=-10")],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(&r.body[..], &data[9990..]);
 
-    let r = t.req(Method::GET, &format!("/v2/lib/app/blobs/{d}"), &[("range", "bytes=10000-")], Body::empty()).await;
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[("range", "bytes=10000-")],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("content-range"), "bytes */10000");
 
@@ -168,7 +250,14 @@ async fn single_request_post_with_digest() {
     let t = setup().await;
     let data = b"single request upload";
     let d = Digest::sha256_of(data);
-    let r = t.req(Method::POST, &format!("/v2/a/blobs/uploads/?digest={d}"), &[], data.to_vec()).await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={d}"),
+            &[],
+            data.to_vec(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.header("location"), format!("/v2/a/blobs/{d}"));
     assert_eq!(&t.get(&format!("/v2/a/blobs/{d}")).await.body[..], data);
@@ -179,7 +268,14 @@ async fn sha512_blobs() {
     let t = setup().await;
     let data = b"hashed with sha512";
     let d = Digest::of(Algorithm::Sha512, data);
-    let r = t.req(Method::POST, &format!("/v2/a/blobs/uploads/?digest={d}"), &[], data.to_vec()).await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={d}"),
+            &[],
+            data.to_vec(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(&t.get(&format!("/v2/a/blobs/{d}")).await.body[..], data);
 }
@@ -189,26 +285,45 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     let t = setup().await;
     let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 256) as u8).collect();
     let d = Digest::sha256_of(&data);
-    let r = t.req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty())
+        .await;
     let loc = r.header("location").to_string();
     assert!(!r.header("docker-upload-uuid").is_empty());
 
     let r = t
-        .req(Method::PATCH, &loc, &[("content-range", "0-999"), ("content-length", "1000")], data[..1000].to_vec())
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "0-999"), ("content-length", "1000")],
+            data[..1000].to_vec(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     assert_eq!(r.header("range"), "0-999");
 
     // A chunk that does not start at the current offset: 416 with the current range.
     let r = t
-        .req(Method::PATCH, &loc, &[("content-range", "2000-2999"), ("content-length", "1000")], data[2000..].to_vec())
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "2000-2999"), ("content-length", "1000")],
+            data[2000..].to_vec(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("range"), "0-999");
     assert_eq!(r.code(), "BLOB_UPLOAD_INVALID");
 
     // Content-Length disagreeing with Content-Range.
-    let r = t.req(Method::PATCH, &loc, &[("content-range", "1000-1999"), ("content-length", "5")], vec![0u8; 5]).await;
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "1000-1999"), ("content-length", "5")],
+            vec![0u8; 5],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     let r = t.get(&loc).await;
@@ -216,12 +331,24 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     assert_eq!(r.header("range"), "0-999");
 
     // A streamed PATCH (no Content-Range) appends.
-    let r = t.req(Method::PATCH, &loc, &[], data[1000..2000].to_vec()).await;
+    let r = t
+        .req(Method::PATCH, &loc, &[], data[1000..2000].to_vec())
+        .await;
     assert_eq!(r.header("range"), "0-1999");
 
-    let r = t.req(Method::PUT, &format!("{loc}?digest={d}"), &[], data[2000..].to_vec()).await;
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[],
+            data[2000..].to_vec(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-    assert_eq!(&t.get(&format!("/v2/c/blobs/{d}")).await.body[..], &data[..]);
+    assert_eq!(
+        &t.get(&format!("/v2/c/blobs/{d}")).await.body[..],
+        &data[..]
+    );
     // The session is gone after completion.
     assert_eq!(t.get(&loc).await.code(), "BLOB_UPLOAD_UNKNOWN");
 }
@@ -229,7 +356,9 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
 #[tokio::test]
 async fn cancelled_upload_is_gone() {
     let t = setup().await;
-    let r = t.req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty())
+        .await;
     let loc = r.header("location").to_string();
     t.req(Method::PATCH, &loc, &[], b"abc".to_vec()).await;
     let r = t.req(Method::DELETE, &loc, &[], Body::empty()).await;
@@ -238,66 +367,138 @@ async fn cancelled_upload_is_gone() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
     // An upload id from another repository is not visible here.
-    let r = t.req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/c/blobs/uploads/", &[], Body::empty())
+        .await;
     let other = r.header("location").replace("/v2/c/", "/v2/d/");
     assert_eq!(t.get(&other).await.code(), "BLOB_UPLOAD_UNKNOWN");
     // Unknown and hostile ids.
-    assert_eq!(t.get("/v2/c/blobs/uploads/00000000-0000-0000-0000-000000000000").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(t.get("/v2/c/blobs/uploads/..%2F..%2Fmeta.db").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get("/v2/c/blobs/uploads/00000000-0000-0000-0000-000000000000")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get("/v2/c/blobs/uploads/..%2F..%2Fmeta.db").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
 async fn digest_mismatch_never_becomes_visible() {
     let t = setup().await;
     let claimed = Digest::sha256_of(b"what the client claims");
-    let r = t.req(Method::POST, &format!("/v2/a/blobs/uploads/?digest={claimed}"), &[], b"other bytes".to_vec()).await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={claimed}"),
+            &[],
+            b"other bytes".to_vec(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "DIGEST_INVALID");
-    assert_eq!(t.get(&format!("/v2/a/blobs/{claimed}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/a/blobs/{claimed}")).await.status,
+        StatusCode::NOT_FOUND
+    );
     let actual = Digest::sha256_of(b"other bytes");
-    assert_eq!(t.get(&format!("/v2/a/blobs/{actual}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/a/blobs/{actual}")).await.status,
+        StatusCode::NOT_FOUND
+    );
 
     // Missing and malformed digests on PUT.
-    let r = t.req(Method::POST, "/v2/a/blobs/uploads/", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/a/blobs/uploads/", &[], Body::empty())
+        .await;
     let loc = r.header("location").to_string();
-    assert_eq!(t.req(Method::PUT, &loc, &[], b"x".to_vec()).await.code(), "DIGEST_INVALID");
-    let r = t.req(Method::PUT, &format!("{loc}?digest=md5:abc"), &[], b"x".to_vec()).await;
+    assert_eq!(
+        t.req(Method::PUT, &loc, &[], b"x".to_vec()).await.code(),
+        "DIGEST_INVALID"
+    );
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest=md5:abc"),
+            &[],
+            b"x".to_vec(),
+        )
+        .await;
     assert_eq!(r.code(), "DIGEST_INVALID");
-    assert!(r.json()["errors"][0]["message"].as_str().unwrap().contains("sha256"));
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256")
+    );
 }
 
 #[tokio::test]
 async fn truncated_body_rolls_back_the_chunk() {
     let t = setup().await;
-    let r = t.req(Method::POST, "/v2/a/blobs/uploads/", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/a/blobs/uploads/", &[], Body::empty())
+        .await;
     let loc = r.header("location").to_string();
-    t.req(Method::PATCH, &loc, &[], b"0123456789".to_vec()).await;
+    t.req(Method::PATCH, &loc, &[], b"0123456789".to_vec())
+        .await;
     // A body that fails half-way, as a client disconnecting mid-chunk does.
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
         Ok(Bytes::from_static(b"abcdef")),
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client went away")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
     ];
     let body = Body::from_stream(futures_util::stream::iter(chunks));
     let r = t.req(Method::PATCH, &loc, &[], body).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "BLOB_UPLOAD_INVALID");
     let r = t.get(&loc).await;
-    assert_eq!(r.header("range"), "0-9", "the partial chunk must be rolled back");
+    assert_eq!(
+        r.header("range"),
+        "0-9",
+        "the partial chunk must be rolled back"
+    );
     // The upload still completes correctly.
     let d = Digest::sha256_of(b"0123456789abcdef");
-    let r = t.req(Method::PUT, &format!("{loc}?digest={d}"), &[], b"abcdef".to_vec()).await;
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[],
+            b"abcdef".to_vec(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
 }
 
 #[tokio::test]
 async fn oversized_blob_is_refused() {
-    let t = setup_with(RegistryConfig { fsync: false, max_blob_bytes: Some(100), ..Default::default() }).await;
+    let t = setup_with(RegistryConfig {
+        fsync: false,
+        max_blob_bytes: Some(100),
+        ..Default::default()
+    })
+    .await;
     let data = vec![7u8; 101];
     let d = Digest::sha256_of(&data);
-    let r = t.req(Method::POST, &format!("/v2/a/blobs/uploads/?digest={d}"), &[], data).await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={d}"),
+            &[],
+            data,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.code(), "SIZE_INVALID");
-    assert_eq!(t.get(&format!("/v2/a/blobs/{d}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/a/blobs/{d}")).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -312,7 +513,9 @@ async fn concurrent_uploads_of_the_same_blob() {
         let d = d.clone();
         tasks.push(tokio::spawn(async move {
             let repo = format!("r{}", i % 2);
-            let req = Request::post(format!("/v2/{repo}/blobs/uploads/?digest={d}")).body(Body::from(data)).unwrap();
+            let req = Request::post(format!("/v2/{repo}/blobs/uploads/?digest={d}"))
+                .body(Body::from(data))
+                .unwrap();
             app.oneshot(req).await.unwrap().status()
         }));
     }
@@ -320,7 +523,10 @@ async fn concurrent_uploads_of_the_same_blob() {
         assert_eq!(task.await.unwrap(), StatusCode::CREATED);
     }
     for repo in ["r0", "r1"] {
-        assert_eq!(&t.get(&format!("/v2/{repo}/blobs/{d}")).await.body[..], &data[..]);
+        assert_eq!(
+            &t.get(&format!("/v2/{repo}/blobs/{d}")).await.body[..],
+            &data[..]
+        );
     }
 }
 
@@ -328,15 +534,32 @@ async fn concurrent_uploads_of_the_same_blob() {
 async fn cross_repository_mount_and_fallback() {
     let t = setup().await;
     let d = t.push_blob("src", b"shared layer").await;
-    let r = t.req(Method::POST, &format!("/v2/dst/blobs/uploads/?mount={d}&from=src"), &[], Body::empty()).await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/dst/blobs/uploads/?mount={d}&from=src"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.header("location"), format!("/v2/dst/blobs/{d}"));
-    assert_eq!(&t.get(&format!("/v2/dst/blobs/{d}")).await.body[..], b"shared layer");
+    assert_eq!(
+        &t.get(&format!("/v2/dst/blobs/{d}")).await.body[..],
+        b"shared layer"
+    );
 
     // Source without the blob, or an invalid source name: a normal upload starts instead.
     let missing = Digest::sha256_of(b"nowhere");
     for from in ["src", "nope", "..%2Fsrc"] {
-        let r = t.req(Method::POST, &format!("/v2/dst/blobs/uploads/?mount={missing}&from={from}"), &[], Body::empty()).await;
+        let r = t
+            .req(
+                Method::POST,
+                &format!("/v2/dst/blobs/uploads/?mount={missing}&from={from}"),
+                &[],
+                Body::empty(),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "from={from}");
         assert!(r.header("location").starts_with("/v2/dst/blobs/uploads/"));
     }
@@ -346,13 +569,42 @@ async fn cross_repository_mount_and_fallback() {
 async fn blob_delete() {
     let t = setup().await;
     let d = t.push_blob("a", b"to delete").await;
-    t.req(Method::POST, &format!("/v2/b/blobs/uploads/?mount={d}&from=a"), &[], Body::empty()).await;
-    let r = t.req(Method::DELETE, &format!("/v2/a/blobs/{d}"), &[], Body::empty()).await;
+    t.req(
+        Method::POST,
+        &format!("/v2/b/blobs/uploads/?mount={d}&from=a"),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    let r = t
+        .req(
+            Method::DELETE,
+            &format!("/v2/a/blobs/{d}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
-    assert_eq!(t.get(&format!("/v2/a/blobs/{d}")).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(t.req(Method::DELETE, &format!("/v2/a/blobs/{d}"), &[], Body::empty()).await.code(), "BLOB_UNKNOWN");
+    assert_eq!(
+        t.get(&format!("/v2/a/blobs/{d}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.req(
+            Method::DELETE,
+            &format!("/v2/a/blobs/{d}"),
+            &[],
+            Body::empty()
+        )
+        .await
+        .code(),
+        "BLOB_UNKNOWN"
+    );
     // Still readable where it is still linked.
-    assert_eq!(&t.get(&format!("/v2/b/blobs/{d}")).await.body[..], b"to delete");
+    assert_eq!(
+        &t.get(&format!("/v2/b/blobs/{d}")).await.body[..],
+        b"to delete"
+    );
 }
 
 #[tokio::test]
@@ -365,21 +617,38 @@ async fn manifests_by_tag_and_digest() {
         assert_eq!(&r.body[..], &bytes[..], "exact bytes are served");
         assert_eq!(r.header("content-type"), OCI_MANIFEST);
         assert_eq!(r.header("docker-content-digest"), digest.to_string());
-        let r = t.req(Method::HEAD, &format!("/v2/app/manifests/{reference}"), &[], Body::empty()).await;
+        let r = t
+            .req(
+                Method::HEAD,
+                &format!("/v2/app/manifests/{reference}"),
+                &[],
+                Body::empty(),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.header("content-length"), bytes.len().to_string());
         assert!(r.body.is_empty());
     }
     // Push by digest.
-    let r = t.push_manifest("app", &digest.to_string(), OCI_MANIFEST, &bytes).await;
+    let r = t
+        .push_manifest("app", &digest.to_string(), OCI_MANIFEST, &bytes)
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.header("location"), format!("/v2/app/manifests/{digest}"));
 
     let r = t.get("/v2/app/manifests/v2").await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
     let r = t.get("/v2/ghost/manifests/v1").await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
-    let r = t.req(Method::HEAD, "/v2/app/manifests/v2", &[], Body::empty()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+    );
+    let r = t
+        .req(Method::HEAD, "/v2/app/manifests/v2", &[], Body::empty())
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.body.is_empty());
 }
@@ -397,7 +666,14 @@ async fn docker_schema2_and_manifest_list() {
     });
     let mb = serde_json::to_vec(&m).unwrap();
     let md = Digest::sha256_of(&mb);
-    let r = t.push_manifest("d", "amd64", "application/vnd.docker.distribution.manifest.v2+json", &mb).await;
+    let r = t
+        .push_manifest(
+            "d",
+            "amd64",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            &mb,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let list = json!({
         "schemaVersion": 2,
@@ -405,10 +681,20 @@ async fn docker_schema2_and_manifest_list() {
         "manifests": [{"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": md.to_string(), "size": mb.len(), "platform": {"architecture": "amd64", "os": "linux"}}]
     });
     let lb = serde_json::to_vec(&list).unwrap();
-    let r = t.push_manifest("d", "latest", "application/vnd.docker.distribution.manifest.list.v2+json", &lb).await;
+    let r = t
+        .push_manifest(
+            "d",
+            "latest",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            &lb,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let r = t.get("/v2/d/manifests/latest").await;
-    assert_eq!(r.header("content-type"), "application/vnd.docker.distribution.manifest.list.v2+json");
+    assert_eq!(
+        r.header("content-type"),
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
     assert_eq!(&r.body[..], &lb[..]);
 }
 
@@ -421,72 +707,169 @@ async fn manifest_validation_errors() {
     // A layer that was never pushed.
     let m = image_manifest(&config, &missing, None);
     let r = t.push_manifest("v", "t", OCI_MANIFEST, &m).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN"));
-    assert_eq!(r.json()["errors"][0]["detail"]["digest"], missing.to_string());
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN")
+    );
+    assert_eq!(
+        r.json()["errors"][0]["detail"]["digest"],
+        missing.to_string()
+    );
 
     // An index whose child manifest is missing.
     let idx = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [{"mediaType": OCI_MANIFEST, "digest": missing.to_string(), "size": 3}]})).unwrap();
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": missing.to_string(), "size": 3}]}))
+    .unwrap();
     let r = t.push_manifest("v", "t", OCI_INDEX, &idx).await;
     assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN");
 
     // Invalid JSON, wrong schemaVersion, a Content-Type that contradicts the body.
-    assert_eq!(t.push_manifest("v", "t", OCI_MANIFEST, b"{not json").await.code(), "MANIFEST_INVALID");
-    assert_eq!(t.push_manifest("v", "t", OCI_MANIFEST, b"{\"schemaVersion\":1}").await.code(), "MANIFEST_INVALID");
+    assert_eq!(
+        t.push_manifest("v", "t", OCI_MANIFEST, b"{not json")
+            .await
+            .code(),
+        "MANIFEST_INVALID"
+    );
+    assert_eq!(
+        t.push_manifest("v", "t", OCI_MANIFEST, b"{\"schemaVersion\":1}")
+            .await
+            .code(),
+        "MANIFEST_INVALID"
+    );
     let layer = t.push_blob("v", b"l").await;
     let good = image_manifest(&config, &layer, None);
-    let r = t.push_manifest("v", "t", "application/vnd.docker.distribution.manifest.v2+json", &good).await;
+    let r = t
+        .push_manifest(
+            "v",
+            "t",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            &good,
+        )
+        .await;
     assert_eq!(r.code(), "MANIFEST_INVALID");
-    assert!(r.json()["errors"][0]["message"].as_str().unwrap().contains("does not match"));
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match")
+    );
 
     // Pushed by a digest that is not the digest of the body.
-    let r = t.push_manifest("v", &missing.to_string(), OCI_MANIFEST, &good).await;
+    let r = t
+        .push_manifest("v", &missing.to_string(), OCI_MANIFEST, &good)
+        .await;
     assert_eq!(r.code(), "DIGEST_INVALID");
 
     // Bad tag and bad name.
-    assert_eq!(t.push_manifest("v", "-bad", OCI_MANIFEST, &good).await.code(), "TAG_INVALID");
-    assert_eq!(t.push_manifest("V", "t", OCI_MANIFEST, &good).await.code(), "NAME_INVALID");
+    assert_eq!(
+        t.push_manifest("v", "-bad", OCI_MANIFEST, &good)
+            .await
+            .code(),
+        "TAG_INVALID"
+    );
+    assert_eq!(
+        t.push_manifest("V", "t", OCI_MANIFEST, &good).await.code(),
+        "NAME_INVALID"
+    );
 
     // None of that stored anything.
     assert_eq!(t.get("/v2/v/tags/list").await.json()["tags"], json!([]));
-    assert!(t.registry.meta().events_after(0, 100).await.unwrap().is_empty());
+    assert!(
+        t.registry
+            .meta()
+            .events_after(0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn oversized_manifest_is_refused() {
-    let t = setup_with(RegistryConfig { fsync: false, max_manifest_bytes: 1024, ..Default::default() }).await;
+    let t = setup_with(RegistryConfig {
+        fsync: false,
+        max_manifest_bytes: 1024,
+        ..Default::default()
+    })
+    .await;
     let config = t.push_blob("v", b"cfg").await;
     let layer = t.push_blob("v", b"l").await;
     let mut m: Value = serde_json::from_slice(&image_manifest(&config, &layer, None)).unwrap();
     m["annotations"] = json!({"padding": "x".repeat(2000)});
-    let r = t.push_manifest("v", "big", OCI_MANIFEST, &serde_json::to_vec(&m).unwrap()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"));
+    let r = t
+        .push_manifest("v", "big", OCI_MANIFEST, &serde_json::to_vec(&m).unwrap())
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID")
+    );
     // Also when the client does not announce the length (chunked body).
-    let body = Body::from_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 2000]))]));
-    let r = t.req(Method::PUT, "/v2/v/manifests/big", &[("content-type", OCI_MANIFEST)], body).await;
+    let body = Body::from_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+        Bytes::from(vec![b' '; 2000]),
+    )]));
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/v/manifests/big",
+            &[("content-type", OCI_MANIFEST)],
+            body,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(t.get("/v2/v/manifests/big").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get("/v2/v/manifests/big").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
 async fn delete_tag_and_manifest() {
     let t = setup().await;
     let (_, digest) = t.push_image("del", "v1", "a").await;
-    let r = t.push_manifest("del", "v2", OCI_MANIFEST, &t.get(&format!("/v2/del/manifests/{digest}")).await.body).await;
+    let r = t
+        .push_manifest(
+            "del",
+            "v2",
+            OCI_MANIFEST,
+            &t.get(&format!("/v2/del/manifests/{digest}")).await.body,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
 
     // Deleting a tag leaves the manifest and the other tag.
-    let r = t.req(Method::DELETE, "/v2/del/manifests/v1", &[], Body::empty()).await;
+    let r = t
+        .req(Method::DELETE, "/v2/del/manifests/v1", &[], Body::empty())
+        .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
-    assert_eq!(t.get("/v2/del/manifests/v1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get("/v2/del/manifests/v1").await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(t.get("/v2/del/manifests/v2").await.status, StatusCode::OK);
 
     // Deleting by digest removes the manifest and every tag.
-    let r = t.req(Method::DELETE, &format!("/v2/del/manifests/{digest}"), &[], Body::empty()).await;
+    let r = t
+        .req(
+            Method::DELETE,
+            &format!("/v2/del/manifests/{digest}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
-    assert_eq!(t.get(&format!("/v2/del/manifests/{digest}")).await.code(), "MANIFEST_UNKNOWN");
+    assert_eq!(
+        t.get(&format!("/v2/del/manifests/{digest}")).await.code(),
+        "MANIFEST_UNKNOWN"
+    );
     assert_eq!(t.get("/v2/del/tags/list").await.json()["tags"], json!([]));
-    let r = t.req(Method::DELETE, &format!("/v2/del/manifests/{digest}"), &[], Body::empty()).await;
+    let r = t
+        .req(
+            Method::DELETE,
+            &format!("/v2/del/manifests/{digest}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.code(), "MANIFEST_UNKNOWN");
 
     // The event log recorded every change in order.
@@ -518,7 +901,9 @@ async fn tags_list_and_catalog_pagination() {
     let t = setup().await;
     let (bytes, _) = t.push_image("pag", "t00", "p").await;
     for i in 1..25 {
-        let r = t.push_manifest("pag", &format!("t{i:02}"), OCI_MANIFEST, &bytes).await;
+        let r = t
+            .push_manifest("pag", &format!("t{i:02}"), OCI_MANIFEST, &bytes)
+            .await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
     let r = t.get("/v2/pag/tags/list").await;
@@ -530,29 +915,49 @@ async fn tags_list_and_catalog_pagination() {
     loop {
         let r = t.get(&uri).await;
         assert_eq!(r.status, StatusCode::OK);
-        seen.extend(r.json()["tags"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()));
+        seen.extend(
+            r.json()["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
         let link = r.header("link");
         if link.is_empty() {
             break;
         }
         assert!(link.ends_with("; rel=\"next\""), "{link}");
-        uri = link.trim_start_matches('<').split('>').next().unwrap().to_string();
+        uri = link
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap()
+            .to_string();
     }
     let expected: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
     assert_eq!(seen, expected);
 
     let r = t.get("/v2/pag/tags/list?n=5&last=t22").await;
     assert_eq!(r.json()["tags"], json!(["t23", "t24"]));
-    assert_eq!(t.get("/v2/pag/tags/list?n=abc").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        t.get("/v2/pag/tags/list?n=abc").await.status,
+        StatusCode::BAD_REQUEST
+    );
     let r = t.get("/v2/nope/tags/list").await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+    );
 
     for repo in ["b/one", "a/two", "c"] {
         t.push_blob(repo, b"x").await;
     }
     let r = t.get("/v2/_catalog?n=2").await;
     assert_eq!(r.json()["repositories"], json!(["a/two", "b/one"]));
-    assert_eq!(r.header("link"), "</v2/_catalog?n=2&last=b/one>; rel=\"next\"");
+    assert_eq!(
+        r.header("link"),
+        "</v2/_catalog?n=2&last=b/one>; rel=\"next\""
+    );
     let r = t.get("/v2/_catalog?n=2&last=b/one").await;
     assert_eq!(r.json()["repositories"], json!(["c", "pag"]));
     let r = t.get("/v2/_catalog").await;
@@ -570,11 +975,19 @@ async fn referrers_api() {
 
     let config = t.push_blob("ref", b"{}").await;
     let mut pushed = Vec::new();
-    for (i, at) in ["application/vnd.example.sbom", "application/vnd.example.sig"].iter().enumerate() {
+    for (i, at) in [
+        "application/vnd.example.sbom",
+        "application/vnd.example.sig",
+    ]
+    .iter()
+    .enumerate()
+    {
         let layer = t.push_blob("ref", format!("payload{i}").as_bytes()).await;
         let m = image_manifest(&config, &layer, Some((at, &subject)));
         let d = Digest::sha256_of(&m);
-        let r = t.push_manifest("ref", &d.to_string(), OCI_MANIFEST, &m).await;
+        let r = t
+            .push_manifest("ref", &d.to_string(), OCI_MANIFEST, &m)
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
         assert_eq!(r.header("oci-subject"), subject.to_string());
         pushed.push((d, m.len()));
@@ -585,10 +998,17 @@ async fn referrers_api() {
     assert_eq!(list[0]["digest"], pushed[0].0.to_string());
     assert_eq!(list[0]["size"], pushed[0].1);
     assert_eq!(list[0]["artifactType"], "application/vnd.example.sbom");
-    assert_eq!(list[0]["annotations"]["org.example.kind"], "application/vnd.example.sbom");
+    assert_eq!(
+        list[0]["annotations"]["org.example.kind"],
+        "application/vnd.example.sbom"
+    );
     assert!(r.header("oci-filters-applied").is_empty());
 
-    let r = t.get(&format!("/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig")).await;
+    let r = t
+        .get(&format!(
+            "/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig"
+        ))
+        .await;
     assert_eq!(r.header("oci-filters-applied"), "artifactType");
     let list = r.json()["manifests"].as_array().unwrap().clone();
     assert_eq!(list.len(), 1);
@@ -597,10 +1017,28 @@ async fn referrers_api() {
     // A subject that does not exist yet is allowed (the referrer may arrive first).
     let ghost = Digest::sha256_of(b"ghost subject");
     let layer = t.push_blob("ref", b"p").await;
-    let m = image_manifest(&config, &layer, Some(("application/vnd.example.early", &ghost)));
-    assert_eq!(t.push_manifest("ref", "early", OCI_MANIFEST, &m).await.status, StatusCode::CREATED);
-    assert_eq!(t.get(&format!("/v2/ref/referrers/{ghost}")).await.json()["manifests"].as_array().unwrap().len(), 1);
-    assert_eq!(t.get("/v2/ref/referrers/sha256:bad").await.code(), "DIGEST_INVALID");
+    let m = image_manifest(
+        &config,
+        &layer,
+        Some(("application/vnd.example.early", &ghost)),
+    );
+    assert_eq!(
+        t.push_manifest("ref", "early", OCI_MANIFEST, &m)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        t.get(&format!("/v2/ref/referrers/{ghost}")).await.json()["manifests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        t.get("/v2/ref/referrers/sha256:bad").await.code(),
+        "DIGEST_INVALID"
+    );
 }
 
 #[tokio::test]
@@ -613,14 +1051,25 @@ async fn hostile_names_and_methods() {
         "/v2/a//b/tags/list",
     ] {
         let r = t.get(uri).await;
-        assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "NAME_INVALID"), "{uri}");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            "{uri}"
+        );
     }
     let r = t.get("/v2/a/blobs/sha256:..%2F..%2Fmeta.db").await;
     assert_eq!(r.code(), "DIGEST_INVALID");
     let r = t.get("/v2/a/blobs/blake3:0000").await;
     assert_eq!(r.code(), "DIGEST_INVALID");
-    let r = t.req(Method::POST, "/v2/a/tags/list", &[], Body::empty()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"));
-    let r = t.req(Method::PATCH, "/v2/a/manifests/x", &[], Body::empty()).await;
+    let r = t
+        .req(Method::POST, "/v2/a/tags/list", &[], Body::empty())
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")
+    );
+    let r = t
+        .req(Method::PATCH, "/v2/a/manifests/x", &[], Body::empty())
+        .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }

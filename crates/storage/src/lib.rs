@@ -75,7 +75,9 @@ impl Storage {
     pub async fn open(root: impl Into<PathBuf>, fsync: bool) -> Result<Storage> {
         let layout = Layout::new(root.into());
         for dir in [layout.blobs_dir(), layout.uploads_dir()] {
-            tokio::fs::create_dir_all(&dir).await.map_err(io_err(&dir))?;
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(io_err(&dir))?;
         }
         Ok(Storage {
             layout,
@@ -105,13 +107,17 @@ impl Storage {
         let path = self.layout.blob(digest);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::BlobUnknown(digest.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::BlobUnknown(digest.clone()));
+            }
             Err(e) => return Err(io_err(path)(e)),
         };
         let size = file.metadata().await.map_err(io_err(&path))?.len();
         let len = match range {
             Some(r) => {
-                file.seek(io::SeekFrom::Start(r.start)).await.map_err(io_err(&path))?;
+                file.seek(io::SeekFrom::Start(r.start))
+                    .await
+                    .map_err(io_err(&path))?;
                 r.len()
             }
             None => size,
@@ -134,7 +140,9 @@ impl Storage {
     pub async fn create_upload(&self) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
         let path = self.layout.upload(&id);
-        tokio::fs::File::create(&path).await.map_err(io_err(&path))?;
+        tokio::fs::File::create(&path)
+            .await
+            .map_err(io_err(&path))?;
         Ok(id)
     }
 
@@ -152,7 +160,13 @@ impl Storage {
     /// (the current size) or nothing is written. `limit` caps the upload's total size. If the
     /// body fails half-way, the upload is rolled back to where it was, so a client can resend
     /// the chunk.
-    pub async fn append<S, E>(&self, id: &str, start: Option<u64>, limit: Option<u64>, body: S) -> Result<AppendOutcome>
+    pub async fn append<S, E>(
+        &self,
+        id: &str,
+        start: Option<u64>,
+        limit: Option<u64>,
+        body: S,
+    ) -> Result<AppendOutcome>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
@@ -183,7 +197,9 @@ impl Storage {
         let path = self.layout.upload(id);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::UploadUnknown(id.to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::UploadUnknown(id.to_string()))
+            }
             Err(e) => Err(io_err(path)(e)),
         }
     }
@@ -191,11 +207,15 @@ impl Storage {
     /// Ids of upload files last written before `now - age`.
     pub async fn stale_uploads(&self, age: Duration) -> Result<Vec<String>> {
         let dir = self.layout.uploads_dir();
-        let cutoff = SystemTime::now().checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = SystemTime::now()
+            .checked_sub(age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut out = Vec::new();
         let mut rd = tokio::fs::read_dir(&dir).await.map_err(io_err(&dir))?;
         while let Some(e) = rd.next_entry().await.map_err(io_err(&dir))? {
-            let Ok(meta) = e.metadata().await else { continue };
+            let Ok(meta) = e.metadata().await else {
+                continue;
+            };
             if meta.modified().map(|m| m < cutoff).unwrap_or(false)
                 && let Some(name) = e.file_name().to_str()
             {
@@ -224,7 +244,9 @@ impl Storage {
         self.lock_map().remove(id);
     }
 
-    fn lock_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>> {
+    fn lock_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>> {
         // A poisoned map only means another request panicked mid-insert; the map itself is fine.
         self.uploads.lock().unwrap_or_else(|p| p.into_inner())
     }

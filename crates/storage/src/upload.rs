@@ -57,7 +57,10 @@ where
     if let Some(got) = start
         && got != state.size
     {
-        return Err(StorageError::OutOfOrder { offset: state.size, got });
+        return Err(StorageError::OutOfOrder {
+            offset: state.size,
+            got,
+        });
     }
     let path = layout.upload(id);
     let before = state.size;
@@ -86,7 +89,10 @@ where
                 if let Some(limit) = limit
                     && before + received > limit
                 {
-                    failure = Some(StorageError::TooLarge { size: before + received, limit });
+                    failure = Some(StorageError::TooLarge {
+                        size: before + received,
+                        limit,
+                    });
                     break;
                 }
                 if tx.send(chunk).await.is_err() {
@@ -105,30 +111,48 @@ where
     drop(tx);
     let written = writer
         .await
-        .map_err(|e| StorageError::Io { path: path.clone(), source: io::Error::other(e) })
+        .map_err(|e| StorageError::Io {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })
         .and_then(|r| r.map_err(io_err(&path)));
     let error = match (written, failure) {
         (Ok(hasher), None) => {
             state.size = before + received;
             state.hasher = hasher;
-            return Ok(AppendOutcome { size: state.size, written: received });
+            return Ok(AppendOutcome {
+                size: state.size,
+                written: received,
+            });
         }
         (_, Some(failure)) => failure,
         (Err(e), None) => e,
     };
     // Roll back to the last complete chunk so the client can resend this one.
-    let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
     f.set_len(before).map_err(io_err(&path))?;
     state.size = before;
     state.hasher = snapshot;
     Err(error)
 }
 
-pub(crate) async fn commit(layout: &Layout, id: &str, state: &mut State, digest: &Digest, fsync: bool) -> Result<u64> {
+pub(crate) async fn commit(
+    layout: &Layout,
+    id: &str,
+    state: &mut State,
+    digest: &Digest,
+    fsync: bool,
+) -> Result<u64> {
     let src = layout.upload(id);
     let dst = layout.blob(digest);
     let size = state.size;
-    let hasher = state.hasher.take().filter(|h| h.algorithm() == digest.algorithm());
+    let hasher = state
+        .hasher
+        .take()
+        .filter(|h| h.algorithm() == digest.algorithm());
     let algorithm = digest.algorithm();
     let path = src.clone();
     let actual = tokio::task::spawn_blocking(move || -> Result<Digest> {
@@ -138,14 +162,23 @@ pub(crate) async fn commit(layout: &Layout, id: &str, state: &mut State, digest:
         }
     })
     .await
-    .map_err(|e| StorageError::Io { path: src.clone(), source: io::Error::other(e) })??;
+    .map_err(|e| StorageError::Io {
+        path: src.clone(),
+        source: io::Error::other(e),
+    })??;
     if &actual != digest {
-        return Err(StorageError::DigestMismatch { expected: digest.clone(), actual });
+        return Err(StorageError::DigestMismatch {
+            expected: digest.clone(),
+            actual,
+        });
     }
     let target = dst.clone();
     tokio::task::spawn_blocking(move || publish(&src, &target, fsync))
         .await
-        .map_err(|e| StorageError::Io { path: dst.clone(), source: io::Error::other(e) })??;
+        .map_err(|e| StorageError::Io {
+            path: dst.clone(),
+            source: io::Error::other(e),
+        })??;
     Ok(size)
 }
 
@@ -167,9 +200,13 @@ fn rehash(path: &Path, algorithm: Algorithm) -> Result<Digest> {
 /// blob already exists (a concurrent upload of the same content won), `src` is just removed.
 fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     if fsync {
-        std::fs::File::open(src).and_then(|f| f.sync_all()).map_err(io_err(src))?;
+        std::fs::File::open(src)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(src))?;
     }
-    let dir = dst.parent().ok_or_else(|| io_err(dst)(io::Error::other("blob path has no parent")))?;
+    let dir = dst
+        .parent()
+        .ok_or_else(|| io_err(dst)(io::Error::other("blob path has no parent")))?;
     if dst.exists() {
         std::fs::remove_file(src).map_err(io_err(src))?;
         return Ok(());
@@ -177,7 +214,9 @@ fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     std::fs::rename(src, dst).map_err(io_err(dst))?;
     if fsync {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
     }
     Ok(())
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Outpost's one test command: ./test.sh
+#
+#   1. cargo build --release --locked
+#   2. cargo nextest run --workspace --release --locked   (unit, in-process and process tests)
+#   3. tests/interop/run.sh target/release/outpost        (real clients: skopeo, podman, docker,
+#                                                           containerd, docker-registry, oras, umoci)
+#
+# Run as root (as CI and the dev machines do), it first runs tests/deps.sh, which installs the
+# Debian packages and the Python venv step 3 needs, and does nothing when they are there.
+# INSTALL_TEST_DEPS=1 asks for that when not root, INSTALL_TEST_DEPS=0 skips it.
+set -euo pipefail
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" # dockerd, runc
+cd "$(dirname "$0")"
+
+install_deps=${INSTALL_TEST_DEPS:-}
+# Outpost reads every OUTPOST_* variable as configuration and rejects unknown ones:
+# don't hand this one down to the servers the tests start.
+unset INSTALL_TEST_DEPS
+if [ "$install_deps" = 1 ] || { [ "$(id -u)" = 0 ] && [ "$install_deps" != 0 ]; }; then
+    tests/deps.sh
+fi
+
+if [ -z "${ORAS_PY:-}" ] && [ -x .venv/bin/python ]; then
+    ORAS_PY=$PWD/.venv/bin/python
+fi
+export ORAS_PY=${ORAS_PY:-python3}
+
+missing=()
+for c in cargo skopeo podman dockerd /usr/bin/docker containerd ctr docker-registry umoci curl jq python3; do
+    command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+done
+if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+    missing+=(cargo-nextest)
+fi
+"$ORAS_PY" -c 'import oras.client' >/dev/null 2>&1 || missing+=("python package oras (in ORAS_PY=$ORAS_PY)")
+if [ ${#missing[@]} -gt 0 ]; then
+    {
+        echo "test.sh: missing prerequisites:"
+        printf '    %s\n' "${missing[@]}"
+        echo "Install them with tests/deps.sh as root (CI's .ci/run does this by running ./test.sh as root)."
+    } >&2
+    exit 1
+fi
+
+target_dir=${CARGO_TARGET_DIR:-target}
+
+echo "== cargo build --release --locked"
+cargo build --release --locked
+
+echo "== cargo nextest run --workspace --release --locked"
+cargo nextest run --workspace --release --locked
+
+echo "== tests/interop/run.sh $target_dir/release/outpost"
+tests/interop/run.sh "$target_dir/release/outpost"

@@ -1,0 +1,740 @@
+#!/usr/bin/env bash
+# Real-client interoperability tests for Outpost.
+#
+# usage: tests/interop/run.sh PATH_TO_OUTPOST_BINARY
+#
+# Starts its own Outpost (and, for the checks that need them, Debian's docker-registry,
+# containerd and dockerd) on free 127.0.0.1 ports in a private temp dir, drives real clients
+# (skopeo, podman, docker, ctr, oras-py, umoci) against it, prints `ok   <name>` or
+# `FAIL <name>: <why>` (followed by the check's log) per check, and ends with
+# `N passed, M failed`. Exits non-zero if any check failed. Everything it started is
+# stopped and its temp dir removed on exit (set INTEROP_KEEP=1 to keep the dir).
+#
+# Needs (tests/deps.sh installs them): skopeo podman docker.io containerd umoci
+# docker-registry curl jq python3, and a python with the `oras` package in $ORAS_PY.
+set -euo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 PATH_TO_OUTPOST_BINARY" >&2
+    exit 2
+fi
+OUTPOST=$(realpath "$1")
+[ -x "$OUTPOST" ] || { echo "$0: $1 is not an executable" >&2; exit 2; }
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ORAS_PY=${ORAS_PY:-python3}
+DOCKER=${DOCKER:-/usr/bin/docker} # Debian's client; /usr/local/bin/docker may be another one
+T="timeout --kill-after=10 300"   # no client command may hang the run
+
+WORK=$(mktemp -d /tmp/outpost-interop.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+PIDFILE=$WORK/pids # "pid name" per line, for everything started in the background
+
+# dockerd, runc and friends live in sbin, which a non-login root shell may lack
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export HOME=${HOME:-$WORK/home}
+
+# Keep every client's config private to this run.
+export DOCKER_CONFIG=$WORK/docker-config
+export REGISTRY_AUTH_FILE=$WORK/containers-auth.json
+export CONTAINERS_REGISTRIES_CONF=$WORK/registries.conf
+printf 'unqualified-search-registries = []\n' >"$CONTAINERS_REGISTRIES_CONF"
+echo '{}' >"$REGISTRY_AUTH_FILE"
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -f "$PIDFILE" ]; then
+        # stop in reverse start order (dockerd before containerd), by pid only
+        tac "$PIDFILE" | while read -r pid name; do
+            kill "$pid" 2>/dev/null || continue
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+            kill -9 "$pid" 2>/dev/null && echo "note: $name ($pid) needed SIGKILL" >&2
+        done
+    fi
+    # anything still mounted under the work dir (containerd snapshots, image mounts)
+    awk -v w="$WORK" 'index($2, w) == 1 { print $2 }' /proc/self/mounts | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null; done
+    if [ "${INTEROP_KEEP:-0}" = 1 ]; then
+        echo "kept $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# spawn NAME LOGFILE CMD... : start CMD in the background and remember its pid
+spawn() {
+    local name=$1 log=$2
+    shift 2
+    "$@" >"$log" 2>&1 </dev/null &
+    echo "$! $name" >>"$PIDFILE"
+}
+
+# wait_until SECONDS CMD... : poll CMD until it succeeds
+wait_until() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.3
+    done
+}
+
+# ---------------------------------------------------------------------------------------
+# check harness. Each check runs in a subshell with errexit; its stdout+stderr go to a log
+# that is printed when it fails. `fail MSG` ends it with a reason; any other failing command
+# ends it with "command failed: <command>".
+PASSED=0
+FAILED=0
+run_check() {
+    local name=$1 fn=$2
+    local log=$LOGS/$name.log
+    WHY=$LOGS/$name.why
+    rm -f "$WHY" "$WHY.fail"
+    : >"$WHY"
+    local outpost_lines
+    outpost_lines=$(wc -l <"$LOGS/outpost.log")
+    set +e
+    (
+        set -eE -o pipefail
+        # the last failing command is the reason, unless fail() gave one
+        trap 'rc=$?; [ -e "$WHY.fail" ] || echo "command failed (exit $rc): $BASH_COMMAND" >"$WHY"' ERR
+        "$fn"
+    ) >"$log" 2>&1 </dev/null
+    local rc=$?
+    set -e
+    if [ $rc -eq 0 ]; then
+        echo "ok   $name"
+        PASSED=$((PASSED + 1))
+    else
+        [ -s "$WHY" ] || echo "exit status $rc" >"$WHY"
+        echo "FAIL $name: $(head -c 3000 "$WHY")"
+        tail -n 80 "$log" | sed 's/^/    | /'
+        echo "    outpost's log during this check (last 40 lines):"
+        tail -n +$((outpost_lines + 1)) "$LOGS/outpost.log" | tail -n 40 | sed 's/^/    outpost| /'
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+fail() {
+    echo "$*" >"$WHY"
+    touch "$WHY.fail"
+    echo "FAILED: $*"
+    exit 1
+}
+
+# run CMD... : log the command, then run it under the timeout
+run() {
+    echo "+ $*"
+    local rc=0
+    $T "$@" || rc=$?
+    [ $rc -eq 0 ] || fail "exit status $rc from: $*"
+}
+
+expect_eq() { # WHAT EXPECTED ACTUAL
+    [ "$2" = "$3" ] || fail "$1: expected '$2', got '$3'"
+    echo "  ok: $1 = $2"
+}
+
+expect_contains() { # WHAT HAYSTACK NEEDLE
+    case "$2" in
+        *"$3"*) echo "  ok: $1 contains '$3'" ;;
+        *) fail "$1: '$3' not found in: $(printf '%s' "$2" | head -c 1500)" ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------------------
+# registry helpers (Outpost at $REG)
+ACCEPT_ALL='application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json'
+
+head_header() { # HOST REPO REF HEADER -> value of HEADER on HEAD /v2/REPO/manifests/REF
+    curl -sS -f -I -H "Accept: $ACCEPT_ALL" "http://$1/v2/$2/manifests/$3" |
+        tr -d '\r' | awk -v h="$(echo "$4" | tr '[:upper:]' '[:lower:]'):" 'tolower($1) == h { print $2 }'
+}
+
+raw_sha() { # REFERENCE (docker://...) -> sha256:<hex of skopeo inspect --raw>
+    local hex
+    hex=$($T skopeo inspect --tls-verify=false --raw "$1" | sha256sum | cut -d' ' -f1)
+    echo "sha256:$hex"
+}
+
+# expect_manifest HOST REPO REF DIGEST : the registry serves exactly DIGEST for REF (tag or digest)
+expect_manifest() {
+    local ref="$1/$2:$3"
+    case "$3" in sha256:*) ref="$1/$2@$3" ;; esac
+    expect_eq "Docker-Content-Digest of $ref" "$4" "$(head_header "$1" "$2" "$3" Docker-Content-Digest)"
+    expect_eq "sha256 of the bytes skopeo gets for $ref" "$4" "$(raw_sha "docker://$ref")"
+}
+
+layout_digest() { # LAYOUT TAG -> digest recorded in index.json for TAG
+    jq -r --arg t "$2" '[.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t)] | last | .digest' "$1/index.json"
+}
+
+layout_blob() { # LAYOUT DIGEST -> path
+    echo "$1/blobs/${2%%:*}/${2#*:}"
+}
+
+# same_blobs FROM TO COUNT : every blob in layout TO is intact and byte-identical to FROM's,
+# and TO holds exactly COUNT blobs
+same_blobs() {
+    local from=$1 to=$2 count=$3 n=0 f hex
+    for f in "$to"/blobs/sha256/*; do
+        hex=$(basename "$f")
+        expect_eq "sha256 of blob $hex in $to" "$hex" "$(sha256sum <"$f" | cut -d' ' -f1)" >/dev/null
+        cmp -s "$f" "$from/blobs/sha256/$hex" || fail "blob $hex in $to differs from (or is missing in) $from"
+        n=$((n + 1))
+    done
+    expect_eq "number of blobs copied back into $to" "$count" "$n"
+}
+
+# all_blobs_present HOST REPO LAYOUT DIGEST : every manifest and blob below DIGEST (from the
+# fixture layout) is served by HOST/REPO with the right size
+all_blobs_present() {
+    local host=$1 repo=$2 layout=$3 digest=$4 doc d size got
+    doc=$(layout_blob "$layout" "$digest")
+    got=$(head_header "$host" "$repo" "$digest" Content-Length)
+    expect_eq "size of manifest $digest in $host/$repo" "$(stat -c %s "$doc")" "$got" >/dev/null
+    if jq -e '.manifests' "$doc" >/dev/null; then
+        for d in $(jq -r '.manifests[].digest' "$doc"); do
+            all_blobs_present "$host" "$repo" "$layout" "$d"
+        done
+        return
+    fi
+    jq -r '.config, .layers[] | "\(.digest) \(.size)"' "$doc" | while read -r d size; do
+        got=$(curl -sS -f -I "http://$host/v2/$repo/blobs/$d" | tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
+        expect_eq "size of blob $d in $host/$repo" "$size" "$got" >/dev/null
+    done
+    echo "  ok: every blob of $digest is in $host/$repo"
+}
+
+# expect_files ROOTFS LAYOUT REF [PLATFORM] : the unpacked files are those the fixture's layers hold
+expect_files() {
+    local want got
+    want=$(python3 "$HERE/layerfiles.py" "$2" "$3" --platform "${4:-linux/amd64}")
+    got=$(cd "$1" && find . -type f | LC_ALL=C sort | xargs -r sha256sum)
+    [ -n "$want" ] || fail "fixture $3 has no files (test bug)"
+    [ "$want" = "$got" ] || fail "files in $1 differ from the layers of $3:
+--- expected
+$want
+--- got
+$got"
+    echo "  ok: $(echo "$want" | wc -l) files in $1 are byte-identical to the layers of $3"
+}
+
+push_fixture() { # TAG REPO:TAG [extra skopeo args]: copy a fixture into Outpost
+    local tag=$1 dest=$2
+    shift 2
+    run skopeo copy -q "$@" --dest-tls-verify=false "oci:$FIX:$tag" "docker://$REG/$dest"
+}
+
+# ---------------------------------------------------------------------------------------
+# services started on demand (idempotent; usable from inside a check)
+DIST_PORT_FILE=$WORK/dist.port
+ensure_distribution() {
+    if [ -s "$DIST_PORT_FILE" ]; then
+        DIST=127.0.0.1:$(cat "$DIST_PORT_FILE")
+        return
+    fi
+    local port
+    port=$(free_port)
+    mkdir -p "$WORK/distribution"
+    cat >"$WORK/distribution/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: $WORK/distribution/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+EOF
+    # (docker-registry reads REGISTRY_* variables as configuration: hide ours)
+    spawn docker-registry "$LOGS/docker-registry.log" env -u REGISTRY_AUTH_FILE docker-registry serve "$WORK/distribution/config.yml"
+    wait_until 30 curl -sf "http://127.0.0.1:$port/v2/" ||
+        fail "docker-registry did not come up on 127.0.0.1:$port: $(tail -n 20 "$LOGS/docker-registry.log")"
+    echo "$port" >"$DIST_PORT_FILE"
+    DIST=127.0.0.1:$port
+}
+
+CTD_SOCK=$WORK/containerd/containerd.sock
+CTR="ctr --address $CTD_SOCK --namespace outpost-interop"
+ensure_containerd() {
+    if $CTR version >/dev/null 2>&1; then return; fi
+    mkdir -p "$WORK/containerd"
+    cat >"$WORK/containerd/config.toml" <<EOF
+version = 2
+root = "$WORK/containerd/root"
+state = "$WORK/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[plugins."io.containerd.metadata.v1.bolt"]
+  # a namespace sees only content it fetched itself
+  content_sharing_policy = "isolated"
+[grpc]
+  address = "$CTD_SOCK"
+[ttrpc]
+  address = "$CTD_SOCK.ttrpc"
+[debug]
+  address = "$WORK/containerd/debug.sock"
+EOF
+    spawn containerd "$LOGS/containerd.log" containerd --config "$WORK/containerd/config.toml"
+    wait_until 30 $CTR version || fail "containerd did not come up: $(tail -n 20 "$LOGS/containerd.log")"
+}
+
+DOCKER_SOCK=$WORK/docker/docker.sock
+D="$DOCKER --host unix://$DOCKER_SOCK"
+ensure_dockerd() {
+    if $D version >/dev/null 2>&1; then return; fi
+    ensure_containerd
+    mkdir -p "$WORK/docker"
+    echo '{}' >"$WORK/docker/daemon.json"
+    spawn dockerd "$LOGS/dockerd.log" dockerd \
+        --config-file "$WORK/docker/daemon.json" \
+        --containerd "$CTD_SOCK" \
+        --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
+        --data-root "$WORK/docker/data" --exec-root "$WORK/docker/exec" \
+        --host "unix://$DOCKER_SOCK" --pidfile "$WORK/docker/docker.pid" \
+        --insecure-registry "$REG"
+    wait_until 60 $D version || fail "dockerd did not come up: $(tail -n 30 "$LOGS/dockerd.log")"
+}
+
+PODMAN="podman --root $WORK/podman/root --runroot $WORK/podman/run --tmpdir $WORK/podman/tmp --storage-driver vfs --cgroup-manager cgroupfs --events-backend file"
+
+# ---------------------------------------------------------------------------------------
+# checks
+
+check_skopeo_image() {
+    push_fixture img skopeo/img:v1
+    expect_manifest "$REG" skopeo/img v1 "$IMG_DIGEST"
+    run skopeo copy -q --src-tls-verify=false "docker://$REG/skopeo/img:v1" "oci:$WORK/skopeo-img:v1"
+    expect_eq "digest in the pulled layout's index.json" "$IMG_DIGEST" "$(layout_digest "$WORK/skopeo-img" v1)"
+    same_blobs "$FIX" "$WORK/skopeo-img" 5 # manifest, config, 3 layers
+}
+
+check_skopeo_index() {
+    push_fixture multi skopeo/multi:v1 --all
+    expect_manifest "$REG" skopeo/multi v1 "$MULTI_DIGEST"
+    expect_eq "Content-Type of the index" application/vnd.oci.image.index.v1+json \
+        "$(head_header "$REG" skopeo/multi v1 Content-Type)"
+    local arch
+    arch=$($T skopeo inspect --tls-verify=false --override-arch arm64 "docker://$REG/skopeo/multi:v1" | jq -r .Architecture)
+    expect_eq "architecture skopeo resolves for --override-arch arm64" arm64 "$arch"
+    run skopeo copy -q --all --src-tls-verify=false "docker://$REG/skopeo/multi:v1" "oci:$WORK/skopeo-multi:v1"
+    expect_eq "digest in the pulled layout's index.json" "$MULTI_DIGEST" "$(layout_digest "$WORK/skopeo-multi" v1)"
+    same_blobs "$FIX" "$WORK/skopeo-multi" 9 # index, 2 x (manifest, config, 2 layers)
+}
+
+check_skopeo_docker_list() {
+    # skopeo converts the OCI index to a Docker manifest list + schema2 manifests
+    push_fixture multi skopeo/dlist:v1 --all --format v2s2
+    local digest
+    digest=$(head_header "$REG" skopeo/dlist v1 Docker-Content-Digest)
+    expect_eq "Content-Type of the converted list" application/vnd.docker.distribution.manifest.list.v2+json \
+        "$(head_header "$REG" skopeo/dlist v1 Content-Type)"
+    expect_eq "sha256 of the bytes served" "$digest" "$(raw_sha "docker://$REG/skopeo/dlist:v1")"
+    local child
+    child=$($T skopeo inspect --tls-verify=false --raw "docker://$REG/skopeo/dlist:v1" |
+        jq -r '.manifests[] | select(.platform.architecture == "arm64") | .digest')
+    expect_eq "Content-Type of the arm64 child" application/vnd.docker.distribution.manifest.v2+json \
+        "$(head_header "$REG" skopeo/dlist "$child" Content-Type)"
+    run skopeo copy -q --src-tls-verify=false --override-arch arm64 "docker://$REG/skopeo/dlist:v1" "dir:$WORK/dlist-arm64"
+    expect_eq "layers of the arm64 image" \
+        "$(jq -r '.layers[].digest' "$(layout_blob "$FIX" "$(jq -r '.manifests[] | select(.platform.architecture == "arm64") | .digest' "$(layout_blob "$FIX" "$MULTI_DIGEST")")")" | sort | tr '\n' ' ')" \
+        "$(jq -r '.layers[].digest' "$WORK/dlist-arm64/manifest.json" | sort | tr '\n' ' ')"
+}
+
+check_skopeo_tags() {
+    push_fixture img skopeo/tags:one
+    # same blobs into the same repo under other tags, straight from Outpost
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:two"
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:three"
+    local tags
+    tags=$($T skopeo list-tags --tls-verify=false "docker://$REG/skopeo/tags" | jq -r '.Tags | sort | join(",")')
+    expect_eq "skopeo list-tags" "one,three,two" "$tags"
+    expect_manifest "$REG" skopeo/tags three "$IMG_DIGEST"
+    local catalog
+    catalog=$(curl -sS -f "http://$REG/v2/_catalog" | jq -r '.repositories | join(",")')
+    expect_contains "GET /v2/_catalog" ",$catalog," ",skopeo/tags,"
+}
+
+check_skopeo_delete_and_errors() {
+    push_fixture img skopeo/del:v1
+    run skopeo delete --tls-verify=false "docker://$REG/skopeo/del:v1"
+    local out
+    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/del:v1" 2>&1) && fail "skopeo inspect of a deleted image succeeded: $out"
+    expect_contains "skopeo inspect after delete" "$out" "manifest unknown"
+    expect_eq "tags after delete" "" "$($T skopeo list-tags --tls-verify=false "docker://$REG/skopeo/del" | jq -r '.Tags | join(",")')"
+    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/no-such-repo:v1" 2>&1) && fail "skopeo inspect of a missing repository succeeded: $out"
+    expect_contains "skopeo inspect of a missing repository" "$out" "name unknown"
+    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/del:no-such-tag" 2>&1) && fail "skopeo inspect of a missing tag succeeded: $out"
+    expect_contains "skopeo inspect of a missing tag" "$out" "manifest unknown"
+}
+
+check_distribution_to() {
+    ensure_distribution
+    push_fixture img dist-src/img:v1
+    push_fixture multi dist-src/multi:v1 --all
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/dist-src/img:v1" "docker://$DIST/from-outpost/img:v1"
+    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$REG/dist-src/multi:v1" "docker://$DIST/from-outpost/multi:v1"
+    expect_manifest "$DIST" from-outpost/img v1 "$IMG_DIGEST"
+    expect_manifest "$DIST" from-outpost/multi v1 "$MULTI_DIGEST"
+    all_blobs_present "$DIST" from-outpost/multi "$FIX" "$MULTI_DIGEST"
+}
+
+check_distribution_from() {
+    ensure_distribution
+    # fixtures go into docker-registry directly, then docker-registry -> Outpost
+    run skopeo copy -q --dest-tls-verify=false "oci:$FIX:img" "docker://$DIST/to-outpost/img:v1"
+    run skopeo copy -q --all --dest-tls-verify=false "oci:$FIX:multi" "docker://$DIST/to-outpost/multi:v1"
+    run skopeo copy -q --all --format v2s2 --dest-tls-verify=false "oci:$FIX:multi" "docker://$DIST/to-outpost/dlist:v1"
+    local dlist
+    dlist=$(head_header "$DIST" to-outpost/dlist v1 Docker-Content-Digest)
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/img:v1" "docker://$REG/from-dist/img:v1"
+    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/multi:v1" "docker://$REG/from-dist/multi:v1"
+    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/dlist:v1" "docker://$REG/from-dist/dlist:v1"
+    expect_manifest "$REG" from-dist/img v1 "$IMG_DIGEST"
+    expect_manifest "$REG" from-dist/multi v1 "$MULTI_DIGEST"
+    expect_manifest "$REG" from-dist/dlist v1 "$dlist"
+    all_blobs_present "$REG" from-dist/multi "$FIX" "$MULTI_DIGEST"
+}
+
+check_podman() {
+    mkdir -p "$WORK/podman/tmp"
+    # podman names an oci: image after its path, which must be lowercase: use a relative one
+    cd "$WORK"
+    run $PODMAN pull -q oci:fixtures:img
+    local config id pushed
+    config=$(jq -r .config.digest "$(layout_blob "$FIX" "$IMG_DIGEST")")
+    id=$($PODMAN images -q --no-trunc | head -n1)
+    expect_eq "image ID podman loaded from the fixture" "$config" "$id"
+    run $PODMAN tag "$id" "$REG/podman/img:v1"
+    run $PODMAN push --tls-verify=false --digestfile "$WORK/podman/digest" "$REG/podman/img:v1"
+    pushed=$(cat "$WORK/podman/digest")
+    expect_manifest "$REG" podman/img v1 "$pushed"
+    run $PODMAN rmi -a -f
+    expect_eq "images left after podman rmi -a" "" "$($PODMAN images -q)"
+    run $PODMAN pull --tls-verify=false "$REG/podman/img:v1"
+    expect_eq "image ID after podman pull" "$config" \
+        "sha256:$($PODMAN image inspect --format '{{.Id}}' "$REG/podman/img:v1")"
+    expect_eq "digest after podman pull" "$pushed" \
+        "$($PODMAN image inspect --format '{{.Digest}}' "$REG/podman/img:v1")"
+    local mnt
+    mnt=$($PODMAN image mount "$REG/podman/img:v1")
+    expect_files "$mnt" "$FIX" img
+    $PODMAN image unmount "$REG/podman/img:v1" >/dev/null
+}
+
+check_podman_manifest_list() {
+    mkdir -p "$WORK/podman/tmp"
+    push_fixture multi podman/src:v1 --all
+    local list=$REG/podman/list:v1 pushed
+    run $PODMAN manifest create "$list"
+    run $PODMAN manifest add --all --tls-verify=false "$list" "docker://$REG/podman/src:v1"
+    run $PODMAN manifest push --all --tls-verify=false --digestfile "$WORK/podman/list-digest" "$list" "docker://$list"
+    pushed=$(cat "$WORK/podman/list-digest")
+    expect_manifest "$REG" podman/list v1 "$pushed"
+    expect_eq "platform manifests in the pushed list" \
+        "$(jq -r '.manifests[] | "\(.platform.os)/\(.platform.architecture) \(.digest)"' "$(layout_blob "$FIX" "$MULTI_DIGEST")" | sort)" \
+        "$($T skopeo inspect --tls-verify=false --raw "docker://$list" | jq -r '.manifests[] | "\(.platform.os)/\(.platform.architecture) \(.digest)"' | sort)"
+    local child # (podman rewrites the list itself, so only its children are the fixture's)
+    for child in $(jq -r '.manifests[].digest' "$(layout_blob "$FIX" "$MULTI_DIGEST")"); do
+        all_blobs_present "$REG" podman/list "$FIX" "$child"
+    done
+}
+
+check_docker_login() {
+    ensure_dockerd
+    local out
+    out=$(echo y | $T $D login "$REG" -u x --password-stdin 2>&1) || fail "docker login failed: $out"
+    echo "$out"
+    expect_contains "docker login output" "$out" "Login Succeeded"
+}
+
+check_docker_push_pull() {
+    ensure_dockerd
+    mkdir -p "$WORK/docker-img/rootfs/etc"
+    echo "hello from outpost interop $$ $RANDOM" >"$WORK/docker-img/rootfs/hello.txt"
+    head -c 300000 /dev/urandom >"$WORK/docker-img/rootfs/etc/random.bin"
+    tar -C "$WORK/docker-img/rootfs" -cf "$WORK/docker-img/rootfs.tar" .
+    local id out pushed
+    id=$($T $D import "$WORK/docker-img/rootfs.tar" outpost-interop:src)
+    run $D tag outpost-interop:src "$REG/docker/hello:v1"
+    out=$($T $D push "$REG/docker/hello:v1" 2>&1) || fail "docker push failed: $out"
+    echo "$out"
+    pushed=$(echo "$out" | sed -n 's/^v1: digest: \(sha256:[0-9a-f]*\) size: .*/\1/p')
+    [ -n "$pushed" ] || fail "no digest in docker push output"
+    expect_manifest "$REG" docker/hello v1 "$pushed"
+    expect_eq "Content-Type of the pushed manifest" application/vnd.docker.distribution.manifest.v2+json \
+        "$(head_header "$REG" docker/hello v1 Content-Type)"
+    # a second repository: the layer must be mounted across repositories, not uploaded again
+    run $D tag outpost-interop:src "$REG/docker/other:v1"
+    out=$($T $D push "$REG/docker/other:v1" 2>&1) || fail "docker push (second repo) failed: $out"
+    echo "$out"
+    expect_contains "docker push to a second repo" "$out" "Mounted from docker/hello"
+    run $D rmi outpost-interop:src "$REG/docker/hello:v1" "$REG/docker/other:v1"
+    expect_eq "local images after docker rmi" "" "$($D images -q)"
+    run $D pull "$REG/docker/hello:v1"
+    expect_eq "image ID after docker pull" "$id" "$($D image inspect --format '{{.Id}}' "$REG/docker/hello:v1")"
+    expect_eq "RepoDigests after docker pull" "$REG/docker/hello@$pushed" \
+        "$($D image inspect --format '{{join .RepoDigests " "}}' "$REG/docker/hello:v1")"
+    run $D create --name outpost-interop-c "$REG/docker/hello:v1" /none
+    local content
+    content=$($D cp outpost-interop-c:/hello.txt - | tar -xO)
+    expect_eq "hello.txt in the pulled image" "$(cat "$WORK/docker-img/rootfs/hello.txt")" "$content"
+    expect_eq "sha256 of etc/random.bin in the pulled image" \
+        "$(sha256sum <"$WORK/docker-img/rootfs/etc/random.bin")" \
+        "$($D cp outpost-interop-c:/etc/random.bin - | tar -xO | sha256sum)"
+    run $D rm outpost-interop-c
+    # by digest, and a tag that does not exist
+    run $D rmi "$REG/docker/hello:v1"
+    run $D pull "$REG/docker/hello@$pushed"
+    expect_eq "image ID after docker pull by digest" "$id" "$($D image inspect --format '{{.Id}}' "$REG/docker/hello@$pushed")"
+    out=$($T $D pull "$REG/docker/hello:no-such-tag" 2>&1) && fail "docker pull of a missing tag succeeded: $out"
+    echo "$out"
+    expect_contains "docker pull of a missing tag" "$out" "manifest unknown"
+}
+
+check_docker_pull_oci_index() {
+    ensure_dockerd
+    push_fixture multi docker/multi:v1 --all
+    run $D pull "$REG/docker/multi:v1"
+    local amd64 config
+    amd64=$(jq -r '.manifests[] | select(.platform.architecture == "amd64") | .digest' "$(layout_blob "$FIX" "$MULTI_DIGEST")")
+    config=$(jq -r .config.digest "$(layout_blob "$FIX" "$amd64")")
+    expect_eq "image ID docker pulled from the OCI index (linux/amd64)" "$config" \
+        "$($D image inspect --format '{{.Id}}' "$REG/docker/multi:v1")"
+    expect_eq "RepoDigests" "$REG/docker/multi@$MULTI_DIGEST" \
+        "$($D image inspect --format '{{join .RepoDigests " "}}' "$REG/docker/multi:v1")"
+}
+
+ctr_digest() { # REF -> digest column of `ctr images ls`
+    $CTR images ls "name==$1" | awk 'NR == 2 { print $3 }'
+}
+
+check_ctr_image() {
+    ensure_containerd
+    push_fixture img ctr/img:v1
+    run $CTR images pull --plain-http "$REG/ctr/img:v1"
+    expect_eq "digest in ctr images ls" "$IMG_DIGEST" "$(ctr_digest "$REG/ctr/img:v1")"
+    expect_contains "ctr images check" "$($CTR images check "name==$REG/ctr/img:v1")" "complete"
+    mkdir -p "$WORK/ctr-mnt"
+    run $CTR images mount "$REG/ctr/img:v1" "$WORK/ctr-mnt"
+    expect_files "$WORK/ctr-mnt" "$FIX" img
+    run $CTR images unmount "$WORK/ctr-mnt"
+}
+
+check_ctr_index() {
+    ensure_containerd
+    push_fixture multi ctr/multi:v1 --all
+    run $CTR images pull --plain-http --all-platforms "$REG/ctr/multi:v1"
+    expect_eq "digest in ctr images ls" "$MULTI_DIGEST" "$(ctr_digest "$REG/ctr/multi:v1")"
+    expect_contains "platforms in ctr images ls" "$($CTR images ls "name==$REG/ctr/multi:v1")" "linux/amd64,linux/arm64"
+    expect_contains "ctr images check" "$($CTR images check "name==$REG/ctr/multi:v1")" "complete (3/3)"
+    # and push it back under a new name with containerd's own pusher
+    run $CTR images push --plain-http "$REG/ctr/pushed:v1" "$REG/ctr/multi:v1"
+    expect_manifest "$REG" ctr/pushed v1 "$MULTI_DIGEST"
+    all_blobs_present "$REG" ctr/pushed "$FIX" "$MULTI_DIGEST"
+    # a single platform of it, in a fresh namespace (content is not shared between namespaces)
+    run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images pull --plain-http --platform linux/arm64 "$REG/ctr/pushed:v1"
+    mkdir -p "$WORK/ctr-mnt-arm64"
+    run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images mount --platform linux/arm64 "$REG/ctr/pushed:v1" "$WORK/ctr-mnt-arm64"
+    expect_files "$WORK/ctr-mnt-arm64" "$FIX" multi linux/arm64
+    run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images unmount "$WORK/ctr-mnt-arm64"
+}
+
+# oras-py (0.2.x) can push a manifest with a `subject`, but has no artifactType parameter:
+# the SBOM is pushed with oras' push() (its artifact type then comes from config.mediaType,
+# as the referrers API specifies), and the signature manifest, which carries an explicit
+# artifactType, is built here and sent with oras' own upload_blob()/upload_manifest().
+ORAS_SCRIPT='
+import json, os, sys
+from dataclasses import asdict
+import oras.client, oras.oci, oras.defaults
+
+reg, repo, subj_digest, subj_size, subj_type, workdir = sys.argv[1:7]
+os.chdir(workdir)
+client = oras.client.OrasClient(hostname=reg, insecure=True)
+subject = oras.oci.Subject(mediaType=subj_type, digest=subj_digest, size=int(subj_size))
+out = {}
+
+resp = client.push(
+    target=f"{reg}/{repo}:sbom",
+    files=["sbom.json:application/vnd.example.sbom"],
+    manifest_config="sbom-config.json:application/vnd.example.sbom",
+    manifest_annotations={"org.example.kind": "sbom"},
+    subject=subject,
+    quiet=True,
+)
+out["sbom"] = {"status": resp.status_code, "headers": {k.lower(): v for k, v in resp.headers.items()}}
+
+# explicit artifactType + the empty config, through the lower-level oras API
+container = client.get_container(f"{reg}/{repo}:sig")
+empty = {"mediaType": "application/vnd.oci.empty.v1+json",
+         "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
+with open("empty.json", "w") as f:
+    f.write("{}")
+r = client.upload_blob("empty.json", container, empty)
+client._check_200_response(r)
+layer = oras.oci.NewLayer("sig.bin", media_type="application/vnd.example.signature.v1")
+layer["annotations"] = {"org.opencontainers.image.title": "sig.bin"}
+r = client.upload_blob("sig.bin", container, layer)
+client._check_200_response(r)
+manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.example.signature", "config": empty, "layers": [layer],
+            "subject": asdict(subject), "annotations": {"org.example.kind": "signature"}}
+resp = client.upload_manifest(manifest, container)
+out["sig"] = {"status": resp.status_code, "headers": {k.lower(): v for k, v in resp.headers.items()}}
+
+files = client.pull(target=f"{reg}/{repo}:sbom", outdir=os.path.join(workdir, "pulled"))
+out["pulled"] = files
+
+# a 3 MB file in 1 MB chunks (POST, PATCH x3 with Content-Range, PUT ?digest=)
+resp = client.push(target=f"{reg}/{repo}:chunked", files=["big.bin:application/octet-stream"],
+                   do_chunked=True, chunk_size=1000000, quiet=True)
+out["chunked"] = {"status": resp.status_code}
+client.pull(target=f"{reg}/{repo}:chunked", outdir=os.path.join(workdir, "pulled"))
+print("RESULT " + json.dumps(out))
+'
+
+check_oras() {
+    "$ORAS_PY" -c 'import oras.client' 2>/dev/null ||
+        fail "no oras python package in ORAS_PY=$ORAS_PY (tests/deps.sh or .ci/run installs it into a venv)"
+    echo "oras $("$ORAS_PY" -c 'import oras.version; print(oras.version.__version__)')"
+    push_fixture img oras/img:v1
+    local w=$WORK/oras
+    mkdir -p "$w"
+    echo "{\"bomFormat\":\"CycloneDX\",\"serial\":\"$RANDOM$RANDOM\"}" >"$w/sbom.json"
+    echo '{"generator":"outpost-interop"}' >"$w/sbom-config.json"
+    head -c 512 /dev/urandom >"$w/sig.bin"
+    head -c 3000000 /dev/urandom >"$w/big.bin"
+    local size out
+    size=$(head_header "$REG" oras/img v1 Content-Length)
+    out=$($T "$ORAS_PY" -c "$ORAS_SCRIPT" "$REG" oras/img "$IMG_DIGEST" "$size" \
+        application/vnd.oci.image.manifest.v1+json "$w" 2>&1) || fail "oras push/pull failed: $out"
+    echo "$out"
+    local res
+    res=$(echo "$out" | sed -n 's/^RESULT //p')
+    echo "$res" >"$w/result.json"
+    expect_eq "status of oras manifest push" 201 "$(jq -r .sbom.status "$w/result.json")"
+    expect_eq "OCI-Subject on the SBOM push response" "$IMG_DIGEST" "$(jq -r '.sbom.headers["oci-subject"]' "$w/result.json")"
+    expect_eq "OCI-Subject on the signature push response" "$IMG_DIGEST" "$(jq -r '.sig.headers["oci-subject"]' "$w/result.json")"
+    local sbom sig
+    sbom=$(jq -r '.sbom.headers["docker-content-digest"]' "$w/result.json")
+    sig=$(jq -r '.sig.headers["docker-content-digest"]' "$w/result.json")
+    expect_eq "digest of oras:sbom" "$sbom" "$(head_header "$REG" oras/img sbom Docker-Content-Digest)"
+    cmp "$w/sbom.json" "$w/pulled/sbom.json" || fail "oras pull returned a different sbom.json"
+    echo "  ok: oras pull gives back sbom.json byte for byte"
+    expect_eq "status of the chunked-upload artifact push" 201 "$(jq -r .chunked.status "$w/result.json")"
+    cmp "$w/big.bin" "$w/pulled/big.bin" || fail "oras pull returned a different big.bin (pushed in 1 MB chunks)"
+    echo "  ok: a 3 MB file pushed in 1 MB chunks comes back byte for byte"
+
+    # referrers API, unfiltered
+    local url=http://$REG/v2/oras/img/referrers/$IMG_DIGEST
+    curl -sS -D "$w/h0" -o "$w/r0.json" "$url"
+    cat "$w/h0" "$w/r0.json"; echo
+    expect_eq "referrers status" 200 "$(awk 'NR == 1 { print $2 }' "$w/h0")"
+    expect_contains "referrers Content-Type" "$(tr -d '\r' <"$w/h0" | grep -i '^content-type:')" application/vnd.oci.image.index.v1+json
+    expect_eq "referrers (digest artifactType)" \
+        "$sbom application/vnd.example.sbom sbom
+$sig application/vnd.example.signature signature" \
+        "$(jq -r '.manifests[] | "\(.digest) \(.artifactType) \(.annotations["org.example.kind"])"' "$w/r0.json" | sort -k2)"
+    expect_eq "size of the SBOM descriptor" "$(head_header "$REG" oras/img "$sbom" Content-Length)" \
+        "$(jq -r --arg d "$sbom" '.manifests[] | select(.digest == $d) | .size' "$w/r0.json")"
+
+    # filtered
+    curl -sS -D "$w/h1" -o "$w/r1.json" "$url?artifactType=application/vnd.example.signature"
+    cat "$w/h1" "$w/r1.json"; echo
+    expect_eq "referrers?artifactType=application/vnd.example.signature" "$sig" "$(jq -r '.manifests[].digest' "$w/r1.json")"
+    expect_contains "OCI-Filters-Applied" "$(tr -d '\r' <"$w/h1" | grep -i '^oci-filters-applied:' || true)" artifactType
+    curl -sS -f -o "$w/r2.json" "$url?artifactType=application/vnd.example.sbom"
+    expect_eq "referrers?artifactType=application/vnd.example.sbom" "$sbom" "$(jq -r '.manifests[].digest' "$w/r2.json")"
+    curl -sS -f -o "$w/r3.json" "$url?artifactType=application/vnd.example.none"
+    expect_eq "referrers?artifactType=<no match>" 0 "$(jq '.manifests | length' "$w/r3.json")"
+
+    # a subject nobody refers to: 200 with an empty index, never 404 (distribution-spec)
+    local other=sha256:0000000000000000000000000000000000000000000000000000000000000000
+    curl -sS -D "$w/h4" -o "$w/r4.json" "http://$REG/v2/oras/img/referrers/$other"
+    cat "$w/h4" "$w/r4.json"; echo
+    expect_eq "referrers of an unknown digest: status" 200 "$(awk 'NR == 1 { print $2 }' "$w/h4")"
+    expect_eq "referrers of an unknown digest: manifests" 0 "$(jq '.manifests | length' "$w/r4.json")"
+}
+
+check_umoci() {
+    push_fixture img umoci/img:v1
+    run skopeo copy -q --src-tls-verify=false "docker://$REG/umoci/img:v1" "oci:$WORK/umoci-layout:v1"
+    run umoci unpack --image "$WORK/umoci-layout:v1" "$WORK/umoci-bundle"
+    expect_files "$WORK/umoci-bundle/rootfs" "$FIX" img
+}
+
+# after all the clients: Outpost is still up, answered no request with a 5xx, logged no
+# ERROR and did not panic (its request lines are "... request method=.. path=.. status=NNN")
+check_outpost_after() {
+    local pid bad
+    pid=$(awk '$2 == "outpost" { print $1 }' "$PIDFILE")
+    kill -0 "$pid" 2>/dev/null || fail "outpost (pid $pid) is no longer running: $(tail -n 20 "$LOGS/outpost.log")"
+    expect_eq "GET /v2/ status" 200 "$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/v2/")"
+    bad=$(grep -E '^[^ ]+ +ERROR |status=5[0-9][0-9]|panicked' "$LOGS/outpost.log" || true)
+    [ -z "$bad" ] || fail "outpost logged errors or 5xx responses:
+$(echo "$bad" | head -n 30)"
+    echo "  ok: $(grep -c 'request method=' "$LOGS/outpost.log" || true) requests, no 5xx, no ERROR"
+}
+
+# ---------------------------------------------------------------------------------------
+# main
+
+echo "outpost interop: $OUTPOST, work dir $WORK"
+for tool in skopeo podman dockerd "$DOCKER" containerd ctr docker-registry umoci curl jq python3; do
+    command -v "$tool" >/dev/null || { echo "missing tool: $tool (tests/deps.sh installs it)" >&2; exit 2; }
+done
+
+PORT=$(free_port)
+REG=127.0.0.1:$PORT
+# Outpost reads every OUTPOST_* variable as configuration and refuses unknown ones, so its
+# environment gets none of the caller's: the flags below are its whole configuration.
+unset_outpost=()
+for v in $(compgen -e | grep '^OUTPOST_' || true); do unset_outpost+=(-u "$v"); done
+# debug for one log line per request (shown when a check fails), without sqlx's statements
+spawn outpost "$LOGS/outpost.log" env "${unset_outpost[@]}" "$OUTPOST" serve --listen "$REG" \
+    --data-dir "$WORK/outpost-data" --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
+if ! wait_until 30 curl -sf "http://$REG/v2/"; then
+    echo "FAIL outpost-start: no 200 from http://$REG/v2/ within 30s"
+    tail -n 40 "$LOGS/outpost.log" | sed 's/^/    | /'
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+
+# fixtures: a 3-layer image (1 MiB random layers) and a 2-platform index
+FIX=$WORK/fixtures
+python3 "$HERE/mkimage.py" "$FIX" --layers 3 --layer-size 1048576 --tag img >/dev/null
+python3 "$HERE/mkimage.py" "$FIX" --layers 2 --layer-size 65536 --platforms linux/amd64,linux/arm64 --tag multi >/dev/null
+IMG_DIGEST=$(layout_digest "$FIX" img)
+MULTI_DIGEST=$(layout_digest "$FIX" multi)
+
+run_check skopeo-image-roundtrip check_skopeo_image
+run_check skopeo-index-roundtrip-all check_skopeo_index
+run_check skopeo-docker-manifest-list check_skopeo_docker_list
+run_check skopeo-tags-and-catalog check_skopeo_tags
+run_check skopeo-delete-and-errors check_skopeo_delete_and_errors
+run_check docker-registry-from-outpost check_distribution_to
+run_check docker-registry-to-outpost check_distribution_from
+run_check podman-push-pull check_podman
+run_check podman-manifest-list-push check_podman_manifest_list
+run_check docker-login check_docker_login
+run_check docker-push-pull check_docker_push_pull
+run_check docker-pull-oci-index check_docker_pull_oci_index
+run_check ctr-pull-image check_ctr_image
+run_check ctr-pull-index-and-push check_ctr_index
+run_check oras-referrers check_oras
+run_check umoci-unpack check_umoci
+
+run_check outpost-healthy-after-run check_outpost_after
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]

@@ -1,0 +1,122 @@
+//! Test support for process-level tests: [`Outpost`] runs the real binary on `127.0.0.1:0` in
+//! a temporary data directory, reads the bound address from its log, and on drop (or failure)
+//! prints the log so a CI failure explains itself.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Outpost {
+    pub child: Child,
+    pub addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Outpost {
+    /// Starts `outpost serve` on an ephemeral port with `data_dir`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Outpost {
+        Self::spawn(data_dir, extra, &[])
+    }
+
+    /// Like [`Outpost::start`], with extra environment variables.
+    pub fn start_env(data_dir: &Path, env: &[(&str, &str)]) -> Outpost {
+        Self::spawn(data_dir, &[], env)
+    }
+
+    fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Outpost {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(pos) = line.find("addr=")
+                    && let Some(t) = tx.take()
+                {
+                    let addr = line[pos + 5..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = t.send(addr);
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "outpost did not report its address; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            });
+        Outpost { child, addr, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(50));
+                let out = self.log();
+                std::mem::forget(self);
+                println!("{out}");
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outpost did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Outpost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- outpost log ----\n{}", self.log());
+        }
+    }
+}
