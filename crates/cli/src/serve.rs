@@ -81,6 +81,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: (config.max_blob_bytes > 0).then_some(config.max_blob_bytes),
             fsync: true,
+            ..RegistryConfig::default()
         },
     )
     .await

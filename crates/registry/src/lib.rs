@@ -6,18 +6,23 @@
 //! pushed under, and everything it references is present. No HTTP types appear here; the server
 //! maps [`RegistryError`] to status codes in one place.
 
+mod cache;
 mod error;
+
+pub use cache::CachedManifest;
 
 pub use error::RegistryError;
 pub use outpost_meta::{Event, Meta, MetaError};
 pub use outpost_storage::{BlobRead, Storage, StorageError};
 
 use bytes::Bytes;
+use cache::ManifestCache;
 use futures_util::Stream;
-use outpost_meta::{ManifestRecord, NewManifest};
+use outpost_meta::NewManifest;
 use outpost_oci::manifest::OCI_INDEX;
 use outpost_oci::{ByteRange, Descriptor, Digest, Manifest, Reference, RepoName};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -31,6 +36,8 @@ pub struct RegistryConfig {
     pub max_blob_bytes: Option<u64>,
     /// Whether blob and database writes are fsynced (always, outside tests).
     pub fsync: bool,
+    /// Manifests kept in memory for GET by tag or digest (0 disables the cache).
+    pub manifest_cache_entries: usize,
 }
 
 impl Default for RegistryConfig {
@@ -39,12 +46,13 @@ impl Default for RegistryConfig {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: None,
             fsync: true,
+            manifest_cache_entries: 10_000,
         }
     }
 }
 
 /// A manifest as served: its digest, media type and exact bytes.
-pub type StoredManifest = ManifestRecord;
+pub type StoredManifest = CachedManifest;
 
 /// The result of a manifest push.
 #[derive(Debug, Clone)]
@@ -59,6 +67,7 @@ pub struct Registry {
     storage: Storage,
     meta: Meta,
     config: RegistryConfig,
+    cache: Arc<ManifestCache>,
 }
 
 impl Registry {
@@ -66,10 +75,12 @@ impl Registry {
     pub async fn open(data_dir: &Path, config: RegistryConfig) -> Result<Registry> {
         let storage = Storage::open(data_dir, config.fsync).await?;
         let meta = Meta::open(&data_dir.join("meta.db")).await?;
+        let cache = Arc::new(ManifestCache::new(config.manifest_cache_entries));
         Ok(Registry {
             storage,
             meta,
             config,
+            cache,
         })
     }
 
@@ -298,7 +309,12 @@ impl Registry {
             })
             .await;
         match result {
-            Ok(_) => Ok(PushedManifest { digest, subject }),
+            Ok(outcome) => {
+                if outcome.tag_changed || outcome.manifest_created {
+                    self.cache.invalidate(repo.as_str());
+                }
+                Ok(PushedManifest { digest, subject })
+            }
             Err(MetaError::MissingBlob(d)) => Err(RegistryError::ManifestBlobUnknown(d)),
             Err(MetaError::MissingManifest(d)) => Err(RegistryError::ManifestChildUnknown(d)),
             Err(e) => Err(e.into()),
@@ -310,12 +326,26 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<StoredManifest> {
+        let key = reference.to_string();
+        if let Some(m) = self.cache.get(repo.as_str(), &key) {
+            return Ok(m);
+        }
+        let generation = self.cache.generation();
         let found = match reference {
             Reference::Tag(t) => self.meta.manifest_by_tag(repo.as_str(), t.as_str()).await?,
             Reference::Digest(d) => self.meta.manifest_by_digest(repo.as_str(), d).await?,
         };
         match found {
-            Some(m) => Ok(m),
+            Some(m) => {
+                let m = CachedManifest {
+                    digest: m.digest,
+                    media_type: m.media_type,
+                    content: Bytes::from(m.content),
+                };
+                self.cache
+                    .insert(generation, repo.as_str(), &key, m.clone());
+                Ok(m)
+            }
             None if !self.meta.repo_exists(repo.as_str()).await? => {
                 Err(RegistryError::NameUnknown(repo.clone()))
             }
@@ -329,6 +359,7 @@ impl Registry {
             Reference::Digest(d) => self.meta.delete_manifest(repo.as_str(), d).await?.is_some(),
             Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
         };
+        self.cache.invalidate(repo.as_str());
         if found {
             Ok(())
         } else {

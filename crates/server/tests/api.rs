@@ -654,6 +654,44 @@ async fn manifests_by_tag_and_digest() {
 }
 
 #[tokio::test]
+async fn moving_a_tag_is_seen_immediately() {
+    let t = setup().await;
+    let (_, first) = t.push_image("mv", "latest", "one").await;
+    // Read twice so the answer is cached.
+    for _ in 0..2 {
+        assert_eq!(
+            t.get("/v2/mv/manifests/latest")
+                .await
+                .header("docker-content-digest"),
+            first.to_string()
+        );
+    }
+    let (_, second) = t.push_image("mv", "latest", "two").await;
+    assert_ne!(first, second);
+    assert_eq!(
+        t.get("/v2/mv/manifests/latest")
+            .await
+            .header("docker-content-digest"),
+        second.to_string()
+    );
+    t.req(
+        Method::DELETE,
+        "/v2/mv/manifests/latest",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        t.get("/v2/mv/manifests/latest").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get(&format!("/v2/mv/manifests/{first}")).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn docker_schema2_and_manifest_list() {
     let t = setup().await;
     let config = t.push_blob("d", b"{}").await;

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: Outpost vs Debian's docker-registry (distribution 2.8) on the same
+# machine, same data, same client, in one run. Prints a table with ratios (Outpost / peer).
+#
+#   bench/run.sh                 # full run (1 GiB blob, 200 x 1 MiB, 32/128 clients, 10k tags)
+#   BENCH_QUICK=1 bench/run.sh   # smaller sizes, for a smoke run
+#
+# Needs: cargo, docker-registry, wrk, iperf3, python3 (tests/deps.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p outpost -p outpost-bench >&2
+OUTPOST=$PWD/target/release/outpost
+BENCH=$PWD/target/release/outpost-bench
+for c in docker-registry wrk iperf3 python3; do
+    command -v "$c" >/dev/null || { echo "bench/run.sh: $c is missing; run tests/deps.sh as root" >&2; exit 1; }
+done
+
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+    BIG=$((64 << 20)); LAYERS=40; TAGS=1000; WRK_SECS=3; ROUNDS32=2; ROUNDS128=1
+else
+    BIG=$((1 << 30)); LAYERS=200; TAGS=10000; WRK_SECS=10; ROUNDS32=4; ROUNDS128=2
+fi
+
+work=$(mktemp -d /tmp/outpost-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+wait_up() { for _ in $(seq 100); do curl -sf "$1/v2/" >/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
+
+# ---- servers ----
+OP_PORT=$(free_port); DR_PORT=$(free_port)
+mkdir -p "$work/outpost" "$work/dr"
+"$OUTPOST" serve --listen 127.0.0.1:$OP_PORT --data-dir "$work/outpost" --log-level warn 2>"$work/outpost.log" &
+pids+=($!); OP_PID=$!
+cat >"$work/dr.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/dr
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$DR_PORT
+YML
+env -u REGISTRY_AUTH_FILE docker-registry serve "$work/dr.yml" 2>"$work/dr.log" &
+pids+=($!); DR_PID=$!
+wait_up "http://127.0.0.1:$OP_PORT"; wait_up "http://127.0.0.1:$DR_PORT"
+sleep 1
+
+results=$work/results.jsonl
+record() { # name server json
+    printf '{"name":"%s","server":"%s","r":%s}\n' "$1" "$2" "$3" >>"$results"
+}
+
+# ---- ceiling: iperf3 over loopback ----
+IP_PORT=$(free_port)
+iperf3 -s -1 -p "$IP_PORT" >/dev/null 2>&1 &
+sleep 0.5
+iperf=$(iperf3 -c 127.0.0.1 -p "$IP_PORT" -t 5 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8e6)')
+record iperf3 loopback "{\"mb_s\":$iperf}"
+echo "iperf3 loopback single stream: $iperf MB/s" >&2
+
+for server in outpost docker-registry; do
+    if [ "$server" = outpost ]; then URL=http://127.0.0.1:$OP_PORT; PID=$OP_PID; else URL=http://127.0.0.1:$DR_PORT; PID=$DR_PID; fi
+    B="$BENCH --registry $URL"
+    echo "== $server" >&2
+    record idle_rss "$server" "{\"rss_mib\":$(( $(rss_kib $PID) / 1024 ))}"
+
+    out=$($B push-blob --repo big/blob --size $BIG); record push_1g "$server" "$out"; echo "$out" >&2
+    dig=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
+    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    out=$($B pull-blob --repo big/blob --digest "$dig"); record pull_1g_cold "$server" "$out"; echo "$out" >&2
+    out=$($B pull-blob --repo big/blob --digest "$dig"); record pull_1g "$server" "$out"; echo "$out" >&2
+
+    out=$($B push-image --repo img/one --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 1 --seed 11); record push_200x1m_c1 "$server" "$out"; echo "$out" >&2
+    out=$($B push-image --repo img/six --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 6 --seed 12); record push_200x1m_c6 "$server" "$out"; echo "$out" >&2
+    out=$($B pull-image --repo img/one --tag v1 --concurrency 1); record pull_200x1m_c1 "$server" "$out"; echo "$out" >&2
+    out=$($B pull-image --repo img/six --tag v1 --concurrency 6); record pull_200x1m_c6 "$server" "$out"; echo "$out" >&2
+
+    out=$($B push-blob --repo hot/blob --size $((16 << 20)) --seed 5)
+    hot=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
+    out=$($B pull-concurrent --repo hot/blob --digest "$hot" --clients 32 --rounds $ROUNDS32); record pull16m_32 "$server" "$out"; echo "$out" >&2
+    # sample RSS while 128 clients pull
+    ( peak=0; while kill -0 "$PID" 2>/dev/null; do r=$(rss_kib "$PID"); [ "$r" -gt "$peak" ] && peak=$r && echo "$peak" >"$work/peak"; sleep 0.05; done ) &
+    sampler=$!
+    out=$($B pull-concurrent --repo hot/blob --digest "$hot" --clients 128 --rounds $ROUNDS128); record pull16m_128 "$server" "$out"; echo "$out" >&2
+    kill $sampler 2>/dev/null || true; wait $sampler 2>/dev/null || true
+    record rss_128 "$server" "{\"rss_mib\":$(( $(cat "$work/peak") / 1024 ))}"
+
+    # manifest GET by tag, 32 connections
+    wrk_out=$(wrk -t2 -c32 -d${WRK_SECS}s --latency -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$URL/v2/img/one/manifests/v1")
+    rps=$(echo "$wrk_out" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$wrk_out" | awk '$1=="99%" {print $2}' | python3 -c 'import sys; s=sys.stdin.read().strip(); u={"us":1e-3,"ms":1,"s":1e3}; n=s.rstrip("usm"); unit=s[len(n):]; print(float(n)*u[unit])')
+    errs=$(echo "$wrk_out" | grep -c 'Non-2xx' || true)
+    record manifest_get "$server" "{\"rps\":$rps,\"p99_ms\":$p99,\"non2xx_lines\":$errs}"
+    echo "manifest GET: $rps req/s, p99 $p99 ms" >&2
+
+    out=$($B seed-tags --repo img/one --tag v1 --count $TAGS); record seed_tags "$server" "$out"; echo "$out" >&2
+    out=$($B tags-list --repo img/one --rounds 20); record tags_list "$server" "$out"; echo "$out" >&2
+done
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+get = lambda n, s, k: next((r["r"][k] for r in rows if r["name"] == n and r["server"] == s), None)
+metrics = [
+    ("push 1 GiB blob, 1 stream (MB/s)", "push_1g", "mb_s", True),
+    ("pull 1 GiB blob, 1 stream, cold cache (MB/s)", "pull_1g_cold", "mb_s", True),
+    ("pull 1 GiB blob, 1 stream, warm cache (MB/s)", "pull_1g", "mb_s", True),
+    ("push 200 x 1 MiB, 1 stream (MB/s)", "push_200x1m_c1", "mb_s", True),
+    ("push 200 x 1 MiB, 6 streams (MB/s)", "push_200x1m_c6", "mb_s", True),
+    ("pull 200 x 1 MiB, 1 stream (MB/s)", "pull_200x1m_c1", "mb_s", True),
+    ("pull 200 x 1 MiB, 6 streams (MB/s)", "pull_200x1m_c6", "mb_s", True),
+    ("32 clients pull 16 MiB (MB/s)", "pull16m_32", "mb_s", True),
+    ("32 clients pull 16 MiB, p99 (ms)", "pull16m_32", "p99_ms", False),
+    ("128 clients pull 16 MiB (MB/s)", "pull16m_128", "mb_s", True),
+    ("128 clients pull 16 MiB, p99 (ms)", "pull16m_128", "p99_ms", False),
+    ("RSS under 128 clients (MiB)", "rss_128", "rss_mib", False),
+    ("RSS idle (MiB)", "idle_rss", "rss_mib", False),
+    ("manifest GET by tag, 32 conns (req/s)", "manifest_get", "rps", True),
+    ("manifest GET by tag, p99 (ms)", "manifest_get", "p99_ms", False),
+    ("tags list of 10k tags, p50 (ms)", "tags_list", "p50_ms", False),
+    ("tags list of 10k tags, p99 (ms)", "tags_list", "p99_ms", False),
+]
+ip = get("iperf3", "loopback", "mb_s")
+print(f"iperf3 loopback single stream: {ip:.0f} MB/s\n")
+print(f"| {'metric':46} | {'outpost':>10} | {'docker-registry':>15} | {'ratio':>7} |")
+print(f"|{'-'*48}|{'-'*12}|{'-'*17}|{'-'*9}|")
+for label, name, key, higher in metrics:
+    a, b = get(name, "outpost", key), get(name, "docker-registry", key)
+    if a is None or b is None:
+        continue
+    ratio = (a / b) if b else float("inf")
+    print(f"| {label:46} | {a:10.1f} | {b:15.1f} | {ratio:6.2f}x |")
+a = get("pull_1g", "outpost", "mb_s")
+print(f"\nOutpost single-stream pull vs iperf3: {100*a/ip:.0f}%")
+PY

@@ -1,0 +1,108 @@
+//! A small read-through cache of manifests by (repository, reference), so that the hottest
+//! request a registry serves — "GET manifest by tag" from every pulling client — is answered
+//! from memory. Every write to manifests or tags goes through `Registry`, which invalidates
+//! the cache; a generation counter stops a read that raced a write from inserting a stale
+//! entry after the invalidation.
+
+use bytes::Bytes;
+use outpost_oci::Digest;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A manifest as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub content: Bytes,
+}
+
+pub(crate) struct ManifestCache {
+    map: RwLock<HashMap<(String, String), CachedManifest>>,
+    generation: AtomicU64,
+    capacity: usize,
+}
+
+impl ManifestCache {
+    pub(crate) fn new(capacity: usize) -> ManifestCache {
+        ManifestCache {
+            map: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn get(&self, repo: &str, reference: &str) -> Option<CachedManifest> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&(repo.to_string(), reference.to_string())).cloned()
+    }
+
+    /// Inserts unless a write happened since `generation` was read.
+    pub(crate) fn insert(&self, generation: u64, repo: &str, reference: &str, m: CachedManifest) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if map.len() >= self.capacity {
+            map.clear();
+        }
+        map.insert((repo.to_string(), reference.to_string()), m);
+    }
+
+    /// Drops every entry of `repo` (called after any manifest or tag change in it).
+    pub(crate) fn invalidate(&self, repo: &str) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.retain(|(r, _), _| r != repo);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(s: &str) -> CachedManifest {
+        CachedManifest {
+            digest: Digest::sha256_of(s.as_bytes()),
+            media_type: "x".into(),
+            content: Bytes::from(s.to_string()),
+        }
+    }
+
+    #[test]
+    fn stale_read_is_not_inserted_after_invalidation() {
+        let c = ManifestCache::new(10);
+        let g = c.generation();
+        c.invalidate("a"); // a write lands between the DB read and the insert
+        c.insert(g, "a", "latest", m("old"));
+        assert_eq!(c.get("a", "latest"), None);
+        let g = c.generation();
+        c.insert(g, "a", "latest", m("new"));
+        assert_eq!(c.get("a", "latest"), Some(m("new")));
+        c.invalidate("b");
+        assert_eq!(
+            c.get("a", "latest"),
+            Some(m("new")),
+            "other repositories stay cached"
+        );
+        c.invalidate("a");
+        assert_eq!(c.get("a", "latest"), None);
+    }
+
+    #[test]
+    fn bounded() {
+        let c = ManifestCache::new(2);
+        for i in 0..5 {
+            c.insert(c.generation(), "a", &i.to_string(), m("x"));
+        }
+        assert!(c.map.read().unwrap().len() <= 2);
+    }
+}
