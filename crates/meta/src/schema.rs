@@ -54,12 +54,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX tags_by_digest ON tags(repo_id, digest);
 
-    CREATE TABLE uploads (
-        id         TEXT PRIMARY KEY,
-        repo       TEXT NOT NULL,
-        started_at INTEGER NOT NULL
-    ) STRICT;
-
     -- Every state change, appended in the same transaction as the change. Children sync from
     -- this log and the outbox replays it.
     CREATE TABLE events (

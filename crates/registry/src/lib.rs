@@ -13,7 +13,7 @@ pub use cache::CachedManifest;
 
 pub use error::RegistryError;
 pub use outpost_meta::{Event, Meta, MetaError};
-pub use outpost_storage::{BlobRead, Storage, StorageError};
+pub use outpost_storage::{Storage, StorageError};
 
 use bytes::Bytes;
 use cache::ManifestCache;
@@ -106,16 +106,21 @@ impl Registry {
             .ok_or_else(|| RegistryError::BlobUnknown(digest.clone()))
     }
 
-    /// Opens a blob (or a range of it, resolved by the caller against [`Self::blob_size`]).
-    pub async fn open_blob(
+    /// A blob's bytes (or a range of them, resolved by the caller against
+    /// [`Self::blob_size`]), memory-mapped: nothing is copied until the socket write.
+    pub async fn read_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
-    ) -> Result<BlobRead> {
+    ) -> Result<Bytes> {
         self.blob_size(repo, digest).await?;
-        match self.storage.open_blob(digest, range).await {
-            Err(StorageError::BlobUnknown(d)) => Err(RegistryError::BlobUnknown(d)),
+        match self.storage.map_blob(digest, range).await {
+            Err(StorageError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Err(RegistryError::BlobUnknown(digest.clone()))
+            }
             other => Ok(other?),
         }
     }
@@ -150,13 +155,11 @@ impl Registry {
     // ---- uploads --------------------------------------------------------------------------
 
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
-        let id = self.storage.create_upload().await?;
-        self.meta.create_upload(&id, repo.as_str()).await?;
-        Ok(id)
+        Ok(self.storage.create_upload(repo.as_str()).await?)
     }
 
     async fn check_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
-        match self.meta.upload_repo(id).await? {
+        match self.storage.upload_owner(id).await? {
             Some(r) if r == repo.as_str() => Ok(()),
             _ => Err(RegistryError::UploadUnknown(id.to_string())),
         }
@@ -212,44 +215,23 @@ impl Registry {
         }
         let size = match self.storage.commit_upload(id, digest).await {
             Ok(size) => size,
-            Err(e @ StorageError::DigestMismatch { .. }) => {
-                self.meta.delete_upload(id).await?;
-                return Err(e.into());
-            }
             Err(e) => return Err(e.into()),
         };
         self.meta.link_blob(repo.as_str(), digest, size).await?;
-        self.meta.delete_upload(id).await?;
         Ok(size)
     }
 
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
         self.check_upload(repo, id).await?;
         match self.storage.abort_upload(id).await {
-            Ok(()) | Err(StorageError::UploadUnknown(_)) => {}
-            Err(e) => return Err(e.into()),
+            Ok(()) | Err(StorageError::UploadUnknown(_)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        self.meta.delete_upload(id).await?;
-        Ok(())
     }
 
-    /// Removes upload sessions untouched for longer than `age` (and stray upload files).
-    /// Returns how many were removed.
+    /// Removes upload sessions untouched for longer than `age`. Returns how many.
     pub async fn reap_uploads(&self, age: Duration) -> Result<usize> {
-        let mut n = 0;
-        let stale_files = self.storage.stale_uploads(age).await?;
-        for id in &stale_files {
-            let _ = self.storage.abort_upload(id).await;
-            self.meta.delete_upload(id).await?;
-            n += 1;
-        }
-        // Records whose file is gone (e.g. removed by hand) are dropped too.
-        for id in self.meta.uploads_older_than(age).await? {
-            if self.storage.upload_size(&id).await?.is_none() {
-                self.meta.delete_upload(&id).await?;
-                n += 1;
-            }
-        }
+        let n = self.storage.reap_uploads(age).await?;
         if n > 0 {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }

@@ -4,6 +4,7 @@
 //! <root>/
 //!   blobs/<algorithm>/<first 2 hex>/<hex>   verified blob bytes, immutable
 //!   uploads/<uuid>                          bytes received by an upload session so far
+//!   uploads/<uuid>.owner                    who started the session (the repository name)
 //! ```
 //!
 //! Digests and upload ids are validated before they get here (`Digest` only holds lowercase
@@ -45,5 +46,10 @@ impl Layout {
     pub fn upload(&self, id: &str) -> PathBuf {
         debug_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         self.uploads_dir().join(id)
+    }
+
+    pub fn upload_owner(&self, id: &str) -> PathBuf {
+        debug_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        self.uploads_dir().join(format!("{id}.owner"))
     }
 }

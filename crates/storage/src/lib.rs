@@ -1,5 +1,6 @@
 //! `outpost-storage` owns blob bytes on disk: the content-addressed store (`blobs/`) and upload
-//! sessions (`uploads/`). It knows digests and upload ids, never repositories, tags or HTTP.
+//! sessions (`uploads/`). It knows digests, upload ids and an opaque owner string per upload,
+//! never repositories, tags or HTTP.
 //!
 //! Invariant: a file appears under `blobs/<alg>/<2 hex>/<hex>` only after its bytes were hashed
 //! to exactly that digest, fsynced, and atomically renamed into place (followed by an fsync of
@@ -7,6 +8,7 @@
 //! only ever lives under `uploads/`, which is never served.
 
 mod layout;
+mod mapped;
 mod upload;
 
 pub use layout::Layout;
@@ -51,15 +53,6 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Stor
     move |source| StorageError::Io { path, source }
 }
 
-/// A readable slice of a blob, ready to stream.
-pub struct BlobRead {
-    pub file: tokio::fs::File,
-    /// Bytes to send, starting at the file's current position.
-    pub len: u64,
-    /// The blob's full size.
-    pub size: u64,
-}
-
 /// The blob store and upload sessions under one data directory.
 #[derive(Clone)]
 pub struct Storage {
@@ -68,6 +61,7 @@ pub struct Storage {
     /// Hash state of uploads written since this process started, keyed by upload id. A missing
     /// entry (after a restart) means the upload's file is re-read when it is committed.
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>>>,
+    mapped: Arc<mapped::Mapped>,
 }
 
 impl Storage {
@@ -83,6 +77,7 @@ impl Storage {
             layout,
             fsync,
             uploads: Arc::default(),
+            mapped: Arc::default(),
         })
     }
 
@@ -100,29 +95,18 @@ impl Storage {
         }
     }
 
-    /// Opens a blob for reading, positioned at the start of `range` (or of the blob).
-    /// `range` must already be resolved against the blob's size.
-    pub async fn open_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<BlobRead> {
-        use tokio::io::AsyncSeekExt;
+    /// Maps a blob (or a range of it) into memory for zero-copy serving. Every concurrent
+    /// reader of the same blob shares one mapping.
+    pub async fn map_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Bytes> {
         let path = self.layout.blob(digest);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StorageError::BlobUnknown(digest.clone()));
-            }
-            Err(e) => return Err(io_err(path)(e)),
+        let map = self.mapped.get_or_map(digest, &path).await?;
+        let len = map.len() as u64;
+        let (start, end) = match range {
+            Some(r) if r.end < len => (r.start as usize, r.end as usize + 1),
+            Some(_) => return Err(io_err(path)(io::Error::other("range beyond the blob"))),
+            None => (0, len as usize),
         };
-        let size = file.metadata().await.map_err(io_err(&path))?.len();
-        let len = match range {
-            Some(r) => {
-                file.seek(io::SeekFrom::Start(r.start))
-                    .await
-                    .map_err(io_err(&path))?;
-                r.len()
-            }
-            None => size,
-        };
-        Ok(BlobRead { file, len, size })
+        Ok(map.slice(start..end))
     }
 
     /// Removes a blob's bytes. Used by garbage collection only: a blob still referenced by any
@@ -136,14 +120,28 @@ impl Storage {
         }
     }
 
-    /// Starts an empty upload session and returns its id.
-    pub async fn create_upload(&self) -> Result<String> {
+    /// Starts an empty upload session owned by `owner` and returns its id.
+    pub async fn create_upload(&self, owner: &str) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
         let path = self.layout.upload(&id);
         tokio::fs::File::create(&path)
             .await
             .map_err(io_err(&path))?;
+        let owner_path = self.layout.upload_owner(&id);
+        tokio::fs::write(&owner_path, owner)
+            .await
+            .map_err(io_err(&owner_path))?;
         Ok(id)
+    }
+
+    /// Who started an upload, or `None` if no such upload exists.
+    pub async fn upload_owner(&self, id: &str) -> Result<Option<String>> {
+        let path = self.layout.upload_owner(id);
+        match tokio::fs::read_to_string(&path).await {
+            Ok(owner) => Ok(Some(owner)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(path)(e)),
+        }
     }
 
     /// Bytes received so far by an upload, or `None` if it does not exist.
@@ -188,12 +186,16 @@ impl Storage {
         if matches!(res, Err(StorageError::DigestMismatch { .. })) {
             let _ = tokio::fs::remove_file(self.layout.upload(id)).await;
         }
+        if !matches!(res, Err(StorageError::Io { .. })) {
+            let _ = tokio::fs::remove_file(self.layout.upload_owner(id)).await;
+        }
         res
     }
 
     /// Cancels an upload, removing what it received.
     pub async fn abort_upload(&self, id: &str) -> Result<()> {
         self.forget(id);
+        let _ = tokio::fs::remove_file(self.layout.upload_owner(id)).await;
         let path = self.layout.upload(id);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
@@ -204,25 +206,38 @@ impl Storage {
         }
     }
 
-    /// Ids of upload files last written before `now - age`.
-    pub async fn stale_uploads(&self, age: Duration) -> Result<Vec<String>> {
+    /// Removes upload sessions whose data was last written before `now - age` (and owner
+    /// files left without data). Returns how many sessions were removed.
+    pub async fn reap_uploads(&self, age: Duration) -> Result<usize> {
         let dir = self.layout.uploads_dir();
         let cutoff = SystemTime::now()
             .checked_sub(age)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut out = Vec::new();
+        let mut removed = 0;
         let mut rd = tokio::fs::read_dir(&dir).await.map_err(io_err(&dir))?;
         while let Some(e) = rd.next_entry().await.map_err(io_err(&dir))? {
             let Ok(meta) = e.metadata().await else {
                 continue;
             };
-            if meta.modified().map(|m| m < cutoff).unwrap_or(false)
-                && let Some(name) = e.file_name().to_str()
-            {
-                out.push(name.to_string());
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let old = meta.modified().map(|m| m < cutoff).unwrap_or(false);
+            let id = name.trim_end_matches(".owner");
+            let valid =
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !old || !valid {
+                continue;
+            }
+            if name.ends_with(".owner") {
+                if self.upload_size(id).await?.is_none() {
+                    let _ = tokio::fs::remove_file(e.path()).await;
+                }
+            } else if self.abort_upload(id).await.is_ok() {
+                removed += 1;
             }
         }
-        Ok(out)
+        Ok(removed)
     }
 
     async fn state(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<upload::State>>> {
