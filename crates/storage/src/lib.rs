@@ -99,14 +99,8 @@ impl Storage {
     /// reader of the same blob shares one mapping.
     pub async fn map_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Bytes> {
         let path = self.layout.blob(digest);
-        let map = self.mapped.get_or_map(digest, &path).await?;
-        let len = map.len() as u64;
-        let (start, end) = match range {
-            Some(r) if r.end < len => (r.start as usize, r.end as usize + 1),
-            Some(_) => return Err(io_err(path)(io::Error::other("range beyond the blob"))),
-            None => (0, len as usize),
-        };
-        Ok(map.slice(start..end))
+        let range = range.map(|r| (r.start as usize, r.end as usize + 1));
+        self.mapped.slice(digest, &path, range).await
     }
 
     /// Removes a blob's bytes. Used by garbage collection only: a blob still referenced by any

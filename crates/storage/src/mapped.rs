@@ -34,10 +34,37 @@ pub(crate) struct Mapped {
 }
 
 impl Mapped {
-    /// The whole blob at `path`, mapped (or the existing mapping, if one is alive).
-    pub(crate) async fn get_or_map(&self, digest: &Digest, path: &Path) -> Result<Bytes> {
+    /// Bytes `start..end` of the blob at `path`, from a shared mapping of the whole file (made
+    /// if none is alive). The kernel is asked to start reading the range ahead of the socket,
+    /// so a cold blob streams at disk speed instead of one page fault at a time.
+    pub(crate) async fn slice(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        range: Option<(usize, usize)>,
+    ) -> Result<Bytes> {
+        let Some(map) = self.get_or_map(digest, path).await? else {
+            return match range {
+                None | Some((0, 0)) => Ok(Bytes::new()),
+                Some(_) => Err(io_err(path)(io::Error::other("range beyond the blob"))),
+            };
+        };
+        let len = map.0.len();
+        let (start, end) = range.unwrap_or((0, len));
+        if start > end || end > len {
+            return Err(io_err(path)(io::Error::other("range beyond the blob")));
+        }
+        if end > start {
+            let _ = map
+                .0
+                .advise_range(memmap2::Advice::WillNeed, start, end - start);
+        }
+        Ok(Bytes::from_owner(Shared(map)).slice(start..end))
+    }
+
+    async fn get_or_map(&self, digest: &Digest, path: &Path) -> Result<Option<Arc<Map>>> {
         if let Some(m) = self.lock().get(digest).and_then(Weak::upgrade) {
-            return Ok(Bytes::from_owner(Shared(m)));
+            return Ok(Some(m));
         }
         let p = path.to_path_buf();
         let map = tokio::task::spawn_blocking(move || -> Result<Option<Map>> {
@@ -57,13 +84,13 @@ impl Mapped {
             source: io::Error::other(e),
         })??;
         let Some(map) = map else {
-            return Ok(Bytes::new());
+            return Ok(None);
         };
         let shared = Arc::new(map);
         let mut live = self.lock();
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(digest.clone(), Arc::downgrade(&shared));
-        Ok(Bytes::from_owner(Shared(shared)))
+        Ok(Some(shared))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Weak<Map>>> {
@@ -82,16 +109,18 @@ mod tests {
         std::fs::write(&path, b"hello mapped world").unwrap();
         let d = Digest::sha256_of(b"hello mapped world");
         let m = Mapped::default();
-        let a = m.get_or_map(&d, &path).await.unwrap();
-        let b = m.get_or_map(&d, &path).await.unwrap();
+        let a = m.slice(&d, &path, None).await.unwrap();
+        let b = m.slice(&d, &path, Some((6, 12))).await.unwrap();
         assert_eq!(&a[..], b"hello mapped world");
-        assert_eq!(a.as_ptr(), b.as_ptr(), "one mapping for both readers");
+        assert_eq!(&b[..], b"mapped");
+        assert_eq!(a[6..].as_ptr(), b.as_ptr(), "one mapping for both readers");
+        assert!(m.slice(&d, &path, Some((6, 40))).await.is_err());
         // Unlinking the file (as GC does) leaves live readers intact.
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(&b.slice(6..12)[..], b"mapped");
+        assert_eq!(&b[..], b"mapped");
         drop((a, b));
         assert!(
-            m.get_or_map(&d, &path).await.is_err(),
+            m.slice(&d, &path, None).await.is_err(),
             "gone once nobody holds it"
         );
     }
