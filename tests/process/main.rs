@@ -16,8 +16,11 @@ fn sha256(data: &[u8]) -> String {
 }
 
 fn client() -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", support::admin_auth().parse().unwrap());
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
+        .default_headers(h)
         .build()
         .unwrap()
 }
@@ -42,7 +45,7 @@ async fn upload_range(c: &reqwest::Client, o: &Outpost, loc: &str) -> String {
 /// then closes the connection.
 fn send_truncated(addr: &str, path: &str, announced: usize, sent: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n").unwrap();
+    write!(s, "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nAuthorization: {}\r\nContent-Length: {announced}\r\n\r\n", support::admin_auth()).unwrap();
     s.write_all(sent).unwrap();
     s.flush().unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -76,7 +79,8 @@ async fn kill9_mid_upload_then_resume_after_restart() {
         let mut s = TcpStream::connect(&addr).unwrap();
         write!(
             s,
-            "PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            "PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: {}\r\n\r\n",
+            support::admin_auth(),
             1024 * 1024
         )
         .unwrap();
@@ -163,7 +167,7 @@ async fn truncated_single_request_upload_stores_nothing() {
     let data = vec![9u8; 50_000];
     let digest = sha256(&data);
     let mut s = TcpStream::connect(&o.addr).unwrap();
-    write!(s, "POST /v2/t/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n").unwrap();
+    write!(s, "POST /v2/t/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 50000\r\n\r\n", support::admin_auth()).unwrap();
     s.write_all(&data[..20_000]).unwrap();
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -273,4 +277,59 @@ fn port_in_use_is_reported() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr), "{err}");
+}
+
+#[tokio::test]
+async fn first_start_prints_a_generated_admin_password_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env_remove("OUTPOST_ADMIN_PASSWORD")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let mut seen = Vec::new();
+        let mut addr = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(p) = line.find("addr=") {
+                addr = line[p + 5..].split_whitespace().next().unwrap().to_string();
+                break;
+            }
+            seen.push(line);
+        }
+        (child, seen.join("\n"), addr)
+    };
+    let (mut child, out, addr) = start();
+    let password = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password: "))
+        .unwrap_or_else(|| panic!("no generated password in:\n{out}"))
+        .to_string();
+    assert_eq!(password.len(), 40);
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}/v2/_catalog"))
+        .basic_auth("admin", Some(&password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, out, _) = start();
+    assert!(
+        !out.contains("password:"),
+        "the password must be shown only once:\n{out}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !std::fs::read_to_string(dir.path().join("meta.db"))
+            .unwrap_or_default()
+            .contains(&password)
+    );
 }

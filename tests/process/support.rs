@@ -8,6 +8,35 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The administrator password every test instance is started with.
+pub const ADMIN_PASSWORD: &str = "process-test-admin";
+
+/// `Authorization` header value for the administrator.
+pub fn admin_auth() -> String {
+    // base64 of "admin:process-test-admin"
+    format!(
+        "Basic {}",
+        base64_encode(format!("admin:{ADMIN_PASSWORD}").as_bytes())
+    )
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 pub struct Outpost {
     pub child: Child,
     pub addr: String,
@@ -37,6 +66,7 @@ impl Outpost {
             ])
             .arg(data_dir)
             .args(extra)
+            .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

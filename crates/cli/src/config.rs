@@ -25,6 +25,20 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// Upload sessions untouched for this many seconds are removed.
     pub upload_max_age_secs: u64,
+    /// Allow pulls without credentials.
+    pub anonymous_pull: bool,
+    /// Name of this registry in token challenges (the `service` of issued access tokens).
+    pub service: String,
+    /// Password of the `admin` token. Set on first start (otherwise one is generated and
+    /// printed once); setting it later resets the password. Never printed by `outpost config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_password: Option<String>,
+    /// Most tokens this registry holds.
+    pub max_tokens: u64,
+    /// Most scope maps this registry holds.
+    pub max_scope_maps: u64,
+    /// Most repositories one scope map may name.
+    pub max_repository_rules: u64,
 }
 
 impl Default for Config {
@@ -36,6 +50,12 @@ impl Default for Config {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 0,
             upload_max_age_secs: 24 * 3600,
+            anonymous_pull: false,
+            service: "outpost".into(),
+            admin_password: None,
+            max_tokens: 20_000,
+            max_scope_maps: 20_000,
+            max_repository_rules: 500,
         }
     }
 }

@@ -87,6 +87,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
 
+    let control = outpost_control::Control::open(
+        registry.meta().clone(),
+        &config.data_dir,
+        outpost_control::ControlConfig {
+            limits: outpost_control::Limits {
+                max_tokens: config.max_tokens,
+                max_scope_maps: config.max_scope_maps,
+                max_repository_rules: config.max_repository_rules,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .context("opening access control")?;
+    if let Some(password) = control
+        .bootstrap_admin(config.admin_password.as_deref())
+        .await
+        .context("creating the administrator token")?
+    {
+        // Shown once, on the first start only; it is stored as a hash.
+        eprintln!(
+            "\nCreated the administrator token.\n  username: admin\n  password: {password}\n\
+             Save it now: it is not shown again. Log in with `docker login <host> -u admin`.\n\
+             (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
+        );
+    }
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -99,6 +126,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let app = outpost_server::router(outpost_server::AppState {
         registry: registry.clone(),
+        control: std::sync::Arc::new(control),
+        auth: outpost_server::AuthSettings {
+            anonymous_pull: config.anonymous_pull,
+            service: config.service.clone(),
+        },
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

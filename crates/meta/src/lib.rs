@@ -8,7 +8,10 @@
 //! repository, so a concurrent delete cannot slip between the check and the insert. All writes go
 //! through one connection, so writers never see `SQLITE_BUSY`.
 
+mod access;
 mod schema;
+
+pub use access::{PasswordRow, ScopeMapRow, TokenRow};
 
 use outpost_oci::Digest;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -91,7 +94,7 @@ pub const EVENT_MANIFEST_DELETED: &str = "manifest_deleted";
 pub const EVENT_TAG_SET: &str = "tag_set";
 pub const EVENT_TAG_REMOVED: &str = "tag_removed";
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -106,8 +109,8 @@ fn parse_digest(s: &str) -> Result<Digest> {
 /// The metadata store.
 #[derive(Clone)]
 pub struct Meta {
-    read: SqlitePool,
-    write: SqlitePool,
+    pub(crate) read: SqlitePool,
+    pub(crate) write: SqlitePool,
 }
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;

@@ -66,4 +66,29 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         media_type TEXT
     ) STRICT;
     "#,
+    // 2: access control (tokens and scope maps)
+    r#"
+    CREATE TABLE scope_maps (
+        name        TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        actions     TEXT NOT NULL,            -- JSON array of rule strings
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE tokens (
+        name              TEXT PRIMARY KEY,
+        scope_map         TEXT,
+        status            TEXT NOT NULL,
+        is_admin          INTEGER NOT NULL DEFAULT 0,
+        created_at        INTEGER NOT NULL,
+        updated_at        INTEGER NOT NULL,
+        password1_hash    TEXT,
+        password1_created INTEGER,
+        password1_expiry  INTEGER,
+        password2_hash    TEXT,
+        password2_created INTEGER,
+        password2_expiry  INTEGER
+    ) STRICT;
+    "#,
 ];

@@ -5,6 +5,7 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use outpost_control::ControlError;
 use outpost_oci::{ErrorCode, RouteError};
 use outpost_registry::{RegistryError, StorageError};
 use serde_json::json;
@@ -12,7 +13,7 @@ use serde_json::json;
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: ErrorCode,
+    pub code: &'static str,
     pub message: String,
     pub detail: Option<serde_json::Value>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -20,6 +21,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError::custom(status, code.as_str(), message)
+    }
+
+    /// An error with a code outside the OCI list (the management API's).
+    pub fn custom(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -129,9 +135,31 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        use ControlError as C;
+        let msg = e.to_string();
+        match e {
+            C::NotFound { .. } => ApiError::custom(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
+            C::AlreadyExists { .. } => {
+                ApiError::custom(StatusCode::CONFLICT, "ALREADY_EXISTS", msg)
+            }
+            C::Invalid(_) | C::Scope(_) => {
+                ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
+            }
+            C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
+            C::BadCredentials | C::Disabled(_) | C::PasswordExpired(_) | C::Jwt(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg)
+            }
+            C::Meta(m) => ApiError::internal(&m),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code.as_str(), "message": self.message });
+        let mut error = json!({ "code": self.code, "message": self.message });
         if let Some(d) = self.detail {
             error["detail"] = d;
         }
@@ -199,7 +227,7 @@ mod tests {
         ];
         for (e, status, code) in cases {
             let a = ApiError::from(e);
-            assert_eq!((a.status, a.code), (status, code));
+            assert_eq!((a.status, a.code), (status, code.as_str()));
         }
     }
 }

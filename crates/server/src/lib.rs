@@ -1,10 +1,16 @@
 //! `outpost-server` is the only crate that knows HTTP. It builds the axum [`Router`]: `/v2/…`
-//! goes to one dispatcher that parses the path with `outpost_oci::Route::parse`, calls the
-//! registry domain and renders the result; `/healthz` and `/readyz` answer probes. Handlers
+//! goes to one dispatcher that parses the path with `outpost_oci::Route::parse`, authenticates
+//! and authorizes the caller through `outpost-control`, calls the registry domain and renders
+//! the result; `/oauth2/token` issues access tokens; `/api/v1` is the admin-only management
+//! API; `/healthz` and `/readyz` answer probes. Handlers
 //! parse, call one domain function, and render — no storage or SQL logic lives here.
 
+mod api;
+mod auth;
 pub mod error;
 mod v2;
+
+pub use auth::AuthSettings;
 
 use axum::Router;
 use axum::extract::Request;
@@ -12,6 +18,7 @@ use axum::http::{HeaderValue, header::HeaderName};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{any, get};
+use outpost_control::Control;
 use outpost_registry::Registry;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +29,8 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
+    pub control: Arc<Control>,
+    pub auth: AuthSettings,
 }
 
 pub type App = Arc<AppState>;
@@ -33,6 +42,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", any(v2::dispatch))
         .route("/v2/", any(v2::dispatch))
         .route("/v2/{*rest}", any(v2::dispatch))
+        .route(
+            "/oauth2/token",
+            get(auth::token_endpoint).post(auth::token_endpoint),
+        )
+        .nest("/api/v1", api::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .layer(middleware::from_fn(common))

@@ -2,12 +2,13 @@
 //! method; each arm parses headers and query, calls the registry, and renders headers and body
 //! the way Docker, containerd, podman, skopeo and oras expect.
 
-use crate::App;
 use crate::error::ApiError;
+use crate::{App, auth};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use outpost_control::{Principal, RepoAction};
 use outpost_oci::manifest::OCI_INDEX;
 use outpost_oci::range::{parse_content_range, parse_range};
 use outpost_oci::{Digest, ErrorCode, Reference, RepoName, Route};
@@ -90,6 +91,19 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
     let m = &parts.method;
     let h = &parts.headers;
     let reg = &app.registry;
+    let principal = auth::principal(app, h).await?;
+    match required(&route, m) {
+        Need::Nothing => {}
+        Need::Login => {
+            if !principal.is_authenticated() && !app.auth.anonymous_pull {
+                return Err(auth::unauthorized(app, h, None));
+            }
+        }
+        Need::Repo(action) => {
+            let name = route_name(&route).map(RepoName::as_str).unwrap_or_default();
+            auth::authorize(app, h, &principal, name, action)?;
+        }
+    }
     match route {
         Route::Base => match *m {
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
@@ -100,8 +114,13 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 return Err(unsupported(m));
             }
             let n = parse_n(&query)?;
-            let repos = reg.catalog(n, query.last.as_deref()).await?;
-            let link = next_link("/v2/_catalog", n, &repos);
+            let page = reg.catalog(n, query.last.as_deref()).await?;
+            let link = next_link("/v2/_catalog", n, &page);
+            // Only what the caller may read (metadata/read), as ACR does.
+            let repos: Vec<&String> = page
+                .iter()
+                .filter(|r| principal.identity_allows(r, RepoAction::MetadataRead))
+                .collect();
             let body = serde_json::json!({ "repositories": repos });
             Ok(with_link(
                 json_response(StatusCode::OK, body.to_string().into_bytes()),
@@ -161,7 +180,7 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             if *m != Method::POST {
                 return Err(unsupported(m));
             }
-            start_upload(app, &name, &query, body).await
+            start_upload(app, &principal, &name, &query, body).await
         }
         Route::Upload { name, id } => match *m {
             Method::GET => {
@@ -247,6 +266,43 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
     }
 }
 
+/// What a request must be allowed to do before it is served.
+enum Need {
+    Nothing,
+    /// Any valid credentials (or anonymous pull turned on).
+    Login,
+    /// An action on the route's repository.
+    Repo(RepoAction),
+}
+
+fn required(route: &Route, m: &Method) -> Need {
+    use RepoAction::*;
+    let read = matches!(*m, Method::GET | Method::HEAD);
+    match route {
+        Route::Base | Route::Catalog => Need::Login,
+        Route::Tags { .. } | Route::Referrers { .. } if read => Need::Repo(MetadataRead),
+        Route::Manifest { .. } | Route::Blob { .. } if read => Need::Repo(ContentRead),
+        Route::Manifest { .. } if *m == Method::PUT => Need::Repo(ContentWrite),
+        Route::Manifest { .. } | Route::Blob { .. } if *m == Method::DELETE => {
+            Need::Repo(ContentDelete)
+        }
+        Route::UploadStart { .. } | Route::Upload { .. } => Need::Repo(ContentWrite),
+        _ => Need::Nothing, // the dispatcher answers 405
+    }
+}
+
+fn route_name(route: &Route) -> Option<&RepoName> {
+    match route {
+        Route::Base | Route::Catalog => None,
+        Route::Tags { name }
+        | Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::UploadStart { name }
+        | Route::Upload { name, .. }
+        | Route::Referrers { name, .. } => Some(name),
+    }
+}
+
 /// Query strings here are simple `k=v&k=v` pairs; values are percent-decoded.
 fn serde_urlencoded_lite(q: &str) -> Query {
     let mut out = Query::default();
@@ -266,7 +322,7 @@ fn serde_urlencoded_lite(q: &str) -> Query {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -356,14 +412,22 @@ fn blob_created(name: &RepoName, digest: &Digest) -> Response {
         .unwrap_or_default()
 }
 
-async fn start_upload(app: &App, name: &RepoName, q: &Query, body: Body) -> Result<Response> {
+async fn start_upload(
+    app: &App,
+    principal: &Principal,
+    name: &RepoName,
+    q: &Query,
+    body: Body,
+) -> Result<Response> {
     let reg = &app.registry;
     if let (Some(mount), Some(from)) = (&q.mount, &q.from) {
         let digest: Digest = mount.parse().map_err(|e: outpost_oci::DigestError| {
             bad_request(ErrorCode::DigestInvalid, e.to_string())
         })?;
-        // An unreadable or invalid source falls back to a normal upload, as the spec requires.
+        // A source the caller may not read, or an invalid one, falls back to a normal upload,
+        // as the spec requires: a mount must never reveal what the caller cannot pull.
         if let Ok(from) = from.parse::<RepoName>()
+            && principal.allows(from.as_str(), RepoAction::ContentRead)
             && reg.mount_blob(name, &digest, &from).await?.is_some()
         {
             return Ok(blob_created(name, &digest));

@@ -3,173 +3,16 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use axum::Router;
+mod common;
+
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use common::*;
 use outpost_oci::{Algorithm, Digest};
-use outpost_registry::{Registry, RegistryConfig};
+use outpost_registry::RegistryConfig;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-
-struct T {
-    app: Router,
-    registry: Registry,
-    _dir: tempfile::TempDir,
-}
-
-struct Resp {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-    fn code(&self) -> String {
-        self.json()["errors"][0]["code"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-async fn setup_with(config: RegistryConfig) -> T {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::open(dir.path(), config).await.unwrap();
-    let app = outpost_server::router(outpost_server::AppState {
-        registry: registry.clone(),
-    });
-    T {
-        app,
-        registry,
-        _dir: dir,
-    }
-}
-
-async fn setup() -> T {
-    setup_with(RegistryConfig {
-        fsync: false,
-        ..Default::default()
-    })
-    .await
-}
-
-impl T {
-    async fn send(&self, req: Request<Body>) -> Resp {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn req(
-        &self,
-        method: Method,
-        uri: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Body>,
-    ) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        self.send(b.body(body.into()).unwrap()).await
-    }
-
-    async fn get(&self, uri: &str) -> Resp {
-        self.req(Method::GET, uri, &[], Body::empty()).await
-    }
-
-    /// Monolithic POST + PUT upload; returns the digest.
-    async fn push_blob(&self, repo: &str, data: &[u8]) -> Digest {
-        let d = Digest::sha256_of(data);
-        let r = self
-            .req(
-                Method::POST,
-                &format!("/v2/{repo}/blobs/uploads/"),
-                &[],
-                Body::empty(),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::ACCEPTED);
-        let loc = r.header("location").to_string();
-        let r = self
-            .req(
-                Method::PUT,
-                &format!("{loc}?digest={d}"),
-                &[],
-                data.to_vec(),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-        d
-    }
-
-    async fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: &[u8],
-    ) -> Resp {
-        self.req(
-            Method::PUT,
-            &format!("/v2/{repo}/manifests/{reference}"),
-            &[("content-type", media_type)],
-            body.to_vec(),
-        )
-        .await
-    }
-
-    /// Pushes a config and one layer, then an image manifest tagged `tag`; returns its bytes.
-    async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> (Vec<u8>, Digest) {
-        let config = self
-            .push_blob(repo, format!("{{\"seed\":\"{seed}\"}}").as_bytes())
-            .await;
-        let layer = self
-            .push_blob(repo, format!("layer-{seed}").as_bytes())
-            .await;
-        let m = image_manifest(&config, &layer, None);
-        let r = self.push_manifest(repo, tag, OCI_MANIFEST, &m).await;
-        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-        (m.clone(), Digest::sha256_of(&m))
-    }
-}
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-fn image_manifest(config: &Digest, layer: &Digest, extra: Option<(&str, &Digest)>) -> Vec<u8> {
-    let mut m = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": 10},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": 7}],
-    });
-    if let Some((artifact_type, subject)) = extra {
-        m["artifactType"] = json!(artifact_type);
-        m["subject"] =
-            json!({"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": 100});
-        m["annotations"] = json!({"org.example.kind": artifact_type});
-    }
-    serde_json::to_vec_pretty(&m).unwrap()
-}
 
 #[tokio::test]
 async fn base_endpoint_and_api_version_header() {
@@ -514,6 +357,7 @@ async fn concurrent_uploads_of_the_same_blob() {
         tasks.push(tokio::spawn(async move {
             let repo = format!("r{}", i % 2);
             let req = Request::post(format!("/v2/{repo}/blobs/uploads/?digest={d}"))
+                .header("authorization", basic("admin", ADMIN_PASSWORD))
                 .body(Body::from(data))
                 .unwrap();
             app.oneshot(req).await.unwrap().status()

@@ -1,0 +1,1005 @@
+//! `outpost-control` holds access control as ACR models it: scope maps (rules granting
+//! repository and gateway actions), tokens (status, one scope map, two passwords with optional
+//! expiries), authentication of Basic credentials, short-lived signed access tokens for the
+//! Docker/OCI token flow, and the authorization decision for every request. The connected-
+//! registry control plane will live here too.
+//!
+//! Invariants: passwords exist only as Argon2id hashes (a new password is returned once, to the
+//! caller that created it); every limit is enforced here with an error that names it; every
+//! write bumps a generation counter so cached identities and verified passwords are re-checked,
+//! which is what makes disabling a token or deleting a password take effect immediately.
+
+pub mod jwt;
+pub mod password;
+pub mod scope;
+
+pub use scope::{GatewayAction, Permissions, RepoAction, RepoPattern, Rule, ScopeError};
+
+use outpost_meta::{Meta, MetaError, PasswordRow, ScopeMapRow, TokenRow};
+use serde::Serialize;
+use sha2::Digest as _;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The name of the administrator token created on first start.
+pub const ADMIN_TOKEN: &str = "admin";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error(
+        "limit reached: {what} (the limit is {limit}; raise it in the configuration if you need more)"
+    )]
+    Limit { what: String, limit: u64 },
+    #[error("incorrect username or password")]
+    BadCredentials,
+    #[error("token {0:?} is disabled")]
+    Disabled(String),
+    #[error(
+        "the password of token {0:?} has expired; generate a new one with `outpost token credential generate`"
+    )]
+    PasswordExpired(String),
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("access-control I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+/// Configurable limits (ACR's values by default).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_tokens: u64,
+    pub max_scope_maps: u64,
+    pub max_repository_rules: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tokens: 20_000,
+            max_scope_maps: 20_000,
+            max_repository_rules: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub limits: Limits,
+    /// Lifetime of issued access tokens.
+    pub access_token_ttl: Duration,
+    /// How long a successful password verification is trusted before Argon2 runs again.
+    pub verified_ttl: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            limits: Limits::default(),
+            access_token_ttl: Duration::from_secs(300),
+            verified_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Token and scope-map names: 5 to 50 characters of letters, digits, `-` and `_`, as ACR allows.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = (5..=50).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::Invalid(format!(
+            "{kind} name {name:?} is invalid: use 5 to 50 letters, digits, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// A token as it authenticates: its current permissions and password slots.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub enabled: bool,
+    pub perms: Permissions,
+    passwords: [PasswordRow; 2],
+}
+
+/// Who is making a request.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// No credentials; `pull` says whether the operator allows anonymous pulls.
+    Anonymous { pull: bool },
+    /// Basic credentials, verified.
+    Basic(Arc<Identity>),
+    /// A bearer access token issued here, verified, for a token that is still enabled.
+    Bearer {
+        identity: Arc<Identity>,
+        claims: jwt::Claims,
+    },
+}
+
+impl Principal {
+    /// Whether the token behind this principal holds `action` on `repo`, regardless of what an
+    /// access token was scoped to.
+    pub fn identity_allows(&self, repo: &str, action: RepoAction) -> bool {
+        match self {
+            Principal::Anonymous { pull } => {
+                *pull && matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
+            }
+            Principal::Basic(i) | Principal::Bearer { identity: i, .. } => {
+                i.perms.allows(repo, action)
+            }
+        }
+    }
+
+    /// Whether this request may do `action` on `repo`.
+    pub fn allows(&self, repo: &str, action: RepoAction) -> bool {
+        if !self.identity_allows(repo, action) {
+            return false;
+        }
+        match self {
+            Principal::Bearer { claims, .. } => claims.access.iter().any(|a| {
+                a.kind == "repository"
+                    && a.name == repo
+                    && a.actions.iter().any(|x| x == action.as_str())
+            }),
+            _ => true,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Principal::Basic(i) | Principal::Bearer { identity: i, .. } => i.perms.is_admin(),
+            Principal::Anonymous { .. } => false,
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        !matches!(self, Principal::Anonymous { .. })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Basic(i) | Principal::Bearer { identity: i, .. } => &i.name,
+            Principal::Anonymous { .. } => "anonymous",
+        }
+    }
+}
+
+/// An issued access token, as the token endpoint returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessToken {
+    pub token: String,
+    pub access_token: String,
+    pub expires_in: u64,
+    pub issued_at: String,
+}
+
+/// A scope map as the management API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScopeMapView {
+    pub name: String,
+    pub description: String,
+    pub actions: Vec<String>,
+    pub creation_date: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordView {
+    pub name: String,
+    pub creation_time: Option<String>,
+    pub expiry: Option<String>,
+    /// Present only in the response that generated it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// A token as the management API shows it (never with password hashes).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenView {
+    pub name: String,
+    pub scope_map: Option<String>,
+    pub status: String,
+    pub creation_date: String,
+    pub passwords: Vec<PasswordView>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm) keeps us free of a date-time dependency here.
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (the `--expiration` format) into Unix milliseconds.
+pub fn parse_rfc3339(s: &str) -> Result<i64> {
+    let bad = || {
+        ControlError::Invalid(format!(
+            "expiration {s:?} is not of the form YYYY-MM-DDTHH:MM:SSZ"
+        ))
+    };
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return Err(bad());
+    }
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().map_err(|_| bad());
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok((days * 86_400 + h * 3600 + mi * 60 + se) * 1000)
+}
+
+/// An identity (or its absence) as of one generation of the access-control tables.
+type CachedIdentity = (u64, Option<Arc<Identity>>);
+
+struct Verified {
+    generation: u64,
+    slot: usize,
+    at_ms: i64,
+}
+
+/// The access-control service of one node.
+pub struct Control {
+    meta: Meta,
+    signer: jwt::Signer,
+    config: ControlConfig,
+    generation: AtomicU64,
+    identities: RwLock<HashMap<String, CachedIdentity>>,
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+impl Control {
+    /// Opens access control over `meta`, loading (or creating) the signing key in `data_dir/keys`.
+    pub async fn open(meta: Meta, data_dir: &Path, config: ControlConfig) -> Result<Control> {
+        let dir = data_dir.join("keys");
+        let path = dir.join("access-token.key");
+        let io = |source| ControlError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let key = match tokio::fs::read(&path).await {
+            Ok(k) if k.len() >= 32 => k,
+            Ok(_) => {
+                return Err(ControlError::Internal(format!(
+                    "signing key {} is too short",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+                let k = password::random_key();
+                write_private(&path, &k).await.map_err(io)?;
+                k
+            }
+            Err(e) => return Err(io(e)),
+        };
+        Ok(Control {
+            meta,
+            signer: jwt::Signer::new(key),
+            config,
+            generation: AtomicU64::new(1),
+            identities: RwLock::default(),
+            verified: Mutex::default(),
+        })
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Creates the administrator token on first start. With `password` set, password1 is made
+    /// to match it (so an operator can reset a lost password by restarting with it). Returns
+    /// the generated password when one was made.
+    pub async fn bootstrap_admin(&self, password: Option<&str>) -> Result<Option<String>> {
+        let existing = self.meta.token(ADMIN_TOKEN).await?;
+        if let Some(mut t) = existing {
+            if let Some(p) = password {
+                let matches = match &t.passwords[0].hash {
+                    Some(h) => verify_blocking(p.to_string(), h.clone()).await,
+                    None => false,
+                };
+                if !matches {
+                    t.passwords[0] = new_password_row(p, None).await?;
+                    t.is_admin = true;
+                    t.status = "enabled".into();
+                    self.meta.put_token(&t).await?;
+                    self.changed();
+                    tracing::info!("administrator password reset from configuration");
+                }
+            }
+            return Ok(None);
+        }
+        let (pw, generated) = match password {
+            Some(p) => (p.to_string(), None),
+            None => {
+                let p = password::generate();
+                (p.clone(), Some(p))
+            }
+        };
+        let row = TokenRow {
+            name: ADMIN_TOKEN.into(),
+            scope_map: None,
+            status: "enabled".into(),
+            is_admin: true,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            passwords: [new_password_row(&pw, None).await?, PasswordRow::default()],
+        };
+        self.meta.put_token(&row).await?;
+        self.changed();
+        Ok(generated)
+    }
+
+    async fn identity(&self, name: &str) -> Result<Option<Arc<Identity>>> {
+        let generation = self.generation();
+        if let Some((g, id)) = self
+            .identities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            && *g == generation
+        {
+            return Ok(id.clone());
+        }
+        let id = match self.meta.token(name).await? {
+            None => None,
+            Some(t) => {
+                let perms = if t.is_admin {
+                    Permissions::admin()
+                } else {
+                    match &t.scope_map {
+                        Some(sm) => match self.meta.scope_map(sm).await? {
+                            Some(row) => Permissions::new(
+                                row.actions.iter().filter_map(|a| Rule::parse(a).ok()),
+                            ),
+                            None => Permissions::default(),
+                        },
+                        None => Permissions::default(),
+                    }
+                };
+                Some(Arc::new(Identity {
+                    name: t.name,
+                    enabled: t.status == "enabled",
+                    perms,
+                    passwords: t.passwords,
+                }))
+            }
+        };
+        let mut map = self.identities.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(name.to_string(), (generation, id.clone()));
+        Ok(id)
+    }
+
+    /// Verifies Basic credentials. Successful verifications are remembered (keyed by a hash
+    /// of the credentials) so that pulls do not pay for Argon2 on every request.
+    pub async fn authenticate(&self, user: &str, pass: &str) -> Result<Arc<Identity>> {
+        let id = self
+            .identity(user)
+            .await?
+            .ok_or(ControlError::BadCredentials)?;
+        let now = now_ms();
+        let key: [u8; 32] = sha2::Sha256::new()
+            .chain_update(user.as_bytes())
+            .chain_update([0u8])
+            .chain_update(pass.as_bytes())
+            .finalize()
+            .into();
+        let generation = self.generation();
+        let cached = {
+            let v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            v.get(&key)
+                .filter(|v| {
+                    v.generation == generation
+                        && now - v.at_ms < self.config.verified_ttl.as_millis() as i64
+                })
+                .map(|v| v.slot)
+        };
+        let slot = match cached {
+            Some(s) => s,
+            None => {
+                let mut found = None;
+                for (i, p) in id.passwords.iter().enumerate() {
+                    if let Some(h) = &p.hash
+                        && verify_blocking(pass.to_string(), h.clone()).await
+                    {
+                        found = Some(i);
+                        break;
+                    }
+                }
+                let s = found.ok_or(ControlError::BadCredentials)?;
+                let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+                if v.len() > 100_000 {
+                    v.clear();
+                }
+                v.insert(
+                    key,
+                    Verified {
+                        generation,
+                        slot: s,
+                        at_ms: now,
+                    },
+                );
+                s
+            }
+        };
+        if !id.enabled {
+            return Err(ControlError::Disabled(id.name.clone()));
+        }
+        if id.passwords[slot].expiry_ms.is_some_and(|e| e <= now) {
+            return Err(ControlError::PasswordExpired(id.name.clone()));
+        }
+        Ok(id)
+    }
+
+    /// Verifies a bearer access token and that its token is still enabled.
+    pub async fn verify_bearer(&self, token: &str, service: &str) -> Result<Principal> {
+        let claims = self.signer.verify(token, service, now_ms() / 1000)?;
+        let identity = self
+            .identity(&claims.sub)
+            .await?
+            .ok_or(ControlError::BadCredentials)?;
+        if !identity.enabled {
+            return Err(ControlError::Disabled(identity.name.clone()));
+        }
+        Ok(Principal::Bearer { identity, claims })
+    }
+
+    /// Issues an access token for `identity` covering the requested scopes
+    /// (`repository:<name>:pull,push,delete`, `registry:catalog:*`), each reduced to what the
+    /// token's scope map allows.
+    pub fn issue(&self, identity: &Identity, scopes: &[String], service: &str) -> AccessToken {
+        let mut access = Vec::new();
+        for scope in scopes.iter().flat_map(|s| s.split(' ')) {
+            let Some((kind, rest)) = scope.split_once(':') else {
+                continue;
+            };
+            let Some((name, actions)) = rest.rsplit_once(':') else {
+                continue;
+            };
+            match kind {
+                "repository" => {
+                    let mut granted: BTreeSet<&str> = BTreeSet::new();
+                    for a in actions.split(',') {
+                        let wanted: &[RepoAction] = match a {
+                            "pull" => &[RepoAction::ContentRead, RepoAction::MetadataRead],
+                            "push" => &[RepoAction::ContentWrite, RepoAction::MetadataWrite],
+                            "delete" => &[RepoAction::ContentDelete],
+                            "*" => &RepoAction::ALL,
+                            _ => &[],
+                        };
+                        for w in wanted {
+                            if identity.perms.allows(name, *w) {
+                                granted.insert(w.as_str());
+                            }
+                        }
+                    }
+                    let mut actions: Vec<String> = Vec::new();
+                    for (std_name, a) in [
+                        ("pull", RepoAction::ContentRead),
+                        ("push", RepoAction::ContentWrite),
+                        ("delete", RepoAction::ContentDelete),
+                    ] {
+                        if granted.contains(a.as_str()) {
+                            actions.push(std_name.into());
+                        }
+                    }
+                    actions.extend(granted.iter().map(|s| s.to_string()));
+                    access.push(jwt::Access {
+                        kind: "repository".into(),
+                        name: name.into(),
+                        actions,
+                    });
+                }
+                "registry" if name == "catalog" => {
+                    access.push(jwt::Access {
+                        kind: "registry".into(),
+                        name: "catalog".into(),
+                        actions: vec!["*".into()],
+                    });
+                }
+                _ => {}
+            }
+        }
+        let now = now_ms() / 1000;
+        let ttl = self.config.access_token_ttl.as_secs();
+        let claims = jwt::Claims {
+            iss: service.into(),
+            sub: identity.name.clone(),
+            aud: service.into(),
+            exp: now + ttl as i64,
+            nbf: now,
+            iat: now,
+            jti: hex_id(),
+            access,
+        };
+        let token = self.signer.sign(&claims);
+        AccessToken {
+            token: token.clone(),
+            access_token: token,
+            expires_in: ttl,
+            issued_at: rfc3339(now * 1000),
+        }
+    }
+
+    // ---- scope maps ---------------------------------------------------------------------
+
+    fn parse_rules(&self, name: &str, actions: &[String]) -> Result<Vec<String>> {
+        let rules: BTreeSet<Rule> = actions
+            .iter()
+            .map(|a| Rule::parse(a))
+            .collect::<Result<_, _>>()?;
+        let repos: BTreeSet<&RepoPattern> = rules
+            .iter()
+            .filter_map(|r| match r {
+                Rule::Repository(p, _) => Some(p),
+                Rule::Gateway(..) => None,
+            })
+            .collect();
+        let limit = self.config.limits.max_repository_rules;
+        if repos.len() as u64 > limit {
+            return Err(ControlError::Limit {
+                what: format!("scope map {name:?} would name {} repositories", repos.len()),
+                limit,
+            });
+        }
+        Ok(rules.iter().map(Rule::to_string).collect())
+    }
+
+    fn scope_map_view(row: ScopeMapRow) -> ScopeMapView {
+        ScopeMapView {
+            name: row.name,
+            description: row.description,
+            actions: row.actions,
+            creation_date: rfc3339(row.created_ms),
+        }
+    }
+
+    pub async fn create_scope_map(
+        &self,
+        name: &str,
+        description: &str,
+        actions: &[String],
+    ) -> Result<ScopeMapView> {
+        validate_name("scope map", name)?;
+        if description.len() > 256 {
+            return Err(ControlError::Invalid(
+                "a scope map description is at most 256 characters".into(),
+            ));
+        }
+        if actions.is_empty() {
+            return Err(ControlError::Invalid(
+                "a scope map needs at least one rule: --repository REPO ACTION... or --gateway NAME ACTION...".into(),
+            ));
+        }
+        let rules = self.parse_rules(name, actions)?;
+        let limit = self.config.limits.max_scope_maps;
+        if self.meta.count_scope_maps().await? >= limit {
+            return Err(ControlError::Limit {
+                what: "the registry has the maximum number of scope maps".into(),
+                limit,
+            });
+        }
+        if !self
+            .meta
+            .insert_scope_map(name, description, &rules)
+            .await?
+        {
+            return Err(ControlError::AlreadyExists {
+                kind: "scope map",
+                name: name.into(),
+            });
+        }
+        self.changed();
+        self.show_scope_map(name).await
+    }
+
+    pub async fn show_scope_map(&self, name: &str) -> Result<ScopeMapView> {
+        self.meta
+            .scope_map(name)
+            .await?
+            .map(Self::scope_map_view)
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "scope map",
+                name: name.into(),
+            })
+    }
+
+    pub async fn list_scope_maps(&self) -> Result<Vec<ScopeMapView>> {
+        Ok(self
+            .meta
+            .scope_maps()
+            .await?
+            .into_iter()
+            .map(Self::scope_map_view)
+            .collect())
+    }
+
+    /// Adds and removes rules (and optionally replaces the description).
+    pub async fn update_scope_map(
+        &self,
+        name: &str,
+        add: &[String],
+        remove: &[String],
+        description: Option<&str>,
+    ) -> Result<ScopeMapView> {
+        let row = self
+            .meta
+            .scope_map(name)
+            .await?
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "scope map",
+                name: name.into(),
+            })?;
+        let add: BTreeSet<String> = add
+            .iter()
+            .map(|a| Rule::parse(a).map(|r| r.to_string()))
+            .collect::<Result<_, _>>()?;
+        let remove: BTreeSet<String> = remove
+            .iter()
+            .map(|a| Rule::parse(a).map(|r| r.to_string()))
+            .collect::<Result<_, _>>()?;
+        if add.is_empty() && remove.is_empty() && description.is_none() {
+            return Err(ControlError::Invalid(
+                "No scope map properties to update.".into(),
+            ));
+        }
+        if add.intersection(&remove).next().is_some() {
+            return Err(ControlError::Invalid(
+                "Update ambiguity. Duplicate actions were provided with --add and --remove arguments.".into(),
+            ));
+        }
+        let mut actions: BTreeSet<String> = row.actions.into_iter().collect();
+        actions.extend(add);
+        actions.retain(|a| !remove.contains(a));
+        let actions: Vec<String> = actions.into_iter().collect();
+        let rules = self.parse_rules(name, &actions)?;
+        let description = description.unwrap_or(&row.description);
+        if description.len() > 256 {
+            return Err(ControlError::Invalid(
+                "a scope map description is at most 256 characters".into(),
+            ));
+        }
+        self.meta
+            .update_scope_map(name, description, &rules)
+            .await?;
+        self.changed();
+        self.show_scope_map(name).await
+    }
+
+    pub async fn delete_scope_map(&self, name: &str) -> Result<()> {
+        if !self.meta.delete_scope_map(name).await? {
+            return Err(ControlError::NotFound {
+                kind: "scope map",
+                name: name.into(),
+            });
+        }
+        self.changed();
+        Ok(())
+    }
+
+    // ---- tokens -------------------------------------------------------------------------
+
+    fn token_view(t: &TokenRow, fresh: &[(usize, String)]) -> TokenView {
+        TokenView {
+            name: t.name.clone(),
+            scope_map: if t.is_admin {
+                Some("(administrator)".into())
+            } else {
+                t.scope_map.clone()
+            },
+            status: t.status.clone(),
+            creation_date: rfc3339(t.created_ms),
+            passwords: t
+                .passwords
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.hash.is_some())
+                .map(|(i, p)| PasswordView {
+                    name: format!("password{}", i + 1),
+                    creation_time: p.created_ms.map(rfc3339),
+                    expiry: p.expiry_ms.map(rfc3339),
+                    value: fresh.iter().find(|(s, _)| *s == i).map(|(_, v)| v.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    async fn token_row(&self, name: &str) -> Result<TokenRow> {
+        self.meta
+            .token(name)
+            .await?
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "token",
+                name: name.into(),
+            })
+    }
+
+    /// Creates a token. Unless `no_passwords`, password1 and password2 are generated and
+    /// returned (once) in the view.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        scope_map: &str,
+        enabled: bool,
+        no_passwords: bool,
+        expiry_ms: Option<i64>,
+    ) -> Result<TokenView> {
+        validate_name("token", name)?;
+        if no_passwords && expiry_ms.is_some() {
+            return Err(ControlError::Invalid(
+                "--no-passwords cannot be combined with an expiration".into(),
+            ));
+        }
+        self.show_scope_map(scope_map).await?;
+        if self.meta.token(name).await?.is_some() {
+            return Err(ControlError::AlreadyExists {
+                kind: "token",
+                name: name.into(),
+            });
+        }
+        let limit = self.config.limits.max_tokens;
+        if self.meta.count_tokens().await? >= limit {
+            return Err(ControlError::Limit {
+                what: "the registry has the maximum number of tokens".into(),
+                limit,
+            });
+        }
+        let mut fresh = Vec::new();
+        let mut passwords = [PasswordRow::default(), PasswordRow::default()];
+        if !no_passwords {
+            for (i, slot) in passwords.iter_mut().enumerate() {
+                let pw = password::generate();
+                *slot = new_password_row(&pw, expiry_ms).await?;
+                fresh.push((i, pw));
+            }
+        }
+        let row = TokenRow {
+            name: name.into(),
+            scope_map: Some(scope_map.into()),
+            status: if enabled { "enabled" } else { "disabled" }.into(),
+            is_admin: false,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            passwords,
+        };
+        self.meta.put_token(&row).await?;
+        self.changed();
+        Ok(Self::token_view(&row, &fresh))
+    }
+
+    pub async fn show_token(&self, name: &str) -> Result<TokenView> {
+        Ok(Self::token_view(&self.token_row(name).await?, &[]))
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenView>> {
+        Ok(self
+            .meta
+            .tokens()
+            .await?
+            .iter()
+            .map(|t| Self::token_view(t, &[]))
+            .collect())
+    }
+
+    /// Changes a token's scope map and/or status.
+    pub async fn update_token(
+        &self,
+        name: &str,
+        scope_map: Option<&str>,
+        enabled: Option<bool>,
+    ) -> Result<TokenView> {
+        let mut t = self.token_row(name).await?;
+        if t.is_admin {
+            return Err(ControlError::Invalid(
+                "the administrator token's scope and status cannot be changed; rotate its password instead".into(),
+            ));
+        }
+        if let Some(sm) = scope_map {
+            self.show_scope_map(sm).await?;
+            t.scope_map = Some(sm.into());
+        }
+        if let Some(e) = enabled {
+            t.status = if e { "enabled" } else { "disabled" }.into();
+        }
+        self.meta.put_token(&t).await?;
+        self.changed();
+        Ok(Self::token_view(&t, &[]))
+    }
+
+    /// Generates new values for the chosen password slots (0 = password1, 1 = password2).
+    pub async fn generate_credentials(
+        &self,
+        name: &str,
+        slots: &[usize],
+        expiry_ms: Option<i64>,
+    ) -> Result<TokenView> {
+        let mut t = self.token_row(name).await?;
+        let mut fresh = Vec::new();
+        for &s in slots {
+            let pw = password::generate();
+            t.passwords[s] = new_password_row(&pw, expiry_ms).await?;
+            fresh.push((s, pw));
+        }
+        self.meta.put_token(&t).await?;
+        self.changed();
+        Ok(Self::token_view(&t, &fresh))
+    }
+
+    pub async fn delete_credentials(&self, name: &str, slots: &[usize]) -> Result<TokenView> {
+        let mut t = self.token_row(name).await?;
+        if t.is_admin && slots.contains(&0) {
+            return Err(ControlError::Invalid(
+                "password1 of the administrator token cannot be deleted; generate a new one instead".into(),
+            ));
+        }
+        for &s in slots {
+            t.passwords[s] = PasswordRow::default();
+        }
+        self.meta.put_token(&t).await?;
+        self.changed();
+        Ok(Self::token_view(&t, &[]))
+    }
+
+    pub async fn delete_token(&self, name: &str) -> Result<()> {
+        let t = self.token_row(name).await?;
+        if t.is_admin {
+            return Err(ControlError::Invalid(
+                "the administrator token cannot be deleted".into(),
+            ));
+        }
+        self.meta.delete_token(name).await?;
+        self.changed();
+        Ok(())
+    }
+}
+
+async fn verify_blocking(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+        .await
+        .unwrap_or(false)
+}
+
+async fn new_password_row(pw: &str, expiry_ms: Option<i64>) -> Result<PasswordRow> {
+    let pw = pw.to_string();
+    let hash = tokio::task::spawn_blocking(move || password::hash(&pw))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))?
+        .map_err(|e| ControlError::Internal(format!("hashing a password: {e}")))?;
+    Ok(PasswordRow {
+        hash: Some(hash),
+        created_ms: Some(now_ms()),
+        expiry_ms,
+    })
+}
+
+fn hex_id() -> String {
+    password::random_key()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = path.to_path_buf();
+    let data = data.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let mut f = o.open(&path)?;
+        f.write_all(&data)?;
+        f.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_round_trip() {
+        for s in [
+            "1970-01-01T00:00:00Z",
+            "2026-11-28T02:00:21Z",
+            "9999-12-31T23:59:59Z",
+            "2024-02-29T12:00:00Z",
+        ] {
+            assert_eq!(rfc3339(parse_rfc3339(s).unwrap()), s);
+        }
+        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("token", "admin").is_ok());
+        assert!(validate_name("token", "ci-reader_01").is_ok());
+        assert!(validate_name("token", "abcd").is_err());
+        assert!(validate_name("token", &"a".repeat(51)).is_err());
+        assert!(validate_name("token", "-abcde").is_err());
+        assert!(validate_name("token", "abc de").is_err());
+    }
+}

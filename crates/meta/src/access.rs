@@ -1,0 +1,215 @@
+//! Rows of the access-control tables (scope maps and tokens). `outpost-control` owns their
+//! meaning; this module only stores and loads them.
+
+use crate::{Meta, MetaError, Result, now_ms};
+use sqlx::Row;
+
+/// A stored scope map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeMapRow {
+    pub name: String,
+    pub description: String,
+    /// Rule strings such as `repositories/app/content/read`.
+    pub actions: Vec<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One of a token's two password slots.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PasswordRow {
+    /// Argon2id PHC string; `None` when the slot is empty.
+    pub hash: Option<String>,
+    pub created_ms: Option<i64>,
+    pub expiry_ms: Option<i64>,
+}
+
+/// A stored token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub name: String,
+    pub scope_map: Option<String>,
+    pub status: String,
+    pub is_admin: bool,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub passwords: [PasswordRow; 2],
+}
+
+fn scope_map_row(r: sqlx::sqlite::SqliteRow) -> Result<ScopeMapRow> {
+    let actions: String = r.try_get(2)?;
+    Ok(ScopeMapRow {
+        name: r.try_get(0)?,
+        description: r.try_get(1)?,
+        actions: serde_json::from_str(&actions)
+            .map_err(|e| MetaError::Corrupt(format!("scope map actions: {e}")))?,
+        created_ms: r.try_get(3)?,
+        updated_ms: r.try_get(4)?,
+    })
+}
+
+fn token_row(r: sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
+    let slot = |i: usize| -> Result<PasswordRow> {
+        Ok(PasswordRow {
+            hash: r.try_get(6 + i * 3)?,
+            created_ms: r.try_get(7 + i * 3)?,
+            expiry_ms: r.try_get(8 + i * 3)?,
+        })
+    };
+    Ok(TokenRow {
+        name: r.try_get(0)?,
+        scope_map: r.try_get(1)?,
+        status: r.try_get(2)?,
+        is_admin: r.try_get::<i64, _>(3)? != 0,
+        created_ms: r.try_get(4)?,
+        updated_ms: r.try_get(5)?,
+        passwords: [slot(0)?, slot(1)?],
+    })
+}
+
+const TOKEN_COLUMNS: &str = "name, scope_map, status, is_admin, created_at, updated_at, \
+     password1_hash, password1_created, password1_expiry, password2_hash, password2_created, password2_expiry";
+
+impl Meta {
+    pub async fn scope_map(&self, name: &str) -> Result<Option<ScopeMapRow>> {
+        sqlx::query("SELECT name, description, actions, created_at, updated_at FROM scope_maps WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await?
+            .map(scope_map_row)
+            .transpose()
+    }
+
+    pub async fn scope_maps(&self) -> Result<Vec<ScopeMapRow>> {
+        sqlx::query("SELECT name, description, actions, created_at, updated_at FROM scope_maps ORDER BY name")
+            .fetch_all(&self.read)
+            .await?
+            .into_iter()
+            .map(scope_map_row)
+            .collect()
+    }
+
+    pub async fn count_scope_maps(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM scope_maps")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Inserts a scope map; returns false if one with that name exists.
+    pub async fn insert_scope_map(
+        &self,
+        name: &str,
+        description: &str,
+        actions: &[String],
+    ) -> Result<bool> {
+        let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
+        let res = sqlx::query(
+            "INSERT INTO scope_maps (name, description, actions, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(description)
+        .bind(json)
+        .bind(now_ms())
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    /// Replaces a scope map's description and actions; returns false if it does not exist.
+    pub async fn update_scope_map(
+        &self,
+        name: &str,
+        description: &str,
+        actions: &[String],
+    ) -> Result<bool> {
+        let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
+        let res = sqlx::query(
+            "UPDATE scope_maps SET description = ?, actions = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(description)
+        .bind(json)
+        .bind(now_ms())
+        .bind(name)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    pub async fn delete_scope_map(&self, name: &str) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM scope_maps WHERE name = ?")
+            .bind(name)
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    pub async fn token(&self, name: &str) -> Result<Option<TokenRow>> {
+        sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(&self.read)
+        .await?
+        .map(token_row)
+        .transpose()
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY name"))
+            .fetch_all(&self.read)
+            .await?
+            .into_iter()
+            .map(token_row)
+            .collect()
+    }
+
+    pub async fn count_tokens(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tokens")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Tokens that use `scope_map`.
+    pub async fn tokens_using(&self, scope_map: &str) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM tokens WHERE scope_map = ? ORDER BY name")
+                .bind(scope_map)
+                .fetch_all(&self.read)
+                .await?,
+        )
+    }
+
+    /// Inserts or replaces a token row (the caller read, changed and writes it back).
+    pub async fn put_token(&self, t: &TokenRow) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT OR REPLACE INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&t.name)
+        .bind(&t.scope_map)
+        .bind(&t.status)
+        .bind(i64::from(t.is_admin))
+        .bind(t.created_ms)
+        .bind(now_ms())
+        .bind(&t.passwords[0].hash)
+        .bind(t.passwords[0].created_ms)
+        .bind(t.passwords[0].expiry_ms)
+        .bind(&t.passwords[1].hash)
+        .bind(t.passwords[1].created_ms)
+        .bind(t.passwords[1].expiry_ms)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_token(&self, name: &str) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM tokens WHERE name = ?")
+            .bind(name)
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+}

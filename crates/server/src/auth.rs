@@ -1,0 +1,255 @@
+//! Authentication on the HTTP side: turning `Authorization` headers into a [`Principal`],
+//! answering unauthenticated requests with the Docker/OCI `Bearer` challenge, and the token
+//! endpoint (`/oauth2/token`, GET with Basic credentials and the POST form containerd uses)
+//! that exchanges credentials for a short-lived access token. The decisions themselves are
+//! made by `outpost-control`.
+
+use crate::App;
+use crate::error::ApiError;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use outpost_control::{Principal, RepoAction};
+use outpost_oci::ErrorCode;
+
+/// How this node authenticates clients.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Let requests without credentials pull (content/read and metadata/read everywhere).
+    pub anonymous_pull: bool,
+    /// The `service` named in challenges and the audience of issued access tokens.
+    pub service: String,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            anonymous_pull: false,
+            service: "outpost".into(),
+        }
+    }
+}
+
+/// `user:password` from a `Basic` header value.
+fn basic(value: &str) -> Option<(String, String)> {
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let s = String::from_utf8(decoded).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+/// Who is calling, from the `Authorization` header. Bad credentials are a 401 with a message
+/// that says why (wrong password, disabled token, expired password or access token).
+pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(Principal::Anonymous {
+            pull: app.auth.anonymous_pull,
+        });
+    };
+    if let Some(token) = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+    {
+        return app
+            .control
+            .verify_bearer(token.trim(), &app.auth.service)
+            .await
+            .map_err(|e| challenge(app, headers, None, ApiError::from(e)));
+    }
+    let (user, pass) = basic(value).ok_or_else(|| {
+        challenge(
+            app,
+            headers,
+            None,
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "Authorization header is neither Basic nor Bearer",
+            ),
+        )
+    })?;
+    match app.control.authenticate(&user, &pass).await {
+        Ok(identity) => Ok(Principal::Basic(identity)),
+        Err(e) => Err(challenge(app, headers, None, ApiError::from(e))),
+    }
+}
+
+/// The scope string a client should request for `action` on `repo`.
+pub(crate) fn scope_for(repo: &str, action: RepoAction) -> String {
+    let verbs = match action {
+        RepoAction::ContentRead | RepoAction::MetadataRead => "pull",
+        RepoAction::ContentWrite | RepoAction::MetadataWrite => "pull,push",
+        RepoAction::ContentDelete => "delete",
+    };
+    format!("repository:{repo}:{verbs}")
+}
+
+/// Adds the `WWW-Authenticate: Bearer realm=…,service=…[,scope=…]` challenge to a 401.
+pub(crate) fn challenge(
+    app: &App,
+    headers: &HeaderMap,
+    scope: Option<&str>,
+    err: ApiError,
+) -> ApiError {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    let mut value = format!(
+        "Bearer realm=\"http://{host}/oauth2/token\",service=\"{}\"",
+        app.auth.service
+    );
+    if let Some(s) = scope {
+        value.push_str(&format!(",scope=\"{s}\""));
+    }
+    err.with_header(header::WWW_AUTHENTICATE, &value)
+}
+
+pub(crate) fn unauthorized(app: &App, headers: &HeaderMap, scope: Option<&str>) -> ApiError {
+    challenge(
+        app,
+        headers,
+        scope,
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "authentication required",
+        ),
+    )
+}
+
+/// Checks that `principal` may do `action` on `repo`: 401 with a challenge when it should
+/// (re)authenticate, 403 `DENIED` when its token simply lacks the permission.
+pub(crate) fn authorize(
+    app: &App,
+    headers: &HeaderMap,
+    p: &Principal,
+    repo: &str,
+    action: RepoAction,
+) -> Result<(), ApiError> {
+    if p.allows(repo, action) {
+        return Ok(());
+    }
+    let scope = scope_for(repo, action);
+    if !p.is_authenticated() || p.identity_allows(repo, action) {
+        // No credentials, or an access token scoped too narrowly for a token that could do
+        // this: ask the client to fetch a token with the right scope.
+        return Err(unauthorized(app, headers, Some(&scope)));
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Denied,
+        format!(
+            "requested access to the resource is denied: token {:?} does not have {} on repository {repo:?} (insufficient scopes)",
+            p.name(),
+            action
+        ),
+    ))
+}
+
+/// All `key=value` pairs of a query string or form body, percent-decoded.
+pub(crate) fn pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (crate::v2::percent_decode(k), crate::v2::percent_decode(v))
+        })
+        .collect()
+}
+
+/// `GET|POST /oauth2/token`.
+pub(crate) async fn token_endpoint(State(app): State<App>, req: Request) -> Response {
+    match token(&app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let mut kv = pairs(parts.uri.query().unwrap_or(""));
+    let mut creds = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(basic);
+    match parts.method {
+        Method::GET => {}
+        Method::POST => {
+            let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::Unsupported,
+                    "token request body too large or unreadable",
+                )
+            })?;
+            let form = pairs(&String::from_utf8_lossy(&bytes));
+            let get = |k: &str| form.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+            match get("grant_type").as_deref() {
+                Some("password") | None => {
+                    if let (Some(u), Some(p)) = (get("username"), get("password")) {
+                        creds = Some((u, p));
+                    }
+                }
+                Some(other) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::Unsupported,
+                        format!(
+                            "grant_type {other:?} is not supported; use grant_type=password or GET with Basic credentials"
+                        ),
+                    ));
+                }
+            }
+            for (k, v) in form {
+                if k == "scope" {
+                    kv.push((k, v));
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                "use GET or POST",
+            ));
+        }
+    }
+    let scopes: Vec<String> = kv
+        .into_iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v)
+        .collect();
+    let Some((user, pass)) = creds else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "authentication required: log in with a token name and password (docker login -u <token> -p <password>)",
+        )
+        .with_header(header::WWW_AUTHENTICATE, &format!("Basic realm=\"{}\"", app.auth.service)));
+    };
+    let identity = app.control.authenticate(&user, &pass).await?;
+    let issued = app.control.issue(&identity, &scopes, &app.auth.service);
+    let body = serde_json::to_vec(&issued).unwrap_or_default();
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from(body))
+        .unwrap_or_default())
+}

@@ -1,0 +1,930 @@
+//! Access control over the router: the Docker/OCI token flow, Basic auth, and the permission
+//! matrix — every action × allowed/denied × repository pattern — plus expired, disabled,
+//! rotated and forged credentials, the management API and its limits.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode};
+use base64::Engine as _;
+use common::*;
+use outpost_control::{ControlConfig, Limits};
+use outpost_oci::Digest;
+use outpost_server::AuthSettings;
+use serde_json::{Value, json};
+
+async fn setup_default() -> T {
+    setup_auth(AuthSettings::default()).await
+}
+
+/// Creates scope map `<name>-map` with `actions` and token `name`; returns its password1.
+async fn token(t: &T, name: &str, actions: &[&str]) -> String {
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/scope-maps",
+            &[("content-type", "application/json")],
+            json!({"name": format!("{name}-map"), "actions": actions}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": name, "scopeMap": format!("{name}-map")}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    r.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Gets an access token from the token endpoint with Basic credentials.
+async fn bearer(t: &T, user: &str, pass: &str, scopes: &[&str]) -> String {
+    let q: Vec<String> = scopes
+        .iter()
+        .map(|s| format!("scope={}", s.replace(',', "%2C")))
+        .collect();
+    let r = t
+        .req_as(
+            Some(&basic(user, pass)),
+            Method::GET,
+            &format!("/oauth2/token?service=outpost&{}", q.join("&")),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(v["token"], v["access_token"]);
+    assert!(v["expires_in"].as_u64().unwrap() > 0);
+    format!("Bearer {}", v["token"].as_str().unwrap())
+}
+
+/// Seeds repositories `app`, `team/one`, `team/two/deep` and `other` with an image `v1` each.
+async fn seed(t: &T) -> Digest {
+    let mut d = None;
+    for repo in ["app", "team/one", "team/two/deep", "other"] {
+        d = Some(t.push_image(repo, "v1", "seed").await.1);
+    }
+    d.unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Pull,
+    Push,
+    Delete,
+    TagsList,
+    Referrers,
+}
+
+/// Performs `op` on `repo` as `auth`; returns the status.
+async fn attempt(t: &T, auth: &str, op: Op, repo: &str, digest: &Digest) -> StatusCode {
+    let a = Some(auth);
+    match op {
+        Op::Pull => {
+            t.req_as(
+                a,
+                Method::GET,
+                &format!("/v2/{repo}/manifests/v1"),
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+        Op::Push => {
+            t.req_as(
+                a,
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/"),
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+        Op::Delete => {
+            t.req_as(
+                a,
+                Method::DELETE,
+                &format!("/v2/{repo}/manifests/v1"),
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+        Op::TagsList => {
+            t.req_as(
+                a,
+                Method::GET,
+                &format!("/v2/{repo}/tags/list"),
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+        Op::Referrers => {
+            t.req_as(
+                a,
+                Method::GET,
+                &format!("/v2/{repo}/referrers/{digest}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+    }
+}
+
+fn success(op: Op) -> StatusCode {
+    match op {
+        Op::Pull | Op::TagsList | Op::Referrers => StatusCode::OK,
+        Op::Push | Op::Delete => StatusCode::ACCEPTED,
+    }
+}
+
+#[tokio::test]
+async fn permission_matrix_for_basic_and_bearer() {
+    let t = setup_default().await;
+    let digest = seed(&t).await;
+    // (pattern, action, op)
+    let cases: &[(&str, &str, Op)] = &[
+        ("app", "content/read", Op::Pull),
+        ("app", "content/write", Op::Push),
+        ("app", "content/delete", Op::Delete),
+        ("app", "metadata/read", Op::TagsList),
+        ("app", "metadata/read", Op::Referrers),
+        ("team/*", "content/read", Op::Pull),
+        ("team/*", "content/write", Op::Push),
+        ("team/*", "content/delete", Op::Delete),
+        ("team/*", "metadata/read", Op::TagsList),
+        ("*", "content/read", Op::Pull),
+        ("*", "content/write", Op::Push),
+        ("*", "metadata/read", Op::Referrers),
+    ];
+    for (i, (pattern, action, op)) in cases.iter().enumerate() {
+        let name = format!("matrix{i:02}");
+        let pw = token(&t, &name, &[&format!("repositories/{pattern}/{action}")]).await;
+        let basic_auth = basic(&name, &pw);
+        let inside: &[&str] = match *pattern {
+            "app" => &["app"],
+            "team/*" => &["team/one", "team/two/deep"],
+            _ => &["app", "team/one", "other"],
+        };
+        let outside: &[&str] = match *pattern {
+            "app" => &["other", "team/one"],
+            "team/*" => &["app", "other"],
+            _ => &[],
+        };
+        for repo in inside {
+            // Delete last, so the manifest is still there for the other checks.
+            let got = attempt(&t, &basic_auth, *op, repo, &digest).await;
+            assert_eq!(
+                got,
+                success(*op),
+                "{name}: {pattern} {action} {op:?} on {repo} (basic)"
+            );
+            if matches!(op, Op::Delete) {
+                t.push_image(repo, "v1", "seed").await;
+            }
+            let verb = match op {
+                Op::Push => "pull,push",
+                Op::Delete => "delete",
+                _ => "pull",
+            };
+            let b = bearer(&t, &name, &pw, &[&format!("repository:{repo}:{verb}")]).await;
+            assert_eq!(
+                attempt(&t, &b, *op, repo, &digest).await,
+                success(*op),
+                "{name}: {op:?} on {repo} (bearer)"
+            );
+            if matches!(op, Op::Delete) {
+                t.push_image(repo, "v1", "seed").await;
+            }
+        }
+        for repo in outside {
+            let got = attempt(&t, &basic_auth, *op, repo, &digest).await;
+            assert_eq!(
+                got,
+                StatusCode::FORBIDDEN,
+                "{name}: {pattern} {action} {op:?} on {repo} must be denied"
+            );
+        }
+        // The action alone does not grant the others.
+        let other_op = match op {
+            Op::Pull | Op::TagsList | Op::Referrers => Op::Push,
+            Op::Push | Op::Delete => Op::Pull,
+        };
+        if !(matches!(other_op, Op::Pull) && *action == "content/read") {
+            assert_eq!(
+                attempt(&t, &basic_auth, other_op, inside[0], &digest).await,
+                StatusCode::FORBIDDEN,
+                "{name}: {other_op:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn challenge_and_token_flow() {
+    let t = setup_default().await;
+    t.push_image("app", "v1", "x").await;
+    // No credentials: 401 with a Bearer challenge naming the realm, service and scope.
+    let r = t
+        .req_as(
+            None,
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.code(), "UNAUTHORIZED");
+    assert_eq!(
+        r.header("www-authenticate"),
+        "Bearer realm=\"http://registry.test:5000/oauth2/token\",service=\"outpost\",scope=\"repository:app:pull\""
+    );
+    let r = t
+        .req_as(None, Method::GET, "/v2/", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.header("www-authenticate").starts_with("Bearer realm="));
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert!(
+        r.header("www-authenticate")
+            .ends_with("scope=\"repository:app:pull,push\"")
+    );
+
+    // Token endpoint: GET with Basic, POST form (containerd), several scopes at once.
+    let pw = token(
+        &t,
+        "reader",
+        &[
+            "repositories/app/content/read",
+            "repositories/app/metadata/read",
+        ],
+    )
+    .await;
+    let b = bearer(
+        &t,
+        "reader",
+        &pw,
+        &["repository:app:pull,push", "repository:other:pull"],
+    )
+    .await;
+    assert_eq!(
+        t.req_as(
+            Some(&b),
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // The push part of the request was not granted (scope escalation is cut down to the map).
+    let r = t
+        .req_as(
+            Some(&b),
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.code(), "DENIED");
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient scopes")
+    );
+    let form = format!(
+        "grant_type=password&username=reader&password={pw}&scope=repository%3Aapp%3Apull&service=outpost&client_id=containerd"
+    );
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/oauth2/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let tok = format!("Bearer {}", r.json()["access_token"].as_str().unwrap());
+    assert_eq!(
+        t.req_as(
+            Some(&tok),
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // A token scoped to pull only, used by a token that could push: 401 asking for the scope.
+    let admin_pull = bearer(&t, "admin", ADMIN_PASSWORD, &["repository:app:pull"]).await;
+    let r = t
+        .req_as(
+            Some(&admin_pull),
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.header("www-authenticate")
+            .contains("repository:app:pull,push")
+    );
+
+    // Wrong password at the token endpoint and on /v2/.
+    let r = t
+        .req_as(
+            Some(&basic("reader", "nope")),
+            Method::GET,
+            "/oauth2/token?scope=repository:app:pull",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "incorrect username or password"
+    );
+    let r = t
+        .req_as(
+            Some(&basic("nobody", "x")),
+            Method::GET,
+            "/v2/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = t
+        .req_as(None, Method::GET, "/oauth2/token", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/oauth2/token",
+            &[],
+            "grant_type=refresh_token&refresh_token=x",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn forged_expired_and_foreign_access_tokens() {
+    let t = setup_default().await;
+    t.push_image("app", "v1", "x").await;
+    let pw = token(&t, "reader", &["repositories/app/content/read"]).await;
+    let good = bearer(&t, "reader", &pw, &["repository:app:pull"]).await;
+    let jwt = good.trim_start_matches("Bearer ");
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+
+    // Tampered: grant ourselves push on another repository, keep the signature.
+    claims["access"] = json!([{"type": "repository", "name": "other", "actions": ["push", "content/write", "content/read"]}]);
+    let tampered = format!(
+        "Bearer {}.{}.{}",
+        parts[0],
+        b64.encode(claims.to_string()),
+        parts[2]
+    );
+    // alg: none
+    let none = format!(
+        "Bearer {}.{}.",
+        b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims.to_string())
+    );
+    // Signed with another registry's key.
+    let other = setup_default().await;
+    let other_pw = token(&other, "reader", &["repositories/app/content/read"]).await;
+    let foreign = bearer(&other, "reader", &other_pw, &["repository:app:pull"]).await;
+    for (what, tok) in [
+        ("tampered", &tampered),
+        ("alg none", &none),
+        ("foreign", &foreign),
+        ("garbage", &"Bearer abc".to_string()),
+    ] {
+        let r = t
+            .req_as(
+                Some(tok),
+                Method::GET,
+                "/v2/app/manifests/v1",
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}");
+        assert!(
+            r.header("www-authenticate").starts_with("Bearer realm="),
+            "{what}"
+        );
+    }
+    // Expired: a registry whose access tokens live 0 seconds.
+    let short = setup_full(Default::default(), AuthSettings::default()).await;
+    let c = outpost_control::Control::open(
+        short.registry.meta().clone(),
+        tempfile::tempdir().unwrap().path(),
+        ControlConfig {
+            access_token_ttl: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.bootstrap_admin(Some(ADMIN_PASSWORD)).await.unwrap();
+    let id = c.authenticate("admin", ADMIN_PASSWORD).await.unwrap();
+    let expired = c.issue(&id, &["repository:app:pull".into()], "outpost");
+    assert!(matches!(
+        c.verify_bearer(&expired.token, "outpost").await,
+        Err(outpost_control::ControlError::Jwt(
+            outpost_control::jwt::JwtError::Expired
+        ))
+    ));
+}
+
+#[tokio::test]
+async fn disabled_tokens_expired_and_rotated_passwords() {
+    let t = setup_default().await;
+    t.push_image("app", "v1", "x").await;
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/scope-maps",
+            &[],
+            json!({"name": "readers", "actions": ["repositories/app/content/read"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "rotator", "scopeMap": "readers"}).to_string(),
+        )
+        .await;
+    let v = r.json();
+    let (p1, p2) = (
+        v["passwords"][0]["value"].as_str().unwrap().to_string(),
+        v["passwords"][1]["value"].as_str().unwrap().to_string(),
+    );
+    let pull = |auth: String| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::GET,
+                "/v2/app/manifests/v1",
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(pull(basic("rotator", &p1)).await, StatusCode::OK);
+    assert_eq!(pull(basic("rotator", &p2)).await, StatusCode::OK);
+    let b = bearer(&t, "rotator", &p1, &["repository:app:pull"]).await;
+
+    // Rotate password1: the old value stops working at once, password2 keeps working.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/rotator/credentials/generate",
+            &[],
+            json!({"passwords": ["password1"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let new1 = r.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(pull(basic("rotator", &p1)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(pull(basic("rotator", &p2)).await, StatusCode::OK);
+    assert_eq!(pull(basic("rotator", &new1)).await, StatusCode::OK);
+    // Passwords are never shown again.
+    let r = t
+        .req(Method::GET, "/api/v1/tokens/rotator", &[], Body::empty())
+        .await;
+    assert!(r.json()["passwords"][0].get("value").is_none());
+    assert!(!String::from_utf8_lossy(&r.body).contains(&new1));
+
+    // An expired password is refused with a message that says so.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/rotator/credentials/generate",
+            &[],
+            json!({"passwords": ["password2"], "expiry": "2001-01-01T00:00:00Z"}).to_string(),
+        )
+        .await;
+    let old2 = r.json()["passwords"][1]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = t
+        .req_as(
+            Some(&basic("rotator", &old2)),
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+
+    // Disabling the token refuses Basic and already-issued access tokens alike.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/tokens/rotator",
+            &[],
+            json!({"status": "disabled"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = t
+        .req_as(
+            Some(&basic("rotator", &new1)),
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled")
+    );
+    assert_eq!(pull(b).await, StatusCode::UNAUTHORIZED);
+    let r = t
+        .req_as(
+            Some(&basic("rotator", &new1)),
+            Method::GET,
+            "/oauth2/token?scope=repository:app:pull",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn catalog_lists_only_readable_repositories_and_mount_never_leaks() {
+    let t = setup_default().await;
+    seed(&t).await;
+    let pw = token(
+        &t,
+        "teamer",
+        &[
+            "repositories/team/*/metadata/read",
+            "repositories/team/*/content/read",
+            "repositories/team/*/content/write",
+        ],
+    )
+    .await;
+    let r = t
+        .req_as(
+            Some(&basic("teamer", &pw)),
+            Method::GET,
+            "/v2/_catalog",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(
+        r.json()["repositories"],
+        json!(["team/one", "team/two/deep"])
+    );
+    let r = t.get("/v2/_catalog").await;
+    assert_eq!(
+        r.json()["repositories"].as_array().unwrap().len(),
+        4,
+        "admin sees everything"
+    );
+
+    // A blob only in `other` cannot be mounted into team/one by a token that cannot read `other`.
+    let secret = t.push_blob("other", b"secret layer").await;
+    let r = t
+        .req_as(
+            Some(&basic("teamer", &pw)),
+            Method::POST,
+            &format!("/v2/team/one/blobs/uploads/?mount={secret}&from=other"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "falls back to an upload");
+    let r = t
+        .req_as(
+            Some(&basic("teamer", &pw)),
+            Method::HEAD,
+            &format!("/v2/team/one/blobs/{secret}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // From a readable source it mounts.
+    let shared = t.push_blob("team/two/deep", b"shared layer").await;
+    let r = t
+        .req_as(
+            Some(&basic("teamer", &pw)),
+            Method::POST,
+            &format!("/v2/team/one/blobs/uploads/?mount={shared}&from=team/two/deep"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn anonymous_pull_when_enabled() {
+    let t = setup_auth(AuthSettings {
+        anonymous_pull: true,
+        ..Default::default()
+    })
+    .await;
+    t.push_image("app", "v1", "x").await;
+    assert_eq!(
+        t.req_as(None, Method::GET, "/v2/", &[], Body::empty())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.req_as(
+            None,
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.req_as(None, Method::GET, "/v2/app/tags/list", &[], Body::empty())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = t
+        .req_as(
+            None,
+            Method::DELETE,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn management_api_rules_and_limits() {
+    let t = setup_full(Default::default(), AuthSettings::default()).await;
+    // Only the administrator may use it.
+    let r = t
+        .req_as(None, Method::GET, "/api/v1/tokens", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let pw = token(&t, "notadmin", &["repositories/*/content/read"]).await;
+    let r = t
+        .req_as(
+            Some(&basic("notadmin", &pw)),
+            Method::GET,
+            "/api/v1/tokens",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let post = |path: &'static str, body: Value| {
+        let t = &t;
+        async move { t.req(Method::POST, path, &[], body.to_string()).await }
+    };
+    let r = post(
+        "/api/v1/scope-maps",
+        json!({"name": "badaction", "actions": ["repositories/app/content/pull"]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "INVALID_REQUEST")
+    );
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("content/pull")
+    );
+    let r = post(
+        "/api/v1/scope-maps",
+        json!({"name": "ab", "actions": ["repositories/app/content/read"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = post(
+        "/api/v1/scope-maps",
+        json!({"name": "dupe1", "actions": ["repositories/app/content/read"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = post(
+        "/api/v1/scope-maps",
+        json!({"name": "dupe1", "actions": ["repositories/app/content/read"]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::CONFLICT, "ALREADY_EXISTS")
+    );
+    let r = post("/api/v1/scope-maps", json!({"name": "x", "nonsense": 1})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = post(
+        "/api/v1/tokens",
+        json!({"name": "orphan", "scopeMap": "missing-map"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "NOT_FOUND")
+    );
+
+    // 500 repository rules per scope map.
+    let many: Vec<String> = (0..501)
+        .map(|i| format!("repositories/r{i}/content/read"))
+        .collect();
+    let r = post(
+        "/api/v1/scope-maps",
+        json!({"name": "toomany", "actions": many}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::CONFLICT, "LIMIT_EXCEEDED")
+    );
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+    let ok: Vec<String> = (0..500)
+        .map(|i| format!("repositories/r{i}/content/read"))
+        .collect();
+    assert_eq!(
+        post(
+            "/api/v1/scope-maps",
+            json!({"name": "justright", "actions": ok})
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+
+    // update: add/remove, ambiguity, nothing to do
+    let r = t.req(Method::PATCH, "/api/v1/scope-maps/dupe1", &[], json!({"add": ["repositories/b/content/read"], "remove": ["repositories/b/content/read"]}).to_string()).await;
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Update ambiguity")
+    );
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/scope-maps/dupe1",
+            &[],
+            json!({}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "No scope map properties to update."
+    );
+    let r = t.req(Method::PATCH, "/api/v1/scope-maps/dupe1", &[], json!({"add": ["repositories/b/content/write"], "remove": ["repositories/app/content/read"]}).to_string()).await;
+    assert_eq!(r.json()["actions"], json!(["repositories/b/content/write"]));
+
+    // The administrator token cannot be deleted or disabled.
+    assert_eq!(
+        t.req(Method::DELETE, "/api/v1/tokens/admin", &[], Body::empty())
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        t.req(
+            Method::PATCH,
+            "/api/v1/tokens/admin",
+            &[],
+            json!({"status": "disabled"}).to_string()
+        )
+        .await
+        .status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn token_and_scope_map_count_limits() {
+    let t = setup_default().await;
+    let c = outpost_control::Control::open(
+        t.registry.meta().clone(),
+        tempfile::tempdir().unwrap().path(),
+        ControlConfig {
+            limits: Limits {
+                max_tokens: 3,
+                max_scope_maps: 2,
+                max_repository_rules: 500,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // admin already counts as one token.
+    c.create_scope_map("mapone", "", &["repositories/a/content/read".into()])
+        .await
+        .unwrap();
+    c.create_scope_map("maptwo", "", &["repositories/a/content/read".into()])
+        .await
+        .unwrap();
+    let e = c
+        .create_scope_map("mapthree", "", &["repositories/a/content/read".into()])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("limit is 2"), "{e}");
+    c.create_token("tokone", "mapone", true, true, None)
+        .await
+        .unwrap();
+    c.create_token("toktwo", "mapone", true, true, None)
+        .await
+        .unwrap();
+    let e = c
+        .create_token("tokthree", "mapone", true, true, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("limit is 3"), "{e}");
+}
