@@ -333,3 +333,225 @@ async fn first_start_prints_a_generated_admin_password_once() {
             .contains(&password)
     );
 }
+
+/// Runs `outpost <args>` against `o` as `user`; returns (success, stdout, stderr).
+fn cli(o: &Outpost, user: &str, pass: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .args([
+            "--registry",
+            &o.url(""),
+            "--username",
+            user,
+            "--password",
+            pass,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn token_and_scope_map_cli_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let admin = support::ADMIN_PASSWORD;
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &[
+            "scope-map",
+            "create",
+            "-n",
+            "readers",
+            "--repository",
+            "app",
+            "content/read",
+            "metadata/read",
+            "--repository",
+            "team/*",
+            "content/read",
+            "--description",
+            "read-only",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("repositories/app/metadata/read")
+            && out.contains("repositories/team/*/content/read"),
+        "{out}"
+    );
+
+    // --repository on token create makes <token>-scope-map; passwords are printed once.
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &[
+            "token",
+            "create",
+            "-n",
+            "pusher",
+            "--repository",
+            "app",
+            "content/write",
+            "content/read",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["scopeMap"], "pusher-scope-map");
+    let p1 = v["passwords"][0]["value"].as_str().unwrap().to_string();
+    let p2 = v["passwords"][1]["value"].as_str().unwrap().to_string();
+
+    // The new token works on the registry; its passwords never show again.
+    let c = reqwest::Client::new();
+    let up = c
+        .post(o.url("/v2/app/blobs/uploads/"))
+        .basic_auth("pusher", Some(&p1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), 202);
+    let (_, out, _) = cli(
+        &o,
+        "admin",
+        admin,
+        &["token", "show", "-n", "pusher", "-o", "json"],
+    );
+    assert!(!out.contains(&p1) && !out.contains(&p2));
+
+    // Rotation: password1 regenerated, the old one stops working, password2 still works.
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &[
+            "token",
+            "credential",
+            "generate",
+            "-n",
+            "pusher",
+            "--password1",
+            "--yes",
+            "-o",
+            "tsv",
+        ],
+    );
+    assert!(ok, "{err}");
+    let new1 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password1\t"))
+        .unwrap()
+        .to_string();
+    for (pw, want) in [(&p1, 401), (&p2, 202), (&new1, 202)] {
+        let r = c
+            .post(o.url("/v2/app/blobs/uploads/"))
+            .basic_auth("pusher", Some(pw))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want);
+    }
+
+    // list in every format
+    let (_, table, _) = cli(&o, "admin", admin, &["token", "list"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("pusher") && table.contains("admin"),
+        "{table}"
+    );
+    let (_, tsv, _) = cli(&o, "admin", admin, &["scope-map", "list", "-o", "tsv"]);
+    assert_eq!(tsv.lines().count(), 2, "{tsv}");
+
+    // Errors a user can act on; destructive commands want --yes when not interactive.
+    let (ok, _, err) = cli(&o, "admin", admin, &["token", "delete", "-n", "pusher"]);
+    assert!(!ok && err.contains("--yes"), "{err}");
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &[
+            "scope-map",
+            "create",
+            "-n",
+            "badmap",
+            "--repository",
+            "app",
+            "content/pull",
+        ],
+    );
+    assert!(!ok && err.contains("content/pull"), "{err}");
+    let (ok, _, err) = cli(&o, "pusher", &new1, &["token", "list"]);
+    assert!(!ok && err.contains("not the administrator"), "{err}");
+    let (ok, _, err) = cli(&o, "admin", "wrong", &["token", "list"]);
+    assert!(
+        !ok && err.contains("incorrect username or password"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &[
+            "token",
+            "create",
+            "-n",
+            "abc",
+            "--repository",
+            "app",
+            "content/read",
+        ],
+    );
+    assert!(!ok && err.contains("invalid"), "{err}");
+    let (_, out, _) = cli(&o, "admin", admin, &["scope-map", "list", "-o", "tsv"]);
+    assert!(
+        !out.contains("abc-scope-map"),
+        "a failed token create leaves no scope map behind"
+    );
+
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        admin,
+        &["token", "delete", "-n", "pusher", "--yes"],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&o, "admin", admin, &["token", "show", "-n", "pusher"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn cli_uses_docker_login_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let docker = tempfile::tempdir().unwrap();
+    let host = o.addr.clone();
+    let auth = support::admin_auth();
+    let b64 = auth.trim_start_matches("Basic ");
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{b64}"}}}}}}"#),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["token", "list", "-o", "tsv", "--registry", &o.url("")])
+        .env("DOCKER_CONFIG", docker.path())
+        .env_remove("OUTPOST_USERNAME")
+        .env_remove("OUTPOST_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("admin"));
+}

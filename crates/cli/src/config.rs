@@ -87,7 +87,10 @@ impl Config {
             fig = fig.merge(Toml::file(path));
         }
         fig = fig
-            .merge(Env::prefixed("OUTPOST_").ignore(&["config"]))
+            // The management commands' variables are not server settings.
+            .merge(
+                Env::prefixed("OUTPOST_").ignore(&["config", "registry", "username", "password"]),
+            )
             .merge(Serialized::defaults(Overrides {
                 listen: args.listen,
                 data_dir: args.data_dir.clone(),

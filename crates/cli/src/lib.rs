@@ -3,12 +3,14 @@
 //! figment), sets up logging, and runs the chosen command. `anyhow` is allowed here and in the
 //! binary only.
 
+mod client;
 mod config;
+mod manage;
 mod serve;
 
 pub use config::Config;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -20,6 +22,8 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    conn: client::Connection,
 }
 
 #[derive(Subcommand, Debug)]
@@ -28,16 +32,40 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print the effective configuration (defaults, file, environment and flags merged).
     Config(serve::ServeArgs),
+    /// Manage scope maps (az acr scope-map).
+    #[command(subcommand)]
+    ScopeMap(manage::ScopeMapCmd),
+    /// Manage tokens (az acr token).
+    #[command(subcommand)]
+    Token(manage::TokenCmd),
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 /// Entry point of the `outpost` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // The innermost subcommand's matches (for flags whose repeated groups derive flattens).
+    let mut leaf = &matches;
+    while let Some((_, m)) = leaf.subcommand() {
+        leaf = m;
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Config(args) => config::Config::load(&args).map(|c| {
             println!("{}", c.to_toml());
         }),
+        Command::ScopeMap(cmd) => block_on(manage::scope_map(&cli.conn, cmd, leaf)),
+        Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -238,6 +238,11 @@ pub struct TokenView {
     pub passwords: Vec<PasswordView>,
 }
 
+/// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn format_rfc3339(ms: i64) -> String {
+    rfc3339(ms)
+}
+
 fn rfc3339(ms: i64) -> String {
     // Civil-from-days (Howard Hinnant's algorithm) keeps us free of a date-time dependency here.
     let secs = ms.div_euclid(1000);

@@ -1,0 +1,191 @@
+//! The management client used by `outpost token …` and `outpost scope-map …`: which registry
+//! to talk to (`--registry` or `OUTPOST_REGISTRY`), which credentials to use (`--username` /
+//! `--password`, `OUTPOST_USERNAME` / `OUTPOST_PASSWORD`, or the registry's entry in
+//! `~/.docker/config.json`, so `docker login` is enough), and JSON calls to `/api/v1`.
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use serde_json::Value;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// Registry URL, e.g. http://registry.example:5000 [env: OUTPOST_REGISTRY]
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_REGISTRY",
+        default_value = "http://localhost:5000"
+    )]
+    pub registry: String,
+    /// Token name to authenticate with [env: OUTPOST_USERNAME]
+    #[arg(long, short = 'u', global = true, env = "OUTPOST_USERNAME")]
+    pub username: Option<String>,
+    /// Password [env: OUTPOST_PASSWORD]
+    #[arg(
+        long,
+        short = 'p',
+        global = true,
+        env = "OUTPOST_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// Output format
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Json,
+    Table,
+    Tsv,
+}
+
+pub struct Client {
+    base: String,
+    auth: (String, String),
+    http: reqwest::Client,
+}
+
+/// Credentials stored by `docker login` for `host` (`auths.<host>.auth`, base64 `user:pass`).
+fn docker_config_credentials(host: &str) -> Option<(String, String)> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".docker")))?;
+    let cfg: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+    let auths = cfg.get("auths")?.as_object()?;
+    let entry = auths
+        .iter()
+        .find(|(k, _)| {
+            k.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                == host
+        })?
+        .1;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry.get("auth")?.as_str()?)
+        .ok()?;
+    let s = String::from_utf8(decoded).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+impl Client {
+    pub fn new(c: &Connection) -> anyhow::Result<Client> {
+        let base = c.registry.trim_end_matches('/').to_string();
+        let base = if base.starts_with("http://") || base.starts_with("https://") {
+            base
+        } else {
+            format!("http://{base}")
+        };
+        let host = base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
+        let auth = match (&c.username, &c.password) {
+            (Some(u), Some(p)) => (u.clone(), p.clone()),
+            (Some(_), None) | (None, Some(_)) => bail!("give both --username and --password (or neither, to use docker login's credentials)"),
+            (None, None) => docker_config_credentials(&host).with_context(|| {
+                format!("no credentials for {host}: pass --username/--password, set OUTPOST_USERNAME/OUTPOST_PASSWORD, or run `docker login {host}`")
+            })?,
+        };
+        Ok(Client {
+            base,
+            auth,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Option<Value>> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .basic_auth(&self.auth.0, Some(&self.auth.1));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the registry at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .context("reading the registry's answer")?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v["errors"][0]["message"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg} ({status})");
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            serde_json::from_slice(&bytes).context("the registry's answer is not JSON")?,
+        ))
+    }
+}
+
+/// Asks "question (y/N)" on the terminal unless `yes`; refuses in non-interactive use.
+pub fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} Pass --yes to confirm when not running interactively.");
+    }
+    eprint!("{question} (y/N): ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        bail!("cancelled")
+    }
+}
+
+/// Prints rows as an aligned table (with a header) or TSV (without).
+pub fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) {
+    match output {
+        Output::Tsv => {
+            for r in rows {
+                println!("{}", r.join("\t"));
+            }
+        }
+        _ => {
+            let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+            for r in rows {
+                for (i, c) in r.iter().enumerate() {
+                    w[i] = w[i].max(c.chars().count());
+                }
+            }
+            let line = |cells: Vec<String>| {
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            println!("{}", line(header.iter().map(|h| h.to_string()).collect()));
+            println!("{}", line(w.iter().map(|n| "-".repeat(*n)).collect()));
+            for r in rows {
+                println!("{}", line(r.clone()));
+            }
+        }
+    }
+}

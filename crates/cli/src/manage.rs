@@ -1,0 +1,520 @@
+//! `outpost scope-map …` and `outpost token …`: the `az acr scope-map` and `az acr token`
+//! commands, flags and messages, over the management API.
+
+use crate::client::{Client, Connection, Output, confirm, print_rows};
+use anyhow::bail;
+use clap::{ArgAction, ArgMatches, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn rules(kind: &str, groups: &[Vec<String>]) -> anyhow::Result<Vec<String>> {
+    let flag = if kind == "repositories" {
+        "--repository"
+    } else {
+        "--gateway"
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let Some((resource, actions)) = g.split_first() else {
+            continue;
+        };
+        if actions.is_empty() {
+            bail!("At least one action must be specified with {flag} {resource}.");
+        }
+        for a in actions {
+            out.push(format!(
+                "{kind}/{}/{}",
+                resource.to_lowercase(),
+                a.to_lowercase()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScopeMapCmd {
+    /// Create a scope map.
+    Create {
+        #[arg(long, short = 'n')]
+        name: String,
+        /// Repository and actions: --repository REPO ACTION... (repeatable)
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
+        repository: Vec<String>,
+        /// Connected registry and actions: --gateway NAME ACTION... (repeatable)
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
+        gateway: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Add or remove rules, or change the description.
+    Update {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, visible_alias = "add", num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
+        add_repository: Vec<String>,
+        #[arg(long, visible_alias = "remove", num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
+        remove_repository: Vec<String>,
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
+        add_gateway: Vec<String>,
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
+        remove_gateway: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Show one scope map.
+    Show {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// List scope maps.
+    List,
+    /// Delete a scope map.
+    Delete {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token (and, with --repository/--gateway, its scope map <token>-scope-map).
+    Create {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, conflicts_with_all = ["repository", "gateway"])]
+        scope_map: Option<String>,
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
+        repository: Vec<String>,
+        #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
+        gateway: Vec<String>,
+        #[arg(long, value_parser = ["enabled", "disabled"], default_value = "enabled")]
+        status: String,
+        #[arg(long, conflicts_with_all = ["expiration_in_days", "expiration"])]
+        no_passwords: bool,
+        #[arg(long, conflicts_with = "expiration")]
+        expiration_in_days: Option<u32>,
+        /// Expiry as YYYY-MM-DDTHH:MM:SSZ
+        #[arg(long)]
+        expiration: Option<String>,
+    },
+    /// Change a token's scope map or status.
+    Update {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long)]
+        scope_map: Option<String>,
+        #[arg(long, value_parser = ["enabled", "disabled"])]
+        status: Option<String>,
+    },
+    /// Show one token.
+    Show {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// List tokens.
+    List,
+    /// Delete a token.
+    Delete {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Manage a token's passwords.
+    #[command(subcommand)]
+    Credential(CredentialCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialCmd {
+    /// Generate new password1 and/or password2 (shown once).
+    Generate {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long)]
+        password1: bool,
+        #[arg(long)]
+        password2: bool,
+        #[arg(long, visible_alias = "days", conflicts_with = "expiration")]
+        expiration_in_days: Option<u32>,
+        #[arg(long)]
+        expiration: Option<String>,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Delete password1 and/or password2.
+    Delete {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long)]
+        password1: bool,
+        #[arg(long)]
+        password2: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+fn expiry(days: Option<u32>, at: Option<String>) -> anyhow::Result<Option<String>> {
+    if let Some(at) = at {
+        outpost_control::parse_rfc3339(&at).map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
+        return Ok(Some(at));
+    }
+    Ok(days.map(|d| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + u64::from(d) * 86_400;
+        outpost_control::format_rfc3339(secs as i64 * 1000)
+    }))
+}
+
+fn slots(p1: bool, p2: bool) -> Vec<&'static str> {
+    match (p1, p2) {
+        (true, false) => vec!["password1"],
+        (false, true) => vec!["password2"],
+        _ => vec!["password1", "password2"],
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// JSON output: one object for commands about one item, an array for `list`.
+fn print_json(items: &[Value], single: bool) {
+    let v = if single {
+        items.first().cloned().unwrap_or(Value::Null)
+    } else {
+        Value::from(items.to_vec())
+    };
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+fn print_scope_maps(output: Output, items: &[Value]) {
+    print_scope_maps_as(output, items, true)
+}
+
+fn print_scope_maps_as(output: Output, items: &[Value], single: bool) {
+    if output == Output::Json {
+        print_json(items, single);
+        return;
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|m| {
+            let actions: Vec<String> = m["actions"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            vec![
+                s(&m["name"]),
+                s(&m["creationDate"]),
+                s(&m["description"]),
+                actions.join(", "),
+            ]
+        })
+        .collect();
+    print_rows(
+        output,
+        &["NAME", "CREATION DATE", "DESCRIPTION", "ACTIONS"],
+        &rows,
+    );
+}
+
+fn print_tokens(output: Output, items: &[Value]) {
+    print_tokens_as(output, items, true)
+}
+
+fn print_tokens_as(output: Output, items: &[Value], single: bool) {
+    if output == Output::Json {
+        print_json(items, single);
+        return;
+    }
+    let expiry = |t: &Value, n: &str| {
+        t["passwords"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == n))
+            .map(|p| {
+                if p["expiry"].is_null() {
+                    "never".to_string()
+                } else {
+                    s(&p["expiry"])
+                }
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|t| {
+            vec![
+                s(&t["name"]),
+                s(&t["scopeMap"]),
+                s(&t["status"]),
+                s(&t["creationDate"]),
+                expiry(t, "password1"),
+                expiry(t, "password2"),
+            ]
+        })
+        .collect();
+    print_rows(
+        output,
+        &[
+            "NAME",
+            "SCOPE MAP",
+            "STATUS",
+            "CREATION DATE",
+            "PASSWORD1 EXPIRY",
+            "PASSWORD2 EXPIRY",
+        ],
+        &rows,
+    );
+    // Freshly generated passwords are shown once, after the table.
+    for t in items {
+        for p in t["passwords"].as_array().into_iter().flatten() {
+            if let Some(v) = p["value"].as_str() {
+                match output {
+                    Output::Tsv => println!("{}\t{v}", s(&p["name"])),
+                    _ => println!("{}: {v}", s(&p["name"])),
+                }
+            }
+        }
+    }
+    if items.iter().any(|t| {
+        t["passwords"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["value"].is_string())
+    }) && output == Output::Table
+    {
+        eprintln!(
+            "Save these passwords now: they cannot be shown again (generate new ones with `outpost token credential generate`)."
+        );
+    }
+}
+
+/// The values of each occurrence of a repeatable multi-value flag (`--repository A x y
+/// --repository B z`), which clap's derive flattens.
+fn groups(m: &ArgMatches, id: &str) -> Vec<Vec<String>> {
+    m.get_occurrences::<String>(id)
+        .map(|occ| occ.map(|vals| vals.cloned().collect()).collect())
+        .unwrap_or_default()
+}
+
+pub async fn scope_map(conn: &Connection, cmd: ScopeMapCmd, m: &ArgMatches) -> anyhow::Result<()> {
+    let c = Client::new(conn)?;
+    match cmd {
+        ScopeMapCmd::Create {
+            name, description, ..
+        } => {
+            let mut actions = rules("repositories", &groups(m, "repository"))?;
+            actions.extend(rules("gateway", &groups(m, "gateway"))?);
+            let v = c
+                .call(Method::POST, "/scope-maps", Some(json!({"name": name, "description": description.unwrap_or_default(), "actions": actions})))
+                .await?;
+            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        ScopeMapCmd::Update {
+            name, description, ..
+        } => {
+            let mut add = rules("repositories", &groups(m, "add_repository"))?;
+            add.extend(rules("gateway", &groups(m, "add_gateway"))?);
+            let mut remove = rules("repositories", &groups(m, "remove_repository"))?;
+            remove.extend(rules("gateway", &groups(m, "remove_gateway"))?);
+            let mut body = json!({"add": add, "remove": remove});
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            let v = c
+                .call(Method::PATCH, &format!("/scope-maps/{name}"), Some(body))
+                .await?;
+            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        ScopeMapCmd::Show { name } => {
+            let v = c
+                .call(Method::GET, &format!("/scope-maps/{name}"), None)
+                .await?;
+            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        ScopeMapCmd::List => {
+            let v = c
+                .call(Method::GET, "/scope-maps", None)
+                .await?
+                .unwrap_or(json!([]));
+            print_scope_maps_as(
+                conn.output,
+                v.as_array().map(Vec::as_slice).unwrap_or_default(),
+                false,
+            );
+        }
+        ScopeMapCmd::Delete { name, yes } => {
+            confirm(
+                &format!(
+                    "Deleting the scope map '{name}' will remove its permissions with associated tokens. Proceed?"
+                ),
+                yes,
+            )?;
+            c.call(Method::DELETE, &format!("/scope-maps/{name}"), None)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::Result<()> {
+    let c = Client::new(conn)?;
+    match cmd {
+        TokenCmd::Create {
+            name,
+            scope_map,
+            status,
+            no_passwords,
+            expiration_in_days,
+            expiration,
+            ..
+        } => {
+            let created_map = scope_map.is_none();
+            let scope_map = match scope_map {
+                Some(sm) => sm,
+                None => {
+                    let mut actions = rules("repositories", &groups(m, "repository"))?;
+                    actions.extend(rules("gateway", &groups(m, "gateway"))?);
+                    if actions.is_empty() {
+                        bail!(
+                            "argument error: either --scope-map or --repository/--gateway must be provided"
+                        );
+                    }
+                    let sm = format!("{name}-scope-map");
+                    c.call(
+                        Method::POST,
+                        "/scope-maps",
+                        Some(json!({"name": sm, "description": format!("Created by token: {name}"), "actions": actions})),
+                    )
+                    .await?;
+                    sm
+                }
+            };
+            let mut body = json!({"name": name, "scopeMap": scope_map, "status": status, "noPasswords": no_passwords});
+            if let Some(e) = expiry(expiration_in_days, expiration)? {
+                body["expiry"] = json!(e);
+            }
+            let v = match c.call(Method::POST, "/tokens", Some(body)).await {
+                Ok(v) => v,
+                Err(e) => {
+                    if created_map {
+                        // Leave nothing half-made behind.
+                        let _ = c
+                            .call(Method::DELETE, &format!("/scope-maps/{scope_map}"), None)
+                            .await;
+                    }
+                    return Err(e);
+                }
+            };
+            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        TokenCmd::Update {
+            name,
+            scope_map,
+            status,
+        } => {
+            if scope_map.is_none() && status.is_none() {
+                bail!("nothing to update: give --scope-map and/or --status");
+            }
+            let v = c
+                .call(
+                    Method::PATCH,
+                    &format!("/tokens/{name}"),
+                    Some(json!({"scopeMap": scope_map, "status": status})),
+                )
+                .await?;
+            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        TokenCmd::Show { name } => {
+            let v = c
+                .call(Method::GET, &format!("/tokens/{name}"), None)
+                .await?;
+            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        TokenCmd::List => {
+            let v = c
+                .call(Method::GET, "/tokens", None)
+                .await?
+                .unwrap_or(json!([]));
+            print_tokens_as(
+                conn.output,
+                v.as_array().map(Vec::as_slice).unwrap_or_default(),
+                false,
+            );
+        }
+        TokenCmd::Delete { name, yes } => {
+            confirm(
+                &format!("Are you sure you want to delete the token '{name}'?"),
+                yes,
+            )?;
+            c.call(Method::DELETE, &format!("/tokens/{name}"), None)
+                .await?;
+        }
+        TokenCmd::Credential(CredentialCmd::Generate {
+            name,
+            password1,
+            password2,
+            expiration_in_days,
+            expiration,
+            yes,
+        }) => {
+            let which = slots(password1, password2);
+            confirm(
+                &format!(
+                    "This will invalidate {} of token '{name}'. Continue?",
+                    which.join(" and ")
+                ),
+                yes,
+            )?;
+            let mut body = json!({"passwords": which});
+            if let Some(e) = expiry(expiration_in_days, expiration)? {
+                body["expiry"] = json!(e);
+            }
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/tokens/{name}/credentials/generate"),
+                    Some(body),
+                )
+                .await?;
+            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+        TokenCmd::Credential(CredentialCmd::Delete {
+            name,
+            password1,
+            password2,
+            yes,
+        }) => {
+            let which = slots(password1, password2);
+            confirm(
+                &format!(
+                    "This will delete {} of token '{name}'. Continue?",
+                    which.join(" and ")
+                ),
+                yes,
+            )?;
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/tokens/{name}/credentials/delete"),
+                    Some(json!({"passwords": which})),
+                )
+                .await?;
+            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+        }
+    }
+    Ok(())
+}
