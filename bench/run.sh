@@ -37,7 +37,12 @@ wait_up() { for _ in $(seq 100); do curl -sf "$1/v2/" >/dev/null && return 0; sl
 # ---- servers ----
 OP_PORT=$(free_port); DR_PORT=$(free_port)
 mkdir -p "$work/outpost" "$work/dr"
-"$OUTPOST" serve --listen 127.0.0.1:$OP_PORT --data-dir "$work/outpost" --log-level warn 2>"$work/outpost.log" &
+# Anonymous pull on, so the main comparison is like for like with the unauthenticated peer;
+# pushes use the admin token, and the auth section below measures what credentials cost.
+OP_PW=bench-admin-password
+OP_AUTH="Basic $(printf 'admin:%s' "$OP_PW" | base64 -w0)"
+OUTPOST_ADMIN_PASSWORD=$OP_PW OUTPOST_ANONYMOUS_PULL=true \
+    "$OUTPOST" serve --listen 127.0.0.1:$OP_PORT --data-dir "$work/outpost" --log-level warn 2>"$work/outpost.log" &
 pids+=($!); OP_PID=$!
 cat >"$work/dr.yml" <<YML
 version: 0.1
@@ -73,28 +78,32 @@ echo "iperf3 loopback single stream: $iperf MB/s" >&2
 
 for server in outpost docker-registry; do
     if [ "$server" = outpost ]; then URL=http://127.0.0.1:$OP_PORT; PID=$OP_PID; else URL=http://127.0.0.1:$DR_PORT; PID=$DR_PID; fi
-    B="$BENCH --registry $URL"
+    B=("$BENCH" --registry "$URL")
+    W=()   # pushes to Outpost need the admin token
+    [ "$server" = outpost ] && W=(--auth "$OP_AUTH")
     echo "== $server" >&2
     record idle_rss "$server" "{\"rss_mib\":$(( $(rss_kib $PID) / 1024 ))}"
 
-    out=$($B push-blob --repo big/blob --size $BIG); record push_1g "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" "${W[@]}" push-blob --repo big/blob --size $BIG); record push_1g "$server" "$out"; echo "$out" >&2
     dig=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
+    [ "$server" = outpost ] && big_op=$dig
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-    out=$($B pull-blob --repo big/blob --digest "$dig"); record pull_1g_cold "$server" "$out"; echo "$out" >&2
-    out=$($B pull-blob --repo big/blob --digest "$dig"); record pull_1g "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" pull-blob --repo big/blob --digest "$dig"); record pull_1g_cold "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" pull-blob --repo big/blob --digest "$dig"); record pull_1g "$server" "$out"; echo "$out" >&2
 
-    out=$($B push-image --repo img/one --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 1 --seed 11); record push_200x1m_c1 "$server" "$out"; echo "$out" >&2
-    out=$($B push-image --repo img/six --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 6 --seed 12); record push_200x1m_c6 "$server" "$out"; echo "$out" >&2
-    out=$($B pull-image --repo img/one --tag v1 --concurrency 1); record pull_200x1m_c1 "$server" "$out"; echo "$out" >&2
-    out=$($B pull-image --repo img/six --tag v1 --concurrency 6); record pull_200x1m_c6 "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" "${W[@]}" push-image --repo img/one --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 1 --seed 11); record push_200x1m_c1 "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" "${W[@]}" push-image --repo img/six --tag v1 --layers $LAYERS --layer-size $((1 << 20)) --concurrency 6 --seed 12); record push_200x1m_c6 "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" pull-image --repo img/one --tag v1 --concurrency 1); record pull_200x1m_c1 "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" pull-image --repo img/six --tag v1 --concurrency 6); record pull_200x1m_c6 "$server" "$out"; echo "$out" >&2
 
-    out=$($B push-blob --repo hot/blob --size $((16 << 20)) --seed 5)
+    out=$("${B[@]}" "${W[@]}" push-blob --repo hot/blob --size $((16 << 20)) --seed 5)
     hot=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
-    out=$($B pull-concurrent --repo hot/blob --digest "$hot" --clients 32 --rounds $ROUNDS32); record pull16m_32 "$server" "$out"; echo "$out" >&2
+    [ "$server" = outpost ] && hot_op=$hot
+    out=$("${B[@]}" pull-concurrent --repo hot/blob --digest "$hot" --clients 32 --rounds $ROUNDS32); record pull16m_32 "$server" "$out"; echo "$out" >&2
     # sample RSS while 128 clients pull
     ( peak=0; while kill -0 "$PID" 2>/dev/null; do r=$(rss_kib "$PID"); [ "$r" -gt "$peak" ] && peak=$r && echo "$peak" >"$work/peak"; sleep 0.05; done ) &
     sampler=$!
-    out=$($B pull-concurrent --repo hot/blob --digest "$hot" --clients 128 --rounds $ROUNDS128); record pull16m_128 "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" pull-concurrent --repo hot/blob --digest "$hot" --clients 128 --rounds $ROUNDS128); record pull16m_128 "$server" "$out"; echo "$out" >&2
     kill $sampler 2>/dev/null || true; wait $sampler 2>/dev/null || true
     record rss_128 "$server" "{\"rss_mib\":$(( $(cat "$work/peak") / 1024 ))}"
 
@@ -106,8 +115,23 @@ for server in outpost docker-registry; do
     record manifest_get "$server" "{\"rps\":$rps,\"p99_ms\":$p99,\"non2xx_lines\":$errs}"
     echo "manifest GET: $rps req/s, p99 $p99 ms" >&2
 
-    out=$($B seed-tags --repo img/one --tag v1 --count $TAGS); record seed_tags "$server" "$out"; echo "$out" >&2
-    out=$($B tags-list --repo img/one --rounds 20); record tags_list "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" "${W[@]}" seed-tags --repo img/one --tag v1 --count $TAGS); record seed_tags "$server" "$out"; echo "$out" >&2
+    out=$("${B[@]}" tags-list --repo img/one --rounds 20); record tags_list "$server" "$out"; echo "$out" >&2
+done
+
+# ---- what authentication costs (Outpost only, same run) ----
+URL=http://127.0.0.1:$OP_PORT
+bearer=$(curl -sf -u "admin:$OP_PW" "$URL/oauth2/token?service=outpost&scope=repository:img/one:pull&scope=repository:hot/blob:pull&scope=repository:big/blob:pull" | python3 -c 'import json,sys; print("Bearer "+json.load(sys.stdin)["token"])')
+for mode in anonymous basic bearer; do
+    case $mode in anonymous) A=();; basic) A=(--auth "$OP_AUTH");; bearer) A=(--auth "$bearer");; esac
+    H=(); [ $mode != anonymous ] && H=(-H "Authorization: ${A[1]}")
+    wrk_out=$(wrk -t2 -c32 -d${WRK_SECS}s --latency -H 'Accept: application/vnd.oci.image.manifest.v1+json' "${H[@]}" "$URL/v2/img/one/manifests/v1")
+    rps=$(echo "$wrk_out" | awk '/Requests\/sec/ {print $2}')
+    non2xx=$(echo "$wrk_out" | awk '/Non-2xx/ {print $5}'); non2xx=${non2xx:-0}
+    record "auth_manifest_$mode" outpost "{\"rps\":$rps,\"non2xx\":$non2xx}"
+    out=$("$BENCH" --registry "$URL" "${A[@]}" pull-concurrent --repo hot/blob --digest "$hot_op" --clients 32 --rounds $ROUNDS32); record "auth_pull32_$mode" outpost "$out"
+    out=$("$BENCH" --registry "$URL" "${A[@]}" pull-blob --repo big/blob --digest "$big_op"); record "auth_pull1_$mode" outpost "$out"
+    echo "auth $mode: manifest $rps req/s (non-2xx $non2xx)" >&2
 done
 
 python3 - "$results" <<'PY'
@@ -145,4 +169,16 @@ for label, name, key, higher in metrics:
     print(f"| {label:46} | {a:10.1f} | {b:15.1f} | {ratio:6.2f}x |")
 a = get("pull_1g", "outpost", "mb_s")
 print(f"\nOutpost single-stream pull vs iperf3: {100*a/ip:.0f}%")
+print(f"\n| {'Outpost with credentials':46} | {'anonymous':>10} | {'basic':>10} | {'bearer':>10} | {'worst/anon':>10} |")
+print(f"|{'-'*48}|{'-'*12}|{'-'*12}|{'-'*12}|{'-'*12}|")
+for label, name, key in [("manifest GET by tag, 32 conns (req/s)", "auth_manifest", "rps"),
+                         ("32 clients pull 16 MiB (MB/s)", "auth_pull32", "mb_s"),
+                         ("pull 1 GiB blob, 1 stream (MB/s)", "auth_pull1", "mb_s")]:
+    v = [get(f"{name}_{m}", "outpost", key) for m in ("anonymous", "basic", "bearer")]
+    if None in v:
+        continue
+    print(f"| {label:46} | {v[0]:10.1f} | {v[1]:10.1f} | {v[2]:10.1f} | {min(v[1:])/v[0]:9.2f}x |")
+bad = [r for r in rows if r["name"].startswith("auth_manifest") and r["r"].get("non2xx")]
+if bad:
+    print("WARNING: non-2xx answers during the auth runs:", bad)
 PY

@@ -15,6 +15,9 @@ struct Cli {
     /// Registry base URL, e.g. http://127.0.0.1:5000
     #[arg(long, global = true, default_value = "http://127.0.0.1:5000")]
     registry: String,
+    /// `Authorization` header value sent with every request (e.g. "Basic ...", "Bearer ...")
+    #[arg(long, global = true)]
+    auth: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -125,6 +128,19 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 struct Reg {
     base: String,
     http: reqwest::Client,
+    auth: Option<String>,
+}
+
+fn http_client(auth: &Option<String>, pool: usize) -> Result<reqwest::Client> {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Some(a) = auth {
+        h.insert("authorization", a.parse()?);
+    }
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(pool)
+        .timeout(Duration::from_secs(600))
+        .default_headers(h)
+        .build()?)
 }
 
 impl Reg {
@@ -216,14 +232,13 @@ impl Reg {
 /// A minimal HTTP/1.1 GET over a plain socket that discards the body through one large
 /// buffer, like iperf3's receiver: the single-stream pull ceiling is then the server's, not
 /// an HTTP client library's.
-async fn raw_get(base: &str, path: &str) -> Result<u64> {
+async fn raw_get(base: &str, path: &str, auth: Option<&str>) -> Result<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = vec![0u8; 4 << 20];
     let mut head = Vec::new();
     let body_start;
@@ -264,10 +279,8 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let reg = Arc::new(Reg {
         base: cli.registry.trim_end_matches('/').to_string(),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(512)
-            .timeout(Duration::from_secs(600))
-            .build()?,
+        http: http_client(&cli.auth, 512)?,
+        auth: cli.auth.clone(),
     });
     match cli.cmd {
         Cmd::PushBlob { repo, size, seed } => {
@@ -283,7 +296,7 @@ async fn main() -> Result<()> {
         }
         Cmd::PullBlob { repo, digest } => {
             let t = Instant::now();
-            let n = raw_get(&reg.base, &format!("/v2/{repo}/blobs/{digest}")).await?;
+            let n = raw_get(&reg.base, &format!("/v2/{repo}/blobs/{digest}"), reg.auth.as_deref()).await?;
             let e = t.elapsed();
             println!(
                 "{}",
@@ -391,12 +404,10 @@ async fn main() -> Result<()> {
             for _ in 0..clients {
                 let (repo, digest) = (repo.clone(), digest.clone());
                 // One connection per client, as separate pulling hosts would have.
-                let http = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(600))
-                    .build()?;
                 let reg = Reg {
                     base: reg.base.clone(),
-                    http,
+                    http: http_client(&reg.auth, 1)?,
+                    auth: reg.auth.clone(),
                 };
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();

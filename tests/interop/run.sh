@@ -10,6 +10,12 @@
 # `N passed, M failed`. Exits non-zero if any check failed. Everything it started is
 # stopped and its temp dir removed on exit (set INTEROP_KEEP=1 to keep the dir).
 #
+# Outpost requires authentication: it is started with a random administrator password
+# (token `admin`), every client authenticates with it (skopeo --creds, podman login, docker
+# login, ctr --user, oras-py login, curl -u), and the auth-* checks create scope-mapped tokens
+# through the management API and check what each client sees when access is refused.
+# docker-registry (the peer registry) stays unauthenticated.
+#
 # Needs (tests/deps.sh installs them): skopeo podman docker.io containerd umoci
 # docker-registry curl jq python3, and a python with the `oras` package in $ORAS_PY.
 set -euo pipefail
@@ -154,14 +160,27 @@ expect_contains() { # WHAT HAYSTACK NEEDLE
 # registry helpers (Outpost at $REG)
 ACCEPT_ALL='application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json'
 
+# Credentials: Outpost ($REG) gets the administrator's, docker-registry ($DIST) none.
+# (ADMIN_PW is random base64url, so these unquoted expansions split only where meant to.)
+curl_creds() { # HOST -> curl arguments
+    [ "$1" != "$REG" ] || echo "-u $ADMIN"
+}
+skopeo_creds() { # HOST -> skopeo arguments for inspect/list-tags/delete
+    [ "$1" != "$REG" ] || echo "--creds=$ADMIN"
+}
+ref_host() { # docker://HOST/REPO... -> HOST
+    local r=${1#docker://}
+    echo "${r%%/*}"
+}
+
 head_header() { # HOST REPO REF HEADER -> value of HEADER on HEAD /v2/REPO/manifests/REF
-    curl -sS -f -I -H "Accept: $ACCEPT_ALL" "http://$1/v2/$2/manifests/$3" |
+    curl -sS -f -I $(curl_creds "$1") -H "Accept: $ACCEPT_ALL" "http://$1/v2/$2/manifests/$3" |
         tr -d '\r' | awk -v h="$(echo "$4" | tr '[:upper:]' '[:lower:]'):" 'tolower($1) == h { print $2 }'
 }
 
 raw_sha() { # REFERENCE (docker://...) -> sha256:<hex of skopeo inspect --raw>
     local hex
-    hex=$($T skopeo inspect --tls-verify=false --raw "$1" | sha256sum | cut -d' ' -f1)
+    hex=$($T skopeo inspect --tls-verify=false $(skopeo_creds "$(ref_host "$1")") --raw "$1" | sha256sum | cut -d' ' -f1)
     echo "sha256:$hex"
 }
 
@@ -208,7 +227,7 @@ all_blobs_present() {
         return
     fi
     jq -r '.config, .layers[] | "\(.digest) \(.size)"' "$doc" | while read -r d size; do
-        got=$(curl -sS -f -I "http://$host/v2/$repo/blobs/$d" | tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
+        got=$(curl -sS -f -I $(curl_creds "$host") "http://$host/v2/$repo/blobs/$d" | tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
         expect_eq "size of blob $d in $host/$repo" "$size" "$got" >/dev/null
     done
     echo "  ok: every blob of $digest is in $host/$repo"
@@ -228,10 +247,10 @@ $got"
     echo "  ok: $(echo "$want" | wc -l) files in $1 are byte-identical to the layers of $3"
 }
 
-push_fixture() { # TAG REPO:TAG [extra skopeo args]: copy a fixture into Outpost
+push_fixture() { # TAG REPO:TAG [extra skopeo args]: copy a fixture into Outpost (as admin)
     local tag=$1 dest=$2
     shift 2
-    run skopeo copy -q "$@" --dest-tls-verify=false "oci:$FIX:$tag" "docker://$REG/$dest"
+    run skopeo copy -q "$@" --dest-tls-verify=false --dest-creds "$ADMIN" "oci:$FIX:$tag" "docker://$REG/$dest"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -290,7 +309,7 @@ EOF
 }
 
 DOCKER_SOCK=$WORK/docker/docker.sock
-D="$DOCKER --host unix://$DOCKER_SOCK"
+D="$DOCKER --config $WORK/docker-cli --host unix://$DOCKER_SOCK"
 ensure_dockerd() {
     if $D version >/dev/null 2>&1; then return; fi
     ensure_containerd
@@ -306,7 +325,9 @@ ensure_dockerd() {
     wait_until 60 $D version || fail "dockerd did not come up: $(tail -n 30 "$LOGS/dockerd.log")"
 }
 
-PODMAN="podman --root $WORK/podman/root --runroot $WORK/podman/run --tmpdir $WORK/podman/tmp --storage-driver vfs --cgroup-manager cgroupfs --events-backend file"
+# podman keeps its logins in a private auth file (podman_login writes it); skopeo's is empty
+PODMAN_AUTH=$WORK/podman/auth.json
+PODMAN="env REGISTRY_AUTH_FILE=$PODMAN_AUTH podman --root $WORK/podman/root --runroot $WORK/podman/run --tmpdir $WORK/podman/tmp --storage-driver vfs --cgroup-manager cgroupfs --events-backend file"
 
 # ---------------------------------------------------------------------------------------
 # checks
@@ -314,7 +335,7 @@ PODMAN="podman --root $WORK/podman/root --runroot $WORK/podman/run --tmpdir $WOR
 check_skopeo_image() {
     push_fixture img skopeo/img:v1
     expect_manifest "$REG" skopeo/img v1 "$IMG_DIGEST"
-    run skopeo copy -q --src-tls-verify=false "docker://$REG/skopeo/img:v1" "oci:$WORK/skopeo-img:v1"
+    run skopeo copy -q --src-tls-verify=false --src-creds "$ADMIN" "docker://$REG/skopeo/img:v1" "oci:$WORK/skopeo-img:v1"
     expect_eq "digest in the pulled layout's index.json" "$IMG_DIGEST" "$(layout_digest "$WORK/skopeo-img" v1)"
     same_blobs "$FIX" "$WORK/skopeo-img" 5 # manifest, config, 3 layers
 }
@@ -325,9 +346,9 @@ check_skopeo_index() {
     expect_eq "Content-Type of the index" application/vnd.oci.image.index.v1+json \
         "$(head_header "$REG" skopeo/multi v1 Content-Type)"
     local arch
-    arch=$($T skopeo inspect --tls-verify=false --override-arch arm64 "docker://$REG/skopeo/multi:v1" | jq -r .Architecture)
+    arch=$($T skopeo inspect --tls-verify=false --creds "$ADMIN" --override-arch arm64 "docker://$REG/skopeo/multi:v1" | jq -r .Architecture)
     expect_eq "architecture skopeo resolves for --override-arch arm64" arm64 "$arch"
-    run skopeo copy -q --all --src-tls-verify=false "docker://$REG/skopeo/multi:v1" "oci:$WORK/skopeo-multi:v1"
+    run skopeo copy -q --all --src-tls-verify=false --src-creds "$ADMIN" "docker://$REG/skopeo/multi:v1" "oci:$WORK/skopeo-multi:v1"
     expect_eq "digest in the pulled layout's index.json" "$MULTI_DIGEST" "$(layout_digest "$WORK/skopeo-multi" v1)"
     same_blobs "$FIX" "$WORK/skopeo-multi" 9 # index, 2 x (manifest, config, 2 layers)
 }
@@ -341,11 +362,11 @@ check_skopeo_docker_list() {
         "$(head_header "$REG" skopeo/dlist v1 Content-Type)"
     expect_eq "sha256 of the bytes served" "$digest" "$(raw_sha "docker://$REG/skopeo/dlist:v1")"
     local child
-    child=$($T skopeo inspect --tls-verify=false --raw "docker://$REG/skopeo/dlist:v1" |
+    child=$($T skopeo inspect --tls-verify=false --creds "$ADMIN" --raw "docker://$REG/skopeo/dlist:v1" |
         jq -r '.manifests[] | select(.platform.architecture == "arm64") | .digest')
     expect_eq "Content-Type of the arm64 child" application/vnd.docker.distribution.manifest.v2+json \
         "$(head_header "$REG" skopeo/dlist "$child" Content-Type)"
-    run skopeo copy -q --src-tls-verify=false --override-arch arm64 "docker://$REG/skopeo/dlist:v1" "dir:$WORK/dlist-arm64"
+    run skopeo copy -q --src-tls-verify=false --src-creds "$ADMIN" --override-arch arm64 "docker://$REG/skopeo/dlist:v1" "dir:$WORK/dlist-arm64"
     expect_eq "layers of the arm64 image" \
         "$(jq -r '.layers[].digest' "$(layout_blob "$FIX" "$(jq -r '.manifests[] | select(.platform.architecture == "arm64") | .digest' "$(layout_blob "$FIX" "$MULTI_DIGEST")")")" | sort | tr '\n' ' ')" \
         "$(jq -r '.layers[].digest' "$WORK/dlist-arm64/manifest.json" | sort | tr '\n' ' ')"
@@ -354,27 +375,27 @@ check_skopeo_docker_list() {
 check_skopeo_tags() {
     push_fixture img skopeo/tags:one
     # same blobs into the same repo under other tags, straight from Outpost
-    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:two"
-    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:three"
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds "$ADMIN" --dest-creds "$ADMIN" "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:two"
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds "$ADMIN" --dest-creds "$ADMIN" "docker://$REG/skopeo/tags:one" "docker://$REG/skopeo/tags:three"
     local tags
-    tags=$($T skopeo list-tags --tls-verify=false "docker://$REG/skopeo/tags" | jq -r '.Tags | sort | join(",")')
+    tags=$($T skopeo list-tags --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/tags" | jq -r '.Tags | sort | join(",")')
     expect_eq "skopeo list-tags" "one,three,two" "$tags"
     expect_manifest "$REG" skopeo/tags three "$IMG_DIGEST"
     local catalog
-    catalog=$(curl -sS -f "http://$REG/v2/_catalog" | jq -r '.repositories | join(",")')
+    catalog=$(curl -sS -u "$ADMIN" -f "http://$REG/v2/_catalog" | jq -r '.repositories | join(",")')
     expect_contains "GET /v2/_catalog" ",$catalog," ",skopeo/tags,"
 }
 
 check_skopeo_delete_and_errors() {
     push_fixture img skopeo/del:v1
-    run skopeo delete --tls-verify=false "docker://$REG/skopeo/del:v1"
+    run skopeo delete --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/del:v1"
     local out
-    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/del:v1" 2>&1) && fail "skopeo inspect of a deleted image succeeded: $out"
+    out=$($T skopeo inspect --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/del:v1" 2>&1) && fail "skopeo inspect of a deleted image succeeded: $out"
     expect_contains "skopeo inspect after delete" "$out" "manifest unknown"
-    expect_eq "tags after delete" "" "$($T skopeo list-tags --tls-verify=false "docker://$REG/skopeo/del" | jq -r '.Tags | join(",")')"
-    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/no-such-repo:v1" 2>&1) && fail "skopeo inspect of a missing repository succeeded: $out"
+    expect_eq "tags after delete" "" "$($T skopeo list-tags --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/del" | jq -r '.Tags | join(",")')"
+    out=$($T skopeo inspect --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/no-such-repo:v1" 2>&1) && fail "skopeo inspect of a missing repository succeeded: $out"
     expect_contains "skopeo inspect of a missing repository" "$out" "name unknown"
-    out=$($T skopeo inspect --tls-verify=false "docker://$REG/skopeo/del:no-such-tag" 2>&1) && fail "skopeo inspect of a missing tag succeeded: $out"
+    out=$($T skopeo inspect --tls-verify=false --creds "$ADMIN" "docker://$REG/skopeo/del:no-such-tag" 2>&1) && fail "skopeo inspect of a missing tag succeeded: $out"
     expect_contains "skopeo inspect of a missing tag" "$out" "manifest unknown"
 }
 
@@ -382,8 +403,8 @@ check_distribution_to() {
     ensure_distribution
     push_fixture img dist-src/img:v1
     push_fixture multi dist-src/multi:v1 --all
-    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$REG/dist-src/img:v1" "docker://$DIST/from-outpost/img:v1"
-    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$REG/dist-src/multi:v1" "docker://$DIST/from-outpost/multi:v1"
+    run skopeo copy -q --src-tls-verify=false --src-creds "$ADMIN" --dest-tls-verify=false "docker://$REG/dist-src/img:v1" "docker://$DIST/from-outpost/img:v1"
+    run skopeo copy -q --all --src-tls-verify=false --src-creds "$ADMIN" --dest-tls-verify=false "docker://$REG/dist-src/multi:v1" "docker://$DIST/from-outpost/multi:v1"
     expect_manifest "$DIST" from-outpost/img v1 "$IMG_DIGEST"
     expect_manifest "$DIST" from-outpost/multi v1 "$MULTI_DIGEST"
     all_blobs_present "$DIST" from-outpost/multi "$FIX" "$MULTI_DIGEST"
@@ -397,17 +418,28 @@ check_distribution_from() {
     run skopeo copy -q --all --format v2s2 --dest-tls-verify=false "oci:$FIX:multi" "docker://$DIST/to-outpost/dlist:v1"
     local dlist
     dlist=$(head_header "$DIST" to-outpost/dlist v1 Docker-Content-Digest)
-    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/img:v1" "docker://$REG/from-dist/img:v1"
-    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/multi:v1" "docker://$REG/from-dist/multi:v1"
-    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false "docker://$DIST/to-outpost/dlist:v1" "docker://$REG/from-dist/dlist:v1"
+    run skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --dest-creds "$ADMIN" "docker://$DIST/to-outpost/img:v1" "docker://$REG/from-dist/img:v1"
+    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false --dest-creds "$ADMIN" "docker://$DIST/to-outpost/multi:v1" "docker://$REG/from-dist/multi:v1"
+    run skopeo copy -q --all --src-tls-verify=false --dest-tls-verify=false --dest-creds "$ADMIN" "docker://$DIST/to-outpost/dlist:v1" "docker://$REG/from-dist/dlist:v1"
     expect_manifest "$REG" from-dist/img v1 "$IMG_DIGEST"
     expect_manifest "$REG" from-dist/multi v1 "$MULTI_DIGEST"
     expect_manifest "$REG" from-dist/dlist v1 "$dlist"
     all_blobs_present "$REG" from-dist/multi "$FIX" "$MULTI_DIGEST"
 }
 
+podman_login() { # USER PASSWORD [podman login args]: podman login to Outpost
+    local user=$1 pw=$2 out
+    shift 2
+    echo "+ podman login --tls-verify=false -u $user --password-stdin $* $REG"
+    out=$(echo "$pw" | $T $PODMAN login --tls-verify=false -u "$user" --password-stdin "$@" "$REG" 2>&1) ||
+        fail "podman login as $user failed: $out"
+    echo "$out"
+    expect_contains "podman login output" "$out" "Login Succeeded"
+}
+
 check_podman() {
     mkdir -p "$WORK/podman/tmp"
+    podman_login admin "$ADMIN_PW"
     # podman names an oci: image after its path, which must be lowercase: use a relative one
     cd "$WORK"
     run $PODMAN pull -q oci:fixtures:img
@@ -434,6 +466,7 @@ check_podman() {
 
 check_podman_manifest_list() {
     mkdir -p "$WORK/podman/tmp"
+    podman_login admin "$ADMIN_PW"
     push_fixture multi podman/src:v1 --all
     local list=$REG/podman/list:v1 pushed
     run $PODMAN manifest create "$list"
@@ -443,23 +476,34 @@ check_podman_manifest_list() {
     expect_manifest "$REG" podman/list v1 "$pushed"
     expect_eq "platform manifests in the pushed list" \
         "$(jq -r '.manifests[] | "\(.platform.os)/\(.platform.architecture) \(.digest)"' "$(layout_blob "$FIX" "$MULTI_DIGEST")" | sort)" \
-        "$($T skopeo inspect --tls-verify=false --raw "docker://$list" | jq -r '.manifests[] | "\(.platform.os)/\(.platform.architecture) \(.digest)"' | sort)"
+        "$($T skopeo inspect --tls-verify=false --creds "$ADMIN" --raw "docker://$list" | jq -r '.manifests[] | "\(.platform.os)/\(.platform.architecture) \(.digest)"' | sort)"
     local child # (podman rewrites the list itself, so only its children are the fixture's)
     for child in $(jq -r '.manifests[].digest' "$(layout_blob "$FIX" "$MULTI_DIGEST")"); do
         all_blobs_present "$REG" podman/list "$FIX" "$child"
     done
 }
 
-check_docker_login() {
-    ensure_dockerd
+docker_login() { # log the docker CLI in to Outpost as admin
     local out
-    out=$(echo y | $T $D login "$REG" -u x --password-stdin 2>&1) || fail "docker login failed: $out"
+    out=$(echo "$ADMIN_PW" | $T $D login "$REG" -u admin --password-stdin 2>&1) || fail "docker login failed: $out"
     echo "$out"
     expect_contains "docker login output" "$out" "Login Succeeded"
 }
 
+check_docker_login() {
+    ensure_dockerd
+    local out
+    out=$(echo "wrong-$ADMIN_PW" | $T $D login "$REG" -u admin --password-stdin 2>&1) &&
+        fail "docker login with a wrong password succeeded: $out"
+    echo "$out"
+    expect_contains "docker login with a wrong password" "$out" "incorrect username or password"
+    docker_login
+    expect_contains "docker's stored credentials" "$(cat "$WORK/docker-cli/config.json")" "\"$REG\""
+}
+
 check_docker_push_pull() {
     ensure_dockerd
+    docker_login
     mkdir -p "$WORK/docker-img/rootfs/etc"
     echo "hello from outpost interop $$ $RANDOM" >"$WORK/docker-img/rootfs/hello.txt"
     head -c 300000 /dev/urandom >"$WORK/docker-img/rootfs/etc/random.bin"
@@ -504,6 +548,7 @@ check_docker_push_pull() {
 
 check_docker_pull_oci_index() {
     ensure_dockerd
+    docker_login
     push_fixture multi docker/multi:v1 --all
     run $D pull "$REG/docker/multi:v1"
     local amd64 config
@@ -522,7 +567,7 @@ ctr_digest() { # REF -> digest column of `ctr images ls`
 check_ctr_image() {
     ensure_containerd
     push_fixture img ctr/img:v1
-    run $CTR images pull --plain-http "$REG/ctr/img:v1"
+    run $CTR images pull --plain-http --user "$ADMIN" "$REG/ctr/img:v1"
     expect_eq "digest in ctr images ls" "$IMG_DIGEST" "$(ctr_digest "$REG/ctr/img:v1")"
     expect_contains "ctr images check" "$($CTR images check "name==$REG/ctr/img:v1")" "complete"
     mkdir -p "$WORK/ctr-mnt"
@@ -534,16 +579,16 @@ check_ctr_image() {
 check_ctr_index() {
     ensure_containerd
     push_fixture multi ctr/multi:v1 --all
-    run $CTR images pull --plain-http --all-platforms "$REG/ctr/multi:v1"
+    run $CTR images pull --plain-http --user "$ADMIN" --all-platforms "$REG/ctr/multi:v1"
     expect_eq "digest in ctr images ls" "$MULTI_DIGEST" "$(ctr_digest "$REG/ctr/multi:v1")"
     expect_contains "platforms in ctr images ls" "$($CTR images ls "name==$REG/ctr/multi:v1")" "linux/amd64,linux/arm64"
     expect_contains "ctr images check" "$($CTR images check "name==$REG/ctr/multi:v1")" "complete (3/3)"
     # and push it back under a new name with containerd's own pusher
-    run $CTR images push --plain-http "$REG/ctr/pushed:v1" "$REG/ctr/multi:v1"
+    run $CTR images push --plain-http --user "$ADMIN" "$REG/ctr/pushed:v1" "$REG/ctr/multi:v1"
     expect_manifest "$REG" ctr/pushed v1 "$MULTI_DIGEST"
     all_blobs_present "$REG" ctr/pushed "$FIX" "$MULTI_DIGEST"
     # a single platform of it, in a fresh namespace (content is not shared between namespaces)
-    run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images pull --plain-http --platform linux/arm64 "$REG/ctr/pushed:v1"
+    run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images pull --plain-http --user "$ADMIN" --platform linux/arm64 "$REG/ctr/pushed:v1"
     mkdir -p "$WORK/ctr-mnt-arm64"
     run ctr --address "$CTD_SOCK" --namespace outpost-interop-2 images mount --platform linux/arm64 "$REG/ctr/pushed:v1" "$WORK/ctr-mnt-arm64"
     expect_files "$WORK/ctr-mnt-arm64" "$FIX" multi linux/arm64
@@ -561,7 +606,14 @@ import oras.client, oras.oci, oras.defaults
 
 reg, repo, subj_digest, subj_size, subj_type, workdir = sys.argv[1:7]
 os.chdir(workdir)
-client = oras.client.OrasClient(hostname=reg, insecure=True)
+# oras-py 0.2.x: the "token" auth backend keeps the first token it gets (pull scope, from a
+# HEAD) and retries a 401 asking for more scope (push) with that same token, so it cannot
+# push where a bearer token lacking scope gets 401 + a wider challenge (Outpost, like
+# distribution). The "basic" backend sends the credentials with every request instead.
+client = oras.client.OrasClient(hostname=reg, insecure=True, auth_backend="basic")
+# (login also records the credentials, in a private docker config)
+client.login(username="admin", password=os.environ["ORAS_ADMIN_PASSWORD"], hostname=reg,
+             config_path=os.path.join(workdir, "docker-config.json"))
 subject = oras.oci.Subject(mediaType=subj_type, digest=subj_digest, size=int(subj_size))
 out = {}
 
@@ -617,7 +669,7 @@ check_oras() {
     head -c 3000000 /dev/urandom >"$w/big.bin"
     local size out
     size=$(head_header "$REG" oras/img v1 Content-Length)
-    out=$($T "$ORAS_PY" -c "$ORAS_SCRIPT" "$REG" oras/img "$IMG_DIGEST" "$size" \
+    out=$(ORAS_ADMIN_PASSWORD=$ADMIN_PW $T "$ORAS_PY" -c "$ORAS_SCRIPT" "$REG" oras/img "$IMG_DIGEST" "$size" \
         application/vnd.oci.image.manifest.v1+json "$w" 2>&1) || fail "oras push/pull failed: $out"
     echo "$out"
     local res
@@ -638,7 +690,7 @@ check_oras() {
 
     # referrers API, unfiltered
     local url=http://$REG/v2/oras/img/referrers/$IMG_DIGEST
-    curl -sS -D "$w/h0" -o "$w/r0.json" "$url"
+    curl -sS -u "$ADMIN" -D "$w/h0" -o "$w/r0.json" "$url"
     cat "$w/h0" "$w/r0.json"; echo
     expect_eq "referrers status" 200 "$(awk 'NR == 1 { print $2 }' "$w/h0")"
     expect_contains "referrers Content-Type" "$(tr -d '\r' <"$w/h0" | grep -i '^content-type:')" application/vnd.oci.image.index.v1+json
@@ -650,18 +702,18 @@ $sig application/vnd.example.signature signature" \
         "$(jq -r --arg d "$sbom" '.manifests[] | select(.digest == $d) | .size' "$w/r0.json")"
 
     # filtered
-    curl -sS -D "$w/h1" -o "$w/r1.json" "$url?artifactType=application/vnd.example.signature"
+    curl -sS -u "$ADMIN" -D "$w/h1" -o "$w/r1.json" "$url?artifactType=application/vnd.example.signature"
     cat "$w/h1" "$w/r1.json"; echo
     expect_eq "referrers?artifactType=application/vnd.example.signature" "$sig" "$(jq -r '.manifests[].digest' "$w/r1.json")"
     expect_contains "OCI-Filters-Applied" "$(tr -d '\r' <"$w/h1" | grep -i '^oci-filters-applied:' || true)" artifactType
-    curl -sS -f -o "$w/r2.json" "$url?artifactType=application/vnd.example.sbom"
+    curl -sS -u "$ADMIN" -f -o "$w/r2.json" "$url?artifactType=application/vnd.example.sbom"
     expect_eq "referrers?artifactType=application/vnd.example.sbom" "$sbom" "$(jq -r '.manifests[].digest' "$w/r2.json")"
-    curl -sS -f -o "$w/r3.json" "$url?artifactType=application/vnd.example.none"
+    curl -sS -u "$ADMIN" -f -o "$w/r3.json" "$url?artifactType=application/vnd.example.none"
     expect_eq "referrers?artifactType=<no match>" 0 "$(jq '.manifests | length' "$w/r3.json")"
 
     # a subject nobody refers to: 200 with an empty index, never 404 (distribution-spec)
     local other=sha256:0000000000000000000000000000000000000000000000000000000000000000
-    curl -sS -D "$w/h4" -o "$w/r4.json" "http://$REG/v2/oras/img/referrers/$other"
+    curl -sS -u "$ADMIN" -D "$w/h4" -o "$w/r4.json" "http://$REG/v2/oras/img/referrers/$other"
     cat "$w/h4" "$w/r4.json"; echo
     expect_eq "referrers of an unknown digest: status" 200 "$(awk 'NR == 1 { print $2 }' "$w/h4")"
     expect_eq "referrers of an unknown digest: manifests" 0 "$(jq '.manifests | length' "$w/r4.json")"
@@ -669,9 +721,239 @@ $sig application/vnd.example.signature signature" \
 
 check_umoci() {
     push_fixture img umoci/img:v1
-    run skopeo copy -q --src-tls-verify=false "docker://$REG/umoci/img:v1" "oci:$WORK/umoci-layout:v1"
+    run skopeo copy -q --src-tls-verify=false --src-creds "$ADMIN" "docker://$REG/umoci/img:v1" "oci:$WORK/umoci-layout:v1"
     run umoci unpack --image "$WORK/umoci-layout:v1" "$WORK/umoci-bundle"
     expect_files "$WORK/umoci-bundle/rootfs" "$FIX" img
+}
+
+# ---------------------------------------------------------------------------------------
+# access control: tokens with scope maps, created through the management API as admin
+
+# api METHOD PATH [JSON] : admin call to /api/v1/PATH; prints the body, fails unless 2xx
+api() {
+    local out code
+    out=$(curl -sS -u "$ADMIN" -X "$1" -H 'Content-Type: application/json' ${3:+--data "$3"} \
+        -w '\n%{http_code}' "http://$REG/api/v1/$2") || fail "curl $1 /api/v1/$2 failed"
+    code=${out##*$'\n'}
+    out=${out%$'\n'*}
+    case "$code" in 2??) ;; *) fail "$1 /api/v1/$2 $3: HTTP $code: $out" ;; esac
+    echo "$out"
+}
+
+TOKENS=$WORK/tokens
+# ensure_token NAME ACTION... : token NAME with its own scope map NAME-map holding ACTIONs
+# (created once per run; password1 is kept in $TOKENS/NAME). Sets TOKEN_PW.
+ensure_token() {
+    local name=$1 resp
+    shift
+    mkdir -p "$TOKENS"
+    if [ ! -s "$TOKENS/$name" ]; then
+        api POST scope-maps "$(jq -cn --arg n "$name-map" '{name: $n, description: "outpost interop", actions: $ARGS.positional}' --args "$@")" >/dev/null
+        resp=$(api POST tokens "$(jq -cn --arg n "$name" --arg m "$name-map" '{name: $n, scopeMap: $m}')")
+        echo "created token $name: $(echo "$resp" | jq -c 'del(.passwords[].value)')"
+        expect_eq "status of new token $name" enabled "$(echo "$resp" | jq -r .status)"
+        echo "$resp" | jq -r '.passwords[] | select(.name == "password1") | .value' >"$TOKENS/$name"
+        [ -s "$TOKENS/$name" ] || fail "no password1 value in the token response: $resp"
+    fi
+    TOKEN_PW=$(cat "$TOKENS/$name")
+}
+RW_ACTIONS="repositories/team/*/content/read repositories/team/*/content/write repositories/team/*/metadata/read"
+RO_ACTIONS="repositories/team/*/content/read repositories/team/*/metadata/read"
+
+# ensure_team_app : team/app:v1 exists (pushed as admin unless an earlier check pushed it);
+# prints its digest
+ensure_team_app() {
+    local digest
+    digest=$(head_header "$REG" team/app v1 Docker-Content-Digest 2>/dev/null || true)
+    if [ -z "$digest" ]; then
+        push_fixture img team/app:v1 >&2
+        digest=$IMG_DIGEST
+    fi
+    echo "$digest"
+}
+
+DENIED_TEXT="requested access to the resource is denied"
+
+check_auth_anonymous() {
+    local h out
+    h=$(curl -sS -D - -o "$WORK/anon.json" "http://$REG/v2/" | tr -d '\r')
+    echo "$h"; cat "$WORK/anon.json"; echo
+    expect_eq "status of GET /v2/ without credentials" 401 "$(echo "$h" | awk 'NR == 1 { print $2 }')"
+    expect_contains "WWW-Authenticate of GET /v2/" "$(echo "$h" | grep -i '^www-authenticate:')" \
+        "Bearer realm=\"http://$REG/oauth2/token\",service=\"outpost\""
+    expect_eq "error code" UNAUTHORIZED "$(jq -r '.errors[0].code' "$WORK/anon.json")"
+    # a repository request: the challenge names the scope a client must ask for
+    h=$(curl -sS -D - -o /dev/null "http://$REG/v2/team/app/manifests/v1" | tr -d '\r')
+    echo "$h"
+    expect_contains "WWW-Authenticate of GET /v2/team/app/manifests/v1" \
+        "$(echo "$h" | grep -i '^www-authenticate:')" 'scope="repository:team/app:pull"'
+    # anonymous token requests give no token
+    expect_eq "status of an anonymous GET /oauth2/token" 401 \
+        "$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/oauth2/token?service=outpost&scope=repository:team/app:pull")"
+    ensure_team_app >/dev/null
+    out=$($T skopeo inspect --tls-verify=false "docker://$REG/team/app:v1" 2>&1) &&
+        fail "skopeo inspect without credentials succeeded: $out"
+    echo "skopeo inspect without credentials: $out"
+    expect_contains "skopeo inspect without credentials" "$out" "authentication required"
+    out=$($T skopeo inspect --tls-verify=false --creds "admin:wrong-$ADMIN_PW" "docker://$REG/team/app:v1" 2>&1) &&
+        fail "skopeo inspect with a wrong password succeeded: $out"
+    echo "skopeo inspect with a wrong password: $out"
+    expect_contains "skopeo inspect with a wrong password" "$out" "incorrect username or password"
+    expect_eq "status of the management API without credentials" 401 \
+        "$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/api/v1/tokens")"
+}
+
+check_auth_scoped_token_podman() {
+    mkdir -p "$WORK/podman/tmp"
+    ensure_token team-rw $RW_ACTIONS
+    local auth=$WORK/podman/team-rw-auth.json pw=$TOKEN_PW
+    echo '{}' >"$auth"
+    podman_login team-rw "$pw" --authfile "$auth"
+    expect_contains "podman auth file" "$(cat "$auth")" "\"$REG\""
+    # the token can neither use the management API nor list what it cannot read
+    expect_eq "status of GET /api/v1/tokens as team-rw" 403 \
+        "$(curl -s -o /dev/null -u "team-rw:$pw" -w '%{http_code}' "http://$REG/api/v1/tokens")"
+    cd "$WORK"
+    local id pushed out
+    id=$($T $PODMAN pull -q oci:fixtures:img | tail -n1) # (prints the image ID)
+    expect_eq "image ID podman loaded from the fixture" \
+        "$(jq -r .config.digest "$(layout_blob "$FIX" "$IMG_DIGEST")")" "sha256:${id#sha256:}"
+    run $PODMAN tag "$id" "$REG/team/app:v1" "$REG/other/app:v1"
+    run $PODMAN push --authfile "$auth" --tls-verify=false --digestfile "$WORK/podman/team-digest" "$REG/team/app:v1"
+    pushed=$(cat "$WORK/podman/team-digest")
+    expect_manifest "$REG" team/app v1 "$pushed"
+    run $PODMAN rmi -f "$REG/team/app:v1"
+    run $PODMAN pull --authfile "$auth" --tls-verify=false "$REG/team/app:v1"
+    expect_eq "digest after podman pull with team-rw" "$pushed" \
+        "$($PODMAN image inspect --format '{{.Digest}}' "$REG/team/app:v1")"
+    out=$($T $PODMAN push --authfile "$auth" --tls-verify=false "$REG/other/app:v1" 2>&1) &&
+        fail "podman push to other/app with a team/* token succeeded: $out"
+    echo "podman push to other/app with team-rw: $out"
+    # podman first asks HEAD /v2/other/app/blobs/<digest> (a HEAD answer has no body, so
+    # podman can only report its status) before it would upload
+    expect_contains "podman push to other/app" "$out" "other/app: 403 (Forbidden)"
+    # the same refusal with its message, as a client sees it on a request with a body
+    out=$(curl -sS -u "team-rw:$pw" -X POST "http://$REG/v2/other/app/blobs/uploads/")
+    echo "POST /v2/other/app/blobs/uploads/ as team-rw: $out"
+    expect_eq "error code" DENIED "$(echo "$out" | jq -r '.errors[0].code')"
+    expect_contains "error message" "$out" "token \\\"team-rw\\\" does not have content/write on repository \\\"other/app\\\" (insufficient scopes)"
+    expect_eq "status of HEAD other/app:v1 as admin (nothing was pushed)" 404 \
+        "$(curl -s -o /dev/null -I -u "$ADMIN" -w '%{http_code}' "http://$REG/v2/other/app/manifests/v1")"
+    run $PODMAN rmi -f "$REG/team/app:v1" "$REG/other/app:v1"
+}
+
+check_auth_readonly_token_skopeo() {
+    ensure_token team-ro $RO_ACTIONS
+    local pw=$TOKEN_PW digest out
+    digest=$(ensure_team_app)
+    run skopeo copy -q --src-tls-verify=false --src-creds "team-ro:$pw" "docker://$REG/team/app:v1" "oci:$WORK/ro-layout:v1"
+    expect_eq "digest in the layout pulled with team-ro" "$digest" "$(layout_digest "$WORK/ro-layout" v1)"
+    expect_eq "skopeo list-tags with team-ro" v1 \
+        "$($T skopeo list-tags --tls-verify=false --creds "team-ro:$pw" "docker://$REG/team/app" | jq -r '.Tags | join(",")')"
+    out=$($T skopeo copy -q --dest-tls-verify=false --dest-creds "team-ro:$pw" "oci:$WORK/ro-layout:v1" "docker://$REG/team/new:v1" 2>&1) &&
+        fail "skopeo copy to team/new with a read-only token succeeded: $out"
+    echo "what skopeo says for a push with the read-only token:"
+    echo "$out"
+    expect_contains "skopeo copy with team-ro" "$out" "$DENIED_TEXT"
+    # (skopeo's log line escapes the quotes of the registry's message)
+    expect_contains "skopeo copy with team-ro" "${out//\\\"/\"}" \
+        'token "team-ro" does not have content/write on repository "team/new" (insufficient scopes)'
+    out=$($T skopeo delete --tls-verify=false --creds "team-ro:$pw" "docker://$REG/team/app:v1" 2>&1) &&
+        fail "skopeo delete with a read-only token succeeded: $out"
+    echo "skopeo delete with team-ro: $out"
+    expect_contains "skopeo delete with team-ro" "$out" "$DENIED_TEXT"
+    expect_eq "team/app:v1 after the refused delete" "$digest" "$(head_header "$REG" team/app v1 Docker-Content-Digest)"
+    expect_eq "status of HEAD team/new:v1 as admin (nothing was pushed)" 404 \
+        "$(curl -s -o /dev/null -I -u "$ADMIN" -w '%{http_code}' "http://$REG/v2/team/new/manifests/v1")"
+    # and nothing outside team/*
+    out=$($T skopeo inspect --tls-verify=false --creds "team-ro:$pw" "docker://$REG/outside/img:v1" 2>&1) &&
+        fail "skopeo inspect of outside/img with a team/* token succeeded: $out"
+    echo "skopeo inspect of outside/img with team-ro: $out"
+    expect_contains "skopeo inspect of outside/img with team-ro" "$out" "$DENIED_TEXT"
+}
+
+check_auth_catalog_filtered() {
+    ensure_token team-ro $RO_ACTIONS
+    local pw=$TOKEN_PW all ro
+    ensure_team_app >/dev/null
+    push_fixture img outside/img:v1
+    all=$(curl -sS -f -u "$ADMIN" "http://$REG/v2/_catalog?n=1000" | jq -r '.repositories | join(",")')
+    echo "catalog as admin: $all"
+    expect_contains "catalog as admin" ",$all," ",outside/img,"
+    expect_contains "catalog as admin" ",$all," ",team/app,"
+    ro=$(curl -sS -f -u "team-ro:$pw" "http://$REG/v2/_catalog?n=1000" | jq -r '.repositories | join(",")')
+    echo "catalog as team-ro: $ro"
+    expect_eq "catalog as team-ro" \
+        "$(echo "$all" | tr ',' '\n' | grep '^team/' | paste -sd, -)" "$ro"
+}
+
+check_auth_disabled_token() {
+    mkdir -p "$WORK/podman/tmp"
+    ensure_token team-tmp $RO_ACTIONS
+    local pw=$TOKEN_PW out auth=$WORK/podman/team-tmp-auth.json
+    ensure_team_app >/dev/null
+    echo '{}' >"$auth"
+    podman_login team-tmp "$pw" --authfile "$auth"
+    run skopeo inspect --tls-verify=false --creds "team-tmp:$pw" "docker://$REG/team/app:v1"
+    out=$(api PATCH tokens/team-tmp '{"status":"disabled"}')
+    echo "PATCH tokens/team-tmp: $out"
+    expect_eq "status after PATCH" disabled "$(echo "$out" | jq -r .status)"
+    out=$(echo "$pw" | $T $PODMAN login --authfile "$auth" --tls-verify=false -u team-tmp --password-stdin "$REG" 2>&1) &&
+        fail "podman login with a disabled token succeeded: $out"
+    echo "podman login with the disabled token: $out"
+    expect_contains "podman login with the disabled token" "$out" "invalid username/password"
+    out=$($T skopeo inspect --tls-verify=false --creds "team-tmp:$pw" "docker://$REG/team/app:v1" 2>&1) &&
+        fail "skopeo inspect with a disabled token succeeded: $out"
+    echo "skopeo inspect with the disabled token: $out"
+    expect_contains "skopeo inspect with the disabled token" "$out" "unauthorized"
+    # podman's stored login from before no longer works either
+    out=$($T $PODMAN pull --authfile "$auth" --tls-verify=false "$REG/team/app:v1" 2>&1) &&
+        fail "podman pull with a disabled token succeeded: $out"
+    echo "podman pull with the disabled token: $out"
+    expect_contains "podman pull with the disabled token" "$out" "unauthorized"
+    local h
+    h=$(curl -sS -D - -o "$WORK/disabled.json" -u "team-tmp:$pw" "http://$REG/v2/" | tr -d '\r')
+    echo "$h"; cat "$WORK/disabled.json"; echo
+    expect_eq "status of GET /v2/ with the disabled token" 401 "$(echo "$h" | awk 'NR == 1 { print $2 }')"
+    expect_eq "status of GET /oauth2/token with the disabled token" 401 \
+        "$(curl -s -o /dev/null -u "team-tmp:$pw" -w '%{http_code}' "http://$REG/oauth2/token?service=outpost&scope=repository:team/app:pull")"
+    # enabled again with a new password1: the old one is dead, the new one works
+    api PATCH tokens/team-tmp '{"status":"enabled"}' >/dev/null
+    out=$(api POST tokens/team-tmp/credentials/generate '{"passwords":["password1"]}')
+    local newpw
+    newpw=$(echo "$out" | jq -r '.passwords[] | select(.name == "password1") | .value')
+    [ -n "$newpw" ] && [ "$newpw" != null ] && [ "$newpw" != "$pw" ] || fail "no new password1 in: $out"
+    expect_eq "status of GET /v2/ with the replaced password" 401 \
+        "$(curl -s -o /dev/null -u "team-tmp:$pw" -w '%{http_code}' "http://$REG/v2/")"
+    run skopeo inspect --tls-verify=false --creds "team-tmp:$newpw" "docker://$REG/team/app:v1"
+}
+
+check_auth_containerd_token() {
+    ensure_containerd
+    ensure_token team-rw $RW_ACTIONS
+    local pw=$TOKEN_PW digest out before
+    digest=$(ensure_team_app)
+    before=$(wc -l <"$LOGS/outpost.log")
+    local ns="ctr --address $CTD_SOCK --namespace outpost-interop-auth"
+    run $ns images pull --plain-http --user "team-rw:$pw" "$REG/team/app:v1"
+    expect_eq "digest in ctr images ls" "$digest" "$($ns images ls "name==$REG/team/app:v1" | awk 'NR == 2 { print $3 }')"
+    # containerd asks for its token with the OAuth2 password grant (POST /oauth2/token)
+    local posts
+    posts=$(tail -n +$((before + 1)) "$LOGS/outpost.log" | grep -c 'method=POST path=/oauth2/token status=200' || true)
+    [ "$posts" -gt 0 ] || fail "no successful POST /oauth2/token in outpost's log during ctr pull"
+    echo "  ok: $posts POST /oauth2/token answered 200 during ctr pull"
+    # push inside team/* works, outside is refused
+    run $ns images tag "$REG/team/app:v1" "$REG/team/ctr:v1" "$REG/other/ctr:v1"
+    run $ns images push --plain-http --user "team-rw:$pw" "$REG/team/ctr:v1"
+    expect_eq "Docker-Content-Digest of team/ctr:v1" "$digest" "$(head_header "$REG" team/ctr v1 Docker-Content-Digest)"
+    out=$($T $ns images push --plain-http --user "team-rw:$pw" "$REG/other/ctr:v1" 2>&1) &&
+        fail "ctr push to other/ctr with a team/* token succeeded: $out"
+    echo "ctr push to other/ctr with team-rw: $out"
+    expect_contains "ctr push to other/ctr" "$out" "403 Forbidden"
+    out=$($T $ns images pull --plain-http --user "team-rw:wrong-$pw" "$REG/team/app:v1" 2>&1) &&
+        fail "ctr pull with a wrong password succeeded: $out"
+    echo "ctr pull with a wrong password: $out"
+    expect_contains "ctr pull with a wrong password" "$out" "401 Unauthorized"
 }
 
 # after all the clients: Outpost is still up, answered no request with a 5xx, logged no
@@ -680,7 +962,7 @@ check_outpost_after() {
     local pid bad
     pid=$(awk '$2 == "outpost" { print $1 }' "$PIDFILE")
     kill -0 "$pid" 2>/dev/null || fail "outpost (pid $pid) is no longer running: $(tail -n 20 "$LOGS/outpost.log")"
-    expect_eq "GET /v2/ status" 200 "$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/v2/")"
+    expect_eq "GET /v2/ status" 200 "$(curl -s -u "$ADMIN" -o /dev/null -w '%{http_code}' "http://$REG/v2/")"
     bad=$(grep -E '^[^ ]+ +ERROR |status=5[0-9][0-9]|panicked' "$LOGS/outpost.log" || true)
     [ -z "$bad" ] || fail "outpost logged errors or 5xx responses:
 $(echo "$bad" | head -n 30)"
@@ -702,9 +984,13 @@ REG=127.0.0.1:$PORT
 unset_outpost=()
 for v in $(compgen -e | grep '^OUTPOST_' || true); do unset_outpost+=(-u "$v"); done
 # debug for one log line per request (shown when a check fails), without sqlx's statements
-spawn outpost "$LOGS/outpost.log" env "${unset_outpost[@]}" "$OUTPOST" serve --listen "$REG" \
+# OUTPOST_ADMIN_PASSWORD creates the administrator token `admin` on first start.
+ADMIN_PW=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+ADMIN=admin:$ADMIN_PW
+spawn outpost "$LOGS/outpost.log" env "${unset_outpost[@]}" OUTPOST_ADMIN_PASSWORD="$ADMIN_PW" \
+    "$OUTPOST" serve --listen "$REG" \
     --data-dir "$WORK/outpost-data" --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
-if ! wait_until 30 curl -sf "http://$REG/v2/"; then
+if ! wait_until 30 curl -sf -u "$ADMIN" "http://$REG/v2/"; then
     echo "FAIL outpost-start: no 200 from http://$REG/v2/ within 30s"
     tail -n 40 "$LOGS/outpost.log" | sed 's/^/    | /'
     echo "0 passed, 1 failed"
@@ -734,6 +1020,12 @@ run_check ctr-pull-image check_ctr_image
 run_check ctr-pull-index-and-push check_ctr_index
 run_check oras-referrers check_oras
 run_check umoci-unpack check_umoci
+run_check auth-anonymous-refused check_auth_anonymous
+run_check auth-scoped-token-podman check_auth_scoped_token_podman
+run_check auth-readonly-token-skopeo check_auth_readonly_token_skopeo
+run_check auth-catalog-filtered check_auth_catalog_filtered
+run_check auth-disabled-token check_auth_disabled_token
+run_check auth-containerd-token-flow check_auth_containerd_token
 
 run_check outpost-healthy-after-run check_outpost_after
 echo "$PASSED passed, $FAILED failed"
