@@ -236,9 +236,14 @@ async fn raw_get(base: &str, path: &str, auth: Option<&str>) -> Result<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(host).await?;
-    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").as_bytes())
-        .await?;
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     let mut buf = vec![0u8; 4 << 20];
     let mut head = Vec::new();
     let body_start;
@@ -296,7 +301,12 @@ async fn main() -> Result<()> {
         }
         Cmd::PullBlob { repo, digest } => {
             let t = Instant::now();
-            let n = raw_get(&reg.base, &format!("/v2/{repo}/blobs/{digest}"), reg.auth.as_deref()).await?;
+            let n = raw_get(
+                &reg.base,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                reg.auth.as_deref(),
+            )
+            .await?;
             let e = t.elapsed();
             println!(
                 "{}",

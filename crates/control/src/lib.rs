@@ -9,9 +9,16 @@
 //! write bumps a generation counter so cached identities and verified passwords are re-checked,
 //! which is what makes disabling a token or deleting a password take effect immediately.
 
+pub mod connected;
+pub mod connstr;
 pub mod jwt;
 pub mod password;
 pub mod scope;
+
+pub use connected::{
+    ConnectedLimits, ConnectedRegistryView, CreateConnectedRegistry, Mode, UpdateConnectedRegistry,
+};
+pub use connstr::ConnectionString;
 
 pub use scope::{GatewayAction, Permissions, RepoAction, RepoPattern, Rule, ScopeError};
 
@@ -60,6 +67,10 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "Failed to activate the connected registry {0:?} as it is already activated by another instance. Only one instance is supported at any time. Deactivate it first with `outpost connected-registry deactivate -n {0}`."
+    )]
+    AlreadyActivated(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -91,6 +102,8 @@ pub struct ControlConfig {
     pub access_token_ttl: Duration,
     /// How long a successful password verification is trusted before Argon2 runs again.
     pub verified_ttl: Duration,
+    /// Limits of the connected-registry control plane.
+    pub connected: ConnectedLimits,
 }
 
 impl Default for ControlConfig {
@@ -99,6 +112,7 @@ impl Default for ControlConfig {
             limits: Limits::default(),
             access_token_ttl: Duration::from_secs(300),
             verified_ttl: Duration::from_secs(300),
+            connected: ConnectedLimits::default(),
         }
     }
 }
@@ -164,6 +178,16 @@ impl Principal {
     }
 
     /// Whether this request may do `action` on `repo`.
+    /// Whether this principal holds a gateway action (sync tokens of connected registries).
+    pub fn allows_gateway(&self, name: &str, action: GatewayAction) -> bool {
+        match self {
+            Principal::Basic(i) | Principal::Bearer { identity: i, .. } => {
+                i.perms.allows_gateway(name, action)
+            }
+            Principal::Anonymous { .. } => false,
+        }
+    }
+
     pub fn allows(&self, repo: &str, action: RepoAction) -> bool {
         if !self.identity_allows(repo, action) {
             return false;
@@ -323,6 +347,8 @@ pub struct Control {
     generation: AtomicU64,
     identities: RwLock<HashMap<String, CachedIdentity>>,
     verified: Mutex<HashMap<[u8; 32], Verified>>,
+    /// Serializes control-plane writes that check rules across several rows.
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl Control {
@@ -357,6 +383,7 @@ impl Control {
             generation: AtomicU64::new(1),
             identities: RwLock::default(),
             verified: Mutex::default(),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -925,11 +952,17 @@ impl Control {
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<()> {
+        let _w = self.writes.lock().await;
         let t = self.token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(
                 "the administrator token cannot be deleted".into(),
             ));
+        }
+        if let Some(cr) = self.registry_of_sync_token(name).await? {
+            return Err(ControlError::Invalid(format!(
+                "token {name:?} is the sync token of connected registry {cr:?} and cannot be deleted while it exists; delete the connected registry first (with --cleanup to remove this token too)"
+            )));
         }
         self.meta.delete_token(name).await?;
         self.changed();

@@ -9,9 +9,11 @@
 //! through one connection, so writers never see `SQLITE_BUSY`.
 
 mod access;
+mod connected;
 mod schema;
 
 pub use access::{PasswordRow, ScopeMapRow, TokenRow};
+pub use connected::ConnectedRegistryRow;
 
 use outpost_oci::Digest;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

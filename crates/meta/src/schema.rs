@@ -91,4 +91,34 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         password2_expiry  INTEGER
     ) STRICT;
     "#,
+    // 3: connected registries (the control plane)
+    r#"
+    CREATE TABLE connected_registries (
+        name             TEXT PRIMARY KEY,
+        mode             TEXT NOT NULL,
+        parent           TEXT,                -- NULL: the parent is this (root) registry
+        sync_token       TEXT NOT NULL,
+        client_tokens    TEXT NOT NULL,       -- JSON array of token names
+        schedule         TEXT NOT NULL,
+        sync_window      TEXT,
+        message_ttl      TEXT NOT NULL,
+        log_level        TEXT NOT NULL,
+        notifications    TEXT NOT NULL,       -- JSON array
+        gc_enabled       INTEGER NOT NULL,
+        gc_schedule      TEXT NOT NULL,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        activation       TEXT NOT NULL,
+        instance_id      TEXT,
+        last_activity    INTEGER,
+        last_sync        INTEGER,
+        sync_result      TEXT,
+        reported_state   TEXT,
+        status_details   TEXT NOT NULL,       -- JSON array
+        version          TEXT,
+        login_server     TEXT,
+        resync_requested INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX connected_registries_by_parent ON connected_registries(parent);
+    "#,
 ];

@@ -39,6 +39,28 @@ pub(crate) fn routes() -> Router<App> {
             "/tokens/{name}/credentials/delete",
             post(delete_credentials),
         )
+        .route("/connected-registries", get(list_crs).post(create_cr))
+        .route(
+            "/connected-registries/{name}",
+            get(show_cr).patch(update_cr).delete(delete_cr),
+        )
+        .route(
+            "/connected-registries/{name}/deactivate",
+            post(deactivate_cr),
+        )
+        .route("/connected-registries/{name}/resync", post(resync_cr))
+        .route(
+            "/connected-registries/{name}/get-settings",
+            post(settings_cr),
+        )
+        .route(
+            "/connected-registries/{name}/client-tokens",
+            get(client_tokens_cr),
+        )
+        .route(
+            "/connected-registries/{name}/permissions",
+            get(permissions_cr).patch(update_permissions_cr),
+        )
 }
 
 async fn admin(app: &App, headers: &HeaderMap) -> Result<()> {
@@ -313,6 +335,195 @@ async fn delete_credentials(
     let v = app
         .control
         .delete_credentials(&name, &slots(&req.passwords)?)
+        .await?;
+    Ok(json(StatusCode::OK, &v))
+}
+
+// ---- connected registries -----------------------------------------------------------------
+
+fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
+    auth::pairs(uri.query().unwrap_or(""))
+}
+
+fn flag(q: &[(String, String)], k: &str) -> Result<bool> {
+    match q.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str()) {
+        None | Some("false") => Ok(false),
+        Some("true") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::custom(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("{k}={other:?} is not true or false"),
+        )),
+    }
+}
+
+async fn list_crs(State(app): State<App>, h: HeaderMap, uri: axum::http::Uri) -> Result<Response> {
+    admin(&app, &h).await?;
+    let q = query(&uri);
+    let parent = q
+        .iter()
+        .find(|(k, _)| k == "parent")
+        .map(|(_, v)| v.as_str());
+    let v = app
+        .control
+        .list_connected_registries(parent, flag(&q, "noChildren")?)
+        .await?;
+    Ok(json(StatusCode::OK, &v))
+}
+
+async fn create_cr(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+    admin(&app, &h).await?;
+    let req: outpost_control::CreateConnectedRegistry = parse(&body)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &app.control.create_connected_registry(req).await?,
+    ))
+}
+
+async fn show_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.show_connected_registry(&name).await?,
+    ))
+}
+
+async fn update_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    let req: outpost_control::UpdateConnectedRegistry = parse(&body)?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.update_connected_registry(&name, req).await?,
+    ))
+}
+
+async fn delete_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    let q = query(&uri);
+    let out = app
+        .control
+        .delete_connected_registry(&name, flag(&q, "cleanup")?, flag(&q, "force")?)
+        .await?;
+    Ok(json(StatusCode::OK, &out))
+}
+
+async fn deactivate_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.deactivate_connected_registry(&name).await?,
+    ))
+}
+
+async fn resync_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.resync_connected_registry(&name).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SettingsRequest {
+    parent_protocol: String,
+    generate_password: Option<u8>,
+    /// How the instance reaches this root (`host[:port]`); defaults to the request's Host.
+    parent_endpoint: Option<String>,
+}
+
+async fn settings_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    let req: SettingsRequest = parse(&body)?;
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("<parent gateway endpoint>")
+        .to_string();
+    let endpoint = req.parent_endpoint.unwrap_or(host);
+    let v = app
+        .control
+        .connected_registry_settings(
+            &name,
+            &req.parent_protocol,
+            req.generate_password,
+            &endpoint,
+        )
+        .await?;
+    Ok(json(StatusCode::OK, &v))
+}
+
+async fn client_tokens_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.connected_registry_client_tokens(&name).await?,
+    ))
+}
+
+async fn permissions_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.connected_registry_permissions(&name).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PermissionsUpdate {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn update_permissions_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    let req: PermissionsUpdate = parse(&body)?;
+    let v = app
+        .control
+        .update_connected_registry_permissions(&name, &req.add, &req.remove)
         .await?;
     Ok(json(StatusCode::OK, &v))
 }

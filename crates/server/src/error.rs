@@ -148,6 +148,11 @@ impl From<ControlError> for ApiError {
                 ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
             }
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
+            C::AlreadyActivated(_) => {
+                ApiError::custom(StatusCode::CONFLICT, "ALREADY_ACTIVATED", msg).with_detail(json!(
+                    "Deactivate the connected registry before deploying it again."
+                ))
+            }
             C::BadCredentials | C::Disabled(_) | C::PasswordExpired(_) | C::Jwt(_) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg)
             }

@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 pub mod error;
+mod gateway;
 mod v2;
 
 pub use auth::AuthSettings;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
             get(auth::token_endpoint).post(auth::token_endpoint),
         )
         .nest("/api/v1", api::routes())
+        .nest("/gateway/v1", gateway::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .layer(middleware::from_fn(common))

@@ -1,0 +1,1342 @@
+//! The connected-registry control plane held by the root: resources, the rules ACR enforces
+//! on them (names, modes, hierarchy, client tokens, schedule, window, TTL), the sync token and
+//! scope map created for each registry and propagated to its ancestors, activation, status,
+//! derived connection state, and `get-settings`.
+//!
+//! Every mutation runs under `Control::writes`, so two administrators creating children under
+//! the same parent at once are serialized and cannot break a rule between check and write.
+
+use crate::connstr::ConnectionString;
+use crate::{
+    Control, ControlError, GatewayAction, RepoAction, RepoPattern, Result, Rule, now_ms, rfc3339,
+};
+use outpost_meta::{ConnectedRegistryRow, PasswordRow, TokenRow};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// The default schedule: always connected, syncing continuously.
+pub const CONTINUOUS: &str = "* * * * *";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    ReadOnly,
+    ReadWrite,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s.to_ascii_lowercase().as_str() {
+            "readonly" => Ok(Mode::ReadOnly),
+            "readwrite" => Ok(Mode::ReadWrite),
+            _ => Err(ControlError::Invalid(
+                "--mode supports only 'ReadWrite' and 'ReadOnly' values.".into(),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::ReadOnly => "ReadOnly",
+            Mode::ReadWrite => "ReadWrite",
+        }
+    }
+
+    /// The repository actions a sync token of this mode holds.
+    pub fn repo_actions(self) -> &'static [RepoAction] {
+        match self {
+            Mode::ReadOnly => &[RepoAction::ContentRead, RepoAction::MetadataRead],
+            Mode::ReadWrite => &RepoAction::ALL,
+        }
+    }
+}
+
+/// Limits of the control plane (ACR's by default; configurable so tests and small sites can
+/// shorten windows and TTLs through the same configuration an operator uses).
+#[derive(Debug, Clone)]
+pub struct ConnectedLimits {
+    pub max_client_tokens: usize,
+    pub min_sync_window: Duration,
+    pub max_sync_window: Duration,
+    pub min_message_ttl: Duration,
+    pub max_message_ttl: Duration,
+    /// A continuously syncing registry silent for longer than this is `Offline`.
+    pub offline_after: Duration,
+}
+
+impl Default for ConnectedLimits {
+    fn default() -> Self {
+        ConnectedLimits {
+            max_client_tokens: 20,
+            min_sync_window: Duration::from_secs(3600),
+            max_sync_window: Duration::from_secs(7 * 86_400),
+            min_message_ttl: Duration::from_secs(86_400),
+            max_message_ttl: Duration::from_secs(90 * 86_400),
+            offline_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `create` parameters (the `az acr connected-registry create` flags).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateConnectedRegistry {
+    pub name: String,
+    pub mode: Option<String>,
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    pub sync_token: Option<String>,
+    #[serde(default)]
+    pub client_tokens: Vec<String>,
+    pub sync_schedule: Option<String>,
+    pub sync_window: Option<String>,
+    pub sync_message_ttl: Option<String>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub notifications: Vec<String>,
+    pub gc_enabled: Option<bool>,
+    pub gc_schedule: Option<String>,
+}
+
+/// `update` parameters.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateConnectedRegistry {
+    #[serde(default)]
+    pub add_client_tokens: Vec<String>,
+    #[serde(default)]
+    pub remove_client_tokens: Vec<String>,
+    pub sync_schedule: Option<String>,
+    pub sync_window: Option<String>,
+    pub sync_message_ttl: Option<String>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub add_notifications: Vec<String>,
+    #[serde(default)]
+    pub remove_notifications: Vec<String>,
+    pub gc_enabled: Option<bool>,
+    pub gc_schedule: Option<String>,
+}
+
+/// What a running instance reports about itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub instance_id: String,
+    /// `Online` or `Syncing`.
+    pub state: Option<String>,
+    pub last_sync_time: Option<String>,
+    pub last_sync_result: Option<String>,
+    #[serde(default)]
+    pub status_details: Vec<StatusDetail>,
+    pub version: Option<String>,
+    pub login_server: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusDetail {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub code: String,
+    pub description: String,
+    pub timestamp: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GarbageCollection {
+    pub enabled: bool,
+    pub schedule: String,
+}
+
+/// A connected registry as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectedRegistryView {
+    pub name: String,
+    pub mode: String,
+    pub parent: Option<String>,
+    pub repositories: Vec<String>,
+    pub sync_token: String,
+    pub client_tokens: Vec<String>,
+    pub sync_schedule: String,
+    pub sync_window: Option<String>,
+    pub sync_message_ttl: String,
+    pub log_level: String,
+    pub notifications: Vec<String>,
+    pub garbage_collection: GarbageCollection,
+    pub activation_status: String,
+    pub connection_state: String,
+    pub status_details: Vec<StatusDetail>,
+    pub last_activity_time: Option<String>,
+    pub last_sync_time: Option<String>,
+    pub last_sync_result: Option<String>,
+    pub sync_state: String,
+    pub version: Option<String>,
+    pub login_server: Option<String>,
+    pub creation_date: String,
+}
+
+/// What `get-settings` returns.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Settings {
+    #[serde(rename = "SYNC_TOKEN_USER")]
+    pub sync_token_user: String,
+    #[serde(rename = "SYNC_TOKEN_PASSWORD")]
+    pub sync_token_password: String,
+    #[serde(rename = "ACR_REGISTRY_CONNECTION_STRING")]
+    pub connection_string: String,
+    #[serde(rename = "OUTPOST_CONNECTION_STRING")]
+    pub outpost_connection_string: String,
+    #[serde(rename = "ACR_REGISTRY_LOGIN_SERVER")]
+    pub login_server: String,
+}
+
+/// What `delete` did, and what is left for the operator without `--cleanup`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteOutcome {
+    pub deleted: String,
+    pub cleaned_up: bool,
+    /// Commands that remove what was left behind (empty with cleanup).
+    pub remaining_steps: Vec<String>,
+}
+
+const NO_PASSWORD: &str = "<use --generate-password to generate a new password>";
+const NO_ENDPOINT: &str = "<parent gateway endpoint>";
+
+pub fn validate_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = (5..=50).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::Invalid(format!(
+            "connected registry name {name:?} is invalid: use 5 to 50 lowercase letters, digits, '-' or '_', starting with a letter"
+        )))
+    }
+}
+
+/// An ISO 8601 duration in seconds (days count as 24 hours; years and months are refused).
+pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
+    let bad = |why: &str| {
+        ControlError::Invalid(format!(
+            "{what} {s:?} is not an ISO 8601 duration such as PT4H or P2D{why}"
+        ))
+    };
+    let span: jiff::Span = s.parse().map_err(|_| bad(""))?;
+    if span.get_years() != 0 || span.get_months() != 0 {
+        return Err(bad(" (years and months have no fixed length; use days)"));
+    }
+    if span.is_negative() {
+        return Err(bad(" (it must be positive)"));
+    }
+    let secs = span
+        .total((
+            jiff::Unit::Second,
+            jiff::SpanRelativeTo::days_are_24_hours(),
+        ))
+        .map_err(|_| bad(""))?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s.is_multiple_of(86_400) {
+        format!(
+            "{} day{} (P{}D)",
+            s / 86_400,
+            if s / 86_400 == 1 { "" } else { "s" },
+            s / 86_400
+        )
+    } else if s.is_multiple_of(3600) {
+        format!(
+            "{} hour{} (PT{}H)",
+            s / 3600,
+            if s / 3600 == 1 { "" } else { "s" },
+            s / 3600
+        )
+    } else {
+        format!("{s} seconds (PT{s}S)")
+    }
+}
+
+/// A five-field cron expression (minute hour day-of-month month day-of-week, UTC).
+pub fn parse_schedule(what: &str, s: &str) -> Result<croner::Cron> {
+    let bad = |why: String| {
+        ControlError::Invalid(format!(
+            "{what} {s:?} is not a valid five-field cron expression (minute hour day-of-month month day-of-week, UTC){why}"
+        ))
+    };
+    if s.split_whitespace().count() != 5 {
+        return Err(bad(String::new()));
+    }
+    s.parse::<croner::Cron>().map_err(|e| bad(format!(": {e}")))
+}
+
+fn normalize_log_level(s: &str) -> Result<String> {
+    for l in ["Debug", "Information", "Warning", "Error", "None"] {
+        if l.eq_ignore_ascii_case(s) {
+            return Ok(l.to_string());
+        }
+    }
+    Err(ControlError::Invalid(format!(
+        "log level {s:?} is not accepted; accepted log levels are Debug, Information, Warning, Error, and None"
+    )))
+}
+
+fn check_notification(p: &str) -> Result<String> {
+    let action = p.rsplit(':').next().unwrap_or("");
+    if !p.contains(':') || !matches!(action, "push" | "delete" | "*") {
+        return Err(ControlError::Invalid(format!(
+            "notification {p:?} is not of the form <repository>[:<tag>][@<digest>]:<push|delete|*>"
+        )));
+    }
+    Ok(p.to_string())
+}
+
+fn gateway_rules(name: &str) -> Vec<String> {
+    GatewayAction::ALL
+        .iter()
+        .map(|a| Rule::Gateway(name.to_string(), *a).to_string())
+        .collect()
+}
+
+fn repo_rules(repo: &RepoPattern, mode: Mode) -> Vec<String> {
+    mode.repo_actions()
+        .iter()
+        .map(|a| Rule::Repository(repo.clone(), *a).to_string())
+        .collect()
+}
+
+impl Control {
+    fn limits_cr(&self) -> &ConnectedLimits {
+        &self.config.connected
+    }
+
+    async fn all_registries(&self) -> Result<HashMap<String, ConnectedRegistryRow>> {
+        Ok(self
+            .meta
+            .connected_registries()
+            .await?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect())
+    }
+
+    async fn registry_row(&self, name: &str) -> Result<ConnectedRegistryRow> {
+        self.meta
+            .connected_registry(name)
+            .await?
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "connected registry",
+                name: name.into(),
+            })
+    }
+
+    /// Parent, grandparent, … of `name`.
+    fn ancestors<'a>(
+        all: &'a HashMap<String, ConnectedRegistryRow>,
+        name: &str,
+    ) -> Vec<&'a ConnectedRegistryRow> {
+        let mut out = Vec::new();
+        let mut cur = all.get(name).and_then(|r| r.parent.clone());
+        while let Some(p) = cur {
+            let Some(row) = all.get(&p) else { break };
+            if out
+                .iter()
+                .any(|r: &&ConnectedRegistryRow| r.name == row.name)
+            {
+                break; // never loop, even on corrupt data
+            }
+            out.push(row);
+            cur = row.parent.clone();
+        }
+        out
+    }
+
+    /// Children, grandchildren, … of `name`.
+    fn descendants<'a>(
+        all: &'a HashMap<String, ConnectedRegistryRow>,
+        name: &str,
+    ) -> Vec<&'a ConnectedRegistryRow> {
+        let mut out: Vec<&ConnectedRegistryRow> = Vec::new();
+        let mut frontier = vec![name.to_string()];
+        while let Some(n) = frontier.pop() {
+            let mut kids: Vec<&ConnectedRegistryRow> = all
+                .values()
+                .filter(|r| r.parent.as_deref() == Some(n.as_str()))
+                .collect();
+            kids.sort_by(|a, b| a.name.cmp(&b.name));
+            for k in kids {
+                if !out.iter().any(|o| o.name == k.name) {
+                    frontier.push(k.name.clone());
+                    out.push(k);
+                }
+            }
+        }
+        out
+    }
+
+    /// The scope map behind a registry's sync token.
+    async fn sync_scope_map(&self, row: &ConnectedRegistryRow) -> Result<String> {
+        let token =
+            self.meta
+                .token(&row.sync_token)
+                .await?
+                .ok_or_else(|| ControlError::NotFound {
+                    kind: "token",
+                    name: row.sync_token.clone(),
+                })?;
+        token.scope_map.ok_or_else(|| {
+            ControlError::Invalid(format!(
+                "sync token {:?} of connected registry {:?} has no scope map",
+                row.sync_token, row.name
+            ))
+        })
+    }
+
+    /// Applies `edit` to a scope map's rule set (limits checked), under the caller's lock.
+    async fn edit_rules(
+        &self,
+        scope_map: &str,
+        edit: impl FnOnce(&mut BTreeSet<String>),
+    ) -> Result<()> {
+        let row = self
+            .meta
+            .scope_map(scope_map)
+            .await?
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "scope map",
+                name: scope_map.into(),
+            })?;
+        let mut set: BTreeSet<String> = row.actions.into_iter().collect();
+        edit(&mut set);
+        let actions: Vec<String> = set.into_iter().collect();
+        let rules = self.parse_rules(scope_map, &actions)?;
+        self.meta
+            .update_scope_map(scope_map, &row.description, &rules)
+            .await?;
+        Ok(())
+    }
+
+    /// Repositories a registry syncs: those its sync scope map can read.
+    async fn repositories_of(&self, row: &ConnectedRegistryRow) -> Result<Vec<String>> {
+        let Some(sm) = self
+            .meta
+            .token(&row.sync_token)
+            .await?
+            .and_then(|t| t.scope_map)
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(map) = self.meta.scope_map(&sm).await? else {
+            return Ok(Vec::new());
+        };
+        let mut repos: Vec<String> = map
+            .actions
+            .iter()
+            .filter_map(|a| match Rule::parse(a) {
+                Ok(Rule::Repository(p, RepoAction::ContentRead)) => Some(p.to_string()),
+                _ => None,
+            })
+            .collect();
+        repos.sort();
+        repos.dedup();
+        Ok(repos)
+    }
+
+    async fn check_client_tokens(&self, name: &str, mode: Mode, tokens: &[String]) -> Result<()> {
+        let max = self.limits_cr().max_client_tokens;
+        if tokens.len() > max {
+            return Err(ControlError::Limit {
+                what: format!(
+                    "connected registry {name:?} would have {} client tokens",
+                    tokens.len()
+                ),
+                limit: max as u64,
+            });
+        }
+        for t in tokens {
+            let row = self
+                .meta
+                .token(t)
+                .await?
+                .ok_or_else(|| ControlError::NotFound {
+                    kind: "token",
+                    name: t.clone(),
+                })?;
+            if mode == Mode::ReadOnly {
+                let rules = match &row.scope_map {
+                    Some(sm) => self
+                        .meta
+                        .scope_map(sm)
+                        .await?
+                        .map(|m| m.actions)
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                let writes: Vec<&String> = rules
+                    .iter()
+                    .filter(|a| matches!(Rule::parse(a), Ok(Rule::Repository(_, act)) if !matches!(act, RepoAction::ContentRead | RepoAction::MetadataRead)))
+                    .collect();
+                if row.is_admin || !writes.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "client token {t:?} can write ({}), but connected registry {name:?} is ReadOnly: its client tokens may only read (content/read, metadata/read)",
+                        if row.is_admin {
+                            "administrator".to_string()
+                        } else {
+                            writes
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_schedule_and_window(&self, schedule: &str, window: Option<&str>) -> Result<()> {
+        parse_schedule("sync schedule", schedule)?;
+        let l = self.limits_cr();
+        match window {
+            None if schedule.split_whitespace().collect::<Vec<_>>()
+                != CONTINUOUS.split_whitespace().collect::<Vec<_>>() =>
+            {
+                Err(ControlError::Invalid(format!(
+                    "a sync window is required with the sync schedule {schedule:?}: pass --sync-window with an ISO 8601 duration such as PT4H (between {} and {})",
+                    human(l.min_sync_window),
+                    human(l.max_sync_window)
+                )))
+            }
+            None => Ok(()),
+            Some(w) => {
+                let d = parse_duration("sync window", w)?;
+                if d < l.min_sync_window || d > l.max_sync_window {
+                    return Err(ControlError::Invalid(format!(
+                        "sync window {w} must be between {} and {}",
+                        human(l.min_sync_window),
+                        human(l.max_sync_window)
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check_ttl(&self, ttl: &str) -> Result<()> {
+        let d = parse_duration("message TTL", ttl)?;
+        let l = self.limits_cr();
+        if d < l.min_message_ttl || d > l.max_message_ttl {
+            return Err(ControlError::Invalid(format!(
+                "message TTL {ttl} must be between {} and {}",
+                human(l.min_message_ttl),
+                human(l.max_message_ttl)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Derives the connection state from activation, reported state and time since last
+    /// contact: a registry silent past its schedule's expected contact is `Offline`.
+    fn connection_state(&self, row: &ConnectedRegistryRow, now_ms: i64) -> String {
+        if row.activation != "Active" {
+            return "Offline".into();
+        }
+        let Some(last) = row.last_activity_ms else {
+            return "Offline".into();
+        };
+        let grace = self.limits_cr().offline_after.as_millis() as i64;
+        let expected = if row.schedule.split_whitespace().collect::<Vec<_>>()
+            == CONTINUOUS.split_whitespace().collect::<Vec<_>>()
+        {
+            now_ms - grace
+        } else {
+            // The latest occurrence that should have produced contact by now.
+            let now = jiff::Timestamp::from_millisecond(now_ms - grace)
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+                .to_zoned(jiff::tz::TimeZone::UTC);
+            match parse_schedule("sync schedule", &row.schedule).and_then(|c| {
+                c.find_previous_occurrence(&now, true)
+                    .map_err(|e| ControlError::Invalid(e.to_string()))
+            }) {
+                Ok(prev) => prev.timestamp().as_millisecond(),
+                Err(_) => now_ms - grace,
+            }
+        };
+        if last < expected {
+            return "Offline".into();
+        }
+        let details: Vec<StatusDetail> =
+            serde_json::from_str(&row.status_details).unwrap_or_default();
+        if !details.is_empty() {
+            return "Unhealthy".into();
+        }
+        row.reported_state
+            .clone()
+            .unwrap_or_else(|| "Online".into())
+    }
+
+    async fn view(&self, row: &ConnectedRegistryRow) -> Result<ConnectedRegistryView> {
+        let repositories = self.repositories_of(row).await?;
+        let status_details: Vec<StatusDetail> =
+            serde_json::from_str(&row.status_details).unwrap_or_default();
+        let sync_state = if row.activation != "Active" {
+            "NotActivated".to_string()
+        } else if row.resync_requested {
+            "Pending".to_string()
+        } else {
+            row.sync_result.clone().unwrap_or_else(|| "Pending".into())
+        };
+        Ok(ConnectedRegistryView {
+            name: row.name.clone(),
+            mode: row.mode.clone(),
+            parent: row.parent.clone(),
+            repositories,
+            sync_token: row.sync_token.clone(),
+            client_tokens: row.client_tokens.clone(),
+            sync_schedule: row.schedule.clone(),
+            sync_window: row.sync_window.clone(),
+            sync_message_ttl: row.message_ttl.clone(),
+            log_level: row.log_level.clone(),
+            notifications: row.notifications.clone(),
+            garbage_collection: GarbageCollection {
+                enabled: row.gc_enabled,
+                schedule: row.gc_schedule.clone(),
+            },
+            activation_status: row.activation.clone(),
+            connection_state: self.connection_state(row, now_ms()),
+            status_details,
+            last_activity_time: row.last_activity_ms.map(rfc3339),
+            last_sync_time: row.last_sync_ms.map(rfc3339),
+            last_sync_result: row.sync_result.clone(),
+            sync_state,
+            version: row.version.clone(),
+            login_server: row.login_server.clone(),
+            creation_date: rfc3339(row.created_ms),
+        })
+    }
+
+    // ---- operations ---------------------------------------------------------------------
+
+    pub async fn create_connected_registry(
+        &self,
+        req: CreateConnectedRegistry,
+    ) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let name = req.name.as_str();
+        validate_name(name)?;
+        let mode = Mode::parse(req.mode.as_deref().unwrap_or("ReadOnly"))?;
+        if req.repositories.is_empty() == req.sync_token.is_none() {
+            return Err(ControlError::Invalid(
+                "argument error: either --sync-token or --repository must be provided, but not both.".into(),
+            ));
+        }
+        let all = self.all_registries().await?;
+        if all.contains_key(name) {
+            return Err(ControlError::AlreadyExists {
+                kind: "connected registry",
+                name: name.into(),
+            });
+        }
+        if let Some(p) = &req.parent {
+            let parent = all.get(p).ok_or_else(|| {
+                ControlError::Invalid(format!(
+                    "The parent connected registry '{p}' could not be found."
+                ))
+            })?;
+            if parent.mode == Mode::ReadOnly.as_str() && mode == Mode::ReadWrite {
+                return Err(ControlError::Invalid(format!(
+                    "Can't create the registry '{name}' with mode '{}' when the connected registry parent '{p}' mode is '{}'. A ReadOnly parent can only have ReadOnly children.",
+                    mode.as_str(),
+                    parent.mode
+                )));
+            }
+        }
+        let schedule = req
+            .sync_schedule
+            .clone()
+            .unwrap_or_else(|| CONTINUOUS.into());
+        self.check_schedule_and_window(&schedule, req.sync_window.as_deref())?;
+        let ttl = req.sync_message_ttl.clone().unwrap_or_else(|| "P2D".into());
+        self.check_ttl(&ttl)?;
+        let log_level = normalize_log_level(req.log_level.as_deref().unwrap_or("Information"))?;
+        let gc_schedule = req
+            .gc_schedule
+            .clone()
+            .unwrap_or_else(|| "0 0 * * *".into());
+        parse_schedule("garbage-collection schedule", &gc_schedule)?;
+        let mut notifications: Vec<String> = req
+            .notifications
+            .iter()
+            .map(|n| check_notification(n))
+            .collect::<Result<_>>()?;
+        notifications.sort();
+        notifications.dedup();
+        let mut client_tokens = req.client_tokens.clone();
+        client_tokens.sort();
+        client_tokens.dedup();
+        self.check_client_tokens(name, mode, &client_tokens).await?;
+        let repos: Vec<RepoPattern> = req
+            .repositories
+            .iter()
+            .map(|r| RepoPattern::parse(r))
+            .collect::<Result<_, _>>()?;
+
+        // The sync token and its scope map.
+        let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
+            None => {
+                if self.meta.token(name).await?.is_some() {
+                    return Err(ControlError::AlreadyExists {
+                        kind: "token",
+                        name: name.into(),
+                    });
+                }
+                if self.meta.scope_map(name).await?.is_some() {
+                    return Err(ControlError::AlreadyExists {
+                        kind: "scope map",
+                        name: name.into(),
+                    });
+                }
+                let mut actions: Vec<String> =
+                    repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
+                actions.extend(gateway_rules(name));
+                let rules = self.parse_rules(name, &actions)?;
+                if self.meta.count_scope_maps().await? >= self.config.limits.max_scope_maps {
+                    return Err(ControlError::Limit {
+                        what: "the registry has the maximum number of scope maps".into(),
+                        limit: self.config.limits.max_scope_maps,
+                    });
+                }
+                if self.meta.count_tokens().await? >= self.config.limits.max_tokens {
+                    return Err(ControlError::Limit {
+                        what: "the registry has the maximum number of tokens".into(),
+                        limit: self.config.limits.max_tokens,
+                    });
+                }
+                self.meta
+                    .insert_scope_map(
+                        name,
+                        &format!("Created by connected registry sync token: {name}"),
+                        &rules,
+                    )
+                    .await?;
+                self.meta
+                    .put_token(&TokenRow {
+                        name: name.into(),
+                        scope_map: Some(name.into()),
+                        status: "enabled".into(),
+                        is_admin: false,
+                        created_ms: now_ms(),
+                        updated_ms: now_ms(),
+                        passwords: [PasswordRow::default(), PasswordRow::default()],
+                    })
+                    .await?;
+                (
+                    name.to_string(),
+                    repos
+                        .iter()
+                        .flat_map(|r| repo_rules(r, mode))
+                        .collect::<Vec<_>>(),
+                )
+            }
+            Some(t) => {
+                let token = self
+                    .meta
+                    .token(t)
+                    .await?
+                    .ok_or_else(|| ControlError::NotFound {
+                        kind: "token",
+                        name: t.clone(),
+                    })?;
+                if let Some(other) = all.values().find(|r| &r.sync_token == t) {
+                    return Err(ControlError::Invalid(format!(
+                        "token {t:?} is already the sync token of connected registry {:?}",
+                        other.name
+                    )));
+                }
+                let sm = token.scope_map.clone().ok_or_else(|| {
+                    ControlError::Invalid(format!("sync token {t:?} has no scope map"))
+                })?;
+                let map =
+                    self.meta
+                        .scope_map(&sm)
+                        .await?
+                        .ok_or_else(|| ControlError::NotFound {
+                            kind: "scope map",
+                            name: sm.clone(),
+                        })?;
+                let rules: Vec<Rule> = map
+                    .actions
+                    .iter()
+                    .filter_map(|a| Rule::parse(a).ok())
+                    .collect();
+                let patterns: BTreeSet<RepoPattern> = rules
+                    .iter()
+                    .filter_map(|r| match r {
+                        Rule::Repository(p, _) => Some(p.clone()),
+                        Rule::Gateway(..) => None,
+                    })
+                    .collect();
+                if patterns.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "sync token {t:?} grants no repositories; its scope map {sm:?} needs repository actions"
+                    )));
+                }
+                for p in &patterns {
+                    for a in mode.repo_actions() {
+                        if !rules.contains(&Rule::Repository(p.clone(), *a)) {
+                            return Err(ControlError::Invalid(format!(
+                                "sync token {t:?} lacks {} on {p}; a {} connected registry's sync token needs {} on each repository",
+                                a,
+                                mode.as_str(),
+                                mode.repo_actions()
+                                    .iter()
+                                    .map(|a| a.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )));
+                        }
+                    }
+                }
+                if rules
+                    .iter()
+                    .any(|r| matches!(r, Rule::Gateway(g, _) if g != name))
+                {
+                    return Err(ControlError::Invalid(format!(
+                        "sync token {t:?} must have only repository permissions (and this registry's gateway actions)"
+                    )));
+                }
+                self.edit_rules(&sm, |set| set.extend(gateway_rules(name)))
+                    .await?;
+                (
+                    t.clone(),
+                    patterns.iter().flat_map(|p| repo_rules(p, mode)).collect(),
+                )
+            }
+        };
+
+        // Every ancestor's sync scope map gains the child's gateway and repository actions.
+        let parent_row = req.parent.as_ref().and_then(|p| all.get(p)).cloned();
+        if let Some(parent) = parent_row {
+            let mut chain = vec![parent.clone()];
+            chain.extend(Self::ancestors(&all, &parent.name).into_iter().cloned());
+            for anc in chain {
+                let sm = self.sync_scope_map(&anc).await?;
+                let add: Vec<String> = gateway_rules(name)
+                    .into_iter()
+                    .chain(repo_rules_for_ancestors.iter().cloned())
+                    .collect();
+                self.edit_rules(&sm, |set| set.extend(add)).await?;
+            }
+        }
+
+        let row = ConnectedRegistryRow {
+            name: name.into(),
+            mode: mode.as_str().into(),
+            parent: req.parent.clone(),
+            sync_token,
+            client_tokens,
+            schedule,
+            sync_window: req.sync_window.clone(),
+            message_ttl: ttl,
+            log_level,
+            notifications,
+            gc_enabled: req.gc_enabled.unwrap_or(true),
+            gc_schedule,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            activation: "Inactive".into(),
+            status_details: "[]".into(),
+            ..Default::default()
+        };
+        self.meta.put_connected_registry(&row).await?;
+        self.changed();
+        self.view(&row).await
+    }
+
+    pub async fn update_connected_registry(
+        &self,
+        name: &str,
+        req: UpdateConnectedRegistry,
+    ) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let mut row = self.registry_row(name).await?;
+        let dup = |a: &[String], b: &[String], what: &str| -> Result<()> {
+            if a.iter().any(|x| b.contains(x)) {
+                return Err(ControlError::Invalid(format!(
+                    "Update ambiguity. Duplicate {what} were provided with --add-{what} and --remove-{what} arguments."
+                )));
+            }
+            Ok(())
+        };
+        dup(
+            &req.add_client_tokens,
+            &req.remove_client_tokens,
+            "client-tokens",
+        )?;
+        dup(
+            &req.add_notifications,
+            &req.remove_notifications,
+            "notifications",
+        )?;
+        let mode = Mode::parse(&row.mode)?;
+        let mut tokens: BTreeSet<String> = row.client_tokens.iter().cloned().collect();
+        tokens.extend(req.add_client_tokens.iter().cloned());
+        tokens.retain(|t| !req.remove_client_tokens.contains(t));
+        let tokens: Vec<String> = tokens.into_iter().collect();
+        if tokens != row.client_tokens {
+            self.check_client_tokens(name, mode, &tokens).await?;
+            row.client_tokens = tokens;
+        }
+        let schedule = req
+            .sync_schedule
+            .clone()
+            .unwrap_or_else(|| row.schedule.clone());
+        let window = match &req.sync_window {
+            Some(w) => Some(w.clone()),
+            None => row.sync_window.clone(),
+        };
+        self.check_schedule_and_window(&schedule, window.as_deref())?;
+        row.schedule = schedule;
+        row.sync_window = window;
+        if let Some(t) = &req.sync_message_ttl {
+            self.check_ttl(t)?;
+            row.message_ttl = t.clone();
+        }
+        if let Some(l) = &req.log_level {
+            row.log_level = normalize_log_level(l)?;
+        }
+        let mut notes: BTreeSet<String> = row.notifications.iter().cloned().collect();
+        for n in &req.add_notifications {
+            notes.insert(check_notification(n)?);
+        }
+        notes.retain(|n| !req.remove_notifications.contains(n));
+        row.notifications = notes.into_iter().collect();
+        if let Some(g) = req.gc_enabled {
+            row.gc_enabled = g;
+        }
+        if let Some(s) = &req.gc_schedule {
+            parse_schedule("garbage-collection schedule", s)?;
+            row.gc_schedule = s.clone();
+        }
+        self.meta.put_connected_registry(&row).await?;
+        self.changed();
+        self.view(&row).await
+    }
+
+    pub async fn show_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
+        let row = self.registry_row(name).await?;
+        self.view(&row).await
+    }
+
+    /// `list`: everything; `--no-children` alone: top level; `--parent P`: all descendants of
+    /// P; both: P's direct children. Ordered as a depth-first walk of the tree.
+    pub async fn list_connected_registries(
+        &self,
+        parent: Option<&str>,
+        no_children: bool,
+    ) -> Result<Vec<ConnectedRegistryView>> {
+        let all = self.all_registries().await?;
+        if let Some(p) = parent
+            && !all.contains_key(p)
+        {
+            return Err(ControlError::Invalid(format!(
+                "Parent connected registry '{p}' doesn't exist."
+            )));
+        }
+        let mut ordered: Vec<&ConnectedRegistryRow> = Vec::new();
+        fn walk<'a>(
+            all: &'a HashMap<String, ConnectedRegistryRow>,
+            parent: Option<&str>,
+            depth_limit: Option<usize>,
+            depth: usize,
+            out: &mut Vec<&'a ConnectedRegistryRow>,
+        ) {
+            let mut kids: Vec<&ConnectedRegistryRow> = all
+                .values()
+                .filter(|r| r.parent.as_deref() == parent)
+                .collect();
+            kids.sort_by(|a, b| a.name.cmp(&b.name));
+            for k in kids {
+                out.push(k);
+                if depth_limit.is_none_or(|l| depth + 1 < l) {
+                    walk(all, Some(&k.name), depth_limit, depth + 1, out);
+                }
+            }
+        }
+        walk(&all, parent, no_children.then_some(1), 0, &mut ordered);
+        let mut out = Vec::new();
+        for r in ordered {
+            out.push(self.view(r).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_connected_registry(
+        &self,
+        name: &str,
+        cleanup: bool,
+        force: bool,
+    ) -> Result<DeleteOutcome> {
+        let _w = self.writes.lock().await;
+        let all = self.all_registries().await?;
+        let row = all
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "connected registry",
+                name: name.into(),
+            })?;
+        let kids: Vec<String> = all
+            .values()
+            .filter(|r| r.parent.as_deref() == Some(name))
+            .map(|r| r.name.clone())
+            .collect();
+        if !kids.is_empty() {
+            return Err(ControlError::Invalid(format!(
+                "connected registry {name:?} has children ({}); delete them first",
+                kids.join(", ")
+            )));
+        }
+        if row.activation == "Active" && !force {
+            return Err(ControlError::Invalid(format!(
+                "connected registry {name:?} is active; deactivate it first with `outpost connected-registry deactivate -n {name}` (or delete with --force)"
+            )));
+        }
+        let sync_sm = self.sync_scope_map(&row).await.ok();
+        self.meta.delete_connected_registry(name).await?;
+        let gateway: BTreeSet<String> = gateway_rules(name).into_iter().collect();
+        let mut remaining = Vec::new();
+        let ancestors = Self::ancestors(&all, name);
+        if cleanup {
+            for anc in &ancestors {
+                if let Ok(sm) = self.sync_scope_map(anc).await {
+                    self.edit_rules(&sm, |set| set.retain(|a| !gateway.contains(a)))
+                        .await?;
+                }
+            }
+            self.meta.delete_token(&row.sync_token).await?;
+            if let Some(sm) = &sync_sm
+                && self.meta.tokens_using(sm).await?.is_empty()
+            {
+                self.meta.delete_scope_map(sm).await?;
+            }
+        } else {
+            remaining.push(format!("outpost token delete -n {} --yes", row.sync_token));
+            if let Some(sm) = &sync_sm {
+                remaining.push(format!("outpost scope-map delete -n {sm} --yes"));
+            }
+            for anc in &ancestors {
+                if let Ok(sm) = self.sync_scope_map(anc).await {
+                    remaining.push(format!(
+                        "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
+                    ));
+                }
+            }
+        }
+        self.changed();
+        Ok(DeleteOutcome {
+            deleted: name.into(),
+            cleaned_up: cleanup,
+            remaining_steps: remaining,
+        })
+    }
+
+    pub async fn deactivate_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let mut row = self.registry_row(name).await?;
+        row.activation = "Inactive".into();
+        row.instance_id = None;
+        row.reported_state = None;
+        self.meta.put_connected_registry(&row).await?;
+        self.view(&row).await
+    }
+
+    /// Called by a starting instance: claims the single active slot.
+    pub async fn activate_connected_registry(
+        &self,
+        name: &str,
+        instance_id: &str,
+    ) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let mut row = self.registry_row(name).await?;
+        if row.activation == "Active" && row.instance_id.as_deref() != Some(instance_id) {
+            return Err(ControlError::AlreadyActivated(name.into()));
+        }
+        row.activation = "Active".into();
+        row.instance_id = Some(instance_id.into());
+        row.last_activity_ms = Some(now_ms());
+        self.meta.put_connected_registry(&row).await?;
+        self.view(&row).await
+    }
+
+    /// Called by the active instance with its current status.
+    pub async fn report_status(
+        &self,
+        name: &str,
+        report: StatusReport,
+    ) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let mut row = self.registry_row(name).await?;
+        if row.activation != "Active"
+            || row.instance_id.as_deref() != Some(report.instance_id.as_str())
+        {
+            return Err(ControlError::Invalid(format!(
+                "instance {:?} is not the active instance of connected registry {name:?}; it was deactivated — restart it to activate again",
+                report.instance_id
+            )));
+        }
+        row.last_activity_ms = Some(now_ms());
+        if let Some(s) = report.state {
+            if !matches!(s.as_str(), "Online" | "Syncing") {
+                return Err(ControlError::Invalid(format!(
+                    "state {s:?} is not Online or Syncing"
+                )));
+            }
+            row.reported_state = Some(s);
+        }
+        if let Some(t) = report.last_sync_time {
+            row.last_sync_ms = Some(crate::parse_rfc3339(&t)?);
+            row.resync_requested = false;
+        }
+        if report.last_sync_result.is_some() {
+            row.sync_result = report.last_sync_result;
+        }
+        row.status_details =
+            serde_json::to_string(&report.status_details).unwrap_or_else(|_| "[]".into());
+        if report.version.is_some() {
+            row.version = report.version;
+        }
+        if report.login_server.is_some() {
+            row.login_server = report.login_server;
+        }
+        self.meta.put_connected_registry(&row).await?;
+        self.view(&row).await
+    }
+
+    pub async fn resync_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
+        let _w = self.writes.lock().await;
+        let mut row = self.registry_row(name).await?;
+        row.resync_requested = true;
+        self.meta.put_connected_registry(&row).await?;
+        self.view(&row).await
+    }
+
+    pub async fn connected_registry_client_tokens(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::TokenView>> {
+        let row = self.registry_row(name).await?;
+        let mut out = Vec::new();
+        for t in &row.client_tokens {
+            if let Ok(v) = self.show_token(t).await {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn connected_registry_permissions(&self, name: &str) -> Result<crate::ScopeMapView> {
+        let row = self.registry_row(name).await?;
+        let sm = self.sync_scope_map(&row).await?;
+        self.show_scope_map(&sm).await
+    }
+
+    /// `permissions update`: `--add` adds to the registry and every ancestor, `--remove`
+    /// removes from the registry and every descendant.
+    pub async fn update_connected_registry_permissions(
+        &self,
+        name: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<crate::ScopeMapView> {
+        let _w = self.writes.lock().await;
+        if add.is_empty() && remove.is_empty() {
+            return Err(ControlError::Invalid(
+                "No repository permissions to update.".into(),
+            ));
+        }
+        if add.iter().any(|a| remove.contains(a)) {
+            return Err(ControlError::Invalid(
+                "Update ambiguity. Duplicate repository names were provided with --add and --remove arguments.".into(),
+            ));
+        }
+        let all = self.all_registries().await?;
+        let row = all
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "connected registry",
+                name: name.into(),
+            })?;
+        let mode = Mode::parse(&row.mode)?;
+        let add: Vec<RepoPattern> = add
+            .iter()
+            .map(|r| RepoPattern::parse(r))
+            .collect::<Result<_, _>>()?;
+        let remove: Vec<RepoPattern> = remove
+            .iter()
+            .map(|r| RepoPattern::parse(r))
+            .collect::<Result<_, _>>()?;
+        let add_rules: Vec<String> = add.iter().flat_map(|r| repo_rules(r, mode)).collect();
+        let remove_rules: BTreeSet<String> = remove
+            .iter()
+            .flat_map(|r| repo_rules(r, Mode::ReadWrite))
+            .collect();
+        let mut targets: Vec<ConnectedRegistryRow> = vec![row.clone()];
+        targets.extend(Self::ancestors(&all, name).into_iter().cloned());
+        for t in &targets {
+            let sm = self.sync_scope_map(t).await?;
+            let add_rules = add_rules.clone();
+            self.edit_rules(&sm, |set| set.extend(add_rules)).await?;
+        }
+        let mut down: Vec<ConnectedRegistryRow> = vec![row.clone()];
+        down.extend(Self::descendants(&all, name).into_iter().cloned());
+        for t in &down {
+            let sm = self.sync_scope_map(t).await?;
+            self.edit_rules(&sm, |set| set.retain(|a| !remove_rules.contains(a)))
+                .await?;
+        }
+        self.changed();
+        let sm = self.sync_scope_map(&row).await?;
+        self.show_scope_map(&sm).await
+    }
+
+    /// `get-settings`: the connection string and the settings an instance needs, optionally
+    /// generating (rotating) sync-token password 1 or 2. `root_endpoint` is how this root is
+    /// reached (`host[:port]`), used for top-level registries.
+    pub async fn connected_registry_settings(
+        &self,
+        name: &str,
+        protocol: &str,
+        generate_password: Option<u8>,
+        root_endpoint: &str,
+    ) -> Result<Settings> {
+        if protocol != "http" && protocol != "https" {
+            return Err(ControlError::Invalid(format!(
+                "--parent-protocol must be http or https, not {protocol:?}"
+            )));
+        }
+        let row = self.registry_row(name).await?;
+        let endpoint = match &row.parent {
+            None => root_endpoint.to_string(),
+            Some(p) => self
+                .meta
+                .connected_registry(p)
+                .await?
+                .and_then(|r| r.login_server)
+                .unwrap_or_else(|| NO_ENDPOINT.into()),
+        };
+        let password = match generate_password {
+            None => NO_PASSWORD.to_string(),
+            Some(n @ (1 | 2)) => {
+                let v = self
+                    .generate_credentials(&row.sync_token, &[usize::from(n - 1)], None)
+                    .await?;
+                v.passwords
+                    .into_iter()
+                    .find_map(|p| p.value)
+                    .ok_or_else(|| ControlError::Internal("generated password missing".into()))?
+            }
+            Some(other) => {
+                return Err(ControlError::Invalid(format!(
+                    "--generate-password takes 1 or 2, not {other}"
+                )));
+            }
+        };
+        let cs = ConnectionString {
+            connected_registry_name: name.into(),
+            sync_token_name: row.sync_token.clone(),
+            sync_token_password: password.clone(),
+            parent_gateway_endpoint: endpoint,
+            parent_endpoint_protocol: protocol.into(),
+        }
+        .to_string();
+        Ok(Settings {
+            sync_token_user: row.sync_token,
+            sync_token_password: password,
+            connection_string: cs.clone(),
+            outpost_connection_string: cs,
+            login_server:
+                "<Optional: the address local clients use to reach this connected registry>".into(),
+        })
+    }
+
+    /// Names of connected registries whose sync token is `token`.
+    pub(crate) async fn registry_of_sync_token(&self, token: &str) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .connected_registries()
+            .await?
+            .into_iter()
+            .find(|r| r.sync_token == token)
+            .map(|r| r.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("w", "PT4H").unwrap(),
+            Duration::from_secs(4 * 3600)
+        );
+        assert_eq!(
+            parse_duration("w", "P2D").unwrap(),
+            Duration::from_secs(2 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("w", "P1DT2H30M").unwrap(),
+            Duration::from_secs(95_400)
+        );
+        assert_eq!(
+            parse_duration("w", "P1W").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(parse_duration("w", "P1M").is_err());
+        assert!(parse_duration("w", "4 hours").is_err());
+        assert!(parse_duration("w", "-PT1H").is_err());
+    }
+
+    #[test]
+    fn schedules() {
+        assert!(parse_schedule("s", "* * * * *").is_ok());
+        assert!(parse_schedule("s", "0 12 * * *").is_ok());
+        assert!(parse_schedule("s", "*/15 2-4 * * MON-FRI").is_ok());
+        assert!(parse_schedule("s", "0 12 * *").is_err());
+        assert!(parse_schedule("s", "0 0 12 * * *").is_err(), "six fields");
+        assert!(parse_schedule("s", "61 * * * *").is_err());
+        let e = parse_schedule("sync schedule", "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("five-field cron"), "{e}");
+    }
+
+    #[test]
+    fn names_and_levels() {
+        assert!(validate_name("site-01").is_ok());
+        assert!(validate_name("line_a").is_ok());
+        assert!(validate_name("Site1").is_err());
+        assert!(validate_name("1site").is_err());
+        assert!(validate_name("abcd").is_err());
+        assert!(validate_name(&"a".repeat(51)).is_err());
+        assert_eq!(normalize_log_level("information").unwrap(), "Information");
+        assert!(normalize_log_level("verbose").is_err());
+        assert!(check_notification("hello-world:*:*").is_ok());
+        assert!(check_notification("app@sha256:abc:push").is_ok());
+        assert!(check_notification("app").is_err());
+    }
+}

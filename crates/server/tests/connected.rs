@@ -1,0 +1,760 @@
+//! The connected-registry control plane through the API: every rule and its error message,
+//! the sync token and scope maps up and down a three-level hierarchy, activation,
+//! status-derived connection state, get-settings rotation, deletion and concurrency.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode};
+use common::*;
+use outpost_control::ConnectionString;
+use serde_json::{Value, json};
+
+async fn post(t: &T, path: &str, body: Value) -> Resp {
+    t.req(
+        Method::POST,
+        path,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+}
+
+async fn create(t: &T, body: Value) -> Resp {
+    post(t, "/api/v1/connected-registries", body).await
+}
+
+fn msg(r: &Resp) -> String {
+    r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn scope_actions(t: &T, name: &str) -> Vec<String> {
+    let r = t.get(&format!("/api/v1/scope-maps/{name}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{name}: {:?}", r.body);
+    r.json()["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn readonly_token(t: &T, name: &str) {
+    post(
+        t,
+        "/api/v1/scope-maps",
+        json!({"name": format!("{name}-map"), "actions": ["repositories/app/content/read"]}),
+    )
+    .await;
+    let r = post(
+        t,
+        "/api/v1/tokens",
+        json!({"name": name, "scopeMap": format!("{name}-map"), "noPasswords": true}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn create_makes_sync_token_and_scope_map_with_defaults() {
+    let t = setup().await;
+    let r = create(
+        &t,
+        json!({"name": "site-one", "repositories": ["app", "team/*"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(v["mode"], "ReadOnly");
+    assert_eq!(v["syncSchedule"], "* * * * *");
+    assert_eq!(v["syncMessageTtl"], "P2D");
+    assert_eq!(v["logLevel"], "Information");
+    assert_eq!(
+        v["garbageCollection"],
+        json!({"enabled": true, "schedule": "0 0 * * *"})
+    );
+    assert_eq!(v["activationStatus"], "Inactive");
+    assert_eq!(v["connectionState"], "Offline");
+    assert_eq!(v["syncToken"], "site-one");
+    assert_eq!(v["repositories"], json!(["app", "team/*"]));
+    let actions = scope_actions(&t, "site-one").await;
+    for a in [
+        "repositories/app/content/read",
+        "repositories/app/metadata/read",
+        "repositories/team/*/content/read",
+        "gateway/site-one/config/read",
+        "gateway/site-one/config/write",
+        "gateway/site-one/message/read",
+        "gateway/site-one/message/write",
+    ] {
+        assert!(
+            actions.contains(&a.to_string()),
+            "missing {a} in {actions:?}"
+        );
+    }
+    assert!(
+        !actions.iter().any(|a| a.ends_with("content/write")),
+        "ReadOnly must not write"
+    );
+    let r = create(
+        &t,
+        json!({"name": "site-rw01", "mode": "ReadWrite", "repositories": ["app"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        scope_actions(&t, "site-rw01")
+            .await
+            .iter()
+            .filter(|a| a.starts_with("repositories/app/"))
+            .count(),
+        5
+    );
+}
+
+#[tokio::test]
+async fn every_rule_is_enforced_with_a_message_that_names_it() {
+    let t = setup().await;
+    assert_eq!(
+        create(&t, json!({"name": "parent-ro", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    readonly_token(&t, "reader-01").await;
+    post(
+        &t,
+        "/api/v1/scope-maps",
+        json!({"name": "writer-map", "actions": ["repositories/app/content/write"]}),
+    )
+    .await;
+    post(
+        &t,
+        "/api/v1/tokens",
+        json!({"name": "writer-01", "scopeMap": "writer-map", "noPasswords": true}),
+    )
+    .await;
+
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (
+            json!({"name": "Site1", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "lowercase",
+        ),
+        (
+            json!({"name": "abcd", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "5 to 50",
+        ),
+        (
+            json!({"name": "1site", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "starting with a letter",
+        ),
+        (
+            json!({"name": "parent-ro", "repositories": ["app"]}),
+            StatusCode::CONFLICT,
+            "already exists",
+        ),
+        (
+            json!({"name": "mode-bad", "mode": "Mirror2", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "--mode supports only",
+        ),
+        (
+            json!({"name": "neither1"}),
+            StatusCode::BAD_REQUEST,
+            "either --sync-token or --repository",
+        ),
+        (
+            json!({"name": "both-one", "repositories": ["app"], "syncToken": "reader-01"}),
+            StatusCode::BAD_REQUEST,
+            "but not both",
+        ),
+        (
+            json!({"name": "orphan-1", "parent": "nowhere", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "could not be found",
+        ),
+        (
+            json!({"name": "rw-under-ro", "parent": "parent-ro", "mode": "ReadWrite", "repositories": ["app"]}),
+            StatusCode::BAD_REQUEST,
+            "ReadOnly parent can only have ReadOnly children",
+        ),
+        (
+            json!({"name": "cron-bad", "repositories": ["app"], "syncSchedule": "every day"}),
+            StatusCode::BAD_REQUEST,
+            "five-field cron",
+        ),
+        (
+            json!({"name": "no-window", "repositories": ["app"], "syncSchedule": "0 12 * * *"}),
+            StatusCode::BAD_REQUEST,
+            "sync window is required",
+        ),
+        (
+            json!({"name": "short-win", "repositories": ["app"], "syncSchedule": "0 12 * * *", "syncWindow": "PT30M"}),
+            StatusCode::BAD_REQUEST,
+            "between 1 hour (PT1H) and 7 days (P7D)",
+        ),
+        (
+            json!({"name": "long-win1", "repositories": ["app"], "syncSchedule": "0 12 * * *", "syncWindow": "P8D"}),
+            StatusCode::BAD_REQUEST,
+            "between 1 hour",
+        ),
+        (
+            json!({"name": "ttl-short", "repositories": ["app"], "syncMessageTtl": "PT12H"}),
+            StatusCode::BAD_REQUEST,
+            "between 1 day (P1D) and 90 days (P90D)",
+        ),
+        (
+            json!({"name": "ttl-long1", "repositories": ["app"], "syncMessageTtl": "P91D"}),
+            StatusCode::BAD_REQUEST,
+            "between 1 day",
+        ),
+        (
+            json!({"name": "ttl-words", "repositories": ["app"], "syncMessageTtl": "two days"}),
+            StatusCode::BAD_REQUEST,
+            "ISO 8601",
+        ),
+        (
+            json!({"name": "log-bad01", "repositories": ["app"], "logLevel": "Verbose"}),
+            StatusCode::BAD_REQUEST,
+            "Debug, Information, Warning, Error, and None",
+        ),
+        (
+            json!({"name": "ghost-tok", "repositories": ["app"], "clientTokens": ["nobody-1"]}),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            json!({"name": "ro-writer", "repositories": ["app"], "clientTokens": ["writer-01"]}),
+            StatusCode::BAD_REQUEST,
+            "may only read",
+        ),
+        (
+            json!({"name": "bad-repo1", "repositories": ["../etc"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid repository",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let r = create(&t, body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+        assert!(
+            msg(&r).contains(needle),
+            "{body}: {:?} lacks {needle:?}",
+            msg(&r)
+        );
+    }
+    // A scheduled registry with a window in range, and a ReadOnly registry with a read token.
+    let r = create(&t, json!({"name": "ship-0001", "repositories": ["app"], "syncSchedule": "0 12 * * *", "syncWindow": "PT4H", "clientTokens": ["reader-01"]})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // Mode cannot change: update has no mode field.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/ship-0001",
+            &[],
+            json!({"mode": "ReadWrite"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // update rules
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/ship-0001",
+            &[],
+            json!({"addClientTokens": ["writer-01"]}).to_string(),
+        )
+        .await;
+    assert!(msg(&r).contains("may only read"), "{}", msg(&r));
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/ship-0001",
+            &[],
+            json!({"addClientTokens": ["reader-01"], "removeClientTokens": ["reader-01"]})
+                .to_string(),
+        )
+        .await;
+    assert!(msg(&r).starts_with("Update ambiguity"), "{}", msg(&r));
+    let r = t.req(Method::PATCH, "/api/v1/connected-registries/ship-0001", &[], json!({"syncSchedule": "0 6 * * *", "syncWindow": "PT2H", "syncMessageTtl": "P7D", "logLevel": "debug", "addNotifications": ["app:*:push"], "gcEnabled": false}).to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (
+            v["syncSchedule"].as_str(),
+            v["syncWindow"].as_str(),
+            v["logLevel"].as_str()
+        ),
+        (Some("0 6 * * *"), Some("PT2H"), Some("Debug"))
+    );
+    assert_eq!(v["notifications"], json!(["app:*:push"]));
+    assert_eq!(v["garbageCollection"]["enabled"], false);
+}
+
+#[tokio::test]
+async fn client_token_limit_is_enforced() {
+    let t = setup().await;
+    let mut names = Vec::new();
+    for i in 0..21 {
+        let n = format!("client-{i:02}");
+        readonly_token(&t, &n).await;
+        names.push(n);
+    }
+    let r = create(
+        &t,
+        json!({"name": "crowded1", "repositories": ["app"], "clientTokens": names}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::CONFLICT, "LIMIT_EXCEEDED")
+    );
+    assert!(
+        msg(&r).contains("21 client tokens") && msg(&r).contains("limit is 20"),
+        "{}",
+        msg(&r)
+    );
+    let r = create(
+        &t,
+        json!({"name": "crowded1", "repositories": ["app"], "clientTokens": names[..20]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
+    let t = setup().await;
+    assert_eq!(
+        create(
+            &t,
+            json!({"name": "site-a", "mode": "ReadWrite", "repositories": ["base"]})
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    let r = create(
+        &t,
+        json!({"name": "line-a", "parent": "site-a", "repositories": ["app/x"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // The parent's sync scope map gained the child's gateway and repository actions.
+    let site = scope_actions(&t, "site-a").await;
+    for a in [
+        "gateway/line-a/config/read",
+        "gateway/line-a/message/write",
+        "repositories/app/x/content/read",
+        "repositories/app/x/metadata/read",
+    ] {
+        assert!(site.contains(&a.to_string()), "site lacks {a}");
+    }
+    let r = create(
+        &t,
+        json!({"name": "cell-a1", "parent": "line-a", "repositories": ["app/x"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    for anc in ["site-a", "line-a"] {
+        assert!(
+            scope_actions(&t, anc)
+                .await
+                .contains(&"gateway/cell-a1/config/read".to_string()),
+            "{anc}"
+        );
+    }
+    // Adding a repository to the leaf adds it up the chain.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/cell-a1/permissions",
+            &[],
+            json!({"add": ["tools"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    for n in ["site-a", "line-a", "cell-a1"] {
+        assert!(
+            scope_actions(&t, n)
+                .await
+                .contains(&"repositories/tools/content/read".to_string()),
+            "{n}"
+        );
+    }
+    // Removing from the middle removes down the chain, not up.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/line-a/permissions",
+            &[],
+            json!({"remove": ["tools"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        scope_actions(&t, "site-a")
+            .await
+            .contains(&"repositories/tools/content/read".to_string())
+    );
+    for n in ["line-a", "cell-a1"] {
+        assert!(
+            !scope_actions(&t, n)
+                .await
+                .iter()
+                .any(|a| a.starts_with("repositories/tools/")),
+            "{n}"
+        );
+    }
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/line-a/permissions",
+            &[],
+            json!({}).to_string(),
+        )
+        .await;
+    assert_eq!(msg(&r), "No repository permissions to update.");
+
+    // list: tree order and filters
+    let names = |r: Resp| {
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        create(&t, json!({"name": "site-b", "repositories": ["base"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        names(t.get("/api/v1/connected-registries").await),
+        ["site-a", "line-a", "cell-a1", "site-b"]
+    );
+    assert_eq!(
+        names(t.get("/api/v1/connected-registries?noChildren=true").await),
+        ["site-a", "site-b"]
+    );
+    assert_eq!(
+        names(t.get("/api/v1/connected-registries?parent=site-a").await),
+        ["line-a", "cell-a1"]
+    );
+    assert_eq!(
+        names(
+            t.get("/api/v1/connected-registries?parent=site-a&noChildren=true")
+                .await
+        ),
+        ["line-a"]
+    );
+    assert!(
+        msg(&t.get("/api/v1/connected-registries?parent=zzzzz").await).contains("doesn't exist")
+    );
+
+    // Deleting: not with children; the sync token is protected; --cleanup tidies ancestors.
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/connected-registries/line-a",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert!(msg(&r).contains("has children (cell-a1)"), "{}", msg(&r));
+    let r = t
+        .req(Method::DELETE, "/api/v1/tokens/cell-a1", &[], Body::empty())
+        .await;
+    assert!(
+        msg(&r).contains("sync token of connected registry"),
+        "{}",
+        msg(&r)
+    );
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/connected-registries/cell-a1?cleanup=true",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    for anc in ["site-a", "line-a"] {
+        assert!(
+            !scope_actions(&t, anc)
+                .await
+                .iter()
+                .any(|a| a.starts_with("gateway/cell-a1/")),
+            "{anc}"
+        );
+    }
+    assert_eq!(
+        t.get("/api/v1/tokens/cell-a1").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/cell-a1").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Without cleanup the leftovers are listed.
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/connected-registries/line-a",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    let steps = r.json()["remainingSteps"].as_array().unwrap().clone();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.as_str().unwrap().contains("--remove-gateway line-a")),
+        "{steps:?}"
+    );
+    assert_eq!(t.get("/api/v1/tokens/line-a").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn activation_status_and_settings_rotation() {
+    let t = setup().await;
+    assert_eq!(
+        create(&t, json!({"name": "edge-one", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let settings = |n: Option<u8>| {
+        let t = &t;
+        async move {
+            let mut body = json!({"parentProtocol": "http"});
+            if let Some(n) = n {
+                body["generatePassword"] = json!(n);
+            }
+            post(
+                t,
+                "/api/v1/connected-registries/edge-one/get-settings",
+                body,
+            )
+            .await
+        }
+    };
+    let r = settings(None).await;
+    assert!(
+        r.json()["ACR_REGISTRY_CONNECTION_STRING"]
+            .as_str()
+            .unwrap()
+            .contains("<use --generate-password")
+    );
+    let r = settings(Some(1)).await;
+    let cs = ConnectionString::parse(r.json()["ACR_REGISTRY_CONNECTION_STRING"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(cs.connected_registry_name, "edge-one");
+    assert_eq!(cs.sync_token_name, "edge-one");
+    assert_eq!(cs.parent_gateway_endpoint, "registry.test:5000");
+    let p1 = cs.sync_token_password.clone();
+    let p2 = ConnectionString::parse(
+        settings(Some(2)).await.json()["ACR_REGISTRY_CONNECTION_STRING"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .sync_token_password;
+    assert_eq!(
+        msg(&post(
+            &t,
+            "/api/v1/connected-registries/edge-one/get-settings",
+            json!({"parentProtocol": "ftp"})
+        )
+        .await),
+        "--parent-protocol must be http or https, not \"ftp\""
+    );
+
+    // Activation with the sync token; a second instance is refused until deactivate.
+    let sync = basic("edge-one", &p1);
+    let activate = |auth: String, id: &'static str| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::POST,
+                "/gateway/v1/edge-one/activate",
+                &[],
+                json!({"instanceId": id}).to_string(),
+            )
+            .await
+        }
+    };
+    let r = activate(sync.clone(), "instance-a").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["activationStatus"], "Active");
+    assert_eq!(
+        activate(sync.clone(), "instance-a").await.status,
+        StatusCode::OK,
+        "the same instance may re-activate"
+    );
+    let r = activate(sync.clone(), "instance-b").await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::CONFLICT, "ALREADY_ACTIVATED")
+    );
+    assert!(msg(&r).contains("deactivate"), "{}", msg(&r));
+    // Another registry's token, or a client token, cannot act for it.
+    assert_eq!(
+        create(&t, json!({"name": "edge-two", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let other = ConnectionString::parse(
+        post(
+            &t,
+            "/api/v1/connected-registries/edge-two/get-settings",
+            json!({"parentProtocol": "http", "generatePassword": 1}),
+        )
+        .await
+        .json()["ACR_REGISTRY_CONNECTION_STRING"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        activate(basic("edge-two", &other.sync_token_password), "x")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // Status reports drive the connection state.
+    let report = |auth: String, body: Value| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::PUT,
+                "/gateway/v1/edge-one/status",
+                &[],
+                body.to_string(),
+            )
+            .await
+        }
+    };
+    let r = report(sync.clone(), json!({"instanceId": "instance-a", "state": "Online", "lastSyncTime": "2026-11-28T01:00:00Z", "lastSyncResult": "Succeeded", "version": "0.1.0", "loginServer": "10.0.0.5:5000"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (
+            v["connectionState"].as_str(),
+            v["lastSyncResult"].as_str(),
+            v["loginServer"].as_str()
+        ),
+        (Some("Online"), Some("Succeeded"), Some("10.0.0.5:5000"))
+    );
+    let r = report(sync.clone(), json!({"instanceId": "instance-a", "statusDetails": [{"type": "Disk", "code": "DiskError", "description": "No space left on device."}]})).await;
+    assert_eq!(r.json()["connectionState"], "Unhealthy");
+    assert_eq!(r.json()["statusDetails"][0]["code"], "DiskError");
+    assert_eq!(
+        report(sync.clone(), json!({"instanceId": "instance-b"}))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+
+    // Password rotation: regenerate 1, the old one stops working, password2 keeps working.
+    settings(Some(1)).await;
+    assert_eq!(
+        activate(basic("edge-one", &p1), "instance-a").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        activate(basic("edge-one", &p2), "instance-a").await.status,
+        StatusCode::OK
+    );
+
+    // Deactivate frees the slot; an active registry cannot be deleted without force.
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/connected-registries/edge-one",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert!(msg(&r).contains("is active"), "{}", msg(&r));
+    let r = post(
+        &t,
+        "/api/v1/connected-registries/edge-one/deactivate",
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.json()["activationStatus"], "Inactive");
+    assert_eq!(r.json()["connectionState"], "Offline");
+    assert_eq!(
+        activate(basic("edge-one", &p2), "instance-b").await.status,
+        StatusCode::OK
+    );
+    let r = post(
+        &t,
+        "/api/v1/connected-registries/edge-one/resync",
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.json()["syncState"], "Pending");
+}
+
+#[tokio::test]
+async fn concurrent_admins_cannot_break_a_rule() {
+    let t = std::sync::Arc::new(setup().await);
+    assert_eq!(
+        create(
+            &t,
+            json!({"name": "parent-1", "mode": "ReadWrite", "repositories": ["app"]})
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            // Everyone races to create the same child, and a distinct one.
+            let same = create(&t, json!({"name": "child-same", "parent": "parent-1", "repositories": ["app"]})).await.status;
+            let own = create(&t, json!({"name": format!("child-{i:03}"), "parent": "parent-1", "repositories": [format!("r{i}")]})).await.status;
+            (same, own)
+        }));
+    }
+    let mut created_same = 0;
+    for task in tasks {
+        let (same, own) = task.await.unwrap();
+        if same == StatusCode::CREATED {
+            created_same += 1;
+        } else {
+            assert_eq!(same, StatusCode::CONFLICT);
+        }
+        assert_eq!(own, StatusCode::CREATED);
+    }
+    assert_eq!(created_same, 1);
+    // Every child's gateway and repository actions made it into the parent: no lost update.
+    let parent = scope_actions(&t, "parent-1").await;
+    for i in 0..8 {
+        assert!(
+            parent.contains(&format!("gateway/child-{i:03}/config/read")),
+            "child {i}"
+        );
+        assert!(
+            parent.contains(&format!("repositories/r{i}/content/read")),
+            "repo {i}"
+        );
+    }
+}
