@@ -555,3 +555,282 @@ fn cli_uses_docker_login_credentials() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("admin"));
 }
+
+/// The actions of a scope map, through the CLI.
+fn scope_map_actions(o: &Outpost, name: &str) -> Vec<String> {
+    let (ok, out, err) = cli(
+        o,
+        "admin",
+        support::ADMIN_PASSWORD,
+        &["scope-map", "show", "-n", name, "-o", "json"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn connected_registry_hierarchy_with_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let pw = support::ADMIN_PASSWORD;
+    let run = |args: &[&str]| {
+        let (ok, out, err) = cli(&o, "admin", pw, args);
+        assert!(ok, "outpost {args:?} failed:\n{err}");
+        out
+    };
+    // root → ReadWrite site → ReadOnly line
+    run(&[
+        "connected-registry",
+        "create",
+        "-n",
+        "site-one",
+        "-m",
+        "ReadWrite",
+        "--repository",
+        "app",
+        "base",
+    ]);
+    run(&[
+        "token",
+        "create",
+        "-n",
+        "line-reader",
+        "--repository",
+        "app",
+        "content/read",
+        "metadata/read",
+        "--no-passwords",
+    ]);
+    run(&[
+        "connected-registry",
+        "create",
+        "-n",
+        "line-one",
+        "-p",
+        "site-one",
+        "--repository",
+        "app",
+        "--client-tokens",
+        "line-reader",
+        "-s",
+        "0 6 * * *",
+        "-w",
+        "PT2H",
+    ]);
+    let site = scope_map_actions(&o, "site-one");
+    assert!(
+        site.contains(&"gateway/line-one/message/read".to_string()),
+        "{site:?}"
+    );
+    assert!(site.contains(&"repositories/app/content/write".to_string()));
+
+    // The tree, in JSON and as a table.
+    let list = run(&["connected-registry", "list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[1]["parent"], "site-one");
+    assert_eq!(v[1]["syncWindow"], "PT2H");
+    assert_eq!(v[1]["clientTokens"], serde_json::json!(["line-reader"]));
+    let table = run(&["connected-registry", "list"]);
+    assert!(table.contains("└── line-one"), "{table}");
+    assert!(
+        table.lines().next().unwrap().starts_with("NAME") && table.contains("CONNECTION STATE"),
+        "{table}"
+    );
+
+    // Rules surface as CLI errors a user can act on.
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "cell-bad",
+            "-p",
+            "line-one",
+            "-m",
+            "ReadWrite",
+            "--repository",
+            "app",
+        ],
+    );
+    assert!(
+        !ok && err.contains("ReadOnly parent can only have ReadOnly children"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "cell-two",
+            "-p",
+            "line-one",
+            "--repository",
+            "app",
+            "-s",
+            "0 6 * * *",
+        ],
+    );
+    assert!(!ok && err.contains("sync window is required"), "{err}");
+
+    // Adding a repository at the line adds it at the site; removing at the site removes it below.
+    run(&[
+        "connected-registry",
+        "permissions",
+        "update",
+        "-n",
+        "line-one",
+        "--add",
+        "tools",
+    ]);
+    assert!(
+        scope_map_actions(&o, "site-one").contains(&"repositories/tools/content/read".to_string())
+    );
+    run(&[
+        "connected-registry",
+        "permissions",
+        "update",
+        "-n",
+        "site-one",
+        "--remove",
+        "tools",
+    ]);
+    assert!(
+        !scope_map_actions(&o, "line-one")
+            .iter()
+            .any(|a| a.contains("/tools/"))
+    );
+
+    // get-settings rotates a sync-token password; the connection string activates the line.
+    let cs = run(&[
+        "connected-registry",
+        "get-settings",
+        "-n",
+        "line-one",
+        "--parent-protocol",
+        "http",
+        "--generate-password",
+        "1",
+        "--yes",
+        "-o",
+        "tsv",
+    ]);
+    let cs = outpost_control_cs(cs.trim());
+    let c = reqwest::Client::new();
+    let activate = |pw: String, id: &'static str| {
+        let c = c.clone();
+        let url = o.url("/gateway/v1/line-one/activate");
+        async move {
+            c.post(url)
+                .basic_auth("line-one", Some(pw))
+                .json(&serde_json::json!({"instanceId": id}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(activate(cs.clone(), "first").await, 200);
+    assert_eq!(activate(cs.clone(), "second").await, 409);
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &["connected-registry", "deactivate", "-n", "line-one"],
+    );
+    assert!(!ok && err.contains("--yes"), "{err}");
+    run(&[
+        "connected-registry",
+        "deactivate",
+        "-n",
+        "line-one",
+        "--yes",
+    ]);
+    assert_eq!(activate(cs.clone(), "second").await, 200);
+    let cs2 = run(&[
+        "connected-registry",
+        "get-settings",
+        "-n",
+        "line-one",
+        "--parent-protocol",
+        "http",
+        "--generate-password",
+        "1",
+        "--yes",
+        "-o",
+        "tsv",
+    ]);
+    assert_eq!(
+        activate(cs.clone(), "second").await,
+        401,
+        "the rotated password stops working"
+    );
+    assert_eq!(
+        activate(outpost_control_cs(cs2.trim()), "second").await,
+        200
+    );
+
+    // Tear down: the line first (the site has a child), with cleanup.
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &[
+            "connected-registry",
+            "delete",
+            "-n",
+            "site-one",
+            "--yes",
+            "--force",
+        ],
+    );
+    assert!(!ok && err.contains("has children"), "{err}");
+    run(&[
+        "connected-registry",
+        "delete",
+        "-n",
+        "line-one",
+        "--cleanup",
+        "--force",
+        "--yes",
+    ]);
+    assert!(
+        !scope_map_actions(&o, "site-one")
+            .iter()
+            .any(|a| a.starts_with("gateway/line-one/"))
+    );
+    let (ok, _, _) = cli(&o, "admin", pw, &["token", "show", "-n", "line-one"]);
+    assert!(!ok, "the sync token was cleaned up");
+    run(&[
+        "connected-registry",
+        "delete",
+        "-n",
+        "site-one",
+        "--cleanup",
+        "--yes",
+    ]);
+    assert_eq!(
+        run(&["connected-registry", "list", "-o", "json"]).trim(),
+        "[]"
+    );
+}
+
+/// The sync-token password inside a connection string.
+fn outpost_control_cs(cs: &str) -> String {
+    cs.split(';')
+        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
+        .unwrap_or_else(|| panic!("no password in {cs}"))
+        .to_string()
+}

@@ -21,13 +21,7 @@ pub struct Connection {
     #[arg(long, short = 'u', global = true, env = "OUTPOST_USERNAME")]
     pub username: Option<String>,
     /// Password [env: OUTPOST_PASSWORD]
-    #[arg(
-        long,
-        short = 'p',
-        global = true,
-        env = "OUTPOST_PASSWORD",
-        hide_env_values = true
-    )]
+    #[arg(long, global = true, env = "OUTPOST_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// Output format
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]

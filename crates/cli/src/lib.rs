@@ -5,6 +5,7 @@
 
 mod client;
 mod config;
+mod connected;
 mod manage;
 mod serve;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Manage tokens (az acr token).
     #[command(subcommand)]
     Token(manage::TokenCmd),
+    /// Manage connected registries (az acr connected-registry).
+    #[command(subcommand)]
+    ConnectedRegistry(connected::ConnectedRegistryCmd),
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
         }),
         Command::ScopeMap(cmd) => block_on(manage::scope_map(&cli.conn, cmd, leaf)),
         Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),
+        Command::ConnectedRegistry(cmd) => block_on(connected::run(&cli.conn, cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,5 +78,16 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // Catches clashing short flags, bad defaults and the like for every subcommand.
+        Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,534 @@
+//! `outpost connected-registry …`: the `az acr connected-registry` commands, flags, defaults
+//! and prompts over the management API; `list` draws the hierarchy as a tree.
+
+use crate::client::{Client, Connection, Output, confirm, print_rows};
+use anyhow::bail;
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+#[derive(Subcommand, Debug)]
+pub enum ConnectedRegistryCmd {
+    /// Create a connected registry (and its sync token and scope map).
+    Create {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, short = 'm', default_value = "ReadOnly", value_parser = ["ReadOnly", "ReadWrite", "readonly", "readwrite"])]
+        mode: String,
+        /// Parent connected registry (default: this registry)
+        #[arg(long, short = 'p')]
+        parent: Option<String>,
+        /// Repositories to sync
+        #[arg(long, num_args = 1.., conflicts_with = "sync_token")]
+        repository: Vec<String>,
+        /// Adopt an existing token as the sync token
+        #[arg(long)]
+        sync_token: Option<String>,
+        #[arg(long, num_args = 1..)]
+        client_tokens: Vec<String>,
+        /// Cron schedule, UTC; the default syncs continuously
+        #[arg(long, short = 's', default_value = "* * * * *")]
+        sync_schedule: String,
+        /// ISO 8601 duration each scheduled sync may last (required with a schedule)
+        #[arg(long, short = 'w')]
+        sync_window: Option<String>,
+        #[arg(long, default_value = "P2D")]
+        sync_message_ttl: String,
+        #[arg(long, default_value = "Information")]
+        log_level: String,
+        #[arg(long, num_args = 1..)]
+        notifications: Vec<String>,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        gc_enabled: bool,
+        #[arg(long, default_value = "0 0 * * *")]
+        gc_schedule: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Update a connected registry.
+    Update {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, num_args = 1..)]
+        add_client_tokens: Vec<String>,
+        #[arg(long, num_args = 1..)]
+        remove_client_tokens: Vec<String>,
+        #[arg(long, short = 's')]
+        sync_schedule: Option<String>,
+        #[arg(long, short = 'w')]
+        sync_window: Option<String>,
+        #[arg(long)]
+        sync_message_ttl: Option<String>,
+        #[arg(long)]
+        log_level: Option<String>,
+        #[arg(long, num_args = 1..)]
+        add_notifications: Vec<String>,
+        #[arg(long, num_args = 1..)]
+        remove_notifications: Vec<String>,
+        #[arg(long, action = clap::ArgAction::Set)]
+        gc_enabled: Option<bool>,
+        #[arg(long)]
+        gc_schedule: Option<String>,
+    },
+    /// Show a connected registry.
+    Show {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// List connected registries as a tree.
+    List {
+        /// Only the descendants of this connected registry
+        #[arg(long, short = 'p')]
+        parent: Option<String>,
+        /// Only direct children (of --parent, or of this registry)
+        #[arg(long)]
+        no_children: bool,
+    },
+    /// Delete a connected registry.
+    Delete {
+        #[arg(long, short = 'n')]
+        name: String,
+        /// Also delete the sync token and scope map, and its gateway actions from the ancestors
+        #[arg(long)]
+        cleanup: bool,
+        /// Delete even while an instance is active
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Deactivate, so that a new instance can be deployed.
+    Deactivate {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Print the connection string and settings an instance needs.
+    GetSettings {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, value_parser = ["http", "https"])]
+        parent_protocol: String,
+        /// Generate (rotate) sync token password 1 or 2
+        #[arg(long, value_parser = ["1", "2"])]
+        generate_password: Option<String>,
+        /// host[:port] the instance uses to reach this registry (default: as given in --registry)
+        #[arg(long)]
+        parent_endpoint: Option<String>,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// List the client tokens of a connected registry.
+    ListClientTokens {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// Show or change which repositories a connected registry syncs.
+    #[command(subcommand)]
+    Permissions(PermissionsCmd),
+    /// Ask the instance for a full reconciliation at its next sync.
+    Resync {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PermissionsCmd {
+    /// Show the sync scope map.
+    Show {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// Add repositories (also to every ancestor) or remove them (also from every descendant).
+    Update {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(long, num_args = 1..)]
+        add: Vec<String>,
+        #[arg(long, num_args = 1..)]
+        remove: Vec<String>,
+    },
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_one(output: Output, v: &Value) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        _ => print_rows(
+            output,
+            &[
+                "NAME",
+                "MODE",
+                "CONNECTION STATE",
+                "PARENT",
+                "LOGIN SERVER",
+                "LAST SYNC (UTC)",
+                "SYNC SCHEDULE",
+                "SYNC WINDOW",
+                "SYNC STATE",
+            ],
+            &[vec![
+                s(&v["name"]),
+                s(&v["mode"]),
+                s(&v["connectionState"]),
+                s(&v["parent"]),
+                s(&v["loginServer"]),
+                s(&v["lastSyncTime"]),
+                s(&v["syncSchedule"]),
+                s(&v["syncWindow"]),
+                s(&v["syncState"]),
+            ]],
+        ),
+    }
+}
+
+/// Names prefixed with tree branches, from a depth-first list.
+fn tree_names(items: &[Value]) -> Vec<String> {
+    let parent_of = |n: &str| {
+        items
+            .iter()
+            .find(|v| v["name"] == n)
+            .and_then(|v| v["parent"].as_str().map(String::from))
+    };
+    let listed = |n: &str| items.iter().any(|v| v["name"] == n);
+    let depth = |n: &str| {
+        let mut d = 0;
+        let mut cur = parent_of(n);
+        while let Some(p) = cur {
+            if !listed(&p) || d > 64 {
+                break;
+            }
+            d += 1;
+            cur = parent_of(&p);
+        }
+        d
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let name = s(&v["name"]);
+            let d = depth(&name);
+            if d == 0 {
+                return name;
+            }
+            // last sibling if no later item at the same depth before a shallower one
+            let last = !items[i + 1..]
+                .iter()
+                .map(|w| depth(&s(&w["name"])))
+                .take_while(|wd| *wd >= d)
+                .any(|wd| wd == d);
+            format!(
+                "{}{}{name}",
+                "│   ".repeat(d - 1),
+                if last { "└── " } else { "├── " }
+            )
+        })
+        .collect()
+}
+
+fn print_list(output: Output, items: &[Value]) {
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(items).unwrap_or_default()
+        );
+        return;
+    }
+    let names = if output == Output::Table {
+        tree_names(items)
+    } else {
+        items.iter().map(|v| s(&v["name"])).collect()
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .zip(names)
+        .map(|(v, n)| {
+            vec![
+                n,
+                s(&v["mode"]),
+                s(&v["connectionState"]),
+                s(&v["parent"]),
+                s(&v["loginServer"]),
+                s(&v["lastSyncTime"]),
+                s(&v["syncState"]),
+            ]
+        })
+        .collect();
+    print_rows(
+        output,
+        &[
+            "NAME",
+            "MODE",
+            "CONNECTION STATE",
+            "PARENT",
+            "LOGIN SERVER",
+            "LAST SYNC (UTC)",
+            "SYNC STATE",
+        ],
+        &rows,
+    );
+}
+
+fn print_scope_map(output: Output, v: &Value) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        _ => {
+            let rows: Vec<Vec<String>> = v["actions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| vec![s(&v["name"]), s(a)])
+                .collect();
+            print_rows(output, &["SCOPE MAP", "ACTION"], &rows);
+        }
+    }
+}
+
+pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result<()> {
+    let c = Client::new(conn)?;
+    let path = |name: &str, rest: &str| format!("/connected-registries/{name}{rest}");
+    match cmd {
+        ConnectedRegistryCmd::Create {
+            name,
+            mode,
+            parent,
+            repository,
+            sync_token,
+            client_tokens,
+            sync_schedule,
+            sync_window,
+            sync_message_ttl,
+            log_level,
+            notifications,
+            gc_enabled,
+            gc_schedule,
+            yes: _,
+        } => {
+            if repository.is_empty() == sync_token.is_none() {
+                bail!(
+                    "argument error: either --sync-token or --repository must be provided, but not both."
+                );
+            }
+            let body = json!({
+                "name": name, "mode": mode, "parent": parent, "repositories": repository, "syncToken": sync_token,
+                "clientTokens": client_tokens, "syncSchedule": sync_schedule, "syncWindow": sync_window,
+                "syncMessageTtl": sync_message_ttl, "logLevel": log_level, "notifications": notifications,
+                "gcEnabled": gc_enabled, "gcSchedule": gc_schedule,
+            });
+            let v = c
+                .call(Method::POST, "/connected-registries", Some(body))
+                .await?
+                .unwrap_or_default();
+            print_one(conn.output, &v);
+        }
+        ConnectedRegistryCmd::Update {
+            name,
+            add_client_tokens,
+            remove_client_tokens,
+            sync_schedule,
+            sync_window,
+            sync_message_ttl,
+            log_level,
+            add_notifications,
+            remove_notifications,
+            gc_enabled,
+            gc_schedule,
+        } => {
+            let body = json!({
+                "addClientTokens": add_client_tokens, "removeClientTokens": remove_client_tokens,
+                "syncSchedule": sync_schedule, "syncWindow": sync_window, "syncMessageTtl": sync_message_ttl,
+                "logLevel": log_level, "addNotifications": add_notifications, "removeNotifications": remove_notifications,
+                "gcEnabled": gc_enabled, "gcSchedule": gc_schedule,
+            });
+            let v = c
+                .call(Method::PATCH, &path(&name, ""), Some(body))
+                .await?
+                .unwrap_or_default();
+            print_one(conn.output, &v);
+        }
+        ConnectedRegistryCmd::Show { name } => {
+            let v = c
+                .call(Method::GET, &path(&name, ""), None)
+                .await?
+                .unwrap_or_default();
+            print_one(conn.output, &v);
+        }
+        ConnectedRegistryCmd::List {
+            parent,
+            no_children,
+        } => {
+            let mut q = Vec::new();
+            if let Some(p) = &parent {
+                q.push(format!("parent={p}"));
+            }
+            if no_children {
+                q.push("noChildren=true".into());
+            }
+            let suffix = if q.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", q.join("&"))
+            };
+            let v = c
+                .call(Method::GET, &format!("/connected-registries{suffix}"), None)
+                .await?
+                .unwrap_or(json!([]));
+            print_list(
+                conn.output,
+                v.as_array().map(Vec::as_slice).unwrap_or_default(),
+            );
+        }
+        ConnectedRegistryCmd::Delete {
+            name,
+            cleanup,
+            force,
+            yes,
+        } => {
+            let without = if cleanup {
+                ""
+            } else {
+                " without cleanup flag enabled"
+            };
+            confirm(
+                &format!(
+                    "Are you sure you want to delete the connected registry '{name}'{without}?"
+                ),
+                yes,
+            )?;
+            let v = c
+                .call(
+                    Method::DELETE,
+                    &path(&name, &format!("?cleanup={cleanup}&force={force}")),
+                    None,
+                )
+                .await?
+                .unwrap_or_default();
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if let Some(steps) = v["remainingSteps"].as_array().filter(|s| !s.is_empty()) {
+                eprintln!(
+                    "Deleted connected registry '{name}'. Its sync token, scope map and the ancestors' gateway permissions remain; remove them with:"
+                );
+                for step in steps {
+                    println!("  {}", s(step));
+                }
+            }
+        }
+        ConnectedRegistryCmd::Deactivate { name, yes } => {
+            confirm(
+                &format!("Are you sure you want to deactivate the connected registry '{name}'?"),
+                yes,
+            )?;
+            let v = c
+                .call(Method::POST, &path(&name, "/deactivate"), Some(json!({})))
+                .await?
+                .unwrap_or_default();
+            print_one(conn.output, &v);
+        }
+        ConnectedRegistryCmd::GetSettings {
+            name,
+            parent_protocol,
+            generate_password,
+            parent_endpoint,
+            yes,
+        } => {
+            if let Some(n) = &generate_password {
+                confirm(
+                    &format!(
+                        "Are you sure you want to generate a new sync token password{n} for '{name}'? Instances configured with the old password will stop syncing."
+                    ),
+                    yes,
+                )?;
+            }
+            let endpoint = parent_endpoint.unwrap_or_else(|| {
+                conn.registry
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    .to_string()
+            });
+            let body = json!({
+                "parentProtocol": parent_protocol,
+                "generatePassword": generate_password.map(|g| g.parse::<u8>().unwrap_or(0)),
+                "parentEndpoint": endpoint,
+            });
+            let v = c
+                .call(Method::POST, &path(&name, "/get-settings"), Some(body))
+                .await?
+                .unwrap_or_default();
+            match conn.output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                // tsv: just the connection string, for `--output tsv` in scripts
+                Output::Tsv => println!("{}", s(&v["ACR_REGISTRY_CONNECTION_STRING"])),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = v
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, val)| vec![k.clone(), s(val)])
+                        .collect();
+                    print_rows(Output::Table, &["SETTING", "VALUE"], &rows);
+                }
+            }
+        }
+        ConnectedRegistryCmd::ListClientTokens { name } => {
+            let v = c
+                .call(Method::GET, &path(&name, "/client-tokens"), None)
+                .await?
+                .unwrap_or(json!([]));
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| vec![s(&t["name"]), s(&t["scopeMap"]), s(&t["status"])])
+                .collect();
+            match conn.output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                o => print_rows(o, &["NAME", "SCOPE MAP", "STATUS"], &rows),
+            }
+        }
+        ConnectedRegistryCmd::Permissions(PermissionsCmd::Show { name }) => {
+            let v = c
+                .call(Method::GET, &path(&name, "/permissions"), None)
+                .await?
+                .unwrap_or_default();
+            print_scope_map(conn.output, &v);
+        }
+        ConnectedRegistryCmd::Permissions(PermissionsCmd::Update { name, add, remove }) => {
+            if add.is_empty() && remove.is_empty() {
+                bail!("No repository permissions to update.");
+            }
+            let v = c
+                .call(
+                    Method::PATCH,
+                    &path(&name, "/permissions"),
+                    Some(json!({"add": add, "remove": remove})),
+                )
+                .await?
+                .unwrap_or_default();
+            print_scope_map(conn.output, &v);
+        }
+        ConnectedRegistryCmd::Resync { name } => {
+            let v = c
+                .call(Method::POST, &path(&name, "/resync"), Some(json!({})))
+                .await?
+                .unwrap_or_default();
+            print_one(conn.output, &v);
+        }
+    }
+    Ok(())
+}
