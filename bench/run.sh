@@ -122,6 +122,7 @@ done
 # ---- what authentication costs (Outpost only, same run) ----
 URL=http://127.0.0.1:$OP_PORT
 bearer=$(curl -sf -u "admin:$OP_PW" "$URL/oauth2/token?service=outpost&scope=repository:img/one:pull&scope=repository:hot/blob:pull&scope=repository:big/blob:pull" | python3 -c 'import json,sys; print("Bearer "+json.load(sys.stdin)["token"])')
+"$BENCH" --registry "$URL" pull-blob --repo big/blob --digest "$big_op" >/dev/null  # warm the page cache
 for mode in anonymous basic bearer; do
     case $mode in anonymous) A=();; basic) A=(--auth "$OP_AUTH");; bearer) A=(--auth "$bearer");; esac
     H=(); [ $mode != anonymous ] && H=(-H "Authorization: ${A[1]}")

@@ -834,3 +834,55 @@ fn outpost_control_cs(cs: &str) -> String {
         .unwrap_or_else(|| panic!("no password in {cs}"))
         .to_string()
 }
+
+#[test]
+fn connected_registry_limits_come_from_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let create = |o: &Outpost, name: &str| {
+        let args = [
+            "connected-registry",
+            "create",
+            "-n",
+            name,
+            "--repository",
+            "app",
+            "-s",
+            "*/5 * * * *",
+            "-w",
+            "PT2M",
+            "--sync-message-ttl",
+            "PT6H",
+        ];
+        cli(o, "admin", support::ADMIN_PASSWORD, &args)
+    };
+    // ACR's bounds by default: a 2-minute window is refused.
+    let o = Outpost::start(dir.path(), &[]);
+    let (ok, _, err) = create(&o, "short-one");
+    assert!(!ok && err.contains("between 1 hour"), "{err}");
+    drop(o);
+    // An operator (or a test) shortens them through ordinary configuration.
+    let o = Outpost::start_env(
+        dir.path(),
+        &[
+            ("OUTPOST_MIN_SYNC_WINDOW", "PT1M"),
+            ("OUTPOST_MIN_MESSAGE_TTL", "PT1H"),
+        ],
+    );
+    let (ok, out, err) = create(&o, "short-two");
+    assert!(ok, "{err}");
+    assert!(out.contains("PT2M"), "{out}");
+    drop(o);
+    // A bad value is named.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("OUTPOST_MAX_MESSAGE_TTL", "forever")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_message_ttl"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

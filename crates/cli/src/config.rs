@@ -39,6 +39,14 @@ pub struct Config {
     pub max_scope_maps: u64,
     /// Most repositories one scope map may name.
     pub max_repository_rules: u64,
+    /// Most client tokens per connected registry.
+    pub max_client_tokens: usize,
+    /// Bounds of a connected registry's sync window (ISO 8601 durations).
+    pub min_sync_window: String,
+    pub max_sync_window: String,
+    /// Bounds of a connected registry's message TTL (ISO 8601 durations).
+    pub min_message_ttl: String,
+    pub max_message_ttl: String,
 }
 
 impl Default for Config {
@@ -56,6 +64,11 @@ impl Default for Config {
             max_tokens: 20_000,
             max_scope_maps: 20_000,
             max_repository_rules: 500,
+            max_client_tokens: 20,
+            min_sync_window: "PT1H".into(),
+            max_sync_window: "P7D".into(),
+            min_message_ttl: "P1D".into(),
+            max_message_ttl: "P90D".into(),
         }
     }
 }
@@ -106,6 +119,31 @@ impl Config {
             "upload_max_age_secs must be positive"
         );
         Ok(config)
+    }
+
+    /// The connected-registry limits, with durations parsed.
+    pub fn connected_limits(&self) -> anyhow::Result<outpost_control::ConnectedLimits> {
+        let d = |key: &str, v: &str| {
+            outpost_control::connected::parse_duration(key, v)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+        };
+        let l = outpost_control::ConnectedLimits {
+            max_client_tokens: self.max_client_tokens,
+            min_sync_window: d("min_sync_window", &self.min_sync_window)?,
+            max_sync_window: d("max_sync_window", &self.max_sync_window)?,
+            min_message_ttl: d("min_message_ttl", &self.min_message_ttl)?,
+            max_message_ttl: d("max_message_ttl", &self.max_message_ttl)?,
+            ..Default::default()
+        };
+        anyhow::ensure!(
+            l.min_sync_window <= l.max_sync_window,
+            "min_sync_window is longer than max_sync_window"
+        );
+        anyhow::ensure!(
+            l.min_message_ttl <= l.max_message_ttl,
+            "min_message_ttl is longer than max_message_ttl"
+        );
+        Ok(l)
     }
 
     pub fn to_toml(&self) -> String {

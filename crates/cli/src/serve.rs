@@ -96,6 +96,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 max_scope_maps: config.max_scope_maps,
                 max_repository_rules: config.max_repository_rules,
             },
+            connected: config.connected_limits()?,
             ..Default::default()
         },
     )
