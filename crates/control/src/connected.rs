@@ -205,6 +205,72 @@ pub struct DeleteOutcome {
     pub remaining_steps: Vec<String>,
 }
 
+/// What a connected registry needs to run: its settings, its client tokens (with password
+/// hashes, so it authenticates clients while offline) and the same for its descendants, so it
+/// can serve them in turn.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncConfig {
+    pub name: String,
+    pub mode: String,
+    pub repositories: Vec<String>,
+    pub sync_schedule: String,
+    pub sync_window: Option<String>,
+    pub sync_message_ttl: String,
+    pub log_level: String,
+    pub notifications: Vec<String>,
+    pub garbage_collection: GarbageCollection,
+    pub resync_requested: bool,
+    pub client_tokens: Vec<ClientTokenConfig>,
+    pub children: Vec<SyncConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTokenConfig {
+    pub name: String,
+    pub status: String,
+    /// Scope-map rules of the token.
+    pub actions: Vec<String>,
+    pub passwords: Vec<PasswordHash>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordHash {
+    pub name: String,
+    /// Argon2id PHC string.
+    pub hash: String,
+    pub expiry: Option<String>,
+}
+
+/// One sync message: a change to a repository in the child's scope, from the event log.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub seq: i64,
+    pub at: String,
+    pub repository: String,
+    /// `manifest_put`, `manifest_deleted`, `tag_set` or `tag_removed`.
+    pub kind: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    pub media_type: Option<String>,
+}
+
+/// A page of a child's message feed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    /// The cursor to ask from next (past out-of-scope events too).
+    pub next: i64,
+    /// The newest event in the parent's log.
+    pub latest: i64,
+    /// An operator asked for a full reconciliation (`resync`).
+    pub resync: bool,
+}
+
 const NO_PASSWORD: &str = "<use --generate-password to generate a new password>";
 const NO_ENDPOINT: &str = "<parent gateway endpoint>";
 
@@ -230,6 +296,10 @@ pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
             "{what} {s:?} is not an ISO 8601 duration such as PT4H or P2D{why}"
         ))
     };
+    // jiff also reads its "friendly" format ("4 hours"); the ACR flags are ISO 8601 only.
+    if !s.trim_start_matches(['+', '-']).starts_with(['P', 'p']) {
+        return Err(bad(""));
+    }
     let span: jiff::Span = s.parse().map_err(|_| bad(""))?;
     if span.get_years() != 0 || span.get_months() != 0 {
         return Err(bad(" (years and months have no fixed length; use days)"));
@@ -1269,6 +1339,146 @@ impl Control {
             outpost_connection_string: cs,
             login_server:
                 "<Optional: the address local clients use to reach this connected registry>".into(),
+        })
+    }
+
+    /// The configuration an instance of `name` fetches from its parent.
+    pub async fn sync_config(&self, name: &str) -> Result<SyncConfig> {
+        let all = self.all_registries().await?;
+        let row = all.get(name).ok_or_else(|| ControlError::NotFound {
+            kind: "connected registry",
+            name: name.into(),
+        })?;
+        Box::pin(self.sync_config_of(&all, row)).await
+    }
+
+    async fn sync_config_of(
+        &self,
+        all: &HashMap<String, ConnectedRegistryRow>,
+        row: &ConnectedRegistryRow,
+    ) -> Result<SyncConfig> {
+        let mut client_tokens = Vec::new();
+        for t in &row.client_tokens {
+            let Some(tok) = self.meta.token(t).await? else {
+                continue;
+            };
+            let actions = match &tok.scope_map {
+                Some(sm) => self
+                    .meta
+                    .scope_map(sm)
+                    .await?
+                    .map(|m| m.actions)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            client_tokens.push(ClientTokenConfig {
+                name: tok.name.clone(),
+                status: tok.status.clone(),
+                actions,
+                passwords: tok
+                    .passwords
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| {
+                        p.hash.as_ref().map(|h| PasswordHash {
+                            name: format!("password{}", i + 1),
+                            hash: h.clone(),
+                            expiry: p.expiry_ms.map(rfc3339),
+                        })
+                    })
+                    .collect(),
+            });
+        }
+        let mut kids: Vec<&ConnectedRegistryRow> = all
+            .values()
+            .filter(|r| r.parent.as_deref() == Some(row.name.as_str()))
+            .collect();
+        kids.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut children = Vec::new();
+        for k in kids {
+            children.push(Box::pin(self.sync_config_of(all, k)).await?);
+        }
+        Ok(SyncConfig {
+            name: row.name.clone(),
+            mode: row.mode.clone(),
+            repositories: self.repositories_of(row).await?,
+            sync_schedule: row.schedule.clone(),
+            sync_window: row.sync_window.clone(),
+            sync_message_ttl: row.message_ttl.clone(),
+            log_level: row.log_level.clone(),
+            notifications: row.notifications.clone(),
+            garbage_collection: GarbageCollection {
+                enabled: row.gc_enabled,
+                schedule: row.gc_schedule.clone(),
+            },
+            resync_requested: row.resync_requested,
+            client_tokens,
+            children,
+        })
+    }
+
+    /// A page of `name`'s message feed after cursor `after`: the event-log entries of the
+    /// repositories it syncs, in order. A cursor older than the message TTL (or ahead of the
+    /// log) is refused with [`ControlError::CursorExpired`]; the child then reconciles fully.
+    pub async fn messages(&self, name: &str, after: i64, limit: u32) -> Result<MessagePage> {
+        let row = self.registry_row(name).await?;
+        let ttl = parse_duration("message TTL", &row.message_ttl)?;
+        let latest = self.meta.latest_event().await?;
+        let oldest = self
+            .meta
+            .first_event_since(now_ms() - ttl.as_millis() as i64)
+            .await?;
+        let expired = after > latest
+            || (after < latest
+                && match oldest {
+                    None => true,
+                    Some(o) => after + 1 < o,
+                });
+        if expired {
+            return Err(ControlError::CursorExpired {
+                name: name.into(),
+                after,
+                ttl: row.message_ttl.clone(),
+                latest,
+            });
+        }
+        let patterns: Vec<RepoPattern> = self
+            .repositories_of(&row)
+            .await?
+            .iter()
+            .filter_map(|r| RepoPattern::parse(r).ok())
+            .collect();
+        let limit = limit.clamp(1, 1000) as usize;
+        let mut messages = Vec::new();
+        let mut next = after;
+        'scan: loop {
+            let page = self.meta.events_after(next, 500).await?;
+            if page.is_empty() {
+                break;
+            }
+            for e in page {
+                next = e.seq;
+                if patterns.iter().any(|p| p.matches(&e.repo)) {
+                    messages.push(Message {
+                        seq: e.seq,
+                        at: rfc3339(e.at_ms),
+                        repository: e.repo,
+                        kind: e.kind,
+                        tag: e.tag,
+                        digest: e.digest,
+                        media_type: e.media_type,
+                    });
+                    if messages.len() >= limit {
+                        break 'scan;
+                    }
+                }
+            }
+        }
+        Ok(MessagePage {
+            messages,
+            next,
+            latest,
+            resync: row.resync_requested,
         })
     }
 

@@ -71,6 +71,15 @@ pub enum ControlError {
         "Failed to activate the connected registry {0:?} as it is already activated by another instance. Only one instance is supported at any time. Deactivate it first with `outpost connected-registry deactivate -n {0}`."
     )]
     AlreadyActivated(String),
+    #[error(
+        "messages of connected registry {name:?} after {after} have expired (message TTL {ttl}) or are unknown here; reconcile fully, then continue from {latest}"
+    )]
+    CursorExpired {
+        name: String,
+        after: i64,
+        ttl: String,
+        latest: i64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }

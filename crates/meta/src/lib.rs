@@ -552,6 +552,24 @@ impl Meta {
 
     // ---- event log -----------------------------------------------------------------------
 
+    /// The newest event's sequence number (0 when the log is empty).
+    pub async fn latest_event(&self) -> Result<i64> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// The oldest sequence number of an event recorded at or after `at_ms` (`None` if none is).
+    pub async fn first_event_since(&self, at_ms: i64) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT min(seq) FROM events WHERE at >= ?")
+                .bind(at_ms)
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
     /// Events after `seq`, oldest first, at most `limit`.
     pub async fn events_after(&self, seq: i64, limit: u32) -> Result<Vec<Event>> {
         let rows = sqlx::query(

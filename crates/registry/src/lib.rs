@@ -68,6 +68,8 @@ pub struct Registry {
     meta: Meta,
     config: RegistryConfig,
     cache: Arc<ManifestCache>,
+    /// Ticks after every committed change to manifests or tags, so the gateway can long-poll.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Registry {
@@ -81,6 +83,7 @@ impl Registry {
             meta,
             config,
             cache,
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -90,6 +93,16 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// A receiver that changes after every committed manifest or tag change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, repo: &RepoName) {
+        self.cache.invalidate(repo.as_str());
+        self.changes.send_modify(|n| *n += 1);
     }
 
     pub async fn close(&self) {
@@ -293,7 +306,7 @@ impl Registry {
         match result {
             Ok(outcome) => {
                 if outcome.tag_changed || outcome.manifest_created {
-                    self.cache.invalidate(repo.as_str());
+                    self.changed(repo);
                 }
                 Ok(PushedManifest { digest, subject })
             }
@@ -341,7 +354,7 @@ impl Registry {
             Reference::Digest(d) => self.meta.delete_manifest(repo.as_str(), d).await?.is_some(),
             Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
         };
-        self.cache.invalidate(repo.as_str());
+        self.changed(repo);
         if found {
             Ok(())
         } else {

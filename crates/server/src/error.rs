@@ -148,6 +148,10 @@ impl From<ControlError> for ApiError {
                 ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
             }
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
+            C::CursorExpired { latest, .. } => {
+                ApiError::custom(StatusCode::GONE, "CURSOR_EXPIRED", msg)
+                    .with_detail(json!({ "latest": latest }))
+            }
             C::AlreadyActivated(_) => {
                 ApiError::custom(StatusCode::CONFLICT, "ALREADY_ACTIVATED", msg).with_detail(json!(
                     "Deactivate the connected registry before deploying it again."

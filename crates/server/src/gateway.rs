@@ -1,7 +1,7 @@
-//! The parent side of the sync protocol, as far as it exists yet: a starting connected
-//! registry activates itself (`POST /gateway/v1/{name}/activate`) and reports its status
-//! (`PUT /gateway/v1/{name}/status`), authenticated with its sync token and authorized by the
-//! token's `gateway/<name>/config/write` action. See `docs/sync-protocol.md`.
+//! The parent side of the sync protocol (`docs/sync-protocol.md`): a connected registry
+//! activates itself, fetches its configuration (conditional on an ETag), reads its ordered
+//! message feed (long-polling with `wait`), and reports its status — all with its sync token,
+//! authorized by the token's `gateway/<name>/…` actions. Content itself moves over `/v2/`.
 
 use crate::error::ApiError;
 use crate::{App, auth};
@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use outpost_control::GatewayAction;
 use outpost_control::connected::StatusReport;
 use outpost_oci::ErrorCode;
@@ -20,6 +20,8 @@ pub(crate) fn routes() -> Router<App> {
     Router::new()
         .route("/{name}/activate", post(activate))
         .route("/{name}/status", put(status))
+        .route("/{name}/config", get(config))
+        .route("/{name}/messages", get(messages))
 }
 
 async fn authorize(
@@ -106,4 +108,60 @@ async fn status(
     })?;
     let v = app.control.report_status(&name, req).await?;
     Ok(json(StatusCode::OK, &v))
+}
+
+async fn config(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &h, &name, GatewayAction::ConfigRead).await?;
+    let cfg = app.control.sync_config(&name).await?;
+    let body = serde_json::to_vec(&cfg).unwrap_or_default();
+    let etag = format!("\"{}\"", outpost_oci::Digest::sha256_of(&body).hex());
+    if h.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::ETAG, etag),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn messages(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    authorize(&app, &h, &name, GatewayAction::MessageRead).await?;
+    let q = auth::pairs(uri.query().unwrap_or(""));
+    let num = |k: &str, default: i64| -> Result<i64, ApiError> {
+        match q.iter().find(|(a, _)| a == k) {
+            None => Ok(default),
+            Some((_, v)) => v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::custom(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_REQUEST",
+                    format!("{k}={v:?} is not a non-negative integer"),
+                )
+            }),
+        }
+    };
+    let after = num("after", 0)?;
+    let limit = num("limit", 100)?.min(1000) as u32;
+    let wait = std::time::Duration::from_secs(num("wait", 0)?.min(60) as u64);
+    // Subscribe before reading, so a change between the read and the wait is not missed.
+    let mut changes = app.registry.subscribe();
+    let mut page = app.control.messages(&name, after, limit).await?;
+    if page.messages.is_empty() && !page.resync && !wait.is_zero() {
+        let _ = tokio::time::timeout(wait, changes.changed()).await;
+        page = app.control.messages(&name, after, limit).await?;
+    }
+    Ok(json(StatusCode::OK, &page))
 }

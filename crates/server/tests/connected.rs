@@ -758,3 +758,312 @@ async fn concurrent_admins_cannot_break_a_rule() {
         );
     }
 }
+
+/// Creates `name` (ReadOnly, syncing `repos`) and returns Basic credentials of its sync token.
+async fn registry_with_sync_password(t: &T, name: &str, repos: Value, extra: Value) -> String {
+    let mut body = json!({"name": name, "repositories": repos});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = create(t, body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = post(
+        t,
+        &format!("/api/v1/connected-registries/{name}/get-settings"),
+        json!({"parentProtocol": "http", "generatePassword": 1}),
+    )
+    .await;
+    let cs = ConnectionString::parse(r.json()["ACR_REGISTRY_CONNECTION_STRING"].as_str().unwrap())
+        .unwrap();
+    basic(name, &cs.sync_token_password)
+}
+
+#[tokio::test]
+async fn gateway_config_carries_client_tokens_children_and_an_etag() {
+    let t = setup().await;
+    post(
+        &t,
+        "/api/v1/scope-maps",
+        json!({"name": "readers", "actions": ["repositories/app/content/read"]}),
+    )
+    .await;
+    let r = post(
+        &t,
+        "/api/v1/tokens",
+        json!({"name": "line-reader", "scopeMap": "readers"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let sync = registry_with_sync_password(
+        &t,
+        "site-one",
+        json!(["app"]),
+        json!({"mode": "ReadWrite", "clientTokens": ["line-reader"]}),
+    )
+    .await;
+    assert_eq!(
+        create(
+            &t,
+            json!({"name": "line-one", "parent": "site-one", "repositories": ["app"]})
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::GET,
+            "/gateway/v1/site-one/config",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(v["mode"], "ReadWrite");
+    assert_eq!(v["repositories"], json!(["app"]));
+    let tok = &v["clientTokens"][0];
+    assert_eq!(
+        (tok["name"].as_str(), tok["status"].as_str()),
+        (Some("line-reader"), Some("enabled"))
+    );
+    assert!(
+        tok["passwords"][0]["hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("$argon2id$")
+    );
+    assert_eq!(tok["actions"], json!(["repositories/app/content/read"]));
+    assert_eq!(v["children"][0]["name"], "line-one");
+    // Conditional fetch.
+    let etag = r.header("etag").to_string();
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::GET,
+            "/gateway/v1/site-one/config",
+            &[("if-none-match", &etag)],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    // A change to the resource changes the ETag.
+    t.req(
+        Method::PATCH,
+        "/api/v1/connected-registries/site-one",
+        &[],
+        json!({"logLevel": "Debug"}).to_string(),
+    )
+    .await;
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::GET,
+            "/gateway/v1/site-one/config",
+            &[("if-none-match", &etag)],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["logLevel"], "Debug");
+    // Only the registry's sync token (or an ancestor's) may read it.
+    let r = post(
+        &t,
+        "/api/v1/connected-registries/site-one/get-settings",
+        json!({"parentProtocol": "http"}),
+    )
+    .await;
+    assert!(r.status.is_success());
+    let client = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/line-reader/credentials/generate",
+            &[],
+            json!({"passwords": ["password1"]}).to_string(),
+        )
+        .await;
+    let pw = client.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = t
+        .req_as(
+            Some(&basic("line-reader", &pw)),
+            Method::GET,
+            "/gateway/v1/site-one/config",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // The site's sync token may read its child's config (it relays for it).
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::GET,
+            "/gateway/v1/line-one/config",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn message_feed_is_ordered_scoped_and_long_polls() {
+    let t = std::sync::Arc::new(setup().await);
+    let sync =
+        registry_with_sync_password(&t, "edge-feed", json!(["app", "team/*"]), json!({})).await;
+    t.push_image("app", "v1", "a").await;
+    t.push_image("other", "v1", "o").await; // out of scope
+    t.push_image("team/x", "v1", "x").await;
+    t.req(Method::DELETE, "/v2/app/manifests/v1", &[], Body::empty())
+        .await;
+
+    let feed = |after: i64, extra: &'static str| {
+        let t = t.clone();
+        let sync = sync.clone();
+        async move {
+            t.req_as(
+                Some(&sync),
+                Method::GET,
+                &format!("/gateway/v1/edge-feed/messages?after={after}{extra}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    let r = feed(0, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let v = r.json();
+    let got: Vec<(String, String)> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["repository"].as_str().unwrap().to_string(),
+                m["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let s = |r: &str, k: &str| (r.to_string(), k.to_string());
+    assert_eq!(
+        got,
+        vec![
+            s("app", "manifest_put"),
+            s("app", "tag_set"),
+            s("team/x", "manifest_put"),
+            s("team/x", "tag_set"),
+            s("app", "tag_removed"),
+        ]
+    );
+    let seqs: Vec<i64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(v["next"], v["latest"]);
+    // Paging with limit, and a cursor at the end.
+    let r = feed(0, "&limit=2").await;
+    assert_eq!(r.json()["messages"].as_array().unwrap().len(), 2);
+    let next = r.json()["next"].as_i64().unwrap();
+    assert_eq!(
+        feed(next, "").await.json()["messages"][0]["repository"],
+        "team/x"
+    );
+    let latest = v["latest"].as_i64().unwrap();
+    assert_eq!(feed(latest, "").await.json()["messages"], json!([]));
+    assert_eq!(feed(0, "&limit=x").await.status, StatusCode::BAD_REQUEST);
+
+    // Long poll: the call waits, and a push at the parent wakes it with the new message.
+    let waiting = tokio::spawn(feed(latest, "&wait=30"));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "nothing to report yet: the call must wait"
+    );
+    t.push_image("team/y", "v2", "y").await;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the push")
+        .unwrap();
+    assert_eq!(r.json()["messages"][0]["repository"], "team/y");
+
+    // Resync is signalled in the feed.
+    post(
+        &t,
+        "/api/v1/connected-registries/edge-feed/resync",
+        json!({}),
+    )
+    .await;
+    assert_eq!(feed(latest, "").await.json()["resync"], true);
+    // Other registries' sync tokens cannot read this feed.
+    let other = registry_with_sync_password(&t, "edge-other", json!(["app"]), json!({})).await;
+    let r = t
+        .req_as(
+            Some(&other),
+            Method::GET,
+            "/gateway/v1/edge-feed/messages?after=0",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn expired_or_foreign_cursors_get_410() {
+    let control = outpost_control::ControlConfig {
+        connected: outpost_control::ConnectedLimits {
+            min_message_ttl: std::time::Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let t = setup_control(Default::default(), Default::default(), control).await;
+    let sync = registry_with_sync_password(
+        &t,
+        "ship-ttl",
+        json!(["app"]),
+        json!({"syncMessageTtl": "PT1S"}),
+    )
+    .await;
+    t.push_image("app", "v1", "old").await; // two events, soon older than the TTL
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    t.push_image("app", "v2", "new").await;
+    let get = |after: i64| {
+        let t = &t;
+        let sync = sync.clone();
+        async move {
+            t.req_as(
+                Some(&sync),
+                Method::GET,
+                &format!("/gateway/v1/ship-ttl/messages?after={after}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    // A cursor from before the expired messages: 410, with where to continue after reconciling.
+    let r = get(0).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::GONE, "CURSOR_EXPIRED")
+    );
+    let latest = r.json()["errors"][0]["detail"]["latest"].as_i64().unwrap();
+    assert!(msg(&r).contains("reconcile fully"), "{}", msg(&r));
+    // A cursor past the expired messages still works.
+    let r = get(2).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["messages"][0]["tag"], json!(null));
+    // A cursor ahead of this parent's log (it was restored from a backup) also needs a reconcile.
+    assert_eq!(get(latest + 10).await.status, StatusCode::GONE);
+    assert_eq!(get(latest).await.status, StatusCode::OK);
+}

@@ -73,16 +73,20 @@ pub async fn setup_auth(auth: AuthSettings) -> T {
 }
 
 pub async fn setup_full(config: RegistryConfig, auth: AuthSettings) -> T {
+    setup_control(config, auth, ControlConfig::default()).await
+}
+
+pub async fn setup_control(
+    config: RegistryConfig,
+    auth: AuthSettings,
+    control: ControlConfig,
+) -> T {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::open(dir.path(), config).await.unwrap();
     let control = Arc::new(
-        Control::open(
-            registry.meta().clone(),
-            dir.path(),
-            ControlConfig::default(),
-        )
-        .await
-        .unwrap(),
+        Control::open(registry.meta().clone(), dir.path(), control)
+            .await
+            .unwrap(),
     );
     control.bootstrap_admin(Some(ADMIN_PASSWORD)).await.unwrap();
     let app = outpost_server::router(outpost_server::AppState {
