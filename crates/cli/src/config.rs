@@ -39,6 +39,12 @@ pub struct Config {
     pub max_scope_maps: u64,
     /// Most repositories one scope map may name.
     pub max_repository_rules: u64,
+    /// Run as a connected registry following the parent this names (also
+    /// `ACR_REGISTRY_CONNECTION_STRING`). Never printed by `outpost config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_string: Option<String>,
+    /// Longest wait of one long-poll of the parent's message feed, in seconds.
+    pub sync_poll_secs: u64,
     /// Most client tokens per connected registry.
     pub max_client_tokens: usize,
     /// Bounds of a connected registry's sync window (ISO 8601 durations).
@@ -64,6 +70,8 @@ impl Default for Config {
             max_tokens: 20_000,
             max_scope_maps: 20_000,
             max_repository_rules: 500,
+            connection_string: None,
+            sync_poll_secs: 25,
             max_client_tokens: 20,
             min_sync_window: "PT1H".into(),
             max_sync_window: "P7D".into(),
@@ -82,6 +90,8 @@ struct Overrides {
     data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_string: Option<String>,
 }
 
 impl Config {
@@ -108,8 +118,14 @@ impl Config {
                 listen: args.listen,
                 data_dir: args.data_dir.clone(),
                 log_level: args.log_level.clone(),
+                connection_string: args.connection_string.clone(),
             }));
-        let config: Config = fig.extract().context("invalid configuration")?;
+        let mut config: Config = fig.extract().context("invalid configuration")?;
+        if config.connection_string.is_none() {
+            config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
         anyhow::ensure!(
             config.max_manifest_bytes > 0,
             "max_manifest_bytes must be positive"

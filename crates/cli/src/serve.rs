@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Log level or filter [env: OUTPOST_LOG_LEVEL] [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Run as a connected registry: the connection string from `outpost connected-registry
+    /// get-settings` [env: OUTPOST_CONNECTION_STRING, ACR_REGISTRY_CONNECTION_STRING]
+    #[arg(long)]
+    pub connection_string: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -102,6 +106,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await
     .context("opening access control")?;
+    let control = std::sync::Arc::new(control);
     if let Some(password) = control
         .bootstrap_admin(config.admin_password.as_deref())
         .await
@@ -121,23 +126,48 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "outpost listening");
 
+    let sync = match &config.connection_string {
+        None => None,
+        Some(cs) => {
+            let cs = outpost_control::ConnectionString::parse(cs)
+                .context("invalid connection string")?;
+            let started = outpost_sync::start(
+                outpost_sync::ChildOptions {
+                    connection_string: cs,
+                    data_dir: config.data_dir.clone(),
+                    login_server: addr.to_string(),
+                    poll_wait: Duration::from_secs(config.sync_poll_secs),
+                },
+                registry.clone(),
+                control.clone(),
+            )
+            .await?;
+            Some(started)
+        }
+    };
+    let read_only = sync.as_ref().is_some_and(|s| s.read_only);
+
     let reaper = tokio::spawn(reap_uploads(
         registry.clone(),
         Duration::from_secs(config.upload_max_age_secs),
     ));
     let app = outpost_server::router(outpost_server::AppState {
         registry: registry.clone(),
-        control: std::sync::Arc::new(control),
+        control: control.clone(),
         auth: outpost_server::AuthSettings {
             anonymous_pull: config.anonymous_pull,
             service: config.service.clone(),
         },
+        read_only,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
     reaper.abort();
+    if let Some(s) = sync {
+        s.task.abort();
+    }
     registry.close().await;
     tracing::info!("outpost stopped");
     Ok(())

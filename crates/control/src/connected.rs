@@ -145,7 +145,7 @@ pub struct StatusDetail {
     pub correlation_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct GarbageCollection {
     pub enabled: bool,
@@ -208,7 +208,7 @@ pub struct DeleteOutcome {
 /// What a connected registry needs to run: its settings, its client tokens (with password
 /// hashes, so it authenticates clients while offline) and the same for its descendants, so it
 /// can serve them in turn.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncConfig {
     pub name: String,
@@ -225,7 +225,7 @@ pub struct SyncConfig {
     pub children: Vec<SyncConfig>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientTokenConfig {
     pub name: String,
@@ -235,7 +235,7 @@ pub struct ClientTokenConfig {
     pub passwords: Vec<PasswordHash>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PasswordHash {
     pub name: String,
@@ -245,7 +245,7 @@ pub struct PasswordHash {
 }
 
 /// One sync message: a change to a repository in the child's scope, from the event log.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     pub seq: i64,
@@ -259,7 +259,7 @@ pub struct Message {
 }
 
 /// A page of a child's message feed.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct MessagePage {
     pub messages: Vec<Message>,
@@ -1480,6 +1480,82 @@ impl Control {
             latest,
             resync: row.resync_requested,
         })
+    }
+
+    /// On a connected registry: makes the local client tokens match those its parent sent
+    /// (with the same password hashes, status, expiries and rules), so local clients
+    /// authenticate while the link is down. `previous` names the tokens applied last time;
+    /// those no longer sent are removed. The local `admin` token is never touched.
+    pub async fn apply_synced_tokens(
+        &self,
+        tokens: &[ClientTokenConfig],
+        previous: &[String],
+    ) -> Result<()> {
+        let _w = self.writes.lock().await;
+        for t in tokens {
+            if t.name == crate::ADMIN_TOKEN {
+                tracing::warn!(
+                    "the parent sent a client token named admin; the local administrator token is kept"
+                );
+                continue;
+            }
+            let scope_map = format!("synced-{}", t.name);
+            let rules: Vec<String> = t
+                .actions
+                .iter()
+                .filter_map(|a| Rule::parse(a).ok())
+                .map(|r| r.to_string())
+                .collect();
+            if !self
+                .meta
+                .insert_scope_map(
+                    &scope_map,
+                    "Client token rules synced from the parent",
+                    &rules,
+                )
+                .await?
+            {
+                self.meta
+                    .update_scope_map(
+                        &scope_map,
+                        "Client token rules synced from the parent",
+                        &rules,
+                    )
+                    .await?;
+            }
+            let mut passwords = [PasswordRow::default(), PasswordRow::default()];
+            for p in &t.passwords {
+                let slot = match p.name.as_str() {
+                    "password1" => 0,
+                    "password2" => 1,
+                    _ => continue,
+                };
+                passwords[slot] = PasswordRow {
+                    hash: Some(p.hash.clone()),
+                    created_ms: Some(now_ms()),
+                    expiry_ms: p.expiry.as_deref().map(crate::parse_rfc3339).transpose()?,
+                };
+            }
+            self.meta
+                .put_token(&TokenRow {
+                    name: t.name.clone(),
+                    scope_map: Some(scope_map),
+                    status: t.status.clone(),
+                    is_admin: false,
+                    created_ms: now_ms(),
+                    updated_ms: now_ms(),
+                    passwords,
+                })
+                .await?;
+        }
+        for old in previous {
+            if old != crate::ADMIN_TOKEN && !tokens.iter().any(|t| &t.name == old) {
+                self.meta.delete_token(old).await?;
+                self.meta.delete_scope_map(&format!("synced-{old}")).await?;
+            }
+        }
+        self.changed();
+        Ok(())
     }
 
     /// Names of connected registries whose sync token is `token`.

@@ -165,6 +165,20 @@ impl Registry {
         Ok(Some(size))
     }
 
+    /// Links a blob that is already in the local store (under any repository) into `repo`,
+    /// so sync never downloads what it has. Returns its size, or `None` if it is not stored.
+    pub async fn link_existing_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>> {
+        let Some(size) = self.storage.blob_size(digest).await? else {
+            return Ok(None);
+        };
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        Ok(Some(size))
+    }
+
     // ---- uploads --------------------------------------------------------------------------
 
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {

@@ -32,6 +32,8 @@ pub struct AppState {
     pub registry: Registry,
     pub control: Arc<Control>,
     pub auth: AuthSettings,
+    /// A ReadOnly connected registry: clients may not push, tag or delete.
+    pub read_only: bool,
 }
 
 pub type App = Arc<AppState>;

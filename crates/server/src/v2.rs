@@ -102,6 +102,15 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
         Need::Repo(action) => {
             let name = route_name(&route).map(RepoName::as_str).unwrap_or_default();
             auth::authorize(app, h, &principal, name, action)?;
+            if app.read_only
+                && !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
+            {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Denied,
+                    "this connected registry is read-only: push, tag and delete at its parent; changes reach this site at the next sync",
+                ));
+            }
         }
     }
     match route {

@@ -93,6 +93,7 @@ pub async fn setup_control(
         registry: registry.clone(),
         control: control.clone(),
         auth,
+        read_only: false,
     });
     T {
         app,

@@ -1,0 +1,656 @@
+//! `outpost-sync` is the child side of the sync protocol (`docs/sync-protocol.md`): a
+//! connected registry started with a connection string activates itself at its parent,
+//! fetches its configuration (mode, repositories, client tokens with password hashes), and
+//! from then on follows the parent's ordered message feed — long-polling, so a push at the
+//! parent arrives within a round trip — falling back to a full reconciliation of every
+//! repository in scope when its cursor has expired or an operator asked for a resync.
+//!
+//! Invariants: content is fetched only when it is not already stored locally (blobs are linked
+//! across repositories first); blobs land through ordinary upload sessions, so they become
+//! visible only after their digest is verified; a manifest is stored only after everything it
+//! references, and a tag only after its manifest; the cursor moves only after a message's
+//! content is stored. Blob transfers are appended in 8 MiB pieces whose upload id is kept on
+//! disk, so a cut transfer resumes with `Range` from the last stored piece — after a reconnect
+//! or a restart. While the parent is unreachable nothing changes for local clients.
+//!
+//! Not built yet: the outbox of ReadWrite sites, schedule windows, serving the gateway to
+//! children of our own, and following a plain OCI registry.
+
+mod parent;
+
+pub use parent::Parent;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_control::connected::{
+    ClientTokenConfig, Message, StatusDetail, StatusReport, SyncConfig,
+};
+use outpost_control::{ConnectionString, Control, RepoPattern};
+use outpost_oci::{Digest, Manifest, Reference, RepoName, Tag};
+use outpost_registry::{Registry, RegistryError};
+use parent::Feed;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(
+        "cannot reach the parent at {parent}: {reason}; check ParentGatewayEndpoint and ParentEndpointProtocol in the connection string and the network"
+    )]
+    Unreachable { parent: String, reason: String },
+    #[error(
+        "the parent refused the password of sync token {token:?} ({message}); get a new connection string with `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1`"
+    )]
+    BadCredentials {
+        token: String,
+        name: String,
+        message: String,
+    },
+    #[error("the parent denied the request: {message}")]
+    Denied { message: String },
+    #[error("{0}")]
+    AlreadyActivated(String),
+    #[error(
+        "connected registry {0:?} does not exist at the parent; create it there with `outpost connected-registry create`"
+    )]
+    UnknownRegistry(String),
+    #[error("the parent answered {status} {code}: {message}")]
+    Parent {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the parent: {0}")]
+    Protocol(String),
+    #[error("HTTP client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("sync state in {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+/// How to run the child.
+#[derive(Debug, Clone)]
+pub struct ChildOptions {
+    pub connection_string: ConnectionString,
+    pub data_dir: PathBuf,
+    /// The address local clients use (reported to the parent as the login server).
+    pub login_server: String,
+    /// How long one long-poll of the message feed may wait.
+    pub poll_wait: Duration,
+}
+
+/// A started connected registry.
+pub struct Started {
+    /// Whether local clients may only read.
+    pub read_only: bool,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+struct Child {
+    parent: Parent,
+    registry: Registry,
+    control: Arc<Control>,
+    dir: PathBuf,
+    instance_id: String,
+    login_server: String,
+    poll_wait: Duration,
+    config: Mutex<SyncConfig>,
+    etag: Mutex<Option<String>>,
+    last_error: Mutex<Option<StatusDetail>>,
+}
+
+fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+    move |source| SyncError::State {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_state(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(state_err(path)(e)),
+    }
+}
+
+/// Writes a state file atomically (temp, fsync, rename).
+fn write_state(path: &Path, data: &str) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(state_err(&tmp))?;
+    f.write_all(data.as_bytes()).map_err(state_err(&tmp))?;
+    f.sync_all().map_err(state_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(state_err(path))
+}
+
+fn now_rfc3339() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    outpost_control::format_rfc3339(ms)
+}
+
+/// Activates at the parent (or, if it is unreachable and this instance activated before,
+/// continues from its saved configuration), applies the configuration and starts syncing.
+pub async fn start(
+    opts: ChildOptions,
+    registry: Registry,
+    control: Arc<Control>,
+) -> Result<Started> {
+    let dir = opts.data_dir.join("sync");
+    std::fs::create_dir_all(dir.join("partial")).map_err(state_err(&dir))?;
+    let id_path = dir.join("instance-id");
+    let instance_id = match read_state(&id_path)? {
+        Some(id) => id,
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            write_state(&id_path, &id)?;
+            id
+        }
+    };
+    let parent = Parent::new(&opts.connection_string)?;
+    let saved: Option<SyncConfig> =
+        read_state(&dir.join("config.json"))?.and_then(|s| serde_json::from_str(&s).ok());
+    let config = match parent.activate(&instance_id).await {
+        Ok(()) => {
+            let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
+                SyncError::Protocol("the parent answered 304 to an unconditional request".into())
+            })?;
+            write_state(
+                &dir.join("config.json"),
+                &serde_json::to_string(&cfg).unwrap_or_default(),
+            )?;
+            if let Some(e) = &etag {
+                write_state(&dir.join("etag"), e)?;
+            }
+            tracing::info!(parent = parent.base(), name = %cfg.name, mode = %cfg.mode, "activated at the parent");
+            cfg
+        }
+        Err(e @ SyncError::Unreachable { .. }) => match saved {
+            Some(cfg) => {
+                tracing::warn!(error = %e, "parent unreachable; serving what is here and retrying in the background");
+                cfg
+            }
+            None => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    let child = Arc::new(Child {
+        parent,
+        registry,
+        control,
+        etag: Mutex::new(read_state(&dir.join("etag"))?),
+        dir,
+        instance_id,
+        login_server: opts.login_server,
+        poll_wait: opts.poll_wait,
+        config: Mutex::new(config.clone()),
+        last_error: Mutex::new(None),
+    });
+    child.apply_tokens(&config.client_tokens).await?;
+    let read_only = config.mode == "ReadOnly";
+    let task = tokio::spawn(child.run());
+    Ok(Started { read_only, task })
+}
+
+impl Child {
+    fn config(&self) -> SyncConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn cursor(&self) -> Result<Option<i64>> {
+        Ok(read_state(&self.dir.join("cursor"))?.and_then(|s| s.parse().ok()))
+    }
+
+    fn set_cursor(&self, c: Option<i64>) -> Result<()> {
+        let path = self.dir.join("cursor");
+        match c {
+            Some(c) => write_state(&path, &c.to_string()),
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(state_err(&path)(e)),
+            },
+        }
+    }
+
+    async fn apply_tokens(&self, tokens: &[ClientTokenConfig]) -> Result<()> {
+        let path = self.dir.join("client-tokens.json");
+        let previous: Vec<String> = read_state(&path)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        self.control
+            .apply_synced_tokens(tokens, &previous)
+            .await
+            .map_err(|e| SyncError::Protocol(format!("applying client tokens: {e}")))?;
+        let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+        write_state(&path, &serde_json::to_string(&names).unwrap_or_default())
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.iteration().await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(StatusDetail {
+                            kind: "Sync".into(),
+                            code: match &e {
+                                SyncError::Unreachable { .. } => "ParentUnreachable",
+                                SyncError::BadCredentials { .. } => "SyncTokenRejected",
+                                SyncError::Registry(_) | SyncError::State { .. } => {
+                                    "LocalStorageError"
+                                }
+                                _ => "SyncError",
+                            }
+                            .into(),
+                            description: e.to_string(),
+                            timestamp: Some(now_rfc3339()),
+                            correlation_id: None,
+                        });
+                    // Jitter from the clock's sub-second noise keeps a fleet from retrying in step.
+                    let jitter = Duration::from_millis(
+                        u64::from(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.subsec_millis())
+                                .unwrap_or(0),
+                        ) % 500,
+                    );
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    async fn report(&self, state: &str, synced: bool) -> Result<()> {
+        let details: Vec<StatusDetail> = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        self.parent
+            .report(&StatusReport {
+                instance_id: self.instance_id.clone(),
+                state: Some(state.into()),
+                last_sync_time: synced.then(now_rfc3339),
+                last_sync_result: synced.then(|| "Succeeded".into()),
+                status_details: details,
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+                login_server: Some(self.login_server.clone()),
+            })
+            .await
+    }
+
+    async fn iteration(&self) -> Result<()> {
+        // Re-activate after a restart of the parent or a deactivate + redeploy.
+        if let Err(e) = self
+            .parent
+            .report(&StatusReport {
+                instance_id: self.instance_id.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            match e {
+                SyncError::Parent { status: 400, .. } => {
+                    self.parent.activate(&self.instance_id).await?
+                }
+                other => return Err(other),
+            }
+        }
+        let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
+            write_state(
+                &self.dir.join("config.json"),
+                &serde_json::to_string(&cfg).unwrap_or_default(),
+            )?;
+            if let Some(e) = &etag {
+                write_state(&self.dir.join("etag"), e)?;
+            }
+            *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
+            self.apply_tokens(&cfg.client_tokens).await?;
+            *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
+        }
+        let cfg = self.config();
+        let cursor = match self.cursor()? {
+            Some(c) if !cfg.resync_requested => c,
+            _ => {
+                // Everything after `latest` will also come through the feed; applying twice is harmless.
+                let latest = match self.parent.messages(i64::MAX / 2, 0).await? {
+                    Feed::Expired { latest } => latest,
+                    Feed::Page(p) => p.latest,
+                };
+                self.report("Syncing", false).await?;
+                self.reconcile(&cfg).await?;
+                self.set_cursor(Some(latest))?;
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.report("Online", true).await?;
+                latest
+            }
+        };
+        match self
+            .parent
+            .messages(cursor, self.poll_wait.as_secs())
+            .await?
+        {
+            Feed::Expired { latest } => {
+                tracing::info!(cursor, latest, "message cursor expired; reconciling fully");
+                self.set_cursor(None)?;
+            }
+            Feed::Page(page) => {
+                let busy = !page.messages.is_empty();
+                if busy {
+                    self.report("Syncing", false).await?;
+                }
+                for m in &page.messages {
+                    self.apply(m).await?;
+                    self.set_cursor(Some(m.seq))?;
+                }
+                self.set_cursor(Some(page.next))?;
+                if page.resync {
+                    self.set_cursor(None)?;
+                }
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if busy {
+                    self.report("Online", true).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Repositories in scope: named ones, and those the parent lists under `prefix/*` or `*`.
+    async fn repositories(&self, cfg: &SyncConfig) -> Result<Vec<String>> {
+        let patterns: Vec<RepoPattern> = cfg
+            .repositories
+            .iter()
+            .filter_map(|r| RepoPattern::parse(r).ok())
+            .collect();
+        let mut out: Vec<String> = patterns
+            .iter()
+            .filter_map(|p| match p {
+                RepoPattern::Exact(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        if patterns.iter().any(|p| !matches!(p, RepoPattern::Exact(_))) {
+            for r in self.parent.catalog().await? {
+                if patterns.iter().any(|p| p.matches(&r)) && !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Full reconciliation: every tag of every repository in scope matches the parent.
+    async fn reconcile(&self, cfg: &SyncConfig) -> Result<()> {
+        let read_only = cfg.mode == "ReadOnly";
+        for repo in self.repositories(cfg).await? {
+            let Ok(name) = repo.parse::<RepoName>() else {
+                continue;
+            };
+            let tags = self.parent.tags(&repo).await?;
+            for tag in &tags {
+                let Some(digest) = self.parent.manifest_digest(&repo, tag).await? else {
+                    continue;
+                };
+                let Ok(t) = tag.parse::<Tag>() else { continue };
+                let local = self
+                    .registry
+                    .get_manifest(&name, &Reference::Tag(t.clone()))
+                    .await
+                    .ok();
+                if local.is_some_and(|m| m.digest.to_string() == digest) {
+                    continue;
+                }
+                if self.ensure_manifest(&name, &digest).await? {
+                    self.tag(&name, &t, &digest).await?;
+                }
+            }
+            if read_only {
+                // A ReadOnly site mirrors exactly: tags the parent no longer has go.
+                for local in self
+                    .registry
+                    .tags(&name, None, None)
+                    .await
+                    .unwrap_or_default()
+                {
+                    if !tags.contains(&local)
+                        && let Ok(t) = local.parse::<Tag>()
+                    {
+                        let _ = self
+                            .registry
+                            .delete_manifest(&name, &Reference::Tag(t))
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, m: &Message) -> Result<()> {
+        let Ok(name) = m.repository.parse::<RepoName>() else {
+            return Ok(());
+        };
+        let digest = m.digest.clone().unwrap_or_default();
+        match m.kind.as_str() {
+            "manifest_put" => {
+                self.ensure_manifest(&name, &digest).await?;
+            }
+            "tag_set" => {
+                if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>)
+                    && self.ensure_manifest(&name, &digest).await?
+                {
+                    self.tag(&name, &tag, &digest).await?;
+                }
+            }
+            "tag_removed" => {
+                if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>) {
+                    let local = self
+                        .registry
+                        .get_manifest(&name, &Reference::Tag(tag.clone()))
+                        .await
+                        .ok();
+                    if local.is_some_and(|l| l.digest.to_string() == digest) {
+                        ignore_unknown(
+                            self.registry
+                                .delete_manifest(&name, &Reference::Tag(tag))
+                                .await,
+                        )?;
+                    }
+                }
+            }
+            "manifest_deleted" => {
+                if let Ok(d) = digest.parse::<Digest>() {
+                    ignore_unknown(
+                        self.registry
+                            .delete_manifest(&name, &Reference::Digest(d))
+                            .await,
+                    )?;
+                }
+            }
+            other => tracing::debug!(kind = other, "ignoring an unknown message kind"),
+        }
+        Ok(())
+    }
+
+    async fn tag(&self, repo: &RepoName, tag: &Tag, digest: &str) -> Result<()> {
+        let Ok(d) = digest.parse::<Digest>() else {
+            return Ok(());
+        };
+        let m = self
+            .registry
+            .get_manifest(repo, &Reference::Digest(d))
+            .await?;
+        self.registry
+            .put_manifest(
+                repo,
+                &Reference::Tag(tag.clone()),
+                Some(&m.media_type),
+                &m.content,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes manifest `digest` (and everything it references) present locally. Returns false
+    /// if the parent no longer has it (a later message will say what happened to it).
+    async fn ensure_manifest(&self, repo: &RepoName, digest: &str) -> Result<bool> {
+        let d: Digest = digest
+            .parse()
+            .map_err(|e| SyncError::Protocol(format!("digest {digest:?}: {e}")))?;
+        if self
+            .registry
+            .get_manifest(repo, &Reference::Digest(d.clone()))
+            .await
+            .is_ok()
+        {
+            return Ok(true);
+        }
+        let Some((bytes, media_type)) = self.parent.manifest(repo.as_str(), digest).await? else {
+            return Ok(false);
+        };
+        if Digest::of(d.algorithm(), &bytes) != d {
+            return Err(SyncError::Protocol(format!(
+                "manifest {digest} from the parent does not hash to its digest"
+            )));
+        }
+        let manifest = Manifest::parse(&bytes, Some(&media_type))
+            .map_err(|e| SyncError::Protocol(format!("manifest {digest}: {e}")))?;
+        for b in manifest.required_blobs() {
+            self.ensure_blob(repo, &b.digest).await?;
+        }
+        for child in manifest.required_manifests() {
+            Box::pin(self.ensure_manifest(repo, &child.digest.to_string())).await?;
+        }
+        self.registry
+            .put_manifest(repo, &Reference::Digest(d), Some(&media_type), &bytes)
+            .await?;
+        Ok(true)
+    }
+
+    /// Makes blob `digest` present in `repo`: linked if stored already, else downloaded in
+    /// pieces into an upload whose id survives restarts, resuming with `Range`.
+    async fn ensure_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if self.registry.blob_size(repo, digest).await.is_ok()
+            || self
+                .registry
+                .link_existing_blob(repo, digest)
+                .await?
+                .is_some()
+        {
+            return Ok(());
+        }
+        let marker =
+            self.dir
+                .join("partial")
+                .join(format!("{}-{}", digest.algorithm(), digest.hex()));
+        let mut upload = None;
+        if let Some(saved) = read_state(&marker)?
+            && let Some((saved_repo, id)) = saved.split_once(' ')
+            && saved_repo == repo.as_str()
+            && let Ok(size) = self.registry.upload_status(repo, id).await
+        {
+            upload = Some((id.to_string(), size));
+        }
+        let (id, mut offset) = match upload {
+            Some(u) => u,
+            None => {
+                let id = self.registry.start_upload(repo).await?;
+                write_state(&marker, &format!("{repo} {id}"))?;
+                (id, 0)
+            }
+        };
+        if offset > 0 {
+            tracing::info!(%digest, offset, "resuming blob transfer");
+        }
+        const PIECE: usize = 8 << 20;
+        let mut stream = Box::pin(
+            self.parent
+                .blob(repo.as_str(), &digest.to_string(), offset)
+                .await?,
+        );
+        let mut piece: Vec<Bytes> = Vec::new();
+        let mut piece_len = 0usize;
+        let mut cut = None;
+        loop {
+            let next = stream.next().await;
+            let done = match next {
+                Some(Ok(chunk)) => {
+                    piece_len += chunk.len();
+                    piece.push(chunk);
+                    false
+                }
+                Some(Err(e)) => {
+                    cut = Some(e.to_string());
+                    true
+                }
+                None => true,
+            };
+            if piece_len >= PIECE || (done && piece_len > 0) {
+                let body = futures_util::stream::iter(
+                    std::mem::take(&mut piece)
+                        .into_iter()
+                        .map(Ok::<Bytes, std::io::Error>),
+                );
+                offset = self
+                    .registry
+                    .append_upload(repo, &id, Some(offset), body)
+                    .await?;
+                piece_len = 0;
+            }
+            if done {
+                break;
+            }
+        }
+        if let Some(reason) = cut {
+            return Err(SyncError::Unreachable {
+                parent: self.parent.base().to_string(),
+                reason: format!("blob {digest} cut at byte {offset}: {reason}"),
+            });
+        }
+        let finished = self
+            .registry
+            .finish_upload(
+                repo,
+                &id,
+                digest,
+                None::<futures_util::stream::Empty<Result<Bytes, std::io::Error>>>,
+            )
+            .await;
+        let _ = std::fs::remove_file(&marker);
+        finished?;
+        Ok(())
+    }
+}
+
+fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(RegistryError::ManifestUnknown(_)) | Err(RegistryError::NameUnknown(_)) => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

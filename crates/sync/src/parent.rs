@@ -1,0 +1,295 @@
+//! The client for a parent: its gateway API (activation, configuration, messages, status)
+//! and the content it serves on `/v2/` (tags, manifests, blobs with `Range`), all with the
+//! sync token's credentials.
+
+use crate::SyncError;
+use bytes::Bytes;
+use futures_util::Stream;
+use outpost_control::ConnectionString;
+use outpost_control::connected::{MessagePage, StatusReport, SyncConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Clone)]
+pub struct Parent {
+    base: String,
+    name: String,
+    user: String,
+    password: String,
+    http: reqwest::Client,
+}
+
+/// The answer to a message-feed request.
+pub enum Feed {
+    Page(MessagePage),
+    /// The cursor expired (or is unknown to the parent): reconcile, then continue from `latest`.
+    Expired {
+        latest: i64,
+    },
+}
+
+impl Parent {
+    pub fn new(cs: &ConnectionString) -> Result<Parent, SyncError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| SyncError::Client(e.to_string()))?;
+        Ok(Parent {
+            base: cs.parent_url(),
+            name: cs.connected_registry_name.clone(),
+            user: cs.sync_token_name.clone(),
+            password: cs.sync_token_password.clone(),
+            http,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SyncError> {
+        req.send().await.map_err(|e| SyncError::Unreachable {
+            parent: self.base.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Turns a non-success answer into an error that says what to do.
+    async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, SyncError> {
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            return Ok(resp);
+        }
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let code = body["errors"][0]["code"].as_str().unwrap_or("").to_string();
+        let message = body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => SyncError::BadCredentials {
+                token: self.user.clone(),
+                name: self.name.clone(),
+                message,
+            },
+            StatusCode::FORBIDDEN => SyncError::Denied { message },
+            StatusCode::CONFLICT if code == "ALREADY_ACTIVATED" => {
+                SyncError::AlreadyActivated(message)
+            }
+            StatusCode::NOT_FOUND if code == "NOT_FOUND" => {
+                SyncError::UnknownRegistry(self.name.clone())
+            }
+            _ => SyncError::Parent {
+                status: status.as_u16(),
+                code,
+                message,
+            },
+        })
+    }
+
+    pub async fn activate(&self, instance_id: &str) -> Result<(), SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::POST, &format!("/gateway/v1/{}/activate", self.name))
+                    .json(&serde_json::json!({"instanceId": instance_id})),
+            )
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
+    /// The configuration, unless it still has ETag `etag` (`None` then).
+    pub async fn config(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(SyncConfig, Option<String>)>, SyncError> {
+        let mut req = self.request(Method::GET, &format!("/gateway/v1/{}/config", self.name));
+        if let Some(e) = etag {
+            req = req.header("if-none-match", e);
+        }
+        let resp = self.check(self.send(req).await?).await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let cfg = resp
+            .json()
+            .await
+            .map_err(|e| SyncError::Protocol(format!("configuration: {e}")))?;
+        Ok(Some((cfg, etag)))
+    }
+
+    pub async fn messages(&self, after: i64, wait_secs: u64) -> Result<Feed, SyncError> {
+        let req = self
+            .request(
+                Method::GET,
+                &format!(
+                    "/gateway/v1/{}/messages?after={after}&limit=500&wait={wait_secs}",
+                    self.name
+                ),
+            )
+            .timeout(std::time::Duration::from_secs(wait_secs + 30));
+        let resp = self.send(req).await?;
+        if resp.status() == StatusCode::GONE {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let latest = body["errors"][0]["detail"]["latest"].as_i64().unwrap_or(0);
+            return Ok(Feed::Expired { latest });
+        }
+        let resp = self.check(resp).await?;
+        Ok(Feed::Page(resp.json().await.map_err(|e| {
+            SyncError::Protocol(format!("messages: {e}"))
+        })?))
+    }
+
+    pub async fn report(&self, report: &StatusReport) -> Result<(), SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::PUT, &format!("/gateway/v1/{}/status", self.name))
+                    .json(report),
+            )
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
+    /// Every tag of `repo` at the parent (following `Link` pagination); empty if the
+    /// repository does not exist there.
+    pub async fn tags(&self, repo: &str) -> Result<Vec<String>, SyncError> {
+        let mut out = Vec::new();
+        let mut path = format!("/v2/{repo}/tags/list?n=1000");
+        loop {
+            let resp = self.send(self.request(Method::GET, &path)).await?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Ok(out);
+            }
+            let resp = self.check(resp).await?;
+            let link = resp
+                .headers()
+                .get("link")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| l.strip_prefix('<'))
+                .and_then(|l| l.split('>').next())
+                .map(String::from);
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| SyncError::Protocol(format!("tags list: {e}")))?;
+            out.extend(
+                v["tags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_str().map(String::from)),
+            );
+            match link {
+                Some(l) => path = l,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Repository names at the parent (the sync token sees only what it may read).
+    pub async fn catalog(&self) -> Result<Vec<String>, SyncError> {
+        let resp = self
+            .check(
+                self.send(self.request(Method::GET, "/v2/_catalog?n=100000"))
+                    .await?,
+            )
+            .await?;
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| SyncError::Protocol(format!("catalog: {e}")))?;
+        Ok(v["repositories"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect())
+    }
+
+    /// The digest a tag points at, from a `HEAD`; `None` if the tag is gone.
+    pub async fn manifest_digest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<String>, SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))
+                    .header("accept", MANIFEST_ACCEPT),
+            )
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.check(resp).await?;
+        Ok(resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from))
+    }
+
+    /// A manifest's exact bytes and media type; `None` if it is gone.
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<(Bytes, String)>, SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
+                    .header("accept", MANIFEST_ACCEPT),
+            )
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.check(resp).await?;
+        let media_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = resp.bytes().await.map_err(|e| SyncError::Unreachable {
+            parent: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some((bytes, media_type)))
+    }
+
+    /// A blob from byte `offset` on, as a stream.
+    pub async fn blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<Bytes, reqwest::Error>> + use<>, SyncError> {
+        let mut req = self.request(Method::GET, &format!("/v2/{repo}/blobs/{digest}"));
+        if offset > 0 {
+            req = req.header("range", format!("bytes={offset}-"));
+        }
+        let resp = self.check(self.send(req).await?).await?;
+        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(SyncError::Protocol(format!(
+                "the parent ignored Range for {digest}; cannot resume at byte {offset}"
+            )));
+        }
+        Ok(resp.bytes_stream())
+    }
+}
