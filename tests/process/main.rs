@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod support;
+mod sync;
 
 use sha2::Digest as _;
 use std::io::Write;

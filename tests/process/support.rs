@@ -150,3 +150,95 @@ impl Drop for Outpost {
         }
     }
 }
+
+/// A reqwest client that authenticates as `user`.
+pub fn client_as(user: &str, pass: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    let auth = format!(
+        "Basic {}",
+        base64_encode(format!("{user}:{pass}").as_bytes())
+    );
+    h.insert("authorization", auth.parse().expect("header"));
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .default_headers(h)
+        .build()
+        .expect("client")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Pushes a one-layer image (contents derived from `seed`) as `repo:tag`; returns its digest.
+pub async fn push_image(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: &str,
+) -> String {
+    let config = format!("{{\"seed\":\"{seed}\"}}").into_bytes();
+    let layer: Vec<u8> = seed.bytes().cycle().take(300_000).collect();
+    for blob in [&config, &layer] {
+        let d = sha256_hex(blob);
+        let r = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(blob.clone())
+            .send()
+            .await
+            .expect("push blob");
+        assert_eq!(r.status(), 201, "blob push to {base}");
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_hex(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256_hex(&layer), "size": layer.len()}]
+    });
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(bytes.clone())
+        .send()
+        .await
+        .expect("push manifest");
+    assert_eq!(r.status(), 201, "manifest push to {base}");
+    sha256_hex(&bytes)
+}
+
+/// The digest `repo:tag` has at `base`, if any.
+pub async fn tag_digest(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> Option<String> {
+    let r = c
+        .head(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+}
+
+/// Waits (up to 30 s) until `check` holds; panics with `what` otherwise. A liveness bound for
+/// asynchronous sync, not a performance assertion.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}

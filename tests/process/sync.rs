@@ -1,0 +1,346 @@
+//! Connected registries as real processes: a root and a site on loopback, the site started
+//! with the connection string the root's CLI prints.
+
+use crate::support::{ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, tag_digest};
+use std::time::Duration;
+
+const SITE_PASSWORD: &str = "site-admin-password";
+
+fn cli_ok(o: &Outpost, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .args([
+            "--registry",
+            &o.url(""),
+            "--username",
+            "admin",
+            "--password",
+            ADMIN_PASSWORD,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "outpost {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Creates connected registry `name` at `root` and returns a fresh connection string.
+fn connected(root: &Outpost, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["connected-registry", "create", "-n", name];
+    args.extend_from_slice(extra);
+    cli_ok(root, &args);
+    cli_ok(
+        root,
+        &[
+            "connected-registry",
+            "get-settings",
+            "-n",
+            name,
+            "--parent-protocol",
+            "http",
+            "--generate-password",
+            "1",
+            "--yes",
+            "-o",
+            "tsv",
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+fn start_site(dir: &std::path::Path, cs: &str) -> Outpost {
+    Outpost::start_env(
+        dir,
+        &[
+            ("OUTPOST_CONNECTION_STRING", cs),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    )
+}
+
+/// Runs `outpost serve` as a connected registry expecting it to fail; returns stderr.
+fn failing_site(cs: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("OUTPOST_CONNECTION_STRING", cs)
+        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "expected a failure for {cs}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/');
+    let v1 = push_image(&admin, r, "app", "v1", "one").await;
+    push_image(&admin, r, "other", "v1", "not-in-scope").await;
+
+    // A client token the site will accept while offline.
+    let out = cli_ok(
+        &root,
+        &[
+            "token",
+            "create",
+            "-n",
+            "site-reader",
+            "--repository",
+            "app",
+            "content/read",
+            "metadata/read",
+            "-o",
+            "json",
+        ],
+    );
+    let reader_pw =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["passwords"][0]["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let cs = connected(
+        &root,
+        "site-one",
+        &["--repository", "app", "--client-tokens", "site-reader"],
+    );
+
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let reader = client_as("site-reader", &reader_pw);
+    eventually("the site has app:v1", || async {
+        tag_digest(&reader, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "other", "v1").await,
+        None,
+        "only repositories in scope are synced"
+    );
+    // The blob is there and intact.
+    let layer = reader
+        .get(format!("{s}/v2/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    let m: serde_json::Value = layer.json().await.unwrap();
+    let blob = reader
+        .get(format!(
+            "{s}/v2/app/blobs/{}",
+            m["layers"][0]["digest"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(blob.len(), 300_000);
+
+    // New tags, moved tags and removed tags propagate.
+    let v2 = push_image(&admin, r, "app", "v2", "two").await;
+    eventually("app:v2 arrives", || async {
+        tag_digest(&reader, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    let moved = push_image(&admin, r, "app", "v1", "moved").await;
+    eventually("app:v1 moves", || async {
+        tag_digest(&reader, &s, "app", "v1").await.as_deref() == Some(moved.as_str())
+    })
+    .await;
+    let del = admin
+        .delete(format!("{r}/v2/app/manifests/v2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 202);
+    eventually("app:v2 is removed", || async {
+        tag_digest(&reader, &s, "app", "v2").await.is_none()
+    })
+    .await;
+
+    // A ReadOnly site refuses writes from its clients, saying why.
+    let denied = site_admin
+        .post(format!("{s}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    assert!(denied.text().await.unwrap().contains("read-only"));
+    let bad = client_as("site-reader", "wrong")
+        .get(format!("{s}/v2/app/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+
+    // The root sees the site's health.
+    let shown = cli_ok(
+        &root,
+        &["connected-registry", "show", "-n", "site-one", "-o", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["activationStatus"], "Active");
+    assert_eq!(v["connectionState"], "Online");
+    assert_eq!(v["lastSyncResult"], "Succeeded");
+    assert_eq!(v["loginServer"], site.addr);
+
+    // The root goes away: the site keeps serving and authenticating, also after a restart.
+    drop(root);
+    for _ in 0..2 {
+        assert_eq!(
+            tag_digest(&reader, &s, "app", "v1").await.as_deref(),
+            Some(moved.as_str())
+        );
+        let tags = reader
+            .get(format!("{s}/v2/app/tags/list"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(tags.status(), 200);
+    }
+    drop(site);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/');
+    assert_eq!(
+        tag_digest(&reader, s, "app", "v1").await.as_deref(),
+        Some(moved.as_str()),
+        "served after a restart without the parent"
+    );
+}
+
+#[tokio::test]
+async fn connection_problems_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(dir.path(), &[]);
+    let cs = connected(&root, "site-err", &["--repository", "app"]);
+    assert!(failing_site("garbage").contains("not Key=Value"));
+    assert!(failing_site("ConnectedRegistryName=a;Nope=1").contains("unknown key \"Nope\""));
+    let missing = cs
+        .split(';')
+        .filter(|kv| !kv.starts_with("SyncTokenPassword="))
+        .collect::<Vec<_>>()
+        .join(";");
+    assert!(failing_site(&missing).contains("missing SyncTokenPassword"));
+    let wrong = cs
+        .split(';')
+        .map(|kv| {
+            if kv.starts_with("SyncTokenPassword=") {
+                "SyncTokenPassword=wrong".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    let err = failing_site(&wrong);
+    assert!(
+        err.contains("refused the password") && err.contains("get-settings"),
+        "{err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let unreachable = cs
+        .split(';')
+        .map(|kv| {
+            if kv.starts_with("ParentGatewayEndpoint=") {
+                format!("ParentGatewayEndpoint={closed}")
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    assert!(failing_site(&unreachable).contains("cannot reach the parent"));
+    let unknown = cs.replace(
+        "ConnectedRegistryName=site-err",
+        "ConnectedRegistryName=site-nope",
+    );
+    let err = failing_site(&unknown);
+    assert!(
+        err.contains("denied") || err.contains("does not exist"),
+        "{err}"
+    );
+    // Only one active instance: a second one is told to deactivate first.
+    let first_dir = tempfile::tempdir().unwrap();
+    let _first = start_site(first_dir.path(), &cs);
+    let err = failing_site(&cs);
+    assert!(
+        err.contains("already activated") && err.contains("deactivate"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    // The TTL bound shortened through ordinary configuration, as an operator would.
+    let root = Outpost::start_env(root_dir.path(), &[("OUTPOST_MIN_MESSAGE_TTL", "PT1S")]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let v1 = push_image(&admin, &r, "app", "v1", "first").await;
+    let cs = connected(
+        &root,
+        "ship-one",
+        &["--repository", "app", "--sync-message-ttl", "PT2S"],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("v1 arrives", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    drop(site);
+
+    // While the ship is away: a new tag, a removed tag, then longer than the TTL passes.
+    let v2 = push_image(&admin, &r, "app", "v2", "second").await;
+    assert_eq!(
+        admin
+            .delete(format!("{r}/v2/app/manifests/v1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    eventually("v2 arrives by reconciliation", || async {
+        tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    eventually("v1 is gone", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.is_none()
+    })
+    .await;
+    assert!(
+        site.log().contains("reconciling fully"),
+        "the expired cursor should be noticed:\n{}",
+        site.log()
+    );
+}
