@@ -956,6 +956,97 @@ check_auth_containerd_token() {
     expect_contains "ctr pull with a wrong password" "$out" "401 Unauthorized"
 }
 
+# outpost_cli ARGS... : the outpost CLI (same binary) against $REG as the administrator,
+# with none of the caller's OUTPOST_* variables
+outpost_cli() {
+    echo "+ outpost $*" >&2
+    $T env "${unset_outpost[@]}" "$OUTPOST" "$@" --registry "http://$REG" --username admin --password "$ADMIN_PW"
+}
+
+# site_has TAG DIGEST : the site ($SITE) serves DIGEST for sync/app:TAG to its client token
+site_has() {
+    local hex
+    hex=$(timeout 20 skopeo inspect --raw --tls-verify=false --creds "$SITE_CLIENT" \
+        "docker://$SITE/sync/app:$1" 2>/dev/null | sha256sum | cut -d' ' -f1) || return 1
+    [ "sha256:$hex" = "$2" ]
+}
+
+site_online() { # the root reports site-interop's connectionState as Online
+    outpost_cli connected-registry show -n site-interop -o json | jq -e '.connectionState == "Online"'
+}
+
+# A second Outpost runs as a connected registry (site) of the suite's Outpost (the root) and
+# follows sync/app: what is pushed at the root reaches the site, which serves it to its client
+# token and refuses pushes.
+check_sync_root_to_site() {
+    local out cs sitepw port data digest
+    # client token first, so that the connected registry can list it
+    out=$(outpost_cli token create -n site-puller --repository sync/app content/read metadata/read -o json)
+    echo "token site-puller: $(echo "$out" | jq -c 'del(.passwords[].value)')"
+    SITE_CLIENT=site-puller:$(echo "$out" | jq -r '.passwords[0].value')
+    [ "$SITE_CLIENT" != site-puller:null ] || fail "no password in: $out"
+    outpost_cli connected-registry create -n site-interop --repository sync/app --client-tokens site-puller
+    cs=$(outpost_cli connected-registry get-settings -n site-interop --parent-protocol http --generate-password 1 --yes -o tsv)
+    echo "connection string: $(echo "$cs" | sed 's/SyncTokenPassword=[^;]*/SyncTokenPassword=.../')"
+    expect_contains "connection string" "$cs" "ConnectedRegistryName=site-interop;"
+
+    push_fixture multi sync/app:v1 --all
+    expect_manifest "$REG" sync/app v1 "$MULTI_DIGEST"
+
+    port=$(free_port)
+    SITE=127.0.0.1:$port
+    data=$WORK/outpost-site-data
+    sitepw=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    spawn outpost-site "$LOGS/outpost-site.log" env "${unset_outpost[@]}" \
+        OUTPOST_ADMIN_PASSWORD="$sitepw" OUTPOST_SYNC_POLL_SECS=5 \
+        "$OUTPOST" serve --listen "$SITE" --data-dir "$data" --connection-string "$cs" \
+        --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
+    # (the check's log, shown if it fails, ends with the site's)
+    trap 'echo "--- site log (last 60 lines):"; tail -n 60 "$LOGS/outpost-site.log"' EXIT
+    wait_until 30 grep -q 'outpost listening addr=' "$LOGS/outpost-site.log" ||
+        fail "the site did not log 'outpost listening' within 30s"
+    wait_until 30 grep -q 'activated at the parent' "$LOGS/outpost-site.log" ||
+        fail "the site did not log 'activated at the parent' within 30s"
+    echo "  ok: the site listens on $SITE and was activated at the root"
+
+    # what was pushed before the site started
+    wait_until 30 timeout 20 skopeo inspect --raw --tls-verify=false --creds "$SITE_CLIENT" "docker://$SITE/sync/app:v1" ||
+        fail "sync/app:v1 did not reach the site within 30s"
+    digest=sha256:$($T skopeo inspect --raw --tls-verify=false --creds "$SITE_CLIENT" "docker://$SITE/sync/app:v1" | sha256sum | cut -d' ' -f1)
+    expect_eq "sha256 of the bytes skopeo gets for sync/app:v1 at the site" "$MULTI_DIGEST" "$digest"
+    run skopeo copy -q --all --src-tls-verify=false --src-creds "$SITE_CLIENT" "docker://$SITE/sync/app:v1" "oci:$WORK/site-multi:v1"
+    expect_eq "digest in the layout pulled from the site" "$MULTI_DIGEST" "$(layout_digest "$WORK/site-multi" v1)"
+    same_blobs "$FIX" "$WORK/site-multi" 9 # index, 2 x (manifest, config, 2 layers)
+
+    # what is pushed while the site runs
+    push_fixture img sync/app:v2
+    wait_until 30 site_has v2 "$IMG_DIGEST" ||
+        fail "sync/app:v2 ($IMG_DIGEST) did not reach the site within 30s"
+    echo "  ok: sync/app:v2 reached the site as $IMG_DIGEST"
+
+    # the site is read-only
+    out=$($T skopeo copy -q --dest-tls-verify=false --dest-creds "admin:$sitepw" "oci:$FIX:img" "docker://$SITE/sync/app:v3" 2>&1) &&
+        fail "skopeo copy to the read-only site succeeded: $out"
+    echo "skopeo copy to the site: $out"
+    expect_contains "skopeo copy to the site" "$out" "read-only"
+    out=$(timeout 20 skopeo inspect --raw --tls-verify=false --creds "admin:$sitepw" "docker://$SITE/sync/app:v3" 2>&1) &&
+        fail "sync/app:v3 exists at the site after the refused push: $out"
+    echo "  ok: no sync/app:v3 at the site"
+
+    # the root sees the site online
+    wait_until 30 site_online || true
+    out=$(outpost_cli connected-registry show -n site-interop -o json)
+    echo "connected-registry show: $out"
+    expect_eq "connectionState of site-interop at the root" Online "$(echo "$out" | jq -r .connectionState)"
+
+    # and the site is healthy: up, no ERROR, no 5xx, no panic
+    kill -0 "$(awk '$2 == "outpost-site" { print $1 }' "$PIDFILE")" 2>/dev/null || fail "the site is no longer running"
+    out=$(grep -E '^[^ ]+ +ERROR |status=5[0-9][0-9]|panicked' "$LOGS/outpost-site.log" || true)
+    [ -z "$out" ] || fail "the site logged errors or 5xx responses:
+$(echo "$out" | head -n 30)"
+    echo "  ok: the site logged no ERROR, 5xx or panic"
+}
+
 # after all the clients: Outpost is still up, answered no request with a 5xx, logged no
 # ERROR and did not panic (its request lines are "... request method=.. path=.. status=NNN")
 check_outpost_after() {
@@ -1026,6 +1117,7 @@ run_check auth-readonly-token-skopeo check_auth_readonly_token_skopeo
 run_check auth-catalog-filtered check_auth_catalog_filtered
 run_check auth-disabled-token check_auth_disabled_token
 run_check auth-containerd-token-flow check_auth_containerd_token
+run_check sync-root-to-site-skopeo check_sync_root_to_site
 
 run_check outpost-healthy-after-run check_outpost_after
 echo "$PASSED passed, $FAILED failed"

@@ -242,3 +242,137 @@ where
     }
     panic!("timed out waiting until {what}");
 }
+
+/// A TCP proxy between a child and its parent that counts the bytes it carries downstream,
+/// can throttle them, and can cut every open connection once a byte budget is spent — how a
+/// test reproduces a link that drops mid-blob.
+pub struct FaultProxy {
+    pub addr: String,
+    /// Bytes forwarded from the parent to the child so far.
+    pub downstream: Arc<std::sync::atomic::AtomicU64>,
+    /// Cut all connections when `downstream` passes this (u64::MAX: never).
+    pub cut_at: Arc<std::sync::atomic::AtomicU64>,
+    /// Downstream bytes per second per connection (0: unlimited).
+    pub rate: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target: &str) -> FaultProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let downstream = Arc::new(AtomicU64::new(0));
+        let cut_at = Arc::new(AtomicU64::new(u64::MAX));
+        let rate = Arc::new(AtomicU64::new(0));
+        let target = target.to_string();
+        let (d, c, r) = (downstream.clone(), cut_at.clone(), rate.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                });
+                let (d, c, r) = (d.clone(), c.clone(), r.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let rate = r.load(Ordering::Relaxed);
+                        let want = if rate > 0 {
+                            buf.len().min((rate / 20).max(1) as usize)
+                        } else {
+                            buf.len()
+                        };
+                        let n = match ur.read(&mut buf[..want]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let total = d.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if total > c.load(Ordering::Relaxed) {
+                            // Deliver up to the budget, then drop the connection mid-stream.
+                            c.store(u64::MAX, Ordering::Relaxed);
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if rate > 0 {
+                            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64))
+                                .await;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        FaultProxy {
+            addr,
+            downstream,
+            cut_at,
+            rate,
+            task,
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.downstream.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Pushes one `size`-byte blob plus a manifest for it as `repo:tag`; returns the blob digest.
+pub async fn push_big_image(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    size: usize,
+) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let layer: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let config = b"{\"big\":true}".to_vec();
+    for blob in [&config, &layer] {
+        let d = sha256_hex(blob);
+        let r = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(blob.clone())
+            .send()
+            .await
+            .expect("push");
+        assert_eq!(r.status(), 201);
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_hex(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256_hex(&layer), "size": layer.len()}]
+    });
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&manifest).expect("json"))
+        .send()
+        .await
+        .expect("manifest");
+    assert_eq!(r.status(), 201);
+    sha256_hex(&layer)
+}

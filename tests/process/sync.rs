@@ -1,7 +1,9 @@
 //! Connected registries as real processes: a root and a site on loopback, the site started
 //! with the connection string the root's CLI prints.
 
-use crate::support::{ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, tag_digest};
+use crate::support::{
+    self, ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, tag_digest,
+};
 use std::time::Duration;
 
 const SITE_PASSWORD: &str = "site-admin-password";
@@ -342,5 +344,119 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
         site.log().contains("reconciling fully"),
         "the expired cursor should be noticed:\n{}",
         site.log()
+    );
+}
+
+/// A connection string with the parent endpoint replaced (to route through a proxy).
+fn via(cs: &str, endpoint: &str) -> String {
+    cs.split(';')
+        .map(|kv| {
+            if kv.starts_with("ParentGatewayEndpoint=") {
+                format!("ParentGatewayEndpoint={endpoint}")
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+async fn blob_len(c: &reqwest::Client, base: &str, repo: &str, digest: &str) -> Option<usize> {
+    let r = c
+        .get(format!("{base}/v2/{repo}/blobs/{digest}"))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    Some(r.bytes().await.ok()?.len())
+}
+
+#[tokio::test]
+async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
+    const SIZE: usize = 40 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let cs = connected(&root, "site-cut", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    // The link drops once 15 MiB have come down.
+    proxy
+        .cut_at
+        .store(15 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the big blob arrives whole", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    assert!(
+        site.log().contains("resuming blob transfer"),
+        "{}",
+        site.log()
+    );
+    let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
+    assert!(
+        extra < 0.10,
+        "resumed with {:.1}% extra bytes",
+        extra * 100.0
+    );
+}
+
+#[tokio::test]
+async fn a_kill_9_mid_sync_resumes_after_restart() {
+    const SIZE: usize = 40 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let cs = via(
+        &connected(&root, "site-kill", &["--repository", "big"]),
+        "PLACEHOLDER",
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let cs = cs.replace("PLACEHOLDER", &proxy.addr);
+    // A slow link, so the process dies mid-transfer.
+    proxy
+        .rate
+        .store(10 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &cs);
+    eventually("a good part of the blob is down", || async {
+        proxy.bytes() > (12 << 20) as u64
+    })
+    .await;
+    site.kill9();
+    let before = proxy.bytes();
+    assert!(before < SIZE as u64, "killed before the transfer finished");
+    proxy.rate.store(0, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the blob completes after the restart", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    assert!(
+        site.log().contains("resuming blob transfer"),
+        "{}",
+        site.log()
+    );
+    let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
+    assert!(
+        extra < 0.10,
+        "resumed with {:.1}% extra bytes ({} before the kill)",
+        extra * 100.0,
+        before
     );
 }

@@ -9,7 +9,7 @@
 //! across repositories first); blobs land through ordinary upload sessions, so they become
 //! visible only after their digest is verified; a manifest is stored only after everything it
 //! references, and a tag only after its manifest; the cursor moves only after a message's
-//! content is stored. Blob transfers are appended in 8 MiB pieces whose upload id is kept on
+//! content is stored. Blob transfers are appended in 1 MiB pieces whose upload id is kept on
 //! disk, so a cut transfer resumes with `Range` from the last stored piece — after a reconnect
 //! or a restart. While the parent is unreachable nothing changes for local clients.
 //!
@@ -586,7 +586,7 @@ impl Child {
         if offset > 0 {
             tracing::info!(%digest, offset, "resuming blob transfer");
         }
-        const PIECE: usize = 8 << 20;
+        const PIECE: usize = 1 << 20;
         let mut stream = Box::pin(
             self.parent
                 .blob(repo.as_str(), &digest.to_string(), offset)
