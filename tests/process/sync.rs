@@ -460,3 +460,48 @@ async fn a_kill_9_mid_sync_resumes_after_restart() {
         before
     );
 }
+
+#[tokio::test]
+async fn a_transfer_that_outlasts_its_window_stops_and_resumes_in_the_next() {
+    const SIZE: usize = 40 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    // Windows of a few seconds, allowed through ordinary configuration.
+    let root = Outpost::start_env(root_dir.path(), &[("OUTPOST_MIN_SYNC_WINDOW", "PT1S")]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    // Every minute, for 4 seconds.
+    let cs = connected(
+        &root,
+        "ship-win",
+        &["--repository", "big", "-s", "0-59 * * * *", "-w", "PT4S"],
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    // At 6 MB/s the 40 MiB blob needs about 7 s: more than one window.
+    proxy
+        .rate
+        .store(6 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let deadline = std::time::Instant::now() + Duration::from_secs(200);
+    loop {
+        if blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob never completed:\n{}",
+            site.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = site.log();
+    assert!(log.contains("sync window closed"), "{log}");
+    assert!(log.contains("resuming blob transfer"), "{log}");
+    let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
+    assert!(extra < 0.10, "{:.1}% extra bytes", extra * 100.0);
+}

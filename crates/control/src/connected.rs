@@ -350,6 +350,51 @@ pub fn parse_schedule(what: &str, s: &str) -> Result<croner::Cron> {
     s.parse::<croner::Cron>().map_err(|e| bad(format!(": {e}")))
 }
 
+/// Where a moment stands in a sync schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The default schedule: sync all the time.
+    Continuous,
+    /// Inside a window that closes at this time.
+    Open { until: jiff::Timestamp },
+    /// Outside any window; the next one opens at this time.
+    Closed { opens: jiff::Timestamp },
+}
+
+/// The sync window that `now` falls in, for a schedule and window length. Pure, so it is
+/// tested with fixed clocks.
+pub fn window_at(schedule: &str, window: Option<&str>, now: jiff::Timestamp) -> Result<Window> {
+    if schedule.split_whitespace().collect::<Vec<_>>()
+        == CONTINUOUS.split_whitespace().collect::<Vec<_>>()
+    {
+        return Ok(Window::Continuous);
+    }
+    let cron = parse_schedule("sync schedule", schedule)?;
+    let len = match window {
+        Some(w) => parse_duration("sync window", w)?,
+        None => return Ok(Window::Continuous),
+    };
+    let zoned = now.to_zoned(jiff::tz::TimeZone::UTC);
+    let err = |e: croner::errors::CronError| {
+        ControlError::Invalid(format!("sync schedule {schedule:?}: {e}"))
+    };
+    let signed =
+        jiff::SignedDuration::try_from(len).map_err(|e| ControlError::Invalid(e.to_string()))?;
+    if let Ok(prev) = cron.find_previous_occurrence(&zoned, true) {
+        let until = prev
+            .timestamp()
+            .checked_add(signed)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        if now < until {
+            return Ok(Window::Open { until });
+        }
+    }
+    let next = cron.find_next_occurrence(&zoned, false).map_err(err)?;
+    Ok(Window::Closed {
+        opens: next.timestamp(),
+    })
+}
+
 fn normalize_log_level(s: &str) -> Result<String> {
     for l in ["Debug", "Information", "Warning", "Error", "None"] {
         if l.eq_ignore_ascii_case(s) {
@@ -1595,6 +1640,49 @@ mod tests {
         assert!(parse_duration("w", "P1M").is_err());
         assert!(parse_duration("w", "4 hours").is_err());
         assert!(parse_duration("w", "-PT1H").is_err());
+    }
+
+    #[test]
+    fn windows_with_fixed_clocks() {
+        let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        assert_eq!(
+            window_at("* * * * *", None, t("2026-11-28T10:00:00Z")).unwrap(),
+            Window::Continuous
+        );
+        // Daily at 12:00 for four hours.
+        let w = |now: &str| window_at("0 12 * * *", Some("PT4H"), t(now)).unwrap();
+        assert_eq!(
+            w("2026-11-28T11:59:59Z"),
+            Window::Closed {
+                opens: t("2026-11-28T12:00:00Z")
+            }
+        );
+        assert_eq!(
+            w("2026-11-28T12:00:00Z"),
+            Window::Open {
+                until: t("2026-11-28T16:00:00Z")
+            }
+        );
+        assert_eq!(
+            w("2026-11-28T15:59:59Z"),
+            Window::Open {
+                until: t("2026-11-28T16:00:00Z")
+            }
+        );
+        assert_eq!(
+            w("2026-11-28T16:00:00Z"),
+            Window::Closed {
+                opens: t("2026-11-29T12:00:00Z")
+            }
+        );
+        // A window longer than the gap between occurrences stays open across them.
+        let every = |now: &str| window_at("0 * * * *", Some("PT2H"), t(now)).unwrap();
+        assert_eq!(
+            every("2026-11-28T10:30:00Z"),
+            Window::Open {
+                until: t("2026-11-28T12:00:00Z")
+            }
+        );
     }
 
     #[test]

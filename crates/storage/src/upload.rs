@@ -63,6 +63,19 @@ where
         });
     }
     let path = layout.upload(id);
+    // An append whose caller went away mid-write (a cancelled future) may have left bytes past
+    // the last completed chunk; drop them so the file matches the hash state again.
+    let on_disk = tokio::fs::metadata(&path)
+        .await
+        .map_err(io_err(&path))?
+        .len();
+    if on_disk != state.size {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.set_len(state.size).map_err(io_err(&path))?;
+    }
     let before = state.size;
     let snapshot = state.hasher.clone();
     let mut hasher = state.hasher.take();

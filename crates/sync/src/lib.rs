@@ -67,6 +67,8 @@ pub enum SyncError {
     Client(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("the sync window closed; the transfer resumes in the next window")]
+    WindowClosed,
     #[error("sync state in {path}: {source}")]
     State {
         path: PathBuf,
@@ -106,6 +108,8 @@ struct Child {
     config: Mutex<SyncConfig>,
     etag: Mutex<Option<String>>,
     last_error: Mutex<Option<StatusDetail>>,
+    /// When the current sync window closes (`None`: continuous sync).
+    deadline: Mutex<Option<std::time::Instant>>,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -197,6 +201,7 @@ pub async fn start(
         poll_wait: opts.poll_wait,
         config: Mutex::new(config.clone()),
         last_error: Mutex::new(None),
+        deadline: Mutex::new(None),
     });
     child.apply_tokens(&config.client_tokens).await?;
     let read_only = config.mode == "ReadOnly";
@@ -241,11 +246,51 @@ impl Child {
         write_state(&path, &serde_json::to_string(&names).unwrap_or_default())
     }
 
+    /// Stops work at piece boundaries once the sync window has closed.
+    fn check_window(&self) -> Result<()> {
+        match *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(d) if std::time::Instant::now() >= d => Err(SyncError::WindowClosed),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long a long-poll may wait: the configured wait, cut short by the window's end.
+    fn poll_wait(&self) -> Duration {
+        match *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(d) => self
+                .poll_wait
+                .min(d.saturating_duration_since(std::time::Instant::now())),
+            None => self.poll_wait,
+        }
+    }
+
     async fn run(self: Arc<Self>) {
+        use outpost_control::connected::{Window, window_at};
         let mut backoff = Duration::from_secs(1);
         loop {
+            let cfg = self.config();
+            let now = jiff::Timestamp::now();
+            let deadline = match window_at(&cfg.sync_schedule, cfg.sync_window.as_deref(), now) {
+                Ok(Window::Open { until }) => {
+                    let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+                    Some(std::time::Instant::now() + left)
+                }
+                Ok(Window::Closed { opens }) => {
+                    let wait = Duration::try_from(opens.duration_since(now)).unwrap_or_default();
+                    tracing::debug!(opens = %opens, "outside the sync window; waiting");
+                    tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                    continue;
+                }
+                Ok(Window::Continuous) | Err(_) => None,
+            };
+            *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
             match self.iteration().await {
                 Ok(()) => backoff = Duration::from_secs(1),
+                Err(SyncError::WindowClosed) => {
+                    tracing::info!(
+                        "sync window closed; stopping here and resuming at the next window"
+                    );
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -348,9 +393,10 @@ impl Child {
                 latest
             }
         };
+        self.check_window()?;
         match self
             .parent
-            .messages(cursor, self.poll_wait.as_secs())
+            .messages(cursor, self.poll_wait().as_secs())
             .await?
         {
             Feed::Expired { latest } => {
@@ -363,6 +409,7 @@ impl Child {
                     self.report("Syncing", false).await?;
                 }
                 for m in &page.messages {
+                    self.check_window()?;
                     self.apply(m).await?;
                     self.set_cursor(Some(m.seq))?;
                 }
@@ -412,6 +459,7 @@ impl Child {
             };
             let tags = self.parent.tags(&repo).await?;
             for tag in &tags {
+                self.check_window()?;
                 let Some(digest) = self.parent.manifest_digest(&repo, tag).await? else {
                     continue;
                 };
@@ -620,6 +668,9 @@ impl Child {
                     .append_upload(repo, &id, Some(offset), body)
                     .await?;
                 piece_len = 0;
+                if !done {
+                    self.check_window()?;
+                }
             }
             if done {
                 break;
