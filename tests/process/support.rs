@@ -171,6 +171,34 @@ fn sha256_hex(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
+/// Pushes a blob with POST then PUT (the two-step upload every registry supports).
+pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, blob: &[u8]) {
+    let d = sha256_hex(blob);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    assert_eq!(r.status(), 202, "upload start at {base}");
+    let loc = r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={d}"))
+        .body(blob.to_vec())
+        .send()
+        .await
+        .expect("finish upload");
+    assert_eq!(r.status(), 201, "blob push to {base}");
+}
+
 /// Pushes a one-layer image (contents derived from `seed`) as `repo:tag`; returns its digest.
 pub async fn push_image(
     c: &reqwest::Client,
@@ -182,14 +210,7 @@ pub async fn push_image(
     let config = format!("{{\"seed\":\"{seed}\"}}").into_bytes();
     let layer: Vec<u8> = seed.bytes().cycle().take(300_000).collect();
     for blob in [&config, &layer] {
-        let d = sha256_hex(blob);
-        let r = c
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(blob.clone())
-            .send()
-            .await
-            .expect("push blob");
-        assert_eq!(r.status(), 201, "blob push to {base}");
+        push_blob(c, base, repo, blob).await;
     }
     let manifest = serde_json::json!({
         "schemaVersion": 2,

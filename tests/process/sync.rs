@@ -505,3 +505,99 @@ async fn a_transfer_that_outlasts_its_window_stops_and_resumes_in_the_next() {
     let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
     assert!(extra < 0.10, "{:.1}% extra bytes", extra * 100.0);
 }
+
+#[tokio::test]
+async fn a_plain_docker_registry_can_be_the_parent() {
+    // Debian's docker-registry (distribution 2.8); tests/deps.sh installs it.
+    let which = std::process::Command::new("sh")
+        .args(["-c", "command -v docker-registry"])
+        .output()
+        .unwrap();
+    assert!(
+        which.status.success(),
+        "docker-registry is not installed: run tests/deps.sh (CI's .ci/run does)"
+    );
+    let reg_dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = reg_dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            reg_dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let registry = std::process::Command::new("docker-registry")
+        .args(["serve"])
+        .arg(&cfg)
+        .env_remove("REGISTRY_AUTH_FILE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _registry_guard = Kill(registry);
+    let upstream = format!("http://127.0.0.1:{port}");
+    let plain = reqwest::Client::new();
+    eventually("docker-registry answers", || async {
+        plain
+            .get(format!("{upstream}/v2/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let v1 = push_image(&plain, &upstream, "mirror/app", "v1", "plain-one").await;
+    push_image(&plain, &upstream, "mirror/other", "v1", "not-listed").await;
+
+    let site_dir = tempfile::tempdir().unwrap();
+    let conf = site_dir.path().join("outpost.toml");
+    std::fs::write(&conf, format!("upstream_url = \"{upstream}\"\nupstream_repositories = [\"mirror/app\"]\nupstream_poll_secs = 1\n")).unwrap();
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONFIG", conf.to_str().unwrap()),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("mirror/app:v1 is mirrored", || async {
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "mirror/other", "v1").await,
+        None,
+        "only listed repositories"
+    );
+    let v2 = push_image(&plain, &upstream, "mirror/app", "v2", "plain-two").await;
+    eventually("a new tag is picked up by polling", || async {
+        tag_digest(&site_admin, &s, "mirror/app", "v2")
+            .await
+            .as_deref()
+            == Some(v2.as_str())
+    })
+    .await;
+    let denied = site_admin
+        .post(format!("{s}/v2/mirror/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403, "a mirror is read-only");
+}

@@ -45,6 +45,18 @@ pub struct Config {
     pub connection_string: Option<String>,
     /// Longest wait of one long-poll of the parent's message feed, in seconds.
     pub sync_poll_secs: u64,
+    /// Mirror a plain OCI registry (no Outpost gateway) at this URL, read-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_url: Option<String>,
+    /// The repositories to mirror from `upstream_url`.
+    pub upstream_repositories: Vec<String>,
+    /// Credentials for `upstream_url`, if it needs any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_password: Option<String>,
+    /// Seconds between two polls of `upstream_url`.
+    pub upstream_poll_secs: u64,
     /// Most client tokens per connected registry.
     pub max_client_tokens: usize,
     /// Bounds of a connected registry's sync window (ISO 8601 durations).
@@ -72,6 +84,11 @@ impl Default for Config {
             max_repository_rules: 500,
             connection_string: None,
             sync_poll_secs: 25,
+            upstream_url: None,
+            upstream_repositories: Vec::new(),
+            upstream_username: None,
+            upstream_password: None,
+            upstream_poll_secs: 30,
             max_client_tokens: 20,
             min_sync_window: "PT1H".into(),
             max_sync_window: "P7D".into(),

@@ -127,6 +127,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "outpost listening");
 
     let sync = match &config.connection_string {
+        None if config.upstream_url.is_some() => {
+            let url = config.upstream_url.clone().unwrap_or_default();
+            let credentials = match (&config.upstream_username, &config.upstream_password) {
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                _ => None,
+            };
+            Some(
+                outpost_sync::start_mirror(
+                    outpost_sync::MirrorOptions {
+                        url,
+                        repositories: config.upstream_repositories.clone(),
+                        credentials,
+                        data_dir: config.data_dir.clone(),
+                        interval: Duration::from_secs(config.upstream_poll_secs),
+                    },
+                    registry.clone(),
+                    control.clone(),
+                )
+                .await?,
+            )
+        }
         None => None,
         Some(cs) => {
             let cs = outpost_control::ConnectionString::parse(cs)

@@ -13,8 +13,10 @@
 //! disk, so a cut transfer resumes with `Range` from the last stored piece — after a reconnect
 //! or a restart. While the parent is unreachable nothing changes for local clients.
 //!
-//! Not built yet: the outbox of ReadWrite sites, schedule windows, serving the gateway to
-//! children of our own, and following a plain OCI registry.
+//! It can also follow a plain OCI registry ([`start_mirror`]): no gateway, no activation, the
+//! listed repositories reconciled on an interval.
+//!
+//! Not built yet: the outbox of ReadWrite sites and serving the gateway to children of our own.
 
 mod parent;
 
@@ -90,6 +92,17 @@ pub struct ChildOptions {
     pub poll_wait: Duration,
 }
 
+/// How to follow a plain OCI registry (no gateway API, no activation): poll the tags of a
+/// fixed list of repositories and mirror them, read-only.
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    pub url: String,
+    pub repositories: Vec<String>,
+    pub credentials: Option<(String, String)>,
+    pub data_dir: PathBuf,
+    pub interval: Duration,
+}
+
 /// A started connected registry.
 pub struct Started {
     /// Whether local clients may only read.
@@ -97,7 +110,16 @@ pub struct Started {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// Whom the child follows.
+enum Role {
+    /// An Outpost parent: gateway API, activation, message feed.
+    Gateway,
+    /// A plain OCI registry, reconciled every `interval`.
+    Plain { interval: Duration },
+}
+
 struct Child {
+    role: Role,
     parent: Parent,
     registry: Registry,
     control: Arc<Control>,
@@ -191,6 +213,7 @@ pub async fn start(
         Err(e) => return Err(e),
     };
     let child = Arc::new(Child {
+        role: Role::Gateway,
         parent,
         registry,
         control,
@@ -207,6 +230,74 @@ pub async fn start(
     let read_only = config.mode == "ReadOnly";
     let task = tokio::spawn(child.run());
     Ok(Started { read_only, task })
+}
+
+/// Starts mirroring a plain OCI registry: the repositories are reconciled at start and then
+/// every `interval`; local clients may only read.
+pub async fn start_mirror(
+    opts: MirrorOptions,
+    registry: Registry,
+    control: Arc<Control>,
+) -> Result<Started> {
+    if opts.repositories.is_empty() {
+        return Err(SyncError::Protocol(
+            "upstream_repositories is empty: name the repositories to mirror".into(),
+        ));
+    }
+    for r in &opts.repositories {
+        r.parse::<RepoName>()
+            .map_err(|e| SyncError::Protocol(format!("upstream_repositories: {e}")))?;
+    }
+    let dir = opts.data_dir.join("sync");
+    std::fs::create_dir_all(dir.join("partial")).map_err(state_err(&dir))?;
+    let parent = Parent::plain(&opts.url, opts.credentials.clone())?;
+    match parent.probe().await {
+        Ok(()) => {
+            tracing::info!(upstream = parent.base(), repositories = ?opts.repositories, "mirroring a plain registry")
+        }
+        Err(e @ SyncError::Unreachable { .. }) => {
+            tracing::warn!(error = %e, "upstream unreachable; serving what is here and retrying")
+        }
+        Err(e) => return Err(e),
+    }
+    let config = SyncConfig {
+        name: "mirror".into(),
+        mode: "ReadOnly".into(),
+        repositories: opts.repositories.clone(),
+        sync_schedule: outpost_control::connected::CONTINUOUS.into(),
+        sync_window: None,
+        sync_message_ttl: "P2D".into(),
+        log_level: "Information".into(),
+        notifications: Vec::new(),
+        garbage_collection: outpost_control::connected::GarbageCollection {
+            enabled: true,
+            schedule: "0 0 * * *".into(),
+        },
+        resync_requested: false,
+        client_tokens: Vec::new(),
+        children: Vec::new(),
+    };
+    let child = Arc::new(Child {
+        role: Role::Plain {
+            interval: opts.interval,
+        },
+        parent,
+        registry,
+        control,
+        etag: Mutex::new(None),
+        dir,
+        instance_id: String::new(),
+        login_server: String::new(),
+        poll_wait: opts.interval,
+        config: Mutex::new(config),
+        last_error: Mutex::new(None),
+        deadline: Mutex::new(None),
+    });
+    let task = tokio::spawn(child.run());
+    Ok(Started {
+        read_only: true,
+        task,
+    })
 }
 
 impl Child {
@@ -266,6 +357,17 @@ impl Child {
 
     async fn run(self: Arc<Self>) {
         use outpost_control::connected::{Window, window_at};
+        if let Role::Plain { interval } = self.role {
+            loop {
+                match self.reconcile(&self.config()).await {
+                    Ok(()) => tracing::debug!("mirrored the upstream registry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying")
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
         let mut backoff = Duration::from_secs(1);
         loop {
             let cfg = self.config();

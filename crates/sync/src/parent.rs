@@ -18,7 +18,7 @@ pub struct Parent {
     base: String,
     name: String,
     user: String,
-    password: String,
+    password: Option<String>,
     http: reqwest::Client,
 }
 
@@ -41,9 +41,43 @@ impl Parent {
             base: cs.parent_url(),
             name: cs.connected_registry_name.clone(),
             user: cs.sync_token_name.clone(),
-            password: cs.sync_token_password.clone(),
+            password: Some(cs.sync_token_password.clone()),
             http,
         })
+    }
+
+    /// A plain OCI registry as parent: no gateway, optional Basic credentials.
+    pub fn plain(url: &str, credentials: Option<(String, String)>) -> Result<Parent, SyncError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| SyncError::Client(e.to_string()))?;
+        let (user, password) = match credentials {
+            Some((u, p)) => (u, Some(p)),
+            None => (String::new(), None),
+        };
+        Ok(Parent {
+            base: url.trim_end_matches('/').to_string(),
+            name: String::new(),
+            user,
+            password,
+            http,
+        })
+    }
+
+    /// Checks that a plain registry answers `/v2/` with these credentials.
+    pub async fn probe(&self) -> Result<(), SyncError> {
+        let resp = self.send(self.request(Method::GET, "/v2/")).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(SyncError::Denied {
+                message: format!(
+                    "the registry at {} wants credentials (or refused them): set upstream_username and upstream_password",
+                    self.base
+                ),
+            });
+        }
+        self.check(resp).await?;
+        Ok(())
     }
 
     pub fn base(&self) -> &str {
@@ -51,9 +85,11 @@ impl Parent {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .basic_auth(&self.user, Some(&self.password))
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.password {
+            Some(p) => req.basic_auth(&self.user, Some(p)),
+            None => req,
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SyncError> {
