@@ -275,6 +275,8 @@ pub struct FaultProxy {
     pub cut_at: Arc<std::sync::atomic::AtomicU64>,
     /// Downstream bytes per second per connection (0: unlimited).
     pub rate: Arc<std::sync::atomic::AtomicU64>,
+    /// While true, the link is down: new connections are dropped at once.
+    pub blocked: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -289,10 +291,20 @@ impl FaultProxy {
         let downstream = Arc::new(AtomicU64::new(0));
         let cut_at = Arc::new(AtomicU64::new(u64::MAX));
         let rate = Arc::new(AtomicU64::new(0));
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let target = target.to_string();
-        let (d, c, r) = (downstream.clone(), cut_at.clone(), rate.clone());
+        let (d, c, r, b) = (
+            downstream.clone(),
+            cut_at.clone(),
+            rate.clone(),
+            blocked.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if b.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(upstream) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
@@ -301,7 +313,7 @@ impl FaultProxy {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut cr, &mut uw).await;
                 });
-                let (d, c, r) = (d.clone(), c.clone(), r.clone());
+                let (d, c, r, b) = (d.clone(), c.clone(), r.clone(), b.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -315,6 +327,9 @@ impl FaultProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if b.load(Ordering::Relaxed) {
+                            break; // the link went down: open connections die too
+                        }
                         let total = d.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                         if total > c.load(Ordering::Relaxed) {
                             // Deliver up to the budget, then drop the connection mid-stream.
@@ -338,6 +353,7 @@ impl FaultProxy {
             downstream,
             cut_at,
             rate,
+            blocked,
             task,
         }
     }

@@ -601,3 +601,101 @@ async fn a_plain_docker_registry_can_be_the_parent() {
         .unwrap();
     assert_eq!(denied.status(), 403, "a mirror is read-only");
 }
+
+#[tokio::test]
+async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let sibling_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    push_image(&admin, &r, "app", "base", "base").await;
+    let site_cs = connected(
+        &root,
+        "site-rw",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let sibling_cs = connected(&root, "site-ro", &["--repository", "app"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let site = start_site(site_dir.path(), &via(&site_cs, &proxy.addr));
+    let sibling = start_site(sibling_dir.path(), &sibling_cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let sib = sibling.url("");
+    let sib = sib.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:base", || async {
+        tag_digest(&site_admin, &s, "app", "base").await.is_some()
+    })
+    .await;
+
+    // A push at the site reaches the root, and from there the sibling.
+    let local = push_image(&site_admin, &s, "app", "from-site", "site-push").await;
+    eventually("the root has the site's push", || async {
+        tag_digest(&admin, &r, "app", "from-site").await.as_deref() == Some(local.as_str())
+    })
+    .await;
+    eventually("the sibling has it too", || async {
+        tag_digest(&site_admin, &sib, "app", "from-site")
+            .await
+            .as_deref()
+            == Some(local.as_str())
+    })
+    .await;
+
+    // A delete at the site goes up as well.
+    assert_eq!(
+        site_admin
+            .delete(format!("{s}/v2/app/manifests/from-site"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("the root drops the tag", || async {
+        tag_digest(&admin, &r, "app", "from-site").await.is_none()
+    })
+    .await;
+
+    // The link goes down; the same tag is written on both sides; the site's write reaches the
+    // root last and wins, the root's manifest is kept by digest, and the conflict is reported.
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let ours = push_image(&site_admin, &s, "app", "shared", "written-at-site").await;
+    let theirs = push_image(&admin, &r, "app", "shared", "written-at-root").await;
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the site's write wins at the root", || async {
+        tag_digest(&admin, &r, "app", "shared").await.as_deref() == Some(ours.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&admin, &r, "app", &theirs).await.as_deref(),
+        Some(theirs.as_str()),
+        "the other manifest is kept by digest"
+    );
+    eventually("the site and the sibling agree", || async {
+        tag_digest(&site_admin, &s, "app", "shared")
+            .await
+            .as_deref()
+            == Some(ours.as_str())
+            && tag_digest(&site_admin, &sib, "app", "shared")
+                .await
+                .as_deref()
+                == Some(ours.as_str())
+    })
+    .await;
+    eventually("the conflict is reported at the root", || async {
+        let shown = cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "site-rw", "-o", "json"],
+        );
+        shown.contains("TagConflict")
+    })
+    .await;
+}

@@ -128,8 +128,10 @@ pub struct StatusReport {
     pub state: Option<String>,
     pub last_sync_time: Option<String>,
     pub last_sync_result: Option<String>,
+    /// Replaces the reported details when present; a report without them (a keep-alive)
+    /// leaves the last ones in place.
     #[serde(default)]
-    pub status_details: Vec<StatusDetail>,
+    pub status_details: Option<Vec<StatusDetail>>,
     pub version: Option<String>,
     pub login_server: Option<String>,
 }
@@ -1227,8 +1229,9 @@ impl Control {
         if report.last_sync_result.is_some() {
             row.sync_result = report.last_sync_result;
         }
-        row.status_details =
-            serde_json::to_string(&report.status_details).unwrap_or_else(|_| "[]".into());
+        if let Some(details) = &report.status_details {
+            row.status_details = serde_json::to_string(details).unwrap_or_else(|_| "[]".into());
+        }
         if report.version.is_some() {
             row.version = report.version;
         }

@@ -89,6 +89,8 @@ pub struct Event {
     pub tag: Option<String>,
     pub digest: Option<String>,
     pub media_type: Option<String>,
+    /// `None` for a client's change, `Some("sync")` for one applied from a parent.
+    pub origin: Option<String>,
 }
 
 pub const EVENT_MANIFEST_PUT: &str = "manifest_put";
@@ -113,6 +115,10 @@ fn parse_digest(s: &str) -> Result<Digest> {
 pub struct Meta {
     pub(crate) read: SqlitePool,
     pub(crate) write: SqlitePool,
+    /// Recorded with every event this handle writes: `None` for changes made by clients,
+    /// `Some("sync")` for changes applied from a parent (which a ReadWrite site must not send
+    /// back up).
+    origin: Option<&'static str>,
 }
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
@@ -142,7 +148,11 @@ impl Meta {
             .min_connections(1)
             .connect_with(opts.read_only(true))
             .await?;
-        Ok(Meta { read, write })
+        Ok(Meta {
+            read,
+            write,
+            origin: None,
+        })
     }
 
     async fn migrate(pool: &SqlitePool) -> Result<()> {
@@ -163,6 +173,14 @@ impl Meta {
             tracing::info!(migration = i + 1, "applied metadata migration");
         }
         Ok(())
+    }
+
+    /// A handle whose events are marked with `origin`.
+    pub fn with_origin(&self, origin: &'static str) -> Meta {
+        Meta {
+            origin: Some(origin),
+            ..self.clone()
+        }
     }
 
     pub async fn close(&self) {
@@ -193,6 +211,7 @@ impl Meta {
     }
 
     async fn event(
+        &self,
         tx: &mut Tx<'_>,
         repo: &str,
         kind: &str,
@@ -200,13 +219,14 @@ impl Meta {
         digest: Option<&str>,
         media_type: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type, origin) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(now_ms())
             .bind(repo)
             .bind(kind)
             .bind(tag)
             .bind(digest)
             .bind(media_type)
+            .bind(self.origin)
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -342,7 +362,7 @@ impl Meta {
                     .execute(&mut *tx)
                     .await?;
             }
-            Self::event(
+            self.event(
                 &mut tx,
                 m.repo,
                 EVENT_MANIFEST_PUT,
@@ -371,7 +391,7 @@ impl Meta {
                 .bind(now_ms())
                 .execute(&mut *tx)
                 .await?;
-                Self::event(
+                self.event(
                     &mut tx,
                     m.repo,
                     EVENT_TAG_SET,
@@ -464,9 +484,11 @@ impl Meta {
             .execute(&mut *tx)
             .await?;
         for t in &tags {
-            Self::event(&mut tx, repo, EVENT_TAG_REMOVED, Some(t), Some(&d), None).await?;
+            self.event(&mut tx, repo, EVENT_TAG_REMOVED, Some(t), Some(&d), None)
+                .await?;
         }
-        Self::event(&mut tx, repo, EVENT_MANIFEST_DELETED, None, Some(&d), None).await?;
+        self.event(&mut tx, repo, EVENT_MANIFEST_DELETED, None, Some(&d), None)
+            .await?;
         tx.commit().await?;
         Ok(Some(tags))
     }
@@ -484,7 +506,8 @@ impl Meta {
                 .fetch_optional(&mut *tx)
                 .await?;
         if let Some(d) = &old {
-            Self::event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None).await?;
+            self.event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None)
+                .await?;
         }
         tx.commit().await?;
         Ok(old.is_some())
@@ -573,7 +596,7 @@ impl Meta {
     /// Events after `seq`, oldest first, at most `limit`.
     pub async fn events_after(&self, seq: i64, limit: u32) -> Result<Vec<Event>> {
         let rows = sqlx::query(
-            "SELECT seq, at, repo, kind, tag, digest, media_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, at, repo, kind, tag, digest, media_type, origin FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(seq)
         .bind(i64::from(limit))
@@ -589,6 +612,7 @@ impl Meta {
                     tag: r.try_get(4)?,
                     digest: r.try_get(5)?,
                     media_type: r.try_get(6)?,
+                    origin: r.try_get(7)?,
                 })
             })
             .collect()

@@ -121,4 +121,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX connected_registries_by_parent ON connected_registries(parent);
     "#,
+    // 4: where each event came from, so a ReadWrite site sends up only its clients' changes
+    r#"
+    ALTER TABLE events ADD COLUMN origin TEXT;
+    "#,
 ];

@@ -95,6 +95,15 @@ impl Registry {
         &self.config
     }
 
+    /// A handle for sync: the changes it makes are marked as coming from the parent, so a
+    /// ReadWrite site's outbox does not send them back up.
+    pub fn for_sync(&self) -> Registry {
+        Registry {
+            meta: self.meta.with_origin("sync"),
+            ..self.clone()
+        }
+    }
+
     /// A receiver that changes after every committed manifest or tag change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

@@ -16,7 +16,10 @@
 //! It can also follow a plain OCI registry ([`start_mirror`]): no gateway, no activation, the
 //! listed repositories reconciled on an interval.
 //!
-//! Not built yet: the outbox of ReadWrite sites and serving the gateway to children of our own.
+//! A ReadWrite site also sends its clients' changes up (`flush_outbox`), in order, from a
+//! durable cursor over its event log; what came from the parent is marked and never echoed.
+//!
+//! Not built yet: serving the gateway to children of our own (nesting).
 
 mod parent;
 
@@ -132,6 +135,8 @@ struct Child {
     last_error: Mutex<Option<StatusDetail>>,
     /// When the current sync window closes (`None`: continuous sync).
     deadline: Mutex<Option<std::time::Instant>>,
+    /// Tag conflicts found while sending the outbox, reported for an hour.
+    conflicts: Mutex<Vec<(std::time::Instant, StatusDetail)>>,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -215,7 +220,7 @@ pub async fn start(
     let child = Arc::new(Child {
         role: Role::Gateway,
         parent,
-        registry,
+        registry: registry.for_sync(),
         control,
         etag: Mutex::new(read_state(&dir.join("etag"))?),
         dir,
@@ -225,6 +230,7 @@ pub async fn start(
         config: Mutex::new(config.clone()),
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
+        conflicts: Mutex::new(Vec::new()),
     });
     child.apply_tokens(&config.client_tokens).await?;
     let read_only = config.mode == "ReadOnly";
@@ -292,6 +298,7 @@ pub async fn start_mirror(
         config: Mutex::new(config),
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
+        conflicts: Mutex::new(Vec::new()),
     });
     let task = tokio::spawn(child.run());
     Ok(Started {
@@ -428,20 +435,28 @@ impl Child {
     }
 
     async fn report(&self, state: &str, synced: bool) -> Result<()> {
-        let details: Vec<StatusDetail> = self
+        let mut details: Vec<StatusDetail> = self
             .last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .cloned()
             .collect();
+        details.extend(
+            self.conflicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(at, _)| at.elapsed() < Duration::from_secs(3600))
+                .map(|(_, d)| d.clone()),
+        );
         self.parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
                 state: Some(state.into()),
                 last_sync_time: synced.then(now_rfc3339),
                 last_sync_result: synced.then(|| "Succeeded".into()),
-                status_details: details,
+                status_details: Some(details),
                 version: Some(env!("CARGO_PKG_VERSION").into()),
                 login_server: Some(self.login_server.clone()),
             })
@@ -479,6 +494,9 @@ impl Child {
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();
+        if cfg.mode == "ReadWrite" && self.flush_outbox().await? > 0 {
+            self.report("Online", false).await?;
+        }
         let cursor = match self.cursor()? {
             Some(c) if !cfg.resync_requested => c,
             _ => {
@@ -524,6 +542,112 @@ impl Child {
                     self.report("Online", true).await?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Sends this site's own changes — its clients' pushes, tag moves and deletes, never what
+    /// came from the parent — up in order, from a durable cursor over the local event log, so
+    /// they survive restarts and outages. When the parent's tag had moved meanwhile, the site's
+    /// write (the last to reach it) wins; the parent keeps the other manifest by digest, and
+    /// the conflict is reported in the status details.
+    async fn flush_outbox(&self) -> Result<usize> {
+        let path = self.dir.join("outbox-cursor");
+        let mut cursor: i64 = read_state(&path)?.and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut sent = 0;
+        loop {
+            let events = self
+                .registry
+                .meta()
+                .events_after(cursor, 200)
+                .await
+                .map_err(|e| SyncError::Registry(e.into()))?;
+            if events.is_empty() {
+                return Ok(sent);
+            }
+            for e in events {
+                if e.origin.is_none() {
+                    self.check_window()?;
+                    self.send_up(&e).await?;
+                    sent += 1;
+                }
+                cursor = e.seq;
+                write_state(&path, &cursor.to_string())?;
+            }
+        }
+    }
+
+    async fn send_up(&self, e: &outpost_registry::Event) -> Result<()> {
+        let Ok(repo) = e.repo.parse::<RepoName>() else {
+            return Ok(());
+        };
+        let digest = e.digest.clone().unwrap_or_default();
+        let local = |d: &str| {
+            let d = d.parse::<Digest>().ok();
+            let repo = repo.clone();
+            async move {
+                match d {
+                    Some(d) => self
+                        .registry
+                        .get_manifest(&repo, &Reference::Digest(d))
+                        .await
+                        .ok(),
+                    None => None,
+                }
+            }
+        };
+        match e.kind.as_str() {
+            "manifest_put" => {
+                // Deleted again since? Then there is nothing to send.
+                let Some(m) = local(&digest).await else {
+                    return Ok(());
+                };
+                let parsed = Manifest::parse(&m.content, Some(&m.media_type)).map_err(|err| {
+                    SyncError::Protocol(format!("local manifest {digest}: {err}"))
+                })?;
+                for b in parsed.required_blobs() {
+                    let d = b.digest.to_string();
+                    if !self.parent.has_blob(repo.as_str(), &d).await? {
+                        let bytes = self.registry.read_blob(&repo, &b.digest, None).await?;
+                        self.parent.push_blob(repo.as_str(), &d, bytes).await?;
+                    }
+                }
+                self.parent
+                    .put_manifest(repo.as_str(), &digest, &m.media_type, m.content.clone())
+                    .await?;
+            }
+            "tag_set" => {
+                let (Some(tag), Some(m)) = (e.tag.as_deref(), local(&digest).await) else {
+                    return Ok(());
+                };
+                if let Some(theirs) = self.parent.manifest_digest(repo.as_str(), tag).await?
+                    && theirs != digest
+                {
+                    tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
+                    let mut conflicts = self.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+                    conflicts.retain(|(at, _)| at.elapsed() < Duration::from_secs(3600));
+                    conflicts.truncate(19);
+                    conflicts.push((std::time::Instant::now(), StatusDetail {
+                        kind: "Sync".into(),
+                        code: "TagConflict".into(),
+                        description: format!(
+                            "{repo}:{tag} was {theirs} at the parent and is now {digest} from this site (the last write to reach the parent wins; {theirs} is kept by digest)"
+                        ),
+                        timestamp: Some(now_rfc3339()),
+                        correlation_id: None,
+                    }));
+                }
+                self.parent
+                    .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
+                    .await?;
+            }
+            "tag_removed" => {
+                if let Some(tag) = e.tag.as_deref() {
+                    self.parent.delete_manifest(repo.as_str(), tag).await?;
+                }
+            }
+            "manifest_deleted" => self.parent.delete_manifest(repo.as_str(), &digest).await?,
+            _ => {}
         }
         Ok(())
     }

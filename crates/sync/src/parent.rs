@@ -309,6 +309,78 @@ impl Parent {
         Ok(Some((bytes, media_type)))
     }
 
+    /// Whether the parent holds blob `digest` in `repo`.
+    pub async fn has_blob(&self, repo: &str, digest: &str) -> Result<bool, SyncError> {
+        let resp = self
+            .send(self.request(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}")))
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        self.check(resp).await?;
+        Ok(true)
+    }
+
+    /// Uploads a blob (POST, then PUT with the body and its digest).
+    pub async fn push_blob(&self, repo: &str, digest: &str, body: Bytes) -> Result<(), SyncError> {
+        let resp = self
+            .check(
+                self.send(self.request(Method::POST, &format!("/v2/{repo}/blobs/uploads/")))
+                    .await?,
+            )
+            .await?;
+        let loc = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| SyncError::Protocol("upload started without a Location".into()))?
+            .to_string();
+        let path = loc
+            .strip_prefix(self.base.as_str())
+            .unwrap_or(&loc)
+            .to_string();
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let resp = self
+            .send(
+                self.request(Method::PUT, &format!("{path}{sep}digest={digest}"))
+                    .header("content-type", "application/octet-stream")
+                    .body(body),
+            )
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<(), SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+                    .header("content-type", media_type)
+                    .body(body),
+            )
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
+    /// Deletes a tag or manifest at the parent; one already gone is fine.
+    pub async fn delete_manifest(&self, repo: &str, reference: &str) -> Result<(), SyncError> {
+        let resp = self
+            .send(self.request(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}")))
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        self.check(resp).await?;
+        Ok(())
+    }
+
     /// A blob from byte `offset` on, as a stream.
     pub async fn blob(
         &self,
