@@ -705,8 +705,31 @@ impl Control {
 
     async fn view(&self, row: &ConnectedRegistryRow) -> Result<ConnectedRegistryView> {
         let repositories = self.repositories_of(row).await?;
-        let status_details: Vec<StatusDetail> =
+        let mut status_details: Vec<StatusDetail> =
             serde_json::from_str(&row.status_details).unwrap_or_default();
+        // Problems the instance cannot report itself, because they stop it from talking to us.
+        let token = self.meta.token(&row.sync_token).await?;
+        if token.as_ref().is_none_or(|t| t.status != "enabled") {
+            status_details.push(StatusDetail {
+                kind: "SyncToken".into(),
+                code: "SyncTokenDisabled".into(),
+                description: format!(
+                    "sync token {:?} is disabled or deleted; the instance cannot sync until it is enabled (outpost token update -n {} --status enabled)",
+                    row.sync_token, row.sync_token
+                ),
+                timestamp: None,
+                correlation_id: None,
+            });
+        }
+        if row.activation != "Active" && row.last_activity_ms.is_some() {
+            status_details.push(StatusDetail {
+                kind: "Activation".into(),
+                code: "Deactivated".into(),
+                description: "the resource was deactivated; a running instance stops syncing until it is restarted and activates again".into(),
+                timestamp: None,
+                correlation_id: None,
+            });
+        }
         let sync_state = if row.activation != "Active" {
             "NotActivated".to_string()
         } else if row.resync_requested {

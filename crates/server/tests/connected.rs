@@ -699,6 +699,13 @@ async fn activation_status_and_settings_rotation() {
     .await;
     assert_eq!(r.json()["activationStatus"], "Inactive");
     assert_eq!(r.json()["connectionState"], "Offline");
+    assert!(
+        r.json()["statusDetails"]
+            .to_string()
+            .contains("Deactivated"),
+        "{}",
+        r.json()
+    );
     assert_eq!(
         activate(basic("edge-one", &p2), "instance-b").await.status,
         StatusCode::OK
@@ -1066,4 +1073,34 @@ async fn expired_or_foreign_cursors_get_410() {
     // A cursor ahead of this parent's log (it was restored from a backup) also needs a reconcile.
     assert_eq!(get(latest + 10).await.status, StatusCode::GONE);
     assert_eq!(get(latest).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
+    let t = setup().await;
+    assert_eq!(
+        create(&t, json!({"name": "edge-rev", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let shown = t.get("/api/v1/connected-registries/edge-rev").await.json();
+    assert_eq!(shown["statusDetails"], json!([]));
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/tokens/edge-rev",
+            &[],
+            json!({"status": "disabled"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let shown = t.get("/api/v1/connected-registries/edge-rev").await.json();
+    assert_eq!(shown["statusDetails"][0]["code"], "SyncTokenDisabled");
+    assert!(
+        shown["statusDetails"][0]["description"]
+            .as_str()
+            .unwrap()
+            .contains("--status enabled")
+    );
 }

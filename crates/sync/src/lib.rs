@@ -408,6 +408,11 @@ impl Child {
                             code: match &e {
                                 SyncError::Unreachable { .. } => "ParentUnreachable",
                                 SyncError::BadCredentials { .. } => "SyncTokenRejected",
+                                SyncError::Registry(RegistryError::Storage(
+                                    outpost_registry::StorageError::Io { source, .. },
+                                )) if source.kind() == std::io::ErrorKind::StorageFull => {
+                                    "DiskError"
+                                }
                                 SyncError::Registry(_) | SyncError::State { .. } => {
                                     "LocalStorageError"
                                 }
