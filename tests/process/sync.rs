@@ -699,3 +699,55 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn referrers_travel_with_their_subject() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let subject = push_image(&admin, &r, "app", "v1", "signed").await;
+    // An untagged signature-like artifact whose subject is app:v1.
+    let empty = b"{}".to_vec();
+    support::push_blob(&admin, &r, "app", &empty).await;
+    let sig = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2},
+        "layers": [],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject, "size": 1}
+    });
+    let bytes = serde_json::to_vec(&sig).unwrap();
+    let put = admin
+        .put(format!(
+            "{r}/v2/app/manifests/sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        ))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let cs = connected(&root, "site-ref", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the referrer is at the site", || async {
+        let r = site_admin
+            .get(format!("{s}/v2/app/referrers/{subject}"))
+            .send()
+            .await
+            .unwrap();
+        r.status() == 200
+            && r.text()
+                .await
+                .unwrap()
+                .contains("application/vnd.example.signature")
+    })
+    .await;
+}

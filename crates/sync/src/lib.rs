@@ -827,6 +827,10 @@ impl Child {
         self.registry
             .put_manifest(repo, &Reference::Digest(d), Some(&media_type), &bytes)
             .await?;
+        // Referrers (signatures, SBOMs, attestations) travel with what they describe.
+        for r in self.parent.referrers(repo.as_str(), digest).await? {
+            Box::pin(self.ensure_manifest(repo, &r)).await?;
+        }
         Ok(true)
     }
 

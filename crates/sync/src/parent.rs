@@ -309,6 +309,24 @@ impl Parent {
         Ok(Some((bytes, media_type)))
     }
 
+    /// Digests of the manifests that refer to `digest` (signatures, SBOMs…); empty when the
+    /// parent has none or does not offer the referrers API.
+    pub async fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<String>, SyncError> {
+        let resp = self
+            .send(self.request(Method::GET, &format!("/v2/{repo}/referrers/{digest}")))
+            .await?;
+        if !resp.status().is_success() {
+            return Ok(Vec::new());
+        }
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        Ok(v["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["digest"].as_str().map(String::from))
+            .collect())
+    }
+
     /// Whether the parent holds blob `digest` in `repo`.
     pub async fn has_blob(&self, repo: &str, digest: &str) -> Result<bool, SyncError> {
         let resp = self
