@@ -751,3 +751,127 @@ async fn referrers_travel_with_their_subject() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_three_level_hierarchy_root_site_line() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let line_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let v1 = push_image(&admin, &r, "app", "v1", "deep-one").await;
+    let site_cs = connected(
+        &root,
+        "site-mid",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "line-leaf",
+            "-p",
+            "site-mid",
+            "--repository",
+            "app",
+        ],
+    );
+    let site = start_site(site_dir.path(), &site_cs);
+    // The line's parent endpoint is the site's login server, known once the site reported it.
+    eventually("the root knows the site's address", || async {
+        cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "site-mid", "-o", "json"],
+        )
+        .contains(&site.addr)
+    })
+    .await;
+    let line_cs = cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "get-settings",
+            "-n",
+            "line-leaf",
+            "--parent-protocol",
+            "http",
+            "--generate-password",
+            "1",
+            "--yes",
+            "-o",
+            "tsv",
+        ],
+    );
+    assert!(
+        line_cs.contains(&format!("ParentGatewayEndpoint={}", site.addr)),
+        "{line_cs}"
+    );
+    // The site learns the line's new password at its next configuration fetch.
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let line_pw = line_cs
+        .trim()
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
+        .unwrap()
+        .to_string();
+    eventually("the site knows the line's new password", || async {
+        reqwest::Client::new()
+            .get(format!("http://{}/gateway/v1/line-leaf/config", site.addr))
+            .basic_auth("line-leaf", Some(&line_pw))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let line = start_site(line_dir.path(), line_cs.trim());
+    let l = line.url("");
+    let l = l.trim_end_matches('/').to_string();
+    eventually("the leaf has app:v1 through the site", || async {
+        tag_digest(&site_admin, &l, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    // A push at the root travels root → site → line.
+    let v2 = push_image(&admin, &r, "app", "v2", "deep-two").await;
+    eventually("app:v2 reaches the leaf", || async {
+        tag_digest(&site_admin, &l, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    // A push at the (ReadWrite) site reaches the root, and the leaf.
+    let site_url = site.url("");
+    let site_url = site_url.trim_end_matches('/').to_string();
+    let v3 = push_image(&site_admin, &site_url, "app", "v3", "from-the-site").await;
+    eventually("the site's push reaches root and leaf", || async {
+        tag_digest(&admin, &r, "app", "v3").await.as_deref() == Some(v3.as_str())
+            && tag_digest(&site_admin, &l, "app", "v3").await.as_deref() == Some(v3.as_str())
+    })
+    .await;
+    // The root sees the whole tree's health, the leaf included (relayed by the site).
+    eventually("the root sees the leaf online", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "line-leaf",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["activationStatus"] == "Active"
+            && v["connectionState"] == "Online"
+            && v["loginServer"] == line.addr.as_str()
+    })
+    .await;
+    let denied = site_admin
+        .post(format!("{l}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+}

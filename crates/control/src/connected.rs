@@ -15,6 +15,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+/// The way up from an intermediate connected registry to its parent, for relaying its
+/// descendants' activation and status (implemented by `outpost-sync`).
+pub trait Upstream: Send + Sync {
+    /// `Ok(true)`: the root granted the slot; `Ok(false)`: the parent is unreachable, decide
+    /// locally.
+    fn activate<'a>(&'a self, name: &'a str, instance_id: &'a str) -> BoxFuture<'a, Result<bool>>;
+    fn report<'a>(&'a self, name: &'a str, report: &'a StatusReport) -> BoxFuture<'a, Result<()>>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The default schedule: always connected, syncing continuously.
 pub const CONTINUOUS: &str = "* * * * *";
 
@@ -224,6 +235,10 @@ pub struct SyncConfig {
     pub garbage_collection: GarbageCollection,
     pub resync_requested: bool,
     pub client_tokens: Vec<ClientTokenConfig>,
+    /// This registry's sync token (hashes and rules), so that its parent — when the parent
+    /// is itself a connected registry — can authenticate it while offline.
+    #[serde(default)]
+    pub sync_token: Option<ClientTokenConfig>,
     pub children: Vec<SyncConfig>,
 }
 
@@ -1208,9 +1223,23 @@ impl Control {
         name: &str,
         instance_id: &str,
     ) -> Result<ConnectedRegistryView> {
+        // On an intermediate node the slot is held at the root: ask upward first and follow
+        // its answer; only while the parent is unreachable is the local record the judge.
+        let upstream = self
+            .upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let granted_above = match upstream {
+            Some(up) => up.activate(name, instance_id).await?,
+            None => false,
+        };
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
-        if row.activation == "Active" && row.instance_id.as_deref() != Some(instance_id) {
+        if !granted_above
+            && row.activation == "Active"
+            && row.instance_id.as_deref() != Some(instance_id)
+        {
             return Err(ControlError::AlreadyActivated(name.into()));
         }
         row.activation = "Active".into();
@@ -1226,6 +1255,18 @@ impl Control {
         name: &str,
         report: StatusReport,
     ) -> Result<ConnectedRegistryView> {
+        // On an intermediate node the status also goes up, so the root sees the whole tree;
+        // when the link is down the root hears about it at the next report.
+        let upstream = self
+            .upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(up) = upstream
+            && let Err(e) = up.report(name, &report).await
+        {
+            tracing::debug!(registry = name, error = %e, "could not relay a status report upward");
+        }
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
         if row.activation != "Active"
@@ -1430,35 +1471,9 @@ impl Control {
     ) -> Result<SyncConfig> {
         let mut client_tokens = Vec::new();
         for t in &row.client_tokens {
-            let Some(tok) = self.meta.token(t).await? else {
-                continue;
-            };
-            let actions = match &tok.scope_map {
-                Some(sm) => self
-                    .meta
-                    .scope_map(sm)
-                    .await?
-                    .map(|m| m.actions)
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            client_tokens.push(ClientTokenConfig {
-                name: tok.name.clone(),
-                status: tok.status.clone(),
-                actions,
-                passwords: tok
-                    .passwords
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, p)| {
-                        p.hash.as_ref().map(|h| PasswordHash {
-                            name: format!("password{}", i + 1),
-                            hash: h.clone(),
-                            expiry: p.expiry_ms.map(rfc3339),
-                        })
-                    })
-                    .collect(),
-            });
+            if let Some(c) = self.token_config(t).await? {
+                client_tokens.push(c);
+            }
         }
         let mut kids: Vec<&ConnectedRegistryRow> = all
             .values()
@@ -1484,8 +1499,108 @@ impl Control {
             },
             resync_requested: row.resync_requested,
             client_tokens,
+            sync_token: self.token_config(&row.sync_token).await?,
             children,
         })
+    }
+
+    /// A token as it travels to a connected registry: name, status, rules, password hashes.
+    async fn token_config(&self, name: &str) -> Result<Option<ClientTokenConfig>> {
+        let Some(tok) = self.meta.token(name).await? else {
+            return Ok(None);
+        };
+        let actions = match &tok.scope_map {
+            Some(sm) => self
+                .meta
+                .scope_map(sm)
+                .await?
+                .map(|m| m.actions)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Ok(Some(ClientTokenConfig {
+            name: tok.name.clone(),
+            status: tok.status.clone(),
+            actions,
+            passwords: tok
+                .passwords
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    p.hash.as_ref().map(|h| PasswordHash {
+                        name: format!("password{}", i + 1),
+                        hash: h.clone(),
+                        expiry: p.expiry_ms.map(rfc3339),
+                    })
+                })
+                .collect(),
+        }))
+    }
+
+    /// On an intermediate connected registry: makes the local connected-registry resources
+    /// match its descendants as its parent described them, so this node serves them the
+    /// gateway API (configuration and message feed) from its own state, even offline. Their
+    /// activation and status are kept, and relayed upward by the gateway.
+    pub async fn apply_descendants(&self, children: &[SyncConfig]) -> Result<()> {
+        let _w = self.writes.lock().await;
+        fn flatten<'a>(
+            nodes: &'a [SyncConfig],
+            parent: Option<&'a str>,
+            out: &mut Vec<(&'a SyncConfig, Option<&'a str>)>,
+        ) {
+            for n in nodes {
+                out.push((n, parent));
+                flatten(&n.children, Some(&n.name), out);
+            }
+        }
+        let mut all = Vec::new();
+        flatten(children, None, &mut all);
+        let existing = self.all_registries().await?;
+        for (cfg, parent) in &all {
+            let old = existing.get(&cfg.name);
+            let row = ConnectedRegistryRow {
+                name: cfg.name.clone(),
+                mode: cfg.mode.clone(),
+                parent: parent.map(String::from),
+                sync_token: cfg
+                    .sync_token
+                    .as_ref()
+                    .map(|t| t.name.clone())
+                    .unwrap_or_else(|| cfg.name.clone()),
+                client_tokens: cfg.client_tokens.iter().map(|t| t.name.clone()).collect(),
+                schedule: cfg.sync_schedule.clone(),
+                sync_window: cfg.sync_window.clone(),
+                message_ttl: cfg.sync_message_ttl.clone(),
+                log_level: cfg.log_level.clone(),
+                notifications: cfg.notifications.clone(),
+                gc_enabled: cfg.garbage_collection.enabled,
+                gc_schedule: cfg.garbage_collection.schedule.clone(),
+                created_ms: old.map(|o| o.created_ms).unwrap_or_else(now_ms),
+                updated_ms: now_ms(),
+                activation: old
+                    .map(|o| o.activation.clone())
+                    .unwrap_or_else(|| "Inactive".into()),
+                instance_id: old.and_then(|o| o.instance_id.clone()),
+                last_activity_ms: old.and_then(|o| o.last_activity_ms),
+                last_sync_ms: old.and_then(|o| o.last_sync_ms),
+                sync_result: old.and_then(|o| o.sync_result.clone()),
+                reported_state: old.and_then(|o| o.reported_state.clone()),
+                status_details: old
+                    .map(|o| o.status_details.clone())
+                    .unwrap_or_else(|| "[]".into()),
+                version: old.and_then(|o| o.version.clone()),
+                login_server: old.and_then(|o| o.login_server.clone()),
+                resync_requested: cfg.resync_requested,
+            };
+            self.meta.put_connected_registry(&row).await?;
+        }
+        for name in existing.keys() {
+            if !all.iter().any(|(c, _)| &c.name == name) {
+                self.meta.delete_connected_registry(name).await?;
+            }
+        }
+        self.changed();
+        Ok(())
     }
 
     /// A page of `name`'s message feed after cursor `after`: the event-log entries of the

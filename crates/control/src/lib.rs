@@ -360,6 +360,8 @@ pub struct Control {
     bearers: RwLock<HashMap<String, Arc<jwt::Claims>>>,
     /// Serializes control-plane writes that check rules across several rows.
     writes: tokio::sync::Mutex<()>,
+    /// Set on an intermediate connected registry: where to relay activation and status.
+    upstream: RwLock<Option<Arc<dyn connected::Upstream>>>,
 }
 
 impl Control {
@@ -396,7 +398,13 @@ impl Control {
             verified: Mutex::default(),
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
+            upstream: RwLock::new(None),
         })
+    }
+
+    /// Makes this node relay its descendants' activation and status to its parent.
+    pub fn set_upstream(&self, up: Arc<dyn connected::Upstream>) {
+        *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = Some(up);
     }
 
     fn changed(&self) {

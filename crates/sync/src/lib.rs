@@ -19,7 +19,8 @@
 //! A ReadWrite site also sends its clients' changes up (`flush_outbox`), in order, from a
 //! durable cursor over its event log; what came from the parent is marked and never echoed.
 //!
-//! Not built yet: serving the gateway to children of our own (nesting).
+//! An intermediate node installs its descendants from the configuration and relays their
+//! activation and status to its own parent ([`outpost_control::connected::Upstream`]).
 
 mod parent;
 
@@ -111,6 +112,60 @@ pub struct Started {
     /// Whether local clients may only read.
     pub read_only: bool,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Relays the activation and status of this node's descendants to its parent.
+struct Relay(Parent);
+
+impl outpost_control::connected::Upstream for Relay {
+    fn activate<'a>(
+        &'a self,
+        name: &'a str,
+        instance_id: &'a str,
+    ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<bool>> {
+        Box::pin(async move {
+            match self.0.activate_for(name, instance_id).await {
+                Ok(()) => Ok(true),
+                // Offline: let the descendant start; the root learns of it at the next report.
+                Err(SyncError::Unreachable { .. }) => {
+                    tracing::warn!(
+                        registry = name,
+                        "parent unreachable; activating a descendant locally"
+                    );
+                    Ok(false)
+                }
+                Err(SyncError::AlreadyActivated(_)) => Err(
+                    outpost_control::ControlError::AlreadyActivated(name.to_string()),
+                ),
+                Err(e) => Err(outpost_control::ControlError::Invalid(format!(
+                    "the parent refused to activate {name:?}: {e}"
+                ))),
+            }
+        })
+    }
+
+    fn report<'a>(
+        &'a self,
+        name: &'a str,
+        report: &'a StatusReport,
+    ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<()>> {
+        Box::pin(async move {
+            self.0
+                .report_for(name, report)
+                .await
+                .map_err(|e| outpost_control::ControlError::Invalid(e.to_string()))
+        })
+    }
+}
+
+/// Every descendant's sync token, so this node can authenticate its children.
+fn descendant_tokens(children: &[SyncConfig], out: &mut Vec<ClientTokenConfig>) {
+    for c in children {
+        if let Some(t) = &c.sync_token {
+            out.push(t.clone());
+        }
+        descendant_tokens(&c.children, out);
+    }
 }
 
 /// Whom the child follows.
@@ -232,7 +287,10 @@ pub async fn start(
         deadline: Mutex::new(None),
         conflicts: Mutex::new(Vec::new()),
     });
-    child.apply_tokens(&config.client_tokens).await?;
+    child.apply_config(&config).await?;
+    child
+        .control
+        .set_upstream(Arc::new(Relay(child.parent.clone())));
     let read_only = config.mode == "ReadOnly";
     let task = tokio::spawn(child.run());
     Ok(Started { read_only, task })
@@ -281,6 +339,7 @@ pub async fn start_mirror(
         },
         resync_requested: false,
         client_tokens: Vec::new(),
+        sync_token: None,
         children: Vec::new(),
     };
     let child = Arc::new(Child {
@@ -329,6 +388,18 @@ impl Child {
                 Err(e) => Err(state_err(&path)(e)),
             },
         }
+    }
+
+    /// Installs the client tokens and the descendants (their resources and sync tokens), so
+    /// this node authenticates its clients and serves its children, also offline.
+    async fn apply_config(&self, cfg: &SyncConfig) -> Result<()> {
+        let mut tokens = cfg.client_tokens.clone();
+        descendant_tokens(&cfg.children, &mut tokens);
+        self.apply_tokens(&tokens).await?;
+        self.control
+            .apply_descendants(&cfg.children)
+            .await
+            .map_err(|e| SyncError::Protocol(format!("applying descendants: {e}")))
     }
 
     async fn apply_tokens(&self, tokens: &[ClientTokenConfig]) -> Result<()> {
@@ -495,7 +566,7 @@ impl Child {
                 write_state(&self.dir.join("etag"), e)?;
             }
             *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
-            self.apply_tokens(&cfg.client_tokens).await?;
+            self.apply_config(&cfg).await?;
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();

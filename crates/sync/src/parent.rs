@@ -133,9 +133,14 @@ impl Parent {
     }
 
     pub async fn activate(&self, instance_id: &str) -> Result<(), SyncError> {
+        self.activate_for(&self.name, instance_id).await
+    }
+
+    /// Activates `name`: this registry or, relayed, one of its descendants.
+    pub async fn activate_for(&self, name: &str, instance_id: &str) -> Result<(), SyncError> {
         let resp = self
             .send(
-                self.request(Method::POST, &format!("/gateway/v1/{}/activate", self.name))
+                self.request(Method::POST, &format!("/gateway/v1/{name}/activate"))
                     .json(&serde_json::json!({"instanceId": instance_id})),
             )
             .await?;
@@ -191,9 +196,14 @@ impl Parent {
     }
 
     pub async fn report(&self, report: &StatusReport) -> Result<(), SyncError> {
+        self.report_for(&self.name, report).await
+    }
+
+    /// Reports the status of `name`: this registry or, relayed, one of its descendants.
+    pub async fn report_for(&self, name: &str, report: &StatusReport) -> Result<(), SyncError> {
         let resp = self
             .send(
-                self.request(Method::PUT, &format!("/gateway/v1/{}/status", self.name))
+                self.request(Method::PUT, &format!("/gateway/v1/{name}/status"))
                     .json(report),
             )
             .await?;
