@@ -181,6 +181,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         read_only,
     });
+    // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

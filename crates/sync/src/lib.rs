@@ -85,6 +85,9 @@ pub enum SyncError {
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
 
+/// Repositories reconciled at the same time.
+const RECONCILE_CONCURRENCY: usize = 8;
+
 /// How to run the child.
 #[derive(Debug, Clone)]
 pub struct ChildOptions {
@@ -755,45 +758,54 @@ impl Child {
     /// Full reconciliation: every tag of every repository in scope matches the parent.
     async fn reconcile(&self, cfg: &SyncConfig) -> Result<()> {
         let read_only = cfg.mode == "ReadOnly";
-        for repo in self.repositories(cfg).await? {
-            let Ok(name) = repo.parse::<RepoName>() else {
+        let repos = self.repositories(cfg).await?;
+        // Repositories are independent: a few at a time hide the round trips of each.
+        let results: Vec<Result<()>> = futures_util::stream::iter(repos)
+            .map(|repo| self.reconcile_repo(repo, read_only))
+            .buffer_unordered(RECONCILE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn reconcile_repo(&self, repo: String, read_only: bool) -> Result<()> {
+        let Ok(name) = repo.parse::<RepoName>() else {
+            return Ok(());
+        };
+        let tags = self.parent.tags(&repo).await?;
+        for tag in &tags {
+            self.check_window()?;
+            let Some(digest) = self.parent.manifest_digest(&repo, tag).await? else {
                 continue;
             };
-            let tags = self.parent.tags(&repo).await?;
-            for tag in &tags {
-                self.check_window()?;
-                let Some(digest) = self.parent.manifest_digest(&repo, tag).await? else {
-                    continue;
-                };
-                let Ok(t) = tag.parse::<Tag>() else { continue };
-                let local = self
-                    .registry
-                    .get_manifest(&name, &Reference::Tag(t.clone()))
-                    .await
-                    .ok();
-                if local.is_some_and(|m| m.digest.to_string() == digest) {
-                    continue;
-                }
-                if self.ensure_manifest(&name, &digest).await? {
-                    self.tag(&name, &t, &digest).await?;
-                }
+            let Ok(t) = tag.parse::<Tag>() else { continue };
+            let local = self
+                .registry
+                .get_manifest(&name, &Reference::Tag(t.clone()))
+                .await
+                .ok();
+            if local.is_some_and(|m| m.digest.to_string() == digest) {
+                continue;
             }
-            if read_only {
-                // A ReadOnly site mirrors exactly: tags the parent no longer has go.
-                for local in self
-                    .registry
-                    .tags(&name, None, None)
-                    .await
-                    .unwrap_or_default()
+            if self.ensure_manifest(&name, &digest).await? {
+                self.tag(&name, &t, &digest).await?;
+            }
+        }
+        if read_only {
+            // A ReadOnly site mirrors exactly: tags the parent no longer has go.
+            for local in self
+                .registry
+                .tags(&name, None, None)
+                .await
+                .unwrap_or_default()
+            {
+                if !tags.contains(&local)
+                    && let Ok(t) = local.parse::<Tag>()
                 {
-                    if !tags.contains(&local)
-                        && let Ok(t) = local.parse::<Tag>()
-                    {
-                        let _ = self
-                            .registry
-                            .delete_manifest(&name, &Reference::Tag(t))
-                            .await;
-                    }
+                    let _ = self
+                        .registry
+                        .delete_manifest(&name, &Reference::Tag(t))
+                        .await;
                 }
             }
         }
