@@ -875,3 +875,53 @@ async fn a_three_level_hierarchy_root_site_line() {
         .unwrap();
     assert_eq!(denied.status(), 403);
 }
+
+#[tokio::test]
+async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    push_image(&admin, &r, "app", "v1", "kept").await;
+    push_image(&admin, &r, "tools", "v1", "dropped").await;
+    let cs = connected(&root, "site-scope", &["--repository", "app", "tools"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("both repositories arrive", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.is_some()
+            && tag_digest(&site_admin, &s, "tools", "v1").await.is_some()
+    })
+    .await;
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-scope",
+            "--remove",
+            "tools",
+        ],
+    );
+    eventually("the local copy of tools is deleted", || async {
+        let catalog: serde_json::Value = site_admin
+            .get(format!("{s}/v2/_catalog"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        catalog["repositories"] == serde_json::json!(["app"])
+    })
+    .await;
+    assert!(
+        tag_digest(&site_admin, &s, "app", "v1").await.is_some(),
+        "repositories still in scope stay"
+    );
+}

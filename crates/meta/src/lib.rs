@@ -97,6 +97,7 @@ pub const EVENT_MANIFEST_PUT: &str = "manifest_put";
 pub const EVENT_MANIFEST_DELETED: &str = "manifest_deleted";
 pub const EVENT_TAG_SET: &str = "tag_set";
 pub const EVENT_TAG_REMOVED: &str = "tag_removed";
+pub const EVENT_REPOSITORY_DELETED: &str = "repository_deleted";
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -491,6 +492,29 @@ impl Meta {
             .await?;
         tx.commit().await?;
         Ok(Some(tags))
+    }
+
+    /// Deletes a repository: its tags, manifests and blob links (the blob bytes stay for other
+    /// repositories and garbage collection). Returns whether it existed.
+    pub async fn delete_repository(&self, repo: &str) -> Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let Some(id) = Self::repo_id(&mut tx, repo).await? else {
+            return Ok(false);
+        };
+        for table in ["tags", "manifest_refs", "manifests", "repo_blobs"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE repo_id = ?"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM repositories WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        self.event(&mut tx, repo, EVENT_REPOSITORY_DELETED, None, None, None)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Removes a tag (the manifest stays, reachable by digest). Returns whether it existed.

@@ -385,6 +385,13 @@ impl Registry {
         }
     }
 
+    /// Deletes a whole repository (tags, manifests, blob links).
+    pub async fn delete_repository(&self, repo: &RepoName) -> Result<bool> {
+        let existed = self.meta.delete_repository(repo.as_str()).await?;
+        self.changed(repo);
+        Ok(existed)
+    }
+
     // ---- discovery ------------------------------------------------------------------------
 
     pub async fn tags(

@@ -570,6 +570,9 @@ impl Child {
             }
             *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
             self.apply_config(&cfg).await?;
+            if cfg.mode == "ReadOnly" {
+                self.prune_out_of_scope(&cfg).await?;
+            }
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();
@@ -758,6 +761,9 @@ impl Child {
     /// Full reconciliation: every tag of every repository in scope matches the parent.
     async fn reconcile(&self, cfg: &SyncConfig) -> Result<()> {
         let read_only = cfg.mode == "ReadOnly";
+        if read_only {
+            self.prune_out_of_scope(cfg).await?;
+        }
         let repos = self.repositories(cfg).await?;
         // Repositories are independent: a few at a time hide the round trips of each.
         let results: Vec<Result<()>> = futures_util::stream::iter(repos)
@@ -766,6 +772,25 @@ impl Child {
             .collect()
             .await;
         results.into_iter().collect()
+    }
+
+    /// A ReadOnly site is a strict mirror: repositories no longer in its scope are deleted
+    /// (a ReadWrite site keeps them: they may hold its own pushes).
+    async fn prune_out_of_scope(&self, cfg: &SyncConfig) -> Result<()> {
+        let patterns: Vec<RepoPattern> = cfg
+            .repositories
+            .iter()
+            .filter_map(|r| RepoPattern::parse(r).ok())
+            .collect();
+        for repo in self.registry.catalog(None, None).await? {
+            if !patterns.iter().any(|p| p.matches(&repo))
+                && let Ok(name) = repo.parse::<RepoName>()
+            {
+                tracing::info!(repository = %repo, "repository left this site's scope; deleting the local copy");
+                self.registry.delete_repository(&name).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn reconcile_repo(&self, repo: String, read_only: bool) -> Result<()> {
@@ -852,6 +877,9 @@ impl Child {
                             .await,
                     )?;
                 }
+            }
+            "repository_deleted" => {
+                self.registry.delete_repository(&name).await?;
             }
             other => tracing::debug!(kind = other, "ignoring an unknown message kind"),
         }
