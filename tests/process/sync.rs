@@ -200,6 +200,11 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
     assert_eq!(v["connectionState"], "Online");
     assert_eq!(v["lastSyncResult"], "Succeeded");
     assert_eq!(v["loginServer"], site.addr);
+    assert_eq!(v["cursorLag"], 0, "caught up with the feed");
+    assert_eq!(
+        v["outboxDepth"], 0,
+        "a ReadOnly site has nothing to send up"
+    );
 
     // The root goes away: the site keeps serving and authenticating, also after a restart.
     drop(root);
@@ -689,6 +694,18 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
                 .as_deref()
                 == Some(ours.as_str())
     })
+    .await;
+    eventually(
+        "the outbox is reported empty once everything went up",
+        || async {
+            let v: serde_json::Value = serde_json::from_str(&cli_ok(
+                &root,
+                &["connected-registry", "show", "-n", "site-rw", "-o", "json"],
+            ))
+            .unwrap();
+            v["outboxDepth"] == 0
+        },
+    )
     .await;
     eventually("the conflict is reported at the root", || async {
         let shown = cli_ok(

@@ -145,6 +145,12 @@ pub struct StatusReport {
     pub status_details: Option<Vec<StatusDetail>>,
     pub version: Option<String>,
     pub login_server: Option<String>,
+    /// Messages of the parent's feed not yet applied.
+    #[serde(default)]
+    pub cursor_lag: Option<i64>,
+    /// Local changes not yet sent up (ReadWrite).
+    #[serde(default)]
+    pub outbox_depth: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +196,8 @@ pub struct ConnectedRegistryView {
     pub sync_state: String,
     pub version: Option<String>,
     pub login_server: Option<String>,
+    pub cursor_lag: Option<i64>,
+    pub outbox_depth: Option<i64>,
     pub creation_date: String,
 }
 
@@ -777,6 +785,8 @@ impl Control {
             sync_state,
             version: row.version.clone(),
             login_server: row.login_server.clone(),
+            cursor_lag: row.cursor_lag,
+            outbox_depth: row.outbox_depth,
             creation_date: rfc3339(row.created_ms),
         })
     }
@@ -1299,6 +1309,12 @@ impl Control {
         if report.version.is_some() {
             row.version = report.version;
         }
+        if report.cursor_lag.is_some() {
+            row.cursor_lag = report.cursor_lag;
+        }
+        if report.outbox_depth.is_some() {
+            row.outbox_depth = report.outbox_depth;
+        }
         if report.login_server.is_some() {
             row.login_server = report.login_server;
         }
@@ -1591,6 +1607,8 @@ impl Control {
                 version: old.and_then(|o| o.version.clone()),
                 login_server: old.and_then(|o| o.login_server.clone()),
                 resync_requested: cfg.resync_requested,
+                cursor_lag: old.and_then(|o| o.cursor_lag),
+                outbox_depth: old.and_then(|o| o.outbox_depth),
             };
             self.meta.put_connected_registry(&row).await?;
         }

@@ -32,11 +32,16 @@ pub struct ConnectedRegistryRow {
     pub version: Option<String>,
     pub login_server: Option<String>,
     pub resync_requested: bool,
+    /// Messages the instance had yet to apply at its last report.
+    pub cursor_lag: Option<i64>,
+    /// Local changes the instance had yet to send up at its last report.
+    pub outbox_depth: Option<i64>,
 }
 
 const COLUMNS: &str = "name, mode, parent, sync_token, client_tokens, schedule, sync_window, message_ttl, \
      log_level, notifications, gc_enabled, gc_schedule, created_at, updated_at, activation, instance_id, \
-     last_activity, last_sync, sync_result, reported_state, status_details, version, login_server, resync_requested";
+     last_activity, last_sync, sync_result, reported_state, status_details, version, login_server, resync_requested, \
+     cursor_lag, outbox_depth";
 
 fn json_list(s: String) -> Result<Vec<String>> {
     serde_json::from_str(&s)
@@ -69,6 +74,8 @@ fn row(r: sqlx::sqlite::SqliteRow) -> Result<ConnectedRegistryRow> {
         version: r.try_get(21)?,
         login_server: r.try_get(22)?,
         resync_requested: r.try_get::<i64, _>(23)? != 0,
+        cursor_lag: r.try_get(24)?,
+        outbox_depth: r.try_get(25)?,
     })
 }
 
@@ -102,7 +109,7 @@ impl Meta {
         };
         sqlx::query(&format!(
             "INSERT OR REPLACE INTO connected_registries ({COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(&c.name)
         .bind(&c.mode)
@@ -128,6 +135,8 @@ impl Meta {
         .bind(&c.version)
         .bind(&c.login_server)
         .bind(i64::from(c.resync_requested))
+        .bind(c.cursor_lag)
+        .bind(c.outbox_depth)
         .execute(&self.write)
         .await?;
         Ok(())

@@ -599,6 +599,17 @@ impl Meta {
 
     // ---- event log -----------------------------------------------------------------------
 
+    /// Events after `seq` that clients made (not applied from a parent): a ReadWrite site's
+    /// outbox depth.
+    pub async fn client_events_after(&self, seq: i64) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE seq > ? AND origin IS NULL")
+                .bind(seq)
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
     /// The newest event's sequence number (0 when the log is empty).
     pub async fn latest_event(&self) -> Result<i64> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")

@@ -125,4 +125,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE events ADD COLUMN origin TEXT;
     "#,
+    // 5: how far behind each connected registry reported itself
+    r#"
+    ALTER TABLE connected_registries ADD COLUMN cursor_lag INTEGER;
+    ALTER TABLE connected_registries ADD COLUMN outbox_depth INTEGER;
+    "#,
 ];

@@ -195,6 +195,8 @@ struct Child {
     deadline: Mutex<Option<std::time::Instant>>,
     /// Tag conflicts found while sending the outbox, reported for an hour.
     conflicts: Mutex<Vec<(std::time::Instant, StatusDetail)>>,
+    /// How many of the parent's messages were still to apply after the last page.
+    lag: Mutex<Option<i64>>,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -289,6 +291,7 @@ pub async fn start(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         conflicts: Mutex::new(Vec::new()),
+        lag: Mutex::new(None),
     });
     child.apply_config(&config).await?;
     child
@@ -361,6 +364,7 @@ pub async fn start_mirror(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         conflicts: Mutex::new(Vec::new()),
+        lag: Mutex::new(None),
     });
     let task = tokio::spawn(child.run());
     Ok(Started {
@@ -514,6 +518,8 @@ impl Child {
     }
 
     async fn report(&self, state: &str, synced: bool) -> Result<()> {
+        let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let outbox_depth = self.outbox_depth().await;
         let mut details: Vec<StatusDetail> = self
             .last_error
             .lock()
@@ -538,6 +544,8 @@ impl Child {
                 status_details: Some(details),
                 version: Some(env!("CARGO_PKG_VERSION").into()),
                 login_server: Some(self.login_server.clone()),
+                cursor_lag: lag,
+                outbox_depth,
             })
             .await
     }
@@ -590,6 +598,7 @@ impl Child {
                 self.report("Syncing", false).await?;
                 self.reconcile(&cfg).await?;
                 self.set_cursor(Some(latest))?;
+                *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.report("Online", true).await?;
                 latest
@@ -616,6 +625,8 @@ impl Child {
                     self.set_cursor(Some(m.seq))?;
                 }
                 self.set_cursor(Some(page.next))?;
+                *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((page.latest - page.next).max(0));
                 if page.resync {
                     self.set_cursor(None)?;
                 }
@@ -626,6 +637,16 @@ impl Child {
             }
         }
         Ok(())
+    }
+
+    /// Local client changes not yet sent up (0 on a ReadOnly site, which takes none).
+    async fn outbox_depth(&self) -> Option<i64> {
+        let cursor: i64 = read_state(&self.dir.join("outbox-cursor"))
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.registry.meta().client_events_after(cursor).await.ok()
     }
 
     /// Sends this site's own changes — its clients' pushes, tag moves and deletes, never what
