@@ -388,14 +388,7 @@ pub async fn push_big_image(
         .collect();
     let config = b"{\"big\":true}".to_vec();
     for blob in [&config, &layer] {
-        let d = sha256_hex(blob);
-        let r = c
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(blob.clone())
-            .send()
-            .await
-            .expect("push");
-        assert_eq!(r.status(), 201);
+        push_blob(c, base, repo, blob).await;
     }
     let manifest = serde_json::json!({
         "schemaVersion": 2,

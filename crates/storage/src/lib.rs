@@ -12,7 +12,7 @@ mod mapped;
 mod upload;
 
 pub use layout::Layout;
-pub use upload::{AppendOutcome, Chunk};
+pub use upload::AppendOutcome;
 
 use bytes::Bytes;
 use futures_util::Stream;

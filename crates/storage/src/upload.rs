@@ -37,9 +37,6 @@ pub struct AppendOutcome {
     pub written: u64,
 }
 
-/// Alias kept for callers that name body pieces.
-pub type Chunk = Bytes;
-
 const CHANNEL_DEPTH: usize = 64;
 
 pub(crate) async fn append<S, E>(
