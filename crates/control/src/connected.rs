@@ -29,6 +29,13 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// The default schedule: always connected, syncing continuously.
 pub const CONTINUOUS: &str = "* * * * *";
 
+/// Whether a schedule is the continuous one (however it is spaced).
+pub fn is_continuous(schedule: &str) -> bool {
+    schedule
+        .split_whitespace()
+        .eq(CONTINUOUS.split_whitespace())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     ReadOnly,
@@ -389,9 +396,7 @@ pub enum Window {
 /// The sync window that `now` falls in, for a schedule and window length. Pure, so it is
 /// tested with fixed clocks.
 pub fn window_at(schedule: &str, window: Option<&str>, now: jiff::Timestamp) -> Result<Window> {
-    if schedule.split_whitespace().collect::<Vec<_>>()
-        == CONTINUOUS.split_whitespace().collect::<Vec<_>>()
-    {
+    if is_continuous(schedule) {
         return Ok(Window::Continuous);
     }
     let cron = parse_schedule("sync schedule", schedule)?;
@@ -649,15 +654,11 @@ impl Control {
         parse_schedule("sync schedule", schedule)?;
         let l = self.limits_cr();
         match window {
-            None if schedule.split_whitespace().collect::<Vec<_>>()
-                != CONTINUOUS.split_whitespace().collect::<Vec<_>>() =>
-            {
-                Err(ControlError::Invalid(format!(
-                    "a sync window is required with the sync schedule {schedule:?}: pass --sync-window with an ISO 8601 duration such as PT4H (between {} and {})",
-                    human(l.min_sync_window),
-                    human(l.max_sync_window)
-                )))
-            }
+            None if !is_continuous(schedule) => Err(ControlError::Invalid(format!(
+                "a sync window is required with the sync schedule {schedule:?}: pass --sync-window with an ISO 8601 duration such as PT4H (between {} and {})",
+                human(l.min_sync_window),
+                human(l.max_sync_window)
+            ))),
             None => Ok(()),
             Some(w) => {
                 let d = parse_duration("sync window", w)?;
@@ -696,9 +697,7 @@ impl Control {
             return "Offline".into();
         };
         let grace = self.limits_cr().offline_after.as_millis() as i64;
-        let expected = if row.schedule.split_whitespace().collect::<Vec<_>>()
-            == CONTINUOUS.split_whitespace().collect::<Vec<_>>()
-        {
+        let expected = if is_continuous(&row.schedule) {
             now_ms - grace
         } else {
             // The latest occurrence that should have produced contact by now.

@@ -99,7 +99,8 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     })
 }
 
-fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
+/// A JSON answer (the management API's and the gateway's).
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],

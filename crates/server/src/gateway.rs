@@ -3,6 +3,7 @@
 //! message feed (long-polling with `wait`), and reports its status — all with its sync token,
 //! authorized by the token's `gateway/<name>/…` actions. Content itself moves over `/v2/`.
 
+use crate::api::json;
 use crate::error::ApiError;
 use crate::{App, auth};
 use axum::Router;
@@ -54,15 +55,6 @@ async fn authorize(
         ));
     }
     Ok(())
-}
-
-fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_vec(v).unwrap_or_default(),
-    )
-        .into_response()
 }
 
 #[derive(Deserialize)]
