@@ -52,51 +52,11 @@ SITE_PW=bench-site-password
 ROOT_AUTH="Basic $(printf 'admin:%s' "$ROOT_PW" | base64 -w0)"
 MT='application/vnd.oci.image.manifest.v1+json'
 
-# wait.py: polls over one keep-alive connection (1 ms between tries) until a condition holds;
-# prints the seconds since START (an epoch float taken by the caller).
-cat >"$work/wait.py" <<'PY'
-import base64, http.client, json, sys, time
-mode, start, base, user, pw = sys.argv[1:6]
-args = sys.argv[6:]
-host = base.split("//", 1)[1]
-hdr = {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode(),
-       "Accept": "application/vnd.oci.image.manifest.v1+json"}
-conn = None
-def req(method, path):
-    global conn
-    for _ in range(2):
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(host, timeout=30)
-            conn.request(method, path, headers=hdr)
-            r = conn.getresponse()
-            return r.status, r.getheader("Docker-Content-Digest"), r.read()
-        except (OSError, http.client.HTTPException):
-            conn = None
-            time.sleep(0.01)
-    return 0, None, b""
-deadline = time.time() + 900
-def until(f):
-    while not f():
-        if time.time() > deadline:
-            sys.exit(f"wait.py: timed out: {mode} {args}")
-        time.sleep(0.001)
-if mode == "tags":          # REPO... each with at least N tags (args: N REPO...)
-    n = int(args[0])
-    for repo in args[1:]:
-        def ok():
-            s, _, b = req("GET", f"/v2/{repo}/tags/list")
-            return s == 200 and len(json.loads(b).get("tags") or []) >= n
-        until(ok)
-elif mode == "digest":      # REPO TAG DIGEST
-    repo, tag, d = args
-    until(lambda: req("HEAD", f"/v2/{repo}/manifests/{tag}")[1] == d)
-elif mode == "blob":        # REPO DIGEST
-    repo, d = args
-    until(lambda: req("HEAD", f"/v2/{repo}/blobs/{d}")[0] == 200)
-print(f"{time.time() - float(start):.3f}")
-PY
-wait_for() { python3 "$work/wait.py" "$@"; }
+# Waits run in outpost-bench (one keep-alive connection, polled 1 ms apart), not in a script
+# interpreter: starting python3 alone takes ~90 ms here, which would swamp a ~10 ms propagation.
+wait_for() { # SINCE URL PASSWORD ARGS...; prints seconds since SINCE
+    "$BENCH" --registry "$2" --auth "Basic $(printf 'admin:%s' "$3" | base64 -w0)" wait --since "$1" "${@:4}"
+}
 tag_digest() { # URL USER:PW REPO TAG
     curl -sf -I -u "$2" -H "Accept: $MT" "$1/v2/$3/manifests/$4" | tr -d '\r' | awk -F': ' 'tolower($1)=="docker-content-digest" {print $2}'
 }
@@ -174,7 +134,7 @@ start_outpost site-all "$SITE_PORT" "$SITE_PW" "$CS_ALL"
 # repositories in reverse order: the last one in catalog order is usually the last to finish,
 # and each wait is monotonic, so the sum ends when all have TAGS tags.
 rev=(); for ((i=${#repos[@]}-1; i>=0; i--)); do rev+=("${repos[$i]}"); done
-op_init=$(wait_for tags "$t0" "$SITE" admin "$SITE_PW" $TAGS "${rev[@]}")
+op_init=$(wait_for "$t0" "$SITE" "$SITE_PW" --tags $TAGS --repos "${rev[@]}")
 echo "outpost initial: $op_init s" >&2
 # verify: every tag at the site has the root's digest
 bad=0
@@ -213,13 +173,12 @@ record skp_initial "{\"secs\":$skp_init,\"tags_at_dest\":$(count_tags "$C")}"
 # ---- 3. incremental: one tag changes at the source ----
 last=${repos[$((REPOS - 1))]}
 echo "== incremental: $last:t1 moves" >&2
-t0=$(now)
+# push at the root, then poll the site from the same process until it serves the new digest
 "$BENCH" --registry "$ROOT" --auth "$ROOT_AUTH" push-image --repo "$last" --tag t1 --layers $LAYERS \
-    --layer-size $LAYER_SIZE --seed 777777 >"$work/push-inc.json"
-t_pushed=$(now)
-d=$(tag_digest "$ROOT" "admin:$ROOT_PW" "$last" t1)
-op_inc=$(wait_for digest "$t0" "$SITE" admin "$SITE_PW" "$last" t1 "$d")
-op_inc_after=$(secs "$t0" "$t_pushed")
+    --layer-size $LAYER_SIZE --seed 777777 \
+    --await-registry "$SITE" --await-auth "Basic $(printf 'admin:%s' "$SITE_PW" | base64 -w0)" >"$work/push-inc.json"
+op_inc=$(jget visible_secs <"$work/push-inc.json")
+op_inc_after=$(jget secs <"$work/push-inc.json")
 echo "outpost incremental: $op_inc s from push start (push itself $op_inc_after s)" >&2
 record op_incremental "{\"secs\":$op_inc,\"push_secs\":$op_inc_after}"
 
@@ -252,7 +211,7 @@ CS_BIG=$(settings site-big)
 BIG_PORT=$(free_port); SBIG=http://127.0.0.1:$BIG_PORT
 t0=$(now)
 start_outpost site-big "$BIG_PORT" "$SITE_PW" "$CS_BIG"
-op_big=$(wait_for blob "$t0" "$SBIG" admin "$SITE_PW" big "$bigd")
+op_big=$(wait_for "$t0" "$SBIG" "$SITE_PW" --blob "big@$bigd")
 python3 - "$BIG" "$op_big" "$curl_null" "$curl_file" >>"$results" <<'PY'
 import json, sys
 b, op, cn, cf = int(sys.argv[1]), *map(float, sys.argv[2:])
@@ -281,19 +240,15 @@ for _ in $(seq 600); do
 done
 LINE_PORT=$(free_port); LINE=http://127.0.0.1:$LINE_PORT
 start_outpost line-ro "$LINE_PORT" "$SITE_PW" "$CS_LINE"
+LINE_AUTH="Basic $(printf 'admin:%s' "$SITE_PW" | base64 -w0)"
 # warm-up: the first tag reaches the line through its initial reconcile, not timed
 "$BENCH" --registry "$ROOT" --auth "$ROOT_AUTH" push-image --repo lat --tag t0 --layers $LAYERS \
-    --layer-size $LAYER_SIZE --seed 9000 >/dev/null
-d=$(tag_digest "$ROOT" "admin:$ROOT_PW" lat t0)
-wait_for digest "$(now)" "$LINE" admin "$SITE_PW" lat t0 "$d" >/dev/null
+    --layer-size $LAYER_SIZE --seed 9000 --await-registry "$LINE" --await-auth "$LINE_AUTH" >/dev/null
 sleep 1
 lat=()
 for i in $(seq 1 $ROUNDS); do
-    t0=$(now)
-    "$BENCH" --registry "$ROOT" --auth "$ROOT_AUTH" push-image --repo lat --tag "t$i" --layers $LAYERS \
-        --layer-size $LAYER_SIZE --seed $((9000 + i)) >/dev/null
-    d=$(tag_digest "$ROOT" "admin:$ROOT_PW" lat "t$i")
-    s=$(wait_for digest "$t0" "$LINE" admin "$SITE_PW" lat "t$i" "$d")
+    s=$("$BENCH" --registry "$ROOT" --auth "$ROOT_AUTH" push-image --repo lat --tag "t$i" --layers $LAYERS \
+        --layer-size $LAYER_SIZE --seed $((9000 + i)) --await-registry "$LINE" --await-auth "$LINE_AUTH" | jget visible_secs)
     echo "push-to-leaf round $i: $s s" >&2
     lat+=("$s")
     sleep 0.5

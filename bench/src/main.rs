@@ -54,6 +54,29 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// After the push, poll this registry (one keep-alive connection, 1 ms apart) until it
+        /// serves REPO:TAG with the pushed manifest's digest; prints `visible_secs`, counted
+        /// from the start of the push (propagation through connected registries).
+        #[arg(long)]
+        await_registry: Option<String>,
+        /// `Authorization` header for --await-registry.
+        #[arg(long)]
+        await_auth: Option<String>,
+    },
+    /// Wait until a registry serves what is asked (one keep-alive connection, polled 1 ms
+    /// apart); prints the seconds since SINCE (a Unix time taken by the caller).
+    Wait {
+        /// Unix time, in seconds with a fraction, that the printed duration counts from.
+        #[arg(long)]
+        since: f64,
+        /// Wait until each of these repositories lists at least --tags tags.
+        #[arg(long, num_args = 1..)]
+        repos: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        tags: usize,
+        /// Wait until `REPO@DIGEST` is present as a blob.
+        #[arg(long)]
+        blob: Option<String>,
     },
     /// Pull an image (manifest, config, layers) with CONCURRENCY downloads in flight.
     PullImage {
@@ -229,6 +252,25 @@ impl Reg {
     }
 }
 
+/// Calls `check` 1 ms apart until it says yes; a failed request (the server still starting,
+/// a connection reset) counts as a no. Gives up after 15 minutes.
+async fn poll<F, Fut>(mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Ok(true) = check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A minimal HTTP/1.1 GET over a plain socket that discards the body through one large
 /// buffer, like iperf3's receiver: the single-stream pull ceiling is then the server's, not
 /// an HTTP client library's.
@@ -320,6 +362,8 @@ async fn main() -> Result<()> {
             layer_size,
             concurrency,
             seed,
+            await_registry,
+            await_auth,
         } => {
             let blobs: Vec<(Bytes, String)> = (0..layers)
                 .map(|i| {
@@ -353,14 +397,35 @@ async fn main() -> Result<()> {
             let m = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
                 "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd,"size":config.len()},
                 "layers":descs});
-            reg.put_manifest(&repo, &tag, serde_json::to_vec(&m)?)
-                .await?;
+            let m = serde_json::to_vec(&m)?;
+            let md = digest(&m);
+            reg.put_manifest(&repo, &tag, m).await?;
             let e = t.elapsed();
             let total = (layers * layer_size) as u64;
-            println!(
-                "{}",
-                serde_json::json!({"op":"push-image","layers":layers,"bytes":total,"concurrency":concurrency,"secs":e.as_secs_f64(),"mb_s":mbps(total,e)})
-            );
+            let mut out = serde_json::json!({"op":"push-image","layers":layers,"bytes":total,"concurrency":concurrency,
+                "digest":md,"secs":e.as_secs_f64(),"mb_s":mbps(total,e)});
+            if let Some(url) = await_registry {
+                let at = Reg {
+                    base: url.trim_end_matches('/').to_string(),
+                    http: http_client(&await_auth, 1)?,
+                    auth: await_auth,
+                };
+                let path = format!("/v2/{repo}/manifests/{tag}");
+                poll(|| async {
+                    let r = at
+                        .http
+                        .head(at.url(&path))
+                        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                        .send()
+                        .await?;
+                    Ok(r.headers()
+                        .get("docker-content-digest")
+                        .is_some_and(|v| v.as_bytes() == md.as_bytes()))
+                })
+                .await?;
+                out["visible_secs"] = t.elapsed().as_secs_f64().into();
+            }
+            println!("{out}");
         }
         Cmd::PullImage {
             repo,
@@ -476,6 +541,40 @@ async fn main() -> Result<()> {
                 "{}",
                 serde_json::json!({"op":"seed-tags","count":count,"secs":e.as_secs_f64(),"per_s":count as f64/e.as_secs_f64()})
             );
+        }
+        Cmd::Wait {
+            since,
+            repos,
+            tags,
+            blob,
+        } => {
+            let reg = Reg {
+                base: reg.base.clone(),
+                http: http_client(&reg.auth, 1)?,
+                auth: reg.auth.clone(),
+            };
+            for repo in &repos {
+                let path = format!("/v2/{repo}/tags/list");
+                poll(|| async {
+                    let r = reg.http.get(reg.url(&path)).send().await?;
+                    if !r.status().is_success() {
+                        return Ok(false);
+                    }
+                    let v: serde_json::Value = r.json().await?;
+                    Ok(v["tags"].as_array().is_some_and(|a| a.len() >= tags))
+                })
+                .await?;
+            }
+            if let Some(b) = blob {
+                let (repo, d) = b.split_once('@').context("--blob takes REPO@DIGEST")?;
+                let path = format!("/v2/{repo}/blobs/{d}");
+                poll(|| async { Ok(reg.http.head(reg.url(&path)).send().await?.status() == 200) })
+                    .await?;
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs_f64();
+            println!("{:.3}", now - since);
         }
         Cmd::TagsList { repo, rounds } => {
             let mut lat = Vec::new();
