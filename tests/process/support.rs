@@ -54,8 +54,35 @@ impl Outpost {
         Self::spawn(data_dir, &[], env)
     }
 
+    /// Like [`Outpost::start_env`], with `data_dir` on a fresh tmpfs of `size` (e.g. "16m")
+    /// mounted in a private mount namespace of the server alone: a small disk that fills up,
+    /// and disappears with the process. Needs root (CAP_SYS_ADMIN) and `unshare`.
+    pub fn start_on_small_disk(data_dir: &Path, size: &str, env: &[(&str, &str)]) -> Outpost {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o "size=$1" outpost-test "$2" && shift 2 && exec "$@""#)
+            .args(["sh", size])
+            .arg(data_dir)
+            .arg(env!("CARGO_BIN_EXE_outpost"));
+        Self::spawn_cmd(cmd, data_dir, &[], env)
+    }
+
     fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Outpost {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        Self::spawn_cmd(
+            Command::new(env!("CARGO_BIN_EXE_outpost")),
+            data_dir,
+            extra,
+            env,
+        )
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Outpost {
+        let mut child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -166,7 +193,7 @@ pub fn client_as(user: &str, pass: &str) -> reqwest::Client {
         .expect("client")
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }

@@ -942,3 +942,150 @@ async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
         "repositories still in scope stay"
     );
 }
+
+#[tokio::test]
+async fn two_repositories_needing_the_same_new_blob_download_it_once() {
+    const SIZE: usize = 24 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    // The same layer (same digest) in two repositories.
+    let digest = support::push_big_image(&admin, &r, "twin-a", "v1", SIZE).await;
+    assert_eq!(
+        support::push_big_image(&admin, &r, "twin-b", "v1", SIZE).await,
+        digest
+    );
+    let cs = connected(&root, "site-twins", &["--repository", "twin-a", "twin-b"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    // Slow enough that both repositories are reconciled while the blob is still coming.
+    proxy
+        .rate
+        .store(24 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    for repo in ["twin-a", "twin-b"] {
+        eventually(&format!("{repo} serves the layer"), || async {
+            blob_len(&site_admin, &s, repo, &digest).await == Some(SIZE)
+        })
+        .await;
+    }
+    let ratio = proxy.bytes() as f64 / SIZE as f64;
+    assert!(ratio < 1.5, "the shared layer came down {ratio:.2} times");
+}
+
+/// Whether this process may mount a tmpfs in a private namespace (it runs as root). Without
+/// root the disk-full test fails, unless TESTS_WITHOUT_ROOT=1 says to leave it out on purpose.
+fn may_mount() -> bool {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root {
+        assert!(
+            std::env::var_os("TESTS_WITHOUT_ROOT").is_some(),
+            "this test mounts a small tmpfs and must run as root (CI does); \
+             set TESTS_WITHOUT_ROOT=1 to leave it out deliberately"
+        );
+    }
+    root
+}
+
+#[tokio::test]
+async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
+    if !may_mount() {
+        return;
+    }
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let small = push_image(&admin, &r, "app", "v1", "fits").await;
+    support::push_big_image(&admin, &r, "big", "v1", 40 << 20).await;
+    let cs = connected(
+        &root,
+        "site-full",
+        &["--repository", "app", "big", "-m", "ReadWrite"],
+    );
+    // The site's whole data directory is a 16 MiB disk: the 40 MiB layer cannot fit.
+    let site = Outpost::start_on_small_disk(
+        site_dir.path(),
+        "16m",
+        &[
+            ("OUTPOST_CONNECTION_STRING", &cs),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the small image arrives", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(small.as_str())
+    })
+    .await;
+    eventually("the root shows DiskError for the site", || async {
+        let out = cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-full",
+                "-o",
+                "json",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["statusDetails"].as_array().is_some_and(|d| {
+            d.iter().any(|x| {
+                x["code"] == "DiskError"
+                    && x["description"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("No space left on device"))
+            })
+        })
+    })
+    .await;
+    // A client push that does not fit gets a clear 507, and what the site holds stays intact.
+    let blob = vec![7u8; 20 << 20];
+    let loc = site_admin
+        .post(format!("{s}/v2/local/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(loc.status(), 202);
+    let loc = loc.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{s}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let put = site_admin
+        .put(format!("{loc}{sep}digest={}", support::sha256_hex(&blob)))
+        .body(blob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 507);
+    let body = put.text().await.unwrap();
+    assert!(body.contains("storage is full"), "{body}");
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref(),
+        Some(small.as_str())
+    );
+    let pulled = site_admin
+        .get(format!("{s}/v2/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pulled.status(), 200);
+}

@@ -34,6 +34,30 @@ pub enum MetaError {
     Corrupt(String),
 }
 
+impl MetaError {
+    /// Whether the database could not be written because its disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            MetaError::Db(sqlx::Error::Database(e)) => {
+                // SQLITE_FULL; extended codes keep the primary code in the low byte.
+                e.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| c & 0xff == 13)
+            }
+            MetaError::Db(sqlx::Error::Io(e)) => is_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error says the disk or the quota is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 
 /// A stored manifest.

@@ -32,6 +32,19 @@ pub enum RegistryError {
     Meta(#[from] MetaError),
 }
 
+impl RegistryError {
+    /// Whether the store could not be written because its disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            RegistryError::Storage(StorageError::Io { source, .. }) => {
+                outpost_meta::is_disk_full(source)
+            }
+            RegistryError::Meta(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+}
+
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
         match e {

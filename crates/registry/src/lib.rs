@@ -12,6 +12,7 @@ mod error;
 pub use cache::CachedManifest;
 
 pub use error::RegistryError;
+pub use outpost_meta::is_disk_full;
 pub use outpost_meta::{Event, Meta, MetaError};
 pub use outpost_storage::{Storage, StorageError};
 
@@ -186,6 +187,23 @@ impl Registry {
         };
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(Some(size))
+    }
+
+    /// Stores a small blob held in memory (verified against `digest`) and links it into
+    /// `repo`. Returns its size.
+    pub async fn put_blob(&self, repo: &RepoName, digest: &Digest, bytes: Bytes) -> Result<u64> {
+        if let Some(max) = self.config.max_blob_bytes
+            && bytes.len() as u64 > max
+        {
+            return Err(StorageError::TooLarge {
+                size: bytes.len() as u64,
+                limit: max,
+            }
+            .into());
+        }
+        let size = self.storage.put_blob(digest, bytes).await?;
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        Ok(size)
     }
 
     // ---- uploads --------------------------------------------------------------------------

@@ -73,6 +73,14 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> ApiError {
         use RegistryError as R;
         let msg = e.to_string();
+        if e.is_disk_full() {
+            tracing::error!(error = %msg, "storage is full");
+            return ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::Unknown,
+                "the registry's storage is full; nothing was stored, retry after the operator frees space",
+            );
+        }
         match e {
             R::NameUnknown(n) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
                 .with_detail(json!({ "name": n.as_str() })),
@@ -116,16 +124,6 @@ impl From<RegistryError> for ApiError {
                 }
                 StorageError::TooLarge { .. } => {
                     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
-                }
-                StorageError::Io { ref source, .. }
-                    if source.kind() == std::io::ErrorKind::StorageFull =>
-                {
-                    tracing::error!(error = %s, "storage is full");
-                    ApiError::new(
-                        StatusCode::INSUFFICIENT_STORAGE,
-                        ErrorCode::Unknown,
-                        "the registry's storage is full; nothing was stored, retry after the operator frees space",
-                    )
                 }
                 other => ApiError::internal(&other),
             },

@@ -186,6 +186,41 @@ impl Storage {
         res
     }
 
+    /// Stores a whole blob held in memory: verified against `digest`, then written to a
+    /// temporary file in `uploads/` and published like a committed upload (fsync, rename,
+    /// directory fsync), all on one blocking thread. For small blobs, where an upload session
+    /// (owner file, per-chunk bookkeeping) would cost more than the bytes. Returns the size.
+    pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<u64> {
+        let tmp = self.layout.upload(&uuid::Uuid::new_v4().to_string());
+        let dst = self.layout.blob(digest);
+        let (digest, fsync) = (digest.clone(), self.fsync);
+        let path = tmp.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64> {
+            let actual = outpost_oci::Digest::of(digest.algorithm(), &bytes);
+            if actual != digest {
+                return Err(StorageError::DigestMismatch {
+                    expected: digest,
+                    actual,
+                });
+            }
+            if dst.exists() {
+                return Ok(bytes.len() as u64);
+            }
+            let written = std::fs::write(&path, &bytes)
+                .map_err(io_err(&path))
+                .and_then(|()| upload::publish(&path, &dst, fsync));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
+            written.map(|()| bytes.len() as u64)
+        })
+        .await
+        .map_err(|e| StorageError::Io {
+            path: tmp,
+            source: io::Error::other(e),
+        })?
+    }
+
     /// Cancels an upload, removing what it received.
     pub async fn abort_upload(&self, id: &str) -> Result<()> {
         self.forget(id);
@@ -258,5 +293,42 @@ impl Storage {
     ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>> {
         // A poisoned map only means another request panicked mid-insert; the map itself is fine.
         self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_blob_stores_only_verified_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), true).await.unwrap();
+        let good = Digest::sha256_of(b"layer bytes");
+        assert_eq!(
+            s.put_blob(&good, Bytes::from_static(b"layer bytes"))
+                .await
+                .unwrap(),
+            11
+        );
+        assert_eq!(s.blob_size(&good).await.unwrap(), Some(11));
+        assert_eq!(&s.map_blob(&good, None).await.unwrap()[..], b"layer bytes");
+        // Storing it again is a no-op that reports the size.
+        assert_eq!(
+            s.put_blob(&good, Bytes::from_static(b"layer bytes"))
+                .await
+                .unwrap(),
+            11
+        );
+
+        let claimed = Digest::sha256_of(b"what the parent said");
+        let err = s
+            .put_blob(&claimed, Bytes::from_static(b"what arrived"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
+        assert_eq!(s.blob_size(&claimed).await.unwrap(), None);
+        let leftovers = std::fs::read_dir(s.layout().uploads_dir()).unwrap().count();
+        assert_eq!(leftovers, 0, "no temporary file is left behind");
     }
 }

@@ -254,7 +254,7 @@ fn rehash(path: &Path, algorithm: Algorithm) -> Result<Digest> {
 
 /// Makes verified bytes at `src` visible at `dst`: fsync, rename, fsync the directory. If the
 /// blob already exists (a concurrent upload of the same content won), `src` is just removed.
-fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
+pub(crate) fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     if fsync {
         std::fs::File::open(src)
             .and_then(|f| f.sync_all())

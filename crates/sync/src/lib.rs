@@ -83,6 +83,22 @@ pub enum SyncError {
     },
 }
 
+impl SyncError {
+    /// The status detail code the parent shows for this failure.
+    fn status_code(&self) -> &'static str {
+        match self {
+            SyncError::Unreachable { .. } => "ParentUnreachable",
+            SyncError::BadCredentials { .. } => "SyncTokenRejected",
+            SyncError::Registry(e) if e.is_disk_full() => "DiskError",
+            SyncError::State { source, .. } if outpost_registry::is_disk_full(source) => {
+                "DiskError"
+            }
+            SyncError::Registry(_) | SyncError::State { .. } => "LocalStorageError",
+            _ => "SyncError",
+        }
+    }
+}
+
 type Result<T, E = SyncError> = std::result::Result<T, E>;
 
 /// Repositories reconciled at the same time.
@@ -197,6 +213,9 @@ struct Child {
     conflicts: Mutex<Vec<(std::time::Instant, StatusDetail)>>,
     /// How many of the parent's messages were still to apply after the last page.
     lag: Mutex<Option<i64>>,
+    /// Blobs being fetched right now, so two repositories that need the same new blob at
+    /// the same time download it once (the second then links the stored copy).
+    fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -291,6 +310,7 @@ pub async fn start(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         conflicts: Mutex::new(Vec::new()),
+        fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
     child.apply_config(&config).await?;
@@ -364,6 +384,7 @@ pub async fn start_mirror(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         conflicts: Mutex::new(Vec::new()),
+        fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
     let task = tokio::spawn(child.run());
@@ -483,20 +504,7 @@ impl Child {
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(StatusDetail {
                             kind: "Sync".into(),
-                            code: match &e {
-                                SyncError::Unreachable { .. } => "ParentUnreachable",
-                                SyncError::BadCredentials { .. } => "SyncTokenRejected",
-                                SyncError::Registry(RegistryError::Storage(
-                                    outpost_registry::StorageError::Io { source, .. },
-                                )) if source.kind() == std::io::ErrorKind::StorageFull => {
-                                    "DiskError"
-                                }
-                                SyncError::Registry(_) | SyncError::State { .. } => {
-                                    "LocalStorageError"
-                                }
-                                _ => "SyncError",
-                            }
-                            .into(),
+                            code: e.status_code().into(),
                             description: e.to_string(),
                             timestamp: Some(now_rfc3339()),
                             correlation_id: None,
@@ -951,7 +959,7 @@ impl Child {
         let manifest = Manifest::parse(&bytes, Some(&media_type))
             .map_err(|e| SyncError::Protocol(format!("manifest {digest}: {e}")))?;
         for b in manifest.required_blobs() {
-            self.ensure_blob(repo, &b.digest).await?;
+            self.ensure_blob(repo, &b.digest, b.size).await?;
         }
         for child in manifest.required_manifests() {
             Box::pin(self.ensure_manifest(repo, &child.digest.to_string())).await?;
@@ -966,17 +974,44 @@ impl Child {
         Ok(true)
     }
 
-    /// Makes blob `digest` present in `repo`: linked if stored already, else downloaded in
-    /// pieces into an upload whose id survives restarts, resuming with `Range`.
-    async fn ensure_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if self.registry.blob_size(repo, digest).await.is_ok()
-            || self
-                .registry
-                .link_existing_blob(repo, digest)
-                .await?
-                .is_some()
+    /// Makes blob `digest` (of `size` bytes, as its descriptor says) present in `repo`: linked
+    /// if stored already, else downloaded. Small blobs come in one request and are stored in
+    /// one step; larger ones go in pieces into an upload whose id survives restarts, resuming
+    /// with `Range`.
+    async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        if self.registry.blob_size(repo, digest).await.is_ok() {
+            return Ok(());
+        }
+        let gate = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        let fetched = {
+            let _one_at_a_time = gate.lock().await;
+            self.fetch_blob(repo, digest, size).await
+        };
+        let mut map = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and ours; no other task waits for this digest.
+        if Arc::strong_count(&gate) <= 2 {
+            map.remove(digest);
+        }
+        fetched
+    }
+
+    async fn fetch_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        if self
+            .registry
+            .link_existing_blob(repo, digest)
+            .await?
+            .is_some()
         {
             return Ok(());
+        }
+        if size <= SMALL_BLOB {
+            return self.fetch_small_blob(repo, digest, size).await;
         }
         let marker =
             self.dir
@@ -1001,7 +1036,6 @@ impl Child {
         if offset > 0 {
             tracing::info!(%digest, offset, "resuming blob transfer");
         }
-        const PIECE: usize = 1 << 20;
         let mut stream = Box::pin(
             self.parent
                 .blob(repo.as_str(), &digest.to_string(), offset)
@@ -1024,7 +1058,7 @@ impl Child {
                 }
                 None => true,
             };
-            if piece_len >= PIECE || (done && piece_len > 0) {
+            if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
                 let body = futures_util::stream::iter(
                     std::mem::take(&mut piece)
                         .into_iter()
@@ -1062,7 +1096,43 @@ impl Child {
         finished?;
         Ok(())
     }
+
+    async fn fetch_small_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        let mut stream = Box::pin(
+            self.parent
+                .blob(repo.as_str(), &digest.to_string(), 0)
+                .await?,
+        );
+        let mut body = bytes::BytesMut::with_capacity(size as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| SyncError::Unreachable {
+                parent: self.parent.base().to_string(),
+                reason: format!("blob {digest} cut at byte {}: {e}", body.len()),
+            })?;
+            if (body.len() + chunk.len()) as u64 > size {
+                return Err(SyncError::Protocol(format!(
+                    "blob {digest} from the parent is longer than the {size} bytes its descriptor says"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        match self.registry.put_blob(repo, digest, body.freeze()).await {
+            Err(RegistryError::Storage(outpost_registry::StorageError::DigestMismatch {
+                ..
+            })) => Err(SyncError::Protocol(format!(
+                "blob {digest} from the parent does not hash to its digest"
+            ))),
+            other => other.map(drop).map_err(Into::into),
+        }
+    }
 }
+
+/// Blobs up to this size are fetched in one request and stored in one step (no upload
+/// session, no resume marker): a cut transfer costs less to repeat than to track.
+const SMALL_BLOB: u64 = 1 << 20;
+/// Larger blobs are appended to their upload session in pieces of about this size; a cut
+/// transfer resumes from the last piece stored.
+const PIECE_BYTES: usize = 1 << 20;
 
 fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
     match r {
