@@ -109,6 +109,12 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// Hash SIZE bytes in memory with SHA-256 on one core; prints MB/s (the ceiling of any
+    /// copy that verifies a digest).
+    Hash {
+        #[arg(long)]
+        size: usize,
+    },
     /// GET the tags list ROUNDS times; prints latency.
     TagsList {
         #[arg(long)]
@@ -575,6 +581,16 @@ async fn main() -> Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs_f64();
             println!("{:.3}", now - since);
+        }
+        Cmd::Hash { size } => {
+            let d = data(1, size);
+            let t = Instant::now();
+            let h = digest(&d);
+            let e = t.elapsed();
+            println!(
+                "{}",
+                serde_json::json!({"op":"hash","digest":h,"bytes":size,"secs":e.as_secs_f64(),"mb_s":mbps(size as u64,e)})
+            );
         }
         Cmd::TagsList { repo, rounds } => {
             let mut lat = Vec::new();

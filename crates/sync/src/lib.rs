@@ -1041,42 +1041,47 @@ impl Child {
                 .blob(repo.as_str(), &digest.to_string(), offset)
                 .await?,
         );
-        let mut piece: Vec<Bytes> = Vec::new();
-        let mut piece_len = 0usize;
-        let mut cut = None;
-        loop {
-            let next = stream.next().await;
-            let done = match next {
-                Some(Ok(chunk)) => {
-                    piece_len += chunk.len();
-                    piece.push(chunk);
-                    false
+        // The download and the appends overlap: one side reads the next pieces from the
+        // network while the other hashes and writes the last one. Each append is a point the
+        // transfer can resume from.
+        let (pieces, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIECES_IN_FLIGHT);
+        let download = async move {
+            let mut piece: Vec<Bytes> = Vec::new();
+            let mut piece_len = 0usize;
+            loop {
+                let (done, cut) = match stream.next().await {
+                    Some(Ok(chunk)) => {
+                        piece_len += chunk.len();
+                        piece.push(chunk);
+                        (false, None)
+                    }
+                    Some(Err(e)) => (true, Some(e.to_string())),
+                    None => (true, None),
+                };
+                if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
+                    piece_len = 0;
+                    if pieces.send(std::mem::take(&mut piece)).await.is_err() {
+                        return Ok(None); // the appends stopped; their error is the answer
+                    }
                 }
-                Some(Err(e)) => {
-                    cut = Some(e.to_string());
-                    true
+                if done {
+                    return Ok::<_, SyncError>(cut);
                 }
-                None => true,
-            };
-            if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
-                let body = futures_util::stream::iter(
-                    std::mem::take(&mut piece)
-                        .into_iter()
-                        .map(Ok::<Bytes, std::io::Error>),
-                );
+            }
+        };
+        let store = async {
+            while let Some(piece) = queued.recv().await {
+                let body =
+                    futures_util::stream::iter(piece.into_iter().map(Ok::<Bytes, std::io::Error>));
                 offset = self
                     .registry
                     .append_upload(repo, &id, Some(offset), body)
                     .await?;
-                piece_len = 0;
-                if !done {
-                    self.check_window()?;
-                }
+                self.check_window()?;
             }
-            if done {
-                break;
-            }
-        }
+            Ok::<_, SyncError>(())
+        };
+        let (cut, ()) = tokio::try_join!(download, store)?;
         if let Some(reason) = cut {
             return Err(SyncError::Unreachable {
                 parent: self.parent.base().to_string(),
@@ -1133,6 +1138,9 @@ const SMALL_BLOB: u64 = 1 << 20;
 /// Larger blobs are appended to their upload session in pieces of about this size; a cut
 /// transfer resumes from the last piece stored.
 const PIECE_BYTES: usize = 1 << 20;
+/// Pieces downloaded ahead of the one being stored. A `kill -9` loses these (at most
+/// `(PIECES_IN_FLIGHT + 1) * PIECE_BYTES` to download again), so keep it small.
+const PIECES_IN_FLIGHT: usize = 2;
 
 fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
     match r {
