@@ -32,6 +32,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_parts() { awk '/^(VmRSS|RssAnon|RssFile):/ {printf "%s ", $2}' "/proc/$1/status"; } # KiB: total anon file
 wait_up() { for _ in $(seq 100); do curl -sf "$1/v2/" >/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
 
 # ---- servers ----
@@ -100,12 +101,14 @@ for server in outpost docker-registry; do
     hot=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
     [ "$server" = outpost ] && hot_op=$hot
     out=$("${B[@]}" pull-concurrent --repo hot/blob --digest "$hot" --clients 32 --rounds $ROUNDS32); record pull16m_32 "$server" "$out"; echo "$out" >&2
-    # sample RSS while 128 clients pull
-    ( peak=0; while kill -0 "$PID" 2>/dev/null; do r=$(rss_kib "$PID"); [ "$r" -gt "$peak" ] && peak=$r && echo "$peak" >"$work/peak"; sleep 0.05; done ) &
+    # sample RSS while 128 clients pull; keep the heap (RssAnon) / mapped files (RssFile) split
+    before=$(rss_kib "$PID")
+    ( peak=0; while kill -0 "$PID" 2>/dev/null; do set -- $(rss_parts "$PID"); [ "$1" -gt "$peak" ] && peak=$1 && echo "$*" >"$work/peak"; sleep 0.05; done ) &
     sampler=$!
     out=$("${B[@]}" pull-concurrent --repo hot/blob --digest "$hot" --clients 128 --rounds $ROUNDS128); record pull16m_128 "$server" "$out"; echo "$out" >&2
     kill $sampler 2>/dev/null || true; wait $sampler 2>/dev/null || true
-    record rss_128 "$server" "{\"rss_mib\":$(( $(cat "$work/peak") / 1024 ))}"
+    read -r peak anon file <"$work/peak"
+    record rss_128 "$server" "{\"rss_mib\":$((peak / 1024)),\"anon_mib\":$((anon / 1024)),\"file_mib\":$((file / 1024)),\"before_mib\":$((before / 1024))}"
 
     # manifest GET by tag, 32 connections
     wrk_out=$(wrk -t2 -c32 -d${WRK_SECS}s --latency -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$URL/v2/img/one/manifests/v1")
@@ -168,6 +171,10 @@ for label, name, key, higher in metrics:
         continue
     ratio = (a / b) if b else float("inf")
     print(f"| {label:46} | {a:10.1f} | {b:15.1f} | {ratio:6.2f}x |")
+print("\nRSS at the 128-client peak, split (MiB): ", end="")
+print("; ".join(f"{srv}: {get('rss_128', srv, 'anon_mib')} heap (RssAnon) + {get('rss_128', srv, 'file_mib')} "
+                f"mapped files (RssFile), {get('rss_128', srv, 'before_mib')} just before the run"
+                for srv in ("outpost", "docker-registry")))
 a = get("pull_1g", "outpost", "mb_s")
 print(f"\nOutpost single-stream pull vs iperf3: {100*a/ip:.0f}%")
 print(f"\n| {'Outpost with credentials':46} | {'anonymous':>10} | {'basic':>10} | {'bearer':>10} | {'worst/anon':>10} |")

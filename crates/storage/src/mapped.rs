@@ -86,8 +86,13 @@ impl Mapped {
         let Some(map) = map else {
             return Ok(None);
         };
-        let shared = Arc::new(map);
         let mut live = self.lock();
+        // Readers that arrived together each made a mapping; all but the first drop theirs
+        // before touching a page, so many clients of one blob share one set of mapped pages.
+        if let Some(m) = live.get(digest).and_then(Weak::upgrade) {
+            return Ok(Some(m));
+        }
+        let shared = Arc::new(map);
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(digest.clone(), Arc::downgrade(&shared));
         Ok(Some(shared))
@@ -122,6 +127,30 @@ mod tests {
         assert!(
             m.slice(&d, &path, None).await.is_err(),
             "gone once nobody holds it"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn readers_arriving_together_share_one_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let d = Digest::sha256_of(b"any key");
+        let m = Arc::new(Mapped::default());
+        let readers: Vec<_> = (0..64)
+            .map(|_| {
+                let (m, d, path) = (m.clone(), d.clone(), path.clone());
+                tokio::spawn(async move { m.slice(&d, &path, None).await.unwrap() })
+            })
+            .collect();
+        let mut slices = Vec::new();
+        for r in readers {
+            slices.push(r.await.unwrap());
+        }
+        let first = slices[0].as_ptr();
+        assert!(
+            slices.iter().all(|s| s.as_ptr() == first),
+            "every concurrent reader got the same mapping"
         );
     }
 }

@@ -38,6 +38,10 @@ pub struct AppendOutcome {
 }
 
 const CHANNEL_DEPTH: usize = 64;
+/// Bytes of one upload that may wait between the network and the disk. Enough to ride out a
+/// slow write; small, so a dozen concurrent uploads of fast clients do not grow the heap by
+/// hundreds of MiB (which the allocator then keeps).
+const BYTES_IN_FLIGHT: usize = 4 << 20;
 
 pub(crate) async fn append<S, E>(
     layout: &Layout,
@@ -78,8 +82,18 @@ where
     let mut hasher = state.hasher.take();
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(BYTES_IN_FLIGHT));
+    let freed = room.clone();
     let wpath = path.clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<Option<Digester>> {
+        // However the writer ends, a sender waiting for room must not wait forever.
+        struct CloseOnExit(std::sync::Arc<tokio::sync::Semaphore>);
+        impl Drop for CloseOnExit {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let freed = CloseOnExit(freed);
         let mut f = std::fs::OpenOptions::new().append(true).open(&wpath)?;
         let mut writeback = Writeback::new(before);
         while let Some(chunk) = rx.blocking_recv() {
@@ -88,6 +102,7 @@ where
                 h.update(&chunk);
             }
             writeback.wrote(&f, chunk.len() as u64);
+            freed.0.add_permits(chunk.len().min(BYTES_IN_FLIGHT));
         }
         Ok(hasher)
     });
@@ -106,6 +121,11 @@ where
                         limit,
                     });
                     break;
+                }
+                let n = chunk.len().min(BYTES_IN_FLIGHT) as u32;
+                match room.acquire_many(n).await {
+                    Ok(p) => p.forget(), // given back by the writer once the bytes are written
+                    Err(_) => break,
                 }
                 if tx.send(chunk).await.is_err() {
                     break; // the writer failed; its error is reported below
