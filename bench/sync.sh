@@ -134,6 +134,7 @@ CS_ALL=$(settings site-all)
 SITE_PORT=$(free_port); SITE=http://127.0.0.1:$SITE_PORT
 t0=$(now)
 start_outpost site-all "$SITE_PORT" "$SITE_PW" "$CS_ALL"
+site_all_pid=$last_pid
 # repositories in reverse order: the last one in catalog order is usually the last to finish,
 # and each wait is monotonic, so the sum ends when all have TAGS tags.
 rev=(); for ((i=${#repos[@]}-1; i>=0; i--)); do rev+=("${repos[$i]}"); done
@@ -199,6 +200,8 @@ record skp_incremental "{\"secs\":$skp_inc,\"dest_updated\":$okp}"
 
 # ---- 4. one big blob ----
 echo "== one $((BIG >> 20)) MiB blob" >&2
+# site-all syncs '*' and would fetch the big blob too, competing with what is measured here
+kill "$site_all_pid"; wait "$site_all_pid" 2>/dev/null || true
 "$BENCH" --registry "$ROOT" --auth "$ROOT_AUTH" push-image --repo big --tag v1 --layers 1 \
     --layer-size $BIG --seed 4242 >"$work/push-big.json"
 bigd=$(curl -sf -u "admin:$ROOT_PW" -H "Accept: $MT" "$ROOT/v2/big/manifests/v1" | jget layers 0 digest)
