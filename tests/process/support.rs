@@ -304,6 +304,9 @@ pub struct FaultProxy {
     pub rate: Arc<std::sync::atomic::AtomicU64>,
     /// While true, the link is down: new connections are dropped at once.
     pub blocked: Arc<std::sync::atomic::AtomicBool>,
+    /// Flip the bits of the downstream byte at this position (counted like `downstream`),
+    /// once (u64::MAX: never) — a parent or a link that corrupts data.
+    pub corrupt_at: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -319,12 +322,14 @@ impl FaultProxy {
         let cut_at = Arc::new(AtomicU64::new(u64::MAX));
         let rate = Arc::new(AtomicU64::new(0));
         let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let corrupt_at = Arc::new(AtomicU64::new(u64::MAX));
         let target = target.to_string();
-        let (d, c, r, b) = (
+        let (d, c, r, b, x) = (
             downstream.clone(),
             cut_at.clone(),
             rate.clone(),
             blocked.clone(),
+            corrupt_at.clone(),
         );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -340,7 +345,7 @@ impl FaultProxy {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut cr, &mut uw).await;
                 });
-                let (d, c, r, b) = (d.clone(), c.clone(), r.clone(), b.clone());
+                let (d, c, r, b, x) = (d.clone(), c.clone(), r.clone(), b.clone(), x.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -358,6 +363,11 @@ impl FaultProxy {
                             break; // the link went down: open connections die too
                         }
                         let total = d.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        let at = x.load(Ordering::Relaxed);
+                        if at < total && at >= total - n as u64 {
+                            buf[(at - (total - n as u64)) as usize] ^= 0xff;
+                            x.store(u64::MAX, Ordering::Relaxed);
+                        }
                         if total > c.load(Ordering::Relaxed) {
                             // Deliver up to the budget, then drop the connection mid-stream.
                             c.store(u64::MAX, Ordering::Relaxed);
@@ -381,6 +391,7 @@ impl FaultProxy {
             cut_at,
             rate,
             blocked,
+            corrupt_at,
             task,
         }
     }

@@ -1089,3 +1089,51 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
         .unwrap();
     assert_eq!(pulled.status(), 200);
 }
+
+#[tokio::test]
+async fn a_blob_corrupted_on_the_way_is_refused_and_fetched_again() {
+    const SIZE: usize = 4 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let cs = connected(&root, "site-corrupt", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    // One flipped byte in the middle of the layer (the JSON before it is a few KiB).
+    proxy
+        .corrupt_at
+        .store(2 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the layer arrives intact on the second try", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    let body = site_admin
+        .get(format!("{s}/v2/big/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        support::sha256_hex(&body),
+        digest,
+        "only the intact copy is served"
+    );
+    assert!(
+        site.log().contains("from the parent hashes to"),
+        "{}",
+        site.log()
+    );
+    assert!(
+        proxy.bytes() >= 2 * SIZE as u64,
+        "the corrupt copy was discarded and the blob fetched again"
+    );
+}

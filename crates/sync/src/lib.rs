@@ -1097,9 +1097,19 @@ impl Child {
                 None::<futures_util::stream::Empty<Result<Bytes, std::io::Error>>>,
             )
             .await;
-        let _ = std::fs::remove_file(&marker);
-        finished?;
-        Ok(())
+        match finished {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&marker);
+                Ok(())
+            }
+            Err(RegistryError::DigestMismatch { actual, .. }) => {
+                // The upload was discarded; the next attempt starts over.
+                let _ = std::fs::remove_file(&marker);
+                Err(corrupt_blob(digest, &actual))
+            }
+            // Anything else (a full disk at commit) keeps the upload to resume from.
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn fetch_small_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
@@ -1122,11 +1132,7 @@ impl Child {
             body.extend_from_slice(&chunk);
         }
         match self.registry.put_blob(repo, digest, body.freeze()).await {
-            Err(RegistryError::Storage(outpost_registry::StorageError::DigestMismatch {
-                ..
-            })) => Err(SyncError::Protocol(format!(
-                "blob {digest} from the parent does not hash to its digest"
-            ))),
+            Err(RegistryError::DigestMismatch { actual, .. }) => Err(corrupt_blob(digest, &actual)),
             other => other.map(drop).map_err(Into::into),
         }
     }
@@ -1141,6 +1147,12 @@ const PIECE_BYTES: usize = 1 << 20;
 /// Pieces downloaded ahead of the one being stored. A `kill -9` loses these (at most
 /// `(PIECES_IN_FLIGHT + 1) * PIECE_BYTES` to download again), so keep it small.
 const PIECES_IN_FLIGHT: usize = 2;
+
+fn corrupt_blob(digest: &Digest, actual: &Digest) -> SyncError {
+    SyncError::Protocol(format!(
+        "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
+    ))
+}
 
 fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
     match r {
