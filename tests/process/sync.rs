@@ -1137,3 +1137,60 @@ async fn a_blob_corrupted_on_the_way_is_refused_and_fetched_again() {
         "the corrupt copy was discarded and the blob fetched again"
     );
 }
+
+#[tokio::test]
+async fn an_upload_complete_but_not_committed_is_committed_without_downloading_again() {
+    const SIZE: usize = 8 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.url("");
+    let r = r.trim_end_matches('/').to_string();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let layer = admin
+        .get(format!("{r}/v2/big/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // The state a site is left in when it dies (or its window closes, or its disk fills)
+    // after the last piece of a blob and before the commit: the whole blob in its upload
+    // session, and the resume marker naming it (layouts: docs/storage-layout.md, sync state).
+    let id = "0b7c9d1e-0000-4000-8000-00000000c0de";
+    let d = site_dir.path();
+    std::fs::create_dir_all(d.join("uploads")).unwrap();
+    std::fs::create_dir_all(d.join("sync/partial")).unwrap();
+    std::fs::write(d.join("uploads").join(id), &layer).unwrap();
+    std::fs::write(d.join("uploads").join(format!("{id}.owner")), "big").unwrap();
+    let hex = digest.trim_start_matches("sha256:");
+    std::fs::write(
+        d.join("sync/partial").join(format!("sha256-{hex}")),
+        format!("big {id}"),
+    )
+    .unwrap();
+
+    let cs = connected(&root, "site-complete", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let site = start_site(d, &via(&cs, &proxy.addr));
+    let s = site.url("");
+    let s = s.trim_end_matches('/').to_string();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the blob is committed from the finished upload", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    assert!(
+        proxy.bytes() < (SIZE / 10) as u64,
+        "downloaded {} bytes for a blob that was already complete",
+        proxy.bytes()
+    );
+    assert!(
+        !d.join("sync/partial")
+            .join(format!("sha256-{hex}"))
+            .exists(),
+        "the resume marker is gone once the blob is stored"
+    );
+}

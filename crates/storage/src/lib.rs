@@ -329,6 +329,6 @@ mod tests {
         assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
         assert_eq!(s.blob_size(&claimed).await.unwrap(), None);
         let leftovers = std::fs::read_dir(s.layout().uploads_dir()).unwrap().count();
-        assert_eq!(leftovers, 0, "no temporary file is left behind");
+        assert_eq!(leftovers, 0, "a refused blob leaves nothing in uploads/");
     }
 }

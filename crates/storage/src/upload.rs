@@ -42,6 +42,9 @@ const CHANNEL_DEPTH: usize = 64;
 /// slow write; small, so a dozen concurrent uploads of fast clients do not grow the heap by
 /// hundreds of MiB (which the allocator then keeps).
 const BYTES_IN_FLIGHT: usize = 4 << 20;
+/// After a refused chunk (disk full, too large), how much more of the body is read and dropped
+/// so the client sees the error.
+const DRAIN_LIMIT: u64 = 64 << 20;
 
 pub(crate) async fn append<S, E>(
     layout: &Layout,
@@ -109,6 +112,7 @@ where
 
     let mut received: u64 = 0;
     let mut failure: Option<StorageError> = None;
+    let mut refused = false;
     while let Some(item) = body.next().await {
         match item {
             Ok(chunk) => {
@@ -120,15 +124,20 @@ where
                         size: before + received,
                         limit,
                     });
+                    refused = true;
                     break;
                 }
                 let n = chunk.len().min(BYTES_IN_FLIGHT) as u32;
                 match room.acquire_many(n).await {
                     Ok(p) => p.forget(), // given back by the writer once the bytes are written
-                    Err(_) => break,
+                    Err(_) => {
+                        refused = true; // the writer failed; its error is reported below
+                        break;
+                    }
                 }
                 if tx.send(chunk).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                    refused = true;
+                    break;
                 }
             }
             Err(e) => {
@@ -141,6 +150,18 @@ where
         }
     }
     drop(tx);
+    if refused {
+        // Read (and drop) what the client is still sending, up to a bound, so that it gets the
+        // error response rather than a connection reset: a server that closes with unread
+        // request bytes makes the kernel send RST, which can destroy the response in flight.
+        let mut drained = 0u64;
+        while drained < DRAIN_LIMIT {
+            match body.next().await {
+                Some(Ok(chunk)) => drained += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    }
     let written = writer
         .await
         .map_err(|e| StorageError::Io {

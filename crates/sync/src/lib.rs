@@ -1002,21 +1002,23 @@ impl Child {
     }
 
     async fn fetch_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        let marker =
+            self.dir
+                .join("partial")
+                .join(format!("{}-{}", digest.algorithm(), digest.hex()));
         if self
             .registry
             .link_existing_blob(repo, digest)
             .await?
             .is_some()
         {
+            // Stored by an earlier attempt that failed after the commit (say, a full database).
+            let _ = std::fs::remove_file(&marker);
             return Ok(());
         }
         if size <= SMALL_BLOB {
             return self.fetch_small_blob(repo, digest, size).await;
         }
-        let marker =
-            self.dir
-                .join("partial")
-                .join(format!("{}-{}", digest.algorithm(), digest.hex()));
         let mut upload = None;
         if let Some(saved) = read_state(&marker)?
             && let Some((saved_repo, id)) = saved.split_once(' ')
@@ -1036,52 +1038,63 @@ impl Child {
         if offset > 0 {
             tracing::info!(%digest, offset, "resuming blob transfer");
         }
-        let mut stream = Box::pin(
-            self.parent
-                .blob(repo.as_str(), &digest.to_string(), offset)
-                .await?,
-        );
-        // The download and the appends overlap: one side reads the next pieces from the
-        // network while the other hashes and writes the last one. Each append is a point the
-        // transfer can resume from.
-        let (pieces, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIECES_IN_FLIGHT);
-        let download = async move {
-            let mut piece: Vec<Bytes> = Vec::new();
-            let mut piece_len = 0usize;
-            loop {
-                let (done, cut) = match stream.next().await {
-                    Some(Ok(chunk)) => {
-                        piece_len += chunk.len();
-                        piece.push(chunk);
-                        (false, None)
+        // All bytes may be here already: a window closed, the process died or the disk was
+        // full between the last piece and the commit. Then there is nothing to download (a
+        // Range starting at the blob's end would be refused).
+        let cut = if offset < size {
+            let mut stream = Box::pin(
+                self.parent
+                    .blob(repo.as_str(), &digest.to_string(), offset)
+                    .await?,
+            );
+            // The download and the appends overlap: one side reads the next pieces from the
+            // network while the other hashes and writes the last one. Each append is a point the
+            // transfer can resume from.
+            let (pieces, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIECES_IN_FLIGHT);
+            let download = async move {
+                let mut piece: Vec<Bytes> = Vec::new();
+                let mut piece_len = 0usize;
+                loop {
+                    let (done, cut) = match stream.next().await {
+                        Some(Ok(chunk)) => {
+                            piece_len += chunk.len();
+                            piece.push(chunk);
+                            (false, None)
+                        }
+                        Some(Err(e)) => (true, Some(e.to_string())),
+                        None => (true, None),
+                    };
+                    if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
+                        piece_len = 0;
+                        if pieces.send(std::mem::take(&mut piece)).await.is_err() {
+                            return Ok(None); // the appends stopped; their error is the answer
+                        }
                     }
-                    Some(Err(e)) => (true, Some(e.to_string())),
-                    None => (true, None),
-                };
-                if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
-                    piece_len = 0;
-                    if pieces.send(std::mem::take(&mut piece)).await.is_err() {
-                        return Ok(None); // the appends stopped; their error is the answer
+                    if done {
+                        return Ok::<_, SyncError>(cut);
                     }
                 }
-                if done {
-                    return Ok::<_, SyncError>(cut);
+            };
+            let store = async {
+                while let Some(piece) = queued.recv().await {
+                    let body = futures_util::stream::iter(
+                        piece.into_iter().map(Ok::<Bytes, std::io::Error>),
+                    );
+                    offset = self
+                        .registry
+                        .append_upload(repo, &id, Some(offset), body)
+                        .await?;
+                    if offset < size {
+                        self.check_window()?;
+                    }
                 }
-            }
+                Ok::<_, SyncError>(())
+            };
+            let (cut, ()) = tokio::try_join!(download, store)?;
+            cut
+        } else {
+            None
         };
-        let store = async {
-            while let Some(piece) = queued.recv().await {
-                let body =
-                    futures_util::stream::iter(piece.into_iter().map(Ok::<Bytes, std::io::Error>));
-                offset = self
-                    .registry
-                    .append_upload(repo, &id, Some(offset), body)
-                    .await?;
-                self.check_window()?;
-            }
-            Ok::<_, SyncError>(())
-        };
-        let (cut, ()) = tokio::try_join!(download, store)?;
         if let Some(reason) = cut {
             return Err(SyncError::Unreachable {
                 parent: self.parent.base().to_string(),
