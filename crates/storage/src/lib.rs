@@ -73,23 +73,11 @@ impl Storage {
                 .await
                 .map_err(io_err(&dir))?;
         }
-        let mapped: Arc<mapped::Mapped> = Arc::default();
-        // Lingering mappings expire even when no further reads come.
-        let weak = Arc::downgrade(&mapped);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                match weak.upgrade() {
-                    Some(m) => m.expire(),
-                    None => break,
-                }
-            }
-        });
         Ok(Storage {
             layout,
             fsync,
             uploads: Arc::default(),
-            mapped,
+            mapped: Arc::default(),
         })
     }
 

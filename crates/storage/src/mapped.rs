@@ -12,11 +12,9 @@ use crate::{Result, StorageError, io_err};
 use bytes::Bytes;
 use outpost_oci::Digest;
 use std::collections::HashMap;
-use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
 
 /// One mapping of one blob file.
 struct Map(memmap2::Mmap);
@@ -30,61 +28,12 @@ impl AsRef<[u8]> for Shared {
     }
 }
 
-/// How long a mapping outlives its last reader. Mapping a file is cheap; filling its page
-/// tables again (one fault per few pages) costs ~15-25% of a warm 1 GiB pull, so back-to-back
-/// pulls of a hot blob keep using the one already filled in.
-const LINGER: Duration = Duration::from_secs(1);
-/// Lingering mappings are dropped oldest first beyond this many bytes.
-const LINGER_MAX_BYTES: usize = 2 << 30;
-
+#[derive(Default)]
 pub(crate) struct Mapped {
     live: Mutex<HashMap<Digest, Weak<Map>>>,
-    /// Mappings recently handed out, with when; each keeps its mapping alive for `linger`.
-    recent: Mutex<VecDeque<(Instant, Arc<Map>)>>,
-    linger: Duration,
-}
-
-impl Default for Mapped {
-    fn default() -> Mapped {
-        Mapped::with_linger(LINGER)
-    }
 }
 
 impl Mapped {
-    pub(crate) fn with_linger(linger: Duration) -> Mapped {
-        Mapped {
-            live: Mutex::default(),
-            recent: Mutex::default(),
-            linger,
-        }
-    }
-
-    /// Drops lingering mappings older than `linger`. Called on every read and by a timer.
-    pub(crate) fn expire(&self) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        while recent
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= self.linger)
-        {
-            recent.pop_front();
-        }
-    }
-
-    /// Keeps `map` alive for `linger` from now.
-    fn keep(&self, map: &Arc<Map>) {
-        self.expire();
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.retain(|(_, m)| !Arc::ptr_eq(m, map));
-        recent.push_back((Instant::now(), map.clone()));
-        let mut bytes: usize = recent.iter().map(|(_, m)| m.0.len()).sum();
-        while bytes > LINGER_MAX_BYTES && recent.len() > 1 {
-            if let Some((_, m)) = recent.pop_front() {
-                bytes -= m.0.len();
-            }
-        }
-    }
-
     /// Bytes `start..end` of the blob at `path`, from a shared mapping of the whole file (made
     /// if none is alive). The kernel is asked to start reading the range ahead of the socket,
     /// so a cold blob streams at disk speed instead of one page fault at a time.
@@ -100,7 +49,6 @@ impl Mapped {
                 Some(_) => Err(io_err(path)(io::Error::other("range beyond the blob"))),
             };
         };
-        self.keep(&map);
         let len = map.0.len();
         let (start, end) = range.unwrap_or((0, len));
         if start > end || end > len {
@@ -165,7 +113,7 @@ mod tests {
         let path = dir.path().join("blob");
         std::fs::write(&path, b"hello mapped world").unwrap();
         let d = Digest::sha256_of(b"hello mapped world");
-        let m = Mapped::with_linger(Duration::ZERO);
+        let m = Mapped::default();
         let a = m.slice(&d, &path, None).await.unwrap();
         let b = m.slice(&d, &path, Some((6, 12))).await.unwrap();
         assert_eq!(&a[..], b"hello mapped world");
@@ -176,7 +124,6 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(&b[..], b"mapped");
         drop((a, b));
-        m.expire();
         assert!(
             m.slice(&d, &path, None).await.is_err(),
             "gone once nobody holds it"
@@ -204,25 +151,6 @@ mod tests {
         assert!(
             slices.iter().all(|s| s.as_ptr() == first),
             "every concurrent reader got the same mapping"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_mapping_lingers_briefly_after_its_last_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, b"hot layer").unwrap();
-        let d = Digest::sha256_of(b"hot layer");
-        let m = Mapped::with_linger(Duration::from_millis(200));
-        drop(m.slice(&d, &path, None).await.unwrap());
-        // No reader holds it, yet the next read reuses it: even the unlinked file is served.
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(&m.slice(&d, &path, None).await.unwrap()[..], b"hot layer");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        m.expire();
-        assert!(
-            m.slice(&d, &path, None).await.is_err(),
-            "released once the linger is over"
         );
     }
 }
