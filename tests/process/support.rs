@@ -134,6 +134,11 @@ impl Outpost {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The base URL, `http://host:port` with no trailing slash.
+    pub fn base(&self) -> String {
+        self.url("")
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }

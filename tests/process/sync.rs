@@ -86,8 +86,7 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/');
+    let r = &root.base();
     let v1 = push_image(&admin, r, "app", "v1", "one").await;
     push_image(&admin, r, "other", "v1", "not-in-scope").await;
 
@@ -119,8 +118,7 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
     );
 
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     let reader = client_as("site-reader", &reader_pw);
     eventually("the site has app:v1", || async {
@@ -222,8 +220,7 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
     }
     drop(site);
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/');
+    let s = &site.base();
     assert_eq!(
         tag_digest(&reader, s, "app", "v1").await.as_deref(),
         Some(moved.as_str()),
@@ -303,8 +300,7 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
     // The TTL bound shortened through ordinary configuration, as an operator would.
     let root = Outpost::start_env(root_dir.path(), &[("OUTPOST_MIN_MESSAGE_TTL", "PT1S")]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "first").await;
     let cs = connected(
         &root,
@@ -312,8 +308,7 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
         &["--repository", "app", "--sync-message-ttl", "PT2S"],
     );
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("v1 arrives", || async {
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
@@ -335,8 +330,7 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     eventually("v2 arrives by reconciliation", || async {
         tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
     })
@@ -385,8 +379,7 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
     let cs = connected(&root, "site-cut", &["--repository", "big"]);
     let proxy = support::FaultProxy::start(&root.addr).await;
@@ -395,8 +388,7 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
         .cut_at
         .store(15 << 20, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the big blob arrives whole", || async {
         blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
@@ -422,8 +414,7 @@ async fn a_kill_9_mid_sync_resumes_after_restart() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
     let cs = via(
         &connected(&root, "site-kill", &["--repository", "big"]),
@@ -445,8 +436,7 @@ async fn a_kill_9_mid_sync_resumes_after_restart() {
     assert!(before < SIZE as u64, "killed before the transfer finished");
     proxy.rate.store(0, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the blob completes after the restart", || async {
         blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
@@ -474,8 +464,7 @@ async fn a_transfer_that_outlasts_its_window_stops_and_resumes_in_the_next() {
     // Windows of a few seconds, allowed through ordinary configuration.
     let root = Outpost::start_env(root_dir.path(), &[("OUTPOST_MIN_SYNC_WINDOW", "PT1S")]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
     // Every minute, for 4 seconds.
     let cs = connected(
@@ -489,8 +478,7 @@ async fn a_transfer_that_outlasts_its_window_stops_and_resumes_in_the_next() {
         .rate
         .store(6 << 20, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     let deadline = std::time::Instant::now() + Duration::from_secs(200);
     loop {
@@ -576,8 +564,7 @@ async fn a_plain_docker_registry_can_be_the_parent() {
             ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
         ],
     );
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("mirror/app:v1 is mirrored", || async {
         tag_digest(&site_admin, &s, "mirror/app", "v1")
@@ -614,8 +601,7 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
     let sibling_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     push_image(&admin, &r, "app", "base", "base").await;
     let site_cs = connected(
         &root,
@@ -626,10 +612,8 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
     let proxy = support::FaultProxy::start(&root.addr).await;
     let site = start_site(site_dir.path(), &via(&site_cs, &proxy.addr));
     let sibling = start_site(sibling_dir.path(), &sibling_cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
-    let sib = sibling.url("");
-    let sib = sib.trim_end_matches('/').to_string();
+    let s = site.base();
+    let sib = sibling.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the site has app:base", || async {
         tag_digest(&site_admin, &s, "app", "base").await.is_some()
@@ -723,8 +707,7 @@ async fn referrers_travel_with_their_subject() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let subject = push_image(&admin, &r, "app", "v1", "signed").await;
     // An untagged signature-like artifact whose subject is app:v1.
     let empty = b"{}".to_vec();
@@ -751,8 +734,7 @@ async fn referrers_travel_with_their_subject() {
     assert_eq!(put.status(), 201);
     let cs = connected(&root, "site-ref", &["--repository", "app"]);
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the referrer is at the site", || async {
         let r = site_admin
@@ -776,8 +758,7 @@ async fn a_three_level_hierarchy_root_site_line() {
     let line_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "deep-one").await;
     let site_cs = connected(
         &root,
@@ -845,8 +826,7 @@ async fn a_three_level_hierarchy_root_site_line() {
     })
     .await;
     let line = start_site(line_dir.path(), line_cs.trim());
-    let l = line.url("");
-    let l = l.trim_end_matches('/').to_string();
+    let l = line.base();
     eventually("the leaf has app:v1 through the site", || async {
         tag_digest(&site_admin, &l, "app", "v1").await.as_deref() == Some(v1.as_str())
     })
@@ -858,8 +838,7 @@ async fn a_three_level_hierarchy_root_site_line() {
     })
     .await;
     // A push at the (ReadWrite) site reaches the root, and the leaf.
-    let site_url = site.url("");
-    let site_url = site_url.trim_end_matches('/').to_string();
+    let site_url = site.base();
     let v3 = push_image(&site_admin, &site_url, "app", "v3", "from-the-site").await;
     eventually("the site's push reaches root and leaf", || async {
         tag_digest(&admin, &r, "app", "v3").await.as_deref() == Some(v3.as_str())
@@ -899,14 +878,12 @@ async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     push_image(&admin, &r, "app", "v1", "kept").await;
     push_image(&admin, &r, "tools", "v1", "dropped").await;
     let cs = connected(&root, "site-scope", &["--repository", "app", "tools"]);
     let site = start_site(site_dir.path(), &cs);
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("both repositories arrive", || async {
         tag_digest(&site_admin, &s, "app", "v1").await.is_some()
@@ -950,8 +927,7 @@ async fn two_repositories_needing_the_same_new_blob_download_it_once() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     // The same layer (same digest) in two repositories.
     let digest = support::push_big_image(&admin, &r, "twin-a", "v1", SIZE).await;
     assert_eq!(
@@ -965,8 +941,7 @@ async fn two_repositories_needing_the_same_new_blob_download_it_once() {
         .rate
         .store(24 << 20, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     for repo in ["twin-a", "twin-b"] {
         eventually(&format!("{repo} serves the layer"), || async {
@@ -1004,8 +979,7 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let small = push_image(&admin, &r, "app", "v1", "fits").await;
     support::push_big_image(&admin, &r, "big", "v1", 40 << 20).await;
     let cs = connected(
@@ -1023,8 +997,7 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
             ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
         ],
     );
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the small image arrives", || async {
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(small.as_str())
@@ -1046,9 +1019,10 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
         v["statusDetails"].as_array().is_some_and(|d| {
             d.iter().any(|x| {
                 x["code"] == "DiskError"
-                    && x["description"]
-                        .as_str()
-                        .is_some_and(|t| t.contains("No space left on device"))
+                    && x["description"].as_str().is_some_and(|t| {
+                        t.contains("No space left on device")
+                            && t.contains("free space in this connected registry's data directory")
+                    })
             })
         })
     })
@@ -1097,8 +1071,7 @@ async fn a_blob_corrupted_on_the_way_is_refused_and_fetched_again() {
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
     let cs = connected(&root, "site-corrupt", &["--repository", "big"]);
     let proxy = support::FaultProxy::start(&root.addr).await;
@@ -1107,8 +1080,7 @@ async fn a_blob_corrupted_on_the_way_is_refused_and_fetched_again() {
         .corrupt_at
         .store(2 << 20, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the layer arrives intact on the second try", || async {
         blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
@@ -1145,8 +1117,7 @@ async fn an_upload_complete_but_not_committed_is_committed_without_downloading_a
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.url("");
-    let r = r.trim_end_matches('/').to_string();
+    let r = root.base();
     let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
     let layer = admin
         .get(format!("{r}/v2/big/blobs/{digest}"))
@@ -1175,8 +1146,7 @@ async fn an_upload_complete_but_not_committed_is_committed_without_downloading_a
     let cs = connected(&root, "site-complete", &["--repository", "big"]);
     let proxy = support::FaultProxy::start(&root.addr).await;
     let site = start_site(d, &via(&cs, &proxy.addr));
-    let s = site.url("");
-    let s = s.trim_end_matches('/').to_string();
+    let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the blob is committed from the finished upload", || async {
         blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)

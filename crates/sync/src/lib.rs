@@ -97,6 +97,17 @@ impl SyncError {
             _ => "SyncError",
         }
     }
+
+    /// What the parent shows next to the code: the error, and for a full disk what to do.
+    fn status_description(&self) -> String {
+        match self.status_code() {
+            "DiskError" => format!(
+                "{self}; free space in this connected registry's data directory: the transfer \
+                 resumes where it stopped"
+            ),
+            _ => self.to_string(),
+        }
+    }
 }
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
@@ -505,7 +516,7 @@ impl Child {
                         Some(StatusDetail {
                             kind: "Sync".into(),
                             code: e.status_code().into(),
-                            description: e.to_string(),
+                            description: e.status_description(),
                             timestamp: Some(now_rfc3339()),
                             correlation_id: None,
                         });
