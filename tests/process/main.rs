@@ -5,6 +5,7 @@
 
 mod support;
 mod sync;
+mod tls;
 
 use sha2::Digest as _;
 use std::io::Write;

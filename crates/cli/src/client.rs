@@ -105,10 +105,21 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the registry at {}", self.base))?;
+        let resp = req.send().await.map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            if why.contains("certificate") {
+                why.push_str(
+                    " (for a registry whose certificate a private CA signed, set SSL_CERT_FILE \
+                         to that CA's PEM file)",
+                );
+            }
+            anyhow::anyhow!("cannot reach the registry at {}: {why}", self.base)
+        })?;
         let status = resp.status();
         let bytes = resp
             .bytes()

@@ -15,6 +15,16 @@ use std::path::PathBuf;
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this PEM certificate chain (server certificate first) and `tls_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for the parent (`ParentEndpointProtocol=https`, or
+    /// an `https` upstream), in addition to the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_ca_file: Option<PathBuf>,
     /// Directory holding blobs, uploads and the metadata database.
     pub data_dir: PathBuf,
     /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
@@ -71,6 +81,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            tls_cert: None,
+            tls_key: None,
+            parent_ca_file: None,
             data_dir: PathBuf::from("./outpost-data"),
             log_level: "info".into(),
             max_manifest_bytes: 4 * 1024 * 1024,
@@ -109,6 +122,12 @@ struct Overrides {
     log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_string: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -136,6 +155,9 @@ impl Config {
                 data_dir: args.data_dir.clone(),
                 log_level: args.log_level.clone(),
                 connection_string: args.connection_string.clone(),
+                tls_cert: args.tls_cert.clone(),
+                tls_key: args.tls_key.clone(),
+                parent_ca_file: args.parent_ca_file.clone(),
             }));
         let mut config: Config = fig.extract().context("invalid configuration")?;
         if config.connection_string.is_none() {
@@ -150,6 +172,16 @@ impl Config {
         anyhow::ensure!(
             config.upload_max_age_secs > 0,
             "upload_max_age_secs must be positive"
+        );
+        anyhow::ensure!(
+            config.tls_cert.is_some() == config.tls_key.is_some(),
+            "HTTPS needs both tls_cert and tls_key (--tls-cert and --tls-key, or OUTPOST_TLS_CERT and \
+             OUTPOST_TLS_KEY); only {} is set",
+            if config.tls_cert.is_some() {
+                "tls_cert"
+            } else {
+                "tls_key"
+            }
         );
         Ok(config)
     }
@@ -182,6 +214,15 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("listen = \"{}\"\n", self.listen));
+        for (key, path) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("parent_ca_file", &self.parent_ca_file),
+        ] {
+            if let Some(p) = path {
+                out.push_str(&format!("{key} = {:?}\n", p.display().to_string()));
+            }
+        }
         out.push_str(&format!(
             "data_dir = {:?}\n",
             self.data_dir.display().to_string()

@@ -8,6 +8,7 @@ mod config;
 mod connected;
 mod manage;
 mod serve;
+mod tls;
 
 pub use config::Config;
 

@@ -27,6 +27,16 @@ pub struct ServeArgs {
     /// get-settings` [env: OUTPOST_CONNECTION_STRING, ACR_REGISTRY_CONNECTION_STRING]
     #[arg(long)]
     pub connection_string: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain [env: OUTPOST_TLS_CERT]
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert [env: OUTPOST_TLS_KEY]
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for an https parent, besides the system's
+    /// [env: OUTPOST_PARENT_CA_FILE]
+    #[arg(long)]
+    pub parent_ca_file: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -120,11 +130,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let parent_ca = match &config.parent_ca_file {
+        Some(path) => Some(outpost_sync::ParentCa::load(path)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "outpost listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), "outpost listening");
 
     let sync = match &config.connection_string {
         None if config.upstream_url.is_some() => {
@@ -141,6 +160,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                         credentials,
                         data_dir: config.data_dir.clone(),
                         interval: Duration::from_secs(config.upstream_poll_secs),
+                        parent_ca: parent_ca.clone(),
                     },
                     registry.clone(),
                     control.clone(),
@@ -158,6 +178,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     data_dir: config.data_dir.clone(),
                     login_server: addr.to_string(),
                     poll_wait: Duration::from_secs(config.sync_poll_secs),
+                    parent_ca: parent_ca.clone(),
                 },
                 registry.clone(),
                 control.clone(),
@@ -181,16 +202,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         read_only,
     });
-    // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    match tls {
+        Some(tls) => axum::serve(crate::tls::TlsListener::new(listener, tls)?, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTPS")?,
+        None => {
+            // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serving HTTP")?
         }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    }
     reaper.abort();
     if let Some(s) = sync {
         s.task.abort();

@@ -35,6 +35,7 @@ use outpost_control::{ConnectionString, Control, RepoPattern};
 use outpost_oci::{Digest, Manifest, Reference, RepoName, Tag};
 use outpost_registry::{Registry, RegistryError};
 use parent::Feed;
+pub use parent::ParentCa;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,6 +125,8 @@ pub struct ChildOptions {
     pub login_server: String,
     /// How long one long-poll of the message feed may wait.
     pub poll_wait: Duration,
+    /// Extra CA certificates trusted for an `https` parent.
+    pub parent_ca: Option<ParentCa>,
 }
 
 /// How to follow a plain OCI registry (no gateway API, no activation): poll the tags of a
@@ -135,6 +138,8 @@ pub struct MirrorOptions {
     pub credentials: Option<(String, String)>,
     pub data_dir: PathBuf,
     pub interval: Duration,
+    /// Extra CA certificates trusted for an `https` upstream.
+    pub parent_ca: Option<ParentCa>,
 }
 
 /// A started connected registry.
@@ -280,7 +285,7 @@ pub async fn start(
             id
         }
     };
-    let parent = Parent::new(&opts.connection_string)?;
+    let parent = Parent::new(&opts.connection_string, opts.parent_ca.as_ref())?;
     let saved: Option<SyncConfig> =
         read_state(&dir.join("config.json"))?.and_then(|s| serde_json::from_str(&s).ok());
     let config = match parent.activate(&instance_id).await {
@@ -351,7 +356,7 @@ pub async fn start_mirror(
     }
     let dir = opts.data_dir.join("sync");
     std::fs::create_dir_all(dir.join("partial")).map_err(state_err(&dir))?;
-    let parent = Parent::plain(&opts.url, opts.credentials.clone())?;
+    let parent = Parent::plain(&opts.url, opts.credentials.clone(), opts.parent_ca.as_ref())?;
     match parent.probe().await {
         Ok(()) => {
             tracing::info!(upstream = parent.base(), repositories = ?opts.repositories, "mirroring a plain registry")

@@ -31,12 +31,80 @@ pub enum Feed {
     },
 }
 
+/// CA certificates trusted for the parent besides the system's (`parent_ca_file`), for a root
+/// whose certificate a private CA signed.
+#[derive(Clone)]
+pub struct ParentCa {
+    certs: Vec<reqwest::Certificate>,
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for ParentCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentCa")
+            .field("path", &self.path)
+            .field("certificates", &self.certs.len())
+            .finish()
+    }
+}
+
+impl ParentCa {
+    /// Reads a PEM bundle; it must hold at least one certificate.
+    pub fn load(path: &std::path::Path) -> Result<ParentCa, SyncError> {
+        let pem = std::fs::read(path).map_err(|e| {
+            SyncError::Client(format!("reading parent CA file {}: {e}", path.display()))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                SyncError::Client(format!(
+                    "parent CA file {}: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
+                    path.display()
+                ))
+            })?;
+        Ok(ParentCa {
+            certs,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// The HTTP client for a parent: system roots plus `ca`, and a bounded connect time.
+fn client(ca: Option<&ParentCa>) -> Result<reqwest::Client, SyncError> {
+    let mut b = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = ca {
+        for c in &ca.certs {
+            b = b.add_root_certificate(c.clone());
+        }
+        tracing::debug!(file = %ca.path.display(), n = ca.certs.len(), "trusting extra CA certificates for the parent");
+    }
+    b.build().map_err(|e| SyncError::Client(e.to_string()))
+}
+
+/// A transport error with its causes (reqwest's own message omits them: "error sending
+/// request" hides "invalid peer certificate: UnknownIssuer"), plus what to do about an
+/// untrusted certificate.
+fn reason(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    if out.contains("certificate") {
+        out.push_str(
+            " (if the parent's certificate is signed by a private CA, pass that CA with \
+             --parent-ca-file or OUTPOST_PARENT_CA_FILE)",
+        );
+    }
+    out
+}
+
 impl Parent {
-    pub fn new(cs: &ConnectionString) -> Result<Parent, SyncError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| SyncError::Client(e.to_string()))?;
+    pub fn new(cs: &ConnectionString, ca: Option<&ParentCa>) -> Result<Parent, SyncError> {
+        let http = client(ca)?;
         Ok(Parent {
             base: cs.parent_url(),
             name: cs.connected_registry_name.clone(),
@@ -47,11 +115,12 @@ impl Parent {
     }
 
     /// A plain OCI registry as parent: no gateway, optional Basic credentials.
-    pub fn plain(url: &str, credentials: Option<(String, String)>) -> Result<Parent, SyncError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| SyncError::Client(e.to_string()))?;
+    pub fn plain(
+        url: &str,
+        credentials: Option<(String, String)>,
+        ca: Option<&ParentCa>,
+    ) -> Result<Parent, SyncError> {
+        let http = client(ca)?;
         let (user, password) = match credentials {
             Some((u, p)) => (u, Some(p)),
             None => (String::new(), None),
@@ -95,7 +164,7 @@ impl Parent {
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SyncError> {
         req.send().await.map_err(|e| SyncError::Unreachable {
             parent: self.base.clone(),
-            reason: e.to_string(),
+            reason: reason(&e),
         })
     }
 

@@ -1,0 +1,126 @@
+//! HTTPS for `outpost serve`: loads the operator's certificate chain and private key (PEM), and
+//! turns the TCP listener into a TLS listener that `axum::serve` drives like a plain one.
+//!
+//! Handshakes run in their own tasks, each bounded by a timeout, and only finished connections
+//! reach the server. A client that connects and stays silent (or speaks plain HTTP to the TLS
+//! port) therefore never holds up anyone else's accept.
+
+use anyhow::{Context, bail};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::{self, pki_types};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Finished handshakes waiting for the server to pick them up.
+const READY_QUEUE: usize = 256;
+
+/// Reads `cert` (the server certificate followed by any intermediates) and `key` (PKCS#8,
+/// PKCS#1 or SEC1), and checks that they belong together.
+pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use pki_types::pem::PemObject;
+    let chain = pki_types::CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading TLS certificate {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+    if chain.is_empty() {
+        bail!(
+            "TLS certificate {}: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\")",
+            cert.display()
+        );
+    }
+    let private = pki_types::PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "reading TLS private key {}: expected a PEM private key",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .with_context(|| {
+            format!(
+                "TLS certificate {} and key {} do not form a usable pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A listener yielding connections whose TLS handshake has completed.
+pub struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `tcp` and performs handshakes with `config` in the background.
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(READY_QUEUE);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = ready.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept task only ends when this listener is gone; nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
