@@ -312,6 +312,10 @@ pub struct FaultProxy {
     /// Flip the bits of the downstream byte at this position (counted like `downstream`),
     /// once (u64::MAX: never) — a parent or a link that corrupts data.
     pub corrupt_at: Arc<std::sync::atomic::AtomicU64>,
+    /// Once `downstream` passes this, the connection carrying that byte stops forwarding but
+    /// stays open, forever (u64::MAX: never); later connections are normal — a link that
+    /// drops packets instead of resetting.
+    pub stall_at: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -328,13 +332,15 @@ impl FaultProxy {
         let rate = Arc::new(AtomicU64::new(0));
         let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let corrupt_at = Arc::new(AtomicU64::new(u64::MAX));
+        let stall_at = Arc::new(AtomicU64::new(u64::MAX));
         let target = target.to_string();
-        let (d, c, r, b, x) = (
+        let (d, c, r, b, x, st) = (
             downstream.clone(),
             cut_at.clone(),
             rate.clone(),
             blocked.clone(),
             corrupt_at.clone(),
+            stall_at.clone(),
         );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -350,7 +356,14 @@ impl FaultProxy {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut cr, &mut uw).await;
                 });
-                let (d, c, r, b, x) = (d.clone(), c.clone(), r.clone(), b.clone(), x.clone());
+                let (d, c, r, b, x, st) = (
+                    d.clone(),
+                    c.clone(),
+                    r.clone(),
+                    b.clone(),
+                    x.clone(),
+                    st.clone(),
+                );
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -372,6 +385,12 @@ impl FaultProxy {
                         if at < total && at >= total - n as u64 {
                             buf[(at - (total - n as u64)) as usize] ^= 0xff;
                             x.store(u64::MAX, Ordering::Relaxed);
+                        }
+                        if total > st.load(Ordering::Relaxed) {
+                            st.store(u64::MAX, Ordering::Relaxed);
+                            let _hold_open = (cw, ur);
+                            std::future::pending::<()>().await;
+                            unreachable!();
                         }
                         if total > c.load(Ordering::Relaxed) {
                             // Deliver up to the budget, then drop the connection mid-stream.
@@ -397,6 +416,7 @@ impl FaultProxy {
             rate,
             blocked,
             corrupt_at,
+            stall_at,
             task,
         }
     }

@@ -408,6 +408,50 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
 }
 
 #[tokio::test]
+async fn a_link_that_stalls_mid_blob_times_out_and_resumes() {
+    const SIZE: usize = 24 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let cs = connected(&root, "site-stall", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    // After 9 MiB the connection goes silent without closing, as a link that drops packets.
+    proxy
+        .stall_at
+        .store(9 << 20, std::sync::atomic::Ordering::Relaxed);
+    // The read timeout shortened through ordinary configuration, as an operator would.
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &via(&cs, &proxy.addr)),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_SYNC_READ_TIMEOUT_SECS", "2"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the big blob arrives whole after the stall", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    assert!(
+        site.log().contains("resuming blob transfer"),
+        "{}",
+        site.log()
+    );
+    let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
+    assert!(
+        extra < 0.10,
+        "resumed with {:.1}% extra bytes",
+        extra * 100.0
+    );
+}
+
+#[tokio::test]
 async fn a_kill_9_mid_sync_resumes_after_restart() {
     const SIZE: usize = 40 << 20;
     let root_dir = tempfile::tempdir().unwrap();

@@ -55,6 +55,9 @@ pub struct Config {
     pub connection_string: Option<String>,
     /// Longest wait of one long-poll of the parent's message feed, in seconds.
     pub sync_poll_secs: u64,
+    /// Longest silence, in seconds, while reading from the parent (or upstream) before a
+    /// transfer is abandoned and resumed: a link that stalls without closing.
+    pub sync_read_timeout_secs: u64,
     /// Mirror a plain OCI registry (no Outpost gateway) at this URL, read-only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_url: Option<String>,
@@ -97,6 +100,7 @@ impl Default for Config {
             max_repository_rules: 500,
             connection_string: None,
             sync_poll_secs: 25,
+            sync_read_timeout_secs: 60,
             upstream_url: None,
             upstream_repositories: Vec::new(),
             upstream_username: None,
@@ -172,6 +176,10 @@ impl Config {
         anyhow::ensure!(
             config.upload_max_age_secs > 0,
             "upload_max_age_secs must be positive"
+        );
+        anyhow::ensure!(
+            config.sync_read_timeout_secs > 0,
+            "sync_read_timeout_secs must be positive"
         );
         anyhow::ensure!(
             config.tls_cert.is_some() == config.tls_key.is_some(),

@@ -127,6 +127,9 @@ pub struct ChildOptions {
     pub poll_wait: Duration,
     /// Extra CA certificates trusted for an `https` parent.
     pub parent_ca: Option<ParentCa>,
+    /// Longest silence while reading from the parent before the transfer is abandoned (and
+    /// resumed on the next attempt).
+    pub read_timeout: Duration,
 }
 
 /// How to follow a plain OCI registry (no gateway API, no activation): poll the tags of a
@@ -140,6 +143,8 @@ pub struct MirrorOptions {
     pub interval: Duration,
     /// Extra CA certificates trusted for an `https` upstream.
     pub parent_ca: Option<ParentCa>,
+    /// Longest silence while reading from the upstream.
+    pub read_timeout: Duration,
 }
 
 /// A started connected registry.
@@ -285,7 +290,11 @@ pub async fn start(
             id
         }
     };
-    let parent = Parent::new(&opts.connection_string, opts.parent_ca.as_ref())?;
+    let parent = Parent::new(
+        &opts.connection_string,
+        opts.parent_ca.as_ref(),
+        opts.read_timeout,
+    )?;
     let saved: Option<SyncConfig> =
         read_state(&dir.join("config.json"))?.and_then(|s| serde_json::from_str(&s).ok());
     let config = match parent.activate(&instance_id).await {
@@ -356,7 +365,12 @@ pub async fn start_mirror(
     }
     let dir = opts.data_dir.join("sync");
     std::fs::create_dir_all(dir.join("partial")).map_err(state_err(&dir))?;
-    let parent = Parent::plain(&opts.url, opts.credentials.clone(), opts.parent_ca.as_ref())?;
+    let parent = Parent::plain(
+        &opts.url,
+        opts.credentials.clone(),
+        opts.parent_ca.as_ref(),
+        opts.read_timeout,
+    )?;
     match parent.probe().await {
         Ok(()) => {
             tracing::info!(upstream = parent.base(), repositories = ?opts.repositories, "mirroring a plain registry")

@@ -9,6 +9,7 @@ use outpost_control::ConnectionString;
 use outpost_control::connected::{MessagePage, StatusReport, SyncConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use std::time::Duration;
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -20,6 +21,9 @@ pub struct Parent {
     user: String,
     password: Option<String>,
     http: reqwest::Client,
+    /// For long-polls of the message feed, which wait in silence by design: no read timeout,
+    /// only a bound on the whole request.
+    poll_http: reqwest::Client,
 }
 
 /// The answer to a message-feed request.
@@ -70,9 +74,16 @@ impl ParentCa {
     }
 }
 
-/// The HTTP client for a parent: system roots plus `ca`, and a bounded connect time.
-fn client(ca: Option<&ParentCa>) -> Result<reqwest::Client, SyncError> {
-    let mut b = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+/// The HTTP client for a parent: system roots plus `ca`, a bounded connect time and, if given,
+/// a bound on the silence between two reads.
+fn client(
+    ca: Option<&ParentCa>,
+    read_timeout: Option<Duration>,
+) -> Result<reqwest::Client, SyncError> {
+    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(t) = read_timeout {
+        b = b.read_timeout(t);
+    }
     if let Some(ca) = ca {
         for c in &ca.certs {
             b = b.add_root_certificate(c.clone());
@@ -103,14 +114,21 @@ fn reason(e: &reqwest::Error) -> String {
 }
 
 impl Parent {
-    pub fn new(cs: &ConnectionString, ca: Option<&ParentCa>) -> Result<Parent, SyncError> {
-        let http = client(ca)?;
+    /// A gateway parent. `read_timeout` bounds how long any read may wait for the next byte:
+    /// a link that stalls without closing (packets dropped, not reset) fails the transfer
+    /// after that long, and it resumes from where it stopped.
+    pub fn new(
+        cs: &ConnectionString,
+        ca: Option<&ParentCa>,
+        read_timeout: Duration,
+    ) -> Result<Parent, SyncError> {
         Ok(Parent {
             base: cs.parent_url(),
             name: cs.connected_registry_name.clone(),
             user: cs.sync_token_name.clone(),
             password: Some(cs.sync_token_password.clone()),
-            http,
+            http: client(ca, Some(read_timeout))?,
+            poll_http: client(ca, None)?,
         })
     }
 
@@ -119,8 +137,9 @@ impl Parent {
         url: &str,
         credentials: Option<(String, String)>,
         ca: Option<&ParentCa>,
+        read_timeout: Duration,
     ) -> Result<Parent, SyncError> {
-        let http = client(ca)?;
+        let http = client(ca, Some(read_timeout))?;
         let (user, password) = match credentials {
             Some((u, p)) => (u, Some(p)),
             None => (String::new(), None),
@@ -130,6 +149,7 @@ impl Parent {
             name: String::new(),
             user,
             password,
+            poll_http: http.clone(),
             http,
         })
     }
@@ -154,7 +174,16 @@ impl Parent {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
+        self.request_with(&self.http, method, path)
+    }
+
+    fn request_with(
+        &self,
+        http: &reqwest::Client,
+        method: Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let req = http.request(method, format!("{}{path}", self.base));
         match &self.password {
             Some(p) => req.basic_auth(&self.user, Some(p)),
             None => req,
@@ -244,14 +273,15 @@ impl Parent {
 
     pub async fn messages(&self, after: i64, wait_secs: u64) -> Result<Feed, SyncError> {
         let req = self
-            .request(
+            .request_with(
+                &self.poll_http,
                 Method::GET,
                 &format!(
                     "/gateway/v1/{}/messages?after={after}&limit=500&wait={wait_secs}",
                     self.name
                 ),
             )
-            .timeout(std::time::Duration::from_secs(wait_secs + 30));
+            .timeout(Duration::from_secs(wait_secs + 30));
         let resp = self.send(req).await?;
         if resp.status() == StatusCode::GONE {
             let body: Value = resp.json().await.unwrap_or(Value::Null);
