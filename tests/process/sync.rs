@@ -746,6 +746,139 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
 }
 
 #[tokio::test]
+async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    push_image(&admin, &r, "app", "base", "base").await;
+    let cs = connected(
+        &root,
+        "site-skip",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:base", || async {
+        tag_digest(&site_admin, &s, "app", "base").await.is_some()
+    })
+    .await;
+
+    // A push the parent will never take (its sync token has no right to `other`), then pushes
+    // it will: the later ones must not wait behind the refused one.
+    push_image(&site_admin, &s, "other", "v1", "outside-scope").await;
+    let first = push_image(&site_admin, &s, "app", "v2", "after-the-refused-one").await;
+    eventually("app:v2 reaches the root", || async {
+        tag_digest(&admin, &r, "app", "v2").await.as_deref() == Some(first.as_str())
+    })
+    .await;
+    // The site moving its own tag again is not a conflict.
+    let second = push_image(&site_admin, &s, "app", "v2", "moved-by-the-site").await;
+    eventually("the moved app:v2 reaches the root", || async {
+        tag_digest(&admin, &r, "app", "v2").await.as_deref() == Some(second.as_str())
+    })
+    .await;
+    let show = || async {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-skip",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap()
+    };
+    eventually("the refusal is reported at the root", || async {
+        let v = show().await;
+        v["statusDetails"].as_array().is_some_and(|d| {
+            d.iter().any(|x| {
+                x["code"] == "OutboxEntryRefused"
+                    && x["description"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("other") && t.contains("denied"))
+            })
+        }) && v["outboxDepth"] == 0
+    })
+    .await;
+    let v = show().await;
+    assert!(
+        !v["statusDetails"].to_string().contains("TagConflict"),
+        "a site moving its own tag is not a conflict: {v}"
+    );
+    assert_eq!(v["connectionState"], "Unhealthy", "{v}");
+}
+
+#[tokio::test]
+async fn a_deactivated_site_stops_syncing_until_it_restarts() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "before").await;
+    let cs = connected(&root, "site-deact", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:v1", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "deactivate",
+            "-n",
+            "site-deact",
+            "--yes",
+        ],
+    );
+    eventually("the site notices", || async {
+        site.log().contains("was deactivated at the parent")
+    })
+    .await;
+    let v2 = push_image(&admin, &r, "app", "v2", "after").await;
+    // Two poll periods later: nothing synced, and the site did not activate itself again.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(tag_digest(&site_admin, &s, "app", "v2").await, None);
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref(),
+        Some(v1.as_str()),
+        "it keeps serving what it has"
+    );
+    let v: serde_json::Value = serde_json::from_str(&cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "show",
+            "-n",
+            "site-deact",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    assert_ne!(v["activationStatus"], "Active", "{v}");
+
+    // A restart activates again and catches up.
+    site.terminate();
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("app:v2 arrives after the restart", || async {
+        tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn referrers_travel_with_their_subject() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();

@@ -634,6 +634,21 @@ impl Meta {
         )
     }
 
+    /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
+    /// for it with a smaller sequence number, or `None` if there is none or it was a removal.
+    pub async fn tag_before(&self, repo: &str, tag: &str, seq: i64) -> Result<Option<String>> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT kind, digest FROM events WHERE repo = ? AND tag = ? AND seq < ? \
+             AND kind IN ('tag_set', 'tag_removed') ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(repo)
+        .bind(tag)
+        .bind(seq)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.and_then(|(kind, digest)| (kind == EVENT_TAG_SET).then_some(digest).flatten()))
+    }
+
     /// The newest event's sequence number (0 when the log is empty).
     pub async fn latest_event(&self) -> Result<i64> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")

@@ -130,4 +130,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE connected_registries ADD COLUMN cursor_lag INTEGER;
     ALTER TABLE connected_registries ADD COLUMN outbox_depth INTEGER;
     "#,
+    // 6: a tag's history, for telling a real sync conflict from a site moving its own tag
+    r#"
+    CREATE INDEX events_by_tag ON events(repo, tag, seq) WHERE tag IS NOT NULL;
+    "#,
 ];

@@ -70,6 +70,10 @@ pub enum SyncError {
     },
     #[error("unexpected answer from the parent: {0}")]
     Protocol(String),
+    #[error(
+        "connected registry {0:?} was deactivated at the parent, so this instance stopped syncing and serves what it has; restart it to activate again"
+    )]
+    Deactivated(String),
     #[error("HTTP client: {0}")]
     Client(String),
     #[error(transparent)]
@@ -89,6 +93,7 @@ impl SyncError {
     fn status_code(&self) -> &'static str {
         match self {
             SyncError::Unreachable { .. } => "ParentUnreachable",
+            SyncError::Deactivated(_) => "Deactivated",
             SyncError::BadCredentials { .. } => "SyncTokenRejected",
             SyncError::Registry(e) if e.is_disk_full() => "DiskError",
             SyncError::State { source, .. } if outpost_registry::is_disk_full(source) => {
@@ -230,8 +235,8 @@ struct Child {
     last_error: Mutex<Option<StatusDetail>>,
     /// When the current sync window closes (`None`: continuous sync).
     deadline: Mutex<Option<std::time::Instant>>,
-    /// Tag conflicts found while sending the outbox, reported for an hour.
-    conflicts: Mutex<Vec<(std::time::Instant, StatusDetail)>>,
+    /// Tag conflicts and refused outbox entries, reported for a day, across restarts.
+    notices: Notices,
     /// How many of the parent's messages were still to apply after the last page.
     lag: Mutex<Option<i64>>,
     /// Blobs being fetched right now, so two repositories that need the same new blob at
@@ -264,12 +269,84 @@ fn write_state(path: &Path, data: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(state_err(path))
 }
 
-fn now_rfc3339() -> String {
-    let ms = std::time::SystemTime::now()
+/// Whether sending a local change failed in a way no retry will fix: the parent refused it
+/// (403, or another 4xx that is not about credentials, timing or load), or the change cannot
+/// be read back here (deleted meanwhile, unparsable).
+fn refused_for_good(e: &SyncError) -> bool {
+    match e {
+        SyncError::Denied { .. } | SyncError::Protocol(_) => true,
+        SyncError::Parent { status, .. } => {
+            (400..500).contains(status) && !matches!(status, 401 | 408 | 429)
+        }
+        SyncError::Registry(
+            RegistryError::BlobUnknown(_)
+            | RegistryError::ManifestUnknown(_)
+            | RegistryError::NameUnknown(_),
+        ) => true,
+        _ => false,
+    }
+}
+
+/// Problems found while sending this site's changes up that the parent should show until they
+/// age out: tag conflicts and outbox entries the parent refused for good. Kept in
+/// `sync/notices.json` so a restart does not erase them.
+struct Notices {
+    path: PathBuf,
+    items: Mutex<Vec<(i64, StatusDetail)>>,
+}
+
+impl Notices {
+    const KEEP_MS: i64 = 24 * 3600 * 1000;
+    const MAX: usize = 20;
+
+    fn load(dir: &Path) -> Notices {
+        let path = dir.join("notices.json");
+        let items = read_state(&path)
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        Notices {
+            path,
+            items: Mutex::new(items),
+        }
+    }
+
+    /// Adds `detail` (the newest `MAX` within `KEEP_MS` are kept) and saves the list.
+    fn push(&self, detail: StatusDetail) -> Result<()> {
+        let now = now_ms();
+        let json = {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            items.retain(|(at, _)| now - at < Self::KEEP_MS);
+            items.push((now, detail));
+            let excess = items.len().saturating_sub(Self::MAX);
+            items.drain(..excess);
+            serde_json::to_string(&*items).unwrap_or_default()
+        };
+        write_state(&self.path, &json)
+    }
+
+    fn current(&self) -> Vec<StatusDetail> {
+        let now = now_ms();
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(at, _)| now - at < Self::KEEP_MS)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    outpost_control::format_rfc3339(ms)
+        .unwrap_or(0)
+}
+
+fn now_rfc3339() -> String {
+    outpost_control::format_rfc3339(now_ms())
 }
 
 /// Activates at the parent (or, if it is unreachable and this instance activated before,
@@ -321,6 +398,7 @@ pub async fn start(
         },
         Err(e) => return Err(e),
     };
+    let notices = Notices::load(&dir);
     let child = Arc::new(Child {
         role: Role::Gateway,
         parent,
@@ -334,7 +412,7 @@ pub async fn start(
         config: Mutex::new(config.clone()),
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
-        conflicts: Mutex::new(Vec::new()),
+        notices,
         fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
@@ -398,6 +476,7 @@ pub async fn start_mirror(
         sync_token: None,
         children: Vec::new(),
     };
+    let notices = Notices::load(&dir);
     let child = Arc::new(Child {
         role: Role::Plain {
             interval: opts.interval,
@@ -413,7 +492,7 @@ pub async fn start_mirror(
         config: Mutex::new(config),
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
-        conflicts: Mutex::new(Vec::new()),
+        notices,
         fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
@@ -539,6 +618,11 @@ impl Child {
                             timestamp: Some(now_rfc3339()),
                             correlation_id: None,
                         });
+                    // Tell the parent now if it can hear us: an error that recurs before the
+                    // next successful report would otherwise never reach the root.
+                    if let Err(report) = self.report("Online", false).await {
+                        tracing::debug!(error = %report, "could not report the failure to the parent");
+                    }
                     // Jitter from the clock's sub-second noise keeps a fleet from retrying in step.
                     let jitter = Duration::from_millis(
                         u64::from(
@@ -565,14 +649,7 @@ impl Child {
             .iter()
             .cloned()
             .collect();
-        details.extend(
-            self.conflicts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|(at, _)| at.elapsed() < Duration::from_secs(3600))
-                .map(|(_, d)| d.clone()),
-        );
+        details.extend(self.notices.current());
         self.parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
@@ -589,7 +666,9 @@ impl Child {
     }
 
     async fn iteration(&self) -> Result<()> {
-        // Re-activate after a restart of the parent or a deactivate + redeploy.
+        // The parent answers 400 when this is no longer the active instance: the resource was
+        // deactivated. Deactivation is meant to stop this instance (it keeps serving what it
+        // has); re-activating here would undo it. A restart activates again.
         if let Err(e) = self
             .parent
             .report(&StatusReport {
@@ -598,12 +677,12 @@ impl Child {
             })
             .await
         {
-            match e {
+            return Err(match e {
                 SyncError::Parent { status: 400, .. } => {
-                    self.parent.activate(&self.instance_id).await?
+                    SyncError::Deactivated(self.config().name.clone())
                 }
-                other => return Err(other),
-            }
+                other => other,
+            });
         }
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
@@ -709,8 +788,34 @@ impl Child {
             for e in events {
                 if e.origin.is_none() {
                     self.check_window()?;
-                    self.send_up(&e).await?;
-                    sent += 1;
+                    match self.send_up(&e).await {
+                        Ok(()) => sent += 1,
+                        // One change the parent will never take must not hold up every later
+                        // one: report it and go on. Anything that may pass later stops here
+                        // and is retried.
+                        Err(err) if refused_for_good(&err) => {
+                            let what = match &e.tag {
+                                Some(tag) => format!("{} of {}:{tag}", e.kind, e.repo),
+                                None => format!(
+                                    "{} of {}@{}",
+                                    e.kind,
+                                    e.repo,
+                                    e.digest.as_deref().unwrap_or("?")
+                                ),
+                            };
+                            tracing::warn!(change = %what, error = %err, "the parent refused a local change; it is skipped");
+                            self.notices.push(StatusDetail {
+                                kind: "Sync".into(),
+                                code: "OutboxEntryRefused".into(),
+                                description: format!(
+                                    "the parent refused this site's {what} and it will not be retried: {err}"
+                                ),
+                                timestamp: Some(now_rfc3339()),
+                                correlation_id: None,
+                            })?;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
                 cursor = e.seq;
                 write_state(&path, &cursor.to_string())?;
@@ -761,14 +866,14 @@ impl Child {
                 let (Some(tag), Some(m)) = (e.tag.as_deref(), local(&digest).await) else {
                     return Ok(());
                 };
+                // A conflict only if the parent's tag moved away from what this site last knew
+                // (from its own push or from sync); not when the site moves its own tag again.
                 if let Some(theirs) = self.parent.manifest_digest(repo.as_str(), tag).await?
                     && theirs != digest
+                    && Some(&theirs) != self.tag_before(e, tag).await?.as_ref()
                 {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
-                    let mut conflicts = self.conflicts.lock().unwrap_or_else(|p| p.into_inner());
-                    conflicts.retain(|(at, _)| at.elapsed() < Duration::from_secs(3600));
-                    conflicts.truncate(19);
-                    conflicts.push((std::time::Instant::now(), StatusDetail {
+                    self.notices.push(StatusDetail {
                         kind: "Sync".into(),
                         code: "TagConflict".into(),
                         description: format!(
@@ -776,7 +881,7 @@ impl Child {
                         ),
                         timestamp: Some(now_rfc3339()),
                         correlation_id: None,
-                    }));
+                    })?;
                 }
                 self.parent
                     .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
@@ -784,6 +889,22 @@ impl Child {
             }
             "tag_removed" => {
                 if let Some(tag) = e.tag.as_deref() {
+                    let theirs = self.parent.manifest_digest(repo.as_str(), tag).await?;
+                    let Some(theirs) = theirs else {
+                        return Ok(()); // already gone at the parent
+                    };
+                    if Some(&theirs) != self.tag_before(e, tag).await?.as_ref() {
+                        tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
+                        self.notices.push(StatusDetail {
+                            kind: "Sync".into(),
+                            code: "TagConflict".into(),
+                            description: format!(
+                                "{repo}:{tag} was moved to {theirs} at the parent and removed at this site (the last write to reach the parent wins; {theirs} is kept by digest)"
+                            ),
+                            timestamp: Some(now_rfc3339()),
+                            correlation_id: None,
+                        })?;
+                    }
                     self.parent.delete_manifest(repo.as_str(), tag).await?;
                 }
             }
@@ -791,6 +912,15 @@ impl Child {
             _ => {}
         }
         Ok(())
+    }
+
+    /// What `tag` pointed at here just before local event `e`.
+    async fn tag_before(&self, e: &outpost_registry::Event, tag: &str) -> Result<Option<String>> {
+        self.registry
+            .meta()
+            .tag_before(&e.repo, tag, e.seq)
+            .await
+            .map_err(|err| SyncError::Registry(err.into()))
     }
 
     /// Repositories in scope: named ones, and those the parent lists under `prefix/*` or `*`.
