@@ -815,6 +815,67 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
 }
 
 #[tokio::test]
+async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let app = push_image(&admin, &r, "app", "v1", "app").await;
+    let extra = push_image(&admin, &r, "extra", "v1", "pushed long before").await;
+    let later = push_image(&admin, &r, "later", "v1", "added while stopped").await;
+    let cs = connected(&root, "site-grow", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:v1", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(app.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&site_admin, &s, "extra", "v1").await, None);
+
+    // Added while the site runs: it fetches what the repository already holds, though no
+    // message about it will ever come.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-grow",
+            "--add",
+            "extra",
+        ],
+    );
+    eventually("extra:v1 arrives", || async {
+        tag_digest(&site_admin, &s, "extra", "v1").await.as_deref() == Some(extra.as_str())
+    })
+    .await;
+
+    // Added while the site is stopped: fetched after the restart.
+    site.terminate();
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-grow",
+            "--add",
+            "later",
+        ],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("later:v1 arrives after the restart", || async {
+        tag_digest(&site_admin, &s, "later", "v1").await.as_deref() == Some(later.as_str())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_deactivated_site_stops_syncing_until_it_restarts() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();

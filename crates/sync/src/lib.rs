@@ -269,6 +269,39 @@ fn write_state(path: &Path, data: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(state_err(path))
 }
 
+/// Records in `sync/backfill.json` the repository patterns `new` has and `old` had not: their
+/// existing content must be fetched, since the feed only carries later changes.
+fn add_backfill(dir: &Path, old: &SyncConfig, new: &SyncConfig) -> Result<()> {
+    let mut pending = backfill(dir)?;
+    let before = pending.len();
+    for r in &new.repositories {
+        if !old.repositories.contains(r) && !pending.contains(r) {
+            pending.push(r.clone());
+        }
+    }
+    if pending.len() == before {
+        return Ok(());
+    }
+    write_state(
+        &dir.join("backfill.json"),
+        &serde_json::to_string(&pending).unwrap_or_default(),
+    )
+}
+
+/// Repository patterns added to the scope whose content is still to fetch.
+fn backfill(dir: &Path) -> Result<Vec<String>> {
+    Ok(read_state(&dir.join("backfill.json"))?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default())
+}
+
+fn clear_backfill(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join("backfill.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(state_err(dir)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Whether sending a local change failed in a way no retry will fix: the parent refused it
 /// (403, or another 4xx that is not about credentials, timing or load), or the change cannot
 /// be read back here (deleted meanwhile, unparsable).
@@ -379,6 +412,10 @@ pub async fn start(
             let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
                 SyncError::Protocol("the parent answered 304 to an unconditional request".into())
             })?;
+            // Scope added while this instance was stopped (a first start reconciles anyway).
+            if let Some(saved) = &saved {
+                add_backfill(&dir, saved, &cfg)?;
+            }
             write_state(
                 &dir.join("config.json"),
                 &serde_json::to_string(&cfg).unwrap_or_default(),
@@ -686,6 +723,9 @@ impl Child {
         }
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
+            // Recorded before the new configuration is saved, so a crash in between cannot
+            // lose the repositories still to fetch.
+            add_backfill(&self.dir, &self.config(), &cfg)?;
             write_state(
                 &self.dir.join("config.json"),
                 &serde_json::to_string(&cfg).unwrap_or_default(),
@@ -705,7 +745,23 @@ impl Child {
             self.report("Online", false).await?;
         }
         let cursor = match self.cursor()? {
-            Some(c) if !cfg.resync_requested => c,
+            Some(c) if !cfg.resync_requested => {
+                // Repositories added to the scope: the feed only carries what changes from
+                // now on, so fetch what they already hold.
+                let added = backfill(&self.dir)?;
+                if !added.is_empty() {
+                    tracing::info!(repositories = ?added, "repositories added to this site's scope; fetching their content");
+                    self.report("Syncing", false).await?;
+                    let scope = SyncConfig {
+                        repositories: added,
+                        ..cfg.clone()
+                    };
+                    self.reconcile_scope(&scope).await?;
+                    clear_backfill(&self.dir)?;
+                    self.report("Online", true).await?;
+                }
+                c
+            }
             _ => {
                 // Everything after `latest` will also come through the feed; applying twice is harmless.
                 let latest = match self.parent.messages(i64::MAX / 2, 0).await? {
@@ -714,6 +770,7 @@ impl Child {
                 };
                 self.report("Syncing", false).await?;
                 self.reconcile(&cfg).await?;
+                clear_backfill(&self.dir)?;
                 self.set_cursor(Some(latest))?;
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -949,10 +1006,16 @@ impl Child {
 
     /// Full reconciliation: every tag of every repository in scope matches the parent.
     async fn reconcile(&self, cfg: &SyncConfig) -> Result<()> {
-        let read_only = cfg.mode == "ReadOnly";
-        if read_only {
+        if cfg.mode == "ReadOnly" {
             self.prune_out_of_scope(cfg).await?;
         }
+        self.reconcile_scope(cfg).await
+    }
+
+    /// Brings every repository `cfg` names (or whose pattern the parent's catalog matches) up
+    /// to the parent's state, without pruning anything outside it.
+    async fn reconcile_scope(&self, cfg: &SyncConfig) -> Result<()> {
+        let read_only = cfg.mode == "ReadOnly";
         let repos = self.repositories(cfg).await?;
         // Repositories are independent: a few at a time hide the round trips of each.
         let results: Vec<Result<()>> = futures_util::stream::iter(repos)
