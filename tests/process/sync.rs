@@ -452,6 +452,60 @@ async fn a_link_that_stalls_mid_blob_times_out_and_resumes() {
 }
 
 #[tokio::test]
+async fn a_partial_download_outlives_the_upload_reaper_while_the_parent_is_away() {
+    const SIZE: usize = 24 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let digest = support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let cs = connected(&root, "site-reap", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    proxy
+        .cut_at
+        .store(9 << 20, std::sync::atomic::Ordering::Relaxed);
+    // Idle uploads are reaped after a second here, far sooner than the link comes back.
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &via(&cs, &proxy.addr)),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_UPLOAD_MAX_AGE_SECS", "1"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    // The link drops at 9 MiB and stays down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.bytes() < 9 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transfer never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the big blob arrives whole", || async {
+        blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE)
+    })
+    .await;
+    let extra = proxy.bytes() as f64 / SIZE as f64 - 1.0;
+    assert!(
+        extra < 0.10,
+        "resumed with {:.1}% extra bytes: the partial download was reaped",
+        extra * 100.0
+    );
+}
+
+#[tokio::test]
 async fn a_kill_9_mid_sync_resumes_after_restart() {
     const SIZE: usize = 40 << 20;
     let root_dir = tempfile::tempdir().unwrap();

@@ -194,6 +194,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let reaper = tokio::spawn(reap_uploads(
         registry.clone(),
         Duration::from_secs(config.upload_max_age_secs),
+        config.data_dir.clone(),
     ));
     let app = outpost_server::router(outpost_server::AppState {
         registry: registry.clone(),
@@ -231,10 +232,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn reap_uploads(registry: Registry, age: Duration) {
+async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {
     let period = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
     loop {
-        if let Err(e) = registry.reap_uploads(age).await {
+        // A connected registry's partial downloads are kept while it may still resume them.
+        let keep = outpost_sync::resumable_uploads(&data_dir);
+        if let Err(e) = registry.reap_uploads(age, &keep).await {
             tracing::warn!(error = %e, "reaping stale uploads failed; will retry");
         }
         tokio::time::sleep(period).await;

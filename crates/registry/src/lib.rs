@@ -283,9 +283,15 @@ impl Registry {
         }
     }
 
-    /// Removes upload sessions untouched for longer than `age`. Returns how many.
-    pub async fn reap_uploads(&self, age: Duration) -> Result<usize> {
-        let n = self.storage.reap_uploads(age).await?;
+    /// Removes upload sessions untouched for longer than `age`, except those in `keep` (a
+    /// connected registry's partial downloads, which wait for the link however long it is
+    /// down). Returns how many.
+    pub async fn reap_uploads(
+        &self,
+        age: Duration,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<usize> {
+        let n = self.storage.reap_uploads(age, keep).await?;
         if n > 0 {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }

@@ -236,8 +236,13 @@ impl Storage {
     }
 
     /// Removes upload sessions whose data was last written before `now - age` (and owner
-    /// files left without data). Returns how many sessions were removed.
-    pub async fn reap_uploads(&self, age: Duration) -> Result<usize> {
+    /// files left without data), except those in `keep`. Returns how many sessions were
+    /// removed.
+    pub async fn reap_uploads(
+        &self,
+        age: Duration,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<usize> {
         let dir = self.layout.uploads_dir();
         let cutoff = SystemTime::now()
             .checked_sub(age)
@@ -255,7 +260,7 @@ impl Storage {
             let id = name.trim_end_matches(".owner");
             let valid =
                 !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-            if !old || !valid {
+            if !old || !valid || keep.contains(id) {
                 continue;
             }
             if name.ends_with(".owner") {

@@ -269,6 +269,32 @@ fn write_state(path: &Path, data: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(state_err(path))
 }
 
+/// How long a partial download of a connected registry is kept for resuming, counted from
+/// when the transfer started: past it, the upload reaper may remove it (and a later fetch
+/// starts over). Longer than any outage or schedule should make a transfer wait.
+pub const PARTIAL_DOWNLOAD_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Upload ids of the partial blob downloads this connected registry will resume
+/// (`sync/partial/*` under `data_dir`), so the upload reaper leaves them alone however long
+/// the parent is unreachable. Empty when `data_dir` is not a connected registry's.
+pub fn resumable_uploads(data_dir: &Path) -> std::collections::HashSet<String> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("sync").join("partial")) else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < PARTIAL_DOWNLOAD_KEEP)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|s| s.trim().split_once(' ').map(|(_, id)| id.to_string()))
+        .collect()
+}
+
 /// Records in `sync/backfill.json` the repository patterns `new` has and `old` had not: their
 /// existing content must be fetched, since the feed only carries later changes.
 fn add_backfill(dir: &Path, old: &SyncConfig, new: &SyncConfig) -> Result<()> {
