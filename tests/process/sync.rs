@@ -302,6 +302,7 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "first").await;
+    let kept = push_image(&admin, &r, "app", "kept", "unchanged while away").await;
     let cs = connected(
         &root,
         "ship-one",
@@ -314,10 +315,16 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
     })
     .await;
+    eventually("kept arrives", || async {
+        tag_digest(&site_admin, &s, "app", "kept").await.as_deref() == Some(kept.as_str())
+    })
+    .await;
     drop(site);
 
-    // While the ship is away: a new tag, a removed tag, then longer than the TTL passes.
+    // While the ship is away: a new tag, a removed tag, a signature for a tag that does not
+    // move, then longer than the TTL passes.
     let v2 = push_image(&admin, &r, "app", "v2", "second").await;
+    push_signature(&admin, &r, "app", &kept).await;
     assert_eq!(
         admin
             .delete(format!("{r}/v2/app/manifests/v1"))
@@ -337,6 +344,10 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
     .await;
     eventually("v1 is gone", || async {
         tag_digest(&site_admin, &s, "app", "v1").await.is_none()
+    })
+    .await;
+    eventually("the signature of the unchanged tag arrives", || async {
+        has_signature(&site_admin, &s, "app", &kept).await
     })
     .await;
     assert!(
@@ -1001,9 +1012,21 @@ async fn referrers_travel_with_their_subject() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     let subject = push_image(&admin, &r, "app", "v1", "signed").await;
-    // An untagged signature-like artifact whose subject is app:v1.
+    push_signature(&admin, &r, "app", &subject).await;
+    let cs = connected(&root, "site-ref", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the referrer is at the site", || async {
+        has_signature(&site_admin, &s, "app", &subject).await
+    })
+    .await;
+}
+
+/// Pushes an untagged signature-like artifact whose subject is `repo@subject`.
+async fn push_signature(admin: &reqwest::Client, r: &str, repo: &str, subject: &str) {
     let empty = b"{}".to_vec();
-    support::push_blob(&admin, &r, "app", &empty).await;
+    support::push_blob(admin, r, repo, &empty).await;
     let sig = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -1015,7 +1038,7 @@ async fn referrers_travel_with_their_subject() {
     let bytes = serde_json::to_vec(&sig).unwrap();
     let put = admin
         .put(format!(
-            "{r}/v2/app/manifests/sha256:{}",
+            "{r}/v2/{repo}/manifests/sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
         ))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
@@ -1024,23 +1047,20 @@ async fn referrers_travel_with_their_subject() {
         .await
         .unwrap();
     assert_eq!(put.status(), 201);
-    let cs = connected(&root, "site-ref", &["--repository", "app"]);
-    let site = start_site(site_dir.path(), &cs);
-    let s = site.base();
-    let site_admin = client_as("admin", SITE_PASSWORD);
-    eventually("the referrer is at the site", || async {
-        let r = site_admin
-            .get(format!("{s}/v2/app/referrers/{subject}"))
-            .send()
+}
+
+/// Whether the referrers API at `base` lists a signature for `repo@subject`.
+async fn has_signature(c: &reqwest::Client, base: &str, repo: &str, subject: &str) -> bool {
+    let r = c
+        .get(format!("{base}/v2/{repo}/referrers/{subject}"))
+        .send()
+        .await
+        .unwrap();
+    r.status() == 200
+        && r.text()
             .await
-            .unwrap();
-        r.status() == 200
-            && r.text()
-                .await
-                .unwrap()
-                .contains("application/vnd.example.signature")
-    })
-    .await;
+            .unwrap()
+            .contains("application/vnd.example.signature")
 }
 
 #[tokio::test]

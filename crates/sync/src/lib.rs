@@ -1088,6 +1088,11 @@ impl Child {
                 .await
                 .ok();
             if local.is_some_and(|m| m.digest.to_string() == digest) {
+                // The tag has not moved, but signatures, SBOMs and attestations may have been
+                // added to it since (and the feed that announced them may have expired).
+                for r in self.parent.referrers(&repo, &digest).await? {
+                    self.ensure_manifest(&name, &r).await?;
+                }
                 continue;
             }
             if self.ensure_manifest(&name, &digest).await? {
