@@ -96,7 +96,8 @@ pub fn parse_content_range(header: &str) -> Result<ByteRange, RangeError> {
         .ok_or_else(|| RangeError::Malformed(h.to_string()))?;
     let start = num(a.trim()).ok_or_else(|| RangeError::Malformed(h.to_string()))?;
     let end = num(b.trim()).ok_or_else(|| RangeError::Malformed(h.to_string()))?;
-    if end < start {
+    // `end` is inclusive, so u64::MAX cannot end a range whose length must fit in a u64.
+    if end < start || end == u64::MAX {
         return Err(RangeError::Malformed(h.to_string()));
     }
     Ok(ByteRange { start, end })
@@ -179,6 +180,10 @@ mod tests {
         assert!(parse_content_range("9-0").is_err());
         assert!(parse_content_range("-5").is_err());
         assert!(parse_content_range("").is_err());
+        assert!(
+            parse_content_range("0-18446744073709551615").is_err(),
+            "an inclusive end of u64::MAX has no representable length"
+        );
     }
 
     proptest! {

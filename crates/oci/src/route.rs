@@ -35,6 +35,10 @@ pub enum Route {
 pub enum RouteError {
     #[error("no such endpoint: {0}")]
     NotFound(String),
+    #[error(
+        "upload {0:?} does not exist (an upload id is letters, digits and '-'); start a new upload with POST"
+    )]
+    UploadUnknown(String),
     #[error(transparent)]
     Name(NameError),
     #[error(transparent)]
@@ -92,7 +96,7 @@ impl Route {
                 || id.len() > MAX_UPLOAD_ID
                 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             {
-                return Err(RouteError::NotFound(format!("upload id {id:?}")));
+                return Err(RouteError::UploadUnknown(id.chars().take(80).collect()));
             }
             return Ok(Route::Upload {
                 name: name(&segs[..n - 3])?,
@@ -244,7 +248,7 @@ mod tests {
         ));
         assert!(matches!(
             Route::parse("/v2/a/blobs/uploads/a.b"),
-            Err(RouteError::NotFound(_))
+            Err(RouteError::UploadUnknown(_))
         ));
         assert!(matches!(
             Route::parse("/v2/a"),

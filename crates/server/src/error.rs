@@ -61,6 +61,7 @@ impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> ApiError {
         let (status, code) = match &e {
             RouteError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
+            RouteError::UploadUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
             RouteError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
             RouteError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
             RouteError::Tag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),

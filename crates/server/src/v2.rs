@@ -123,13 +123,40 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 return Err(unsupported(m));
             }
             let n = parse_n(&query)?;
-            let page = reg.catalog(n, query.last.as_deref()).await?;
-            let link = next_link("/v2/_catalog", n, &page);
-            // Only what the caller may read (metadata/read), as ACR does.
-            let repos: Vec<&String> = page
-                .iter()
-                .filter(|r| principal.identity_allows(r, RepoAction::MetadataRead))
-                .collect();
+            // Only what the caller may read (metadata/read), as ACR does. The page is filled
+            // from visible names only, and the `Link` continues after the last visible one,
+            // so neither the body nor the header names a repository the caller may not see.
+            let want = n.map(|n| n as usize);
+            let mut repos: Vec<String> = Vec::new();
+            let mut after = query.last.clone();
+            let mut more = false;
+            while want != Some(0) {
+                let batch = n.map(|n| n.max(CATALOG_SCAN));
+                let page = reg.catalog(batch, after.as_deref()).await?;
+                let exhausted = batch.is_none_or(|b| page.len() < b as usize);
+                after = page.last().cloned();
+                let mut rest = page.into_iter();
+                for r in rest.by_ref() {
+                    if principal.identity_allows(&r, RepoAction::MetadataRead) {
+                        repos.push(r);
+                        if want.is_some_and(|w| repos.len() >= w) {
+                            break;
+                        }
+                    }
+                }
+                if want.is_some_and(|w| repos.len() >= w) {
+                    more = rest.next().is_some() || !exhausted;
+                    break;
+                }
+                if exhausted {
+                    break;
+                }
+            }
+            let link = if more {
+                next_link("/v2/_catalog", n, &repos)
+            } else {
+                None
+            };
             let body = serde_json::json!({ "repositories": repos });
             Ok(with_link(
                 json_response(StatusCode::OK, body.to_string().into_bytes()),
@@ -381,6 +408,10 @@ fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
+
+/// How many names one catalog query reads when filling a page for a caller who may see only
+/// some repositories.
+const CATALOG_SCAN: u32 = 1000;
 
 fn next_link(path: &str, n: Option<u32>, items: &[String]) -> Option<String> {
     let n = n?;

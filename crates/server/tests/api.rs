@@ -222,10 +222,22 @@ async fn cancelled_upload_is_gone() {
             .status,
         StatusCode::NOT_FOUND
     );
+    let r = t.get("/v2/c/blobs/uploads/..%2F..%2Fmeta.db").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(
-        t.get("/v2/c/blobs/uploads/..%2F..%2Fmeta.db").await.status,
-        StatusCode::NOT_FOUND
+        r.code(),
+        "BLOB_UPLOAD_UNKNOWN",
+        "a hostile id is just an unknown upload"
     );
+    let r = t
+        .req(
+            Method::PATCH,
+            "/v2/c/blobs/uploads/not_an_id!",
+            &[],
+            b"abc".to_vec(),
+        )
+        .await;
+    assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
 }
 
 #[tokio::test]

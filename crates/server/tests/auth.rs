@@ -643,6 +643,41 @@ async fn catalog_lists_only_readable_repositories_and_mount_never_leaks() {
         r.json()["repositories"],
         json!(["team/one", "team/two/deep"])
     );
+    // Paging one name at a time shows the same two, and no page or Link names a repository
+    // the token may not read.
+    let mut path = "/v2/_catalog?n=1".to_string();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let r = t
+            .req_as(
+                Some(&basic("teamer", &pw)),
+                Method::GET,
+                &path,
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        for v in r.json()["repositories"].as_array().unwrap() {
+            seen.push(v.as_str().unwrap().to_string());
+        }
+        let link = r
+            .headers
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string());
+        let Some(link) = link else { break };
+        assert!(
+            link.contains("team/"),
+            "the Link names a hidden repository: {link}"
+        );
+        path = link
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap()
+            .to_string();
+    }
+    assert_eq!(seen, ["team/one", "team/two/deep"]);
     let r = t.get("/v2/_catalog").await;
     assert_eq!(
         r.json()["repositories"].as_array().unwrap().len(),
