@@ -83,14 +83,7 @@ impl Outpost {
         env: &[(&str, &str)],
     ) -> Outpost {
         let mut child = cmd
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)

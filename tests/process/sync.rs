@@ -941,6 +941,66 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
 }
 
 #[tokio::test]
+async fn a_site_follows_the_log_level_set_at_its_parent() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "logs-one").await;
+    let cs = connected(
+        &root,
+        "site-logs",
+        &["--repository", "app", "--log-level", "Debug"],
+    );
+    // Started without a local log level: the parent's applies.
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("app:v1 arrives", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    eventually("the site logs at Debug", || async {
+        site.log().contains(" DEBUG ")
+    })
+    .await;
+
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "update",
+            "-n",
+            "site-logs",
+            "--log-level",
+            "Warning",
+        ],
+    );
+    eventually("the site applies Warning", || async {
+        site.log()
+            .contains("applying the log level set at the parent level=Warning")
+    })
+    .await;
+    let mark = site.log().lines().count();
+    let v2 = push_image(&admin, &r, "app", "v2", "logs-two").await;
+    eventually("app:v2 arrives", || async {
+        tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = site.log();
+    let after: Vec<&str> = log.lines().skip(mark).collect();
+    assert!(
+        after
+            .iter()
+            .all(|l| !l.contains(" DEBUG ") && !l.contains(" INFO ")),
+        "nothing below Warning after the change:\n{}",
+        after.join("\n")
+    );
+}
+
+#[tokio::test]
 async fn a_deactivated_site_stops_syncing_until_it_restarts() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();

@@ -29,6 +29,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
     pub log_level: String,
+    /// Whether `log_level` was set by the operator (flag, environment or file) rather than
+    /// left at its default: a connected registry then keeps it instead of following the level
+    /// its parent configures.
+    #[serde(skip)]
+    pub log_level_explicit: bool,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_bytes: usize,
     /// Largest blob accepted, in bytes (0 = unlimited).
@@ -89,6 +94,7 @@ impl Default for Config {
             parent_ca_file: None,
             data_dir: PathBuf::from("./outpost-data"),
             log_level: "info".into(),
+            log_level_explicit: false,
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 0,
             upload_max_age_secs: 24 * 3600,
@@ -164,6 +170,11 @@ impl Config {
                 parent_ca_file: args.parent_ca_file.clone(),
             }));
         let mut config: Config = fig.extract().context("invalid configuration")?;
+        config.log_level_explicit = args.log_level.is_some()
+            || std::env::var_os("OUTPOST_LOG_LEVEL").is_some_and(|v| !v.is_empty())
+            || file
+                .as_ref()
+                .is_some_and(|p| Figment::from(Toml::file(p)).find_value("log_level").is_ok());
         if config.connection_string.is_none() {
             config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")
                 .ok()

@@ -41,13 +41,17 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
-    init_logging(&config.log_level)?;
+    let log = init_logging(&config.log_level)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config))
+        .block_on(serve(config, log))
 }
+
+/// Changes the log filter of the running process.
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 /// Turns a configured log level into a `tracing` filter. Accepts the usual levels, ACR's
 /// connected-registry names (`Debug`, `Information`, `Warning`, `Error`, `None`), or a full
@@ -73,20 +77,29 @@ pub(crate) fn log_filter(level: &str) -> anyhow::Result<String> {
     Ok(format!("{l},sqlx=warn"))
 }
 
-fn init_logging(level: &str) -> anyhow::Result<()> {
-    let directives = log_filter(level)?;
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .with_context(|| format!("log_level {level:?} is not a valid level or filter"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
+fn init_logging(level: &str) -> anyhow::Result<LogHandle> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(env_filter(level)?);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false),
+        )
         .init();
-    Ok(())
+    Ok(handle)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    let directives = log_filter(level)?;
+    tracing_subscriber::EnvFilter::try_new(&directives)
+        .with_context(|| format!("log_level {level:?} is not a valid level or filter"))
+}
+
+async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let registry = Registry::open(
@@ -181,6 +194,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     poll_wait: Duration::from_secs(config.sync_poll_secs),
                     parent_ca: parent_ca.clone(),
                     read_timeout: Duration::from_secs(config.sync_read_timeout_secs),
+                    // The parent's log level applies unless the operator set one here.
+                    log_level_hook: (!config.log_level_explicit).then(|| {
+                        let hook: outpost_sync::LogLevelHook = std::sync::Arc::new(move |level| {
+                            let filter = env_filter(level).map_err(|e| format!("{e:#}"))?;
+                            log.reload(filter).map_err(|e| e.to_string())
+                        });
+                        hook
+                    }),
                 },
                 registry.clone(),
                 control.clone(),

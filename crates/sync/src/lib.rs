@@ -122,7 +122,7 @@ type Result<T, E = SyncError> = std::result::Result<T, E>;
 const RECONCILE_CONCURRENCY: usize = 8;
 
 /// How to run the child.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChildOptions {
     pub connection_string: ConnectionString,
     pub data_dir: PathBuf,
@@ -135,7 +135,13 @@ pub struct ChildOptions {
     /// Longest silence while reading from the parent before the transfer is abandoned (and
     /// resumed on the next attempt).
     pub read_timeout: Duration,
+    /// Applies the log level the parent configures (ACR's names: Debug, Information, Warning,
+    /// Error, None); `None` when the operator fixed the level locally.
+    pub log_level_hook: Option<LogLevelHook>,
 }
+
+/// Sets this process's log level; the error says why the level was not applied.
+pub type LogLevelHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// How to follow a plain OCI registry (no gateway API, no activation): poll the tags of a
 /// fixed list of repositories and mirror them, read-only.
@@ -239,6 +245,9 @@ struct Child {
     notices: Notices,
     /// How many of the parent's messages were still to apply after the last page.
     lag: Mutex<Option<i64>>,
+    /// Applies the parent's log level, and the level last applied.
+    log_level_hook: Option<LogLevelHook>,
+    log_level: Mutex<Option<String>>,
     /// Blobs being fetched right now, so two repositories that need the same new blob at
     /// the same time download it once (the second then links the stored copy).
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
@@ -476,6 +485,8 @@ pub async fn start(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         notices,
+        log_level_hook: opts.log_level_hook.clone(),
+        log_level: Mutex::new(None),
         fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
@@ -556,6 +567,8 @@ pub async fn start_mirror(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         notices,
+        log_level_hook: None,
+        log_level: Mutex::new(None),
         fetching: Mutex::default(),
         lag: Mutex::new(None),
     });
@@ -593,6 +606,18 @@ impl Child {
     /// Installs the client tokens and the descendants (their resources and sync tokens), so
     /// this node authenticates its clients and serves its children, also offline.
     async fn apply_config(&self, cfg: &SyncConfig) -> Result<()> {
+        if let Some(hook) = &self.log_level_hook {
+            let mut applied = self.log_level.lock().unwrap_or_else(|p| p.into_inner());
+            if applied.as_deref() != Some(cfg.log_level.as_str()) {
+                tracing::info!(level = %cfg.log_level, "applying the log level set at the parent");
+                match hook(&cfg.log_level) {
+                    Ok(()) => *applied = Some(cfg.log_level.clone()),
+                    Err(e) => {
+                        tracing::warn!(level = %cfg.log_level, error = %e, "cannot apply the parent's log level")
+                    }
+                }
+            }
+        }
         let mut tokens = cfg.client_tokens.clone();
         descendant_tokens(&cfg.children, &mut tokens);
         self.apply_tokens(&tokens).await?;
