@@ -811,6 +811,43 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
 }
 
 #[tokio::test]
+async fn a_push_at_a_readwrite_site_goes_up_without_waiting_for_the_long_poll() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let base = push_image(&admin, &r, "app", "base", "base-quick").await;
+    let cs = connected(
+        &root,
+        "site-quick",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    // Each long-poll of the parent may wait two minutes, far longer than `eventually` waits.
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &cs),
+            ("OUTPOST_SYNC_POLL_SECS", "120"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:base", || async {
+        tag_digest(&site_admin, &s, "app", "base").await.as_deref() == Some(base.as_str())
+    })
+    .await;
+    // Let the site settle into its long-poll before pushing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let local = push_image(&site_admin, &s, "app", "local", "pushed-at-the-site").await;
+    eventually("the root has the site's push", || async {
+        tag_digest(&admin, &r, "app", "local").await.as_deref() == Some(local.as_str())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();

@@ -792,6 +792,9 @@ impl Child {
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();
+        // Watching from before the outbox is read: a change made while it is being sent still
+        // ends the wait below, and is sent by the next iteration.
+        let mut local = self.registry.subscribe();
         if cfg.mode == "ReadWrite" && self.flush_outbox().await? > 0 {
             self.report("Online", false).await?;
         }
@@ -830,11 +833,21 @@ impl Child {
             }
         };
         self.check_window()?;
-        match self
-            .parent
-            .messages(cursor, self.poll_wait().as_secs())
-            .await?
-        {
+        let poll = self.parent.messages(cursor, self.poll_wait().as_secs());
+        let feed = if cfg.mode == "ReadWrite" {
+            // A local client's change ends the wait: it goes up at once instead of after the
+            // long-poll (up to sync_poll_secs).
+            tokio::select! {
+                feed = poll => feed?,
+                Ok(()) = local.changed() => {
+                    tracing::debug!("a local change interrupts the wait for the parent's messages");
+                    return Ok(());
+                }
+            }
+        } else {
+            poll.await?
+        };
+        match feed {
             Feed::Expired { latest } => {
                 tracing::info!(cursor, latest, "message cursor expired; reconciling fully");
                 self.set_cursor(None)?;
