@@ -1047,6 +1047,78 @@ $(echo "$out" | head -n 30)"
     echo "  ok: the site logged no ERROR, 5xx or panic"
 }
 
+# node_healthy NAME LOG : the spawned Outpost NAME is up and logged no ERROR, 5xx or panic
+node_healthy() {
+    local out
+    kill -0 "$(awk -v n="$1" '$2 == n { print $1 }' "$PIDFILE")" 2>/dev/null || fail "$1 is no longer running"
+    out=$(grep -E '^[^ ]+ +ERROR |status=5[0-9][0-9]|panicked' "$2" || true)
+    [ -z "$out" ] || fail "$1 logged errors or 5xx responses:
+$(echo "$out" | head -n 30)"
+    echo "  ok: $1 logged no ERROR, 5xx or panic"
+}
+
+root_shows() { # NAME TEXT : the root's `connected-registry show NAME` mentions TEXT
+    outpost_cli connected-registry show -n "$1" -o json | grep -qF "$2"
+}
+
+serves() { # HOST TAG DIGEST : HOST serves DIGEST for sync/app:TAG to the client token
+    local hex
+    hex=$(timeout 20 skopeo inspect --raw --tls-verify=false --creds "$SITE_CLIENT" \
+        "docker://$1/sync/app:$2" 2>/dev/null | sha256sum | cut -d' ' -f1) || return 1
+    [ "sha256:$hex" = "$3" ]
+}
+
+# Three levels: the root, a ReadWrite site (mid-interop) as a separate Outpost, and a ReadOnly
+# line (leaf-interop) below it, also separate. skopeo pulls from the leaf what was pushed at
+# the root, byte for byte, and a tag pushed at the root later reaches the leaf through the site.
+check_sync_root_to_leaf() {
+    local out cs_mid cs_leaf mid_pw leaf_pw mid leaf
+    # (each check runs in its own subshell: this one makes its own client token)
+    out=$(outpost_cli token create -n leaf-puller --repository sync/app content/read metadata/read -o json)
+    SITE_CLIENT=leaf-puller:$(echo "$out" | jq -r '.passwords[0].value')
+    [ "$SITE_CLIENT" != leaf-puller:null ] || fail "no password in: $out"
+    outpost_cli connected-registry create -n mid-interop -m ReadWrite --repository sync/app
+    outpost_cli connected-registry create -n leaf-interop -p mid-interop --repository sync/app --client-tokens leaf-puller
+    cs_mid=$(outpost_cli connected-registry get-settings -n mid-interop --parent-protocol http --generate-password 1 --yes -o tsv)
+    mid=127.0.0.1:$(free_port)
+    mid_pw=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    spawn outpost-mid "$LOGS/outpost-mid.log" env "${unset_outpost[@]}" \
+        OUTPOST_ADMIN_PASSWORD="$mid_pw" OUTPOST_SYNC_POLL_SECS=5 \
+        "$OUTPOST" serve --listen "$mid" --data-dir "$WORK/outpost-mid-data" --connection-string "$cs_mid" \
+        --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
+    trap 'echo "--- mid log (last 40 lines):"; tail -n 40 "$LOGS/outpost-mid.log"; echo "--- leaf log (last 40 lines):"; tail -n 40 "$LOGS/outpost-leaf.log" 2>/dev/null' EXIT
+    # the leaf's parent endpoint is the site's login server, known once the site reported it
+    wait_until 30 root_shows mid-interop "$mid" ||
+        fail "the root did not learn mid-interop's address ($mid) within 30s"
+    cs_leaf=$(outpost_cli connected-registry get-settings -n leaf-interop --parent-protocol http --generate-password 1 --yes -o tsv)
+    expect_contains "leaf connection string" "$cs_leaf" "ParentGatewayEndpoint=$mid;"
+    # the site learns the leaf's new password at its next configuration fetch
+    leaf_pw=$(echo "$cs_leaf" | tr ';' '\n' | sed -n 's/^SyncTokenPassword=//p')
+    wait_until 30 curl -sf -u "leaf-interop:$leaf_pw" "http://$mid/gateway/v1/leaf-interop/config" ||
+        fail "mid-interop did not accept leaf-interop's new password within 30s"
+    leaf=127.0.0.1:$(free_port)
+    spawn outpost-leaf "$LOGS/outpost-leaf.log" env "${unset_outpost[@]}" \
+        OUTPOST_ADMIN_PASSWORD="$mid_pw" OUTPOST_SYNC_POLL_SECS=5 \
+        "$OUTPOST" serve --listen "$leaf" --data-dir "$WORK/outpost-leaf-data" --connection-string "$cs_leaf" \
+        --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
+    wait_until 30 grep -q 'activated at the parent' "$LOGS/outpost-leaf.log" ||
+        fail "the leaf did not log 'activated at the parent' within 30s"
+
+    # what the root held before: the multi-platform index, pulled whole from the leaf
+    wait_until 30 timeout 20 skopeo inspect --raw --tls-verify=false --creds "$SITE_CLIENT" "docker://$leaf/sync/app:v1" ||
+        fail "sync/app:v1 did not reach the leaf within 30s"
+    run skopeo copy -q --all --src-tls-verify=false --src-creds "$SITE_CLIENT" "docker://$leaf/sync/app:v1" "oci:$WORK/leaf-multi:v1"
+    expect_eq "digest in the layout pulled from the leaf" "$MULTI_DIGEST" "$(layout_digest "$WORK/leaf-multi" v1)"
+    same_blobs "$FIX" "$WORK/leaf-multi" 9
+    # pushed at the root now: through the site to the leaf
+    push_fixture img sync/app:leaf-v1
+    wait_until 30 serves "$leaf" leaf-v1 "$IMG_DIGEST" ||
+        fail "sync/app:leaf-v1 ($IMG_DIGEST) did not reach the leaf within 30s"
+    echo "  ok: sync/app:leaf-v1 reached the leaf as $IMG_DIGEST"
+    node_healthy outpost-mid "$LOGS/outpost-mid.log"
+    node_healthy outpost-leaf "$LOGS/outpost-leaf.log"
+}
+
 # after all the clients: Outpost is still up, answered no request with a 5xx, logged no
 # ERROR and did not panic (its request lines are "... request method=.. path=.. status=NNN")
 check_outpost_after() {
@@ -1118,6 +1190,7 @@ run_check auth-catalog-filtered check_auth_catalog_filtered
 run_check auth-disabled-token check_auth_disabled_token
 run_check auth-containerd-token-flow check_auth_containerd_token
 run_check sync-root-to-site-skopeo check_sync_root_to_site
+run_check sync-root-to-leaf-skopeo check_sync_root_to_leaf
 
 run_check outpost-healthy-after-run check_outpost_after
 echo "$PASSED passed, $FAILED failed"

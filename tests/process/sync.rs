@@ -1174,6 +1174,27 @@ async fn a_three_level_hierarchy_root_site_line() {
         "site-mid",
         &["-m", "ReadWrite", "--repository", "app"],
     );
+    // A client token of the line: it must authenticate at the line, two levels down.
+    let out = cli_ok(
+        &root,
+        &[
+            "token",
+            "create",
+            "-n",
+            "line-reader",
+            "--repository",
+            "app",
+            "content/read",
+            "metadata/read",
+            "-o",
+            "json",
+        ],
+    );
+    let line_reader_pw =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["passwords"][0]["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
     cli_ok(
         &root,
         &[
@@ -1185,6 +1206,8 @@ async fn a_three_level_hierarchy_root_site_line() {
             "site-mid",
             "--repository",
             "app",
+            "--client-tokens",
+            "line-reader",
         ],
     );
     let site = start_site(site_dir.path(), &site_cs);
@@ -1240,6 +1263,16 @@ async fn a_three_level_hierarchy_root_site_line() {
         tag_digest(&site_admin, &l, "app", "v1").await.as_deref() == Some(v1.as_str())
     })
     .await;
+    let line_reader = client_as("line-reader", &line_reader_pw);
+    eventually("the line's own client token works at the line", || async {
+        tag_digest(&line_reader, &l, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&line_reader, &site.base(), "app", "v1").await,
+        None,
+        "the line's client token does not open the site it is relayed through"
+    );
     // A push at the root travels root → site → line.
     let v2 = push_image(&admin, &r, "app", "v2", "deep-two").await;
     eventually("app:v2 reaches the leaf", || async {

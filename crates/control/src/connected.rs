@@ -1522,7 +1522,12 @@ impl Control {
     /// A token as it travels to a connected registry: name, status, rules, password hashes.
     async fn token_config(&self, name: &str) -> Result<Option<ClientTokenConfig>> {
         let Some(tok) = self.meta.token(name).await? else {
-            return Ok(None);
+            // On an intermediate node: a descendant's client token, kept only to hand down.
+            return Ok(self
+                .meta
+                .relayed_token(name)
+                .await?
+                .and_then(|json| serde_json::from_str(&json).ok()));
         };
         let actions = match &tok.scope_map {
             Some(sm) => self
@@ -1570,6 +1575,17 @@ impl Control {
         }
         let mut all = Vec::new();
         flatten(children, None, &mut all);
+        // Their client tokens go into their configuration, not into this node's tokens: a
+        // line's token must not open this site.
+        let mut relayed: Vec<(String, String)> = Vec::new();
+        for (cfg, _) in &all {
+            for t in &cfg.client_tokens {
+                if !relayed.iter().any(|(n, _)| n == &t.name) {
+                    relayed.push((t.name.clone(), serde_json::to_string(t).unwrap_or_default()));
+                }
+            }
+        }
+        self.meta.replace_relayed_tokens(&relayed).await?;
         let existing = self.all_registries().await?;
         for (cfg, parent) in &all {
             let old = existing.get(&cfg.name);

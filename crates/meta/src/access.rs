@@ -146,6 +146,33 @@ impl Meta {
         Ok(res.rows_affected() > 0)
     }
 
+    /// Replaces the client tokens relayed to descendants: `(name, configuration JSON)`.
+    pub async fn replace_relayed_tokens(&self, tokens: &[(String, String)]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query("DELETE FROM relayed_tokens")
+            .execute(&mut *tx)
+            .await?;
+        for (name, config) in tokens {
+            sqlx::query("INSERT OR REPLACE INTO relayed_tokens (name, config) VALUES (?, ?)")
+                .bind(name)
+                .bind(config)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The configuration JSON of a client token relayed to a descendant.
+    pub async fn relayed_token(&self, name: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT config FROM relayed_tokens WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
     pub async fn token(&self, name: &str) -> Result<Option<TokenRow>> {
         sqlx::query(&format!(
             "SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?"

@@ -134,4 +134,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX events_by_tag ON events(repo, tag, seq) WHERE tag IS NOT NULL;
     "#,
+    // 7: client tokens of an intermediate node's descendants, kept only to be handed down in
+    // their configuration (they do not authenticate anyone at this node)
+    r#"
+    CREATE TABLE relayed_tokens (
+        name   TEXT PRIMARY KEY,
+        config TEXT NOT NULL     -- JSON, as the parent sent it
+    ) STRICT;
+    "#,
 ];
