@@ -462,3 +462,154 @@ pub async fn push_big_image(
     assert_eq!(r.status(), 201);
     sha256_hex(&layer)
 }
+
+/// A registry front that accepts only Bearer tokens from its own token service (Docker token
+/// authentication, as Harbor, GHCR or Docker Hub do), in front of an Outpost it reads with the
+/// admin's Basic credentials. `/token` issues a token for `user:password`; `/v2/…` without
+/// that token answers 401 with a `Bearer` challenge. Read-only (GET and HEAD), one request per
+/// connection.
+pub struct BearerGate {
+    pub addr: String,
+    /// Tokens issued so far.
+    pub issued: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BearerGate {
+    pub const TOKEN: &'static str = "gate-token-7f3a";
+
+    pub async fn start(upstream: &str, user: &str, password: &str) -> BearerGate {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gate");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let basic = format!(
+            "Basic {}",
+            base64_encode(format!("{user}:{password}").as_bytes())
+        );
+        let admin = client_as("admin", ADMIN_PASSWORD);
+        let (upstream, me, count) = (upstream.to_string(), addr.clone(), issued.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (upstream, me, count, basic, admin) = (
+                    upstream.clone(),
+                    me.clone(),
+                    count.clone(),
+                    basic.clone(),
+                    admin.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let mut lines = text.split("\r\n");
+                    let mut first = lines.next().unwrap_or("").split(' ');
+                    let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                    let header = |name: &str| {
+                        text.split("\r\n").skip(1).find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                    };
+                    let auth = header("authorization").unwrap_or_default();
+                    let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) = if target
+                        .starts_with("/token")
+                    {
+                        if auth == basic {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            let body = format!("{{\"token\":\"{}\"}}", BearerGate::TOKEN);
+                            (
+                                200,
+                                vec![("content-type".into(), "application/json".into())],
+                                body.into_bytes(),
+                            )
+                        } else {
+                            (401, vec![], b"{}".to_vec())
+                        }
+                    } else if auth != format!("Bearer {}", BearerGate::TOKEN) {
+                        let repo = target.strip_prefix("/v2/").and_then(|r| {
+                            ["/manifests/", "/blobs/", "/tags/"]
+                                .iter()
+                                .find_map(|m| r.find(m).map(|i| r[..i].to_string()))
+                        });
+                        let scope = repo
+                            .map(|r| format!(",scope=\"repository:{r}:pull\""))
+                            .unwrap_or_default();
+                        let challenge =
+                            format!("Bearer realm=\"http://{me}/token\",service=\"gate\"{scope}");
+                        (
+                            401,
+                            vec![("www-authenticate".into(), challenge)],
+                            br#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#
+                                .to_vec(),
+                        )
+                    } else {
+                        let m = reqwest::Method::from_bytes(method.as_bytes())
+                            .unwrap_or(reqwest::Method::GET);
+                        let mut req = admin.request(m, format!("{upstream}{target}"));
+                        for h in ["accept", "range"] {
+                            if let Some(v) = header(h) {
+                                req = req.header(h, v);
+                            }
+                        }
+                        match req.send().await {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let keep: Vec<(String, String)> = r
+                                    .headers()
+                                    .iter()
+                                    .filter(|(k, _)| {
+                                        [
+                                            "content-type",
+                                            "docker-content-digest",
+                                            "content-range",
+                                            "content-length",
+                                        ]
+                                        .contains(&k.as_str())
+                                    })
+                                    .map(|(k, v)| {
+                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                    })
+                                    .collect();
+                                let body = r.bytes().await.unwrap_or_default().to_vec();
+                                (status, keep, body)
+                            }
+                            Err(_) => (502, vec![], Vec::new()),
+                        }
+                    };
+                    let mut out = format!("HTTP/1.1 {status} X\r\nconnection: close\r\n");
+                    let mut has_len = false;
+                    for (k, v) in &headers {
+                        has_len |= k == "content-length";
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    if !has_len {
+                        out.push_str(&format!("content-length: {}\r\n", body.len()));
+                    }
+                    out.push_str("\r\n");
+                    let _ = conn.write_all(out.as_bytes()).await;
+                    if method != "HEAD" {
+                        let _ = conn.write_all(&body).await;
+                    }
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        BearerGate { addr, issued, task }
+    }
+}
+
+impl Drop for BearerGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -704,6 +704,78 @@ async fn a_plain_docker_registry_can_be_the_parent() {
 }
 
 #[tokio::test]
+async fn a_plain_parent_that_wants_bearer_tokens_is_mirrored() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "mirror/app", "v1", "behind-a-token-service").await;
+    // Basic credentials alone get nowhere: only a token from the gate's token service does.
+    let gate = support::BearerGate::start(&r, "mirror-bot", "gate-secret").await;
+    let basic = client_as("mirror-bot", "gate-secret");
+    let refused = basic
+        .get(format!("http://{}/v2/mirror/app/tags/list", gate.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(
+        refused.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer realm=")
+    );
+
+    let site_dir = tempfile::tempdir().unwrap();
+    let conf = site_dir.path().join("outpost.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "upstream_url = \"http://{}\"\nupstream_repositories = [\"mirror/app\"]\n\
+             upstream_username = \"mirror-bot\"\nupstream_password = \"gate-secret\"\n\
+             upstream_poll_secs = 1\n",
+            gate.addr
+        ),
+    )
+    .unwrap();
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONFIG", conf.to_str().unwrap()),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually(
+        "mirror/app:v1 is mirrored through the token service",
+        || async {
+            tag_digest(&site_admin, &s, "mirror/app", "v1")
+                .await
+                .as_deref()
+                == Some(v1.as_str())
+        },
+    )
+    .await;
+    let issued = gate.issued.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(issued >= 1, "the site never asked the token service");
+    // Tokens are reused: a second poll round does not ask for new ones each request.
+    let v2 = push_image(&admin, &r, "mirror/app", "v2", "second-behind-the-gate").await;
+    eventually("mirror/app:v2 follows", || async {
+        tag_digest(&site_admin, &s, "mirror/app", "v2")
+            .await
+            .as_deref()
+            == Some(v2.as_str())
+    })
+    .await;
+    let issued = gate.issued.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        issued <= 3,
+        "{issued} tokens for one repository: they are not reused"
+    );
+}
+
+#[tokio::test]
 async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,10 @@ pub struct Parent {
     /// For long-polls of the message feed, which wait in silence by design: no read timeout,
     /// only a bound on the whole request.
     poll_http: reqwest::Client,
+    /// Bearer tokens from a registry's token service (Docker token authentication), by the
+    /// repository scope they were issued for: a plain parent such as Harbor, or one behind a
+    /// token service, answers 401 with a `Bearer` challenge instead of accepting Basic.
+    bearer: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 /// The answer to a message-feed request.
@@ -93,6 +97,82 @@ fn client(
     b.build().map_err(|e| SyncError::Client(e.to_string()))
 }
 
+/// A `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct Challenge {
+    realm: String,
+    service: Option<String>,
+    scope: Option<String>,
+}
+
+/// The Bearer challenge of a 401, if it has one with an `http(s)` realm.
+fn bearer_challenge(resp: &reqwest::Response) -> Option<Challenge> {
+    resp.headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_challenge)
+}
+
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let (scheme, params) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut scope = None;
+    // key="value" pairs separated by commas; values may themselves hold commas (scopes do).
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"')?;
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => match after.find(',') {
+                Some(i) => (&after[..i], &after[i..]),
+                None => (after, ""),
+            },
+        };
+        match key.trim().to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value.to_string()),
+            "service" => service = Some(value.to_string()),
+            "scope" => scope = Some(value.to_string()),
+            _ => {}
+        }
+        rest = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    let realm = realm.filter(|r| r.starts_with("http://") || r.starts_with("https://"))?;
+    Some(Challenge {
+        realm,
+        service,
+        scope,
+    })
+}
+
+/// The key a token is kept under: the repository a `/v2/<repo>/…` path names (tokens are
+/// issued per repository scope), or "" for registry-wide paths.
+fn scope_key(path: &str) -> String {
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return String::new();
+    };
+    for marker in ["/manifests/", "/blobs/", "/tags/", "/referrers/"] {
+        if let Some(i) = rest.find(marker) {
+            return rest[..i].to_string();
+        }
+    }
+    String::new()
+}
+
+fn set_bearer(req: &mut reqwest::Request, token: &str) {
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        req.headers_mut().insert(reqwest::header::AUTHORIZATION, v);
+    }
+}
+
 /// A transport error with its causes (reqwest's own message omits them: "error sending
 /// request" hides "invalid peer certificate: UnknownIssuer"), plus what to do about an
 /// untrusted certificate.
@@ -129,6 +209,7 @@ impl Parent {
             password: Some(cs.sync_token_password.clone()),
             http: client(ca, Some(read_timeout))?,
             poll_http: client(ca, None)?,
+            bearer: Default::default(),
         })
     }
 
@@ -151,6 +232,7 @@ impl Parent {
             password,
             poll_http: http.clone(),
             http,
+            bearer: Default::default(),
         })
     }
 
@@ -190,11 +272,92 @@ impl Parent {
         }
     }
 
+    /// Sends a request. A token already issued for its repository goes instead of Basic
+    /// credentials; a 401 with a `Bearer` challenge fetches one (with the Basic credentials, if
+    /// any) and retries once. Any other answer is returned as it is.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SyncError> {
-        req.send().await.map_err(|e| SyncError::Unreachable {
+        let unreachable = |e: reqwest::Error| SyncError::Unreachable {
             parent: self.base.clone(),
             reason: reason(&e),
-        })
+        };
+        let (client, req) = req.build_split();
+        let mut req = req.map_err(unreachable)?;
+        let key = scope_key(req.url().path());
+        let cached = self
+            .bearer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(token) = &cached {
+            set_bearer(&mut req, token);
+        }
+        let retry = req.try_clone();
+        let resp = client.execute(req).await.map_err(unreachable)?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let (Some(challenge), Some(mut retry)) = (bearer_challenge(&resp), retry) else {
+            return Ok(resp);
+        };
+        let token = match self.fetch_token(&challenge).await {
+            Ok(Some(t)) => t,
+            // No token for these credentials: the 401 stands, and says what to fix.
+            Ok(None) => return Ok(resp),
+            Err(e) => return Err(e),
+        };
+        if cached.as_ref() == Some(&token) {
+            return Ok(resp);
+        }
+        self.bearer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, token.clone());
+        set_bearer(&mut retry, &token);
+        client.execute(retry).await.map_err(unreachable)
+    }
+
+    /// Asks the token service a `Bearer` challenge names for a token (Docker token
+    /// authentication), with this parent's Basic credentials if it has any. `None` when the
+    /// service refuses them.
+    async fn fetch_token(&self, challenge: &Challenge) -> Result<Option<String>, SyncError> {
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = &challenge.service {
+            query.push(("service", s));
+        }
+        if let Some(s) = &challenge.scope {
+            query.push(("scope", s));
+        }
+        let mut req = self.http.get(&challenge.realm).query(&query);
+        if let Some(p) = &self.password {
+            req = req.basic_auth(&self.user, Some(p));
+        }
+        let resp = req.send().await.map_err(|e| SyncError::Unreachable {
+            parent: challenge.realm.clone(),
+            reason: reason(&e),
+        })?;
+        if matches!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(SyncError::Protocol(format!(
+                "the token service at {} answered {}",
+                challenge.realm,
+                resp.status()
+            )));
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| SyncError::Protocol(format!("token service {}: {e}", challenge.realm)))?;
+        Ok(v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .filter(|t| !t.is_empty())
+            .map(String::from))
     }
 
     /// Turns a non-success answer into an error that says what to do.
@@ -526,5 +689,48 @@ impl Parent {
             )));
         }
         Ok(resp.bytes_stream())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
+            Some(Challenge {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull,push".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"bearer realm="http://127.0.0.1:1/t""#).map(|c| c.realm),
+            Some("http://127.0.0.1:1/t".into())
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="x""#), None);
+        assert_eq!(parse_challenge(r#"Bearer service="no-realm""#), None);
+        assert_eq!(
+            parse_challenge(r#"Bearer realm="file:///etc/passwd""#),
+            None
+        );
+        assert_eq!(
+            parse_challenge(r#"Bearer realm="http://x/t",scope="unterminated"#),
+            None
+        );
+    }
+
+    #[test]
+    fn tokens_are_kept_per_repository() {
+        assert_eq!(scope_key("/v2/a/b/manifests/v1"), "a/b");
+        assert_eq!(scope_key("/v2/a/blobs/sha256:00"), "a");
+        assert_eq!(scope_key("/v2/a/tags/list"), "a");
+        assert_eq!(scope_key("/v2/"), "");
+        assert_eq!(scope_key("/v2/_catalog"), "");
+        assert_eq!(scope_key("/gateway/v1/x/config"), "");
     }
 }
