@@ -305,6 +305,10 @@ pub struct FaultProxy {
     /// Flip the bits of the downstream byte at this position (counted like `downstream`),
     /// once (u64::MAX: never) — a parent or a link that corrupts data.
     pub corrupt_at: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes forwarded from the child to the parent so far.
+    pub upstream: Arc<std::sync::atomic::AtomicU64>,
+    /// Cut all connections when `upstream` passes this (u64::MAX: never), once.
+    pub up_cut_at: Arc<std::sync::atomic::AtomicU64>,
     /// Once `downstream` passes this, the connection carrying that byte stops forwarding but
     /// stays open, forever (u64::MAX: never); later connections are normal — a link that
     /// drops packets instead of resetting.
@@ -326,6 +330,9 @@ impl FaultProxy {
         let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let corrupt_at = Arc::new(AtomicU64::new(u64::MAX));
         let stall_at = Arc::new(AtomicU64::new(u64::MAX));
+        let upstream = Arc::new(AtomicU64::new(0));
+        let up_cut_at = Arc::new(AtomicU64::new(u64::MAX));
+        let (up, up_cut) = (upstream.clone(), up_cut_at.clone());
         let target = target.to_string();
         let (d, c, r, b, x, st) = (
             downstream.clone(),
@@ -346,8 +353,24 @@ impl FaultProxy {
                 };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut ur, mut uw) = upstream.into_split();
+                let (up, up_cut) = (up.clone(), up_cut.clone());
                 tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let total = up.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if total > up_cut.load(Ordering::Relaxed) {
+                            up_cut.store(u64::MAX, Ordering::Relaxed);
+                            break; // the link drops mid-upload
+                        }
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = uw.shutdown().await;
                 });
                 let (d, c, r, b, x, st) = (
                     d.clone(),
@@ -410,6 +433,8 @@ impl FaultProxy {
             blocked,
             corrupt_at,
             stall_at,
+            upstream,
+            up_cut_at,
             task,
         }
     }

@@ -920,6 +920,70 @@ async fn a_push_at_a_readwrite_site_goes_up_without_waiting_for_the_long_poll() 
 }
 
 #[tokio::test]
+async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent() {
+    const SIZE: usize = 24 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let cs = connected(
+        &root,
+        "site-up",
+        &["-m", "ReadWrite", "--repository", "app", "app2"],
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site is activated", || async {
+        site.log().contains("activated at the parent")
+    })
+    .await;
+
+    // The link drops once 9 MiB of the 24 MiB layer have gone up; the rest follows on the
+    // next attempt without sending the first part again.
+    let sent_before = proxy.upstream.load(std::sync::atomic::Ordering::Relaxed);
+    proxy.up_cut_at.store(
+        sent_before + (9 << 20),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let layer = support::push_big_image(&site_admin, &s, "app", "v1", SIZE).await;
+    eventually("app:v1 reaches the root", || async {
+        tag_digest(&admin, &r, "app", "v1").await.is_some()
+    })
+    .await;
+    assert_eq!(blob_len(&admin, &r, "app", &layer).await, Some(SIZE));
+    assert!(
+        site.log()
+            .contains("resuming the upload of a blob to the parent"),
+        "{}",
+        site.log()
+    );
+    let sent = proxy.upstream.load(std::sync::atomic::Ordering::Relaxed) - sent_before;
+    let extra = sent as f64 / SIZE as f64 - 1.0;
+    assert!(
+        extra < 0.10,
+        "sent {:.1}% more than the layer",
+        extra * 100.0
+    );
+
+    // The same layer in another repository: the parent mounts it from app.
+    let before = proxy.upstream.load(std::sync::atomic::Ordering::Relaxed);
+    support::push_big_image(&site_admin, &s, "app2", "v1", SIZE).await;
+    eventually("app2:v1 reaches the root", || async {
+        tag_digest(&admin, &r, "app2", "v1").await.is_some()
+    })
+    .await;
+    assert_eq!(blob_len(&admin, &r, "app2", &layer).await, Some(SIZE));
+    let sent = proxy.upstream.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        sent < 1 << 20,
+        "{sent} bytes went up for a layer the parent already had in another repository"
+    );
+}
+
+#[tokio::test]
 async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();
@@ -1384,6 +1448,22 @@ async fn a_three_level_hierarchy_root_site_line() {
         .await
         .unwrap();
     assert_eq!(denied.status(), 403);
+
+    // Deactivated at the root, two levels up: the site passes it on and the line stops.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "deactivate",
+            "-n",
+            "line-leaf",
+            "--yes",
+        ],
+    );
+    eventually("the line learns it was deactivated", || async {
+        line.log().contains("was deactivated at the parent")
+    })
+    .await;
 }
 
 #[tokio::test]

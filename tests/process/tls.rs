@@ -129,6 +129,42 @@ async fn a_site_follows_an_https_root_signed_by_a_private_ca() {
     assert_eq!(ok.status(), 200);
     drop(silent);
 
+    // The token realm a 401 names is the HTTPS one: clients following it never send
+    // credentials in clear text. The token flow works through it.
+    let anonymous = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let challenge = anonymous
+        .get(format!("{r}/v2/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), 401);
+    let header = challenge.headers()["www-authenticate"].to_str().unwrap();
+    let realm = format!("https://{}/oauth2/token", root.addr);
+    assert!(
+        header.starts_with(&format!("Bearer realm=\"{realm}\"")),
+        "{header}"
+    );
+    let token: serde_json::Value = anonymous
+        .get(format!("{realm}?service=outpost&scope=repository:app:pull"))
+        .basic_auth("admin", Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pulled = anonymous
+        .get(format!("{r}/v2/app/manifests/v1"))
+        .bearer_auth(token["token"].as_str().unwrap())
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pulled.status(), 200);
+
     // A client that does not trust the private CA is refused by its own TLS stack.
     let untrusting = reqwest::Client::new().get(format!("{r}/v2/")).send().await;
     assert!(

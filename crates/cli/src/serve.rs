@@ -223,6 +223,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         auth: outpost_server::AuthSettings {
             anonymous_pull: config.anonymous_pull,
             service: config.service.clone(),
+            tls: tls.is_some(),
         },
         read_only,
     });

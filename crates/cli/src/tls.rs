@@ -74,7 +74,13 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match tcp.accept().await {
+                // Once the server is gone (graceful shutdown dropped the listener), stop
+                // accepting instead of completing handshakes nobody will serve.
+                let accepted = tokio::select! {
+                    a = tcp.accept() => a,
+                    () = tx.closed() => return,
+                };
+                let (stream, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
@@ -99,9 +105,6 @@ impl TlsListener {
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
-                if tx.is_closed() {
-                    return;
-                }
             }
         });
         Ok(TlsListener { ready, local })

@@ -1271,17 +1271,30 @@ impl Control {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(up) = upstream
-            && let Err(e) = up.report(name, &report).await
-        {
-            tracing::debug!(registry = name, error = %e, "could not relay a status report upward");
+        let mut deactivated_above = false;
+        if let Some(up) = upstream {
+            match up.report(name, &report).await {
+                Ok(()) => {}
+                Err(ControlError::NotActive(e)) => {
+                    tracing::info!(registry = name, error = %e, "the root deactivated this descendant; passing that on");
+                    deactivated_above = true;
+                }
+                Err(e) => {
+                    tracing::debug!(registry = name, error = %e, "could not relay a status report upward")
+                }
+            }
         }
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
+        if deactivated_above && row.activation == "Active" {
+            row.activation = "Inactive".into();
+            row.instance_id = None;
+            self.meta.put_connected_registry(&row).await?;
+        }
         if row.activation != "Active"
             || row.instance_id.as_deref() != Some(report.instance_id.as_str())
         {
-            return Err(ControlError::Invalid(format!(
+            return Err(ControlError::NotActive(format!(
                 "instance {:?} is not the active instance of connected registry {name:?}; it was deactivated — restart it to activate again",
                 report.instance_id
             )));

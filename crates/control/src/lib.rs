@@ -43,6 +43,10 @@ pub enum ControlError {
     AlreadyExists { kind: &'static str, name: String },
     #[error("{0}")]
     Invalid(String),
+    /// A status report from an instance that is not (or no longer) the active one: the
+    /// resource was deactivated.
+    #[error("{0}")]
+    NotActive(String),
     #[error(transparent)]
     Scope(#[from] ScopeError),
     #[error(

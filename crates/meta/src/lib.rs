@@ -634,6 +634,24 @@ impl Meta {
         )
     }
 
+    /// Up to `limit` repositories other than `except` that hold blob `digest`.
+    pub async fn repos_with_blob(
+        &self,
+        digest: &Digest,
+        except: &str,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT r.name FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id \
+             WHERE l.digest = ? AND r.name != ? ORDER BY r.name LIMIT ?",
+        )
+        .bind(digest.to_string())
+        .bind(except)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
     /// for it with a smaller sequence number, or `None` if there is none or it was a removal.
     pub async fn tag_before(&self, repo: &str, tag: &str, seq: i64) -> Result<Option<String>> {

@@ -21,6 +21,9 @@ pub struct AuthSettings {
     pub anonymous_pull: bool,
     /// The `service` named in challenges and the audience of issued access tokens.
     pub service: String,
+    /// Served over HTTPS: challenges name an `https` token realm, so clients never send
+    /// credentials to it in clear text.
+    pub tls: bool,
 }
 
 impl Default for AuthSettings {
@@ -28,6 +31,7 @@ impl Default for AuthSettings {
         AuthSettings {
             anonymous_pull: false,
             service: "outpost".into(),
+            tls: false,
         }
     }
 }
@@ -109,8 +113,14 @@ pub(crate) fn challenge(
                 .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
         })
         .unwrap_or("localhost");
+    // Behind a TLS-terminating proxy, it says so with X-Forwarded-Proto.
+    let https = app.auth.tls
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let scheme = if https { "https" } else { "http" };
     let mut value = format!(
-        "Bearer realm=\"http://{host}/oauth2/token\",service=\"{}\"",
+        "Bearer realm=\"{scheme}://{host}/oauth2/token\",service=\"{}\"",
         app.auth.service
     );
     if let Some(s) = scope {

@@ -143,7 +143,7 @@ impl From<ControlError> for ApiError {
             C::AlreadyExists { .. } => {
                 ApiError::custom(StatusCode::CONFLICT, "ALREADY_EXISTS", msg)
             }
-            C::Invalid(_) | C::Scope(_) => {
+            C::Invalid(_) | C::Scope(_) | C::NotActive(_) => {
                 ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
             }
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),

@@ -145,7 +145,8 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     }
                 }
                 if want.is_some_and(|w| repos.len() >= w) {
-                    more = rest.next().is_some() || !exhausted;
+                    more = rest.any(|r| principal.identity_allows(&r, RepoAction::MetadataRead))
+                        || !exhausted;
                     break;
                 }
                 if exhausted {

@@ -235,7 +235,10 @@ mod tests {
     #[tokio::test]
     async fn cold_large_blob_is_read_ahead_from_the_requested_offset() {
         use std::os::fd::AsRawFd;
-        let dir = tempfile::tempdir().unwrap();
+        // Next to the test binary, in the target directory: a disk, where /tmp may be a tmpfs
+        // whose pages cannot be evicted.
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
         let path = dir.path().join("blob");
         let data: Vec<u8> = (0..PREFETCH_MIN * 2).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();

@@ -201,10 +201,13 @@ impl outpost_control::connected::Upstream for Relay {
         report: &'a StatusReport,
     ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<()>> {
         Box::pin(async move {
-            self.0
-                .report_for(name, report)
-                .await
-                .map_err(|e| outpost_control::ControlError::Invalid(e.to_string()))
+            self.0.report_for(name, report).await.map_err(|e| match e {
+                // The root no longer takes this descendant's instance: deactivated there.
+                SyncError::Parent { status: 400, .. } => {
+                    outpost_control::ControlError::NotActive(e.to_string())
+                }
+                _ => outpost_control::ControlError::Invalid(e.to_string()),
+            })
         })
     }
 }
@@ -278,6 +281,9 @@ fn write_state(path: &Path, data: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(state_err(path))
 }
 
+/// The size of one piece of a blob sent up to the parent: what a cut link costs at most.
+const UP_PIECE_BYTES: u64 = 4 << 20;
+
 /// How long a partial download of a connected registry is kept for resuming, counted from
 /// when the transfer started: past it, the upload reaper may remove it (and a later fetch
 /// starts over). Longer than any outage or schedule should make a transfer wait.
@@ -307,15 +313,24 @@ pub fn resumable_uploads(data_dir: &Path) -> std::collections::HashSet<String> {
 /// Records in `sync/backfill.json` the repository patterns `new` has and `old` had not: their
 /// existing content must be fetched, since the feed only carries later changes.
 fn add_backfill(dir: &Path, old: &SyncConfig, new: &SyncConfig) -> Result<()> {
-    let mut pending = backfill(dir)?;
-    let before = pending.len();
+    let before = backfill(dir)?;
+    // Patterns removed again before they were fetched are dropped: the sync token can no
+    // longer read them, and trying would fail every iteration.
+    let mut pending: Vec<String> = before
+        .iter()
+        .filter(|r| new.repositories.contains(r))
+        .cloned()
+        .collect();
     for r in &new.repositories {
         if !old.repositories.contains(r) && !pending.contains(r) {
             pending.push(r.clone());
         }
     }
-    if pending.len() == before {
+    if pending == before {
         return Ok(());
+    }
+    if pending.is_empty() {
+        return clear_backfill(dir);
     }
     write_state(
         &dir.join("backfill.json"),
@@ -337,19 +352,33 @@ fn clear_backfill(dir: &Path) -> Result<()> {
     }
 }
 
-/// Whether sending a local change failed in a way no retry will fix: the parent refused it
-/// (403, or another 4xx that is not about credentials, timing or load), or the change cannot
-/// be read back here (deleted meanwhile, unparsable).
+/// Whether sending a local change failed in a way no retry will fix: the parent denied it
+/// (403), or refused its content with a registry error code that says the content itself is
+/// unacceptable (an invalid name, tag or manifest, a size over its limit, an unsupported
+/// kind), or the change can no longer be read here (deleted meanwhile, unparsable).
+/// Everything else — a cut upload (`BLOB_UPLOAD_INVALID`), a blob the parent lacks for now,
+/// a 4xx without a registry code (a proxy's answer), an odd reply — is retried.
 fn refused_for_good(e: &SyncError) -> bool {
     match e {
-        SyncError::Denied { .. } | SyncError::Protocol(_) => true,
-        SyncError::Parent { status, .. } => {
-            (400..500).contains(status) && !matches!(status, 401 | 408 | 429)
+        SyncError::Denied { .. } => true,
+        SyncError::Parent { status, code, .. } => {
+            (400..500).contains(status)
+                && matches!(
+                    code.as_str(),
+                    "NAME_INVALID"
+                        | "TAG_INVALID"
+                        | "MANIFEST_INVALID"
+                        | "SIZE_INVALID"
+                        | "UNSUPPORTED"
+                        | "DIGEST_INVALID"
+                        | "DENIED"
+                )
         }
         SyncError::Registry(
             RegistryError::BlobUnknown(_)
             | RegistryError::ManifestUnknown(_)
-            | RegistryError::NameUnknown(_),
+            | RegistryError::NameUnknown(_)
+            | RegistryError::ManifestInvalid(_),
         ) => true,
         _ => false,
     }
@@ -802,7 +831,10 @@ impl Child {
             Some(c) if !cfg.resync_requested => {
                 // Repositories added to the scope: the feed only carries what changes from
                 // now on, so fetch what they already hold.
-                let added = backfill(&self.dir)?;
+                let added: Vec<String> = backfill(&self.dir)?
+                    .into_iter()
+                    .filter(|r| cfg.repositories.contains(r))
+                    .collect();
                 if !added.is_empty() {
                     tracing::info!(repositories = ?added, "repositories added to this site's scope; fetching their content");
                     self.report("Syncing", false).await?;
@@ -969,14 +1001,15 @@ impl Child {
                 let Some(m) = local(&digest).await else {
                     return Ok(());
                 };
-                let parsed = Manifest::parse(&m.content, Some(&m.media_type)).map_err(|err| {
-                    SyncError::Protocol(format!("local manifest {digest}: {err}"))
-                })?;
+                let parsed = Manifest::parse(&m.content, Some(&m.media_type))
+                    .map_err(|err| SyncError::Registry(RegistryError::ManifestInvalid(err)))?;
                 for b in parsed.required_blobs() {
-                    let d = b.digest.to_string();
-                    if !self.parent.has_blob(repo.as_str(), &d).await? {
-                        let bytes = self.registry.read_blob(&repo, &b.digest, None).await?;
-                        self.parent.push_blob(repo.as_str(), &d, bytes).await?;
+                    if !self
+                        .parent
+                        .has_blob(repo.as_str(), &b.digest.to_string())
+                        .await?
+                    {
+                        self.push_blob_up(&repo, &b.digest).await?;
                     }
                 }
                 self.parent
@@ -989,10 +1022,20 @@ impl Child {
                 };
                 // A conflict only if the parent's tag moved away from what this site last knew
                 // (from its own push or from sync); not when the site moves its own tag again.
-                if let Some(theirs) = self.parent.manifest_digest(repo.as_str(), tag).await?
-                    && theirs != digest
-                    && Some(&theirs) != self.tag_before(e, tag).await?.as_ref()
-                {
+                let conflict = match self.parent.manifest_digest(repo.as_str(), tag).await? {
+                    Some(theirs)
+                        if theirs != digest
+                            && Some(&theirs) != self.tag_before(e, tag).await?.as_ref() =>
+                    {
+                        Some(theirs)
+                    }
+                    _ => None,
+                };
+                self.parent
+                    .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
+                    .await?;
+                // Reported once the write went through, so a retried send reports it once.
+                if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
                     self.notices.push(StatusDetail {
                         kind: "Sync".into(),
@@ -1004,9 +1047,6 @@ impl Child {
                         correlation_id: None,
                     })?;
                 }
-                self.parent
-                    .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
-                    .await?;
             }
             "tag_removed" => {
                 if let Some(tag) = e.tag.as_deref() {
@@ -1014,7 +1054,9 @@ impl Child {
                     let Some(theirs) = theirs else {
                         return Ok(()); // already gone at the parent
                     };
-                    if Some(&theirs) != self.tag_before(e, tag).await?.as_ref() {
+                    let moved = Some(&theirs) != self.tag_before(e, tag).await?.as_ref();
+                    self.parent.delete_manifest(repo.as_str(), tag).await?;
+                    if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
                         self.notices.push(StatusDetail {
                             kind: "Sync".into(),
@@ -1026,12 +1068,89 @@ impl Child {
                             correlation_id: None,
                         })?;
                     }
-                    self.parent.delete_manifest(repo.as_str(), tag).await?;
                 }
             }
             "manifest_deleted" => self.parent.delete_manifest(repo.as_str(), &digest).await?,
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Sends blob `digest` of `repo` to the parent, which lacks it there. First, if other
+    /// local repositories hold it, the parent is asked to mount it from them (it may have it
+    /// there, from this site or from sync): nothing is sent then. Otherwise it is uploaded in
+    /// pieces; the upload's location is kept in `sync/outbox-partial/`, so a cut link, a closed
+    /// window or a restart resumes from what the parent already holds.
+    async fn push_blob_up(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        let marker = self.dir.join("outbox-partial").join(format!(
+            "{}-{}",
+            digest.algorithm(),
+            digest.hex()
+        ));
+        let size = self.registry.blob_size(repo, digest).await?;
+        let d = digest.to_string();
+        let mut resumed = None;
+        if let Some(saved) = read_state(&marker)?
+            && let Some((saved_repo, loc)) = saved.split_once(' ')
+            && saved_repo == repo.as_str()
+            && let Some(offset) = self.parent.upload_offset(loc).await?
+            && offset <= size
+        {
+            tracing::info!(%digest, offset, "resuming the upload of a blob to the parent");
+            resumed = Some((loc.to_string(), offset));
+        }
+        let (mut loc, mut offset) = match resumed {
+            Some(r) => r,
+            None => {
+                let mut started = None;
+                let sources = self
+                    .registry
+                    .meta()
+                    .repos_with_blob(digest, repo.as_str(), 3)
+                    .await
+                    .map_err(|e| SyncError::Registry(e.into()))?;
+                for from in sources {
+                    match self.parent.mount_blob(repo.as_str(), &d, &from).await {
+                        Ok(parent::Mount::Mounted) => {
+                            tracing::debug!(%digest, %from, "the parent mounted the blob; nothing sent");
+                            return Ok(());
+                        }
+                        Ok(parent::Mount::Upload(loc)) => {
+                            started = Some(loc);
+                            break;
+                        }
+                        // Not allowed to read `from` at the parent, say: upload instead.
+                        Err(e) if refused_for_good(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let loc = match started {
+                    Some(loc) => loc,
+                    None => self.parent.start_upload(repo.as_str()).await?,
+                };
+                std::fs::create_dir_all(self.dir.join("outbox-partial"))
+                    .map_err(state_err(&self.dir))?;
+                write_state(&marker, &format!("{repo} {loc}"))?;
+                (loc, 0)
+            }
+        };
+        while offset < size {
+            self.check_window()?;
+            let end = (offset + UP_PIECE_BYTES).min(size) - 1;
+            let piece = self
+                .registry
+                .read_blob(
+                    repo,
+                    digest,
+                    Some(outpost_oci::ByteRange { start: offset, end }),
+                )
+                .await?;
+            loc = self.parent.upload_chunk(&loc, offset, piece).await?;
+            offset = end + 1;
+            write_state(&marker, &format!("{repo} {loc}"))?;
+        }
+        self.parent.finish_upload(&loc, &d).await?;
+        let _ = std::fs::remove_file(&marker);
         Ok(())
     }
 

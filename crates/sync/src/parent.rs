@@ -28,6 +28,18 @@ pub struct Parent {
     /// repository scope they were issued for: a plain parent such as Harbor, or one behind a
     /// token service, answers 401 with a `Bearer` challenge instead of accepting Basic.
     bearer: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// Whether a `Bearer` challenge is followed: only for a plain registry. An Outpost parent
+    /// takes the sync token as Basic credentials, and its password must not be sent to a
+    /// token service a challenge names.
+    follow_bearer: bool,
+}
+
+/// The answer to a cross-repository mount request.
+pub enum Mount {
+    /// The parent linked the blob it already had.
+    Mounted,
+    /// It did not; an upload was started at this location instead.
+    Upload(String),
 }
 
 /// The answer to a message-feed request.
@@ -210,6 +222,7 @@ impl Parent {
             http: client(ca, Some(read_timeout))?,
             poll_http: client(ca, None)?,
             bearer: Default::default(),
+            follow_bearer: false,
         })
     }
 
@@ -233,6 +246,7 @@ impl Parent {
             poll_http: http.clone(),
             http,
             bearer: Default::default(),
+            follow_bearer: true,
         })
     }
 
@@ -294,7 +308,7 @@ impl Parent {
         }
         let retry = req.try_clone();
         let resp = client.execute(req).await.map_err(unreachable)?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
+        if resp.status() != StatusCode::UNAUTHORIZED || !self.follow_bearer {
             return Ok(resp);
         }
         let (Some(challenge), Some(mut retry)) = (bearer_challenge(&resp), retry) else {
@@ -321,6 +335,12 @@ impl Parent {
     /// authentication), with this parent's Basic credentials if it has any. `None` when the
     /// service refuses them.
     async fn fetch_token(&self, challenge: &Challenge) -> Result<Option<String>, SyncError> {
+        if self.base.starts_with("https://") && !challenge.realm.starts_with("https://") {
+            return Err(SyncError::Protocol(format!(
+                "the registry at {} names a token service without TLS ({}); credentials are not sent there",
+                self.base, challenge.realm
+            )));
+        }
         let mut query: Vec<(&str, &str)> = Vec::new();
         if let Some(s) = &challenge.service {
             query.push(("service", s));
@@ -611,34 +631,103 @@ impl Parent {
         Ok(true)
     }
 
-    /// Uploads a blob (POST, then PUT with the body and its digest).
-    pub async fn push_blob(&self, repo: &str, digest: &str, body: Bytes) -> Result<(), SyncError> {
+    /// Asks the parent to mount blob `digest` into `repo` from its repository `from`. On
+    /// refusal the parent starts an ordinary upload instead, whose location is returned.
+    pub async fn mount_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        from: &str,
+    ) -> Result<Mount, SyncError> {
         let resp = self
-            .check(
-                self.send(self.request(Method::POST, &format!("/v2/{repo}/blobs/uploads/")))
-                    .await?,
+            .send(self.request(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
+            ))
+            .await?;
+        let resp = self.check(resp).await?;
+        if resp.status() == StatusCode::CREATED {
+            return Ok(Mount::Mounted);
+        }
+        Ok(Mount::Upload(self.location(&resp)?))
+    }
+
+    /// Starts an upload of a blob into `repo`; returns its location (a path on the parent).
+    pub async fn start_upload(&self, repo: &str) -> Result<String, SyncError> {
+        let resp = self
+            .send(self.request(Method::POST, &format!("/v2/{repo}/blobs/uploads/")))
+            .await?;
+        let resp = self.check(resp).await?;
+        self.location(&resp)
+    }
+
+    /// Bytes an upload at `location` holds, or `None` if the parent no longer knows it.
+    pub async fn upload_offset(&self, location: &str) -> Result<Option<u64>, SyncError> {
+        let resp = self.send(self.request(Method::GET, location)).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.check(resp).await?;
+        // `Range: 0-<last>`; an empty upload may say `0-0` or leave it out. 0-0 is read as 0
+        // bytes, which at worst resends one byte's chunk.
+        let last = resp
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| r.rsplit_once('-'))
+            .and_then(|(_, end)| end.trim().parse::<u64>().ok());
+        Ok(Some(match last {
+            Some(0) | None => 0,
+            Some(end) => end + 1,
+        }))
+    }
+
+    /// Appends `body` at byte `offset` of the upload at `location` (PATCH with
+    /// `Content-Range`); returns the upload's next location.
+    pub async fn upload_chunk(
+        &self,
+        location: &str,
+        offset: u64,
+        body: Bytes,
+    ) -> Result<String, SyncError> {
+        let end = offset + body.len() as u64 - 1;
+        // Not through the client with the read timeout: reqwest counts it from the start of
+        // the request to the answer, which includes sending the piece, however slow the link.
+        // A whole-request bound instead (a piece at ~7 KB/s still fits).
+        let resp = self
+            .send(
+                self.request_with(&self.poll_http, Method::PATCH, location)
+                    .timeout(Duration::from_secs(600))
+                    .header("content-type", "application/octet-stream")
+                    .header("content-range", format!("{offset}-{end}"))
+                    .body(body),
             )
             .await?;
+        let resp = self.check(resp).await?;
+        self.location(&resp)
+    }
+
+    /// Completes the upload at `location` as blob `digest`.
+    pub async fn finish_upload(&self, location: &str, digest: &str) -> Result<(), SyncError> {
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let resp = self
+            .send(self.request(Method::PUT, &format!("{location}{sep}digest={digest}")))
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
+    /// The `Location` of an upload answer, as a path on the parent.
+    fn location(&self, resp: &reqwest::Response) -> Result<String, SyncError> {
         let loc = resp
             .headers()
             .get("location")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| SyncError::Protocol("upload started without a Location".into()))?
-            .to_string();
-        let path = loc
+            .ok_or_else(|| SyncError::Protocol("upload answer without a Location".into()))?;
+        Ok(loc
             .strip_prefix(self.base.as_str())
-            .unwrap_or(&loc)
-            .to_string();
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let resp = self
-            .send(
-                self.request(Method::PUT, &format!("{path}{sep}digest={digest}"))
-                    .header("content-type", "application/octet-stream")
-                    .body(body),
-            )
-            .await?;
-        self.check(resp).await?;
-        Ok(())
+            .unwrap_or(loc)
+            .to_string())
     }
 
     pub async fn put_manifest(
