@@ -1286,7 +1286,12 @@ impl Control {
         }
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
-        if deactivated_above && row.activation == "Active" {
+        // Only the instance the root refused: a report from a replaced instance must not
+        // deactivate its successor.
+        if deactivated_above
+            && row.activation == "Active"
+            && row.instance_id.as_deref() == Some(report.instance_id.as_str())
+        {
             row.activation = "Inactive".into();
             row.instance_id = None;
             self.meta.put_connected_registry(&row).await?;

@@ -223,7 +223,7 @@ impl Registry {
     pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<u64> {
         self.check_upload(repo, id).await?;
         self.storage
-            .upload_size(id)
+            .upload_progress(id)
             .await?
             .ok_or_else(|| RegistryError::UploadUnknown(id.to_string()))
     }

@@ -143,9 +143,10 @@ impl From<ControlError> for ApiError {
             C::AlreadyExists { .. } => {
                 ApiError::custom(StatusCode::CONFLICT, "ALREADY_EXISTS", msg)
             }
-            C::Invalid(_) | C::Scope(_) | C::NotActive(_) => {
+            C::Invalid(_) | C::Scope(_) => {
                 ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
             }
+            C::NotActive(_) => ApiError::custom(StatusCode::BAD_REQUEST, "NOT_ACTIVE", msg),
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
             C::CursorExpired { latest, .. } => {
                 ApiError::custom(StatusCode::GONE, "CURSOR_EXPIRED", msg)

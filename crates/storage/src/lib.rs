@@ -138,7 +138,24 @@ impl Storage {
         }
     }
 
-    /// Bytes received so far by an upload, or `None` if it does not exist.
+    /// Bytes an upload has accepted, or `None` if it does not exist: its size after the last
+    /// complete chunk. The file can briefly hold more (a chunk being written, or one whose
+    /// request was dropped mid-way and is cut off by the next append), and a client resuming
+    /// from the file's length would be refused. Waits up to 10 s for a chunk in flight, then
+    /// answers from the file.
+    pub async fn upload_progress(&self, id: &str) -> Result<Option<u64>> {
+        let state = match self.state(id).await {
+            Ok(s) => s,
+            Err(StorageError::UploadUnknown(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match tokio::time::timeout(Duration::from_secs(10), state.lock()).await {
+            Ok(s) => Ok(Some(s.size())),
+            Err(_) => self.upload_size(id).await,
+        }
+    }
+
+    /// Bytes in an upload's file, or `None` if it does not exist.
     pub async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
         let path = self.layout.upload(id);
         match tokio::fs::metadata(&path).await {
@@ -304,6 +321,43 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
+
+    /// A chunk whose request is dropped half-way leaves bytes in the file that the upload did
+    /// not accept; the progress a client resumes from is the accepted size, and resuming there
+    /// works.
+    #[tokio::test]
+    async fn progress_is_what_was_accepted_not_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), true).await.unwrap();
+        let id = s.create_upload("repo").await.unwrap();
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"0123456789",
+        ))]);
+        s.append(&id, Some(0), None, first).await.unwrap();
+        // A second chunk: some bytes arrive, then the client goes silent and the request is
+        // dropped (the future is cancelled mid-append).
+        let stalled =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abcdef"))])
+                .chain(futures_util::stream::pending());
+        let cut = tokio::time::timeout(
+            Duration::from_millis(300),
+            s.append(&id, Some(10), None, Box::pin(stalled)),
+        )
+        .await;
+        assert!(cut.is_err(), "the stalled append should still be waiting");
+        assert_eq!(
+            s.upload_size(&id).await.unwrap(),
+            Some(16),
+            "the file holds more"
+        );
+        assert_eq!(s.upload_progress(&id).await.unwrap(), Some(10));
+        let rest =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"ABCDEF"))]);
+        s.append(&id, Some(10), None, rest).await.unwrap();
+        let d = Digest::sha256_of(b"0123456789ABCDEF");
+        assert_eq!(s.commit_upload(&id, &d).await.unwrap(), 16);
+    }
 
     #[tokio::test]
     async fn put_blob_stores_only_verified_bytes() {

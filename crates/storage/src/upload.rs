@@ -19,6 +19,11 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Bytes accepted so far: the upload's size after its last complete chunk.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
     /// State for an upload found on disk with `size` bytes.
     pub(crate) fn resumed(size: u64) -> State {
         State {

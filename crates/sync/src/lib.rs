@@ -201,12 +201,13 @@ impl outpost_control::connected::Upstream for Relay {
         report: &'a StatusReport,
     ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<()>> {
         Box::pin(async move {
-            self.0.report_for(name, report).await.map_err(|e| match e {
-                // The root no longer takes this descendant's instance: deactivated there.
-                SyncError::Parent { status: 400, .. } => {
+            self.0.report_for(name, report).await.map_err(|e| {
+                if not_active(&e) {
+                    // The root no longer takes this descendant's instance: deactivated there.
                     outpost_control::ControlError::NotActive(e.to_string())
+                } else {
+                    outpost_control::ControlError::Invalid(e.to_string())
                 }
-                _ => outpost_control::ControlError::Invalid(e.to_string()),
             })
         })
     }
@@ -308,6 +309,19 @@ pub fn resumable_uploads(data_dir: &Path) -> std::collections::HashSet<String> {
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .filter_map(|s| s.trim().split_once(' ').map(|(_, id)| id.to_string()))
         .collect()
+}
+
+/// Whether the parent answered that the reporting instance is not (or no longer) the active
+/// one: `NOT_ACTIVE`, or, from a parent of the previous version, a 400 saying so in words.
+fn not_active(e: &SyncError) -> bool {
+    match e {
+        SyncError::Parent {
+            status: 400,
+            code,
+            message,
+        } => code == "NOT_ACTIVE" || message.contains("is not the active instance"),
+        _ => false,
+    }
 }
 
 /// Records in `sync/backfill.json` the repository patterns `new` has and `old` had not: their
@@ -794,11 +808,10 @@ impl Child {
             })
             .await
         {
-            return Err(match e {
-                SyncError::Parent { status: 400, .. } => {
-                    SyncError::Deactivated(self.config().name.clone())
-                }
-                other => other,
+            return Err(if not_active(&e) {
+                SyncError::Deactivated(self.config().name.clone())
+            } else {
+                e
             });
         }
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -1102,24 +1115,41 @@ impl Child {
         let (mut loc, mut offset) = match resumed {
             Some(r) => r,
             None => {
-                let mut started = None;
-                let sources = self
+                // Repositories here that hold the blob and that the parent may have too: those
+                // in this site's scope (others never went up).
+                let scope: Vec<RepoPattern> = self
+                    .config()
+                    .repositories
+                    .iter()
+                    .filter_map(|r| RepoPattern::parse(r).ok())
+                    .collect();
+                let sources: Vec<String> = self
                     .registry
                     .meta()
-                    .repos_with_blob(digest, repo.as_str(), 3)
+                    .repos_with_blob(digest, repo.as_str(), 50)
                     .await
-                    .map_err(|e| SyncError::Registry(e.into()))?;
+                    .map_err(|e| SyncError::Registry(e.into()))?
+                    .into_iter()
+                    .filter(|r| scope.iter().any(|p| p.matches(r)))
+                    .take(3)
+                    .collect();
+                let mut started: Option<String> = None;
                 for from in sources {
                     match self.parent.mount_blob(repo.as_str(), &d, &from).await {
                         Ok(parent::Mount::Mounted) => {
                             tracing::debug!(%digest, %from, "the parent mounted the blob; nothing sent");
+                            if let Some(loc) = started {
+                                self.parent.cancel_upload(&loc).await;
+                            }
                             return Ok(());
                         }
-                        Ok(parent::Mount::Upload(loc)) => {
-                            started = Some(loc);
-                            break;
-                        }
-                        // Not allowed to read `from` at the parent, say: upload instead.
+                        // Not there: the parent opened an upload instead. Keep the first for
+                        // the fallback, cancel the others, and try the next source.
+                        Ok(parent::Mount::Upload(loc)) => match &started {
+                            None => started = Some(loc),
+                            Some(_) => self.parent.cancel_upload(&loc).await,
+                        },
+                        // Not allowed to read `from` at the parent, say: try the next.
                         Err(e) if refused_for_good(&e) => continue,
                         Err(e) => return Err(e),
                     }
@@ -1145,13 +1175,46 @@ impl Child {
                     Some(outpost_oci::ByteRange { start: offset, end }),
                 )
                 .await?;
-            loc = self.parent.upload_chunk(&loc, offset, piece).await?;
+            loc = match self.parent.upload_chunk(&loc, offset, piece).await {
+                Ok(next) => next,
+                Err(e) => {
+                    // The parent's upload is not where this site thinks (416), or is gone:
+                    // the next attempt starts a new one instead of repeating this forever.
+                    if matches!(
+                        e,
+                        SyncError::Parent {
+                            status: 404 | 416,
+                            ..
+                        }
+                    ) {
+                        let _ = std::fs::remove_file(&marker);
+                    }
+                    return Err(e);
+                }
+            };
             offset = end + 1;
             write_state(&marker, &format!("{repo} {loc}"))?;
         }
-        self.parent.finish_upload(&loc, &d).await?;
-        let _ = std::fs::remove_file(&marker);
-        Ok(())
+        let finished = match self.parent.finish_upload(&loc, &d).await {
+            // The bytes were verified here, so a mismatch means the parent's copy went wrong
+            // (a bad resume point, a corrupting link): send it again, whole, next time.
+            Err(SyncError::Parent { code, .. })
+                if code == "DIGEST_INVALID" || code == "BLOB_UPLOAD_INVALID" =>
+            {
+                Err(SyncError::Protocol(format!(
+                    "the parent's copy of blob {digest} did not verify ({code}); it is sent again"
+                )))
+            }
+            other => other,
+        };
+        if finished.is_ok()
+            || finished
+                .as_ref()
+                .is_err_and(|e| refused_for_good(e) || matches!(e, SyncError::Protocol(_)))
+        {
+            let _ = std::fs::remove_file(&marker);
+        }
+        finished
     }
 
     /// What `tag` pointed at here just before local event `e`.
@@ -1584,5 +1647,58 @@ fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(status: u16, code: &str, message: &str) -> SyncError {
+        SyncError::Parent {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_not_active_answer_means_deactivated() {
+        assert!(not_active(&parent(400, "NOT_ACTIVE", "")));
+        // A parent of the previous version said it in words only.
+        assert!(not_active(&parent(
+            400,
+            "INVALID_REQUEST",
+            "instance \"x\" is not the active instance of connected registry \"y\""
+        )));
+        assert!(!not_active(&parent(
+            400,
+            "INVALID_REQUEST",
+            "state \"Busy\" is not Online"
+        )));
+        assert!(!not_active(&parent(400, "", "Bad Request")));
+    }
+
+    #[test]
+    fn what_is_refused_for_good() {
+        assert!(refused_for_good(&SyncError::Denied {
+            message: "no".into()
+        }));
+        assert!(refused_for_good(&parent(400, "MANIFEST_INVALID", "")));
+        assert!(refused_for_good(&parent(413, "SIZE_INVALID", "")));
+        // Retried: a cut upload, a proxy's answer without a registry code, a blob the parent
+        // lacks for now, load, odd replies.
+        assert!(!refused_for_good(&parent(400, "BLOB_UPLOAD_INVALID", "")));
+        assert!(!refused_for_good(&parent(
+            413,
+            "",
+            "Request Entity Too Large"
+        )));
+        assert!(!refused_for_good(&parent(400, "MANIFEST_BLOB_UNKNOWN", "")));
+        assert!(!refused_for_good(&parent(429, "TOOMANYREQUESTS", "")));
+        assert!(!refused_for_good(&parent(503, "UNAVAILABLE", "")));
+        assert!(!refused_for_good(&SyncError::Protocol(
+            "no Location".into()
+        )));
     }
 }

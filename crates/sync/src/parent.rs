@@ -661,25 +661,33 @@ impl Parent {
         self.location(&resp)
     }
 
-    /// Bytes an upload at `location` holds, or `None` if the parent no longer knows it.
+    /// Bytes an upload at `location` holds, or `None` if that cannot be known: the parent no
+    /// longer has it, or its `Range` (`0-<last byte>`) is missing or `0-0`, which registries
+    /// also say for an empty upload. Then the caller starts a new upload, losing at most one
+    /// byte of progress; guessing could only earn a 416 on every retry.
     pub async fn upload_offset(&self, location: &str) -> Result<Option<u64>, SyncError> {
         let resp = self.send(self.request(Method::GET, location)).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let resp = self.check(resp).await?;
-        // `Range: 0-<last>`; an empty upload may say `0-0` or leave it out. 0-0 is read as 0
-        // bytes, which at worst resends one byte's chunk.
         let last = resp
             .headers()
             .get("range")
             .and_then(|v| v.to_str().ok())
             .and_then(|r| r.rsplit_once('-'))
             .and_then(|(_, end)| end.trim().parse::<u64>().ok());
-        Ok(Some(match last {
-            Some(0) | None => 0,
-            Some(end) => end + 1,
-        }))
+        Ok(match last {
+            Some(0) | None => None,
+            Some(end) => Some(end + 1),
+        })
+    }
+
+    /// Cancels the upload at `location` (best effort: the parent reaps it anyway).
+    pub async fn cancel_upload(&self, location: &str) {
+        if let Ok(resp) = self.send(self.request(Method::DELETE, location)).await {
+            tracing::debug!(location, status = %resp.status(), "cancelled an upload at the parent");
+        }
     }
 
     /// Appends `body` at byte `offset` of the upload at `location` (PATCH with
