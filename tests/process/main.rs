@@ -888,3 +888,61 @@ fn connected_registry_limits_come_from_configuration() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A chunk sent at the wrong offset is refused with 416 and the upload's `Range`, and the
+/// client actually receives that answer: the server reads the chunk first. (Answering with
+/// unread request bytes resets the connection, and the client would see "connection reset"
+/// instead of the offset to resume from.)
+#[tokio::test]
+async fn a_chunk_at_the_wrong_offset_gets_its_416_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let admin = support::client_as("admin", support::ADMIN_PASSWORD);
+    let r = admin
+        .post(o.url("/v2/big/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = loc.strip_prefix(&o.base()).unwrap_or(&loc).to_string();
+    const LEN: usize = 32 << 20;
+    let mut s = tokio::net::TcpStream::connect(&o.addr).await.unwrap();
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Range: {LEN}-{}\r\nContent-Length: {LEN}\r\n\r\n",
+        o.addr,
+        support::admin_auth(),
+        2 * LEN - 1
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // The whole chunk goes out before the answer is read, as a client streaming a file does.
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..LEN >> 20 {
+        if let Err(e) = wr.write_all(&chunk).await {
+            panic!("the server stopped reading the chunk ({e}): its answer would be lost");
+        }
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = rd
+            .read(&mut buf)
+            .await
+            .expect("the connection was reset before the answer arrived");
+        assert!(
+            n > 0,
+            "closed before an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 416"), "{text}");
+    assert!(
+        text.contains("\r\nrange: 0-0\r\n"),
+        "the upload's Range: {text}"
+    );
+}

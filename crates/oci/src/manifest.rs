@@ -115,8 +115,6 @@ pub enum ManifestError {
     MissingConfig,
     #[error("index has no manifests array")]
     MissingManifests,
-    #[error("manifest list entry {0} is not a manifest (media type {1:?})")]
-    IndexEntryNotManifest(Digest, String),
 }
 
 impl Manifest {
@@ -182,19 +180,9 @@ impl Manifest {
             ManifestKind::Index if raw.manifests.is_none() => {
                 return Err(ManifestError::MissingManifests);
             }
-            ManifestKind::Index => {
-                if let Some(d) = m
-                    .manifests
-                    .iter()
-                    .find(|d| !is_manifest_type(&d.media_type))
-                {
-                    return Err(ManifestError::IndexEntryNotManifest(
-                        d.digest.clone(),
-                        d.media_type.clone(),
-                    ));
-                }
-            }
-            ManifestKind::Image => {}
+            // Entries of a media type this registry does not know are kept and ignored, as the
+            // image spec requires ("MUST NOT error on encountering a mediaType that is unknown").
+            ManifestKind::Index | ManifestKind::Image => {}
         }
         Ok(m)
     }
@@ -208,7 +196,11 @@ impl Manifest {
 
     /// Child manifests the registry must hold before accepting this index.
     pub fn required_manifests(&self) -> impl Iterator<Item = &Descriptor> {
-        self.manifests.iter()
+        // Only children this registry knows to be manifests must be present; others are
+        // stored as given and ignored.
+        self.manifests
+            .iter()
+            .filter(|d| is_manifest_type(&d.media_type))
     }
 
     /// The artifact type reported by the referrers API: `artifactType`, else the config's
@@ -300,10 +292,9 @@ mod tests {
         let index_of_blob = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/octet-stream","digest":"{D1}","size":3}}]}}"#
         );
-        assert!(matches!(
-            Manifest::parse(index_of_blob.as_bytes(), None),
-            Err(ManifestError::IndexEntryNotManifest(..))
-        ));
+        // An entry of an unknown media type is not an error; it is not a required child.
+        let parsed = Manifest::parse(index_of_blob.as_bytes(), None).unwrap();
+        assert_eq!(parsed.required_manifests().count(), 0);
         let unknown = r#"{"schemaVersion":2,"mediaType":"application/x-thing"}"#;
         assert!(matches!(
             Manifest::parse(unknown.as_bytes(), None),

@@ -24,6 +24,13 @@ pub(crate) struct ManifestCache {
     capacity: usize,
 }
 
+/// Manifests larger than this are not cached: pull clients fetch ordinary manifests (a few
+/// KiB) over and over, while a client could otherwise fill memory with copies of a 4 MiB one
+/// under thousands of tags.
+const MAX_CACHED_MANIFEST: usize = 64 << 10;
+/// The cache holds at most this many bytes of manifests (it is emptied when full).
+const MAX_CACHED_BYTES: usize = 32 << 20;
+
 impl ManifestCache {
     pub(crate) fn new(capacity: usize) -> ManifestCache {
         ManifestCache {
@@ -51,7 +58,11 @@ impl ManifestCache {
         if self.generation.load(Ordering::Acquire) != generation {
             return;
         }
-        if map.len() >= self.capacity {
+        if m.content.len() > MAX_CACHED_MANIFEST {
+            return;
+        }
+        let held: usize = map.values().map(|c| c.content.len()).sum();
+        if map.len() >= self.capacity || held + m.content.len() > MAX_CACHED_BYTES {
             map.clear();
         }
         map.insert((repo.to_string(), reference.to_string()), m);
@@ -95,6 +106,32 @@ mod tests {
         );
         c.invalidate("a");
         assert_eq!(c.get("a", "latest"), None);
+    }
+
+    #[test]
+    fn bounded_in_bytes_and_large_manifests_are_not_cached() {
+        let c = ManifestCache::new(100_000);
+        let big = CachedManifest {
+            content: Bytes::from(vec![b'x'; MAX_CACHED_MANIFEST + 1]),
+            ..m("big")
+        };
+        c.insert(c.generation(), "a", "big", big);
+        assert_eq!(c.get("a", "big"), None);
+        let mid = CachedManifest {
+            content: Bytes::from(vec![b'y'; MAX_CACHED_MANIFEST]),
+            ..m("mid")
+        };
+        for i in 0..(MAX_CACHED_BYTES / MAX_CACHED_MANIFEST) * 3 {
+            c.insert(c.generation(), "a", &i.to_string(), mid.clone());
+            let held: usize = c
+                .map
+                .read()
+                .unwrap()
+                .values()
+                .map(|e| e.content.len())
+                .sum();
+            assert!(held <= MAX_CACHED_BYTES, "{held} bytes cached");
+        }
     }
 
     #[test]

@@ -240,7 +240,11 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        self.check_upload(repo, id).await?;
+        let mut body = body;
+        if let Err(e) = self.check_upload(repo, id).await {
+            outpost_storage::drain(&mut body).await;
+            return Err(e);
+        }
         let out = self
             .storage
             .append(id, start, self.config.max_blob_bytes, body)
@@ -261,7 +265,12 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        self.check_upload(repo, id).await?;
+        if let Err(e) = self.check_upload(repo, id).await {
+            if let Some(mut body) = body {
+                outpost_storage::drain(&mut body).await;
+            }
+            return Err(e);
+        }
         if let Some(body) = body {
             self.storage
                 .append(id, None, self.config.max_blob_bytes, body)

@@ -225,29 +225,36 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 Ok(upload_response(StatusCode::NO_CONTENT, &name, &id, size))
             }
             Method::PATCH => {
-                let start = match header_str(h, header::CONTENT_RANGE) {
-                    Some(cr) => {
-                        let r = parse_content_range(cr).map_err(|e| {
-                            ApiError::new(
-                                StatusCode::RANGE_NOT_SATISFIABLE,
-                                ErrorCode::BlobUploadInvalid,
-                                e.to_string(),
-                            )
-                        })?;
-                        if let Some(len) = content_length(h)?
-                            && len != r.len()
-                        {
-                            return Err(bad_request(
-                                ErrorCode::SizeInvalid,
-                                format!(
-                                    "Content-Length {len} does not match Content-Range {cr} ({} bytes)",
-                                    r.len()
-                                ),
-                            ));
-                        }
-                        Some(r.start)
+                let start = || -> Result<Option<u64>> {
+                    let Some(cr) = header_str(h, header::CONTENT_RANGE) else {
+                        return Ok(None);
+                    };
+                    let r = parse_content_range(cr).map_err(|e| {
+                        ApiError::new(
+                            StatusCode::RANGE_NOT_SATISFIABLE,
+                            ErrorCode::BlobUploadInvalid,
+                            e.to_string(),
+                        )
+                    })?;
+                    if let Some(len) = content_length(h)?
+                        && len != r.len()
+                    {
+                        return Err(bad_request(
+                            ErrorCode::SizeInvalid,
+                            format!(
+                                "Content-Length {len} does not match Content-Range {cr} ({} bytes)",
+                                r.len()
+                            ),
+                        ));
                     }
-                    None => None,
+                    Ok(Some(r.start))
+                };
+                let start = match start() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        drain(body).await;
+                        return Err(e);
+                    }
                 };
                 let size = reg
                     .append_upload(&name, &id, start, body.into_data_stream())
@@ -265,12 +272,20 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 Ok(upload_response(StatusCode::ACCEPTED, &name, &id, size))
             }
             Method::PUT => {
-                let digest = query_digest(&query)?.ok_or_else(|| {
-                    bad_request(
-                        ErrorCode::DigestInvalid,
-                        "completing an upload needs ?digest=<algorithm:hex>",
-                    )
-                })?;
+                let digest = match query_digest(&query).and_then(|d| {
+                    d.ok_or_else(|| {
+                        bad_request(
+                            ErrorCode::DigestInvalid,
+                            "completing an upload needs ?digest=<algorithm:hex>",
+                        )
+                    })
+                }) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        drain(body).await;
+                        return Err(e);
+                    }
+                };
                 reg.finish_upload(&name, &id, &digest, Some(body.into_data_stream()))
                     .await?;
                 Ok(blob_created(&name, &digest))
@@ -410,6 +425,23 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// Reads and drops what is left of a request body (up to 64 MiB) before an error answer goes
+/// out. Answering with unread request bytes makes the connection close with a reset, which can
+/// destroy the answer on its way: the client would see "connection reset" instead of, say, the
+/// 416 and `Range` it needs to resume.
+async fn drain(body: Body) {
+    use futures_util::StreamExt;
+    const LIMIT: usize = 64 << 20;
+    let mut stream = body.into_data_stream();
+    let mut drained = 0;
+    while drained < LIMIT {
+        match stream.next().await {
+            Some(Ok(chunk)) => drained += chunk.len(),
+            _ => break,
+        }
+    }
+}
+
 /// How many names one catalog query reads when filling a page for a caller who may see only
 /// some repositories.
 const CATALOG_SCAN: u32 = 1000;
@@ -474,10 +506,24 @@ async fn start_upload(
             return Ok(blob_created(name, &digest));
         }
     }
+    // The digest is checked before a session exists, and a failed single-request upload is
+    // cancelled: the client never learns its location, so nothing else would clean it up.
+    let digest = match query_digest(q) {
+        Ok(d) => d,
+        Err(e) => {
+            drain(body).await;
+            return Err(e);
+        }
+    };
     let id = reg.start_upload(name).await?;
-    if let Some(digest) = query_digest(q)? {
-        reg.finish_upload(name, &id, &digest, Some(body.into_data_stream()))
-            .await?;
+    if let Some(digest) = digest {
+        if let Err(e) = reg
+            .finish_upload(name, &id, &digest, Some(body.into_data_stream()))
+            .await
+        {
+            let _ = reg.cancel_upload(name, &id).await;
+            return Err(e.into());
+        }
         return Ok(blob_created(name, &digest));
     }
     Ok(upload_response(StatusCode::ACCEPTED, name, &id, 0))
@@ -503,6 +549,7 @@ async fn put_manifest(
     if let Some(len) = content_length(h)?
         && len > limit as u64
     {
+        drain(body).await;
         return Err(too_large(len as usize));
     }
     let bytes =
@@ -546,16 +593,20 @@ async fn get_blob(
 ) -> Result<Response> {
     let reg = &app.registry;
     let size = reg.blob_size(name, digest).await?;
-    let range = match header_str(h, header::RANGE) {
-        Some(r) => Some(parse_range(r, size).map_err(|e| {
-            ApiError::new(
+    // RFC 9110 §14.2: a range in a unit other than bytes, or one the server does not support
+    // (several ranges) or cannot parse, is ignored and the whole blob is served; only a
+    // well-formed range outside the blob is answered 416.
+    let range = match header_str(h, header::RANGE).map(|r| parse_range(r, size)) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e @ outpost_oci::RangeError::Unsatisfiable { .. })) => {
+            return Err(ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 ErrorCode::RangeInvalid,
                 e.to_string(),
             )
-            .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
-        })?),
-        None => None,
+            .with_header(header::CONTENT_RANGE, &format!("bytes */{size}")));
+        }
+        Some(Err(_)) | None => None,
     };
     let mut b = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")

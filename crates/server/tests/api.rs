@@ -81,6 +81,19 @@ async fn monolithic_upload_then_pull_with_ranges() {
         .await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("content-range"), "bytes */10000");
+    // Ranges that are not single byte ranges are ignored (RFC 9110 §14.2): the whole blob.
+    for ignored in ["items=0-1", "bytes=5-1", "bytes=a-b", "bytes=0-1,5-6"] {
+        let r = t
+            .req(
+                Method::GET,
+                &format!("/v2/lib/app/blobs/{d}"),
+                &[("range", ignored)],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "Range: {ignored}");
+        assert_eq!(r.body.len(), 10000, "Range: {ignored}");
+    }
 
     // Another repository cannot read it without a mount.
     let r = t.get(&format!("/v2/other/blobs/{d}")).await;
@@ -238,6 +251,68 @@ async fn cancelled_upload_is_gone() {
         )
         .await;
     assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+}
+
+/// Files under uploads/ (sessions and their owner files).
+fn upload_files(t: &T) -> usize {
+    std::fs::read_dir(t.dir.path().join("uploads"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_failed_single_request_upload_leaves_no_session_behind() {
+    let t = setup().await;
+    let before = upload_files(&t);
+    // A digest that does not parse: refused before any session exists.
+    let r = t
+        .req(
+            Method::POST,
+            "/v2/a/blobs/uploads/?digest=sha256:XYZ",
+            &[],
+            b"bytes".to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    // A digest the bytes do not match: the session it opened is cancelled.
+    let claimed = Digest::sha256_of(b"claimed");
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={claimed}"),
+            &[],
+            b"other".to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(upload_files(&t), before, "no session or owner file left");
+}
+
+#[tokio::test]
+async fn two_requests_completing_one_upload_get_201_and_404_never_500() {
+    let t = setup().await;
+    let data = vec![5u8; 3 << 20];
+    let d = Digest::sha256_of(&data);
+    let r = t
+        .req(Method::POST, "/v2/a/blobs/uploads/", &[], Body::empty())
+        .await;
+    let loc = r.header("location").to_string();
+    let r = t.req(Method::PATCH, &loc, &[], data.clone()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let put = format!("{loc}{sep}digest={d}");
+    let (a, b) = tokio::join!(
+        t.req(Method::PUT, &put, &[], Body::empty()),
+        t.req(Method::PUT, &put, &[], Body::empty())
+    );
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 404], "{} / {}", a.code(), b.code());
+    assert_eq!(
+        t.get(&format!("/v2/a/blobs/{d}")).await.body.len(),
+        data.len()
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ mod mapped;
 mod upload;
 
 pub use layout::Layout;
-pub use upload::AppendOutcome;
+pub use upload::{AppendOutcome, drain};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -190,7 +190,14 @@ impl Storage {
     pub async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<u64> {
         let state = self.state(id).await?;
         let mut state = state.lock().await;
+        if state.closed {
+            // A request that completed (or cancelled) it ran while this one waited.
+            return Err(StorageError::UploadUnknown(id.to_string()));
+        }
         let res = upload::commit(&self.layout, id, &mut state, digest, self.fsync).await;
+        if !matches!(res, Err(StorageError::Io { .. })) {
+            state.closed = true;
+        }
         if !matches!(res, Err(StorageError::Io { .. })) {
             self.forget(id);
         }
@@ -240,6 +247,15 @@ impl Storage {
 
     /// Cancels an upload, removing what it received.
     pub async fn abort_upload(&self, id: &str) -> Result<()> {
+        // Marked closed for a request waiting on it; one holding it now (a chunk in flight)
+        // is not waited for (the reaper must not hang on a silent client): it finds the file
+        // gone when it next looks.
+        let live = self.lock_map().get(id).cloned();
+        if let Some(state) = live
+            && let Ok(mut state) = state.try_lock()
+        {
+            state.closed = true;
+        }
         self.forget(id);
         let _ = tokio::fs::remove_file(self.layout.upload_owner(id)).await;
         let path = self.layout.upload(id);

@@ -16,6 +16,8 @@ pub(crate) struct State {
     size: u64,
     /// SHA-256 state over bytes `0..size`, when this process has seen all of them.
     hasher: Option<Digester>,
+    /// Committed or cancelled: a request that waited for the lock meanwhile finds no upload.
+    pub(crate) closed: bool,
 }
 
 impl State {
@@ -29,6 +31,7 @@ impl State {
         State {
             size,
             hasher: (size == 0).then(|| Digester::new(Algorithm::Sha256)),
+            closed: false,
         }
     }
 }
@@ -66,18 +69,28 @@ where
     if let Some(got) = start
         && got != state.size
     {
+        // Read the chunk anyway, so the client gets the 416 and the Range it needs.
+        drain(&mut body).await;
         return Err(StorageError::OutOfOrder {
             offset: state.size,
             got,
         });
     }
     let path = layout.upload(id);
+    if state.closed {
+        drain(&mut body).await;
+        return Err(StorageError::UploadUnknown(id.to_string()));
+    }
     // An append whose caller went away mid-write (a cancelled future) may have left bytes past
     // the last completed chunk; drop them so the file matches the hash state again.
-    let on_disk = tokio::fs::metadata(&path)
-        .await
-        .map_err(io_err(&path))?
-        .len();
+    let on_disk = match tokio::fs::metadata(&path).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            drain(&mut body).await;
+            return Err(StorageError::UploadUnknown(id.to_string()));
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
     if on_disk != state.size {
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -156,16 +169,7 @@ where
     }
     drop(tx);
     if refused {
-        // Read (and drop) what the client is still sending, up to a bound, so that it gets the
-        // error response rather than a connection reset: a server that closes with unread
-        // request bytes makes the kernel send RST, which can destroy the response in flight.
-        let mut drained = 0u64;
-        while drained < DRAIN_LIMIT {
-            match body.next().await {
-                Some(Ok(chunk)) => drained += chunk.len() as u64,
-                _ => break,
-            }
-        }
+        drain(&mut body).await;
     }
     let written = writer
         .await
@@ -195,6 +199,22 @@ where
     state.size = before;
     state.hasher = snapshot;
     Err(error)
+}
+
+/// Reads (and drops) what a client is still sending, up to a bound, so that it gets the error
+/// answer rather than a connection reset: a server that closes with unread request bytes makes
+/// the kernel send RST, which can destroy the answer in flight.
+pub async fn drain<S, E>(body: &mut S)
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut drained = 0u64;
+    while drained < DRAIN_LIMIT {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.len() as u64,
+            _ => break,
+        }
+    }
 }
 
 /// Starts writing a large upload back to disk while it is still arriving, a window at a time,

@@ -29,7 +29,7 @@ pub struct T {
     pub app: Router,
     pub registry: Registry,
     pub control: Arc<Control>,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 pub struct Resp {
@@ -99,7 +99,7 @@ pub async fn setup_control(
         app,
         registry,
         control,
-        _dir: dir,
+        dir,
     }
 }
 
