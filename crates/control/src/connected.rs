@@ -617,6 +617,18 @@ impl Control {
                     kind: "token",
                     name: t.clone(),
                 })?;
+            // A client token's password hash travels to the connected registry and to every
+            // node above it: never an administrator's, never another registry's sync token.
+            if row.is_admin {
+                return Err(ControlError::Invalid(format!(
+                    "token {t:?} is an administrator token and cannot be a client token of connected registry {name:?}: its password hash would be copied to the site; create a scoped token instead"
+                )));
+            }
+            if let Some(cr) = self.registry_of_sync_token(t).await? {
+                return Err(ControlError::Invalid(format!(
+                    "token {t:?} is the sync token of connected registry {cr:?} and cannot be a client token of {name:?}"
+                )));
+            }
             if mode == Mode::ReadOnly {
                 let rules = match &row.scope_map {
                     Some(sm) => self
@@ -1547,6 +1559,10 @@ impl Control {
                 .await?
                 .and_then(|json| serde_json::from_str(&json).ok()));
         };
+        if tok.is_admin {
+            // An administrator's password hash never leaves this node.
+            return Ok(None);
+        }
         let actions = match &tok.scope_map {
             Some(sm) => self
                 .meta

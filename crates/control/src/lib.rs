@@ -508,10 +508,13 @@ impl Control {
     /// Verifies Basic credentials. Successful verifications are remembered (keyed by a hash
     /// of the credentials) so that pulls do not pay for Argon2 on every request.
     pub async fn authenticate(&self, user: &str, pass: &str) -> Result<Arc<Identity>> {
-        let id = self
-            .identity(user)
-            .await?
-            .ok_or(ControlError::BadCredentials)?;
+        let Some(id) = self.identity(user).await? else {
+            let decoy = argon2(|| DECOY_HASH.clone()).await.flatten();
+            if let Some(h) = decoy {
+                verify_blocking(pass.to_string(), h).await;
+            }
+            return Err(ControlError::BadCredentials);
+        };
         let now = now_ms();
         let key: [u8; 32] = sha2::Sha256::new()
             .chain_update(user.as_bytes())
@@ -733,6 +736,7 @@ impl Control {
         }
         let rules = self.parse_rules(name, actions)?;
         let limit = self.config.limits.max_scope_maps;
+        let _w = self.writes.lock().await; // count and insert together
         if self.meta.count_scope_maps().await? >= limit {
             return Err(ControlError::Limit {
                 what: "the registry has the maximum number of scope maps".into(),
@@ -897,13 +901,7 @@ impl Control {
                 name: name.into(),
             });
         }
-        let limit = self.config.limits.max_tokens;
-        if self.meta.count_tokens().await? >= limit {
-            return Err(ControlError::Limit {
-                what: "the registry has the maximum number of tokens".into(),
-                limit,
-            });
-        }
+        // Hashing is slow: done before taking the write lock, checked again under it.
         let mut fresh = Vec::new();
         let mut passwords = [PasswordRow::default(), PasswordRow::default()];
         if !no_passwords {
@@ -912,6 +910,22 @@ impl Control {
                 *slot = new_password_row(&pw, expiry_ms).await?;
                 fresh.push((i, pw));
             }
+        }
+        // Two creates of one name must not both succeed (the second would silently replace
+        // the first, whose passwords the caller was just given), nor pass the limit together.
+        let _w = self.writes.lock().await;
+        if self.meta.token(name).await?.is_some() {
+            return Err(ControlError::AlreadyExists {
+                kind: "token",
+                name: name.into(),
+            });
+        }
+        let limit = self.config.limits.max_tokens;
+        if self.meta.count_tokens().await? >= limit {
+            return Err(ControlError::Limit {
+                what: "the registry has the maximum number of tokens".into(),
+                limit,
+            });
         }
         let row = TokenRow {
             name: name.into(),
@@ -948,6 +962,7 @@ impl Control {
         scope_map: Option<&str>,
         enabled: Option<bool>,
     ) -> Result<TokenView> {
+        let _w = self.writes.lock().await;
         let mut t = self.token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(
@@ -973,12 +988,25 @@ impl Control {
         slots: &[usize],
         expiry_ms: Option<i64>,
     ) -> Result<TokenView> {
-        let mut t = self.token_row(name).await?;
+        self.token_row(name).await?;
+        // Each slot once: `password1 password1` would hash twice, show the first value and
+        // store the second.
+        let mut slots = slots.to_vec();
+        slots.sort_unstable();
+        slots.dedup();
         let mut fresh = Vec::new();
-        for &s in slots {
+        let mut rows = Vec::new();
+        for &s in &slots {
             let pw = password::generate();
-            t.passwords[s] = new_password_row(&pw, expiry_ms).await?;
+            rows.push((s, new_password_row(&pw, expiry_ms).await?));
             fresh.push((s, pw));
+        }
+        // Read, change and write under the lock, so concurrent changes to the other slot or
+        // the token's status are not overwritten with the state read before hashing.
+        let _w = self.writes.lock().await;
+        let mut t = self.token_row(name).await?;
+        for (s, row) in rows {
+            t.passwords[s] = row;
         }
         self.meta.put_token(&t).await?;
         self.changed();
@@ -986,6 +1014,7 @@ impl Control {
     }
 
     pub async fn delete_credentials(&self, name: &str, slots: &[usize]) -> Result<TokenView> {
+        let _w = self.writes.lock().await;
         let mut t = self.token_row(name).await?;
         if t.is_admin && slots.contains(&0) {
             return Err(ControlError::Invalid(
@@ -1019,17 +1048,38 @@ impl Control {
     }
 }
 
+/// Argon2 runs at most this many at a time (one per core): each takes ~19 MiB and tens of
+/// milliseconds, so a flood of wrong passwords queues here instead of filling the blocking
+/// pool that blob reads and uploads also use, and the process's memory.
+static ARGON2_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+    )
+});
+
+async fn argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let _slot = ARGON2_SLOTS.acquire().await.ok()?;
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
 async fn verify_blocking(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+    argon2(move || password::verify(&password, &hash))
         .await
         .unwrap_or(false)
 }
 
+/// A hash to verify against when the token name is unknown, so that the answer takes as long
+/// as for a known name with a wrong password and does not tell which names exist.
+static DECOY_HASH: std::sync::LazyLock<Option<String>> =
+    std::sync::LazyLock::new(|| password::hash("decoy password for unknown token names").ok());
+
 async fn new_password_row(pw: &str, expiry_ms: Option<i64>) -> Result<PasswordRow> {
     let pw = pw.to_string();
-    let hash = tokio::task::spawn_blocking(move || password::hash(&pw))
+    let hash = argon2(move || password::hash(&pw))
         .await
-        .map_err(|e| ControlError::Internal(e.to_string()))?
+        .ok_or_else(|| ControlError::Internal("hashing a password: the task failed".into()))?
         .map_err(|e| ControlError::Internal(format!("hashing a password: {e}")))?;
     Ok(PasswordRow {
         hash: Some(hash),

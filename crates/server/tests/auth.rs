@@ -540,6 +540,50 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
     assert_eq!(pull(basic("rotator", &p1)).await, StatusCode::UNAUTHORIZED);
     assert_eq!(pull(basic("rotator", &p2)).await, StatusCode::OK);
     assert_eq!(pull(basic("rotator", &new1)).await, StatusCode::OK);
+    // A slot named twice is generated once: the value shown is the value stored.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/rotator/credentials/generate",
+            &[],
+            json!({"passwords": ["password1", "password1"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let twice = r.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(pull(basic("rotator", &twice)).await, StatusCode::OK);
+    assert_eq!(
+        pull(basic("rotator", &new1)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let new1 = twice;
+    // Two creates of one token name at once: one gets it, the other is told it exists; the
+    // passwords the winner was given work.
+    let create = || {
+        t.req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "racer", "scopeMap": "readers"}).to_string(),
+        )
+    };
+    let (first, second) = tokio::join!(create(), create());
+    let mut statuses = [first.status.as_u16(), second.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409]);
+    let winner = if first.status == StatusCode::CREATED {
+        &first
+    } else {
+        &second
+    };
+    let pw = winner.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(pull(basic("racer", &pw)).await, StatusCode::OK);
     // Passwords are never shown again.
     let r = t
         .req(Method::GET, "/api/v1/tokens/rotator", &[], Body::empty())

@@ -237,6 +237,16 @@ async fn every_rule_is_enforced_with_a_message_that_names_it() {
             "may only read",
         ),
         (
+            json!({"name": "rw-admin1", "mode": "ReadWrite", "repositories": ["app"], "clientTokens": ["admin"]}),
+            StatusCode::BAD_REQUEST,
+            "administrator token",
+        ),
+        (
+            json!({"name": "rw-sync01", "mode": "ReadWrite", "repositories": ["app"], "clientTokens": ["parent-ro"]}),
+            StatusCode::BAD_REQUEST,
+            "is the sync token of connected registry",
+        ),
+        (
             json!({"name": "bad-repo1", "repositories": ["../etc"]}),
             StatusCode::BAD_REQUEST,
             "invalid repository",
