@@ -868,6 +868,25 @@ impl Control {
             .map(|r| RepoPattern::parse(r))
             .collect::<Result<_, _>>()?;
 
+        // Gateway rights for this name that a registry of the same name, deleted without
+        // cleanup, left in some scope map would let its old ancestors (or other holders of
+        // that scope map) read the new registry's configuration and take its activation.
+        let granted: BTreeSet<String> = gateway_rules(name).into_iter().collect();
+        let stale: Vec<String> = self
+            .meta
+            .scope_maps()
+            .await?
+            .into_iter()
+            .filter(|m| m.actions.iter().any(|a| granted.contains(a)))
+            .map(|m| m.name)
+            .collect();
+        if let Some(first) = stale.first() {
+            return Err(ControlError::Invalid(format!(
+                "scope map(s) {} still grant gateway rights for {name:?}, left by a connected registry of that name deleted without --cleanup; remove them first, e.g. `outpost scope-map update -n {first} --remove-gateway {name} config/read config/write message/read message/write`",
+                stale.join(", ")
+            )));
+        }
+
         // The sync token and its scope map.
         let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
             None => {

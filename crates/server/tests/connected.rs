@@ -533,6 +533,35 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
         "{steps:?}"
     );
     assert_eq!(t.get("/api/v1/tokens/line-a").await.status, StatusCode::OK);
+    // A new registry of that name (with its own sync token) is refused while the old
+    // ancestors' scope maps still grant gateway rights for the name.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/scope-maps",
+            &[],
+            json!({"name": "other-sync", "actions": ["repositories/app/content/read"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "other-sync", "scopeMap": "other-sync", "noPasswords": true})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = create(&t, json!({"name": "line-a", "syncToken": "other-sync"})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        msg(&r).contains("still grant gateway rights")
+            && msg(&r).contains("--remove-gateway line-a"),
+        "{}",
+        msg(&r)
+    );
 }
 
 #[tokio::test]
