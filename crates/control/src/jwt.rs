@@ -30,6 +30,10 @@ pub struct Claims {
     pub iat: i64,
     pub jti: String,
     pub access: Vec<Access>,
+    /// The issuing token's credential version: a token whose passwords changed since no
+    /// longer honours access tokens issued before (absent in tokens of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cv: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +50,8 @@ pub enum JwtError {
     Expired,
     #[error("access token is for {0:?}, not this registry")]
     Audience(String),
+    #[error("access token was issued before the token's passwords changed; request a new one")]
+    CredentialsChanged,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -133,6 +139,7 @@ mod tests {
                 name: "app".into(),
                 actions: vec!["pull".into()],
             }],
+            cv: None,
         }
     }
 

@@ -160,6 +160,22 @@ pub struct Identity {
     pub enabled: bool,
     pub perms: Permissions,
     passwords: [PasswordRow; 2],
+    /// Changes whenever a password of the token is generated or deleted: access tokens carry
+    /// it, so one issued before a rotation stops working at once instead of at its expiry.
+    credential_version: String,
+}
+
+/// A short digest of a token's password hashes (see [`Identity::credential_version`]).
+fn credential_version(passwords: &[PasswordRow; 2]) -> String {
+    let mut h = sha2::Sha256::new();
+    for p in passwords {
+        h.update(p.hash.as_deref().unwrap_or("-").as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Who is making a request.
@@ -493,6 +509,7 @@ impl Control {
                     name: t.name,
                     enabled: t.status == "enabled",
                     perms,
+                    credential_version: credential_version(&t.passwords),
                     passwords: t.passwords,
                 }))
             }
@@ -604,6 +621,13 @@ impl Control {
         if !identity.enabled {
             return Err(ControlError::Disabled(identity.name.clone()));
         }
+        if claims
+            .cv
+            .as_ref()
+            .is_some_and(|cv| *cv != identity.credential_version)
+        {
+            return Err(ControlError::Jwt(jwt::JwtError::CredentialsChanged));
+        }
         Ok(Principal::Bearer { identity, claims })
     }
 
@@ -674,6 +698,7 @@ impl Control {
             iat: now,
             jti: hex_id(),
             access,
+            cv: Some(identity.credential_version.clone()),
         };
         let token = self.signer.sign(&claims);
         AccessToken {

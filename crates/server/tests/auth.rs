@@ -540,6 +540,20 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
     assert_eq!(pull(basic("rotator", &p1)).await, StatusCode::UNAUTHORIZED);
     assert_eq!(pull(basic("rotator", &p2)).await, StatusCode::OK);
     assert_eq!(pull(basic("rotator", &new1)).await, StatusCode::OK);
+    // An access token issued before the rotation stops working with it, not at its expiry.
+    let r = t
+        .req_as(
+            Some(&b),
+            Method::GET,
+            "/v2/app/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let why = r.json()["errors"][0]["message"].to_string();
+    assert!(why.contains("passwords changed"), "{why}");
+    let b = bearer(&t, "rotator", &new1, &["repository:app:pull"]).await;
     // A slot named twice is generated once: the value shown is the value stored.
     let r = t
         .req(
