@@ -962,6 +962,22 @@ impl Control {
                 let sm = token.scope_map.clone().ok_or_else(|| {
                     ControlError::Invalid(format!("sync token {t:?} has no scope map"))
                 })?;
+                // Gateway rights for this registry go into that scope map: every token using
+                // it would get them (and read the registry's configuration, client-token
+                // hashes included).
+                let sharing: Vec<String> = self
+                    .meta
+                    .tokens_using(&sm)
+                    .await?
+                    .into_iter()
+                    .filter(|other| other != t)
+                    .collect();
+                if !sharing.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "the scope map {sm:?} of sync token {t:?} is also used by {}; a sync token needs a scope map of its own, since the connected registry's gateway rights are added to it",
+                        sharing.join(", ")
+                    )));
+                }
                 let map =
                     self.meta
                         .scope_map(&sm)

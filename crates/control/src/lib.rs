@@ -525,6 +525,9 @@ impl Control {
     /// Verifies Basic credentials. Successful verifications are remembered (keyed by a hash
     /// of the credentials) so that pulls do not pay for Argon2 on every request.
     pub async fn authenticate(&self, user: &str, pass: &str) -> Result<Arc<Identity>> {
+        // Read before the identity: if a password change lands in between, the verification
+        // below is remembered under the older generation and is not trusted again.
+        let generation = self.generation();
         let Some(id) = self.identity(user).await? else {
             let decoy = argon2(|| DECOY_HASH.clone()).await.flatten();
             if let Some(h) = decoy {
@@ -539,7 +542,6 @@ impl Control {
             .chain_update(pass.as_bytes())
             .finalize()
             .into();
-        let generation = self.generation();
         let cached = {
             let v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             v.get(&key)

@@ -562,6 +562,21 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
         "{}",
         msg(&r)
     );
+    // A sync token whose scope map another token also uses is refused: the gateway rights
+    // added to that scope map would reach the other token too.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "other-user", "scopeMap": "other-sync", "noPasswords": true})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = create(&t, json!({"name": "fresh-one", "syncToken": "other-sync"})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("also used by other-user"), "{}", msg(&r));
 }
 
 #[tokio::test]
