@@ -446,6 +446,16 @@ fn check_notification(p: &str) -> Result<String> {
     Ok(p.to_string())
 }
 
+/// What a connected-registry create wrote so far, to revert it if a later step fails.
+#[derive(Default)]
+struct Undo {
+    /// Scope maps as they were before the create edited them, in edit order.
+    edited: Vec<outpost_meta::ScopeMapRow>,
+    /// The sync token and scope map the create made, if it made them.
+    token: Option<String>,
+    scope_map: Option<String>,
+}
+
 fn gateway_rules(name: &str) -> Vec<String> {
     GatewayAction::ALL
         .iter()
@@ -548,6 +558,32 @@ impl Control {
     }
 
     /// Applies `edit` to a scope map's rule set (limits checked), under the caller's lock.
+    /// Reverts a create that failed half-way: scope maps edited get their rules back, and the
+    /// sync token and scope map it made are removed. Best effort; what cannot be undone is
+    /// logged.
+    async fn undo(&self, undo: Undo) {
+        for m in undo.edited.into_iter().rev() {
+            if let Err(e) = self
+                .meta
+                .update_scope_map(&m.name, &m.description, &m.actions)
+                .await
+            {
+                tracing::warn!(scope_map = %m.name, error = %e, "could not restore a scope map after a failed create");
+            }
+        }
+        if let Some(t) = undo.token
+            && let Err(e) = self.meta.delete_token(&t).await
+        {
+            tracing::warn!(token = %t, error = %e, "could not remove a token after a failed create");
+        }
+        if let Some(sm) = undo.scope_map
+            && let Err(e) = self.meta.delete_scope_map(&sm).await
+        {
+            tracing::warn!(scope_map = %sm, error = %e, "could not remove a scope map after a failed create");
+        }
+        self.changed();
+    }
+
     async fn edit_rules(
         &self,
         scope_map: &str,
@@ -887,192 +923,206 @@ impl Control {
             )));
         }
 
-        // The sync token and its scope map.
-        let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
-            None => {
-                if self.meta.token(name).await?.is_some() {
-                    return Err(ControlError::AlreadyExists {
-                        kind: "token",
-                        name: name.into(),
-                    });
-                }
-                if self.meta.scope_map(name).await?.is_some() {
-                    return Err(ControlError::AlreadyExists {
-                        kind: "scope map",
-                        name: name.into(),
-                    });
-                }
-                let mut actions: Vec<String> =
-                    repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
-                actions.extend(gateway_rules(name));
-                let rules = self.parse_rules(name, &actions)?;
-                if self.meta.count_scope_maps().await? >= self.config.limits.max_scope_maps {
-                    return Err(ControlError::Limit {
-                        what: "the registry has the maximum number of scope maps".into(),
-                        limit: self.config.limits.max_scope_maps,
-                    });
-                }
-                if self.meta.count_tokens().await? >= self.config.limits.max_tokens {
-                    return Err(ControlError::Limit {
-                        what: "the registry has the maximum number of tokens".into(),
-                        limit: self.config.limits.max_tokens,
-                    });
-                }
-                self.meta
-                    .insert_scope_map(
-                        name,
-                        &format!("Created by connected registry sync token: {name}"),
-                        &rules,
-                    )
-                    .await?;
-                self.meta
-                    .put_token(&TokenRow {
-                        name: name.into(),
-                        scope_map: Some(name.into()),
-                        status: "enabled".into(),
-                        is_admin: false,
-                        created_ms: now_ms(),
-                        updated_ms: now_ms(),
-                        passwords: [PasswordRow::default(), PasswordRow::default()],
-                    })
-                    .await?;
-                (
-                    name.to_string(),
-                    repos
-                        .iter()
-                        .flat_map(|r| repo_rules(r, mode))
-                        .collect::<Vec<_>>(),
-                )
-            }
-            Some(t) => {
-                let token = self
-                    .meta
-                    .token(t)
-                    .await?
-                    .ok_or_else(|| ControlError::NotFound {
-                        kind: "token",
-                        name: t.clone(),
-                    })?;
-                if let Some(other) = all.values().find(|r| &r.sync_token == t) {
-                    return Err(ControlError::Invalid(format!(
-                        "token {t:?} is already the sync token of connected registry {:?}",
-                        other.name
-                    )));
-                }
-                let sm = token.scope_map.clone().ok_or_else(|| {
-                    ControlError::Invalid(format!("sync token {t:?} has no scope map"))
-                })?;
-                // Gateway rights for this registry go into that scope map: every token using
-                // it would get them (and read the registry's configuration, client-token
-                // hashes included).
-                let sharing: Vec<String> = self
-                    .meta
-                    .tokens_using(&sm)
-                    .await?
-                    .into_iter()
-                    .filter(|other| other != t)
-                    .collect();
-                if !sharing.is_empty() {
-                    return Err(ControlError::Invalid(format!(
-                        "the scope map {sm:?} of sync token {t:?} is also used by {}; a sync token needs a scope map of its own, since the connected registry's gateway rights are added to it",
-                        sharing.join(", ")
-                    )));
-                }
-                let map =
+        // From here on the control plane is written to: anything that fails half-way (a limit
+        // met by an ancestor's scope map, say) undoes what was already written.
+        let mut undo = Undo::default();
+        let result: Result<ConnectedRegistryView> = async {
+            // The sync token and its scope map.
+            let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
+                None => {
+                    if self.meta.token(name).await?.is_some() {
+                        return Err(ControlError::AlreadyExists {
+                            kind: "token",
+                            name: name.into(),
+                        });
+                    }
+                    if self.meta.scope_map(name).await?.is_some() {
+                        return Err(ControlError::AlreadyExists {
+                            kind: "scope map",
+                            name: name.into(),
+                        });
+                    }
+                    let mut actions: Vec<String> =
+                        repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
+                    actions.extend(gateway_rules(name));
+                    let rules = self.parse_rules(name, &actions)?;
+                    if self.meta.count_scope_maps().await? >= self.config.limits.max_scope_maps {
+                        return Err(ControlError::Limit {
+                            what: "the registry has the maximum number of scope maps".into(),
+                            limit: self.config.limits.max_scope_maps,
+                        });
+                    }
+                    if self.meta.count_tokens().await? >= self.config.limits.max_tokens {
+                        return Err(ControlError::Limit {
+                            what: "the registry has the maximum number of tokens".into(),
+                            limit: self.config.limits.max_tokens,
+                        });
+                    }
+                    undo.scope_map = Some(name.to_string());
                     self.meta
-                        .scope_map(&sm)
+                        .insert_scope_map(
+                            name,
+                            &format!("Created by connected registry sync token: {name}"),
+                            &rules,
+                        )
+                        .await?;
+                    undo.token = Some(name.to_string());
+                    self.meta
+                        .put_token(&TokenRow {
+                            name: name.into(),
+                            scope_map: Some(name.into()),
+                            status: "enabled".into(),
+                            is_admin: false,
+                            created_ms: now_ms(),
+                            updated_ms: now_ms(),
+                            passwords: [PasswordRow::default(), PasswordRow::default()],
+                        })
+                        .await?;
+                    (
+                        name.to_string(),
+                        repos
+                            .iter()
+                            .flat_map(|r| repo_rules(r, mode))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+                Some(t) => {
+                    let token = self
+                        .meta
+                        .token(t)
                         .await?
                         .ok_or_else(|| ControlError::NotFound {
-                            kind: "scope map",
-                            name: sm.clone(),
+                            kind: "token",
+                            name: t.clone(),
                         })?;
-                let rules: Vec<Rule> = map
-                    .actions
-                    .iter()
-                    .filter_map(|a| Rule::parse(a).ok())
-                    .collect();
-                let patterns: BTreeSet<RepoPattern> = rules
-                    .iter()
-                    .filter_map(|r| match r {
-                        Rule::Repository(p, _) => Some(p.clone()),
-                        Rule::Gateway(..) => None,
-                    })
-                    .collect();
-                if patterns.is_empty() {
-                    return Err(ControlError::Invalid(format!(
-                        "sync token {t:?} grants no repositories; its scope map {sm:?} needs repository actions"
-                    )));
-                }
-                for p in &patterns {
-                    for a in mode.repo_actions() {
-                        if !rules.contains(&Rule::Repository(p.clone(), *a)) {
-                            return Err(ControlError::Invalid(format!(
-                                "sync token {t:?} lacks {} on {p}; a {} connected registry's sync token needs {} on each repository",
-                                a,
-                                mode.as_str(),
-                                mode.repo_actions()
-                                    .iter()
-                                    .map(|a| a.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )));
+                    if let Some(other) = all.values().find(|r| &r.sync_token == t) {
+                        return Err(ControlError::Invalid(format!(
+                            "token {t:?} is already the sync token of connected registry {:?}",
+                            other.name
+                        )));
+                    }
+                    let sm = token.scope_map.clone().ok_or_else(|| {
+                        ControlError::Invalid(format!("sync token {t:?} has no scope map"))
+                    })?;
+                    // Gateway rights for this registry go into that scope map: every token using
+                    // it would get them (and read the registry's configuration, client-token
+                    // hashes included).
+                    let sharing: Vec<String> = self
+                        .meta
+                        .tokens_using(&sm)
+                        .await?
+                        .into_iter()
+                        .filter(|other| other != t)
+                        .collect();
+                    if !sharing.is_empty() {
+                        return Err(ControlError::Invalid(format!(
+                            "the scope map {sm:?} of sync token {t:?} is also used by {}; a sync token needs a scope map of its own, since the connected registry's gateway rights are added to it",
+                            sharing.join(", ")
+                        )));
+                    }
+                    let map =
+                        self.meta
+                            .scope_map(&sm)
+                            .await?
+                            .ok_or_else(|| ControlError::NotFound {
+                                kind: "scope map",
+                                name: sm.clone(),
+                            })?;
+                    let rules: Vec<Rule> = map
+                        .actions
+                        .iter()
+                        .filter_map(|a| Rule::parse(a).ok())
+                        .collect();
+                    let patterns: BTreeSet<RepoPattern> = rules
+                        .iter()
+                        .filter_map(|r| match r {
+                            Rule::Repository(p, _) => Some(p.clone()),
+                            Rule::Gateway(..) => None,
+                        })
+                        .collect();
+                    if patterns.is_empty() {
+                        return Err(ControlError::Invalid(format!(
+                            "sync token {t:?} grants no repositories; its scope map {sm:?} needs repository actions"
+                        )));
+                    }
+                    for p in &patterns {
+                        for a in mode.repo_actions() {
+                            if !rules.contains(&Rule::Repository(p.clone(), *a)) {
+                                return Err(ControlError::Invalid(format!(
+                                    "sync token {t:?} lacks {} on {p}; a {} connected registry's sync token needs {} on each repository",
+                                    a,
+                                    mode.as_str(),
+                                    mode.repo_actions()
+                                        .iter()
+                                        .map(|a| a.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )));
+                            }
                         }
                     }
+                    if rules
+                        .iter()
+                        .any(|r| matches!(r, Rule::Gateway(g, _) if g != name))
+                    {
+                        return Err(ControlError::Invalid(format!(
+                            "sync token {t:?} must have only repository permissions (and this registry's gateway actions)"
+                        )));
+                    }
+                    undo.edited.extend(self.meta.scope_map(&sm).await?);
+                    self.edit_rules(&sm, |set| set.extend(gateway_rules(name)))
+                        .await?;
+                    (
+                        t.clone(),
+                        patterns.iter().flat_map(|p| repo_rules(p, mode)).collect(),
+                    )
                 }
-                if rules
-                    .iter()
-                    .any(|r| matches!(r, Rule::Gateway(g, _) if g != name))
-                {
-                    return Err(ControlError::Invalid(format!(
-                        "sync token {t:?} must have only repository permissions (and this registry's gateway actions)"
-                    )));
-                }
-                self.edit_rules(&sm, |set| set.extend(gateway_rules(name)))
-                    .await?;
-                (
-                    t.clone(),
-                    patterns.iter().flat_map(|p| repo_rules(p, mode)).collect(),
-                )
-            }
-        };
+            };
 
-        // Every ancestor's sync scope map gains the child's gateway and repository actions.
-        let parent_row = req.parent.as_ref().and_then(|p| all.get(p)).cloned();
-        if let Some(parent) = parent_row {
-            let mut chain = vec![parent.clone()];
-            chain.extend(Self::ancestors(&all, &parent.name).into_iter().cloned());
-            for anc in chain {
-                let sm = self.sync_scope_map(&anc).await?;
-                let add: Vec<String> = gateway_rules(name)
-                    .into_iter()
-                    .chain(repo_rules_for_ancestors.iter().cloned())
-                    .collect();
-                self.edit_rules(&sm, |set| set.extend(add)).await?;
+            // Every ancestor's sync scope map gains the child's gateway and repository actions.
+            let parent_row = req.parent.as_ref().and_then(|p| all.get(p)).cloned();
+            if let Some(parent) = parent_row {
+                let mut chain = vec![parent.clone()];
+                chain.extend(Self::ancestors(&all, &parent.name).into_iter().cloned());
+                for anc in chain {
+                    let sm = self.sync_scope_map(&anc).await?;
+                    let add: Vec<String> = gateway_rules(name)
+                        .into_iter()
+                        .chain(repo_rules_for_ancestors.iter().cloned())
+                        .collect();
+                    undo.edited.extend(self.meta.scope_map(&sm).await?);
+                    self.edit_rules(&sm, |set| set.extend(add)).await?;
+                }
             }
+
+            let row = ConnectedRegistryRow {
+                name: name.into(),
+                mode: mode.as_str().into(),
+                parent: req.parent.clone(),
+                sync_token,
+                client_tokens,
+                schedule,
+                sync_window: req.sync_window.clone(),
+                message_ttl: ttl,
+                log_level,
+                notifications,
+                gc_enabled: req.gc_enabled.unwrap_or(true),
+                gc_schedule,
+                created_ms: now_ms(),
+                updated_ms: now_ms(),
+                activation: "Inactive".into(),
+                status_details: "[]".into(),
+                ..Default::default()
+            };
+            self.meta.put_connected_registry(&row).await?;
+            self.changed();
+            self.view(&row).await
         }
-
-        let row = ConnectedRegistryRow {
-            name: name.into(),
-            mode: mode.as_str().into(),
-            parent: req.parent.clone(),
-            sync_token,
-            client_tokens,
-            schedule,
-            sync_window: req.sync_window.clone(),
-            message_ttl: ttl,
-            log_level,
-            notifications,
-            gc_enabled: req.gc_enabled.unwrap_or(true),
-            gc_schedule,
-            created_ms: now_ms(),
-            updated_ms: now_ms(),
-            activation: "Inactive".into(),
-            status_details: "[]".into(),
-            ..Default::default()
-        };
-        self.meta.put_connected_registry(&row).await?;
-        self.changed();
-        self.view(&row).await
+        .await;
+        if result.is_err() {
+            self.undo(undo).await;
+        }
+        result
     }
 
     pub async fn update_connected_registry(

@@ -1158,3 +1158,59 @@ async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
             .contains("--status enabled")
     );
 }
+
+/// A create refused half-way (the parent's scope map would name more repositories than the
+/// limit allows) leaves nothing behind: no sync token, no scope map, the parent's rules as
+/// they were; the same name can be created right after.
+#[tokio::test]
+async fn a_create_refused_half_way_leaves_nothing_behind() {
+    let t = setup_control(
+        outpost_registry::RegistryConfig {
+            fsync: false,
+            ..Default::default()
+        },
+        outpost_server::AuthSettings::default(),
+        outpost_control::ControlConfig {
+            limits: outpost_control::Limits {
+                max_repository_rules: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = create(
+        &t,
+        json!({"name": "hub-0001", "mode": "ReadWrite", "repositories": ["r1", "r2"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+    let hub_rules = t.get("/api/v1/scope-maps/hub-0001").await.json()["actions"].clone();
+    // r3 would be added up the chain: the hub's scope map would name 3 repositories.
+    let r = create(
+        &t,
+        json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r3"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", msg(&r));
+    assert!(msg(&r).contains("limit"), "{}", msg(&r));
+    assert_eq!(
+        t.get("/api/v1/tokens/leaf-0001").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/leaf-0001").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/hub-0001").await.json()["actions"],
+        hub_rules,
+        "the hub's rules are as they were"
+    );
+    let r = create(
+        &t,
+        json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+}
