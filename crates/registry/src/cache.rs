@@ -19,7 +19,7 @@ pub struct CachedManifest {
 }
 
 pub(crate) struct ManifestCache {
-    map: RwLock<HashMap<(String, String), CachedManifest>>,
+    map: RwLock<Entries>,
     generation: AtomicU64,
     capacity: usize,
 }
@@ -31,10 +31,17 @@ const MAX_CACHED_MANIFEST: usize = 64 << 10;
 /// The cache holds at most this many bytes of manifests (it is emptied when full).
 const MAX_CACHED_BYTES: usize = 32 << 20;
 
+#[derive(Default)]
+struct Entries {
+    map: HashMap<(String, String), CachedManifest>,
+    /// Sum of the cached manifests' sizes.
+    bytes: usize,
+}
+
 impl ManifestCache {
     pub(crate) fn new(capacity: usize) -> ManifestCache {
         ManifestCache {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Entries::default()),
             generation: AtomicU64::new(0),
             capacity,
         }
@@ -46,7 +53,9 @@ impl ManifestCache {
 
     pub(crate) fn get(&self, repo: &str, reference: &str) -> Option<CachedManifest> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.get(&(repo.to_string(), reference.to_string())).cloned()
+        map.map
+            .get(&(repo.to_string(), reference.to_string()))
+            .cloned()
     }
 
     /// Inserts unless a write happened since `generation` was read.
@@ -61,18 +70,21 @@ impl ManifestCache {
         if m.content.len() > MAX_CACHED_MANIFEST {
             return;
         }
-        let held: usize = map.values().map(|c| c.content.len()).sum();
-        if map.len() >= self.capacity || held + m.content.len() > MAX_CACHED_BYTES {
-            map.clear();
+        if map.map.len() >= self.capacity || map.bytes + m.content.len() > MAX_CACHED_BYTES {
+            *map = Entries::default();
         }
-        map.insert((repo.to_string(), reference.to_string()), m);
+        map.bytes += m.content.len();
+        if let Some(old) = map.map.insert((repo.to_string(), reference.to_string()), m) {
+            map.bytes -= old.content.len();
+        }
     }
 
     /// Drops every entry of `repo` (called after any manifest or tag change in it).
     pub(crate) fn invalidate(&self, repo: &str) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
-        map.retain(|(r, _), _| r != repo);
+        map.map.retain(|(r, _), _| r != repo);
+        map.bytes = map.map.values().map(|c| c.content.len()).sum();
     }
 }
 
@@ -123,15 +135,17 @@ mod tests {
         };
         for i in 0..(MAX_CACHED_BYTES / MAX_CACHED_MANIFEST) * 3 {
             c.insert(c.generation(), "a", &i.to_string(), mid.clone());
-            let held: usize = c
-                .map
-                .read()
-                .unwrap()
-                .values()
-                .map(|e| e.content.len())
-                .sum();
+            let entries = c.map.read().unwrap();
+            let held: usize = entries.map.values().map(|e| e.content.len()).sum();
+            assert_eq!(held, entries.bytes, "the running total matches");
             assert!(held <= MAX_CACHED_BYTES, "{held} bytes cached");
         }
+        // Replacing an entry keeps the total right.
+        let last = ((MAX_CACHED_BYTES / MAX_CACHED_MANIFEST) * 3 - 1).to_string();
+        c.insert(c.generation(), "a", &last, m("small"));
+        let entries = c.map.read().unwrap();
+        let held: usize = entries.map.values().map(|e| e.content.len()).sum();
+        assert_eq!(held, entries.bytes);
     }
 
     #[test]
@@ -140,6 +154,6 @@ mod tests {
         for i in 0..5 {
             c.insert(c.generation(), "a", &i.to_string(), m("x"));
         }
-        assert!(c.map.read().unwrap().len() <= 2);
+        assert!(c.map.read().unwrap().map.len() <= 2);
     }
 }
