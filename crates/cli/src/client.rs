@@ -9,18 +9,19 @@ use serde_json::Value;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
-    /// Registry URL, e.g. http://registry.example:5000 [env: OUTPOST_REGISTRY]
+    /// Registry URL or host[:port], e.g. http://registry.example:5000
     #[arg(
         long,
+        short = 'r',
         global = true,
         env = "OUTPOST_REGISTRY",
         default_value = "http://localhost:5000"
     )]
     pub registry: String,
-    /// Token name to authenticate with [env: OUTPOST_USERNAME]
+    /// Token name to authenticate with
     #[arg(long, short = 'u', global = true, env = "OUTPOST_USERNAME")]
     pub username: Option<String>,
-    /// Password [env: OUTPOST_PASSWORD]
+    /// Password
     #[arg(long, global = true, env = "OUTPOST_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// Output format

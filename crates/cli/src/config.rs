@@ -75,6 +75,8 @@ pub struct Config {
     pub upstream_password: Option<String>,
     /// Seconds between two polls of `upstream_url`.
     pub upstream_poll_secs: u64,
+    /// Most connected registries under this root, at every depth.
+    pub max_connected_registries: usize,
     /// Most client tokens per connected registry.
     pub max_client_tokens: usize,
     /// Bounds of a connected registry's sync window (ISO 8601 durations).
@@ -112,6 +114,7 @@ impl Default for Config {
             upstream_username: None,
             upstream_password: None,
             upstream_poll_secs: 30,
+            max_connected_registries: 50,
             max_client_tokens: 20,
             min_sync_window: "PT1H".into(),
             max_sync_window: "P7D".into(),
@@ -212,6 +215,7 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
         };
         let l = outpost_control::ConnectedLimits {
+            max_connected_registries: self.max_connected_registries,
             max_client_tokens: self.max_client_tokens,
             min_sync_window: d("min_sync_window", &self.min_sync_window)?,
             max_sync_window: d("max_sync_window", &self.max_sync_window)?,

@@ -13,7 +13,7 @@ pub enum ConnectedRegistryCmd {
     Create {
         #[arg(long, short = 'n')]
         name: String,
-        #[arg(long, short = 'm', default_value = "ReadOnly", value_parser = ["ReadOnly", "ReadWrite", "readonly", "readwrite"])]
+        #[arg(long, short = 'm', default_value = "ReadOnly", value_parser = ["ReadOnly", "ReadWrite"], ignore_case = true)]
         mode: String,
         /// Parent connected registry (default: this registry)
         #[arg(long, short = 'p')]
@@ -38,7 +38,8 @@ pub enum ConnectedRegistryCmd {
         log_level: String,
         #[arg(long, num_args = 1..)]
         notifications: Vec<String>,
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        /// Whether garbage collection runs at the site (a bare flag means true)
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         gc_enabled: bool,
         #[arg(long, default_value = "0 0 * * *")]
         gc_schedule: String,
@@ -65,7 +66,8 @@ pub enum ConnectedRegistryCmd {
         add_notifications: Vec<String>,
         #[arg(long, num_args = 1..)]
         remove_notifications: Vec<String>,
-        #[arg(long, action = clap::ArgAction::Set)]
+        /// Whether garbage collection runs at the site (a bare flag means true)
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         gc_enabled: Option<bool>,
         #[arg(long)]
         gc_schedule: Option<String>,

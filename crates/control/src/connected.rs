@@ -73,6 +73,8 @@ impl Mode {
 /// shorten windows and TTLs through the same configuration an operator uses).
 #[derive(Debug, Clone)]
 pub struct ConnectedLimits {
+    /// Connected registries in the whole hierarchy under this root (ACR: 50).
+    pub max_connected_registries: usize,
     pub max_client_tokens: usize,
     pub min_sync_window: Duration,
     pub max_sync_window: Duration,
@@ -85,6 +87,7 @@ pub struct ConnectedLimits {
 impl Default for ConnectedLimits {
     fn default() -> Self {
         ConnectedLimits {
+            max_connected_registries: 50,
             max_client_tokens: 20,
             min_sync_window: Duration::from_secs(3600),
             max_sync_window: Duration::from_secs(7 * 86_400),
@@ -456,6 +459,15 @@ struct Undo {
     scope_map: Option<String>,
 }
 
+/// The rules of `rules` that grant more than reading a repository.
+fn write_rules(rules: &[String]) -> Vec<&str> {
+    rules
+        .iter()
+        .filter(|a| matches!(Rule::parse(a), Ok(Rule::Repository(_, act)) if !matches!(act, RepoAction::ContentRead | RepoAction::MetadataRead)))
+        .map(|s| s.as_str())
+        .collect()
+}
+
 fn gateway_rules(name: &str) -> Vec<String> {
     GatewayAction::ALL
         .iter()
@@ -675,21 +687,14 @@ impl Control {
                         .unwrap_or_default(),
                     None => Vec::new(),
                 };
-                let writes: Vec<&String> = rules
-                    .iter()
-                    .filter(|a| matches!(Rule::parse(a), Ok(Rule::Repository(_, act)) if !matches!(act, RepoAction::ContentRead | RepoAction::MetadataRead)))
-                    .collect();
+                let writes = write_rules(&rules);
                 if row.is_admin || !writes.is_empty() {
                     return Err(ControlError::Invalid(format!(
                         "client token {t:?} can write ({}), but connected registry {name:?} is ReadOnly: its client tokens may only read (content/read, metadata/read)",
                         if row.is_admin {
                             "administrator".to_string()
                         } else {
-                            writes
-                                .iter()
-                                .map(|s| s.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            writes.join(", ")
                         }
                     )));
                 }
@@ -858,6 +863,13 @@ impl Control {
             return Err(ControlError::AlreadyExists {
                 kind: "connected registry",
                 name: name.into(),
+            });
+        }
+        let max = self.limits_cr().max_connected_registries;
+        if all.len() >= max {
+            return Err(ControlError::Limit {
+                what: format!("the registry has {} connected registries", all.len()),
+                limit: max as u64,
             });
         }
         if let Some(p) = &req.parent {
@@ -1505,19 +1517,77 @@ impl Control {
             .iter()
             .flat_map(|r| repo_rules(r, Mode::ReadWrite))
             .collect();
-        let mut targets: Vec<ConnectedRegistryRow> = vec![row.clone()];
-        targets.extend(Self::ancestors(&all, name).into_iter().cloned());
-        for t in &targets {
-            let sm = self.sync_scope_map(t).await?;
-            let add_rules = add_rules.clone();
-            self.edit_rules(&sm, |set| set.extend(add_rules)).await?;
+        // Removing what the registry does not sync is a mistake worth saying (a wildcard rule,
+        // say, is removed by its own pattern).
+        let own = self
+            .meta
+            .scope_map(&self.sync_scope_map(&row).await?)
+            .await?
+            .map(|m| m.actions)
+            .unwrap_or_default();
+        for r in &remove {
+            let prefix = format!("repositories/{r}/");
+            if !own.iter().any(|a| a.starts_with(&prefix)) {
+                let synced: BTreeSet<&str> = own
+                    .iter()
+                    .filter_map(|a| a.strip_prefix("repositories/"))
+                    .filter_map(|a| a.rsplitn(3, '/').nth(2))
+                    .collect();
+                return Err(ControlError::Invalid(format!(
+                    "repository {r} is not in the sync scope of connected registry {name:?}, which syncs: {}",
+                    synced.into_iter().collect::<Vec<_>>().join(", ")
+                )));
+            }
         }
-        let mut down: Vec<ConnectedRegistryRow> = vec![row.clone()];
-        down.extend(Self::descendants(&all, name).into_iter().cloned());
-        for t in &down {
+        // Plan every scope map's new rules first, so a limit or a missing scope map anywhere
+        // in the line refuses the whole update before anything is written.
+        let mut planned: Vec<(outpost_meta::ScopeMapRow, BTreeSet<String>)> = Vec::new();
+        let up = std::iter::once(&row).chain(Self::ancestors(&all, name));
+        let down = std::iter::once(&row).chain(Self::descendants(&all, name));
+        for (t, adding) in up.map(|t| (t, true)).chain(down.map(|t| (t, false))) {
             let sm = self.sync_scope_map(t).await?;
-            self.edit_rules(&sm, |set| set.retain(|a| !remove_rules.contains(a)))
-                .await?;
+            let i =
+                match planned.iter().position(|(m, _)| m.name == sm) {
+                    Some(i) => i,
+                    None => {
+                        let m = self.meta.scope_map(&sm).await?.ok_or_else(|| {
+                            ControlError::NotFound {
+                                kind: "scope map",
+                                name: sm.clone(),
+                            }
+                        })?;
+                        let set = m.actions.iter().cloned().collect();
+                        planned.push((m, set));
+                        planned.len() - 1
+                    }
+                };
+            let set = &mut planned[i].1;
+            if adding {
+                set.extend(add_rules.iter().cloned());
+            } else {
+                set.retain(|a| !remove_rules.contains(a));
+            }
+        }
+        let mut writes = Vec::new();
+        for (m, set) in &planned {
+            let actions: Vec<String> = set.iter().cloned().collect();
+            let rules = self.parse_rules(&m.name, &actions)?;
+            if rules != m.actions {
+                writes.push((m, rules));
+            }
+        }
+        // Write them; if the database fails half-way, put back what was written.
+        let mut undo = Undo::default();
+        for (m, rules) in writes {
+            if let Err(e) = self
+                .meta
+                .update_scope_map(&m.name, &m.description, &rules)
+                .await
+            {
+                self.undo(undo).await;
+                return Err(e.into());
+            }
+            undo.edited.push(m.clone());
         }
         self.changed();
         let sm = self.sync_scope_map(&row).await?;
@@ -1897,6 +1967,108 @@ impl Control {
     }
 
     /// Names of connected registries whose sync token is `token`.
+    /// Refuses an edit made through the plain scope-map commands (new `rules`, or `None` for
+    /// a deletion) that would break a connected registry: a sync scope map changes only with
+    /// `permissions update` (which keeps parents and children in step) and goes with its
+    /// registry, and a ReadOnly registry's client tokens may only read.
+    pub(crate) async fn check_scope_map_use(
+        &self,
+        scope_map: &str,
+        rules: Option<&[String]>,
+    ) -> Result<()> {
+        let all = self.meta.connected_registries().await?;
+        for r in &all {
+            let uses = self
+                .meta
+                .token(&r.sync_token)
+                .await?
+                .is_some_and(|t| t.scope_map.as_deref() == Some(scope_map));
+            if uses {
+                return Err(ControlError::Invalid(match rules {
+                    None => format!(
+                        "scope map {scope_map:?} is the sync scope map of connected registry {:?}; it is removed with the registry (`outpost connected-registry delete -n {} --cleanup`)",
+                        r.name, r.name
+                    ),
+                    Some(_) => format!(
+                        "scope map {scope_map:?} is the sync scope map of connected registry {:?}; change its repositories with `outpost connected-registry permissions update -n {}`, which keeps its parents and children in step",
+                        r.name, r.name
+                    ),
+                }));
+            }
+        }
+        let Some(rules) = rules else { return Ok(()) };
+        let writes = write_rules(rules);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        for r in all.iter().filter(|r| r.mode == Mode::ReadOnly.as_str()) {
+            for t in &r.client_tokens {
+                let uses = self
+                    .meta
+                    .token(t)
+                    .await?
+                    .is_some_and(|t| t.scope_map.as_deref() == Some(scope_map));
+                if uses {
+                    return Err(ControlError::Invalid(format!(
+                        "scope map {scope_map:?} belongs to client token {t:?} of connected registry {:?}, which is ReadOnly: its client tokens may only read, so {} cannot be added",
+                        r.name,
+                        writes.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses pointing `token` at `scope_map` when that would break a connected registry:
+    /// a sync token keeps the scope map its registry manages, and a ReadOnly registry's client
+    /// token may only read.
+    pub(crate) async fn check_token_scope_change(
+        &self,
+        token: &str,
+        scope_map: &str,
+    ) -> Result<()> {
+        if let Some(cr) = self.registry_of_sync_token(token).await? {
+            return Err(ControlError::Invalid(format!(
+                "token {token:?} is the sync token of connected registry {cr:?}; its scope map is managed by the registry (`outpost connected-registry permissions update -n {cr}`)"
+            )));
+        }
+        let rules = self
+            .meta
+            .scope_map(scope_map)
+            .await?
+            .map(|m| m.actions)
+            .unwrap_or_default();
+        let writes = write_rules(&rules);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        for r in self.registries_with_client_token(token).await? {
+            if r.mode == Mode::ReadOnly.as_str() {
+                return Err(ControlError::Invalid(format!(
+                    "token {token:?} is a client token of connected registry {:?}, which is ReadOnly: its client tokens may only read, and scope map {scope_map:?} grants {}",
+                    r.name,
+                    writes.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connected registries that list `token` among their client tokens.
+    pub(crate) async fn registries_with_client_token(
+        &self,
+        token: &str,
+    ) -> Result<Vec<ConnectedRegistryRow>> {
+        Ok(self
+            .meta
+            .connected_registries()
+            .await?
+            .into_iter()
+            .filter(|r| r.client_tokens.iter().any(|t| t == token))
+            .collect())
+    }
+
     pub(crate) async fn registry_of_sync_token(&self, token: &str) -> Result<Option<String>> {
         Ok(self
             .meta

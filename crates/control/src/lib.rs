@@ -813,6 +813,7 @@ impl Control {
         remove: &[String],
         description: Option<&str>,
     ) -> Result<ScopeMapView> {
+        let _w = self.writes.lock().await;
         let row = self
             .meta
             .scope_map(name)
@@ -839,11 +840,14 @@ impl Control {
                 "Update ambiguity. Duplicate actions were provided with --add and --remove arguments.".into(),
             ));
         }
-        let mut actions: BTreeSet<String> = row.actions.into_iter().collect();
+        let mut actions: BTreeSet<String> = row.actions.iter().cloned().collect();
         actions.extend(add);
         actions.retain(|a| !remove.contains(a));
         let actions: Vec<String> = actions.into_iter().collect();
         let rules = self.parse_rules(name, &actions)?;
+        if rules != row.actions {
+            self.check_scope_map_use(name, Some(&rules)).await?;
+        }
         let description = description.unwrap_or(&row.description);
         if description.len() > 256 {
             return Err(ControlError::Invalid(
@@ -858,6 +862,15 @@ impl Control {
     }
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<()> {
+        let _w = self.writes.lock().await;
+        self.check_scope_map_use(name, None).await?;
+        let users = self.meta.tokens_using(name).await?;
+        if !users.is_empty() {
+            return Err(ControlError::Invalid(format!(
+                "scope map {name:?} is used by token(s) {}; delete them or point them at another scope map first",
+                users.join(", ")
+            )));
+        }
         if !self.meta.delete_scope_map(name).await? {
             return Err(ControlError::NotFound {
                 kind: "scope map",
@@ -996,8 +1009,11 @@ impl Control {
                 "the administrator token's scope and status cannot be changed; rotate its password instead".into(),
             ));
         }
-        if let Some(sm) = scope_map {
+        if let Some(sm) = scope_map
+            && t.scope_map.as_deref() != Some(sm)
+        {
             self.show_scope_map(sm).await?;
+            self.check_token_scope_change(name, sm).await?;
             t.scope_map = Some(sm.into());
         }
         if let Some(e) = enabled {
@@ -1067,6 +1083,13 @@ impl Control {
         if let Some(cr) = self.registry_of_sync_token(name).await? {
             return Err(ControlError::Invalid(format!(
                 "token {name:?} is the sync token of connected registry {cr:?} and cannot be deleted while it exists; delete the connected registry first (with --cleanup to remove this token too)"
+            )));
+        }
+        let users = self.registries_with_client_token(name).await?;
+        if let Some(r) = users.first() {
+            return Err(ControlError::Invalid(format!(
+                "token {name:?} is a client token of connected registry {:?}; remove it first with `outpost connected-registry update -n {} --remove-client-tokens {name}`",
+                r.name, r.name
             )));
         }
         self.meta.delete_token(name).await?;

@@ -1213,4 +1213,243 @@ async fn a_create_refused_half_way_leaves_nothing_behind() {
     )
     .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+
+    // The same limit met by `permissions update`: the hub would name 3 repositories, so
+    // neither the leaf nor the hub changes.
+    let leaf_rules = t.get("/api/v1/scope-maps/leaf-0001").await.json()["actions"].clone();
+    let hub_rules = t.get("/api/v1/scope-maps/hub-0001").await.json()["actions"].clone();
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/leaf-0001/permissions",
+            &[],
+            json!({"add": ["r3"], "remove": ["r1"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", msg(&r));
+    assert!(msg(&r).contains("hub-0001"), "{}", msg(&r));
+    assert_eq!(
+        t.get("/api/v1/scope-maps/leaf-0001").await.json()["actions"],
+        leaf_rules,
+        "the leaf's rules are as they were"
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/hub-0001").await.json()["actions"],
+        hub_rules
+    );
+    // Within the limit, both directions apply in one update.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/leaf-0001/permissions",
+            &[],
+            json!({"add": ["r2"], "remove": ["r1"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let leaf: Vec<String> = serde_json::from_value(
+        t.get("/api/v1/scope-maps/leaf-0001").await.json()["actions"].clone(),
+    )
+    .unwrap();
+    assert!(
+        leaf.contains(&"repositories/r2/content/read".to_string()),
+        "{leaf:?}"
+    );
+    assert!(
+        !leaf.iter().any(|a| a.starts_with("repositories/r1/")),
+        "{leaf:?}"
+    );
+}
+
+async fn patch(t: &T, path: &str, body: Value) -> Resp {
+    t.req(
+        Method::PATCH,
+        path,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+}
+
+async fn delete(t: &T, path: &str) -> Resp {
+    t.req(Method::DELETE, path, &[], Body::empty()).await
+}
+
+#[tokio::test]
+async fn plain_token_and_scope_map_commands_keep_connected_registry_rules() {
+    let t = setup().await;
+    readonly_token(&t, "reader-01").await;
+    let r = create(
+        &t,
+        json!({"name": "site-one", "repositories": ["app"], "clientTokens": ["reader-01"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+
+    // The sync scope map changes only through `permissions update`, and goes with its registry.
+    let r = patch(
+        &t,
+        "/api/v1/scope-maps/site-one",
+        json!({"add": ["repositories/other/content/read"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", msg(&r));
+    assert!(
+        msg(&r).contains("permissions update -n site-one"),
+        "{}",
+        msg(&r)
+    );
+    let r = patch(
+        &t,
+        "/api/v1/scope-maps/site-one",
+        json!({"description": "the sync map of site-one"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "a description is free to change");
+    let r = delete(&t, "/api/v1/scope-maps/site-one").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("--cleanup"), "{}", msg(&r));
+    // The sync token keeps its scope map.
+    let r = patch(
+        &t,
+        "/api/v1/tokens/site-one",
+        json!({"scopeMap": "reader-01-map"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("sync token"), "{}", msg(&r));
+
+    // A ReadOnly registry's client token cannot gain writes, by either road.
+    let r = patch(
+        &t,
+        "/api/v1/scope-maps/reader-01-map",
+        json!({"add": ["repositories/app/content/write"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("ReadOnly"), "{}", msg(&r));
+    post(
+        &t,
+        "/api/v1/scope-maps",
+        json!({"name": "writer-map", "actions": ["repositories/app/content/write"]}),
+    )
+    .await;
+    let r = patch(
+        &t,
+        "/api/v1/tokens/reader-01",
+        json!({"scopeMap": "writer-map"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("ReadOnly"), "{}", msg(&r));
+    // Reading more is fine.
+    let r = patch(
+        &t,
+        "/api/v1/scope-maps/reader-01-map",
+        json!({"add": ["repositories/docs/content/read"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+
+    // A scope map in use, and a client token in use, are not deleted from under their users.
+    let r = delete(&t, "/api/v1/scope-maps/reader-01-map").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("reader-01"), "{}", msg(&r));
+    let r = delete(&t, "/api/v1/tokens/reader-01").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        msg(&r).contains("--remove-client-tokens reader-01"),
+        "{}",
+        msg(&r)
+    );
+    let r = patch(
+        &t,
+        "/api/v1/connected-registries/site-one",
+        json!({"removeClientTokens": ["reader-01"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    assert_eq!(
+        delete(&t, "/api/v1/tokens/reader-01").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        delete(&t, "/api/v1/scope-maps/reader-01-map").await.status,
+        StatusCode::NO_CONTENT
+    );
+
+    // Removing a repository the registry does not sync says so.
+    let r = patch(
+        &t,
+        "/api/v1/connected-registries/site-one/permissions",
+        json!({"remove": ["never-synced"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(msg(&r).contains("syncs: app"), "{}", msg(&r));
+}
+
+#[tokio::test]
+async fn concurrent_scope_map_updates_all_land() {
+    let t = setup().await;
+    let r = post(
+        &t,
+        "/api/v1/scope-maps",
+        json!({"name": "shared-map", "actions": ["repositories/base/content/read"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let updates = (0..12).map(|i| {
+        let t = &t;
+        async move {
+            patch(
+                t,
+                "/api/v1/scope-maps/shared-map",
+                json!({"add": [format!("repositories/r{i}/content/read")]}),
+            )
+            .await
+            .status
+        }
+    });
+    for s in futures_util::future::join_all(updates).await {
+        assert_eq!(s, StatusCode::OK);
+    }
+    let actions = scope_actions(&t, "shared-map").await;
+    for i in 0..12 {
+        assert!(
+            actions.contains(&format!("repositories/r{i}/content/read")),
+            "r{i} lost: {actions:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_number_of_connected_registries_is_limited() {
+    let t = setup_control(
+        outpost_registry::RegistryConfig {
+            fsync: false,
+            ..Default::default()
+        },
+        outpost_server::AuthSettings::default(),
+        outpost_control::ControlConfig {
+            connected: outpost_control::ConnectedLimits {
+                max_connected_registries: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    for n in ["site-0001", "site-0002"] {
+        let r = create(&t, json!({"name": n, "repositories": ["app"]})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+    }
+    let r = create(&t, json!({"name": "site-0003", "repositories": ["app"]})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", msg(&r));
+    assert!(msg(&r).contains("2 connected registries"), "{}", msg(&r));
+    assert_eq!(
+        t.get("/api/v1/tokens/site-0003").await.status,
+        StatusCode::NOT_FOUND,
+        "nothing of it was made"
+    );
 }
