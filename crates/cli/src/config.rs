@@ -40,6 +40,14 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// Upload sessions untouched for this many seconds are removed.
     pub upload_max_age_secs: u64,
+    /// Garbage collection of unreferenced blobs on `gc_schedule` (a connected registry follows
+    /// the setting its parent configures instead).
+    pub gc_enabled: bool,
+    /// Five-field cron expression, UTC.
+    pub gc_schedule: String,
+    /// Blobs stored or linked more recently than this are spared (a push or sync that has its
+    /// layers and not yet its manifest).
+    pub gc_min_age_secs: u64,
     /// Allow pulls without credentials.
     pub anonymous_pull: bool,
     /// Name of this registry in token challenges (the `service` of issued access tokens).
@@ -100,6 +108,9 @@ impl Default for Config {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 0,
             upload_max_age_secs: 24 * 3600,
+            gc_enabled: true,
+            gc_schedule: "0 0 * * *".into(),
+            gc_min_age_secs: 24 * 3600,
             anonymous_pull: false,
             service: "outpost".into(),
             admin_password: None,
@@ -191,6 +202,8 @@ impl Config {
             config.upload_max_age_secs > 0,
             "upload_max_age_secs must be positive"
         );
+        outpost_control::connected::parse_schedule("gc_schedule", &config.gc_schedule)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         anyhow::ensure!(
             config.sync_read_timeout_secs > 0,
             "sync_read_timeout_secs must be positive"

@@ -43,6 +43,8 @@ enum Command {
     /// Manage connected registries (az acr connected-registry).
     #[command(subcommand)]
     ConnectedRegistry(connected::ConnectedRegistryCmd),
+    /// Run garbage collection now: delete blobs that no manifest references.
+    Gc(manage::GcArgs),
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -72,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::ScopeMap(cmd) => block_on(manage::scope_map(&cli.conn, cmd, leaf)),
         Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),
         Command::ConnectedRegistry(cmd) => block_on(connected::run(&cli.conn, cmd)),
+        Command::Gc(args) => block_on(manage::gc(&cli.conn, args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -518,3 +518,48 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
     }
     Ok(())
 }
+
+/// `outpost gc`: garbage collection on demand, through the management API.
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Only report what would be deleted
+    #[arg(long)]
+    dry_run: bool,
+    /// Spare blobs stored or linked in the last this many seconds (default: the server's
+    /// gc_min_age_secs)
+    #[arg(long)]
+    min_age_secs: Option<u64>,
+}
+
+pub async fn gc(conn: &Connection, args: GcArgs) -> anyhow::Result<()> {
+    let client = Client::new(conn)?;
+    let mut body = serde_json::json!({ "dryRun": args.dry_run });
+    if let Some(s) = args.min_age_secs {
+        body["minAgeSecs"] = s.into();
+    }
+    let v = client
+        .call(reqwest::Method::POST, "/gc", Some(body))
+        .await?
+        .unwrap_or_default();
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0).to_string();
+    print_rows(
+        conn.output,
+        &[
+            "DRY RUN",
+            "BLOBS REMOVED",
+            "ORPHAN FILES REMOVED",
+            "BYTES FREED",
+        ],
+        &[vec![
+            v["dryRun"].as_bool().unwrap_or(false).to_string(),
+            n("blobsRemoved"),
+            n("orphanFilesRemoved"),
+            n("bytesFreed"),
+        ]],
+    );
+    Ok(())
+}

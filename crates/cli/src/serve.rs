@@ -227,6 +227,19 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         Duration::from_secs(config.upload_max_age_secs),
         config.data_dir.clone(),
     ));
+    // A connected registry collects garbage as its parent configures; others as configured here.
+    let gc_setting = match sync.as_ref().and_then(|s| s.gc.clone()) {
+        Some(rx) => rx,
+        None => {
+            tokio::sync::watch::channel(outpost_control::connected::GarbageCollection {
+                enabled: config.gc_enabled,
+                schedule: config.gc_schedule.clone(),
+            })
+            .1
+        }
+    };
+    let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
+    let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
     let app = outpost_server::router(outpost_server::AppState {
         registry: registry.clone(),
         control: control.clone(),
@@ -236,6 +249,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             tls: tls.is_some(),
         },
         read_only,
+        gc_min_age,
     });
     match tls {
         Some(tls) => axum::serve(crate::tls::TlsListener::new(listener, tls)?, app)
@@ -256,6 +270,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         }
     }
     reaper.abort();
+    collector.abort();
     if let Some(s) = sync {
         s.task.abort();
     }
@@ -273,6 +288,44 @@ async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {
             tracing::warn!(error = %e, "reaping stale uploads failed; will retry");
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+/// Runs garbage collection at each occurrence of the schedule while it is enabled, following
+/// changes to the setting (a connected registry's parent may change it at any sync).
+async fn collect_garbage(
+    registry: Registry,
+    mut setting: tokio::sync::watch::Receiver<outpost_control::connected::GarbageCollection>,
+    min_age: Duration,
+) {
+    let mut following = true;
+    loop {
+        let current = setting.borrow_and_update().clone();
+        let next = current
+            .enabled
+            .then(|| outpost_control::connected::time_until_next(&current.schedule))
+            .flatten();
+        let wait = async {
+            match next {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let change = async {
+            if !following || setting.changed().await.is_err() {
+                // The sender is gone (sync stopped): the last setting stays.
+                following = false;
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = wait => {
+                if let Err(e) = registry.collect_garbage(min_age, false).await {
+                    tracing::warn!(error = %e, "garbage collection failed; it runs again at the next scheduled time");
+                }
+            }
+            () = change => {}
+        }
     }
 }
 

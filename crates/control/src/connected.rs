@@ -385,6 +385,18 @@ pub fn parse_schedule(what: &str, s: &str) -> Result<croner::Cron> {
     s.parse::<croner::Cron>().map_err(|e| bad(format!(": {e}")))
 }
 
+/// How long until the next occurrence of a five-field cron `schedule` (UTC), or `None` if it
+/// is invalid or never occurs again.
+pub fn time_until_next(schedule: &str) -> Option<Duration> {
+    let cron = parse_schedule("schedule", schedule).ok()?;
+    let now = jiff::Timestamp::now();
+    let next = cron
+        .find_next_occurrence(&now.to_zoned(jiff::tz::TimeZone::UTC), false)
+        .ok()?;
+    let secs = next.timestamp().as_millisecond() - now.as_millisecond();
+    Some(Duration::from_millis(secs.max(0) as u64))
+}
+
 /// Where a moment stands in a sync schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -1894,6 +1906,20 @@ impl Control {
     /// (with the same password hashes, status, expiries and rules), so local clients
     /// authenticate while the link is down. `previous` names the tokens applied last time;
     /// those no longer sent are removed. The local `admin` token is never touched.
+    /// Client tokens installed from a parent: each has the `synced-<name>` scope map
+    /// [`Self::apply_synced_tokens`] makes for it. Read from the database, so a lost or damaged
+    /// state file cannot leave a token the parent revoked working here.
+    pub async fn synced_token_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .meta
+            .tokens()
+            .await?
+            .into_iter()
+            .filter(|t| t.scope_map.as_deref() == Some(format!("synced-{}", t.name).as_str()))
+            .map(|t| t.name)
+            .collect())
+    }
+
     pub async fn apply_synced_tokens(
         &self,
         tokens: &[ClientTokenConfig],

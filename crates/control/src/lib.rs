@@ -1150,13 +1150,27 @@ async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let path = path.to_path_buf();
     let data = data.to_vec();
     tokio::task::spawn_blocking(move || {
+        // Written aside and renamed into place: a full disk or a crash half-way leaves no short
+        // key behind to refuse every later start.
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        let mut f = o.open(&path)?;
-        f.write_all(&data)?;
-        f.sync_all()
+        let written = o.open(&tmp).and_then(|mut f| {
+            f.write_all(&data)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })
     .await
     .map_err(std::io::Error::other)?

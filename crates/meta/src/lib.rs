@@ -302,7 +302,10 @@ impl Meta {
         let mut tx = self.write.begin().await?;
         let id = Self::ensure_repo(&mut tx, repo).await?;
         sqlx::query(
-            "INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            // `created_at` is when the blob was last stored or linked: garbage collection
+            // spares blobs linked recently, which a manifest push may be about to reference.
+            "INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (digest) DO UPDATE SET created_at = excluded.created_at",
         )
         .bind(digest.to_string())
         .bind(size as i64)
@@ -318,6 +321,61 @@ impl Meta {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Garbage collection in the database: the blobs that no manifest in any repository
+    /// references and that were last stored or linked before `cutoff_ms`. Unless `dry_run`,
+    /// their rows and every repository's link to them are deleted in the same transaction as
+    /// the selection, so a manifest push that commits first keeps its blobs and one that
+    /// commits after is refused for the missing blob. Returns digests and sizes.
+    pub async fn collect_unreferenced_blobs(
+        &self,
+        cutoff_ms: i64,
+        dry_run: bool,
+    ) -> Result<Vec<(String, u64)>> {
+        const UNREFERENCED: &str = "SELECT digest FROM blobs WHERE created_at <= ?1 \
+             AND digest NOT IN (SELECT child FROM manifest_refs)";
+        let mut tx = self.write.begin().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT digest, size FROM blobs WHERE digest IN ({UNREFERENCED}) ORDER BY digest"
+        ))
+        .bind(cutoff_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !dry_run && !rows.is_empty() {
+            sqlx::query(&format!(
+                "DELETE FROM repo_blobs WHERE digest IN ({UNREFERENCED})"
+            ))
+            .bind(cutoff_ms)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "DELETE FROM blobs WHERE digest IN ({UNREFERENCED})"
+            ))
+            .bind(cutoff_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(rows.into_iter().map(|(d, s)| (d, s as u64)).collect())
+    }
+
+    /// Which of `digests` have a blob row (for garbage collection of files without one).
+    pub async fn known_blobs(
+        &self,
+        digests: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut known = std::collections::HashSet::new();
+        for chunk in digests.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!("SELECT digest FROM blobs WHERE digest IN ({marks})");
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for d in chunk {
+                q = q.bind(d);
+            }
+            known.extend(q.fetch_all(&self.read).await?);
+        }
+        Ok(known)
     }
 
     /// Removes `repo`'s link to a blob. Returns whether it was linked.

@@ -71,6 +71,20 @@ pub struct Registry {
     cache: Arc<ManifestCache>,
     /// Ticks after every committed change to manifests or tags, so the gateway can long-poll.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Held shared while a blob file is put in place or found and then linked, and exclusively
+    /// while garbage collection deletes rows and files: a blob is never linked between the two.
+    blob_gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// What one garbage collection did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Blobs no manifest references, removed with their repository links.
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    /// Files in the blob store with no record at all (left by a crash), removed.
+    pub orphan_files_removed: u64,
 }
 
 impl Registry {
@@ -85,6 +99,7 @@ impl Registry {
             config,
             cache,
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            blob_gate: Arc::default(),
         })
     }
 
@@ -165,6 +180,7 @@ impl Registry {
         digest: &Digest,
         from: &RepoName,
     ) -> Result<Option<u64>> {
+        let _gate = self.blob_gate.read().await;
         let Some(size) = self.meta.linked_blob(from.as_str(), digest).await? else {
             return Ok(None);
         };
@@ -182,6 +198,7 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
+        let _gate = self.blob_gate.read().await;
         let Some(size) = self.storage.blob_size(digest).await? else {
             return Ok(None);
         };
@@ -201,6 +218,7 @@ impl Registry {
             }
             .into());
         }
+        let _gate = self.blob_gate.read().await;
         let size = self.storage.put_blob(digest, bytes).await?;
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(size)
@@ -276,6 +294,7 @@ impl Registry {
                 .append(id, None, self.config.max_blob_bytes, body)
                 .await?;
         }
+        let _gate = self.blob_gate.read().await;
         let size = match self.storage.commit_upload(id, digest).await {
             Ok(size) => size,
             Err(e) => return Err(e.into()),
@@ -305,6 +324,87 @@ impl Registry {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }
         Ok(n)
+    }
+
+    // ---- garbage collection ---------------------------------------------------------------
+
+    /// Deletes blobs that no manifest references and that were last stored or linked more than
+    /// `min_age` ago, and files in the blob store that have no record and are that old. The
+    /// age spares a push or a sync that has stored its layers and not yet its manifest;
+    /// `blob_gate` keeps a concurrent upload, mount or sync from linking a blob while its file
+    /// is being removed. Manifests are never removed here.
+    pub async fn collect_garbage(&self, min_age: Duration, dry_run: bool) -> Result<GcReport> {
+        let now = std::time::SystemTime::now();
+        let cutoff = now.checked_sub(min_age).unwrap_or(std::time::UNIX_EPOCH);
+        let cutoff_ms = cutoff
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut report = GcReport {
+            dry_run,
+            ..Default::default()
+        };
+        {
+            let _gate = self.blob_gate.write().await;
+            let doomed = self
+                .meta
+                .collect_unreferenced_blobs(cutoff_ms, dry_run)
+                .await?;
+            for (d, size) in doomed {
+                report.blobs_removed += 1;
+                report.bytes_freed += size;
+                if dry_run {
+                    continue;
+                }
+                match d.parse::<Digest>() {
+                    Ok(digest) => {
+                        if let Err(e) = self.storage.delete_blob(&digest).await {
+                            // Its row is gone: the file is an orphan the next run removes.
+                            tracing::warn!(%digest, error = %e, "could not delete a collected blob's file");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(digest = %d, error = %e, "a blob row with an unparsable digest")
+                    }
+                }
+            }
+        }
+        // Files with no row: a crash between a blob's rename and its row, or between a
+        // collection's commit and its deletes. Listed without the gate (a large store takes a
+        // while), checked again under it.
+        let old: Vec<String> = self
+            .storage
+            .blob_files()
+            .await?
+            .into_iter()
+            .filter(|(_, modified)| *modified <= cutoff)
+            .map(|(d, _)| d.to_string())
+            .collect();
+        if !old.is_empty() {
+            let _gate = self.blob_gate.write().await;
+            let known = self.meta.known_blobs(&old).await?;
+            for d in old.iter().filter(|d| !known.contains(*d)) {
+                let Ok(digest) = d.parse::<Digest>() else {
+                    continue;
+                };
+                let size = self.storage.blob_size(&digest).await?.unwrap_or(0);
+                if !dry_run && !self.storage.delete_blob(&digest).await? {
+                    continue;
+                }
+                report.bytes_freed += size;
+                report.orphan_files_removed += 1;
+            }
+        }
+        if report.blobs_removed + report.orphan_files_removed > 0 {
+            tracing::info!(
+                dry_run,
+                blobs = report.blobs_removed,
+                orphan_files = report.orphan_files_removed,
+                bytes = report.bytes_freed,
+                "garbage collection"
+            );
+        }
+        Ok(report)
     }
 
     // ---- manifests ------------------------------------------------------------------------

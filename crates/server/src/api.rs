@@ -61,6 +61,49 @@ pub(crate) fn routes() -> Router<App> {
             "/connected-registries/{name}/permissions",
             get(permissions_cr).patch(update_permissions_cr),
         )
+        .route("/gc", post(run_gc))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RunGc {
+    #[serde(default)]
+    dry_run: bool,
+    /// Spare blobs stored or linked more recently than this (default: `gc_min_age_secs`).
+    min_age_secs: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GcView {
+    dry_run: bool,
+    blobs_removed: u64,
+    bytes_freed: u64,
+    orphan_files_removed: u64,
+}
+
+/// Runs garbage collection now: unreferenced blobs and orphaned files go.
+async fn run_gc(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+    admin(&app, &h).await?;
+    let req: RunGc = if body.is_empty() {
+        RunGc::default()
+    } else {
+        parse(&body)?
+    };
+    let min_age = req
+        .min_age_secs
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(app.gc_min_age);
+    let r = app.registry.collect_garbage(min_age, req.dry_run).await?;
+    Ok(json(
+        StatusCode::OK,
+        &GcView {
+            dry_run: r.dry_run,
+            blobs_removed: r.blobs_removed,
+            bytes_freed: r.bytes_freed,
+            orphan_files_removed: r.orphan_files_removed,
+        },
+    ))
 }
 
 async fn admin(app: &App, headers: &HeaderMap) -> Result<()> {

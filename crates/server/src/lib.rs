@@ -34,6 +34,8 @@ pub struct AppState {
     pub auth: AuthSettings,
     /// A ReadOnly connected registry: clients may not push, tag or delete.
     pub read_only: bool,
+    /// Garbage collection run through the API spares blobs younger than this.
+    pub gc_min_age: std::time::Duration,
 }
 
 pub type App = Arc<AppState>;

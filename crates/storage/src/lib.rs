@@ -103,6 +103,57 @@ impl Storage {
         self.mapped.slice(digest, &path, range).await
     }
 
+    /// Every file in the blob store whose path names a digest, with when it was last written.
+    /// Anything else under `blobs/` is left out (and so never collected).
+    pub async fn blob_files(&self) -> Result<Vec<(Digest, SystemTime)>> {
+        let root = self.layout.blobs_dir();
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            // Directories only at the two upper levels: anything else is not ours to judge.
+            let entries = |dir: &std::path::Path| -> Result<Vec<std::fs::DirEntry>> {
+                if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+                    return Ok(Vec::new());
+                }
+                match std::fs::read_dir(dir) {
+                    Ok(rd) => rd.collect::<io::Result<_>>().map_err(io_err(dir)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+                    Err(e) => Err(io_err(dir)(e)),
+                }
+            };
+            for alg in entries(&root)? {
+                for prefix in entries(&alg.path())? {
+                    for file in entries(&prefix.path())? {
+                        let name = format!(
+                            "{}:{}",
+                            alg.file_name().to_string_lossy(),
+                            file.file_name().to_string_lossy()
+                        );
+                        let Ok(digest) = name.parse::<Digest>() else {
+                            continue;
+                        };
+                        if layout.blob(&digest) != file.path()
+                            || !file.file_type().is_ok_and(|t| t.is_file())
+                        {
+                            continue;
+                        }
+                        let modified = file
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .map_err(io_err(file.path()))?;
+                        out.push((digest, modified));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StorageError::Io {
+            path: self.layout.blobs_dir(),
+            source: io::Error::other(e),
+        })?
+    }
+
     /// Removes a blob's bytes. Used by garbage collection only: a blob still referenced by any
     /// repository must not be deleted.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<bool> {
@@ -122,9 +173,12 @@ impl Storage {
             .await
             .map_err(io_err(&path))?;
         let owner_path = self.layout.upload_owner(&id);
-        tokio::fs::write(&owner_path, owner)
-            .await
-            .map_err(io_err(&owner_path))?;
+        if let Err(e) = tokio::fs::write(&owner_path, owner).await {
+            // A full disk, say: leave no half-made session behind.
+            let _ = tokio::fs::remove_file(&owner_path).await;
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(io_err(&owner_path)(e));
+        }
         Ok(id)
     }
 

@@ -29,7 +29,7 @@ pub use parent::Parent;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_control::connected::{
-    ClientTokenConfig, Message, StatusDetail, StatusReport, SyncConfig,
+    ClientTokenConfig, GarbageCollection, Message, StatusDetail, StatusReport, SyncConfig,
 };
 use outpost_control::{ConnectionString, Control, RepoPattern};
 use outpost_oci::{Digest, Manifest, Reference, RepoName, Tag};
@@ -163,6 +163,9 @@ pub struct Started {
     /// Whether local clients may only read.
     pub read_only: bool,
     pub task: tokio::task::JoinHandle<()>,
+    /// For a connected registry, the garbage-collection setting its parent configures, as it
+    /// changes (`None` for a mirror of a plain registry, which follows its own configuration).
+    pub gc: Option<tokio::sync::watch::Receiver<GarbageCollection>>,
 }
 
 /// Relays the activation and status of this node's descendants to its parent.
@@ -255,6 +258,8 @@ struct Child {
     /// Blobs being fetched right now, so two repositories that need the same new blob at
     /// the same time download it once (the second then links the stored copy).
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// The garbage-collection setting the parent configures, for the node's collector.
+    gc: tokio::sync::watch::Sender<GarbageCollection>,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -279,7 +284,32 @@ fn write_state(path: &Path, data: &str) -> Result<()> {
     let mut f = std::fs::File::create(&tmp).map_err(state_err(&tmp))?;
     f.write_all(data.as_bytes()).map_err(state_err(&tmp))?;
     f.sync_all().map_err(state_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(state_err(path))
+    std::fs::rename(&tmp, path).map_err(state_err(path))?;
+    // The rename itself survives a power cut only once the directory is synced.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(state_err(dir))?;
+    }
+    Ok(())
+}
+
+/// Reads the outbox cursor: `None` if this site never sent anything up. A file that exists
+/// but does not hold an event number is an error naming it: reading it as 0 would send every
+/// local change ever made up again, undoing newer decisions at the parent.
+fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
+    match read_state(path)? {
+        None => Ok(None),
+        Some(s) => s.trim().parse().map(Some).map_err(|_| SyncError::State {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{s:?} is not an event number; restore the file from a backup, or write the sequence number of the last local change the parent has (0 sends every local change up again)"
+                ),
+            ),
+        }),
+    }
 }
 
 /// The size of one piece of a blob sent up to the parent: what a cut link costs at most.
@@ -471,6 +501,15 @@ pub async fn start(
     std::fs::create_dir_all(dir.join("partial")).map_err(state_err(&dir))?;
     let id_path = dir.join("instance-id");
     let instance_id = match read_state(&id_path)? {
+        Some(id) if id.trim().is_empty() => {
+            return Err(SyncError::State {
+                path: id_path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the instance id is empty; delete the file to start as a new instance (then deactivate the old one at the parent with `outpost connected-registry deactivate`)",
+                ),
+            });
+        }
         Some(id) => id,
         None => {
             let id = uuid::Uuid::new_v4().to_string();
@@ -532,14 +571,20 @@ pub async fn start(
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
         lag: Mutex::new(None),
+        gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
     });
+    let gc = child.gc.subscribe();
     child.apply_config(&config).await?;
     child
         .control
         .set_upstream(Arc::new(Relay(child.parent.clone())));
     let read_only = config.mode == "ReadOnly";
     let task = tokio::spawn(child.run());
-    Ok(Started { read_only, task })
+    Ok(Started {
+        read_only,
+        task,
+        gc: Some(gc),
+    })
 }
 
 /// Starts mirroring a plain OCI registry: the repositories are reconciled at start and then
@@ -593,6 +638,7 @@ pub async fn start_mirror(
         sync_token: None,
         children: Vec::new(),
     };
+    let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
     let child = Arc::new(Child {
         role: Role::Plain {
@@ -614,11 +660,13 @@ pub async fn start_mirror(
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
         lag: Mutex::new(None),
+        gc: tokio::sync::watch::Sender::new(config_gc),
     });
     let task = tokio::spawn(child.run());
     Ok(Started {
         read_only: true,
         task,
+        gc: None,
     })
 }
 
@@ -649,6 +697,14 @@ impl Child {
     /// Installs the client tokens and the descendants (their resources and sync tokens), so
     /// this node authenticates its clients and serves its children, also offline.
     async fn apply_config(&self, cfg: &SyncConfig) -> Result<()> {
+        self.gc.send_if_modified(|g| {
+            let changed = *g != cfg.garbage_collection;
+            if changed {
+                tracing::info!(enabled = cfg.garbage_collection.enabled, schedule = %cfg.garbage_collection.schedule, "applying the garbage-collection setting of the parent");
+                *g = cfg.garbage_collection.clone();
+            }
+            changed
+        });
         if let Some(hook) = &self.log_level_hook {
             let mut applied = self.log_level.lock().unwrap_or_else(|p| p.into_inner());
             if applied.as_deref() != Some(cfg.log_level.as_str()) {
@@ -672,9 +728,20 @@ impl Child {
 
     async fn apply_tokens(&self, tokens: &[ClientTokenConfig]) -> Result<()> {
         let path = self.dir.join("client-tokens.json");
-        let previous: Vec<String> = read_state(&path)?
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
+        let mut previous: Vec<String> = match read_state(&path)? {
+            None => Vec::new(),
+            Some(s) => serde_json::from_str(&s).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "the list of installed client tokens is unreadable; using the tokens in the database");
+                Vec::new()
+            }),
+        };
+        let installed =
+            self.control.synced_token_names().await.map_err(|e| {
+                SyncError::Protocol(format!("listing installed client tokens: {e}"))
+            })?;
+        previous.extend(installed);
+        previous.sort();
+        previous.dedup();
         self.control
             .apply_synced_tokens(tokens, &previous)
             .await
@@ -819,6 +886,12 @@ impl Child {
             // Recorded before the new configuration is saved, so a crash in between cannot
             // lose the repositories still to fetch.
             add_backfill(&self.dir, &self.config(), &cfg)?;
+            // Applied before the ETag is kept: if applying fails, the next iteration fetches
+            // the configuration again instead of hearing 304 and never retrying.
+            self.apply_config(&cfg).await?;
+            if cfg.mode == "ReadOnly" {
+                self.prune_out_of_scope(&cfg).await?;
+            }
             write_state(
                 &self.dir.join("config.json"),
                 &serde_json::to_string(&cfg).unwrap_or_default(),
@@ -827,10 +900,6 @@ impl Child {
                 write_state(&self.dir.join("etag"), e)?;
             }
             *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
-            self.apply_config(&cfg).await?;
-            if cfg.mode == "ReadOnly" {
-                self.prune_out_of_scope(&cfg).await?;
-            }
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();
@@ -924,12 +993,12 @@ impl Child {
 
     /// Local client changes not yet sent up (0 on a ReadOnly site, which takes none).
     async fn outbox_depth(&self) -> Option<i64> {
-        let cursor: i64 = read_state(&self.dir.join("outbox-cursor"))
+        let cursor = read_outbox_cursor(&self.dir.join("outbox-cursor")).ok()?;
+        self.registry
+            .meta()
+            .client_events_after(cursor.unwrap_or(0))
+            .await
             .ok()
-            .flatten()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        self.registry.meta().client_events_after(cursor).await.ok()
     }
 
     /// Sends this site's own changes — its clients' pushes, tag moves and deletes, never what
@@ -939,7 +1008,7 @@ impl Child {
     /// the conflict is reported in the status details.
     async fn flush_outbox(&self) -> Result<usize> {
         let path = self.dir.join("outbox-cursor");
-        let mut cursor: i64 = read_state(&path)?.and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut cursor: i64 = read_outbox_cursor(&path)?.unwrap_or(0);
         let mut sent = 0;
         loop {
             let events = self
@@ -1653,6 +1722,27 @@ fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_outbox_cursor_is_an_error_not_a_resend_of_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox-cursor");
+        assert_eq!(
+            read_outbox_cursor(&path).unwrap(),
+            None,
+            "never sent anything"
+        );
+        write_state(&path, "42").unwrap();
+        assert_eq!(read_outbox_cursor(&path).unwrap(), Some(42));
+        for bad in ["", "4x2", "-"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_outbox_cursor(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("outbox-cursor") && e.contains("not an event number"),
+                "{e}"
+            );
+        }
+    }
 
     fn parent(status: u16, code: &str, message: &str) -> SyncError {
         SyncError::Parent {

@@ -94,6 +94,7 @@ pub async fn setup_control(
         control: control.clone(),
         auth,
         read_only: false,
+        gc_min_age: std::time::Duration::ZERO,
     });
     T {
         app,
