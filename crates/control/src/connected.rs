@@ -2134,6 +2134,22 @@ mod tests {
     }
 
     #[test]
+    fn next_scheduled_run() {
+        // Every minute: within a minute from now.
+        let d = time_until_next("* * * * *").unwrap();
+        assert!(d <= Duration::from_secs(60), "{d:?}");
+        // Daily: within a day.
+        let d = time_until_next("0 0 * * *").unwrap();
+        assert!(d <= Duration::from_secs(86_400), "{d:?}");
+        assert_eq!(time_until_next("not cron"), None);
+        assert_eq!(
+            time_until_next("0 0 30 2 *"),
+            None,
+            "February 30th never comes"
+        );
+    }
+
+    #[test]
     fn windows_with_fixed_clocks() {
         let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
         assert_eq!(
