@@ -184,6 +184,36 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         v["outboxDepth"], 0,
         "a ReadOnly site has nothing to send up"
     );
+    // And so do Prometheus metrics, at the root (the fleet) and at the site (its sync).
+    let metrics = |base: String| async move {
+        let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    let at_root = metrics(root.base()).await;
+    for line in [
+        "outpost_connected_registry_up{name=\"site-one\"} 1",
+        "outpost_connected_registry_cursor_lag_messages{name=\"site-one\"} 0",
+    ] {
+        assert!(at_root.lines().any(|l| l == line), "{line} in\n{at_root}");
+    }
+    assert!(
+        at_root.contains("outpost_http_requests_total{route=\"gateway\""),
+        "{at_root}"
+    );
+    let at_site = metrics(site.base()).await;
+    assert!(
+        at_site
+            .lines()
+            .any(|l| l == "outpost_sync_parent_connected 1"),
+        "{at_site}"
+    );
+    let last: i64 = at_site
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_sync_last_success_timestamp_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(last > 1_700_000_000, "{at_site}");
 
     // The root goes away: the site keeps serving and authenticating, also after a restart.
     drop(root);

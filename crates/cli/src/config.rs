@@ -50,6 +50,8 @@ pub struct Config {
     pub gc_min_age_secs: u64,
     /// Allow pulls without credentials.
     pub anonymous_pull: bool,
+    /// Serve Prometheus metrics at `/metrics` (no credentials; no repository or token names).
+    pub metrics_enabled: bool,
     /// Name of this registry in token challenges (the `service` of issued access tokens).
     pub service: String,
     /// Password of the `admin` token. Set on first start (otherwise one is generated and
@@ -112,6 +114,7 @@ impl Default for Config {
             gc_schedule: "0 0 * * *".into(),
             gc_min_age_secs: 24 * 3600,
             anonymous_pull: false,
+            metrics_enabled: true,
             service: "outpost".into(),
             admin_password: None,
             max_tokens: 20_000,

@@ -250,6 +250,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         },
         read_only,
         gc_min_age,
+        metrics_enabled: config.metrics_enabled,
     });
     match tls {
         Some(tls) => axum::serve(crate::tls::TlsListener::new(listener, tls)?, app)

@@ -1226,6 +1226,28 @@ impl Control {
 
     /// `list`: everything; `--no-children` alone: top level; `--parent P`: all descendants of
     /// P; both: P's direct children. Ordered as a depth-first walk of the tree.
+    /// Health of every connected registry below this node, for the metrics: name, whether it
+    /// is online or syncing, its last completed sync (Unix seconds), and the cursor lag and
+    /// outbox depth it last reported.
+    pub async fn fleet_health(
+        &self,
+    ) -> Result<Vec<(String, bool, Option<i64>, Option<i64>, Option<i64>)>> {
+        Ok(self
+            .list_connected_registries(None, false)
+            .await?
+            .into_iter()
+            .map(|v| {
+                let up = matches!(v.connection_state.as_str(), "Online" | "Syncing");
+                let last = v
+                    .last_sync_time
+                    .as_deref()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map(|t| t.as_second());
+                (v.name, up, last, v.cursor_lag, v.outbox_depth)
+            })
+            .collect())
+    }
+
     pub async fn list_connected_registries(
         &self,
         parent: Option<&str>,

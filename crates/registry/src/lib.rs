@@ -8,6 +8,7 @@
 
 mod cache;
 mod error;
+pub mod metrics;
 
 pub use cache::CachedManifest;
 
@@ -74,6 +75,7 @@ pub struct Registry {
     /// Held shared while a blob file is put in place or found and then linked, and exclusively
     /// while garbage collection deletes rows and files: a blob is never linked between the two.
     blob_gate: Arc<tokio::sync::RwLock<()>>,
+    metrics: metrics::Metrics,
 }
 
 /// What one garbage collection did (or, with `dry_run`, would do).
@@ -100,6 +102,7 @@ impl Registry {
             cache,
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             blob_gate: Arc::default(),
+            metrics: metrics::Metrics::new(),
         })
     }
 
@@ -109,6 +112,11 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// This node's Prometheus metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// A handle for sync: the changes it makes are marked as coming from the parent, so a
@@ -394,6 +402,12 @@ impl Registry {
                 report.bytes_freed += size;
                 report.orphan_files_removed += 1;
             }
+        }
+        if !dry_run {
+            self.metrics.gc(
+                report.blobs_removed + report.orphan_files_removed,
+                report.bytes_freed,
+            );
         }
         if report.blobs_removed + report.orphan_files_removed > 0 {
             tracing::info!(

@@ -36,6 +36,8 @@ pub struct AppState {
     pub read_only: bool,
     /// Garbage collection run through the API spares blobs younger than this.
     pub gc_min_age: std::time::Duration,
+    /// Whether `/metrics` answers.
+    pub metrics_enabled: bool,
 }
 
 pub type App = Arc<AppState>;
@@ -55,20 +57,84 @@ pub fn router(state: AppState) -> Router {
         .nest("/gateway/v1", gateway::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
-        .layer(middleware::from_fn(common))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(app.clone(), common))
         .with_state(app)
+}
+
+/// Prometheus metrics (OpenMetrics text), when enabled: no credentials, no repository or
+/// token names; the connected registries below this node by name.
+async fn metrics(axum::extract::State(app): axum::extract::State<App>) -> Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    if !app.metrics_enabled {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are disabled on this registry (metrics_enabled = false)\n",
+        )
+            .into_response();
+    }
+    let m = app.registry.metrics();
+    match app.control.fleet_health().await {
+        Ok(fleet) => m.set_fleet(
+            &fleet
+                .into_iter()
+                .map(|(name, up, last_sync_unix, cursor_lag, outbox_depth)| {
+                    outpost_registry::metrics::FleetMember {
+                        name,
+                        up,
+                        last_sync_unix,
+                        cursor_lag,
+                        outbox_depth,
+                    }
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => tracing::warn!(error = %e, "metrics: could not read the connected registries"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 
-/// Adds `Docker-Distribution-API-Version` to every response and logs each request.
-async fn common(req: Request, next: Next) -> Response {
+/// Adds `Docker-Distribution-API-Version` to every response, counts each request in the
+/// metrics and logs it.
+async fn common(
+    axum::extract::State(app): axum::extract::State<App>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use axum::body::HttpBody as _;
+    use outpost_registry::metrics::{Method, Route};
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let route = Route::of(req.uri().path());
+    let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
+    let request_bytes = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let start = Instant::now();
     let mut resp = next.run(req).await;
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
-    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "request");
+    let took = start.elapsed();
+    app.registry.metrics().request(
+        route,
+        Method::of(method.as_str()),
+        resp.status().as_u16(),
+        took,
+        request_bytes,
+        resp.body().size_hint().exact(),
+    );
+    if let Some(path) = path {
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = took.as_secs_f64() * 1e3, "request");
+    }
     resp
 }

@@ -808,6 +808,9 @@ impl Child {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                    self.registry
+                        .metrics()
+                        .sync_failed(!matches!(e, SyncError::Unreachable { .. }));
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(StatusDetail {
                             kind: "Sync".into(),
@@ -840,6 +843,7 @@ impl Child {
     async fn report(&self, state: &str, synced: bool) -> Result<()> {
         let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let outbox_depth = self.outbox_depth().await;
+        let metrics = self.registry.metrics().clone();
         let mut details: Vec<StatusDetail> = self
             .last_error
             .lock()
@@ -860,7 +864,9 @@ impl Child {
                 cursor_lag: lag,
                 outbox_depth,
             })
-            .await
+            .await?;
+        metrics.sync_reported(synced, lag, outbox_depth);
+        Ok(())
     }
 
     async fn iteration(&self) -> Result<()> {

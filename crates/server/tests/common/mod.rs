@@ -95,6 +95,7 @@ pub async fn setup_control(
         auth,
         read_only: false,
         gc_min_age: std::time::Duration::ZERO,
+        metrics_enabled: true,
     });
     T {
         app,

@@ -1,0 +1,436 @@
+//! Prometheus metrics of one node. Every part records into the [`Metrics`] its [`Registry`]
+//! carries: the server the requests it answers, garbage collection its runs, sync (on a
+//! connected registry) its connection, lag and outbox; the server renders them, with the
+//! health of the connected registries below this node, at `/metrics` in the OpenMetrics text
+//! format.
+//!
+//! `prometheus-client` rather than the `metrics` facade: an explicit registry passed where it
+//! is needed, typed label sets with no allocation per request, and no recorder to install or
+//! upkeep task to run. Labels never carry repository or token names (unbounded, and not for
+//! an unauthenticated endpoint); connected-registry names appear only in the fleet gauges.
+//!
+//! [`Registry`]: crate::Registry
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use std::time::Duration;
+
+/// What kind of request an HTTP request was, by its path (a bounded set).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users write them
+pub enum Route {
+    base,
+    manifest,
+    blob,
+    upload,
+    tags,
+    catalog,
+    referrers,
+    token,
+    api,
+    gateway,
+    probe,
+    metrics,
+    other,
+}
+
+impl Route {
+    /// Classifies a request path.
+    pub fn of(path: &str) -> Route {
+        if let Some(rest) = path.strip_prefix("/v2/") {
+            if rest.is_empty() {
+                Route::base
+            } else if rest == "_catalog" {
+                Route::catalog
+            } else if rest.contains("/blobs/uploads") {
+                Route::upload
+            } else if rest.contains("/blobs/") {
+                Route::blob
+            } else if rest.contains("/manifests/") {
+                Route::manifest
+            } else if rest.ends_with("/tags/list") {
+                Route::tags
+            } else if rest.contains("/referrers/") {
+                Route::referrers
+            } else {
+                Route::other
+            }
+        } else if path == "/v2" {
+            Route::base
+        } else if path.starts_with("/api/") {
+            Route::api
+        } else if path.starts_with("/gateway/") {
+            Route::gateway
+        } else if path.starts_with("/token") || path.starts_with("/oauth2/") {
+            Route::token
+        } else if path == "/healthz" || path == "/readyz" {
+            Route::probe
+        } else if path == "/metrics" {
+            Route::metrics
+        } else {
+            Route::other
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Method {
+    GET,
+    HEAD,
+    PUT,
+    POST,
+    PATCH,
+    DELETE,
+    OTHER,
+}
+
+impl Method {
+    pub fn of(m: &str) -> Method {
+        match m {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            "PUT" => Method::PUT,
+            "POST" => Method::POST,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
+            _ => Method::OTHER,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: Route,
+    method: Method,
+    code: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: Route,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetLabels {
+    name: String,
+}
+
+/// One connected registry below this node, as the fleet gauges show it.
+#[derive(Debug, Clone, Default)]
+pub struct FleetMember {
+    pub name: String,
+    /// Online or syncing (not offline, unhealthy or inactive).
+    pub up: bool,
+    pub last_sync_unix: Option<i64>,
+    pub cursor_lag: Option<i64>,
+    pub outbox_depth: Option<i64>,
+}
+
+/// The node's metrics. Cheap to clone (every field is shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    request_bytes: Family<RouteLabels, Counter>,
+    response_bytes: Family<RouteLabels, Counter>,
+    gc_runs: Counter,
+    gc_blobs: Counter,
+    gc_bytes: Counter,
+    gc_last: Gauge,
+    sync_connected: Gauge,
+    sync_last_success: Gauge,
+    sync_lag: Gauge,
+    sync_outbox: Gauge,
+    sync_failures: Counter,
+    fleet_up: Family<FleetLabels, Gauge>,
+    fleet_last_sync: Family<FleetLabels, Gauge>,
+    fleet_lag: Family<FleetLabels, Gauge>,
+    fleet_outbox: Family<FleetLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = prometheus_client::registry::Registry::with_prefix("outpost");
+        let m = Metrics {
+            registry: std::sync::Arc::default(),
+            requests: Family::default(),
+            // 0.5 ms … ~131 s, ×4 a step.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 4.0, 10))
+            }),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            gc_runs: Counter::default(),
+            gc_blobs: Counter::default(),
+            gc_bytes: Counter::default(),
+            gc_last: Gauge::default(),
+            sync_connected: Gauge::default(),
+            sync_last_success: Gauge::default(),
+            sync_lag: Gauge::default(),
+            sync_outbox: Gauge::default(),
+            sync_failures: Counter::default(),
+            fleet_up: Family::default(),
+            fleet_last_sync: Family::default(),
+            fleet_lag: Family::default(),
+            fleet_outbox: Family::default(),
+        };
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status code",
+            m.requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to the response headers, by route (a blob's body streams after)",
+            m.duration.clone(),
+        );
+        r.register(
+            "http_request_body_bytes",
+            "Bytes of request bodies with a declared length, by route",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "http_response_body_bytes",
+            "Bytes of response bodies of known length, by route",
+            m.response_bytes.clone(),
+        );
+        r.register("gc_runs", "Garbage collections run", m.gc_runs.clone());
+        r.register(
+            "gc_blobs_removed",
+            "Blobs removed by garbage collection (with orphaned files)",
+            m.gc_blobs.clone(),
+        );
+        r.register(
+            "gc_freed_bytes",
+            "Bytes freed by garbage collection",
+            m.gc_bytes.clone(),
+        );
+        r.register(
+            "gc_last_run_timestamp_seconds",
+            "When garbage collection last finished (Unix time)",
+            m.gc_last.clone(),
+        );
+        r.register(
+            "sync_parent_connected",
+            "1 while this connected registry's last exchange with its parent succeeded",
+            m.sync_connected.clone(),
+        );
+        r.register(
+            "sync_last_success_timestamp_seconds",
+            "When this connected registry last completed a sync (Unix time)",
+            m.sync_last_success.clone(),
+        );
+        r.register(
+            "sync_cursor_lag_messages",
+            "Messages of the parent's feed this connected registry has yet to apply",
+            m.sync_lag.clone(),
+        );
+        r.register(
+            "sync_outbox_depth",
+            "Local changes this ReadWrite connected registry has yet to send up",
+            m.sync_outbox.clone(),
+        );
+        r.register(
+            "sync_failures",
+            "Sync iterations that failed",
+            m.sync_failures.clone(),
+        );
+        r.register(
+            "connected_registry_up",
+            "1 if a connected registry below this node is online or syncing",
+            m.fleet_up.clone(),
+        );
+        r.register(
+            "connected_registry_last_sync_timestamp_seconds",
+            "When a connected registry below this node last reported a completed sync (Unix time)",
+            m.fleet_last_sync.clone(),
+        );
+        r.register(
+            "connected_registry_cursor_lag_messages",
+            "Messages a connected registry below this node had yet to apply, as it reported",
+            m.fleet_lag.clone(),
+        );
+        r.register(
+            "connected_registry_outbox_depth",
+            "Local changes a connected registry below this node had yet to send up, as it reported",
+            m.fleet_outbox.clone(),
+        );
+        Metrics {
+            registry: std::sync::Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(
+        &self,
+        route: Route,
+        method: Method,
+        code: u16,
+        took: Duration,
+        request_bytes: Option<u64>,
+        response_bytes: Option<u64>,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                code: u64::from(code),
+            })
+            .inc();
+        let l = RouteLabels { route };
+        self.duration.get_or_create(&l).observe(took.as_secs_f64());
+        if let Some(n) = request_bytes.filter(|n| *n > 0) {
+            self.request_bytes.get_or_create(&l).inc_by(n);
+        }
+        if let Some(n) = response_bytes.filter(|n| *n > 0) {
+            self.response_bytes.get_or_create(&l).inc_by(n);
+        }
+    }
+
+    pub(crate) fn gc(&self, blobs: u64, bytes: u64) {
+        self.gc_runs.inc();
+        self.gc_blobs.inc_by(blobs);
+        self.gc_bytes.inc_by(bytes);
+        self.gc_last.set(unix_now());
+    }
+
+    /// A connected registry's exchange with its parent: `synced` after a completed sync.
+    pub fn sync_reported(&self, synced: bool, lag: Option<i64>, outbox: Option<i64>) {
+        self.sync_connected.set(1);
+        if synced {
+            self.sync_last_success.set(unix_now());
+        }
+        if let Some(l) = lag {
+            self.sync_lag.set(l);
+        }
+        if let Some(o) = outbox {
+            self.sync_outbox.set(o);
+        }
+    }
+
+    /// A failed sync iteration; `reached` says whether the parent answered at all.
+    pub fn sync_failed(&self, reached: bool) {
+        self.sync_failures.inc();
+        if !reached {
+            self.sync_connected.set(0);
+        }
+    }
+
+    /// Replaces the fleet gauges with the connected registries below this node.
+    pub fn set_fleet(&self, members: &[FleetMember]) {
+        for f in [
+            &self.fleet_up,
+            &self.fleet_last_sync,
+            &self.fleet_lag,
+            &self.fleet_outbox,
+        ] {
+            f.clear();
+        }
+        for m in members {
+            let l = FleetLabels {
+                name: m.name.clone(),
+            };
+            self.fleet_up.get_or_create(&l).set(i64::from(m.up));
+            if let Some(t) = m.last_sync_unix {
+                self.fleet_last_sync.get_or_create(&l).set(t);
+            }
+            if let Some(v) = m.cursor_lag {
+                self.fleet_lag.get_or_create(&l).set(v);
+            }
+            if let Some(v) = m.outbox_depth {
+                self.fleet_outbox.get_or_create(&l).set(v);
+            }
+        }
+    }
+
+    /// The OpenMetrics text exposition of everything recorded.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "could not encode the metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_classified_by_path() {
+        for (p, r) in [
+            ("/v2/", Route::base),
+            ("/v2/_catalog", Route::catalog),
+            ("/v2/a/b/blobs/uploads/", Route::upload),
+            ("/v2/a/blobs/uploads/123-abc", Route::upload),
+            ("/v2/a/blobs/sha256:00", Route::blob),
+            ("/v2/a/manifests/latest", Route::manifest),
+            ("/v2/team/app/tags/list", Route::tags),
+            ("/v2/app/referrers/sha256:00", Route::referrers),
+            ("/api/v1/tokens", Route::api),
+            ("/gateway/v1/site/messages", Route::gateway),
+            ("/token", Route::token),
+            ("/healthz", Route::probe),
+            ("/metrics", Route::metrics),
+            ("/favicon.ico", Route::other),
+        ] {
+            assert_eq!(Route::of(p), r, "{p}");
+        }
+    }
+
+    #[test]
+    fn renders_what_was_recorded() {
+        let m = Metrics::new();
+        m.request(
+            Route::manifest,
+            Method::GET,
+            200,
+            Duration::from_millis(3),
+            None,
+            Some(512),
+        );
+        m.gc(2, 4096);
+        m.set_fleet(&[FleetMember {
+            name: "ship-01".into(),
+            up: true,
+            last_sync_unix: Some(1_800_000_000),
+            cursor_lag: Some(3),
+            outbox_depth: None,
+        }]);
+        let text = m.render();
+        for line in [
+            "outpost_http_requests_total{route=\"manifest\",method=\"GET\",code=\"200\"} 1",
+            "outpost_http_response_body_bytes_total{route=\"manifest\"} 512",
+            "outpost_gc_freed_bytes_total 4096",
+            "outpost_connected_registry_up{name=\"ship-01\"} 1",
+            "outpost_connected_registry_cursor_lag_messages{name=\"ship-01\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        // A registry that left the fleet leaves the gauges.
+        m.set_fleet(&[]);
+        assert!(!m.render().contains("ship-01"));
+    }
+}
