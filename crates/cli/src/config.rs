@@ -64,6 +64,11 @@ pub struct Config {
     pub max_scope_maps: u64,
     /// Most repositories one scope map may name.
     pub max_repository_rules: u64,
+    /// How local clients and child registries reach this node (`host[:port]`), reported to
+    /// the parent for the connection strings of children (also `ACR_REGISTRY_LOGIN_SERVER`).
+    /// Unset: the listen address, unless that is a wildcard such as `0.0.0.0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_server: Option<String>,
     /// Run as a connected registry following the parent this names (also
     /// `ACR_REGISTRY_CONNECTION_STRING`). Never printed by `outpost config`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +125,7 @@ impl Default for Config {
             max_tokens: 20_000,
             max_scope_maps: 20_000,
             max_repository_rules: 500,
+            login_server: None,
             connection_string: None,
             sync_poll_secs: 25,
             sync_read_timeout_secs: 60,
@@ -192,6 +198,11 @@ impl Config {
             || file
                 .as_ref()
                 .is_some_and(|p| Figment::from(Toml::file(p)).find_value("log_level").is_ok());
+        if config.login_server.is_none() {
+            config.login_server = std::env::var("ACR_REGISTRY_LOGIN_SERVER")
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
         if config.connection_string.is_none() {
             config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")
                 .ok()

@@ -452,22 +452,22 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                     yes,
                 )?;
             }
-            let endpoint = parent_endpoint.unwrap_or_else(|| {
-                conn.registry
-                    .trim_start_matches("http://")
-                    .trim_start_matches("https://")
-                    .trim_end_matches('/')
-                    .to_string()
-            });
-            let body = json!({
+            let mut body = json!({
                 "parentProtocol": parent_protocol,
                 "generatePassword": generate_password.map(|g| g.parse::<u8>().unwrap_or(0)),
-                "parentEndpoint": endpoint,
             });
+            if let Some(e) = &parent_endpoint {
+                body["parentEndpoint"] = json!(e);
+            }
             let v = c
                 .call(Method::POST, &path(&name, "/get-settings"), Some(body))
                 .await?
                 .unwrap_or_default();
+            if let Some(why) = unreachable_endpoint(&s(&v["ACR_REGISTRY_CONNECTION_STRING"])) {
+                eprintln!(
+                    "warning: the connection string's ParentGatewayEndpoint {why}; pass --parent-endpoint <host[:port]> with the address the instance reaches its parent at"
+                );
+            }
             match conn.output {
                 Output::Json => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
@@ -533,4 +533,54 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// Why a connection string's parent endpoint cannot work from another machine, if it cannot:
+/// a placeholder, a loopback address or a wildcard listen address.
+fn unreachable_endpoint(connection_string: &str) -> Option<String> {
+    let endpoint = connection_string
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("ParentGatewayEndpoint="))?;
+    if endpoint.starts_with('<') {
+        return Some("is not known yet (the parent has not reported its address)".into());
+    }
+    let host = match endpoint.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => endpoint,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" {
+        return Some(format!("is {endpoint}, a loopback address"));
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Some(format!("is {endpoint}, a loopback address")),
+        Ok(ip) if ip.is_unspecified() => Some(format!("is {endpoint}, a wildcard listen address")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_other_machines_cannot_reach_are_named() {
+        let cs = |e: &str| {
+            format!(
+                "ConnectedRegistryName=a;SyncTokenName=b;SyncTokenPassword=c;ParentGatewayEndpoint={e};ParentEndpointProtocol=https"
+            )
+        };
+        for e in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "0.0.0.0:5000",
+            "<parent gateway endpoint>",
+        ] {
+            assert!(unreachable_endpoint(&cs(e)).is_some(), "{e}");
+        }
+        for e in ["registry.example:5000", "10.1.2.3:5000", "registry.example"] {
+            assert_eq!(unreachable_endpoint(&cs(e)), None, "{e}");
+        }
+    }
 }

@@ -200,7 +200,15 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
                 outpost_sync::ChildOptions {
                     connection_string: cs,
                     data_dir: config.data_dir.clone(),
-                    login_server: addr.to_string(),
+                    // A wildcard listen address reaches no one: then only an explicit
+                    // login_server is reported.
+                    login_server: config.login_server.clone().unwrap_or_else(|| {
+                        if addr.ip().is_unspecified() {
+                            String::new()
+                        } else {
+                            addr.to_string()
+                        }
+                    }),
                     poll_wait: Duration::from_secs(config.sync_poll_secs),
                     parent_ca: parent_ca.clone(),
                     read_timeout: Duration::from_secs(config.sync_read_timeout_secs),

@@ -1637,6 +1637,7 @@ impl Control {
         protocol: &str,
         generate_password: Option<u8>,
         root_endpoint: &str,
+        explicit_endpoint: Option<&str>,
     ) -> Result<Settings> {
         if protocol != "http" && protocol != "https" {
             return Err(ControlError::Invalid(format!(
@@ -1644,9 +1645,10 @@ impl Control {
             )));
         }
         let row = self.registry_row(name).await?;
-        let endpoint = match &row.parent {
-            None => root_endpoint.to_string(),
-            Some(p) => self
+        let endpoint = match (explicit_endpoint, &row.parent) {
+            (Some(e), _) => e.to_string(),
+            (None, None) => root_endpoint.to_string(),
+            (None, Some(p)) => self
                 .meta
                 .connected_registry(p)
                 .await?

@@ -494,7 +494,9 @@ async fn resync_cr(
 struct SettingsRequest {
     parent_protocol: String,
     generate_password: Option<u8>,
-    /// How the instance reaches this root (`host[:port]`); defaults to the request's Host.
+    /// How the instance reaches its parent (`host[:port]`). Default: for a registry under
+    /// this root, the request's Host; for one under another connected registry, the address
+    /// that registry reports.
     parent_endpoint: Option<String>,
 }
 
@@ -511,14 +513,14 @@ async fn settings_cr(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("<parent gateway endpoint>")
         .to_string();
-    let endpoint = req.parent_endpoint.unwrap_or(host);
     let v = app
         .control
         .connected_registry_settings(
             &name,
             &req.parent_protocol,
             req.generate_password,
-            &endpoint,
+            &host,
+            req.parent_endpoint.as_deref(),
         )
         .await?;
     Ok(json(StatusCode::OK, &v))

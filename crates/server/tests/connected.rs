@@ -1453,3 +1453,72 @@ async fn the_number_of_connected_registries_is_limited() {
         "nothing of it was made"
     );
 }
+
+#[tokio::test]
+async fn get_settings_uses_the_parents_reported_address_unless_told_otherwise() {
+    let t = setup().await;
+    let hub = registry_with_sync_password(&t, "hub-0001", json!(["app"]), json!({})).await;
+    let r = create(
+        &t,
+        json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["app"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+    let endpoint = |body: Value| {
+        let t = &t;
+        async move {
+            let r = post(
+                t,
+                "/api/v1/connected-registries/leaf-0001/get-settings",
+                body,
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+            // Without a generated password the string holds a placeholder; read the field.
+            r.json()["ACR_REGISTRY_CONNECTION_STRING"]
+                .as_str()
+                .unwrap()
+                .split(';')
+                .find_map(|kv| kv.strip_prefix("ParentGatewayEndpoint="))
+                .unwrap()
+                .to_string()
+        }
+    };
+    // The hub has not reported where it listens: a placeholder, not this root's address.
+    assert_eq!(
+        endpoint(json!({"parentProtocol": "http"})).await,
+        "<parent gateway endpoint>"
+    );
+    // An explicit endpoint wins, for a registry under another one too.
+    assert_eq!(
+        endpoint(json!({"parentProtocol": "http", "parentEndpoint": "hub.ship.example:5000"}))
+            .await,
+        "hub.ship.example:5000"
+    );
+    // Once the hub reports its address, that is the default.
+    let r = t
+        .req_as(
+            Some(&hub),
+            Method::POST,
+            "/gateway/v1/hub-0001/activate",
+            &[],
+            json!({"instanceId": "hub-a"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let r = t
+        .req_as(
+            Some(&hub),
+            Method::PUT,
+            "/gateway/v1/hub-0001/status",
+            &[],
+            json!({"instanceId": "hub-a", "state": "Online", "loginServer": "10.0.0.5:5000"})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    assert_eq!(
+        endpoint(json!({"parentProtocol": "http"})).await,
+        "10.0.0.5:5000"
+    );
+}

@@ -860,7 +860,7 @@ impl Child {
                 last_sync_result: synced.then(|| "Succeeded".into()),
                 status_details: Some(details),
                 version: Some(env!("CARGO_PKG_VERSION").into()),
-                login_server: Some(self.login_server.clone()),
+                login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
                 cursor_lag: lag,
                 outbox_depth,
             })
