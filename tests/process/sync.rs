@@ -1132,6 +1132,47 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
         tag_digest(&site_admin, &s, "later", "v1").await.as_deref() == Some(later.as_str())
     })
     .await;
+
+    // Added while stopped, with the saved configuration damaged (it is what the restart
+    // compares with): the site reconciles everything in scope instead of missing it.
+    let last = push_image(&admin, &r, "last", "v1", "added to a damaged site").await;
+    site.terminate();
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-grow",
+            "--add",
+            "last",
+        ],
+    );
+    std::fs::write(site_dir.path().join("sync/config.json"), "{\"name\": tru").unwrap();
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("last:v1 arrives despite the damaged state", || async {
+        tag_digest(&site_admin, &s, "last", "v1").await.as_deref() == Some(last.as_str())
+    })
+    .await;
+    site.terminate();
+    // With the parent gone as well, the start fails naming the file, not the parent alone.
+    std::fs::write(site_dir.path().join("sync/config.json"), "").unwrap();
+    drop(root);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(site_dir.path())
+        .env("OUTPOST_CONNECTION_STRING", &cs)
+        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.json") && err.contains("unreadable"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

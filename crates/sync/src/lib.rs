@@ -384,9 +384,38 @@ fn add_backfill(dir: &Path, old: &SyncConfig, new: &SyncConfig) -> Result<()> {
 
 /// Repository patterns added to the scope whose content is still to fetch.
 fn backfill(dir: &Path) -> Result<Vec<String>> {
-    Ok(read_state(&dir.join("backfill.json"))?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default())
+    let path = dir.join("backfill.json");
+    match read_state(&path)? {
+        None => Ok(Vec::new()),
+        Some(s) => match serde_json::from_str(&s) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // What it listed is lost: reconciling everything in scope fetches it too.
+                tracing::warn!(path = %path.display(), error = %e, "the list of repositories to backfill is unreadable; reconciling every repository in scope instead");
+                forget_cursor(dir)?;
+                clear_backfill(dir)?;
+                Ok(Vec::new())
+            }
+        },
+    }
+}
+
+/// Drops the message cursor, so the next iteration reconciles every repository in scope.
+fn forget_cursor(dir: &Path) -> Result<()> {
+    let path = dir.join("cursor");
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(state_err(&path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// [`write_state`] unless the file already holds `data`: a restart on a full disk must not
+/// fail for rewriting what is there.
+fn write_state_if_changed(path: &Path, data: &str) -> Result<()> {
+    if read_state(path).ok().flatten().as_deref() == Some(data) {
+        return Ok(());
+    }
+    write_state(path, data)
 }
 
 fn clear_backfill(dir: &Path) -> Result<()> {
@@ -522,33 +551,67 @@ pub async fn start(
         opts.parent_ca.as_ref(),
         opts.read_timeout,
     )?;
-    let saved: Option<SyncConfig> =
-        read_state(&dir.join("config.json"))?.and_then(|s| serde_json::from_str(&s).ok());
+    let config_path = dir.join("config.json");
+    let mut damaged = None;
+    let saved: Option<SyncConfig> = match read_state(&config_path)? {
+        None => None,
+        Some(s) => match serde_json::from_str(&s) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Without it, scope added while this instance was stopped cannot be told
+                // apart: reconcile everything in scope instead.
+                tracing::warn!(path = %config_path.display(), error = %e, "the saved configuration is unreadable; reconciling every repository in scope with the parent");
+                forget_cursor(&dir)?;
+                damaged = Some(e.to_string());
+                None
+            }
+        },
+    };
     let config = match parent.activate(&instance_id).await {
         Ok(()) => {
             let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
                 SyncError::Protocol("the parent answered 304 to an unconditional request".into())
             })?;
             // Scope added while this instance was stopped (a first start reconciles anyway).
-            if let Some(saved) = &saved {
-                add_backfill(&dir, saved, &cfg)?;
+            if let Some(saved) = &saved
+                && let Err(e) = add_backfill(&dir, saved, &cfg)
+            {
+                tracing::warn!(error = %e, "cannot record the repositories added to the scope; reconciling every repository in scope instead");
+                forget_cursor(&dir)?;
             }
-            write_state(
-                &dir.join("config.json"),
+            // Unchanged files are not rewritten, and a failure (a full disk) does not keep
+            // the site from serving: the run loop retries and reports it to the parent.
+            let keep = write_state_if_changed(
+                &config_path,
                 &serde_json::to_string(&cfg).unwrap_or_default(),
-            )?;
-            if let Some(e) = &etag {
-                write_state(&dir.join("etag"), e)?;
+            )
+            .and_then(|()| match &etag {
+                Some(e) => write_state_if_changed(&dir.join("etag"), e),
+                None => Ok(()),
+            });
+            if let Err(e) = keep {
+                tracing::warn!(error = %e, "cannot save the parent's configuration; serving with it and retrying");
             }
             tracing::info!(parent = parent.base(), name = %cfg.name, mode = %cfg.mode, "activated at the parent");
             cfg
         }
-        Err(e @ SyncError::Unreachable { .. }) => match saved {
-            Some(cfg) => {
+        Err(e @ SyncError::Unreachable { .. }) => match (saved, damaged) {
+            (Some(cfg), _) => {
                 tracing::warn!(error = %e, "parent unreachable; serving what is here and retrying in the background");
                 cfg
             }
-            None => return Err(e),
+            (None, Some(why)) => {
+                return Err(SyncError::State {
+                    path: config_path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the saved configuration is unreadable ({why}) and the parent cannot be reached to fetch it again ({e}); restore the file or start once the parent is reachable"
+                        ),
+                    ),
+                });
+            }
+            (None, None) => return Err(e),
         },
         Err(e) => return Err(e),
     };
