@@ -11,7 +11,7 @@ use sha2::Digest as _;
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
-use support::Outpost;
+use support::{ADMIN_PASSWORD, Outpost, client_as, push_blob, push_image};
 
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
@@ -944,5 +944,64 @@ async fn a_chunk_at_the_wrong_offset_gets_its_416_not_a_reset() {
     assert!(
         text.contains("\r\nrange: 0-0\r\n"),
         "the upload's Range: {text}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_and_garbage_collection_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let base = o.base();
+    let base = base.as_str();
+    push_image(&admin, base, "team/app", "1.4", "ready").await;
+
+    let (ok, out, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app:1.4"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.lines().nth(2).unwrap().trim_end().ends_with("yes"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app:1.5"]);
+    assert!(!ok);
+    assert!(err.contains("1.5"), "{err}");
+    let (ok, _, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app"]);
+    assert!(!ok && err.contains("no tag or digest"), "{err}");
+
+    // A blob pushed and never used: a dry run reports it, a run with no age limit removes it.
+    push_blob(&admin, base, "team/app", b"never referenced").await;
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        ADMIN_PASSWORD,
+        &["gc", "--dry-run", "--min-age-secs", "0", "-o", "json"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["dryRun"].clone(), v["blobsRemoved"].clone()),
+        (true.into(), 1.into())
+    );
+    let (ok, out, err) = cli(&o, "admin", ADMIN_PASSWORD, &["gc", "--min-age-secs", "0"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("BLOBS REMOVED"), "{out}");
+    let (ok, out, _) = cli(
+        &o,
+        "admin",
+        ADMIN_PASSWORD,
+        &["readiness", "team/app:1.4", "-o", "json"],
+    );
+    assert!(ok, "the image's own blobs stay: {out}");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "outpost_gc_blobs_removed_total 1"),
+        "{metrics}"
     );
 }

@@ -45,6 +45,8 @@ enum Command {
     ConnectedRegistry(connected::ConnectedRegistryCmd),
     /// Run garbage collection now: delete blobs that no manifest references.
     Gc(manage::GcArgs),
+    /// Is everything an image needs here (every platform, every blob)? Exits 1 if not.
+    Readiness(manage::ReadinessArgs),
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -75,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),
         Command::ConnectedRegistry(cmd) => block_on(connected::run(&cli.conn, cmd)),
         Command::Gc(args) => block_on(manage::gc(&cli.conn, args)),
+        Command::Readiness(args) => block_on(manage::readiness(&cli.conn, args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -563,3 +563,145 @@ pub async fn gc(conn: &Connection, args: GcArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `outpost readiness <repository>:<tag>` (or `@<digest>`).
+#[derive(clap::Args, Debug)]
+pub struct ReadinessArgs {
+    /// The image, e.g. `app:1.4` or `team/app@sha256:…`
+    image: String,
+    /// Keep asking until it is ready, for at most this many seconds
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
+}
+
+/// Splits `repo:tag` or `repo@digest` (a `:` before the last `/` is a registry port, and
+/// not allowed in a repository name here anyway).
+fn split_image(image: &str) -> anyhow::Result<(String, String)> {
+    if let Some((repo, digest)) = image.split_once('@') {
+        return Ok((repo.to_string(), digest.to_string()));
+    }
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(i) => Ok((
+            image[..slash + i].to_string(),
+            image[slash + i + 1..].to_string(),
+        )),
+        None => bail!(
+            "{image:?} names no tag or digest: write <repository>:<tag> or <repository>@<digest>"
+        ),
+    }
+}
+
+pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result<()> {
+    let client = Client::new(conn)?;
+    let (repo, reference) = split_image(&args.image)?;
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let path = format!(
+        "/readiness?repository={}&reference={}",
+        enc(&repo),
+        enc(&reference)
+    );
+    let deadline = args
+        .wait
+        .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
+    let v = loop {
+        let v = client
+            .call(Method::GET, &path, None)
+            .await?
+            .unwrap_or_default();
+        let ready = v["ready"].as_bool().unwrap_or(false);
+        match deadline {
+            Some(d) if !ready && std::time::Instant::now() < d => {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            _ => break v,
+        }
+    };
+    let ready = v["ready"].as_bool().unwrap_or(false);
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0).to_string();
+        let platforms: Vec<&str> = v["platforms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
+        print_rows(
+            conn.output,
+            &[
+                "IMAGE",
+                "DIGEST",
+                "PLATFORMS",
+                "MANIFESTS",
+                "BLOBS",
+                "BYTES",
+                "READY",
+            ],
+            &[vec![
+                args.image.clone(),
+                v["digest"].as_str().unwrap_or("").to_string(),
+                if platforms.is_empty() {
+                    "-".into()
+                } else {
+                    platforms.join(",")
+                },
+                n("manifests"),
+                n("blobs"),
+                n("bytes"),
+                if ready { "yes" } else { "no" }.into(),
+            ]],
+        );
+        let missing: Vec<Vec<String>> = v["missing"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                vec![
+                    m["kind"].as_str().unwrap_or("").to_string(),
+                    m["digest"].as_str().unwrap_or("").to_string(),
+                    m["platform"].as_str().unwrap_or("-").to_string(),
+                ]
+            })
+            .collect();
+        if !missing.is_empty() && conn.output == Output::Table {
+            println!();
+            print_rows(conn.output, &["MISSING", "DIGEST", "PLATFORM"], &missing);
+        }
+    }
+    if !ready {
+        let count = v["missing"].as_array().map_or(0, |m| m.len());
+        bail!(
+            "{} is not ready here: {count} manifest(s) or blob(s) missing",
+            args.image
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::split_image;
+
+    #[test]
+    fn images_split_into_repository_and_reference() {
+        let ok = |s: &str| split_image(s).unwrap();
+        assert_eq!(ok("app:1.4"), ("app".into(), "1.4".into()));
+        assert_eq!(ok("team/app:latest"), ("team/app".into(), "latest".into()));
+        assert_eq!(
+            ok("team/app@sha256:abc"),
+            ("team/app".into(), "sha256:abc".into())
+        );
+        assert!(split_image("team/app").is_err());
+    }
+}

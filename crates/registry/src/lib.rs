@@ -78,6 +78,42 @@ pub struct Registry {
     metrics: metrics::Metrics,
 }
 
+/// Whether an image (or index) is complete on this node: [`Registry::readiness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The manifest the reference resolved to.
+    pub digest: Digest,
+    /// Platforms an index names (`os/architecture[/variant]`); empty for a single image.
+    pub platforms: Vec<String>,
+    /// Manifests and distinct blobs it needs, and the blobs' total size.
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+    /// What is not here.
+    pub missing: Vec<Missing>,
+}
+
+/// A manifest or blob an image needs that this node does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    pub digest: Digest,
+    /// `manifest` or `blob`.
+    pub kind: &'static str,
+    /// The platform that needs it, below an index.
+    pub platform: Option<String>,
+}
+
+/// `os/architecture[/variant]` of an index entry's platform.
+fn platform_name(p: &serde_json::Value) -> String {
+    let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let mut s = format!("{}/{}", field("os"), field("architecture"));
+    if !field("variant").is_empty() {
+        s.push('/');
+        s.push_str(field("variant"));
+    }
+    s
+}
+
 /// What one garbage collection did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -332,6 +368,81 @@ impl Registry {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }
         Ok(n)
+    }
+
+    // ---- readiness --------------------------------------------------------------------------
+
+    /// Whether everything `reference` needs is here: for an index, every child manifest it
+    /// lists (every platform) and, below each, the config and layers; each blob linked to the
+    /// repository and its file present. A site answers "can `app:1.4` run here offline?".
+    pub async fn readiness(&self, repo: &RepoName, reference: &Reference) -> Result<Readiness> {
+        let top = self.get_manifest(repo, reference).await?;
+        let mut out = Readiness {
+            digest: top.digest.clone(),
+            platforms: Vec::new(),
+            manifests: 0,
+            blobs: 0,
+            bytes: 0,
+            missing: Vec::new(),
+        };
+        let mut seen_manifests = std::collections::HashSet::new();
+        let mut seen_blobs = std::collections::HashSet::new();
+        // (manifest bytes and type, its digest, the platform it serves)
+        let mut todo = vec![(top.content, top.media_type, top.digest, None::<String>)];
+        while let Some((content, media_type, digest, platform)) = todo.pop() {
+            if !seen_manifests.insert(digest.clone()) {
+                continue;
+            }
+            out.manifests += 1;
+            let m = Manifest::parse(&content, Some(&media_type))?;
+            if let Some(p) = &platform
+                && !out.platforms.contains(p)
+            {
+                out.platforms.push(p.clone());
+            }
+            for child in m.required_manifests() {
+                let platform = child
+                    .platform
+                    .as_ref()
+                    .map(platform_name)
+                    .or(platform.clone());
+                match self
+                    .meta
+                    .manifest_by_digest(repo.as_str(), &child.digest)
+                    .await?
+                {
+                    Some(c) => {
+                        todo.push((Bytes::from(c.content), c.media_type, c.digest, platform))
+                    }
+                    None => out.missing.push(Missing {
+                        digest: child.digest.clone(),
+                        kind: "manifest",
+                        platform,
+                    }),
+                }
+            }
+            for blob in m.required_blobs() {
+                if !seen_blobs.insert(blob.digest.clone()) {
+                    continue;
+                }
+                out.blobs += 1;
+                out.bytes += blob.size;
+                let linked = self.meta.linked_blob(repo.as_str(), &blob.digest).await?;
+                let stored = match linked {
+                    Some(_) => self.storage.blob_size(&blob.digest).await?.is_some(),
+                    None => false,
+                };
+                if !stored {
+                    out.missing.push(Missing {
+                        digest: blob.digest.clone(),
+                        kind: "blob",
+                        platform: platform.clone(),
+                    });
+                }
+            }
+        }
+        out.platforms.sort();
+        Ok(out)
     }
 
     // ---- garbage collection ---------------------------------------------------------------

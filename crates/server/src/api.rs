@@ -62,6 +62,84 @@ pub(crate) fn routes() -> Router<App> {
             get(permissions_cr).patch(update_permissions_cr),
         )
         .route("/gc", post(run_gc))
+        .route("/readiness", get(readiness))
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadinessView {
+    repository: String,
+    reference: String,
+    digest: String,
+    ready: bool,
+    platforms: Vec<String>,
+    manifests: u64,
+    blobs: u64,
+    bytes: u64,
+    missing: Vec<MissingView>,
+}
+
+#[derive(serde::Serialize)]
+struct MissingView {
+    kind: &'static str,
+    digest: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<String>,
+}
+
+/// `GET /api/v1/readiness?repository=&reference=`: is everything the image needs here?
+async fn readiness(State(app): State<App>, h: HeaderMap, uri: axum::http::Uri) -> Result<Response> {
+    admin(&app, &h).await?;
+    let q = query(&uri);
+    let get = |k: &str| {
+        q.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                ApiError::custom(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_REQUEST",
+                    format!("readiness needs ?repository=<name>&reference=<tag or digest>; {k} is missing"),
+                )
+            })
+    };
+    let (repository, reference) = (get("repository")?, get("reference")?);
+    let bad = |what: &str, e: String| {
+        ApiError::custom(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("{what}: {e}"),
+        )
+    };
+    let repo: outpost_oci::RepoName = repository
+        .parse()
+        .map_err(|e: outpost_oci::NameError| bad("repository", e.to_string()))?;
+    let r: outpost_oci::Reference = reference
+        .parse()
+        .map_err(|e: outpost_oci::NameError| bad("reference", e.to_string()))?;
+    let v = app.registry.readiness(&repo, &r).await?;
+    Ok(json(
+        StatusCode::OK,
+        &ReadinessView {
+            repository,
+            reference,
+            digest: v.digest.to_string(),
+            ready: v.missing.is_empty(),
+            platforms: v.platforms,
+            manifests: v.manifests,
+            blobs: v.blobs,
+            bytes: v.bytes,
+            missing: v
+                .missing
+                .into_iter()
+                .map(|m| MissingView {
+                    kind: m.kind,
+                    digest: m.digest.to_string(),
+                    platform: m.platform,
+                })
+                .collect(),
+        },
+    ))
 }
 
 #[derive(Deserialize, Default)]
