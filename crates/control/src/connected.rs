@@ -1325,36 +1325,70 @@ impl Control {
         let gateway: BTreeSet<String> = gateway_rules(name).into_iter().collect();
         let mut remaining = Vec::new();
         let ancestors = Self::ancestors(&all, name);
+        let mut cleaned_up = cleanup;
+        // Each cleanup step that fails (a database error half-way) becomes a remaining step,
+        // so the answer always says what is left to do; the registry itself is gone.
+        let mut step = |r: Result<()>, command: String| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, %command, "a cleanup step of a connected-registry deletion failed");
+                cleaned_up = false;
+                remaining.push(command);
+            }
+        };
+        for anc in &ancestors {
+            if let Ok(sm) = self.sync_scope_map(anc).await {
+                let command = format!(
+                    "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
+                );
+                if cleanup {
+                    step(
+                        self.edit_rules(&sm, |set| set.retain(|a| !gateway.contains(a)))
+                            .await,
+                        command,
+                    );
+                } else {
+                    step(Err(ControlError::Internal("not asked to".into())), command);
+                }
+            }
+        }
+        let token_step = format!("outpost token delete -n {} --yes", row.sync_token);
         if cleanup {
-            for anc in &ancestors {
-                if let Ok(sm) = self.sync_scope_map(anc).await {
-                    self.edit_rules(&sm, |set| set.retain(|a| !gateway.contains(a)))
-                        .await?;
-                }
-            }
-            self.meta.delete_token(&row.sync_token).await?;
-            if let Some(sm) = &sync_sm
-                && self.meta.tokens_using(sm).await?.is_empty()
-            {
-                self.meta.delete_scope_map(sm).await?;
-            }
+            step(
+                self.meta
+                    .delete_token(&row.sync_token)
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into),
+                token_step,
+            );
         } else {
-            remaining.push(format!("outpost token delete -n {} --yes", row.sync_token));
-            if let Some(sm) = &sync_sm {
-                remaining.push(format!("outpost scope-map delete -n {sm} --yes"));
-            }
-            for anc in &ancestors {
-                if let Ok(sm) = self.sync_scope_map(anc).await {
-                    remaining.push(format!(
-                        "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
-                    ));
-                }
+            step(
+                Err(ControlError::Internal("not asked to".into())),
+                token_step,
+            );
+        }
+        if let Some(sm) = &sync_sm {
+            let command = format!("outpost scope-map delete -n {sm} --yes");
+            if cleanup {
+                let r = match self.meta.tokens_using(sm).await {
+                    Ok(users) if users.is_empty() => self
+                        .meta
+                        .delete_scope_map(sm)
+                        .await
+                        .map(|_| ())
+                        .map_err(Into::into),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                step(r, command);
+            } else {
+                step(Err(ControlError::Internal("not asked to".into())), command);
             }
         }
         self.changed();
         Ok(DeleteOutcome {
             deleted: name.into(),
-            cleaned_up: cleanup,
+            cleaned_up,
             remaining_steps: remaining,
         })
     }
@@ -2024,6 +2058,7 @@ impl Control {
     pub(crate) async fn check_scope_map_use(
         &self,
         scope_map: &str,
+        old: &[String],
         rules: Option<&[String]>,
     ) -> Result<()> {
         let all = self.meta.connected_registries().await?;
@@ -2033,7 +2068,15 @@ impl Control {
                 .token(&r.sync_token)
                 .await?
                 .is_some_and(|t| t.scope_map.as_deref() == Some(scope_map));
-            if uses {
+            // Removing gateway rights of registries that no longer exist (what a deletion
+            // without --cleanup leaves, and its remaining steps remove) breaks nothing.
+            let only_stale_gateway_removed = rules.is_some_and(|new| {
+                new.iter().all(|a| old.contains(a))
+                    && old.iter().filter(|a| !new.contains(a)).all(|a| {
+                        matches!(Rule::parse(a), Ok(Rule::Gateway(g, _)) if !all.iter().any(|x| x.name == g))
+                    })
+            });
+            if uses && !only_stale_gateway_removed {
                 return Err(ControlError::Invalid(match rules {
                     None => format!(
                         "scope map {scope_map:?} is the sync scope map of connected registry {:?}; it is removed with the registry (`outpost connected-registry delete -n {} --cleanup`)",

@@ -846,7 +846,8 @@ impl Control {
         let actions: Vec<String> = actions.into_iter().collect();
         let rules = self.parse_rules(name, &actions)?;
         if rules != row.actions {
-            self.check_scope_map_use(name, Some(&rules)).await?;
+            self.check_scope_map_use(name, &row.actions, Some(&rules))
+                .await?;
         }
         let description = description.unwrap_or(&row.description);
         if description.len() > 256 {
@@ -863,7 +864,7 @@ impl Control {
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<()> {
         let _w = self.writes.lock().await;
-        self.check_scope_map_use(name, None).await?;
+        self.check_scope_map_use(name, &[], None).await?;
         let users = self.meta.tokens_using(name).await?;
         if !users.is_empty() {
             return Err(ControlError::Invalid(format!(

@@ -577,6 +577,54 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
     let r = create(&t, json!({"name": "fresh-one", "syncToken": "other-sync"})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(msg(&r).contains("also used by other-user"), "{}", msg(&r));
+
+    // The remaining steps, carried out as listed (their API equivalents), all succeed, and
+    // then the name is free again.
+    for step in &steps {
+        let words: Vec<&str> = step.as_str().unwrap().split_whitespace().collect();
+        let r = match &words[1..4] {
+            ["scope-map", "update", "-n"] => {
+                let gw = words[6];
+                let remove: Vec<String> = words[7..]
+                    .iter()
+                    .map(|a| format!("gateway/{gw}/{a}"))
+                    .collect();
+                t.req(
+                    Method::PATCH,
+                    &format!("/api/v1/scope-maps/{}", words[4]),
+                    &[],
+                    json!({"remove": remove}).to_string(),
+                )
+                .await
+            }
+            ["token", "delete", "-n"] => {
+                t.req(
+                    Method::DELETE,
+                    &format!("/api/v1/tokens/{}", words[4]),
+                    &[],
+                    Body::empty(),
+                )
+                .await
+            }
+            ["scope-map", "delete", "-n"] => {
+                t.req(
+                    Method::DELETE,
+                    &format!("/api/v1/scope-maps/{}", words[4]),
+                    &[],
+                    Body::empty(),
+                )
+                .await
+            }
+            other => panic!("unexpected step {other:?}"),
+        };
+        assert!(r.status.is_success(), "{step}: {}", msg(&r));
+    }
+    let r = create(
+        &t,
+        json!({"name": "line-a", "parent": "site-a", "repositories": ["app"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
 }
 
 #[tokio::test]
