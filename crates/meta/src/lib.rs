@@ -38,16 +38,22 @@ impl MetaError {
     /// Whether the database could not be written because its disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            MetaError::Db(sqlx::Error::Database(e)) => {
-                // SQLITE_FULL; extended codes keep the primary code in the low byte.
-                e.code()
-                    .and_then(|c| c.parse::<i32>().ok())
-                    .is_some_and(|c| c & 0xff == 13)
-            }
+            MetaError::Db(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(sqlite_code_means_full),
             MetaError::Db(sqlx::Error::Io(e)) => is_disk_full(e),
             _ => false,
         }
     }
+}
+
+/// Whether an SQLite result code says the disk is full: `SQLITE_FULL` (13, with any extended
+/// code, which keeps the primary one in the low byte), or `SQLITE_IOERR_SHMSIZE` (4874),
+/// which SQLite reports when growing the WAL index in `meta.db-shm` fails, on Linux when its
+/// file system is full (seen on a full tmpfs).
+fn sqlite_code_means_full(code: i32) -> bool {
+    code & 0xff == 13 || code == 4874
 }
 
 /// Whether an I/O error says the disk or the quota is full.
@@ -766,5 +772,22 @@ impl Meta {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_code_means_full;
+
+    #[test]
+    fn full_disk_result_codes() {
+        // SQLITE_FULL and an extended form of it; the WAL index that cannot grow.
+        for c in [13, 13 | (1 << 8), 4874] {
+            assert!(sqlite_code_means_full(c), "{c}");
+        }
+        // Other I/O errors (SQLITE_IOERR_WRITE, _FSYNC), busy, corrupt: not a full disk.
+        for c in [10, 778, 1034, 5, 11] {
+            assert!(!sqlite_code_means_full(c), "{c}");
+        }
     }
 }
