@@ -1801,3 +1801,140 @@ async fn an_upload_complete_but_not_committed_is_committed_without_downloading_a
         "the resume marker is gone once the blob is stored"
     );
 }
+
+fn outpost_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "one").await;
+    let v2 = push_image(&admin, &r, "app", "v2", "two").await;
+    push_image(&admin, &r, "other", "v1", "not in scope").await;
+    let reader_pw = read_token(&root, "far-reader", "app");
+    let cs = connected(
+        &root,
+        "site-far",
+        &["--repository", "app", "--client-tokens", "far-reader"],
+    );
+
+    let export = |root: &Outpost| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["connected-registry", "export", "-n", "site-far", "--dir"])
+            .arg(bundle.path())
+            .args([
+                "--registry",
+                &root.url(""),
+                "-u",
+                "admin",
+                "--password",
+                ADMIN_PASSWORD,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let first = export(&root);
+    assert!(first.contains("1 repositories, 2 tags"), "{first}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.path().join("index.json")).unwrap()).unwrap();
+    let tagged: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["annotations"]["io.outpost.repository"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                m["annotations"]["org.opencontainers.image.ref.name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tagged,
+        [("app".into(), "v1".into()), ("app".into(), "v2".into())]
+    );
+    // Again into the same directory: nothing is downloaded twice.
+    let again = export(&root);
+    assert!(again.contains(": 0 blobs downloaded"), "{again}");
+    drop(root);
+
+    // At the site, which has never reached its parent (and cannot: the root is gone).
+    let import = |dir: &std::path::Path| {
+        outpost_cmd(&[
+            "import",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--dir",
+            bundle.path().to_str().unwrap(),
+        ])
+    };
+    let out = import(site_dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("installed the connected registry's configuration")
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let reader = client_as("far-reader", &reader_pw);
+    assert_eq!(
+        tag_digest(&reader, &s, "app", "v1").await.as_deref(),
+        Some(v1.as_str())
+    );
+    assert_eq!(
+        tag_digest(&reader, &s, "app", "v2").await.as_deref(),
+        Some(v2.as_str())
+    );
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    assert_eq!(tag_digest(&site_admin, &s, "other", "v1").await, None);
+    let denied = client_as("far-reader", "wrong")
+        .get(format!("{s}/v2/app/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401, "client tokens came with the bundle");
+
+    // Not while the site runs: one process per data directory.
+    let out = import(site_dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another Outpost process"), "{err}");
+
+    // A damaged blob is refused, not stored.
+    drop(site);
+    let other_site = tempfile::tempdir().unwrap();
+    let layer = std::fs::read_dir(bundle.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&layer).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&layer, bytes).unwrap();
+    let out = import(other_site.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hashes to") || err.contains("digest"), "{err}");
+}

@@ -92,6 +92,32 @@ impl Client {
         })
     }
 
+    /// A GET of any path of the registry (the v2 API, the gateway), failing with the
+    /// registry's message on an error status.
+    pub async fn get(&self, path: &str, accept: Option<&str>) -> anyhow::Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.auth.0, Some(&self.auth.1));
+        if let Some(a) = accept {
+            req = req.header(reqwest::header::ACCEPT, a);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the registry at {}: {e}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["errors"][0]["message"].as_str().map(String::from))
+                .unwrap_or(body);
+            bail!("GET {path}: {msg} ({status})");
+        }
+        Ok(resp)
+    }
+
     pub async fn call(
         &self,
         method: reqwest::Method,

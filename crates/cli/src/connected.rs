@@ -121,6 +121,15 @@ pub enum ConnectedRegistryCmd {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Write an offline bundle: everything in the registry's scope here, and its
+    /// configuration, as an OCI image layout directory (`outpost import` reads it at the site).
+    Export {
+        #[arg(long, short = 'n')]
+        name: String,
+        /// Directory to write (created; an earlier export there is reused)
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     /// List the client tokens of a connected registry.
     ListClientTokens {
         #[arg(long, short = 'n')]
@@ -484,6 +493,9 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                     print_rows(Output::Table, &["SETTING", "VALUE"], &rows);
                 }
             }
+        }
+        ConnectedRegistryCmd::Export { name, dir } => {
+            crate::bundle::export(conn, &name, &dir).await?
         }
         ConnectedRegistryCmd::ListClientTokens { name } => {
             let v = c

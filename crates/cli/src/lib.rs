@@ -3,6 +3,7 @@
 //! figment), sets up logging, and runs the chosen command. `anyhow` is allowed here and in the
 //! binary only.
 
+mod bundle;
 mod client;
 mod config;
 mod connected;
@@ -47,6 +48,19 @@ enum Command {
     Gc(manage::GcArgs),
     /// Is everything an image needs here (every platform, every blob)? Exits 1 if not.
     Readiness(manage::ReadinessArgs),
+    /// Store an offline bundle (from `connected-registry export`) in a stopped site's data
+    /// directory.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportArgs {
+    /// The site's data directory (the site must be stopped)
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// The bundle directory `connected-registry export` wrote
+    #[arg(long)]
+    dir: std::path::PathBuf,
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -78,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::ConnectedRegistry(cmd) => block_on(connected::run(&cli.conn, cmd)),
         Command::Gc(args) => block_on(manage::gc(&cli.conn, args)),
         Command::Readiness(args) => block_on(manage::readiness(&cli.conn, args)),
+        Command::Import(args) => block_on(bundle::import(&args.data_dir, &args.dir)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

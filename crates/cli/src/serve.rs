@@ -110,6 +110,8 @@ fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::filter::Targets
 }
 
 async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
+    // One process per data directory: a second server, or an import, is refused.
+    let _lock = crate::bundle::lock_data_dir(&config.data_dir)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let registry = Registry::open(

@@ -1,0 +1,453 @@
+//! Offline bundles (SPEC §6), for sites with no link at all.
+//!
+//! `outpost connected-registry export` runs against the parent. It writes a directory in the
+//! OCI image-layout format holding everything a connected registry's scope holds there:
+//! - every tag of every repository in scope, with the child manifests of each index, the
+//!   referrers and every blob;
+//! - the registry's configuration as its instances fetch it, including client tokens.
+//!
+//! Running it again into the same directory downloads only what is not there yet. Carry the
+//! directory to the site (or `tar` it). With the site stopped, `outpost import` verifies every
+//! blob against its digest and stores the content in the site's data directory as if it had
+//! synced. On a first start, with no saved configuration yet, it also installs the
+//! configuration, so the site starts and authenticates its clients without ever reaching its
+//! parent.
+//!
+//! Tags only arrive: a tag the parent deleted goes when the link returns.
+//!
+//! A directory rather than a tar file: export can resume, and other OCI tools read it.
+//! Blobs stream to and from disk, never whole into memory.
+
+use crate::client::{Client, Connection};
+use anyhow::{Context, bail};
+use outpost_oci::manifest::OCI_INDEX;
+use outpost_oci::{Digest, Digester, Manifest, Reference, RepoName};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+/// Names the repository of an `index.json` entry (the layout itself has one namespace).
+const REPO_ANNOTATION: &str = "io.outpost.repository";
+const REF_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+const BUNDLE_FILE: &str = "outpost-bundle.json";
+
+fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("blobs").join(d.algorithm().as_str()).join(d.hex())
+}
+
+/// Writes `data` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Exporter<'a> {
+    client: &'a Client,
+    dir: &'a Path,
+    /// (repository, digest) of manifests written, so each is walked once per repository.
+    done: HashSet<(String, Digest)>,
+    /// Every manifest with its repository, children before the manifests that list them.
+    manifests: Vec<Value>,
+    blobs_fetched: u64,
+    blobs_present: u64,
+    bytes_fetched: u64,
+}
+
+impl Exporter<'_> {
+    async fn json(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self.client.get(path, None).await?;
+        r.json().await.with_context(|| format!("{path}: not JSON"))
+    }
+
+    /// Every repository name at the parent, following the catalog's pages.
+    async fn catalog(&self) -> anyhow::Result<Vec<String>> {
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let mut path = "/v2/_catalog?n=1000".to_string();
+            if let Some(last) = all.last() {
+                path.push_str(&format!("&last={}", enc(last)));
+            }
+            let v = self.json(&path).await?;
+            let page: Vec<String> = serde_json::from_value(v["repositories"].clone())
+                .context("the catalog's repositories")?;
+            let n = page.len();
+            all.extend(page);
+            if n < 1000 {
+                return Ok(all);
+            }
+        }
+    }
+
+    async fn tags(&self, repo: &str) -> anyhow::Result<Vec<String>> {
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let mut path = format!("/v2/{repo}/tags/list?n=1000");
+            if let Some(last) = all.last() {
+                path.push_str(&format!("&last={}", enc(last)));
+            }
+            let v = self.json(&path).await?;
+            let page: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap_or_default();
+            let n = page.len();
+            all.extend(page);
+            if n < 1000 {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// A manifest's bytes, media type and digest (checked against what was asked for).
+    async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> anyhow::Result<(Vec<u8>, String, Digest)> {
+        let r = self
+            .client
+            .get(&format!("/v2/{repo}/manifests/{reference}"), Some(ACCEPT))
+            .await?;
+        let media_type = r
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = r.bytes().await?.to_vec();
+        let digest = Digest::sha256_of(&bytes);
+        if let Ok(asked) = reference.parse::<Digest>()
+            && asked != digest
+            && asked.algorithm() == digest.algorithm()
+        {
+            bail!("{repo}@{reference}: the parent sent content that hashes to {digest}");
+        }
+        Ok((bytes, media_type, digest))
+    }
+
+    /// Downloads a blob unless the bundle has it, verifying its digest on the way.
+    async fn blob(&mut self, repo: &str, d: &Digest) -> anyhow::Result<()> {
+        let path = blob_path(self.dir, d);
+        if path.exists() {
+            self.blobs_present += 1;
+            return Ok(());
+        }
+        let tmp = path.with_extension("part");
+        let mut r = self
+            .client
+            .get(&format!("/v2/{repo}/blobs/{d}"), None)
+            .await?;
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut h = Digester::new(d.algorithm());
+        while let Some(chunk) = r
+            .chunk()
+            .await
+            .with_context(|| format!("downloading {d}"))?
+        {
+            h.update(&chunk);
+            self.bytes_fetched += chunk.len() as u64;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut file).await?;
+        let got = h.finish();
+        if &got != d {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("blob {d} of {repo} arrived as {got}; run the export again");
+        }
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        self.blobs_fetched += 1;
+        Ok(())
+    }
+
+    /// Writes a manifest and, first, what it needs: child manifests and blobs; then its
+    /// referrers.
+    async fn walk(
+        &mut self,
+        repo: &str,
+        bytes: Vec<u8>,
+        media_type: String,
+        digest: Digest,
+    ) -> anyhow::Result<()> {
+        if !self.done.insert((repo.to_string(), digest.clone())) {
+            return Ok(());
+        }
+        let m = Manifest::parse(&bytes, Some(&media_type))
+            .with_context(|| format!("{repo}@{digest}"))?;
+        for child in m.required_manifests() {
+            let (b, mt, d) = self.manifest(repo, &child.digest.to_string()).await?;
+            Box::pin(self.walk(repo, b, mt, d)).await?;
+        }
+        for blob in m.required_blobs() {
+            self.blob(repo, &blob.digest).await?;
+        }
+        write_atomic(&blob_path(self.dir, &digest), &bytes)?;
+        self.manifests.push(json!({
+            "repository": repo,
+            "digest": digest.to_string(),
+            "mediaType": media_type,
+        }));
+        let referrers = self.json(&format!("/v2/{repo}/referrers/{digest}")).await?;
+        for r in referrers["manifests"].as_array().into_iter().flatten() {
+            if let Some(d) = r["digest"].as_str() {
+                let (b, mt, d) = self.manifest(repo, d).await?;
+                Box::pin(self.walk(repo, b, mt, d)).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `outpost connected-registry export -n <name> --dir <dir>`.
+pub async fn export(conn: &Connection, name: &str, dir: &Path) -> anyhow::Result<()> {
+    let client = Client::new(conn)?;
+    let cr = client
+        .call(Method::GET, &format!("/connected-registries/{name}"), None)
+        .await?
+        .unwrap_or_default();
+    let patterns: Vec<outpost_control::RepoPattern> = cr["repositories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .filter_map(|p| outpost_control::RepoPattern::parse(p).ok())
+        .collect();
+    let config: Value = client
+        .get(&format!("/gateway/v1/{name}/config"), None)
+        .await?
+        .json()
+        .await
+        .context("the connected registry's configuration")?;
+    for sub in ["blobs/sha256", "blobs/sha512"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    write_atomic(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let mut ex = Exporter {
+        client: &client,
+        dir,
+        done: HashSet::new(),
+        manifests: Vec::new(),
+        blobs_fetched: 0,
+        blobs_present: 0,
+        bytes_fetched: 0,
+    };
+    let repos: Vec<String> = ex
+        .catalog()
+        .await?
+        .into_iter()
+        .filter(|r| patterns.iter().any(|p| p.matches(r)))
+        .collect();
+    let mut refs = Vec::new();
+    for repo in &repos {
+        for tag in ex.tags(repo).await? {
+            let (bytes, media_type, digest) = ex.manifest(repo, &tag).await?;
+            let size = bytes.len();
+            ex.walk(repo, bytes, media_type.clone(), digest.clone())
+                .await?;
+            refs.push(json!({
+                "mediaType": media_type,
+                "digest": digest.to_string(),
+                "size": size,
+                "annotations": {REF_ANNOTATION: tag, REPO_ANNOTATION: repo},
+            }));
+        }
+    }
+    let tags = refs.len();
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": refs});
+    write_atomic(&dir.join("index.json"), &serde_json::to_vec_pretty(&index)?)?;
+    let bundle = json!({
+        "connectedRegistry": name,
+        "repositories": repos,
+        "manifests": ex.manifests,
+        "config": config,
+    });
+    write_atomic(&dir.join(BUNDLE_FILE), &serde_json::to_vec_pretty(&bundle)?)?;
+    eprintln!(
+        "exported {} repositories, {tags} tags, {} manifests to {}: {} blobs downloaded ({} bytes), {} already there. \
+         The bundle holds client tokens' password hashes: carry it like a secret.",
+        repos.len(),
+        ex.manifests.len(),
+        dir.display(),
+        ex.blobs_fetched,
+        ex.bytes_fetched,
+        ex.blobs_present
+    );
+    Ok(())
+}
+
+/// Holds `<data_dir>/outpost.lock` for as long as the returned file lives, so two processes
+/// never write one data directory (a server and an import, or two servers).
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("outpost.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "another Outpost process (pid {}) is using {}; stop it first",
+                holder.trim(),
+                data_dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    f.set_len(0)?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// `outpost import --data-dir <site data dir> --dir <bundle>`.
+pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(data_dir)?;
+    let read = |name: &str| -> anyhow::Result<Value> {
+        let p = dir.join(name);
+        let s = std::fs::read(&p).with_context(|| {
+            format!(
+                "{} is not an Outpost bundle: cannot read {name}",
+                dir.display()
+            )
+        })?;
+        serde_json::from_slice(&s).with_context(|| format!("{} is not valid JSON", p.display()))
+    };
+    let bundle = read(BUNDLE_FILE)?;
+    let index = read("index.json")?;
+    let registry =
+        outpost_registry::Registry::open(data_dir, outpost_registry::RegistryConfig::default())
+            .await
+            .context("opening the data directory")?
+            // Stored as if synced: a ReadWrite site does not send it back up.
+            .for_sync();
+    let (mut manifests, mut blobs_stored, mut tags) = (0u64, 0u64, 0u64);
+    let read_manifest = |d: &Digest| -> anyhow::Result<Vec<u8>> {
+        let bytes = std::fs::read(blob_path(dir, d))
+            .with_context(|| format!("the bundle lacks manifest {d}"))?;
+        let got = Digest::sha256_of(&bytes);
+        if got.algorithm() == d.algorithm() && &got != d {
+            bail!("manifest {d} in the bundle is damaged (it hashes to {got})");
+        }
+        Ok(bytes)
+    };
+    for m in bundle["manifests"].as_array().into_iter().flatten() {
+        let repo: RepoName = m["repository"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .context("a manifest's repository in the bundle")?;
+        let d: Digest = m["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .context("a manifest's digest in the bundle")?;
+        let media_type = m["mediaType"].as_str().unwrap_or_default();
+        let bytes = read_manifest(&d)?;
+        let parsed = Manifest::parse(&bytes, Some(media_type))?;
+        for b in parsed.required_blobs() {
+            if registry
+                .link_existing_blob(&repo, &b.digest)
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            let path = blob_path(dir, &b.digest);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .with_context(|| format!("the bundle lacks blob {}", b.digest))?;
+            let id = registry.start_upload(&repo).await?;
+            // finish_upload verifies the digest: a damaged blob is refused, not stored.
+            registry
+                .finish_upload(
+                    &repo,
+                    &id,
+                    &b.digest,
+                    Some(tokio_util::io::ReaderStream::new(file)),
+                )
+                .await
+                .with_context(|| format!("storing blob {} of {repo}", b.digest))?;
+            blobs_stored += 1;
+        }
+        registry
+            .put_manifest(
+                &repo,
+                &Reference::Digest(d.clone()),
+                Some(media_type),
+                &bytes,
+            )
+            .await
+            .with_context(|| format!("storing manifest {repo}@{d}"))?;
+        manifests += 1;
+    }
+    for r in index["manifests"].as_array().into_iter().flatten() {
+        let repo: RepoName = r["annotations"][REPO_ANNOTATION]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .context("a tag's repository in index.json")?;
+        let tag: Reference = r["annotations"][REF_ANNOTATION]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .context("a tag in index.json")?;
+        let d: Digest = r["digest"].as_str().unwrap_or_default().parse()?;
+        let bytes = read_manifest(&d)?;
+        registry
+            .put_manifest(&repo, &tag, r["mediaType"].as_str(), &bytes)
+            .await
+            .with_context(|| format!("tagging {repo}:{tag}"))?;
+        tags += 1;
+    }
+    // A site that never reached its parent starts from the bundle's configuration.
+    let sync_dir = data_dir.join("sync");
+    let saved = sync_dir.join("config.json");
+    let mut installed_config = false;
+    if !bundle["config"].is_null() && !saved.exists() {
+        std::fs::create_dir_all(&sync_dir)?;
+        write_atomic(&saved, &serde_json::to_vec(&bundle["config"])?)?;
+        installed_config = true;
+    }
+    registry.close().await;
+    eprintln!(
+        "imported {manifests} manifests, {tags} tags and {blobs_stored} new blobs into {}{}",
+        data_dir.display(),
+        if installed_config {
+            "; installed the connected registry's configuration (it starts without its parent)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
