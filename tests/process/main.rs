@@ -967,6 +967,36 @@ async fn readiness_and_garbage_collection_from_the_cli() {
     assert!(err.contains("1.5"), "{err}");
     let (ok, _, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app"]);
     assert!(!ok && err.contains("no tag or digest"), "{err}");
+    // --wait waits for an image that has not arrived yet.
+    let waiter = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "readiness",
+            "team/app:later",
+            "--wait",
+            "60",
+            "--registry",
+            &o.url(""),
+        ])
+        .args(["--username", "admin", "--password", ADMIN_PASSWORD])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    push_image(
+        &admin,
+        base,
+        "team/app",
+        "later",
+        "arrives while waited for",
+    )
+    .await;
+    let out = waiter.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A blob pushed and never used: a dry run reports it, a run with no age limit removes it.
     push_blob(&admin, base, "team/app", b"never referenced").await;

@@ -199,9 +199,20 @@ impl Config {
                 .as_ref()
                 .is_some_and(|p| Figment::from(Toml::file(p)).find_value("log_level").is_ok());
         if config.login_server.is_none() {
+            // get-settings prints a placeholder for it ("<Optional: …>"): copied into an
+            // environment file unchanged, it means "not set".
             config.login_server = std::env::var("ACR_REGISTRY_LOGIN_SERVER")
                 .ok()
-                .filter(|s| !s.is_empty());
+                .filter(|s| !s.is_empty() && !s.starts_with('<'));
+        }
+        if let Some(l) = &config.login_server {
+            anyhow::ensure!(
+                !l.is_empty()
+                    && !l.contains("://")
+                    && !l.contains('/')
+                    && !l.chars().any(char::is_whitespace),
+                "login_server {l:?} must be host[:port], the address clients and child registries use to reach this registry"
+            );
         }
         if config.connection_string.is_none() {
             config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")
@@ -308,6 +319,28 @@ mod tests {
             .extract()
             .expect("config.example.toml parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn login_server_placeholders_and_urls() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "ACR_REGISTRY_LOGIN_SERVER",
+                "<Optional: the address local clients use to reach this connected registry>",
+            );
+            let c = Config::load(&args()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.login_server, None,
+                "get-settings' placeholder means unset"
+            );
+            jail.set_env("ACR_REGISTRY_LOGIN_SERVER", "site.example:5000");
+            let c = Config::load(&args()).map_err(|e| e.to_string())?;
+            assert_eq!(c.login_server.as_deref(), Some("site.example:5000"));
+            jail.set_env("OUTPOST_LOGIN_SERVER", "https://site.example");
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(e.contains("host[:port]"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

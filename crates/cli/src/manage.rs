@@ -614,17 +614,19 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
         .wait
         .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
     let v = loop {
-        let v = client
-            .call(Method::GET, &path, None)
-            .await?
-            .unwrap_or_default();
-        let ready = v["ready"].as_bool().unwrap_or(false);
-        match deadline {
-            Some(d) if !ready && std::time::Instant::now() < d => {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            }
-            _ => break v,
+        let answer = client.call(Method::GET, &path, None).await;
+        let waiting = deadline.is_some_and(|d| std::time::Instant::now() < d);
+        let v = match answer {
+            Ok(v) => v.unwrap_or_default(),
+            // While waiting, an image that has not arrived at all is just not ready yet.
+            Err(e) if waiting && e.to_string().contains("(404 Not Found)") => Value::Null,
+            Err(e) => return Err(e),
+        };
+        if waiting && !v["ready"].as_bool().unwrap_or(false) {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            continue;
         }
+        break v;
     };
     let ready = v["ready"].as_bool().unwrap_or(false);
     if conn.output == Output::Json {

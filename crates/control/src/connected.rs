@@ -181,6 +181,19 @@ pub struct GarbageCollection {
     pub schedule: String,
 }
 
+/// One connected registry's health, for the metrics ([`Control::fleet_health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetHealth {
+    pub name: String,
+    /// Online or syncing.
+    pub up: bool,
+    /// Its last reported completed sync and its last status report, Unix seconds.
+    pub last_sync_unix: Option<i64>,
+    pub last_activity_unix: Option<i64>,
+    pub cursor_lag: Option<i64>,
+    pub outbox_depth: Option<i64>,
+}
+
 /// A connected registry as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -1229,21 +1242,25 @@ impl Control {
     /// Health of every connected registry below this node, for the metrics: name, whether it
     /// is online or syncing, its last completed sync (Unix seconds), and the cursor lag and
     /// outbox depth it last reported.
-    pub async fn fleet_health(
-        &self,
-    ) -> Result<Vec<(String, bool, Option<i64>, Option<i64>, Option<i64>)>> {
+    pub async fn fleet_health(&self) -> Result<Vec<FleetHealth>> {
         Ok(self
             .list_connected_registries(None, false)
             .await?
             .into_iter()
             .map(|v| {
                 let up = matches!(v.connection_state.as_str(), "Online" | "Syncing");
-                let last = v
-                    .last_sync_time
-                    .as_deref()
-                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                    .map(|t| t.as_second());
-                (v.name, up, last, v.cursor_lag, v.outbox_depth)
+                let unix = |t: Option<&str>| {
+                    t.and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                        .map(|t| t.as_second())
+                };
+                FleetHealth {
+                    up,
+                    last_sync_unix: unix(v.last_sync_time.as_deref()),
+                    last_activity_unix: unix(v.last_activity_time.as_deref()),
+                    cursor_lag: v.cursor_lag,
+                    outbox_depth: v.outbox_depth,
+                    name: v.name,
+                }
             })
             .collect())
     }

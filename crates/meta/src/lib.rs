@@ -330,7 +330,8 @@ impl Meta {
     }
 
     /// Garbage collection in the database: the blobs that no manifest in any repository
-    /// references and that were last stored or linked before `cutoff_ms`. Unless `dry_run`,
+    /// references, that were last stored or linked before `cutoff_ms` and that `keep` does not
+    /// name (blobs a sync in progress holds for a manifest it has yet to store). Unless `dry_run`,
     /// their rows and every repository's link to them are deleted in the same transaction as
     /// the selection, so a manifest push that commits first keeps its blobs and one that
     /// commits after is refused for the missing blob. Returns digests and sizes.
@@ -338,32 +339,36 @@ impl Meta {
         &self,
         cutoff_ms: i64,
         dry_run: bool,
+        keep: &std::collections::HashSet<String>,
     ) -> Result<Vec<(String, u64)>> {
-        const UNREFERENCED: &str = "SELECT digest FROM blobs WHERE created_at <= ?1 \
-             AND digest NOT IN (SELECT child FROM manifest_refs)";
         let mut tx = self.write.begin().await?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT digest, size FROM blobs WHERE digest IN ({UNREFERENCED}) ORDER BY digest"
-        ))
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT digest, size FROM blobs WHERE created_at <= ?1 \
+             AND digest NOT IN (SELECT child FROM manifest_refs) ORDER BY digest",
+        )
         .bind(cutoff_ms)
         .fetch_all(&mut *tx)
         .await?;
+        let rows: Vec<(String, u64)> = rows
+            .into_iter()
+            .filter(|(d, _)| !keep.contains(d))
+            .map(|(d, s)| (d, s as u64))
+            .collect();
         if !dry_run && !rows.is_empty() {
-            sqlx::query(&format!(
-                "DELETE FROM repo_blobs WHERE digest IN ({UNREFERENCED})"
-            ))
-            .bind(cutoff_ms)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "DELETE FROM blobs WHERE digest IN ({UNREFERENCED})"
-            ))
-            .bind(cutoff_ms)
-            .execute(&mut *tx)
-            .await?;
+            for chunk in rows.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                for table in ["repo_blobs", "blobs"] {
+                    let sql = format!("DELETE FROM {table} WHERE digest IN ({marks})");
+                    let mut q = sqlx::query(&sql);
+                    for (d, _) in chunk {
+                        q = q.bind(d);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+            }
             tx.commit().await?;
         }
-        Ok(rows.into_iter().map(|(d, s)| (d, s as u64)).collect())
+        Ok(rows)
     }
 
     /// Which of `digests` have a blob row (for garbage collection of files without one).

@@ -76,6 +76,29 @@ pub struct Registry {
     /// while garbage collection deletes rows and files: a blob is never linked between the two.
     blob_gate: Arc<tokio::sync::RwLock<()>>,
     metrics: metrics::Metrics,
+    /// Blobs garbage collection must leave alone right now, with how many holders each.
+    pins: Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
+    gc_running: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Blobs kept from garbage collection until this is dropped: [`Registry::pin_blobs`].
+pub struct BlobPins {
+    pins: Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
+    digests: Vec<Digest>,
+}
+
+impl Drop for BlobPins {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &self.digests {
+            if let Some(n) = pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(d);
+                }
+            }
+        }
+    }
 }
 
 /// Whether an image (or index) is complete on this node: [`Registry::readiness`].
@@ -139,6 +162,8 @@ impl Registry {
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             blob_gate: Arc::default(),
             metrics: metrics::Metrics::new(),
+            pins: Arc::default(),
+            gc_running: Arc::default(),
         })
     }
 
@@ -453,6 +478,8 @@ impl Registry {
     /// `blob_gate` keeps a concurrent upload, mount or sync from linking a blob while its file
     /// is being removed. Manifests are never removed here.
     pub async fn collect_garbage(&self, min_age: Duration, dry_run: bool) -> Result<GcReport> {
+        // One collection at a time (the schedule and `outpost gc` may meet).
+        let _one = self.gc_running.lock().await;
         let now = std::time::SystemTime::now();
         let cutoff = now.checked_sub(min_age).unwrap_or(std::time::UNIX_EPOCH);
         let cutoff_ms = cutoff
@@ -463,34 +490,25 @@ impl Registry {
             dry_run,
             ..Default::default()
         };
-        {
-            let _gate = self.blob_gate.write().await;
-            let doomed = self
-                .meta
-                .collect_unreferenced_blobs(cutoff_ms, dry_run)
-                .await?;
-            for (d, size) in doomed {
-                report.blobs_removed += 1;
-                report.bytes_freed += size;
-                if dry_run {
-                    continue;
-                }
-                match d.parse::<Digest>() {
-                    Ok(digest) => {
-                        if let Err(e) = self.storage.delete_blob(&digest).await {
-                            // Its row is gone: the file is an orphan the next run removes.
-                            tracing::warn!(%digest, error = %e, "could not delete a collected blob's file");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(digest = %d, error = %e, "a blob row with an unparsable digest")
-                    }
-                }
-            }
+        let keep: std::collections::HashSet<String> = self
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|d| d.to_string())
+            .collect();
+        let doomed = self
+            .meta
+            .collect_unreferenced_blobs(cutoff_ms, dry_run, &keep)
+            .await?;
+        report.blobs_removed = doomed.len() as u64;
+        report.bytes_freed = doomed.iter().map(|(_, s)| *s).sum();
+        if !dry_run {
+            let doomed: Vec<String> = doomed.into_iter().map(|(d, _)| d).collect();
+            self.delete_unrecorded_files(&doomed).await?;
         }
         // Files with no row: a crash between a blob's rename and its row, or between a
-        // collection's commit and its deletes. Listed without the gate (a large store takes a
-        // while), checked again under it.
+        // collection's commit and its deletes.
         let old: Vec<String> = self
             .storage
             .blob_files()
@@ -499,20 +517,18 @@ impl Registry {
             .filter(|(_, modified)| *modified <= cutoff)
             .map(|(d, _)| d.to_string())
             .collect();
-        if !old.is_empty() {
-            let _gate = self.blob_gate.write().await;
-            let known = self.meta.known_blobs(&old).await?;
-            for d in old.iter().filter(|d| !known.contains(*d)) {
-                let Ok(digest) = d.parse::<Digest>() else {
-                    continue;
-                };
-                let size = self.storage.blob_size(&digest).await?.unwrap_or(0);
-                if !dry_run && !self.storage.delete_blob(&digest).await? {
-                    continue;
-                }
+        let known = self.meta.known_blobs(&old).await?;
+        let orphans: Vec<String> = old.into_iter().filter(|d| !known.contains(d)).collect();
+        for d in &orphans {
+            if let Ok(digest) = d.parse::<Digest>()
+                && let Some(size) = self.storage.blob_size(&digest).await?
+            {
                 report.bytes_freed += size;
                 report.orphan_files_removed += 1;
             }
+        }
+        if !dry_run {
+            self.delete_unrecorded_files(&orphans).await?;
         }
         if !dry_run {
             self.metrics.gc(
@@ -530,6 +546,41 @@ impl Registry {
             );
         }
         Ok(report)
+    }
+
+    /// Deletes the files of `digests` that still have no row, a batch at a time under the
+    /// exclusive `blob_gate`: an upload, mount or sync that put the blob back since (file and
+    /// row, under the shared gate) is seen and left alone, and none waits for the whole run.
+    async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<()> {
+        for batch in digests.chunks(256) {
+            let _gate = self.blob_gate.write().await;
+            let known = self.meta.known_blobs(batch).await?;
+            for d in batch.iter().filter(|d| !known.contains(*d)) {
+                let Ok(digest) = d.parse::<Digest>() else {
+                    tracing::warn!(digest = %d, "a blob with an unparsable digest");
+                    continue;
+                };
+                if let Err(e) = self.storage.delete_blob(&digest).await {
+                    // Its row is gone: the file is an orphan the next run removes.
+                    tracing::warn!(%digest, error = %e, "could not delete a collected blob's file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `digests` from garbage collection while the returned guard lives: sync holds the
+    /// blobs of a manifest it is fetching, which nothing references until it is stored.
+    pub fn pin_blobs(&self, digests: impl IntoIterator<Item = Digest>) -> BlobPins {
+        let digests: Vec<Digest> = digests.into_iter().collect();
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &digests {
+            *pins.entry(d.clone()).or_default() += 1;
+        }
+        BlobPins {
+            pins: self.pins.clone(),
+            digests,
+        }
     }
 
     // ---- manifests ------------------------------------------------------------------------

@@ -127,12 +127,17 @@ pub struct FleetMember {
     pub last_sync_unix: Option<i64>,
     pub cursor_lag: Option<i64>,
     pub outbox_depth: Option<i64>,
+    /// When it was last heard from (any status report: every poll of a continuous sync).
+    pub last_activity_unix: Option<i64>,
 }
 
 /// The node's metrics. Cheap to clone (every field is shared).
 #[derive(Clone)]
 pub struct Metrics {
     registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    /// The `sync_*` metrics, rendered only on a connected registry.
+    sync_registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    is_connected_registry: std::sync::Arc<std::sync::atomic::AtomicBool>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     request_bytes: Family<RouteLabels, Counter>,
@@ -150,6 +155,7 @@ pub struct Metrics {
     fleet_last_sync: Family<FleetLabels, Gauge>,
     fleet_lag: Family<FleetLabels, Gauge>,
     fleet_outbox: Family<FleetLabels, Gauge>,
+    fleet_activity: Family<FleetLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -168,8 +174,11 @@ fn unix_now() -> i64 {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut r = prometheus_client::registry::Registry::with_prefix("outpost");
+        let mut sync = prometheus_client::registry::Registry::with_prefix("outpost");
         let m = Metrics {
             registry: std::sync::Arc::default(),
+            sync_registry: std::sync::Arc::default(),
+            is_connected_registry: std::sync::Arc::default(),
             requests: Family::default(),
             // 0.5 ms … ~131 s, ×4 a step.
             duration: Family::new_with_constructor(|| {
@@ -190,6 +199,7 @@ impl Metrics {
             fleet_last_sync: Family::default(),
             fleet_lag: Family::default(),
             fleet_outbox: Family::default(),
+            fleet_activity: Family::default(),
         };
         r.register(
             "http_requests",
@@ -227,27 +237,27 @@ impl Metrics {
             "When garbage collection last finished (Unix time)",
             m.gc_last.clone(),
         );
-        r.register(
+        sync.register(
             "sync_parent_connected",
             "1 while this connected registry's last exchange with its parent succeeded",
             m.sync_connected.clone(),
         );
-        r.register(
+        sync.register(
             "sync_last_success_timestamp_seconds",
             "When this connected registry last completed a sync (Unix time)",
             m.sync_last_success.clone(),
         );
-        r.register(
+        sync.register(
             "sync_cursor_lag_messages",
             "Messages of the parent's feed this connected registry has yet to apply",
             m.sync_lag.clone(),
         );
-        r.register(
+        sync.register(
             "sync_outbox_depth",
             "Local changes this ReadWrite connected registry has yet to send up",
             m.sync_outbox.clone(),
         );
-        r.register(
+        sync.register(
             "sync_failures",
             "Sync iterations that failed",
             m.sync_failures.clone(),
@@ -272,8 +282,14 @@ impl Metrics {
             "Local changes a connected registry below this node had yet to send up, as it reported",
             m.fleet_outbox.clone(),
         );
+        r.register(
+            "connected_registry_last_activity_timestamp_seconds",
+            "When a connected registry below this node was last heard from (Unix time)",
+            m.fleet_activity.clone(),
+        );
         Metrics {
             registry: std::sync::Arc::new(r),
+            sync_registry: std::sync::Arc::new(sync),
             ..m
         }
     }
@@ -312,6 +328,18 @@ impl Metrics {
         self.gc_last.set(unix_now());
     }
 
+    /// Marks this node as a connected registry: the `sync_*` metrics are rendered.
+    pub fn sync_started(&self) {
+        self.is_connected_registry
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A sync iteration that finished without error (applying something or not).
+    pub fn sync_succeeded(&self) {
+        self.sync_connected.set(1);
+        self.sync_last_success.set(unix_now());
+    }
+
     /// A connected registry's exchange with its parent: `synced` after a completed sync.
     pub fn sync_reported(&self, synced: bool, lag: Option<i64>, outbox: Option<i64>) {
         self.sync_connected.set(1);
@@ -341,6 +369,7 @@ impl Metrics {
             &self.fleet_last_sync,
             &self.fleet_lag,
             &self.fleet_outbox,
+            &self.fleet_activity,
         ] {
             f.clear();
         }
@@ -358,13 +387,26 @@ impl Metrics {
             if let Some(v) = m.outbox_depth {
                 self.fleet_outbox.get_or_create(&l).set(v);
             }
+            if let Some(t) = m.last_activity_unix {
+                self.fleet_activity.get_or_create(&l).set(t);
+            }
         }
     }
 
     /// The OpenMetrics text exposition of everything recorded.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+        let sync = self
+            .is_connected_registry
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let encoded = encode_registry(&mut out, &self.registry)
+            .and_then(|()| match sync {
+                true => encode_registry(&mut out, &self.sync_registry),
+                false => Ok(()),
+            })
+            .and_then(|()| encode_eof(&mut out));
+        if let Err(e) = encoded {
             tracing::warn!(error = %e, "could not encode the metrics");
         }
         out
@@ -415,6 +457,7 @@ mod tests {
             last_sync_unix: Some(1_800_000_000),
             cursor_lag: Some(3),
             outbox_depth: None,
+            last_activity_unix: Some(1_800_000_100),
         }]);
         let text = m.render();
         for line in [
@@ -429,6 +472,18 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
+        assert!(
+            !text.contains("outpost_sync_"),
+            "a node that is not a connected registry has no sync metrics"
+        );
+        m.sync_started();
+        m.sync_succeeded();
+        assert!(
+            m.render()
+                .lines()
+                .any(|l| l == "outpost_sync_parent_connected 1")
+        );
+        assert_eq!(m.render().matches("# EOF").count(), 1);
         // A registry that left the fleet leaves the gauges.
         m.set_fleet(&[]);
         assert!(!m.render().contains("ship-01"));

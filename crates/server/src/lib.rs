@@ -79,14 +79,13 @@ async fn metrics(axum::extract::State(app): axum::extract::State<App>) -> Respon
         Ok(fleet) => m.set_fleet(
             &fleet
                 .into_iter()
-                .map(|(name, up, last_sync_unix, cursor_lag, outbox_depth)| {
-                    outpost_registry::metrics::FleetMember {
-                        name,
-                        up,
-                        last_sync_unix,
-                        cursor_lag,
-                        outbox_depth,
-                    }
+                .map(|f| outpost_registry::metrics::FleetMember {
+                    name: f.name,
+                    up: f.up,
+                    last_sync_unix: f.last_sync_unix,
+                    cursor_lag: f.cursor_lag,
+                    outbox_depth: f.outbox_depth,
+                    last_activity_unix: f.last_activity_unix,
                 })
                 .collect::<Vec<_>>(),
         ),

@@ -240,3 +240,20 @@ async fn gc_never_leaves_an_accepted_manifest_without_its_blobs() {
         }
     }
 }
+
+#[tokio::test]
+async fn blobs_a_sync_is_fetching_for_an_unstored_manifest_are_kept() {
+    let t = setup().await;
+    let layer = t.push_blob("one", b"fetched before its manifest").await;
+    let pins = t.registry.pin_blobs([layer.clone()]);
+    let r = gc(&t, json!({"minAgeSecs": 0})).await;
+    assert_eq!(r["blobsRemoved"], 0, "{r}");
+    assert_eq!(blob_status(&t, "one", &layer).await, StatusCode::OK);
+    // Two holders: one letting go keeps it pinned.
+    let second = t.registry.pin_blobs([layer.clone()]);
+    drop(pins);
+    assert_eq!(gc(&t, json!({"minAgeSecs": 0})).await["blobsRemoved"], 0);
+    drop(second);
+    assert_eq!(gc(&t, json!({"minAgeSecs": 0})).await["blobsRemoved"], 1);
+    assert_eq!(blob_status(&t, "one", &layer).await, StatusCode::NOT_FOUND);
+}

@@ -137,10 +137,12 @@ impl Storage {
                         {
                             continue;
                         }
-                        let modified = file
-                            .metadata()
-                            .and_then(|m| m.modified())
-                            .map_err(io_err(file.path()))?;
+                        let modified = match file.metadata().and_then(|m| m.modified()) {
+                            Ok(m) => m,
+                            // Deleted since it was listed.
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(io_err(file.path())(e)),
+                        };
                         out.push((digest, modified));
                     }
                 }

@@ -637,6 +637,7 @@ pub async fn start(
         gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
     });
     let gc = child.gc.subscribe();
+    child.registry.metrics().sync_started();
     child.apply_config(&config).await?;
     child
         .control
@@ -725,6 +726,7 @@ pub async fn start_mirror(
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config_gc),
     });
+    child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
     Ok(Started {
         read_only: true,
@@ -836,9 +838,15 @@ impl Child {
         if let Role::Plain { interval } = self.role {
             loop {
                 match self.reconcile(&self.config()).await {
-                    Ok(()) => tracing::debug!("mirrored the upstream registry"),
+                    Ok(()) => {
+                        tracing::debug!("mirrored the upstream registry");
+                        self.registry.metrics().sync_succeeded();
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying")
+                        tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying");
+                        self.registry
+                            .metrics()
+                            .sync_failed(!matches!(e, SyncError::Unreachable { .. }));
                     }
                 }
                 tokio::time::sleep(interval).await;
@@ -863,7 +871,10 @@ impl Child {
             };
             *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
             match self.iteration().await {
-                Ok(()) => backoff = Duration::from_secs(1),
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    self.registry.metrics().sync_succeeded();
+                }
                 Err(SyncError::WindowClosed) => {
                     tracing::info!(
                         "sync window closed; stopping here and resuming at the next window"
@@ -950,6 +961,7 @@ impl Child {
                 e
             });
         }
+        self.registry.metrics().sync_reported(false, None, None);
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
             // Recorded before the new configuration is saved, so a crash in between cannot
@@ -1570,6 +1582,11 @@ impl Child {
         }
         let manifest = Manifest::parse(&bytes, Some(&media_type))
             .map_err(|e| SyncError::Protocol(format!("manifest {digest}: {e}")))?;
+        // Until the manifest is stored nothing references its blobs; keep garbage collection
+        // off the ones already fetched.
+        let _pins = self
+            .registry
+            .pin_blobs(manifest.required_blobs().map(|b| b.digest.clone()));
         for b in manifest.required_blobs() {
             self.ensure_blob(repo, &b.digest, b.size).await?;
         }
@@ -1592,6 +1609,11 @@ impl Child {
     /// with `Range`.
     async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         if self.registry.blob_size(repo, digest).await.is_ok() {
+            // Linked again, which marks it recently used: until its manifest is stored it is
+            // referenced by nothing, and garbage collection spares only recent blobs. An image
+            // that takes several sync windows keeps what earlier windows fetched as long as
+            // the windows come more often than gc_min_age_secs.
+            self.registry.link_existing_blob(repo, digest).await?;
             return Ok(());
         }
         let gate = self
