@@ -1828,7 +1828,7 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         &["--repository", "app", "--client-tokens", "far-reader"],
     );
 
-    let export = |root: &Outpost| {
+    let export = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
             .args(["connected-registry", "export", "-n", "site-far", "--dir"])
             .arg(bundle.path())
@@ -1846,7 +1846,7 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         assert!(out.status.success(), "{err}");
         err
     };
-    let first = export(&root);
+    let first = export();
     assert!(first.contains("1 repositories, 2 tags"), "{first}");
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(bundle.path().join("index.json")).unwrap()).unwrap();
@@ -1871,12 +1871,35 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         tagged,
         [("app".into(), "v1".into()), ("app".into(), "v2".into())]
     );
-    // Again into the same directory: nothing is downloaded twice.
-    let again = export(&root);
+    // Again into the same directory: nothing is downloaded twice, and a damaged file is
+    // downloaded again.
+    let again = export();
     assert!(again.contains(": 0 blobs downloaded"), "{again}");
-    drop(root);
+    let largest = || {
+        std::fs::read_dir(bundle.path().join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .unwrap()
+    };
+    let corrupt = |path: std::path::PathBuf| {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[1000] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    corrupt(largest());
+    let repaired = export();
+    assert!(repaired.contains(": 1 blobs downloaded"), "{repaired}");
 
-    // At the site, which has never reached its parent (and cannot: the root is gone).
+    // After the export the parent moves v1 and adds v3.
+    let moved = push_image(&admin, &r, "app", "v1", "moved after the export").await;
+    let v3 = push_image(&admin, &r, "app", "v3", "three").await;
+
+    // The site has never reached its parent: the link is down.
+    let link = support::FaultProxy::start(&root.addr).await;
+    link.blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let cs = via(&cs, &link.addr);
     let import = |dir: &std::path::Path| {
         outpost_cmd(&[
             "import",
@@ -1909,12 +1932,6 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     );
     let site_admin = client_as("admin", SITE_PASSWORD);
     assert_eq!(tag_digest(&site_admin, &s, "other", "v1").await, None);
-    let denied = client_as("far-reader", "wrong")
-        .get(format!("{s}/v2/app/tags/list"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(denied.status(), 401, "client tokens came with the bundle");
 
     // Not while the site runs: one process per data directory.
     let out = import(site_dir.path());
@@ -1922,19 +1939,54 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another Outpost process"), "{err}");
 
-    // A damaged blob is refused, not stored.
+    // The link comes up: the site activates and catches up, the moved tag included.
+    link.blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("app:v3 arrives and app:v1 moves", || async {
+        tag_digest(&reader, &s, "app", "v3").await.as_deref() == Some(v3.as_str())
+            && tag_digest(&reader, &s, "app", "v1").await.as_deref() == Some(moved.as_str())
+    })
+    .await;
+    let shown = cli_ok(
+        &root,
+        &["connected-registry", "show", "-n", "site-far", "-o", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["activationStatus"], "Active", "{shown}");
     drop(site);
-    let other_site = tempfile::tempdir().unwrap();
-    let layer = std::fs::read_dir(bundle.path().join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+
+    // Another registry's data directory refuses the bundle.
+    let foreign = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(foreign.path().join("sync")).unwrap();
+    std::fs::write(
+        foreign.path().join("sync/config.json"),
+        r#"{"name":"someone-else"}"#,
+    )
+    .unwrap();
+    let out = import(foreign.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to \"someone-else\""), "{err}");
+    // And a site will not start on it with this registry's connection string.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(foreign.path())
+        .env("OUTPOST_CONNECTION_STRING", &cs)
+        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
+        .output()
         .unwrap();
-    let mut bytes = std::fs::read(&layer).unwrap();
-    bytes[1000] ^= 0xff;
-    std::fs::write(&layer, bytes).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to connected registry \"someone-else\""),
+        "{err}"
+    );
+
+    // A damaged blob is refused, not stored.
+    let other_site = tempfile::tempdir().unwrap();
+    corrupt(largest());
     let out = import(other_site.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("hashes to") || err.contains("digest"), "{err}");
+    assert!(err.contains("hashes to"), "{err}");
 }

@@ -40,6 +40,23 @@ fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
     dir.join("blobs").join(d.algorithm().as_str()).join(d.hex())
 }
 
+/// Reads a regular file of at most `max` bytes (a bundle may come from anywhere).
+fn read_bounded(path: &Path, max: u64) -> anyhow::Result<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > max {
+        bail!(
+            "{} is {} bytes, more than the {max} allowed",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// Writes `data` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("part");
@@ -69,6 +86,22 @@ struct Exporter<'a> {
     blobs_fetched: u64,
     blobs_present: u64,
     bytes_fetched: u64,
+    /// Every blob and manifest this export holds (the rest of an older export is removed).
+    kept: HashSet<Digest>,
+}
+
+async fn hash_file(path: &Path, algorithm: outpost_oci::Algorithm) -> anyhow::Result<Digest> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Digester::new(algorithm);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
 }
 
 impl Exporter<'_> {
@@ -130,22 +163,30 @@ impl Exporter<'_> {
             .unwrap_or_default()
             .to_string();
         let bytes = r.bytes().await?.to_vec();
-        let digest = Digest::sha256_of(&bytes);
-        if let Ok(asked) = reference.parse::<Digest>()
-            && asked != digest
-            && asked.algorithm() == digest.algorithm()
-        {
-            bail!("{repo}@{reference}: the parent sent content that hashes to {digest}");
-        }
+        let digest = match reference.parse::<Digest>() {
+            Ok(asked) => {
+                let got = Digest::of(asked.algorithm(), &bytes);
+                if got != asked {
+                    bail!("{repo}@{reference}: the parent sent content that hashes to {got}");
+                }
+                got
+            }
+            Err(_) => Digest::sha256_of(&bytes),
+        };
         Ok((bytes, media_type, digest))
     }
 
     /// Downloads a blob unless the bundle has it, verifying its digest on the way.
     async fn blob(&mut self, repo: &str, d: &Digest) -> anyhow::Result<()> {
         let path = blob_path(self.dir, d);
-        if path.exists() {
-            self.blobs_present += 1;
-            return Ok(());
+        self.kept.insert(d.clone());
+        if path.is_file() {
+            // Reused only if intact: an export interrupted or damaged before is repaired.
+            if hash_file(&path, d.algorithm()).await.ok().as_ref() == Some(d) {
+                self.blobs_present += 1;
+                return Ok(());
+            }
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         let tmp = path.with_extension("part");
         let mut r = self
@@ -168,6 +209,7 @@ impl Exporter<'_> {
                 .with_context(|| format!("writing {}", tmp.display()))?;
         }
         tokio::io::AsyncWriteExt::flush(&mut file).await?;
+        file.sync_all().await?;
         let got = h.finish();
         if &got != d {
             let _ = std::fs::remove_file(&tmp);
@@ -200,6 +242,7 @@ impl Exporter<'_> {
             self.blob(repo, &blob.digest).await?;
         }
         write_atomic(&blob_path(self.dir, &digest), &bytes)?;
+        self.kept.insert(digest.clone());
         self.manifests.push(json!({
             "repository": repo,
             "digest": digest.to_string(),
@@ -252,6 +295,7 @@ pub async fn export(conn: &Connection, name: &str, dir: &Path) -> anyhow::Result
         blobs_fetched: 0,
         blobs_present: 0,
         bytes_fetched: 0,
+        kept: HashSet::new(),
     };
     let repos: Vec<String> = ex
         .catalog()
@@ -277,15 +321,39 @@ pub async fn export(conn: &Connection, name: &str, dir: &Path) -> anyhow::Result
     let tags = refs.len();
     let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": refs});
     write_atomic(&dir.join("index.json"), &serde_json::to_vec_pretty(&index)?)?;
+    // Written last, and what import reads: an export cut short leaves the previous one whole.
     let bundle = json!({
         "connectedRegistry": name,
         "repositories": repos,
         "manifests": ex.manifests,
+        "tags": index["manifests"],
         "config": config,
     });
     write_atomic(&dir.join(BUNDLE_FILE), &serde_json::to_vec_pretty(&bundle)?)?;
+    // What an earlier export held and this one does not (deleted or moved tags) goes.
+    let mut pruned = 0u64;
+    for alg in ["sha256", "sha512"] {
+        let sub = dir.join("blobs").join(alg);
+        let entries =
+            std::fs::read_dir(&sub).with_context(|| format!("reading {}", sub.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let keep = format!("{alg}:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| ex.kept.contains(&d));
+            if !keep {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                pruned += 1;
+            }
+        }
+    }
     eprintln!(
-        "exported {} repositories, {tags} tags, {} manifests to {}: {} blobs downloaded ({} bytes), {} already there. \
+        "exported {} repositories, {tags} tags, {} manifests to {}: {} blobs downloaded ({} bytes), {} already there, {pruned} no longer needed removed. \
          The bundle holds client tokens' password hashes: carry it like a secret.",
         repos.len(),
         ex.manifests.len(),
@@ -325,26 +393,39 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
             return Err(e).with_context(|| format!("locking {}", path.display()));
         }
     }
-    f.set_len(0)?;
-    write!(f, "{}", std::process::id())?;
+    f.set_len(0)
+        .and_then(|()| write!(f, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(f)
 }
 
 /// `outpost import --data-dir <site data dir> --dir <bundle>`.
 pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let _lock = lock_data_dir(data_dir)?;
-    let read = |name: &str| -> anyhow::Result<Value> {
-        let p = dir.join(name);
-        let s = std::fs::read(&p).with_context(|| {
-            format!(
-                "{} is not an Outpost bundle: cannot read {name}",
-                dir.display()
-            )
-        })?;
-        serde_json::from_slice(&s).with_context(|| format!("{} is not valid JSON", p.display()))
-    };
-    let bundle = read(BUNDLE_FILE)?;
-    let index = read("index.json")?;
+    let bundle: Value = serde_json::from_slice(
+        &read_bounded(&dir.join(BUNDLE_FILE), 256 << 20)
+            .with_context(|| format!("{} is not an Outpost bundle", dir.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", dir.join(BUNDLE_FILE).display()))?;
+    let name = bundle["connectedRegistry"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // A bundle belongs to one connected registry: never mix another one's content or tokens
+    // into a site.
+    let sync_dir = data_dir.join("sync");
+    let saved = sync_dir.join("config.json");
+    if let Some(current) = std::fs::read(&saved)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["name"].as_str().map(String::from))
+        && current != name
+    {
+        bail!(
+            "this bundle is for connected registry {name:?}, but {} belongs to {current:?}",
+            data_dir.display()
+        );
+    }
     let registry =
         outpost_registry::Registry::open(data_dir, outpost_registry::RegistryConfig::default())
             .await
@@ -352,11 +433,12 @@ pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             // Stored as if synced: a ReadWrite site does not send it back up.
             .for_sync();
     let (mut manifests, mut blobs_stored, mut tags) = (0u64, 0u64, 0u64);
+    let max_manifest = outpost_registry::RegistryConfig::default().max_manifest_bytes as u64;
     let read_manifest = |d: &Digest| -> anyhow::Result<Vec<u8>> {
-        let bytes = std::fs::read(blob_path(dir, d))
-            .with_context(|| format!("the bundle lacks manifest {d}"))?;
-        let got = Digest::sha256_of(&bytes);
-        if got.algorithm() == d.algorithm() && &got != d {
+        let bytes = read_bounded(&blob_path(dir, d), max_manifest)
+            .with_context(|| format!("manifest {d} of the bundle"))?;
+        let got = Digest::of(d.algorithm(), &bytes);
+        if &got != d {
             bail!("manifest {d} in the bundle is damaged (it hashes to {got})");
         }
         Ok(bytes)
@@ -411,17 +493,17 @@ pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("storing manifest {repo}@{d}"))?;
         manifests += 1;
     }
-    for r in index["manifests"].as_array().into_iter().flatten() {
+    for r in bundle["tags"].as_array().into_iter().flatten() {
         let repo: RepoName = r["annotations"][REPO_ANNOTATION]
             .as_str()
             .unwrap_or_default()
             .parse()
-            .context("a tag's repository in index.json")?;
+            .context("a tag's repository in the bundle")?;
         let tag: Reference = r["annotations"][REF_ANNOTATION]
             .as_str()
             .unwrap_or_default()
             .parse()
-            .context("a tag in index.json")?;
+            .context("a tag in the bundle")?;
         let d: Digest = r["digest"].as_str().unwrap_or_default().parse()?;
         let bytes = read_manifest(&d)?;
         registry
@@ -430,21 +512,31 @@ pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("tagging {repo}:{tag}"))?;
         tags += 1;
     }
-    // A site that never reached its parent starts from the bundle's configuration.
-    let sync_dir = data_dir.join("sync");
-    let saved = sync_dir.join("config.json");
+    // The bundle's configuration (client tokens included) is what the site starts from
+    // offline. The next time the link is up the site fetches its configuration again (no
+    // ETag) and reconciles every repository (no cursor): a bundle older than what the site
+    // had cannot leave tags or tokens behind the parent's.
     let mut installed_config = false;
-    if !bundle["config"].is_null() && !saved.exists() {
+    if !bundle["config"].is_null() {
         std::fs::create_dir_all(&sync_dir)?;
         write_atomic(&saved, &serde_json::to_vec(&bundle["config"])?)?;
         installed_config = true;
+    }
+    for stale in ["etag", "cursor"] {
+        let path = sync_dir.join(stale);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
     }
     registry.close().await;
     eprintln!(
         "imported {manifests} manifests, {tags} tags and {blobs_stored} new blobs into {}{}",
         data_dir.display(),
         if installed_config {
-            "; installed the connected registry's configuration (it starts without its parent)"
+            "; installed the connected registry's configuration (it starts without its parent, and reconciles with it once reachable)"
         } else {
             ""
         }

@@ -260,6 +260,9 @@ struct Child {
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// The garbage-collection setting the parent configures, for the node's collector.
     gc: tokio::sync::watch::Sender<GarbageCollection>,
+    /// False while this process has not activated at the parent: it started without it
+    /// (from saved state, or from an offline bundle) and activates on first contact.
+    activated: std::sync::atomic::AtomicBool,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -555,7 +558,30 @@ pub async fn start(
     let mut damaged = None;
     let saved: Option<SyncConfig> = match read_state(&config_path)? {
         None => None,
-        Some(s) => match serde_json::from_str(&s) {
+        // Whose data directory this is, read even from a damaged file: another registry's
+        // content and client tokens must not be served under this name.
+        Some(s)
+            if serde_json::from_str::<serde_json::Value>(&s)
+                .ok()
+                .and_then(|v| v["name"].as_str().map(String::from))
+                .is_some_and(|n| n != opts.connection_string.connected_registry_name) =>
+        {
+            let owner = serde_json::from_str::<serde_json::Value>(&s)
+                .ok()
+                .and_then(|v| v["name"].as_str().map(String::from))
+                .unwrap_or_default();
+            return Err(SyncError::State {
+                path: config_path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "this data directory belongs to connected registry {owner:?}, but the connection string names {:?}; use that registry's data directory",
+                        opts.connection_string.connected_registry_name
+                    ),
+                ),
+            });
+        }
+        Some(s) => match serde_json::from_str::<SyncConfig>(&s) {
             Ok(c) => Some(c),
             Err(e) => {
                 // Without it, scope added while this instance was stopped cannot be told
@@ -567,6 +593,7 @@ pub async fn start(
             }
         },
     };
+    let mut activated = true;
     let config = match parent.activate(&instance_id).await {
         Ok(()) => {
             let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
@@ -598,6 +625,7 @@ pub async fn start(
         Err(e @ SyncError::Unreachable { .. }) => match (saved, damaged) {
             (Some(cfg), _) => {
                 tracing::warn!(error = %e, "parent unreachable; serving what is here and retrying in the background");
+                activated = false;
                 cfg
             }
             (None, Some(why)) => {
@@ -635,6 +663,7 @@ pub async fn start(
         fetching: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
+        activated: std::sync::atomic::AtomicBool::new(activated),
     });
     let gc = child.gc.subscribe();
     child.registry.metrics().sync_started();
@@ -725,6 +754,7 @@ pub async fn start_mirror(
         fetching: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config_gc),
+        activated: std::sync::atomic::AtomicBool::new(true),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
@@ -944,6 +974,13 @@ impl Child {
     }
 
     async fn iteration(&self) -> Result<()> {
+        if !self.activated.load(std::sync::atomic::Ordering::Relaxed) {
+            // What a start with the parent reachable does first; a restart activates again.
+            self.parent.activate(&self.instance_id).await?;
+            self.activated
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(parent = self.parent.base(), "activated at the parent");
+        }
         // The parent answers 400 when this is no longer the active instance: the resource was
         // deactivated. Deactivation is meant to stop this instance (it keeps serving what it
         // has); re-activating here would undo it. A restart activates again.
