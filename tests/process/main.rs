@@ -1034,4 +1034,13 @@ async fn readiness_and_garbage_collection_from_the_cli() {
             .any(|l| l == "outpost_gc_blobs_removed_total 1"),
         "{metrics}"
     );
+    let received: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_upload_received_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        received >= 2 * 300_000,
+        "two images' layers were pushed: {metrics}"
+    );
 }

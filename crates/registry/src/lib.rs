@@ -334,7 +334,7 @@ impl Registry {
         }
         let out = self
             .storage
-            .append(id, start, self.config.max_blob_bytes, body)
+            .append(id, start, self.config.max_blob_bytes, self.counted(body))
             .await?;
         Ok(out.size)
     }
@@ -360,7 +360,7 @@ impl Registry {
         }
         if let Some(body) = body {
             self.storage
-                .append(id, None, self.config.max_blob_bytes, body)
+                .append(id, None, self.config.max_blob_bytes, self.counted(body))
                 .await?;
         }
         let _gate = self.blob_gate.read().await;
@@ -370,6 +370,15 @@ impl Registry {
         };
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(size)
+    }
+
+    /// `body`, counting its bytes in the metrics as they arrive (chunked ones too).
+    fn counted<S, E>(&self, body: S) -> impl Stream<Item = Result<Bytes, E>> + Send + Unpin
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    {
+        let metrics = self.metrics.clone();
+        futures_util::TryStreamExt::inspect_ok(body, move |b| metrics.upload_bytes(b.len()))
     }
 
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {

@@ -142,6 +142,7 @@ pub struct Metrics {
     duration: Family<RouteLabels, Histogram>,
     request_bytes: Family<RouteLabels, Counter>,
     response_bytes: Family<RouteLabels, Counter>,
+    upload_bytes: Counter,
     gc_runs: Counter,
     gc_blobs: Counter,
     gc_bytes: Counter,
@@ -186,6 +187,7 @@ impl Metrics {
             }),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
+            upload_bytes: Counter::default(),
             gc_runs: Counter::default(),
             gc_blobs: Counter::default(),
             gc_bytes: Counter::default(),
@@ -220,6 +222,11 @@ impl Metrics {
             "http_response_body_bytes",
             "Bytes of response bodies of known length, by route",
             m.response_bytes.clone(),
+        );
+        r.register(
+            "upload_received_bytes",
+            "Bytes received into upload sessions: client pushes, and blobs a connected registry fetches from its parent",
+            m.upload_bytes.clone(),
         );
         r.register("gc_runs", "Garbage collections run", m.gc_runs.clone());
         r.register(
@@ -319,6 +326,10 @@ impl Metrics {
         if let Some(n) = response_bytes.filter(|n| *n > 0) {
             self.response_bytes.get_or_create(&l).inc_by(n);
         }
+    }
+
+    pub(crate) fn upload_bytes(&self, n: usize) {
+        self.upload_bytes.inc_by(n as u64);
     }
 
     pub(crate) fn gc(&self, blobs: u64, bytes: u64) {
