@@ -1821,6 +1821,58 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     let v1 = push_image(&admin, &r, "app", "v1", "one").await;
     let v2 = push_image(&admin, &r, "app", "v2", "two").await;
     push_image(&admin, &r, "other", "v1", "not in scope").await;
+    // An index whose child is addressed by sha512.
+    let child = admin
+        .get(format!("{r}/v2/app/manifests/v2"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let child512 = format!(
+        "sha512:{}",
+        hex::encode(<sha2::Sha512 as sha2::Digest>::digest(&child))
+    );
+    let put = |reference: String, media_type: &'static str, body: Vec<u8>| {
+        let admin = admin.clone();
+        let r = r.clone();
+        async move {
+            let resp = admin
+                .put(format!("{r}/v2/app/manifests/{reference}"))
+                .header("content-type", media_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        }
+    };
+    put(
+        child512.clone(),
+        "application/vnd.oci.image.manifest.v1+json",
+        child.to_vec(),
+    )
+    .await;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": child512, "size": child.len(),
+            "platform": {"os": "linux", "architecture": "arm64"}}],
+    }))
+    .unwrap();
+    let multi = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&index))
+    );
+    put(
+        "multi".into(),
+        "application/vnd.oci.image.index.v1+json",
+        index,
+    )
+    .await;
     let reader_pw = read_token(&root, "far-reader", "app");
     let cs = connected(
         &root,
@@ -1847,7 +1899,7 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         err
     };
     let first = export();
-    assert!(first.contains("1 repositories, 2 tags"), "{first}");
+    assert!(first.contains("1 repositories, 3 tags"), "{first}");
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(bundle.path().join("index.json")).unwrap()).unwrap();
     let tagged: Vec<(String, String)> = index["manifests"]
@@ -1869,7 +1921,11 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         .collect();
     assert_eq!(
         tagged,
-        [("app".into(), "v1".into()), ("app".into(), "v2".into())]
+        [
+            ("app".into(), "multi".into()),
+            ("app".into(), "v1".into()),
+            ("app".into(), "v2".into())
+        ]
     );
     // Again into the same directory: nothing is downloaded twice, and a damaged file is
     // downloaded again.
@@ -1929,6 +1985,11 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     assert_eq!(
         tag_digest(&reader, &s, "app", "v2").await.as_deref(),
         Some(v2.as_str())
+    );
+    assert_eq!(
+        tag_digest(&reader, &s, "app", "multi").await.as_deref(),
+        Some(multi.as_str()),
+        "an index with a sha512-addressed child"
     );
     let site_admin = client_as("admin", SITE_PASSWORD);
     assert_eq!(tag_digest(&site_admin, &s, "other", "v1").await, None);
