@@ -34,6 +34,8 @@ pub struct Config {
     /// its parent configures.
     #[serde(skip)]
     pub log_level_explicit: bool,
+    /// `text` (for people) or `json` (one object per line, for log shippers).
+    pub log_format: String,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_bytes: usize,
     /// Largest blob accepted, in bytes (0 = unlimited).
@@ -112,6 +114,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./outpost-data"),
             log_level: "info".into(),
             log_level_explicit: false,
+            log_format: "text".into(),
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 0,
             upload_max_age_secs: 24 * 3600,
@@ -219,6 +222,11 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty());
         }
+        anyhow::ensure!(
+            matches!(config.log_format.as_str(), "text" | "json"),
+            "log_format {:?} is not text or json",
+            config.log_format
+        );
         anyhow::ensure!(
             config.max_manifest_bytes > 0,
             "max_manifest_bytes must be positive"

@@ -41,7 +41,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
-    let log = init_logging(&config.log_level)?;
+    let log = init_logging(&config.log_level, &config.log_format)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,18 +82,26 @@ pub(crate) fn log_filter(level: &str) -> anyhow::Result<String> {
     Ok(format!("{l},sqlx=warn"))
 }
 
-fn init_logging(level: &str) -> anyhow::Result<LogHandle> {
+/// Logs go to stderr, as text for people or (`log_format = "json"`) one JSON object per line
+/// for a log shipper: `timestamp`, `level`, `fields` (with `message`) and `target`.
+fn init_logging(level: &str, format: &str) -> anyhow::Result<LogHandle> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (filter, handle) = tracing_subscriber::reload::Layer::new(env_filter(level)?);
+    let json = format == "json";
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with((!json).then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false),
-        )
+                .with_target(false)
+        }))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+        }))
         .init();
     Ok(handle)
 }
