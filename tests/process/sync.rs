@@ -214,6 +214,17 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(last > 1_700_000_000, "{at_site}");
+    let page = reqwest::get(format!("{}/status", site.base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Role: <b>connected registry</b> (ReadOnly")
+            && page.contains("<tr><th>Parent reachable</th><td>yes</td></tr>"),
+        "{page}"
+    );
 
     // The root goes away: the site keeps serving and authenticating, also after a restart.
     drop(root);

@@ -66,6 +66,16 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 
+/// Counts of what a node stores ([`Meta::summary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub repositories: u64,
+    pub tags: u64,
+    pub manifests: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+}
+
 /// A stored manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestRecord {
@@ -369,6 +379,25 @@ impl Meta {
             tx.commit().await?;
         }
         Ok(rows)
+    }
+
+    /// Repositories, tags, manifests, blobs and the blobs' total size, for the status page.
+    pub async fn summary(&self) -> Result<Summary> {
+        let (repositories, tags, manifests, blobs, bytes): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM tags), \
+                 (SELECT count(*) FROM manifests), (SELECT count(*) FROM blobs), \
+                 (SELECT coalesce(sum(size), 0) FROM blobs)",
+            )
+            .fetch_one(&self.read)
+            .await?;
+        Ok(Summary {
+            repositories: repositories as u64,
+            tags: tags as u64,
+            manifests: manifests as u64,
+            blobs: blobs as u64,
+            blob_bytes: bytes as u64,
+        })
     }
 
     /// Which of `digests` have a blob row (for garbage collection of files without one).

@@ -131,6 +131,20 @@ pub struct FleetMember {
     pub last_activity_unix: Option<i64>,
 }
 
+/// A node's own state as its metrics hold it ([`Metrics::snapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub connected_registry: bool,
+    pub parent_connected: bool,
+    pub last_sync_success_unix: Option<i64>,
+    pub cursor_lag: i64,
+    pub outbox_depth: i64,
+    pub sync_failures: u64,
+    pub gc_last_run_unix: Option<i64>,
+    pub gc_blobs_removed: u64,
+    pub gc_bytes_freed: u64,
+}
+
 /// The node's metrics. Cheap to clone (every field is shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -401,6 +415,24 @@ impl Metrics {
             if let Some(t) = m.last_activity_unix {
                 self.fleet_activity.get_or_create(&l).set(t);
             }
+        }
+    }
+
+    /// This node's own sync and garbage-collection state, for the status page.
+    pub fn snapshot(&self) -> Snapshot {
+        let when = |g: &Gauge| Some(g.get()).filter(|t| *t > 0);
+        Snapshot {
+            connected_registry: self
+                .is_connected_registry
+                .load(std::sync::atomic::Ordering::Relaxed),
+            parent_connected: self.sync_connected.get() == 1,
+            last_sync_success_unix: when(&self.sync_last_success),
+            cursor_lag: self.sync_lag.get(),
+            outbox_depth: self.sync_outbox.get(),
+            sync_failures: self.sync_failures.get(),
+            gc_last_run_unix: when(&self.gc_last),
+            gc_blobs_removed: self.gc_blobs.get(),
+            gc_bytes_freed: self.gc_bytes.get(),
         }
     }
 

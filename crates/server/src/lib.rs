@@ -9,6 +9,7 @@ mod api;
 mod auth;
 pub mod error;
 mod gateway;
+mod status;
 mod v2;
 
 pub use auth::AuthSettings;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/status", get(status::page))
         .layer(middleware::from_fn_with_state(app.clone(), common))
         .with_state(app)
 }

@@ -1570,3 +1570,30 @@ async fn get_settings_uses_the_parents_reported_address_unless_told_otherwise() 
         "10.0.0.5:5000"
     );
 }
+
+#[tokio::test]
+async fn the_status_page_shows_the_store_and_the_fleet() {
+    let t = setup().await;
+    t.push_image("app", "v1", "one").await;
+    let r = create(&t, json!({"name": "ship-0001", "repositories": ["app"]})).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = t
+        .req_as(None, Method::GET, "/status", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "no credentials needed");
+    assert!(r.header("content-type").starts_with("text/html"));
+    let page = String::from_utf8(r.body.to_vec()).unwrap();
+    for needle in [
+        "<h1>Outpost ",
+        "<tr><th>Repositories</th><td>1</td></tr>",
+        "<tr><th>Tags</th><td>1</td></tr>",
+        "Connected registries below this one",
+        "<td>ship-0001</td><td>(this registry)</td><td>ReadOnly</td><td>Offline</td>",
+    ] {
+        assert!(page.contains(needle), "{needle} missing from {page}");
+    }
+    assert!(
+        !page.contains("Sync with the parent"),
+        "a root has no parent"
+    );
+}
