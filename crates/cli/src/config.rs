@@ -280,32 +280,25 @@ impl Config {
         Ok(l)
     }
 
+    /// Every setting as TOML (`outpost config`), secrets left out: the admin password, the
+    /// connection string (it holds the sync token's password) and the upstream password.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
-        out.push_str(&format!("listen = \"{}\"\n", self.listen));
-        for (key, path) in [
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("parent_ca_file", &self.parent_ca_file),
-        ] {
-            if let Some(p) = path {
-                out.push_str(&format!("{key} = {:?}\n", p.display().to_string()));
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
+            return out;
+        };
+        for (key, value) in map {
+            if matches!(
+                key.as_str(),
+                "admin_password" | "connection_string" | "upstream_password"
+            ) || value.is_null()
+            {
+                continue;
             }
+            // Strings, numbers, booleans and arrays of strings are written alike in JSON
+            // and TOML.
+            out.push_str(&format!("{key} = {value}\n"));
         }
-        out.push_str(&format!(
-            "data_dir = {:?}\n",
-            self.data_dir.display().to_string()
-        ));
-        out.push_str(&format!("log_level = {:?}\n", self.log_level));
-        out.push_str(&format!(
-            "max_manifest_bytes = {}\n",
-            self.max_manifest_bytes
-        ));
-        out.push_str(&format!("max_blob_bytes = {}\n", self.max_blob_bytes));
-        out.push_str(&format!(
-            "upload_max_age_secs = {}\n",
-            self.upload_max_age_secs
-        ));
         out
     }
 }
@@ -327,6 +320,36 @@ mod tests {
             .extract()
             .expect("config.example.toml parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn config_prints_every_setting_and_no_secret() {
+        let c = Config {
+            anonymous_pull: true,
+            metrics_enabled: false,
+            upstream_repositories: vec!["a/b".into(), "c".into()],
+            admin_password: Some("hunter2".into()),
+            connection_string: Some("SyncTokenPassword=secret".into()),
+            upstream_password: Some("upstream-secret".into()),
+            ..Config::default()
+        };
+        let text = c.to_toml();
+        for secret in ["hunter2", "secret"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        let back: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&text))
+            .extract()
+            .expect("outpost config prints TOML that loads back");
+        assert_eq!(
+            back,
+            Config {
+                admin_password: None,
+                connection_string: None,
+                upstream_password: None,
+                ..c
+            }
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the registry (root role).
+    /// Run the registry: a root, a connected registry (--connection-string) or a mirror of a
+    /// plain registry (upstream_url).
     Serve(serve::ServeArgs),
     /// Print the effective configuration (defaults, file, environment and flags merged).
     Config(serve::ServeArgs),
