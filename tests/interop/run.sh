@@ -774,6 +774,30 @@ ensure_team_app() {
 
 DENIED_TEXT="requested access to the resource is denied"
 
+check_anonymous_pull_registry() {
+    # a second Outpost with anonymous_pull = true: clients with credentials still push, and
+    # clients without any pull
+    local port anon pw out
+    port=$(free_port)
+    anon=127.0.0.1:$port
+    pw=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    spawn outpost-anon "$LOGS/outpost-anon.log" env "${unset_outpost[@]}" \
+        OUTPOST_ADMIN_PASSWORD="$pw" OUTPOST_ANONYMOUS_PULL=true \
+        "$OUTPOST" serve --listen "$anon" --data-dir "$WORK/outpost-anon-data"
+    wait_until 30 curl -sf -u "admin:$pw" "http://$anon/v2/" ||
+        fail "the anonymous-pull registry did not answer within 30s"
+    run skopeo copy -q --dest-tls-verify=false --dest-creds "admin:$pw" "oci:$FIX:img" "docker://$anon/open/app:v1" ||
+        fail "skopeo could not push with credentials to a registry that allows anonymous pulls"
+    out=$($T skopeo inspect --raw --tls-verify=false "docker://$anon/open/app:v1" 2>&1) ||
+        fail "skopeo could not pull anonymously: $out"
+    echo "  ok: pushed with credentials, inspected without"
+    out=$($T skopeo copy -q --dest-tls-verify=false "oci:$FIX:img" "docker://$anon/open/app:v2" 2>&1) &&
+        fail "an anonymous push succeeded: $out"
+    echo "anonymous push: $out"
+    # (the layers are there already, so it is the manifest that is refused)
+    expect_contains "anonymous push" "$out" "unauthorized"
+}
+
 check_auth_anonymous() {
     local h out
     h=$(curl -sS -D - -o "$WORK/anon.json" "http://$REG/v2/" | tr -d '\r')
@@ -1188,6 +1212,7 @@ run_check auth-scoped-token-podman check_auth_scoped_token_podman
 run_check auth-readonly-token-skopeo check_auth_readonly_token_skopeo
 run_check auth-catalog-filtered check_auth_catalog_filtered
 run_check auth-disabled-token check_auth_disabled_token
+run_check auth-anonymous-pull-registry check_anonymous_pull_registry
 run_check auth-containerd-token-flow check_auth_containerd_token
 run_check sync-root-to-site-skopeo check_sync_root_to_site
 run_check sync-root-to-leaf-skopeo check_sync_root_to_leaf

@@ -49,6 +49,9 @@ fn basic(value: &str) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
+/// The access token of clients without credentials where anonymous pulls are allowed.
+pub(crate) const ANONYMOUS_TOKEN: &str = "anonymous";
+
 /// Who is calling, from the `Authorization` header. Bad credentials are a 401 with a message
 /// that says why (wrong password, disabled token, expired password or access token).
 pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
@@ -64,6 +67,13 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
     {
+        // The token the token endpoint hands to clients without credentials when anonymous
+        // pulls are allowed: it grants what no credentials grant, nothing more.
+        if token.trim() == ANONYMOUS_TOKEN {
+            return Ok(Principal::Anonymous {
+                pull: app.auth.anonymous_pull,
+            });
+        }
         return app
             .control
             .verify_bearer(token.trim(), &app.auth.service)
@@ -246,6 +256,21 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
         .map(|(_, v)| v)
         .collect();
     let Some((user, pass)) = creds else {
+        if app.auth.anonymous_pull {
+            // Docker, podman and skopeo ask for a token without credentials when they have
+            // none; with anonymous pulls allowed they get one that pulls and does nothing else.
+            let body = serde_json::to_vec(&serde_json::json!({
+                "token": ANONYMOUS_TOKEN,
+                "access_token": ANONYMOUS_TOKEN,
+                "expires_in": 3600,
+            }))
+            .unwrap_or_default();
+            return Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap_or_default());
+        }
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,

@@ -95,7 +95,15 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
     match required(&route, m) {
         Need::Nothing => {}
         Need::Login => {
-            if !principal.is_authenticated() && !app.auth.anonymous_pull {
+            // The base endpoint challenges a client that sent no credentials even where
+            // anonymous pulls are allowed: that challenge is how clients learn to log in (or
+            // to fetch the anonymous token) before they push. Without it they push without
+            // credentials and give up at the 401.
+            let base_without_credentials =
+                matches!(route, Route::Base) && !h.contains_key(axum::http::header::AUTHORIZATION);
+            if !principal.is_authenticated()
+                && (!app.auth.anonymous_pull || base_without_credentials)
+            {
                 return Err(auth::unauthorized(app, h, None));
             }
         }

@@ -787,11 +787,43 @@ async fn anonymous_pull_when_enabled() {
     })
     .await;
     t.push_image("app", "v1", "x").await;
+    // The base endpoint still challenges, so clients log in (or fetch the anonymous token)
+    // before they push.
+    let r = t
+        .req_as(None, Method::GET, "/v2/", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.header("www-authenticate").starts_with("Bearer realm="));
+    let r = t
+        .req_as(
+            None,
+            Method::GET,
+            "/oauth2/token?service=outpost&scope=repository:app:pull",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "an anonymous token");
+    let anon = format!("Bearer {}", r.json()["token"].as_str().unwrap());
+    for path in ["/v2/", "/v2/app/manifests/v1", "/v2/app/tags/list"] {
+        let r = t
+            .req_as(Some(&anon), Method::GET, path, &[], Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{path} with the anonymous token");
+    }
+    let r = t
+        .req_as(
+            Some(&anon),
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(
-        t.req_as(None, Method::GET, "/v2/", &[], Body::empty())
-            .await
-            .status,
-        StatusCode::OK
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the anonymous token pushes nothing"
     );
     assert_eq!(
         t.req_as(
