@@ -18,7 +18,7 @@
 //! A directory rather than a tar file: export can resume, and other OCI tools read it.
 //! Blobs stream to and from disk, never whole into memory.
 
-use crate::client::{Client, Connection};
+use crate::client::{Client, Connection, query_escape};
 use anyhow::{Context, bail};
 use outpost_oci::manifest::OCI_INDEX;
 use outpost_oci::{Digest, Digester, Manifest, Reference, RepoName};
@@ -57,23 +57,9 @@ fn read_bounded(path: &Path, max: u64) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Writes `data` to `path` through a temporary file and a rename.
+/// Writes `data` to `path` durably: temporary file, fsync, rename, directory fsync.
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Percent-encodes a query value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    Ok(outpost_sync::write_state(path, data)?)
 }
 
 struct Exporter<'a> {
@@ -116,7 +102,7 @@ impl Exporter<'_> {
         loop {
             let mut path = "/v2/_catalog?n=1000".to_string();
             if let Some(last) = all.last() {
-                path.push_str(&format!("&last={}", enc(last)));
+                path.push_str(&format!("&last={}", query_escape(last)));
             }
             let v = self.json(&path).await?;
             let page: Vec<String> = serde_json::from_value(v["repositories"].clone())
@@ -134,7 +120,7 @@ impl Exporter<'_> {
         loop {
             let mut path = format!("/v2/{repo}/tags/list?n=1000");
             if let Some(last) = all.last() {
-                path.push_str(&format!("&last={}", enc(last)));
+                path.push_str(&format!("&last={}", query_escape(last)));
             }
             let v = self.json(&path).await?;
             let page: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap_or_default();

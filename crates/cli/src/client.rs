@@ -36,6 +36,34 @@ pub enum Output {
     Tsv,
 }
 
+/// An error status from the registry, with its message: callers that treat one status
+/// specially (a 404 while waiting, say) downcast to this instead of reading the text.
+#[derive(Debug)]
+pub struct HttpStatus {
+    pub status: reqwest::StatusCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for HttpStatus {}
+
+/// Percent-encodes a query parameter value.
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub struct Client {
     base: String,
     auth: (String, String),
@@ -153,11 +181,11 @@ impl Client {
             .await
             .context("reading the registry's answer")?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<Value>(&bytes)
+            let message = serde_json::from_slice::<Value>(&bytes)
                 .ok()
                 .and_then(|v| v["errors"][0]["message"].as_str().map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{msg} ({status})");
+            return Err(HttpStatus { status, message }.into());
         }
         if bytes.is_empty() {
             return Ok(None);

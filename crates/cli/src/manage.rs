@@ -1,7 +1,7 @@
 //! `outpost scope-map …` and `outpost token …`: the `az acr scope-map` and `az acr token`
 //! commands, flags and messages, over the management API.
 
-use crate::client::{Client, Connection, Output, confirm, print_rows};
+use crate::client::{Client, Connection, HttpStatus, Output, confirm, print_rows, query_escape};
 use anyhow::bail;
 use clap::{ArgAction, ArgMatches, Subcommand};
 use reqwest::Method;
@@ -595,20 +595,10 @@ fn split_image(image: &str) -> anyhow::Result<(String, String)> {
 pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result<()> {
     let client = Client::new(conn)?;
     let (repo, reference) = split_image(&args.image)?;
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
     let path = format!(
         "/readiness?repository={}&reference={}",
-        enc(&repo),
-        enc(&reference)
+        query_escape(&repo),
+        query_escape(&reference)
     );
     let deadline = args
         .wait
@@ -619,7 +609,13 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
         let v = match answer {
             Ok(v) => v.unwrap_or_default(),
             // While waiting, an image that has not arrived at all is just not ready yet.
-            Err(e) if waiting && e.to_string().contains("(404 Not Found)") => Value::Null,
+            Err(e)
+                if waiting
+                    && e.downcast_ref::<HttpStatus>()
+                        .is_some_and(|h| h.status == reqwest::StatusCode::NOT_FOUND) =>
+            {
+                Value::Null
+            }
             Err(e) => return Err(e),
         };
         if waiting && !v["ready"].as_bool().unwrap_or(false) {
@@ -684,7 +680,7 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
     if !ready {
         let count = v["missing"].as_array().map_or(0, |m| m.len());
         bail!(
-            "{} is not ready here: {count} manifest(s) or blob(s) missing",
+            "{} is not ready here: {count} manifest(s) or blob(s) missing; they arrive with the next sync (see `outpost connected-registry show` at the parent, or wait with --wait SECONDS)",
             args.image
         );
     }

@@ -1250,8 +1250,8 @@ impl Control {
             .map(|v| {
                 let up = matches!(v.connection_state.as_str(), "Online" | "Syncing");
                 let unix = |t: Option<&str>| {
-                    t.and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                        .map(|t| t.as_second())
+                    t.and_then(|t| crate::parse_rfc3339(t).ok())
+                        .map(|ms| ms / 1000)
                 };
                 FleetHealth {
                     up,

@@ -140,8 +140,8 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
             for r in fleet {
                 let unix = |t: &Option<String>| {
                     t.as_deref()
-                        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                        .map(|t| t.as_second())
+                        .and_then(|t| outpost_control::parse_rfc3339(t).ok())
+                        .map(|ms| ms / 1000)
                 };
                 let problems: Vec<String> = r
                     .status_details

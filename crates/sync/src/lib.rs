@@ -280,12 +280,13 @@ fn read_state(path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Writes a state file atomically (temp, fsync, rename).
-fn write_state(path: &Path, data: &str) -> Result<()> {
+/// Writes a state file atomically (temp, fsync, rename, directory fsync). Also what an
+/// offline bundle's import writes a site's configuration with.
+pub fn write_state(path: &Path, data: impl AsRef<[u8]>) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(state_err(&tmp))?;
-    f.write_all(data.as_bytes()).map_err(state_err(&tmp))?;
+    f.write_all(data.as_ref()).map_err(state_err(&tmp))?;
     f.sync_all().map_err(state_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(state_err(path))?;
     // The rename itself survives a power cut only once the directory is synced.
@@ -381,7 +382,7 @@ fn add_backfill(dir: &Path, old: &SyncConfig, new: &SyncConfig) -> Result<()> {
     }
     write_state(
         &dir.join("backfill.json"),
-        &serde_json::to_string(&pending).unwrap_or_default(),
+        serde_json::to_string(&pending).unwrap_or_default(),
     )
 }
 
@@ -556,31 +557,28 @@ pub async fn start(
     )?;
     let config_path = dir.join("config.json");
     let mut damaged = None;
-    let saved: Option<SyncConfig> = match read_state(&config_path)? {
-        None => None,
-        // Whose data directory this is, read even from a damaged file: another registry's
-        // content and client tokens must not be served under this name.
-        Some(s)
-            if serde_json::from_str::<serde_json::Value>(&s)
-                .ok()
-                .and_then(|v| v["name"].as_str().map(String::from))
-                .is_some_and(|n| n != opts.connection_string.connected_registry_name) =>
-        {
-            let owner = serde_json::from_str::<serde_json::Value>(&s)
-                .ok()
-                .and_then(|v| v["name"].as_str().map(String::from))
-                .unwrap_or_default();
-            return Err(SyncError::State {
-                path: config_path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "this data directory belongs to connected registry {owner:?}, but the connection string names {:?}; use that registry's data directory",
-                        opts.connection_string.connected_registry_name
-                    ),
+    let saved_text = read_state(&config_path)?;
+    // Whose data directory this is, read even from a damaged file: another registry's content
+    // and client tokens must not be served under this name.
+    if let Some(owner) = saved_text
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .and_then(|v| v["name"].as_str().map(String::from))
+        && owner != opts.connection_string.connected_registry_name
+    {
+        return Err(SyncError::State {
+            path: config_path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "this data directory belongs to connected registry {owner:?}, but the connection string names {:?}; use that registry's data directory",
+                    opts.connection_string.connected_registry_name
                 ),
-            });
-        }
+            ),
+        });
+    }
+    let saved: Option<SyncConfig> = match saved_text {
+        None => None,
         Some(s) => match serde_json::from_str::<SyncConfig>(&s) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -780,7 +778,7 @@ impl Child {
     fn set_cursor(&self, c: Option<i64>) -> Result<()> {
         let path = self.dir.join("cursor");
         match c {
-            Some(c) => write_state(&path, &c.to_string()),
+            Some(c) => write_state(&path, c.to_string()),
             None => match std::fs::remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -842,7 +840,7 @@ impl Child {
             .await
             .map_err(|e| SyncError::Protocol(format!("applying client tokens: {e}")))?;
         let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
-        write_state(&path, &serde_json::to_string(&names).unwrap_or_default())
+        write_state(&path, serde_json::to_string(&names).unwrap_or_default())
     }
 
     /// Stops work at piece boundaries once the sync window has closed.
@@ -1012,7 +1010,7 @@ impl Child {
             }
             write_state(
                 &self.dir.join("config.json"),
-                &serde_json::to_string(&cfg).unwrap_or_default(),
+                serde_json::to_string(&cfg).unwrap_or_default(),
             )?;
             if let Some(e) = &etag {
                 write_state(&self.dir.join("etag"), e)?;
@@ -1171,7 +1169,7 @@ impl Child {
                     }
                 }
                 cursor = e.seq;
-                write_state(&path, &cursor.to_string())?;
+                write_state(&path, cursor.to_string())?;
             }
         }
     }
@@ -1347,7 +1345,7 @@ impl Child {
                 };
                 std::fs::create_dir_all(self.dir.join("outbox-partial"))
                     .map_err(state_err(&self.dir))?;
-                write_state(&marker, &format!("{repo} {loc}"))?;
+                write_state(&marker, format!("{repo} {loc}"))?;
                 (loc, 0)
             }
         };
@@ -1380,7 +1378,7 @@ impl Child {
                 }
             };
             offset = end + 1;
-            write_state(&marker, &format!("{repo} {loc}"))?;
+            write_state(&marker, format!("{repo} {loc}"))?;
         }
         let finished = match self.parent.finish_upload(&loc, &d).await {
             // The bytes were verified here, so a mismatch means the parent's copy went wrong
@@ -1702,7 +1700,7 @@ impl Child {
             Some(u) => u,
             None => {
                 let id = self.registry.start_upload(repo).await?;
-                write_state(&marker, &format!("{repo} {id}"))?;
+                write_state(&marker, format!("{repo} {id}"))?;
                 (id, 0)
             }
         };
