@@ -1022,25 +1022,15 @@ async fn readiness_and_garbage_collection_from_the_cli() {
         &["readiness", "team/app:1.4", "-o", "json"],
     );
     assert!(ok, "the image's own blobs stay: {out}");
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "outpost_gc_blobs_removed_total 1"),
+    let metrics = support::metrics(base).await;
+    assert_eq!(
+        support::metric(&metrics, "outpost_gc_blobs_removed_total"),
+        Some(1),
         "{metrics}"
     );
-    let received: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_upload_received_bytes_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     assert!(
-        received >= 2 * 300_000,
+        support::metric(&metrics, "outpost_upload_received_bytes_total").unwrap_or(0)
+            >= 2 * 300_000,
         "two images' layers were pushed: {metrics}"
     );
 }

@@ -638,3 +638,17 @@ impl Drop for BearerGate {
         self.task.abort();
     }
 }
+
+/// The Prometheus text a node serves at `/metrics`.
+pub async fn metrics(base: &str) -> String {
+    let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
+/// The value of an unlabelled metric line `name value` in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}

@@ -68,10 +68,14 @@ fn start_site(dir: &std::path::Path, cs: &str) -> Outpost {
 
 /// Runs `outpost serve` as a connected registry expecting it to fail; returns stderr.
 fn failing_site(cs: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
+    failing_site_in(tempfile::tempdir().unwrap().path(), cs)
+}
+
+/// Starts a site in `dir` that must fail at start; returns its stderr.
+fn failing_site_in(dir: &std::path::Path, cs: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .env("OUTPOST_CONNECTION_STRING", cs)
         .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
         .output()
@@ -185,12 +189,7 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         "a ReadOnly site has nothing to send up"
     );
     // And so do Prometheus metrics, at the root (the fleet) and at the site (its sync).
-    let metrics = |base: String| async move {
-        let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap()
-    };
-    let at_root = metrics(root.base()).await;
+    let at_root = support::metrics(&root.base()).await;
     for line in [
         "outpost_connected_registry_up{name=\"site-one\"} 1",
         "outpost_connected_registry_cursor_lag_messages{name=\"site-one\"} 0",
@@ -201,19 +200,14 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         at_root.contains("outpost_http_requests_total{route=\"gateway\""),
         "{at_root}"
     );
-    let at_site = metrics(site.base()).await;
-    assert!(
-        at_site
-            .lines()
-            .any(|l| l == "outpost_sync_parent_connected 1"),
+    let at_site = support::metrics(&site.base()).await;
+    assert_eq!(
+        support::metric(&at_site, "outpost_sync_parent_connected"),
+        Some(1),
         "{at_site}"
     );
-    let last: i64 = at_site
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_sync_last_success_timestamp_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    assert!(last > 1_700_000_000, "{at_site}");
+    let last = support::metric(&at_site, "outpost_sync_last_success_timestamp_seconds");
+    assert!(last.unwrap_or(0) > 1_700_000_000, "{at_site}");
     let page = reqwest::get(format!("{}/status", site.base()))
         .await
         .unwrap()
@@ -1171,15 +1165,7 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
     // With the parent gone as well, the start fails naming the file, not the parent alone.
     std::fs::write(site_dir.path().join("sync/config.json"), "").unwrap();
     drop(root);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(site_dir.path())
-        .env("OUTPOST_CONNECTION_STRING", &cs)
-        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_site_in(site_dir.path(), &cs);
     assert!(
         err.contains("config.json") && err.contains("unreadable"),
         "{err}"
@@ -2040,15 +2026,7 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("belongs to \"someone-else\""), "{err}");
     // And a site will not start on it with this registry's connection string.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(foreign.path())
-        .env("OUTPOST_CONNECTION_STRING", &cs)
-        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_site_in(foreign.path(), &cs);
     assert!(
         err.contains("belongs to connected registry \"someone-else\""),
         "{err}"

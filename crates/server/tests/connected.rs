@@ -1213,11 +1213,8 @@ async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
 #[tokio::test]
 async fn a_create_refused_half_way_leaves_nothing_behind() {
     let t = setup_control(
-        outpost_registry::RegistryConfig {
-            fsync: false,
-            ..Default::default()
-        },
-        outpost_server::AuthSettings::default(),
+        Default::default(),
+        Default::default(),
         outpost_control::ControlConfig {
             limits: outpost_control::Limits {
                 max_repository_rules: 2,
@@ -1474,11 +1471,8 @@ async fn concurrent_scope_map_updates_all_land() {
 #[tokio::test]
 async fn the_number_of_connected_registries_is_limited() {
     let t = setup_control(
-        outpost_registry::RegistryConfig {
-            fsync: false,
-            ..Default::default()
-        },
-        outpost_server::AuthSettings::default(),
+        Default::default(),
+        Default::default(),
         outpost_control::ControlConfig {
             connected: outpost_control::ConnectedLimits {
                 max_connected_registries: 2,
