@@ -33,7 +33,8 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 rss_parts() { awk '/^(VmRSS|RssAnon|RssFile):/ {printf "%s ", $2}' "/proc/$1/status"; } # KiB: total anon file
-wait_up() { for _ in $(seq 100); do curl -sf "$1/v2/" >/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
+# any HTTP answer counts: with credentials configured, Outpost challenges `GET /v2/` with 401
+wait_up() { for _ in $(seq 100); do curl -s -o /dev/null "$1/v2/" && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
 
 # ---- servers ----
 OP_PORT=$(free_port); DR_PORT=$(free_port)

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Keeps `link/hot-symbols.txt`: the functions that run while Outpost starts and idles.
+
+`build.rs` places these functions together at the front of the release binary's code, so an
+idle server keeps ~2.5 MiB of its code resident instead of ~9 MiB (docs/benchmarks.md, run 7).
+Symbol names carry hashes that change with the compiler version, the dependency versions in
+Cargo.lock and their features, so the list must be regenerated when those change; `--check`,
+run by test.sh on the release build, says when.
+
+    bench/hot_symbols.py              regenerate the list from a release build
+                                      (needs valgrind; refined with perf when present)
+    bench/hot_symbols.py --check BIN  exit 1 if fewer than 90% of the listed names are in BIN
+
+How the list is made: the release binary runs under callgrind, once with the embedded
+defaults and once as bench/run.sh starts it (admin password, anonymous pull, log level warn);
+each run starts, answers `GET /v2/`, idles 2 s and is dumped. Callgrind runs code on a
+simulated CPU without SHA or AVX-512, and thread timing differs, so the list is then
+refined: the relinked binary starts under `perf record -e page-faults`, and any function
+whose code faulted outside `.text.hot` is added, until no new one appears.
+"""
+
+import bisect
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIST = ROOT / "link" / "hot-symbols.txt"
+PLAIN = re.compile(r"^[A-Za-z0-9_.$]+$")
+CONFIGS = [
+    ("defaults", {}, []),
+    (
+        "bench",
+        {"OUTPOST_ADMIN_PASSWORD": "hot-symbols", "OUTPOST_ANONYMOUS_PULL": "true"},
+        ["--log-level", "warn"],
+    ),
+]
+
+
+def rustc_version():
+    return subprocess.run(["rustc", "-V"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def read_list():
+    """The header's rustc line and the names."""
+    header_rustc, names = None, []
+    for line in LIST.read_text().splitlines():
+        if line.startswith("# rustc "):
+            header_rustc = line[2:].strip()
+        elif line and not line.startswith("#"):
+            names.append(line.strip())
+    return header_rustc, names
+
+
+def text_symbols(binary):
+    """(address, size, name) of every function symbol, sorted by address."""
+    out = subprocess.run(["nm", "-n", "-S", "--defined-only", str(binary)],
+                         capture_output=True, text=True, check=True).stdout
+    syms = []
+    for line in out.splitlines():
+        p = line.split()
+        if len(p) == 4 and p[2] in "tTwW":
+            syms.append((int(p[0], 16), int(p[1], 16), p[3]))
+    return syms
+
+
+def section(binary, name):
+    """(address, size) of a section, or None."""
+    out = subprocess.run(["readelf", "-SW", str(binary)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        m = re.search(r"\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", line)
+        if m and m.group(1) == name:
+            return int(m.group(2), 16), int(m.group(3), 16)
+    return None
+
+
+def check(binary):
+    header_rustc, names = read_list()
+    current = rustc_version()
+    if header_rustc != current:
+        print(f"hot-symbols: {LIST.relative_to(ROOT)} was made with {header_rustc}, this is {current}: "
+              "its names cannot match this build, so the binary links without the hot layout and "
+              "idles at ~12 MiB instead of ~7. Run bench/hot_symbols.py to regenerate it.")
+        return 0
+    have = {s[2] for s in text_symbols(binary)}
+    found = sum(1 for n in names if n in have)
+    share = found / max(len(names), 1)
+    hot = section(binary, ".text.hot")
+    print(f"hot-symbols: {found} of {len(names)} listed functions are in {binary} ({share:.0%}); "
+          f".text.hot is {hot[1] if hot else 0} bytes")
+    if share < 0.9 or not hot:
+        print("hot-symbols: the list no longer matches the code (a dependency, feature or function "
+              "changed); run bench/hot_symbols.py to regenerate link/hot-symbols.txt", file=sys.stderr)
+        return 1
+    return 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited early with status {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # 401 is an answer
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"the server on port {port} did not answer within {timeout} s")
+
+
+def start(prefix, binary, work, config):
+    _, env_extra, args = config
+    port = free_port()
+    data = tempfile.mkdtemp(dir=work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTPOST_", "ACR_"))}
+    env.update(env_extra)
+    cmd = prefix + [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data] + args
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_up(port, proc)
+    time.sleep(2)
+    return proc
+
+
+def callgrind_names(binary, work):
+    names = set()
+    for config in CONFIGS:
+        out = Path(tempfile.mkdtemp(dir=work))
+        prefix = ["valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={out}/cg.%p"]
+        proc = start(prefix, binary, work, config)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for f in out.iterdir():
+            for line in f.read_text(errors="replace").splitlines():
+                m = re.match(r"^c?fn=\(\d+\) (\S+)$", line)
+                if m and PLAIN.match(m.group(1)) and not m.group(1).startswith("0x"):
+                    names.add(m.group(1))
+        print(f"callgrind ({config[0]}): {len(names)} functions so far", file=sys.stderr)
+    return names
+
+
+def faulted_outside_hot(binary, work):
+    """Functions in `.text` (not `.text.hot`) whose pages were faulted in at start."""
+    hot, text = section(binary, ".text.hot"), section(binary, ".text")
+    syms = text_symbols(binary)
+    starts = [s[0] for s in syms]
+    found = set()
+    for config in CONFIGS:
+        data = Path(tempfile.mkdtemp(dir=work)) / "perf.data"
+        prefix = ["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-o", str(data), "--"]
+        proc = start(prefix, binary, work, config)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait()
+        out = subprocess.run(["perf", "script", "-i", str(data), "--show-mmap-events", "-F", "ip,addr"],
+                             capture_output=True, text=True).stdout
+        base = None
+        for line in out.splitlines():
+            if "PERF_RECORD_MMAP2" in line:
+                m = re.search(r"\[(0x[0-9a-f]+)\(0x[0-9a-f]+\) @ 0 .*" + re.escape(str(binary)), line)
+                if m and base is None:
+                    base = int(m.group(1), 16)
+                continue
+            if base is None:
+                continue
+            for word in line.split()[:2]:
+                va = int(word, 16) - base
+                if not (text[0] <= va < text[0] + text[1]) or (hot and hot[0] <= va < hot[0] + hot[1]):
+                    continue
+                i = bisect.bisect_right(starts, va) - 1
+                if i >= 0 and syms[i][0] <= va < syms[i][0] + max(syms[i][1], 1) and PLAIN.match(syms[i][2]):
+                    found.add(syms[i][2])
+    return found
+
+
+def write_list(names):
+    LIST.parent.mkdir(exist_ok=True)
+    body = "\n".join(sorted(names))
+    LIST.write_text(
+        "# Functions that run while Outpost starts and idles, placed together by build.rs.\n"
+        "# Generated by bench/hot_symbols.py; do not edit by hand.\n"
+        f"# {rustc_version()}\n{body}\n")
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
+    return ROOT / "target" / "release" / "outpost"
+
+
+def generate():
+    for tool in ["valgrind", "callgrind_control", "nm", "readelf"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is needed (Debian: apt-get install valgrind binutils)")
+    with tempfile.TemporaryDirectory() as work:
+        binary = build()
+        # Callgrind also names functions of libc and the loader: keep only the binary's own.
+        names = callgrind_names(binary, work) & {s[2] for s in text_symbols(binary)}
+        write_list(names)
+        if not shutil.which("perf"):
+            print("perf not found (Debian: linux-perf): the list is not refined", file=sys.stderr)
+            build()
+            return
+        for round_ in range(4):
+            binary = build()
+            extra = faulted_outside_hot(binary, work) - names
+            print(f"perf round {round_ + 1}: {len(extra)} more functions", file=sys.stderr)
+            if not extra:
+                break
+            names |= extra
+            write_list(names)
+        build()
+    print(f"wrote {LIST.relative_to(ROOT)}: {len(names)} functions", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        sys.exit(check(Path(sys.argv[2])))
+    elif len(sys.argv) == 1:
+        generate()
+    else:
+        sys.exit(__doc__)
