@@ -3,31 +3,46 @@
 //! On Linux with glibc, relative relocations are packed (`DT_RELR`, GNU ld ≥ 2.38 and
 //! glibc ≥ 2.36, both in Debian 12): the loader then reads a few KiB of relocation bitmaps at
 //! start instead of ~450 KiB of `.rela.dyn` entries, which is resident memory of every
-//! running Outpost. Set `OUTPOST_NO_PACKED_RELOCS=1` when building for an older glibc.
+//! running Outpost. Set `NO_PACKED_RELOCS=1` when building for an older glibc.
 //!
-//! Release builds on Linux also place the functions that run while the server starts and
-//! idles (listed in `link/hot-symbols.txt`, written by `bench/hot_symbols.py`) together at the
-//! front of the code, in an output section `.text.hot`. The kernel maps a binary's code into a
-//! process in whole page-cache folios, so code that start-up touches here and there across
-//! 11 MB of text made ~9 MiB of it resident; packed together it is ~2.5 MiB. This is a linker
-//! script with one `INSERT`, understood by both GNU ld and lld, and names that no longer exist
-//! are ignored, so a stale list only costs memory. Set `OUTPOST_NO_HOT_LAYOUT=1` to link without it.
+//! Release builds on Linux with glibc also place the functions that run while the server
+//! starts and idles (listed in `link/hot-symbols.txt`, written by `bench/hot_symbols.py`)
+//! together at the front of the code, in an output section `.text.hot`. The kernel maps a
+//! binary's code into a process in whole page-cache folios, so code that start-up touches here
+//! and there across 11 MB of text made ~9 MiB of it resident; packed together it is ~2.5 MiB.
+//! This is a linker script with one `INSERT`, which GNU ld and lld read; gold and mold cannot,
+//! so a build that asks for them in `RUSTFLAGS` links without it. Names that no longer exist
+//! are ignored, so a stale list only costs memory. Set `NO_HOT_LAYOUT=1` to link without it.
+//! (These switches are not `OUTPOST_*` variables: Outpost reads all of those as settings.)
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=OUTPOST_NO_PACKED_RELOCS");
-    println!("cargo:rerun-if-env-changed=OUTPOST_NO_HOT_LAYOUT");
+    println!("cargo:rerun-if-env-changed=NO_PACKED_RELOCS");
+    println!("cargo:rerun-if-env-changed=NO_HOT_LAYOUT");
     println!("cargo:rerun-if-changed=link/hot-symbols.txt");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    if os == "linux" && env == "gnu" && std::env::var_os("OUTPOST_NO_PACKED_RELOCS").is_none() {
+    let linux_gnu = os == "linux" && env == "gnu";
+    if linux_gnu && std::env::var_os("NO_PACKED_RELOCS").is_none() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
-    if os == "linux" && release && std::env::var_os("OUTPOST_NO_HOT_LAYOUT").is_none() {
-        hot_layout();
+    if linux_gnu && release && std::env::var_os("NO_HOT_LAYOUT").is_none() {
+        // gold and mold reject the linker script; leave it out when RUSTFLAGS choose them.
+        let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+        match ["fuse-ld=gold", "fuse-ld=mold", "ld.gold", "ld.mold"]
+            .iter()
+            .find(|l| flags.contains(*l))
+        {
+            Some(l) => {
+                println!(
+                    "cargo:warning=RUSTFLAGS ask for {l}, which cannot read the hot-layout linker script; linking without it"
+                );
+            }
+            None => hot_layout(),
+        }
     }
 }
 
@@ -47,7 +62,13 @@ fn hot_layout() {
     };
     for name in list.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
         if plain(name) {
-            // `#[cold]` functions (vector growth, hash table rehash) are in `.text.unlikely.*`.
+            // A name listed as `NAME.llvm.*` stands for any `.llvm.<hash>` suffix: LLVM
+            // derives that hash from the whole code unit, paths included, so it changes with
+            // the checkout's directory and with any edit next to the function. `#[cold]`
+            // functions (vector growth, hash-table rehash) are in `.text.unlikely.*`.
+            let name = name
+                .strip_suffix(".llvm.")
+                .map_or(name.to_string(), |base| format!("{base}.llvm.*"));
             let _ = writeln!(script, "    *(.text.{name} .text.unlikely.{name})");
         }
     }
@@ -63,5 +84,9 @@ fn hot_layout() {
         );
         return;
     }
-    println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", path.display());
+    // Separate arguments, not `-Wl,-T,<path>`: the compiler driver splits that at commas.
+    for arg in ["-Xlinker", "-T", "-Xlinker"] {
+        println!("cargo:rustc-link-arg-bins={arg}");
+    }
+    println!("cargo:rustc-link-arg-bins={}", path.display());
 }

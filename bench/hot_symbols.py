@@ -5,10 +5,12 @@
 idle server keeps ~2.5 MiB of its code resident instead of ~9 MiB (docs/benchmarks.md, run 7).
 Symbol names carry hashes that change with the compiler version, the dependency versions in
 Cargo.lock and their features, so the list must be regenerated when those change; `--check`,
-run by test.sh on the release build, says when.
+run by test.sh on the release build, says when. LLVM's `.llvm.<hash>` suffix of internal
+functions also changes with the checkout's path and any edit in the same code unit, so the
+list keeps such names as `NAME.llvm.` and build.rs matches any suffix.
 
     bench/hot_symbols.py              regenerate the list from a release build
-                                      (needs valgrind; refined with perf when present)
+                                      (needs valgrind and perf)
     bench/hot_symbols.py --check BIN  exit 1 if fewer than 90% of the listed names are in BIN
 
 How the list is made: the release binary runs under callgrind, once with the embedded
@@ -36,6 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIST = ROOT / "link" / "hot-symbols.txt"
 PLAIN = re.compile(r"^[A-Za-z0-9_.$]+$")
+LLVM_SUFFIX = re.compile(r"\.llvm\.\d+$")
+REGENERATE = ("run bench/hot_symbols.py to regenerate link/hot-symbols.txt "
+              "(it needs valgrind and perf: apt-get install valgrind linux-perf)")
+
+
+def listed(name):
+    """A symbol name as the list keeps it: without the digits of an `.llvm.` suffix."""
+    return LLVM_SUFFIX.sub(".llvm.", name)
 CONFIGS = [
     ("defaults", {}, []),
     (
@@ -46,8 +56,13 @@ CONFIGS = [
 ]
 
 
-def rustc_version():
-    return subprocess.run(["rustc", "-V"], capture_output=True, text=True, check=True).stdout.strip()
+def rustc_version(binary=None):
+    """`rustc X.Y.Z (hash date)`: of the compiler that built `binary`, or of the one on PATH."""
+    if binary is None:
+        return subprocess.run(["rustc", "-V"], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(["readelf", "-p", ".comment", str(binary)], capture_output=True, text=True).stdout
+    m = re.search(r"rustc version (\S+ \([^)]*\))", out)
+    return f"rustc {m.group(1)}" if m else None
 
 
 def read_list():
@@ -85,21 +100,28 @@ def section(binary, name):
 
 def check(binary):
     header_rustc, names = read_list()
-    current = rustc_version()
-    if header_rustc != current:
-        print(f"hot-symbols: {LIST.relative_to(ROOT)} was made with {header_rustc}, this is {current}: "
-              "its names cannot match this build, so the binary links without the hot layout and "
-              "idles at ~12 MiB instead of ~7. Run bench/hot_symbols.py to regenerate it.")
+    built_by = rustc_version(binary)
+    if header_rustc != built_by:
+        print(f"hot-symbols: {LIST.relative_to(ROOT)} was made with {header_rustc}, {binary} with "
+              f"{built_by}: Rust names cannot match across compilers, so only the C functions of "
+              f"the list are placed together and the server idles at ~11 MiB instead of ~7. To "
+              f"get the layout for this compiler, {REGENERATE}.")
         return 0
-    have = {s[2] for s in text_symbols(binary)}
+    hot = section(binary, ".text.hot")
+    if not hot:
+        print(f"hot-symbols: {binary} has no .text.hot section: it was linked without the hot "
+              "layout (NO_HOT_LAYOUT set, a debug build, gold or mold in RUSTFLAGS, or a "
+              "stripped binary); check a release build of `cargo build --release`", file=sys.stderr)
+        return 1
+    have = {listed(s[2]) for s in text_symbols(binary)}
     found = sum(1 for n in names if n in have)
     share = found / max(len(names), 1)
-    hot = section(binary, ".text.hot")
     print(f"hot-symbols: {found} of {len(names)} listed functions are in {binary} ({share:.0%}); "
-          f".text.hot is {hot[1] if hot else 0} bytes")
-    if share < 0.9 or not hot:
-        print("hot-symbols: the list no longer matches the code (a dependency, feature or function "
-              "changed); run bench/hot_symbols.py to regenerate link/hot-symbols.txt", file=sys.stderr)
+          f".text.hot is {hot[1]} bytes")
+    if share < 0.9:
+        print("hot-symbols: the list no longer matches the code (a dependency, a feature or a "
+              f"start-up function changed), and the server idles with more memory; {REGENERATE}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -114,7 +136,7 @@ def wait_up(port, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"the server exited early with status {proc.returncode}")
+            raise RuntimeError(f"the server exited early with status {proc.returncode}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
             return
@@ -122,10 +144,14 @@ def wait_up(port, proc, timeout=120):
             return  # 401 is an answer
         except OSError:
             time.sleep(0.1)
-    sys.exit(f"the server on port {port} did not answer within {timeout} s")
+    raise RuntimeError(f"the server on port {port} did not answer within {timeout} s")
+
+
+RUNNING = []  # process groups to kill if the script stops early
 
 
 def start(prefix, binary, work, config):
+    """Starts the server under `prefix` (valgrind, perf), waits for `GET /v2/`, idles 2 s."""
     _, env_extra, args = config
     port = free_port()
     data = tempfile.mkdtemp(dir=work)
@@ -134,9 +160,20 @@ def start(prefix, binary, work, config):
     cmd = prefix + [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data] + args
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    RUNNING.append(proc)
     wait_up(port, proc)
     time.sleep(2)
     return proc
+
+
+def stop(proc):
+    """Kills the whole process group (the tool and the server under it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    RUNNING.remove(proc)
 
 
 def callgrind_names(binary, work):
@@ -145,9 +182,9 @@ def callgrind_names(binary, work):
         out = Path(tempfile.mkdtemp(dir=work))
         prefix = ["valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={out}/cg.%p"]
         proc = start(prefix, binary, work, config)
+        # Dump what ran so far (start-up and idle), then kill: shutdown code stays out.
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
         for f in out.iterdir():
             for line in f.read_text(errors="replace").splitlines():
                 m = re.match(r"^c?fn=\(\d+\) (\S+)$", line)
@@ -160,6 +197,8 @@ def callgrind_names(binary, work):
 def faulted_outside_hot(binary, work):
     """Functions in `.text` (not `.text.hot`) whose pages were faulted in at start."""
     hot, text = section(binary, ".text.hot"), section(binary, ".text")
+    if not hot or not text:
+        raise RuntimeError(f"{binary} has no .text.hot section to refine")
     syms = text_symbols(binary)
     starts = [s[0] for s in syms]
     found = set()
@@ -167,10 +206,14 @@ def faulted_outside_hot(binary, work):
         data = Path(tempfile.mkdtemp(dir=work)) / "perf.data"
         prefix = ["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-o", str(data), "--"]
         proc = start(prefix, binary, work, config)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait()
+        # Kill the server, not perf, so perf writes its data and shutdown code is not recorded.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        proc.wait(timeout=60)
+        RUNNING.remove(proc)
         out = subprocess.run(["perf", "script", "-i", str(data), "--show-mmap-events", "-F", "ip,addr"],
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, check=True).stdout
         base = None
         for line in out.splitlines():
             if "PERF_RECORD_MMAP2" in line:
@@ -182,17 +225,19 @@ def faulted_outside_hot(binary, work):
                 continue
             for word in line.split()[:2]:
                 va = int(word, 16) - base
-                if not (text[0] <= va < text[0] + text[1]) or (hot and hot[0] <= va < hot[0] + hot[1]):
+                if not (text[0] <= va < text[0] + text[1]) or hot[0] <= va < hot[0] + hot[1]:
                     continue
                 i = bisect.bisect_right(starts, va) - 1
                 if i >= 0 and syms[i][0] <= va < syms[i][0] + max(syms[i][1], 1) and PLAIN.match(syms[i][2]):
                     found.add(syms[i][2])
+        if base is None:
+            raise RuntimeError(f"perf recorded no mapping of {binary}")
     return found
 
 
 def write_list(names):
     LIST.parent.mkdir(exist_ok=True)
-    body = "\n".join(sorted(names))
+    body = "\n".join(sorted({listed(n) for n in names}))
     LIST.write_text(
         "# Functions that run while Outpost starts and idles, placed together by build.rs.\n"
         "# Generated by bench/hot_symbols.py; do not edit by hand.\n"
@@ -201,32 +246,34 @@ def write_list(names):
 
 def build():
     subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
-    return ROOT / "target" / "release" / "outpost"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return (ROOT / target).resolve() / "release" / "outpost"
 
 
 def generate():
-    for tool in ["valgrind", "callgrind_control", "nm", "readelf"]:
+    for tool in ["valgrind", "callgrind_control", "perf", "nm", "readelf"]:
         if not shutil.which(tool):
-            sys.exit(f"{tool} is needed (Debian: apt-get install valgrind binutils)")
+            sys.exit(f"{tool} is needed (Debian: apt-get install valgrind linux-perf binutils)")
     with tempfile.TemporaryDirectory() as work:
-        binary = build()
-        # Callgrind also names functions of libc and the loader: keep only the binary's own.
-        names = callgrind_names(binary, work) & {s[2] for s in text_symbols(binary)}
-        write_list(names)
-        if not shutil.which("perf"):
-            print("perf not found (Debian: linux-perf): the list is not refined", file=sys.stderr)
-            build()
-            return
-        for round_ in range(4):
+        try:
             binary = build()
-            extra = faulted_outside_hot(binary, work) - names
-            print(f"perf round {round_ + 1}: {len(extra)} more functions", file=sys.stderr)
-            if not extra:
-                break
-            names |= extra
+            # Callgrind also names functions of libc and the loader: keep only the binary's own.
+            names = callgrind_names(binary, work) & {s[2] for s in text_symbols(binary)}
             write_list(names)
-        build()
-    print(f"wrote {LIST.relative_to(ROOT)}: {len(names)} functions", file=sys.stderr)
+            for round_ in range(6):
+                binary = build()
+                extra = {n for n in faulted_outside_hot(binary, work) if listed(n) not in
+                         {listed(m) for m in names}}
+                print(f"perf round {round_ + 1}: {len(extra)} more functions", file=sys.stderr)
+                if not extra:
+                    break
+                names |= extra
+                write_list(names)
+            build()
+        finally:
+            for proc in list(RUNNING):
+                stop(proc)
+    print(f"wrote {LIST.relative_to(ROOT)}: {len({listed(n) for n in names})} functions", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ use crate::connstr::ConnectionString;
 use crate::{
     Control, ControlError, GatewayAction, RepoAction, RepoPattern, Result, Rule, now_ms, rfc3339,
 };
-use outpost_meta::{ConnectedRegistryRow, PasswordRow, TokenRow};
+use outpost_meta::{AccessWrite, ConnectedRegistryRow, PasswordRow, TokenRow};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -474,16 +474,6 @@ fn check_notification(p: &str) -> Result<String> {
     Ok(p.to_string())
 }
 
-/// What a connected-registry create wrote so far, to revert it if a later step fails.
-#[derive(Default)]
-struct Undo {
-    /// Scope maps as they were before the create edited them, in edit order.
-    edited: Vec<outpost_meta::ScopeMapRow>,
-    /// The sync token and scope map the create made, if it made them.
-    token: Option<String>,
-    scope_map: Option<String>,
-}
-
 /// The rules of `rules` that grant more than reading a repository.
 fn write_rules(rules: &[String]) -> Vec<&str> {
     rules
@@ -594,38 +584,16 @@ impl Control {
         })
     }
 
-    /// Applies `edit` to a scope map's rule set (limits checked), under the caller's lock.
-    /// Reverts a create that failed half-way: scope maps edited get their rules back, and the
-    /// sync token and scope map it made are removed. Best effort; what cannot be undone is
-    /// logged.
-    async fn undo(&self, undo: Undo) {
-        for m in undo.edited.into_iter().rev() {
-            if let Err(e) = self
-                .meta
-                .update_scope_map(&m.name, &m.description, &m.actions)
-                .await
-            {
-                tracing::warn!(scope_map = %m.name, error = %e, "could not restore a scope map after a failed create");
-            }
-        }
-        if let Some(t) = undo.token
-            && let Err(e) = self.meta.delete_token(&t).await
-        {
-            tracing::warn!(token = %t, error = %e, "could not remove a token after a failed create");
-        }
-        if let Some(sm) = undo.scope_map
-            && let Err(e) = self.meta.delete_scope_map(&sm).await
-        {
-            tracing::warn!(scope_map = %sm, error = %e, "could not remove a scope map after a failed create");
-        }
-        self.changed();
-    }
-
-    async fn edit_rules(
+    /// Plans `edit` of a scope map's rule set (limits checked), under the caller's lock: the
+    /// write that [`Meta::apply`](outpost_meta::Meta::apply) makes of it. An earlier write of
+    /// the same scope map in `planned` is the starting point, so two edits of one scope map in
+    /// one change compose.
+    async fn planned_rules(
         &self,
+        planned: &[AccessWrite],
         scope_map: &str,
         edit: impl FnOnce(&mut BTreeSet<String>),
-    ) -> Result<()> {
+    ) -> Result<AccessWrite> {
         let row = self
             .meta
             .scope_map(scope_map)
@@ -634,14 +602,21 @@ impl Control {
                 kind: "scope map",
                 name: scope_map.into(),
             })?;
-        let mut set: BTreeSet<String> = row.actions.into_iter().collect();
+        let earlier = planned.iter().rev().find_map(|w| match w {
+            AccessWrite::UpdateScopeMap { name, actions, .. } if name == scope_map => {
+                Some(actions.clone())
+            }
+            _ => None,
+        });
+        let mut set: BTreeSet<String> = earlier.unwrap_or(row.actions).into_iter().collect();
         edit(&mut set);
         let actions: Vec<String> = set.into_iter().collect();
         let rules = self.parse_rules(scope_map, &actions)?;
-        self.meta
-            .update_scope_map(scope_map, &row.description, &rules)
-            .await?;
-        Ok(())
+        Ok(AccessWrite::UpdateScopeMap {
+            name: scope_map.into(),
+            description: row.description,
+            actions: rules,
+        })
     }
 
     /// Repositories a registry syncs: those its sync scope map can read.
@@ -960,206 +935,197 @@ impl Control {
             )));
         }
 
-        // From here on the control plane is written to: anything that fails half-way (a limit
-        // met by an ancestor's scope map, say) undoes what was already written.
-        let mut undo = Undo::default();
-        let result: Result<ConnectedRegistryView> = async {
-            // The sync token and its scope map.
-            let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
-                None => {
-                    if self.meta.token(name).await?.is_some() {
-                        return Err(ControlError::AlreadyExists {
-                            kind: "token",
-                            name: name.into(),
-                        });
-                    }
-                    if self.meta.scope_map(name).await?.is_some() {
-                        return Err(ControlError::AlreadyExists {
-                            kind: "scope map",
-                            name: name.into(),
-                        });
-                    }
-                    let mut actions: Vec<String> =
-                        repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
-                    actions.extend(gateway_rules(name));
-                    let rules = self.parse_rules(name, &actions)?;
-                    if self.meta.count_scope_maps().await? >= self.config.limits.max_scope_maps {
-                        return Err(ControlError::Limit {
-                            what: "the registry has the maximum number of scope maps".into(),
-                            limit: self.config.limits.max_scope_maps,
-                        });
-                    }
-                    if self.meta.count_tokens().await? >= self.config.limits.max_tokens {
-                        return Err(ControlError::Limit {
-                            what: "the registry has the maximum number of tokens".into(),
-                            limit: self.config.limits.max_tokens,
-                        });
-                    }
-                    undo.scope_map = Some(name.to_string());
-                    self.meta
-                        .insert_scope_map(
-                            name,
-                            &format!("Created by connected registry sync token: {name}"),
-                            &rules,
-                        )
-                        .await?;
-                    undo.token = Some(name.to_string());
-                    self.meta
-                        .put_token(&TokenRow {
-                            name: name.into(),
-                            scope_map: Some(name.into()),
-                            status: "enabled".into(),
-                            is_admin: false,
-                            created_ms: now_ms(),
-                            updated_ms: now_ms(),
-                            passwords: [PasswordRow::default(), PasswordRow::default()],
-                        })
-                        .await?;
-                    (
-                        name.to_string(),
-                        repos
-                            .iter()
-                            .flat_map(|r| repo_rules(r, mode))
-                            .collect::<Vec<_>>(),
-                    )
+        // Every row the create writes is planned first and written in one transaction, so
+        // a limit met by an ancestor's scope map, a database error or a crash leaves nothing.
+        let mut writes: Vec<AccessWrite> = Vec::new();
+        // The sync token and its scope map.
+        let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
+            None => {
+                if self.meta.token(name).await?.is_some() {
+                    return Err(ControlError::AlreadyExists {
+                        kind: "token",
+                        name: name.into(),
+                    });
                 }
-                Some(t) => {
-                    let token = self
-                        .meta
-                        .token(t)
+                if self.meta.scope_map(name).await?.is_some() {
+                    return Err(ControlError::AlreadyExists {
+                        kind: "scope map",
+                        name: name.into(),
+                    });
+                }
+                let mut actions: Vec<String> =
+                    repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
+                actions.extend(gateway_rules(name));
+                let rules = self.parse_rules(name, &actions)?;
+                if self.meta.count_scope_maps().await? >= self.config.limits.max_scope_maps {
+                    return Err(ControlError::Limit {
+                        what: "the registry has the maximum number of scope maps".into(),
+                        limit: self.config.limits.max_scope_maps,
+                    });
+                }
+                if self.meta.count_tokens().await? >= self.config.limits.max_tokens {
+                    return Err(ControlError::Limit {
+                        what: "the registry has the maximum number of tokens".into(),
+                        limit: self.config.limits.max_tokens,
+                    });
+                }
+                writes.push(AccessWrite::InsertScopeMap {
+                    name: name.into(),
+                    description: format!("Created by connected registry sync token: {name}"),
+                    actions: rules,
+                });
+                writes.push(AccessWrite::PutToken(TokenRow {
+                    name: name.into(),
+                    scope_map: Some(name.into()),
+                    status: "enabled".into(),
+                    is_admin: false,
+                    created_ms: now_ms(),
+                    updated_ms: now_ms(),
+                    passwords: [PasswordRow::default(), PasswordRow::default()],
+                }));
+                (
+                    name.to_string(),
+                    repos
+                        .iter()
+                        .flat_map(|r| repo_rules(r, mode))
+                        .collect::<Vec<_>>(),
+                )
+            }
+            Some(t) => {
+                let token = self
+                    .meta
+                    .token(t)
+                    .await?
+                    .ok_or_else(|| ControlError::NotFound {
+                        kind: "token",
+                        name: t.clone(),
+                    })?;
+                if let Some(other) = all.values().find(|r| &r.sync_token == t) {
+                    return Err(ControlError::Invalid(format!(
+                        "token {t:?} is already the sync token of connected registry {:?}",
+                        other.name
+                    )));
+                }
+                let sm = token.scope_map.clone().ok_or_else(|| {
+                    ControlError::Invalid(format!("sync token {t:?} has no scope map"))
+                })?;
+                // Gateway rights for this registry go into that scope map: every token using
+                // it would get them (and read the registry's configuration, client-token
+                // hashes included).
+                let sharing: Vec<String> = self
+                    .meta
+                    .tokens_using(&sm)
+                    .await?
+                    .into_iter()
+                    .filter(|other| other != t)
+                    .collect();
+                if !sharing.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "the scope map {sm:?} of sync token {t:?} is also used by {}; a sync token needs a scope map of its own, since the connected registry's gateway rights are added to it",
+                        sharing.join(", ")
+                    )));
+                }
+                let map =
+                    self.meta
+                        .scope_map(&sm)
                         .await?
                         .ok_or_else(|| ControlError::NotFound {
-                            kind: "token",
-                            name: t.clone(),
+                            kind: "scope map",
+                            name: sm.clone(),
                         })?;
-                    if let Some(other) = all.values().find(|r| &r.sync_token == t) {
-                        return Err(ControlError::Invalid(format!(
-                            "token {t:?} is already the sync token of connected registry {:?}",
-                            other.name
-                        )));
-                    }
-                    let sm = token.scope_map.clone().ok_or_else(|| {
-                        ControlError::Invalid(format!("sync token {t:?} has no scope map"))
-                    })?;
-                    // Gateway rights for this registry go into that scope map: every token using
-                    // it would get them (and read the registry's configuration, client-token
-                    // hashes included).
-                    let sharing: Vec<String> = self
-                        .meta
-                        .tokens_using(&sm)
-                        .await?
-                        .into_iter()
-                        .filter(|other| other != t)
-                        .collect();
-                    if !sharing.is_empty() {
-                        return Err(ControlError::Invalid(format!(
-                            "the scope map {sm:?} of sync token {t:?} is also used by {}; a sync token needs a scope map of its own, since the connected registry's gateway rights are added to it",
-                            sharing.join(", ")
-                        )));
-                    }
-                    let map =
-                        self.meta
-                            .scope_map(&sm)
-                            .await?
-                            .ok_or_else(|| ControlError::NotFound {
-                                kind: "scope map",
-                                name: sm.clone(),
-                            })?;
-                    let rules: Vec<Rule> = map
-                        .actions
-                        .iter()
-                        .filter_map(|a| Rule::parse(a).ok())
-                        .collect();
-                    let patterns: BTreeSet<RepoPattern> = rules
-                        .iter()
-                        .filter_map(|r| match r {
-                            Rule::Repository(p, _) => Some(p.clone()),
-                            Rule::Gateway(..) => None,
-                        })
-                        .collect();
-                    if patterns.is_empty() {
-                        return Err(ControlError::Invalid(format!(
-                            "sync token {t:?} grants no repositories; its scope map {sm:?} needs repository actions"
-                        )));
-                    }
-                    for p in &patterns {
-                        for a in mode.repo_actions() {
-                            if !rules.contains(&Rule::Repository(p.clone(), *a)) {
-                                return Err(ControlError::Invalid(format!(
-                                    "sync token {t:?} lacks {} on {p}; a {} connected registry's sync token needs {} on each repository",
-                                    a,
-                                    mode.as_str(),
-                                    mode.repo_actions()
-                                        .iter()
-                                        .map(|a| a.as_str())
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                )));
-                            }
+                let rules: Vec<Rule> = map
+                    .actions
+                    .iter()
+                    .filter_map(|a| Rule::parse(a).ok())
+                    .collect();
+                let patterns: BTreeSet<RepoPattern> = rules
+                    .iter()
+                    .filter_map(|r| match r {
+                        Rule::Repository(p, _) => Some(p.clone()),
+                        Rule::Gateway(..) => None,
+                    })
+                    .collect();
+                if patterns.is_empty() {
+                    return Err(ControlError::Invalid(format!(
+                        "sync token {t:?} grants no repositories; its scope map {sm:?} needs repository actions"
+                    )));
+                }
+                for p in &patterns {
+                    for a in mode.repo_actions() {
+                        if !rules.contains(&Rule::Repository(p.clone(), *a)) {
+                            return Err(ControlError::Invalid(format!(
+                                "sync token {t:?} lacks {} on {p}; a {} connected registry's sync token needs {} on each repository",
+                                a,
+                                mode.as_str(),
+                                mode.repo_actions()
+                                    .iter()
+                                    .map(|a| a.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )));
                         }
                     }
-                    if rules
-                        .iter()
-                        .any(|r| matches!(r, Rule::Gateway(g, _) if g != name))
-                    {
-                        return Err(ControlError::Invalid(format!(
-                            "sync token {t:?} must have only repository permissions (and this registry's gateway actions)"
-                        )));
-                    }
-                    undo.edited.extend(self.meta.scope_map(&sm).await?);
-                    self.edit_rules(&sm, |set| set.extend(gateway_rules(name)))
-                        .await?;
-                    (
-                        t.clone(),
-                        patterns.iter().flat_map(|p| repo_rules(p, mode)).collect(),
-                    )
                 }
-            };
-
-            // Every ancestor's sync scope map gains the child's gateway and repository actions.
-            let parent_row = req.parent.as_ref().and_then(|p| all.get(p)).cloned();
-            if let Some(parent) = parent_row {
-                let mut chain = vec![parent.clone()];
-                chain.extend(Self::ancestors(&all, &parent.name).into_iter().cloned());
-                for anc in chain {
-                    let sm = self.sync_scope_map(&anc).await?;
-                    let add: Vec<String> = gateway_rules(name)
-                        .into_iter()
-                        .chain(repo_rules_for_ancestors.iter().cloned())
-                        .collect();
-                    undo.edited.extend(self.meta.scope_map(&sm).await?);
-                    self.edit_rules(&sm, |set| set.extend(add)).await?;
+                if rules
+                    .iter()
+                    .any(|r| matches!(r, Rule::Gateway(g, _) if g != name))
+                {
+                    return Err(ControlError::Invalid(format!(
+                        "sync token {t:?} must have only repository permissions (and this registry's gateway actions)"
+                    )));
                 }
+                writes.push(
+                    self.planned_rules(&writes, &sm, |set| set.extend(gateway_rules(name)))
+                        .await?,
+                );
+                (
+                    t.clone(),
+                    patterns.iter().flat_map(|p| repo_rules(p, mode)).collect(),
+                )
             }
+        };
 
-            let row = ConnectedRegistryRow {
-                name: name.into(),
-                mode: mode.as_str().into(),
-                parent: req.parent.clone(),
-                sync_token,
-                client_tokens,
-                schedule,
-                sync_window: req.sync_window.clone(),
-                message_ttl: ttl,
-                log_level,
-                notifications,
-                gc_enabled: req.gc_enabled.unwrap_or(true),
-                gc_schedule,
-                created_ms: now_ms(),
-                updated_ms: now_ms(),
-                activation: "Inactive".into(),
-                status_details: "[]".into(),
-                ..Default::default()
-            };
-            self.meta.put_connected_registry(&row).await?;
-            self.changed();
-            self.view(&row).await
+        // Every ancestor's sync scope map gains the child's gateway and repository actions.
+        let parent_row = req.parent.as_ref().and_then(|p| all.get(p)).cloned();
+        if let Some(parent) = parent_row {
+            let mut chain = vec![parent.clone()];
+            chain.extend(Self::ancestors(&all, &parent.name).into_iter().cloned());
+            for anc in chain {
+                let sm = self.sync_scope_map(&anc).await?;
+                let add: Vec<String> = gateway_rules(name)
+                    .into_iter()
+                    .chain(repo_rules_for_ancestors.iter().cloned())
+                    .collect();
+                let w = self
+                    .planned_rules(&writes, &sm, |set| set.extend(add))
+                    .await?;
+                writes.push(w);
+            }
         }
-        .await;
-        if result.is_err() {
-            self.undo(undo).await;
-        }
-        result
+
+        let row = ConnectedRegistryRow {
+            name: name.into(),
+            mode: mode.as_str().into(),
+            parent: req.parent.clone(),
+            sync_token,
+            client_tokens,
+            schedule,
+            sync_window: req.sync_window.clone(),
+            message_ttl: ttl,
+            log_level,
+            notifications,
+            gc_enabled: req.gc_enabled.unwrap_or(true),
+            gc_schedule,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            activation: "Inactive".into(),
+            status_details: "[]".into(),
+            ..Default::default()
+        };
+        writes.push(AccessWrite::PutConnectedRegistry(Box::new(row.clone())));
+        self.meta.apply(&writes).await?;
+        self.changed();
+        self.view(&row).await
     }
 
     pub async fn update_connected_registry(
@@ -1338,74 +1304,55 @@ impl Control {
             )));
         }
         let sync_sm = self.sync_scope_map(&row).await.ok();
-        self.meta.delete_connected_registry(name).await?;
+        // With --cleanup, the registry and everything it owned go in one transaction. A step
+        // that cannot even be planned (an ancestor's scope map already removed by hand, say)
+        // is left out and reported as a remaining step; without --cleanup every step is.
+        let mut writes = vec![AccessWrite::DeleteConnectedRegistry(name.into())];
         let gateway: BTreeSet<String> = gateway_rules(name).into_iter().collect();
         let mut remaining = Vec::new();
-        let ancestors = Self::ancestors(&all, name);
-        let mut cleaned_up = cleanup;
-        // Each cleanup step that fails (a database error half-way) becomes a remaining step,
-        // so the answer always says what is left to do; the registry itself is gone.
-        let mut step = |r: Result<()>, command: String| {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, %command, "a cleanup step of a connected-registry deletion failed");
-                cleaned_up = false;
-                remaining.push(command);
-            }
-        };
-        for anc in &ancestors {
+        for anc in Self::ancestors(&all, name) {
             if let Ok(sm) = self.sync_scope_map(anc).await {
-                let command = format!(
-                    "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
-                );
-                if cleanup {
-                    step(
-                        self.edit_rules(&sm, |set| set.retain(|a| !gateway.contains(a)))
-                            .await,
-                        command,
-                    );
-                } else {
-                    step(Err(ControlError::Internal("not asked to".into())), command);
+                let planned = match cleanup {
+                    true => self
+                        .planned_rules(&writes, &sm, |set| set.retain(|a| !gateway.contains(a)))
+                        .await
+                        .ok(),
+                    false => None,
+                };
+                match planned {
+                    Some(w) => writes.push(w),
+                    None => remaining.push(format!(
+                        "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
+                    )),
                 }
             }
         }
-        let token_step = format!("outpost token delete -n {} --yes", row.sync_token);
-        if cleanup {
-            step(
-                self.meta
-                    .delete_token(&row.sync_token)
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into),
-                token_step,
-            );
-        } else {
-            step(
-                Err(ControlError::Internal("not asked to".into())),
-                token_step,
-            );
+        match cleanup {
+            true => writes.push(AccessWrite::DeleteToken(row.sync_token.clone())),
+            false => remaining.push(format!("outpost token delete -n {} --yes", row.sync_token)),
         }
         if let Some(sm) = &sync_sm {
-            let command = format!("outpost scope-map delete -n {sm} --yes");
-            if cleanup {
-                let r = match self.meta.tokens_using(sm).await {
-                    Ok(users) if users.is_empty() => self
-                        .meta
-                        .delete_scope_map(sm)
-                        .await
-                        .map(|_| ())
-                        .map_err(Into::into),
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e.into()),
-                };
-                step(r, command);
-            } else {
-                step(Err(ControlError::Internal("not asked to".into())), command);
+            // Once the sync token is gone, the scope map is deleted unless other tokens use it.
+            let others = match cleanup {
+                true => self
+                    .meta
+                    .tokens_using(sm)
+                    .await
+                    .ok()
+                    .map(|users| users.into_iter().any(|u| u != row.sync_token)),
+                false => None,
+            };
+            match others {
+                Some(false) => writes.push(AccessWrite::DeleteScopeMap(sm.clone())),
+                Some(true) => {}
+                None => remaining.push(format!("outpost scope-map delete -n {sm} --yes")),
             }
         }
+        self.meta.apply(&writes).await?;
         self.changed();
         Ok(DeleteOutcome {
             deleted: name.into(),
-            cleaned_up,
+            cleaned_up: remaining.is_empty(),
             remaining_steps: remaining,
         })
     }
@@ -1658,22 +1605,14 @@ impl Control {
             let actions: Vec<String> = set.iter().cloned().collect();
             let rules = self.parse_rules(&m.name, &actions)?;
             if rules != m.actions {
-                writes.push((m, rules));
+                writes.push(AccessWrite::UpdateScopeMap {
+                    name: m.name.clone(),
+                    description: m.description.clone(),
+                    actions: rules,
+                });
             }
         }
-        // Write them; if the database fails half-way, put back what was written.
-        let mut undo = Undo::default();
-        for (m, rules) in writes {
-            if let Err(e) = self
-                .meta
-                .update_scope_map(&m.name, &m.description, &rules)
-                .await
-            {
-                self.undo(undo).await;
-                return Err(e.into());
-            }
-            undo.edited.push(m.clone());
-        }
+        self.meta.apply(&writes).await?;
         self.changed();
         let sm = self.sync_scope_map(&row).await?;
         self.show_scope_map(&sm).await
@@ -1861,7 +1800,9 @@ impl Control {
                 }
             }
         }
-        self.meta.replace_relayed_tokens(&relayed).await?;
+        // All of it in one transaction: a crash half-way must not leave a descendant relayed
+        // with another's tokens, nor a deleted one still listed.
+        let mut writes = vec![AccessWrite::ReplaceRelayedTokens(relayed)];
         let existing = self.all_registries().await?;
         for (cfg, parent) in &all {
             let old = existing.get(&cfg.name);
@@ -1901,13 +1842,14 @@ impl Control {
                 cursor_lag: old.and_then(|o| o.cursor_lag),
                 outbox_depth: old.and_then(|o| o.outbox_depth),
             };
-            self.meta.put_connected_registry(&row).await?;
+            writes.push(AccessWrite::PutConnectedRegistry(Box::new(row)));
         }
         for name in existing.keys() {
             if !all.iter().any(|(c, _)| &c.name == name) {
-                self.meta.delete_connected_registry(name).await?;
+                writes.push(AccessWrite::DeleteConnectedRegistry(name.clone()));
             }
         }
+        self.meta.apply(&writes).await?;
         self.changed();
         Ok(())
     }
@@ -2001,6 +1943,9 @@ impl Control {
         previous: &[String],
     ) -> Result<()> {
         let _w = self.writes.lock().await;
+        // One transaction: a crash half-way must not leave a token with its new password and
+        // its old rules, or a revoked token still in place.
+        let mut writes = Vec::new();
         for t in tokens {
             if t.name == crate::ADMIN_TOKEN {
                 tracing::warn!(
@@ -2015,23 +1960,11 @@ impl Control {
                 .filter_map(|a| Rule::parse(a).ok())
                 .map(|r| r.to_string())
                 .collect();
-            if !self
-                .meta
-                .insert_scope_map(
-                    &scope_map,
-                    "Client token rules synced from the parent",
-                    &rules,
-                )
-                .await?
-            {
-                self.meta
-                    .update_scope_map(
-                        &scope_map,
-                        "Client token rules synced from the parent",
-                        &rules,
-                    )
-                    .await?;
-            }
+            writes.push(AccessWrite::PutScopeMap {
+                name: scope_map.clone(),
+                description: "Client token rules synced from the parent".into(),
+                actions: rules,
+            });
             let mut passwords = [PasswordRow::default(), PasswordRow::default()];
             for p in &t.passwords {
                 let slot = match p.name.as_str() {
@@ -2045,24 +1978,23 @@ impl Control {
                     expiry_ms: p.expiry.as_deref().map(crate::parse_rfc3339).transpose()?,
                 };
             }
-            self.meta
-                .put_token(&TokenRow {
-                    name: t.name.clone(),
-                    scope_map: Some(scope_map),
-                    status: t.status.clone(),
-                    is_admin: false,
-                    created_ms: now_ms(),
-                    updated_ms: now_ms(),
-                    passwords,
-                })
-                .await?;
+            writes.push(AccessWrite::PutToken(TokenRow {
+                name: t.name.clone(),
+                scope_map: Some(scope_map),
+                status: t.status.clone(),
+                is_admin: false,
+                created_ms: now_ms(),
+                updated_ms: now_ms(),
+                passwords,
+            }));
         }
         for old in previous {
             if old != crate::ADMIN_TOKEN && !tokens.iter().any(|t| &t.name == old) {
-                self.meta.delete_token(old).await?;
-                self.meta.delete_scope_map(&format!("synced-{old}")).await?;
+                writes.push(AccessWrite::DeleteToken(old.clone()));
+                writes.push(AccessWrite::DeleteScopeMap(format!("synced-{old}")));
             }
         }
+        self.meta.apply(&writes).await?;
         self.changed();
         Ok(())
     }

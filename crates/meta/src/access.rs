@@ -1,8 +1,8 @@
 //! Rows of the access-control tables (scope maps and tokens). `outpost-control` owns their
 //! meaning; this module only stores and loads them.
 
-use crate::{Meta, MetaError, Result, now_ms};
-use sqlx::Row;
+use crate::{ConnectedRegistryRow, Meta, MetaError, Result, now_ms};
+use sqlx::{Executor, Row, Sqlite};
 
 /// A stored scope map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,19 +103,7 @@ impl Meta {
         description: &str,
         actions: &[String],
     ) -> Result<bool> {
-        let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
-        let res = sqlx::query(
-            "INSERT INTO scope_maps (name, description, actions, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(description)
-        .bind(json)
-        .bind(now_ms())
-        .bind(now_ms())
-        .execute(&self.write)
-        .await?;
-        Ok(res.rows_affected() > 0)
+        insert_scope_map(&self.write, name, description, actions).await
     }
 
     /// Replaces a scope map's description and actions; returns false if it does not exist.
@@ -125,42 +113,11 @@ impl Meta {
         description: &str,
         actions: &[String],
     ) -> Result<bool> {
-        let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
-        let res = sqlx::query(
-            "UPDATE scope_maps SET description = ?, actions = ?, updated_at = ? WHERE name = ?",
-        )
-        .bind(description)
-        .bind(json)
-        .bind(now_ms())
-        .bind(name)
-        .execute(&self.write)
-        .await?;
-        Ok(res.rows_affected() > 0)
+        update_scope_map(&self.write, name, description, actions).await
     }
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<bool> {
-        let res = sqlx::query("DELETE FROM scope_maps WHERE name = ?")
-            .bind(name)
-            .execute(&self.write)
-            .await?;
-        Ok(res.rows_affected() > 0)
-    }
-
-    /// Replaces the client tokens relayed to descendants: `(name, configuration JSON)`.
-    pub async fn replace_relayed_tokens(&self, tokens: &[(String, String)]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        sqlx::query("DELETE FROM relayed_tokens")
-            .execute(&mut *tx)
-            .await?;
-        for (name, config) in tokens {
-            sqlx::query("INSERT OR REPLACE INTO relayed_tokens (name, config) VALUES (?, ?)")
-                .bind(name)
-                .bind(config)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        delete_scope_map(&self.write, name).await
     }
 
     /// The configuration JSON of a client token relayed to a descendant.
@@ -212,31 +169,271 @@ impl Meta {
 
     /// Inserts or replaces a token row (the caller read, changed and writes it back).
     pub async fn put_token(&self, t: &TokenRow) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT OR REPLACE INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&t.name)
-        .bind(&t.scope_map)
-        .bind(&t.status)
-        .bind(i64::from(t.is_admin))
-        .bind(t.created_ms)
-        .bind(now_ms())
-        .bind(&t.passwords[0].hash)
-        .bind(t.passwords[0].created_ms)
-        .bind(t.passwords[0].expiry_ms)
-        .bind(&t.passwords[1].hash)
-        .bind(t.passwords[1].created_ms)
-        .bind(t.passwords[1].expiry_ms)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        put_token(&self.write, t).await
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<bool> {
-        let res = sqlx::query("DELETE FROM tokens WHERE name = ?")
+        delete_token(&self.write, name).await
+    }
+
+    /// Applies `writes` in one transaction: all of them, or (on any error) none.
+    ///
+    /// A control-plane change that spans rows (a connected registry with its sync token, its
+    /// scope map and its ancestors' scope maps) is planned by its caller under the caller's
+    /// lock and written here, so neither an error nor a crash half-way leaves part of it.
+    pub async fn apply(&self, writes: &[AccessWrite]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for w in writes {
+            match w {
+                AccessWrite::InsertScopeMap {
+                    name,
+                    description,
+                    actions,
+                } => {
+                    if !insert_scope_map(&mut *tx, name, description, actions).await? {
+                        return Err(MetaError::Stale(format!(
+                            "scope map {name:?} already exists"
+                        )));
+                    }
+                }
+                AccessWrite::UpdateScopeMap {
+                    name,
+                    description,
+                    actions,
+                } => {
+                    if !update_scope_map(&mut *tx, name, description, actions).await? {
+                        return Err(MetaError::Stale(format!("scope map {name:?} is gone")));
+                    }
+                }
+                AccessWrite::PutScopeMap {
+                    name,
+                    description,
+                    actions,
+                } => {
+                    if !insert_scope_map(&mut *tx, name, description, actions).await? {
+                        update_scope_map(&mut *tx, name, description, actions).await?;
+                    }
+                }
+                AccessWrite::DeleteScopeMap(name) => {
+                    delete_scope_map(&mut *tx, name).await?;
+                }
+                AccessWrite::PutToken(t) => put_token(&mut *tx, t).await?,
+                AccessWrite::DeleteToken(name) => {
+                    delete_token(&mut *tx, name).await?;
+                }
+                AccessWrite::PutConnectedRegistry(row) => {
+                    crate::connected::put_connected_registry(&mut *tx, row).await?
+                }
+                AccessWrite::DeleteConnectedRegistry(name) => {
+                    crate::connected::delete_connected_registry(&mut *tx, name).await?;
+                }
+                AccessWrite::ReplaceRelayedTokens(tokens) => {
+                    replace_relayed_tokens(&mut tx, tokens).await?
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// One row written by a control-plane change; see [`Meta::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessWrite {
+    /// A new scope map; the change fails if the name is taken.
+    InsertScopeMap {
+        name: String,
+        description: String,
+        actions: Vec<String>,
+    },
+    /// New description and actions of an existing scope map; the change fails if it is gone.
+    UpdateScopeMap {
+        name: String,
+        description: String,
+        actions: Vec<String>,
+    },
+    /// A scope map created or replaced.
+    PutScopeMap {
+        name: String,
+        description: String,
+        actions: Vec<String>,
+    },
+    DeleteScopeMap(String),
+    PutToken(TokenRow),
+    DeleteToken(String),
+    PutConnectedRegistry(Box<ConnectedRegistryRow>),
+    DeleteConnectedRegistry(String),
+    /// The client tokens relayed to descendants, all replaced: `(name, configuration JSON)`.
+    ReplaceRelayedTokens(Vec<(String, String)>),
+}
+
+async fn insert_scope_map<'e>(
+    ex: impl Executor<'e, Database = Sqlite>,
+    name: &str,
+    description: &str,
+    actions: &[String],
+) -> Result<bool> {
+    let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
+    let res = sqlx::query(
+        "INSERT INTO scope_maps (name, description, actions, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .bind(description)
+    .bind(json)
+    .bind(now_ms())
+    .bind(now_ms())
+    .execute(ex)
+    .await?;
+    Ok(res.rows_affected() > 0)
+}
+
+async fn update_scope_map<'e>(
+    ex: impl Executor<'e, Database = Sqlite>,
+    name: &str,
+    description: &str,
+    actions: &[String],
+) -> Result<bool> {
+    let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
+    let res = sqlx::query(
+        "UPDATE scope_maps SET description = ?, actions = ?, updated_at = ? WHERE name = ?",
+    )
+    .bind(description)
+    .bind(json)
+    .bind(now_ms())
+    .bind(name)
+    .execute(ex)
+    .await?;
+    Ok(res.rows_affected() > 0)
+}
+
+async fn delete_scope_map<'e>(
+    ex: impl Executor<'e, Database = Sqlite>,
+    name: &str,
+) -> Result<bool> {
+    let res = sqlx::query("DELETE FROM scope_maps WHERE name = ?")
+        .bind(name)
+        .execute(ex)
+        .await?;
+    Ok(res.rows_affected() > 0)
+}
+
+async fn put_token<'e>(ex: impl Executor<'e, Database = Sqlite>, t: &TokenRow) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT OR REPLACE INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(&t.name)
+    .bind(&t.scope_map)
+    .bind(&t.status)
+    .bind(i64::from(t.is_admin))
+    .bind(t.created_ms)
+    .bind(now_ms())
+    .bind(&t.passwords[0].hash)
+    .bind(t.passwords[0].created_ms)
+    .bind(t.passwords[0].expiry_ms)
+    .bind(&t.passwords[1].hash)
+    .bind(t.passwords[1].created_ms)
+    .bind(t.passwords[1].expiry_ms)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+async fn delete_token<'e>(ex: impl Executor<'e, Database = Sqlite>, name: &str) -> Result<bool> {
+    let res = sqlx::query("DELETE FROM tokens WHERE name = ?")
+        .bind(name)
+        .execute(ex)
+        .await?;
+    Ok(res.rows_affected() > 0)
+}
+
+async fn replace_relayed_tokens(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tokens: &[(String, String)],
+) -> Result<()> {
+    sqlx::query("DELETE FROM relayed_tokens")
+        .execute(&mut **tx)
+        .await?;
+    for (name, config) in tokens {
+        sqlx::query("INSERT OR REPLACE INTO relayed_tokens (name, config) VALUES (?, ?)")
             .bind(name)
-            .execute(&self.write)
+            .bind(config)
+            .execute(&mut **tx)
             .await?;
-        Ok(res.rows_affected() > 0)
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str, scope_map: &str) -> TokenRow {
+        TokenRow {
+            name: name.into(),
+            scope_map: Some(scope_map.into()),
+            status: "enabled".into(),
+            is_admin: false,
+            created_ms: 1,
+            updated_ms: 1,
+            passwords: Default::default(),
+        }
+    }
+
+    fn map(name: &str, actions: &[&str]) -> AccessWrite {
+        AccessWrite::InsertScopeMap {
+            name: name.into(),
+            description: String::new(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// A change whose last write fails leaves none of its earlier writes; one that succeeds
+    /// leaves all of them.
+    #[tokio::test]
+    async fn apply_writes_all_or_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        let rules = ["repositories/app/content/read"];
+        meta.apply(&[map("before", &rules)]).await.expect("apply");
+
+        let failing = [
+            map("new", &rules),
+            AccessWrite::PutToken(token("new", "new")),
+            AccessWrite::UpdateScopeMap {
+                name: "before".into(),
+                description: "changed".into(),
+                actions: vec![],
+            },
+            AccessWrite::DeleteScopeMap("before".into()),
+            AccessWrite::UpdateScopeMap {
+                name: "missing".into(),
+                description: String::new(),
+                actions: vec![],
+            },
+        ];
+        let err = meta
+            .apply(&failing)
+            .await
+            .expect_err("a missing scope map fails");
+        assert!(matches!(err, MetaError::Stale(_)), "{err}");
+        assert!(meta.scope_map("new").await.expect("read").is_none());
+        assert!(meta.token("new").await.expect("read").is_none());
+        let before = meta.scope_map("before").await.expect("read").expect("kept");
+        assert_eq!(before.actions, rules, "the earlier update was rolled back");
+        assert_eq!(before.description, "");
+
+        // Inserting a name that exists fails the same way.
+        let err = meta
+            .apply(&[map("other", &rules), map("before", &[])])
+            .await
+            .expect_err("a taken name fails");
+        assert!(matches!(err, MetaError::Stale(_)), "{err}");
+        assert!(meta.scope_map("other").await.expect("read").is_none());
+
+        meta.apply(&failing[..4]).await.expect("apply");
+        assert!(meta.token("new").await.expect("read").is_some());
+        assert!(meta.scope_map("new").await.expect("read").is_some());
+        assert!(meta.scope_map("before").await.expect("read").is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! every column; this module only stores and loads rows.
 
 use crate::{Meta, MetaError, Result, now_ms};
-use sqlx::Row;
+use sqlx::{Executor, Row, Sqlite};
 
 /// A stored connected-registry resource.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -104,49 +104,58 @@ impl Meta {
 
     /// Inserts or replaces a row (callers read, change and write back under their own lock).
     pub async fn put_connected_registry(&self, c: &ConnectedRegistryRow) -> Result<()> {
-        let list = |v: &Vec<String>| {
-            serde_json::to_string(v).map_err(|e| MetaError::Corrupt(e.to_string()))
-        };
-        sqlx::query(&format!(
-            "INSERT OR REPLACE INTO connected_registries ({COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&c.name)
-        .bind(&c.mode)
-        .bind(&c.parent)
-        .bind(&c.sync_token)
-        .bind(list(&c.client_tokens)?)
-        .bind(&c.schedule)
-        .bind(&c.sync_window)
-        .bind(&c.message_ttl)
-        .bind(&c.log_level)
-        .bind(list(&c.notifications)?)
-        .bind(i64::from(c.gc_enabled))
-        .bind(&c.gc_schedule)
-        .bind(c.created_ms)
-        .bind(now_ms())
-        .bind(&c.activation)
-        .bind(&c.instance_id)
-        .bind(c.last_activity_ms)
-        .bind(c.last_sync_ms)
-        .bind(&c.sync_result)
-        .bind(&c.reported_state)
-        .bind(&c.status_details)
-        .bind(&c.version)
-        .bind(&c.login_server)
-        .bind(i64::from(c.resync_requested))
-        .bind(c.cursor_lag)
-        .bind(c.outbox_depth)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        put_connected_registry(&self.write, c).await
     }
+}
 
-    pub async fn delete_connected_registry(&self, name: &str) -> Result<bool> {
-        let res = sqlx::query("DELETE FROM connected_registries WHERE name = ?")
-            .bind(name)
-            .execute(&self.write)
-            .await?;
-        Ok(res.rows_affected() > 0)
-    }
+pub(crate) async fn put_connected_registry<'e>(
+    ex: impl Executor<'e, Database = Sqlite>,
+    c: &ConnectedRegistryRow,
+) -> Result<()> {
+    let list =
+        |v: &Vec<String>| serde_json::to_string(v).map_err(|e| MetaError::Corrupt(e.to_string()));
+    sqlx::query(&format!(
+        "INSERT OR REPLACE INTO connected_registries ({COLUMNS}) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(&c.name)
+    .bind(&c.mode)
+    .bind(&c.parent)
+    .bind(&c.sync_token)
+    .bind(list(&c.client_tokens)?)
+    .bind(&c.schedule)
+    .bind(&c.sync_window)
+    .bind(&c.message_ttl)
+    .bind(&c.log_level)
+    .bind(list(&c.notifications)?)
+    .bind(i64::from(c.gc_enabled))
+    .bind(&c.gc_schedule)
+    .bind(c.created_ms)
+    .bind(now_ms())
+    .bind(&c.activation)
+    .bind(&c.instance_id)
+    .bind(c.last_activity_ms)
+    .bind(c.last_sync_ms)
+    .bind(&c.sync_result)
+    .bind(&c.reported_state)
+    .bind(&c.status_details)
+    .bind(&c.version)
+    .bind(&c.login_server)
+    .bind(i64::from(c.resync_requested))
+    .bind(c.cursor_lag)
+    .bind(c.outbox_depth)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn delete_connected_registry<'e>(
+    ex: impl Executor<'e, Database = Sqlite>,
+    name: &str,
+) -> Result<bool> {
+    let res = sqlx::query("DELETE FROM connected_registries WHERE name = ?")
+        .bind(name)
+        .execute(ex)
+        .await?;
+    Ok(res.rows_affected() > 0)
 }

@@ -12,7 +12,7 @@ mod access;
 mod connected;
 mod schema;
 
-pub use access::{PasswordRow, ScopeMapRow, TokenRow};
+pub use access::{AccessWrite, PasswordRow, ScopeMapRow, TokenRow};
 pub use connected::ConnectedRegistryRow;
 
 use outpost_oci::Digest;
@@ -32,6 +32,9 @@ pub enum MetaError {
     MissingManifest(Digest),
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
+    /// A planned change no longer fits the rows it was planned on.
+    #[error("metadata changed while a change was planned: {0}")]
+    Stale(String),
 }
 
 impl MetaError {

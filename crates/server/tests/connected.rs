@@ -1207,6 +1207,101 @@ async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
     );
 }
 
+/// Runs `sql` on the test registry's database through a connection of its own, as an
+/// operator's `sqlite3` would: here, triggers that make one write fail.
+async fn db_exec(t: &T, sql: &str) {
+    let url = format!("sqlite://{}", t.dir.path().join("meta.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+/// A connected-registry create or delete whose last database write fails writes nothing:
+/// every row of it goes in one transaction (a crash half-way is the same case).
+#[tokio::test]
+async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
+    let t = setup().await;
+    let r = create(
+        &t,
+        json!({"name": "hub-0001", "mode": "ReadWrite", "repositories": ["r1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+    let hub_rules = scope_actions(&t, "hub-0001").await;
+
+    db_exec(
+        &t,
+        "CREATE TRIGGER fail_cr BEFORE INSERT ON connected_registries \
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .await;
+    let r = create(
+        &t,
+        json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", msg(&r));
+    assert_eq!(
+        t.get("/api/v1/tokens/leaf-0001").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/leaf-0001").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        scope_actions(&t, "hub-0001").await,
+        hub_rules,
+        "the hub's rules are as they were"
+    );
+    db_exec(&t, "DROP TRIGGER fail_cr;").await;
+    let r = create(
+        &t,
+        json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
+    let with_leaf = scope_actions(&t, "hub-0001").await;
+    assert!(
+        with_leaf.iter().any(|a| a.contains("leaf-0001")),
+        "{with_leaf:?}"
+    );
+
+    // The delete's last step (the sync token) fails: the registry, its token, its scope map
+    // and the hub's rights over it all stay.
+    db_exec(
+        &t,
+        "CREATE TRIGGER fail_tok BEFORE DELETE ON tokens \
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .await;
+    const DELETE_LEAF: &str = "/api/v1/connected-registries/leaf-0001?cleanup=true";
+    let r = t.req(Method::DELETE, DELETE_LEAF, &[], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", msg(&r));
+    assert_eq!(
+        t.get("/api/v1/connected-registries/leaf-0001").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.get("/api/v1/tokens/leaf-0001").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.get("/api/v1/scope-maps/leaf-0001").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(scope_actions(&t, "hub-0001").await, with_leaf);
+    db_exec(&t, "DROP TRIGGER fail_tok;").await;
+    let r = t.req(Method::DELETE, DELETE_LEAF, &[], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    assert_eq!(r.json()["cleanedUp"], json!(true), "{}", r.json());
+    assert_eq!(
+        t.get("/api/v1/tokens/leaf-0001").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(scope_actions(&t, "hub-0001").await, hub_rules);
+}
+
 /// A create refused half-way (the parent's scope map would name more repositories than the
 /// limit allows) leaves nothing behind: no sync token, no scope map, the parent's rules as
 /// they were; the same name can be created right after.
