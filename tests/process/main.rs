@@ -761,6 +761,7 @@ async fn connected_registry_hierarchy_with_the_cli() {
         "--yes",
     ]);
     assert_eq!(activate(cs.clone(), "second").await, 200);
+    // ACR's documented form: --query picks the connection string out of the JSON answer.
     let cs2 = run(&[
         "connected-registry",
         "get-settings",
@@ -770,10 +771,77 @@ async fn connected_registry_hierarchy_with_the_cli() {
         "http",
         "--generate-password",
         "1",
+        "--query",
+        "ACR_REGISTRY_CONNECTION_STRING",
+        "--output",
+        "tsv",
         "--yes",
+    ]);
+    assert!(
+        cs2.starts_with("ConnectedRegistryName=line-one;") && cs2.lines().count() == 1,
+        "{cs2}"
+    );
+    // Queries over lists, in each output form.
+    let names = run(&[
+        "connected-registry",
+        "list",
+        "--query",
+        "[].name",
         "-o",
         "tsv",
     ]);
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        ["site-one", "line-one"],
+        "{names}"
+    );
+    let json = run(&[
+        "connected-registry",
+        "list",
+        "--query",
+        "[?mode=='ReadOnly'].{name: name, parent: parent}",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&json).unwrap(),
+        serde_json::json!([{"name": "line-one", "parent": "site-one"}]),
+        "{json}"
+    );
+    let table = run(&[
+        "connected-registry",
+        "show",
+        "-n",
+        "line-one",
+        "--query",
+        "{n: name, m: mode}",
+    ]);
+    assert_eq!(
+        table.lines().map(str::trim_end).collect::<Vec<_>>(),
+        ["M         N", "--------  --------", "ReadOnly  line-one"],
+        "{table}"
+    );
+    // A query that does not parse is refused before the command changes anything.
+    let (ok, _, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &[
+            "connected-registry",
+            "deactivate",
+            "-n",
+            "line-one",
+            "--yes",
+            "--query",
+            "[?",
+        ],
+    );
+    assert!(!ok && err.contains("invalid --query"), "{err}");
+    assert_eq!(
+        activate(outpost_control_cs(cs2.trim()), "third").await,
+        409,
+        "still active: the deactivate did not run"
+    );
     assert_eq!(
         activate(cs.clone(), "second").await,
         401,

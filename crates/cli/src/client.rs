@@ -27,6 +27,105 @@ pub struct Connection {
     /// Output format
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// JMESPath query applied to the command's JSON answer, as az's --query; the result is
+    /// printed in the form --output asks for (e.g. --query ACR_REGISTRY_CONNECTION_STRING -o tsv)
+    #[arg(long, global = true, value_name = "JMESPATH")]
+    pub query: Option<String>,
+}
+
+impl Connection {
+    fn compiled_query(&self) -> anyhow::Result<Option<jmespath::Expression<'static>>> {
+        self.query
+            .as_deref()
+            .map(|q| {
+                jmespath::compile(q).map_err(|e| anyhow::anyhow!("invalid --query {q:?}: {e}"))
+            })
+            .transpose()
+    }
+
+    /// Prints the command's JSON answer `v` when `--output json` or `--query` asks for it, and
+    /// returns true; false leaves the printing to the command's own table or TSV.
+    ///
+    /// With `--query`, the selected part is printed in the generic form of `--output`, as az
+    /// prints it: JSON; TSV with a scalar as plain text, a list one item per line and an
+    /// object's values tab-separated; a table with one row per object or per scalar. Object
+    /// keys come out sorted (the `jmespath` crate keeps objects in a `BTreeMap`), where az
+    /// keeps a multiselect's order.
+    pub fn print_generic(&self, v: &Value) -> anyhow::Result<bool> {
+        let Some(expr) = self.compiled_query()? else {
+            if self.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(v)?);
+                return Ok(true);
+            }
+            return Ok(false);
+        };
+        let found = expr
+            .search(v)
+            .map_err(|e| anyhow::anyhow!("--query {:?}: {e}", expr.as_str()))?;
+        let found = serde_json::to_value(&*found)?;
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+            Output::Tsv => {
+                for line in tsv_lines(&found) {
+                    println!("{line}");
+                }
+            }
+            Output::Table => print_generic_table(&found),
+        }
+        Ok(true)
+    }
+}
+
+/// A value as text in a TSV cell: strings unquoted, null empty, anything else as JSON.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn tsv_lines(v: &Value) -> Vec<String> {
+    let row = |v: &Value| match v {
+        Value::Object(m) => m.values().map(cell).collect::<Vec<_>>().join("\t"),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join("\t"),
+        other => cell(other),
+    };
+    match v {
+        Value::Array(items) => items.iter().map(row).collect(),
+        Value::Null => Vec::new(),
+        other => vec![row(other)],
+    }
+}
+
+fn print_generic_table(v: &Value) {
+    let items: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Null => Vec::new(),
+        other => vec![other],
+    };
+    let mut header: Vec<String> = Vec::new();
+    for i in &items {
+        if let Value::Object(m) = i {
+            for k in m.keys() {
+                if !header.contains(k) {
+                    header.push(k.clone());
+                }
+            }
+        }
+    }
+    if header.is_empty() {
+        let rows: Vec<Vec<String>> = items.iter().map(|i| vec![cell(i)]).collect();
+        print_rows(Output::Table, &["RESULT"], &rows);
+        return;
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| header.iter().map(|k| cell(&i[k.as_str()])).collect())
+        .collect();
+    let upper: Vec<String> = header.iter().map(|h| h.to_uppercase()).collect();
+    let names: Vec<&str> = upper.iter().map(String::as_str).collect();
+    print_rows(Output::Table, &names, &rows);
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +195,8 @@ fn docker_config_credentials(host: &str) -> Option<(String, String)> {
 
 impl Client {
     pub fn new(c: &Connection) -> anyhow::Result<Client> {
+        // A mistake in --query is refused before the command changes anything.
+        c.compiled_query()?;
         let base = c.registry.trim_end_matches('/').to_string();
         let base = if base.starts_with("http://") || base.starts_with("https://") {
             base

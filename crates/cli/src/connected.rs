@@ -171,35 +171,36 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn print_one(output: Output, v: &Value) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-        _ => print_rows(
-            output,
-            &[
-                "NAME",
-                "MODE",
-                "CONNECTION STATE",
-                "PARENT",
-                "LOGIN SERVER",
-                "LAST SYNC (UTC)",
-                "SYNC SCHEDULE",
-                "SYNC WINDOW",
-                "SYNC STATE",
-            ],
-            &[vec![
-                s(&v["name"]),
-                s(&v["mode"]),
-                s(&v["connectionState"]),
-                s(&v["parent"]),
-                s(&v["loginServer"]),
-                s(&v["lastSyncTime"]),
-                s(&v["syncSchedule"]),
-                s(&v["syncWindow"]),
-                s(&v["syncState"]),
-            ]],
-        ),
+fn print_one(conn: &Connection, v: &Value) -> anyhow::Result<()> {
+    if conn.print_generic(v)? {
+        return Ok(());
     }
+    print_rows(
+        conn.output,
+        &[
+            "NAME",
+            "MODE",
+            "CONNECTION STATE",
+            "PARENT",
+            "LOGIN SERVER",
+            "LAST SYNC (UTC)",
+            "SYNC SCHEDULE",
+            "SYNC WINDOW",
+            "SYNC STATE",
+        ],
+        &[vec![
+            s(&v["name"]),
+            s(&v["mode"]),
+            s(&v["connectionState"]),
+            s(&v["parent"]),
+            s(&v["loginServer"]),
+            s(&v["lastSyncTime"]),
+            s(&v["syncSchedule"]),
+            s(&v["syncWindow"]),
+            s(&v["syncState"]),
+        ]],
+    );
+    Ok(())
 }
 
 /// Names prefixed with tree branches, from a depth-first list.
@@ -247,14 +248,11 @@ fn tree_names(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn print_list(output: Output, items: &[Value]) {
-    if output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(items).unwrap_or_default()
-        );
-        return;
+fn print_list(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
+    if conn.print_generic(&Value::from(items.to_vec()))? {
+        return Ok(());
     }
+    let output = conn.output;
     let names = if output == Output::Table {
         tree_names(items)
     } else {
@@ -288,21 +286,21 @@ fn print_list(output: Output, items: &[Value]) {
         ],
         &rows,
     );
+    Ok(())
 }
 
-fn print_scope_map(output: Output, v: &Value) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-        _ => {
-            let rows: Vec<Vec<String>> = v["actions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|a| vec![s(&v["name"]), s(a)])
-                .collect();
-            print_rows(output, &["SCOPE MAP", "ACTION"], &rows);
-        }
+fn print_scope_map(conn: &Connection, v: &Value) -> anyhow::Result<()> {
+    if conn.print_generic(v)? {
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = v["actions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| vec![s(&v["name"]), s(a)])
+        .collect();
+    print_rows(conn.output, &["SCOPE MAP", "ACTION"], &rows);
+    Ok(())
 }
 
 pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result<()> {
@@ -340,7 +338,7 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::POST, "/connected-registries", Some(body))
                 .await?
                 .unwrap_or_default();
-            print_one(conn.output, &v);
+            print_one(conn, &v)?;
         }
         ConnectedRegistryCmd::Update {
             name,
@@ -365,14 +363,14 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::PATCH, &path(&name, ""), Some(body))
                 .await?
                 .unwrap_or_default();
-            print_one(conn.output, &v);
+            print_one(conn, &v)?;
         }
         ConnectedRegistryCmd::Show { name } => {
             let v = c
                 .call(Method::GET, &path(&name, ""), None)
                 .await?
                 .unwrap_or_default();
-            print_one(conn.output, &v);
+            print_one(conn, &v)?;
         }
         ConnectedRegistryCmd::List {
             parent,
@@ -394,10 +392,7 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::GET, &format!("/connected-registries{suffix}"), None)
                 .await?
                 .unwrap_or(json!([]));
-            print_list(
-                conn.output,
-                v.as_array().map(Vec::as_slice).unwrap_or_default(),
-            );
+            print_list(conn, v.as_array().map(Vec::as_slice).unwrap_or_default())?;
         }
         ConnectedRegistryCmd::Delete {
             name,
@@ -424,9 +419,9 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 )
                 .await?
                 .unwrap_or_default();
-            if conn.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if let Some(steps) = v["remainingSteps"].as_array().filter(|s| !s.is_empty()) {
+            if !conn.print_generic(&v)?
+                && let Some(steps) = v["remainingSteps"].as_array().filter(|s| !s.is_empty())
+            {
                 eprintln!(
                     "Deleted connected registry '{name}'. Its sync token, scope map and the ancestors' gateway permissions remain; remove them with:"
                 );
@@ -444,7 +439,7 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::POST, &path(&name, "/deactivate"), Some(json!({})))
                 .await?
                 .unwrap_or_default();
-            print_one(conn.output, &v);
+            print_one(conn, &v)?;
         }
         ConnectedRegistryCmd::GetSettings {
             name,
@@ -477,21 +472,19 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                     "warning: the connection string's ParentGatewayEndpoint {why}; pass --parent-endpoint <host[:port]> with the address the instance reaches its parent at"
                 );
             }
-            match conn.output {
-                Output::Json => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
-                }
+            if conn.print_generic(&v)? {
+                // printed as JSON, or what --query selected
+            } else if conn.output == Output::Tsv {
                 // tsv: just the connection string, for `--output tsv` in scripts
-                Output::Tsv => println!("{}", s(&v["ACR_REGISTRY_CONNECTION_STRING"])),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = v
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .map(|(k, val)| vec![k.clone(), s(val)])
-                        .collect();
-                    print_rows(Output::Table, &["SETTING", "VALUE"], &rows);
-                }
+                println!("{}", s(&v["ACR_REGISTRY_CONNECTION_STRING"]));
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, val)| vec![k.clone(), s(val)])
+                    .collect();
+                print_rows(Output::Table, &["SETTING", "VALUE"], &rows);
             }
         }
         ConnectedRegistryCmd::Export { name, dir } => {
@@ -508,11 +501,8 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .flatten()
                 .map(|t| vec![s(&t["name"]), s(&t["scopeMap"]), s(&t["status"])])
                 .collect();
-            match conn.output {
-                Output::Json => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
-                }
-                o => print_rows(o, &["NAME", "SCOPE MAP", "STATUS"], &rows),
+            if !conn.print_generic(&v)? {
+                print_rows(conn.output, &["NAME", "SCOPE MAP", "STATUS"], &rows);
             }
         }
         ConnectedRegistryCmd::Permissions(PermissionsCmd::Show { name }) => {
@@ -520,7 +510,7 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::GET, &path(&name, "/permissions"), None)
                 .await?
                 .unwrap_or_default();
-            print_scope_map(conn.output, &v);
+            print_scope_map(conn, &v)?;
         }
         ConnectedRegistryCmd::Permissions(PermissionsCmd::Update { name, add, remove }) => {
             if add.is_empty() && remove.is_empty() {
@@ -534,14 +524,14 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 )
                 .await?
                 .unwrap_or_default();
-            print_scope_map(conn.output, &v);
+            print_scope_map(conn, &v)?;
         }
         ConnectedRegistryCmd::Resync { name } => {
             let v = c
                 .call(Method::POST, &path(&name, "/resync"), Some(json!({})))
                 .await?
                 .unwrap_or_default();
-            print_one(conn.output, &v);
+            print_one(conn, &v)?;
         }
     }
     Ok(())

@@ -189,24 +189,24 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// JSON output: one object for commands about one item, an array for `list`.
-fn print_json(items: &[Value], single: bool) {
+/// Prints `items` as JSON when `--output json` or `--query` asks for it (one object for
+/// commands about one item, an array for `list`); false leaves the table to the caller.
+fn print_json(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<bool> {
     let v = if single {
         items.first().cloned().unwrap_or(Value::Null)
     } else {
         Value::from(items.to_vec())
     };
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    conn.print_generic(&v)
 }
 
-fn print_scope_maps(output: Output, items: &[Value]) {
-    print_scope_maps_as(output, items, true)
+fn print_scope_maps(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
+    print_scope_maps_as(conn, items, true)
 }
 
-fn print_scope_maps_as(output: Output, items: &[Value], single: bool) {
-    if output == Output::Json {
-        print_json(items, single);
-        return;
+fn print_scope_maps_as(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<()> {
+    if print_json(conn, items, single)? {
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = items
         .iter()
@@ -224,20 +224,20 @@ fn print_scope_maps_as(output: Output, items: &[Value], single: bool) {
         })
         .collect();
     print_rows(
-        output,
+        conn.output,
         &["NAME", "CREATION DATE", "DESCRIPTION", "ACTIONS"],
         &rows,
     );
+    Ok(())
 }
 
-fn print_tokens(output: Output, items: &[Value]) {
-    print_tokens_as(output, items, true)
+fn print_tokens(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
+    print_tokens_as(conn, items, true)
 }
 
-fn print_tokens_as(output: Output, items: &[Value], single: bool) {
-    if output == Output::Json {
-        print_json(items, single);
-        return;
+fn print_tokens_as(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<()> {
+    if print_json(conn, items, single)? {
+        return Ok(());
     }
     let expiry = |t: &Value, n: &str| {
         t["passwords"]
@@ -266,7 +266,7 @@ fn print_tokens_as(output: Output, items: &[Value], single: bool) {
         })
         .collect();
     print_rows(
-        output,
+        conn.output,
         &[
             "NAME",
             "SCOPE MAP",
@@ -281,7 +281,7 @@ fn print_tokens_as(output: Output, items: &[Value], single: bool) {
     for t in items {
         for p in t["passwords"].as_array().into_iter().flatten() {
             if let Some(v) = p["value"].as_str() {
-                match output {
+                match conn.output {
                     Output::Tsv => println!("{}\t{v}", s(&p["name"])),
                     _ => println!("{}: {v}", s(&p["name"])),
                 }
@@ -294,12 +294,13 @@ fn print_tokens_as(output: Output, items: &[Value], single: bool) {
             .into_iter()
             .flatten()
             .any(|p| p["value"].is_string())
-    }) && output == Output::Table
+    }) && conn.output == Output::Table
     {
         eprintln!(
             "Save these passwords now: they cannot be shown again (generate new ones with `outpost token credential generate`)."
         );
     }
+    Ok(())
 }
 
 /// The values of each occurrence of a repeatable multi-value flag (`--repository A x y
@@ -321,7 +322,7 @@ pub async fn scope_map(conn: &Connection, cmd: ScopeMapCmd, m: &ArgMatches) -> a
             let v = c
                 .call(Method::POST, "/scope-maps", Some(json!({"name": name, "description": description.unwrap_or_default(), "actions": actions})))
                 .await?;
-            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_scope_maps(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         ScopeMapCmd::Update {
             name, description, ..
@@ -337,13 +338,13 @@ pub async fn scope_map(conn: &Connection, cmd: ScopeMapCmd, m: &ArgMatches) -> a
             let v = c
                 .call(Method::PATCH, &format!("/scope-maps/{name}"), Some(body))
                 .await?;
-            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_scope_maps(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         ScopeMapCmd::Show { name } => {
             let v = c
                 .call(Method::GET, &format!("/scope-maps/{name}"), None)
                 .await?;
-            print_scope_maps(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_scope_maps(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         ScopeMapCmd::List => {
             let v = c
@@ -351,10 +352,10 @@ pub async fn scope_map(conn: &Connection, cmd: ScopeMapCmd, m: &ArgMatches) -> a
                 .await?
                 .unwrap_or(json!([]));
             print_scope_maps_as(
-                conn.output,
+                conn,
                 v.as_array().map(Vec::as_slice).unwrap_or_default(),
                 false,
-            );
+            )?;
         }
         ScopeMapCmd::Delete { name, yes } => {
             confirm(
@@ -419,7 +420,7 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                     return Err(e);
                 }
             };
-            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         TokenCmd::Update {
             name,
@@ -436,13 +437,13 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                     Some(json!({"scopeMap": scope_map, "status": status})),
                 )
                 .await?;
-            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         TokenCmd::Show { name } => {
             let v = c
                 .call(Method::GET, &format!("/tokens/{name}"), None)
                 .await?;
-            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         TokenCmd::List => {
             let v = c
@@ -450,10 +451,10 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                 .await?
                 .unwrap_or(json!([]));
             print_tokens_as(
-                conn.output,
+                conn,
                 v.as_array().map(Vec::as_slice).unwrap_or_default(),
                 false,
-            );
+            )?;
         }
         TokenCmd::Delete { name, yes } => {
             confirm(
@@ -490,7 +491,7 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                     Some(body),
                 )
                 .await?;
-            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
         TokenCmd::Credential(CredentialCmd::Delete {
             name,
@@ -513,7 +514,7 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                     Some(json!({"passwords": which})),
                 )
                 .await?;
-            print_tokens(conn.output, &v.into_iter().collect::<Vec<_>>());
+            print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
         }
     }
     Ok(())
@@ -541,8 +542,7 @@ pub async fn gc(conn: &Connection, args: GcArgs) -> anyhow::Result<()> {
         .call(reqwest::Method::POST, "/gc", Some(body))
         .await?
         .unwrap_or_default();
-    if conn.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    if conn.print_generic(&v)? {
         return Ok(());
     }
     let n = |k: &str| v[k].as_u64().unwrap_or(0).to_string();
@@ -625,9 +625,7 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
         break v;
     };
     let ready = v["ready"].as_bool().unwrap_or(false);
-    if conn.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+    if !conn.print_generic(&v)? {
         let n = |k: &str| v[k].as_u64().unwrap_or(0).to_string();
         let platforms: Vec<&str> = v["platforms"]
             .as_array()

@@ -1000,6 +1000,12 @@ impl Control {
                         kind: "token",
                         name: t.clone(),
                     })?;
+                if let Some(other) = all.values().find(|r| r.client_tokens.contains(t)) {
+                    return Err(ControlError::Invalid(format!(
+                        "token {t:?} is a client token of connected registry {:?}; a sync token must be a token of its own",
+                        other.name
+                    )));
+                }
                 if let Some(other) = all.values().find(|r| &r.sync_token == t) {
                     return Err(ControlError::Invalid(format!(
                         "token {t:?} is already the sync token of connected registry {:?}",
@@ -1303,28 +1309,43 @@ impl Control {
                 "connected registry {name:?} is active; deactivate it first with `outpost connected-registry deactivate -n {name}` (or delete with --force)"
             )));
         }
-        let sync_sm = self.sync_scope_map(&row).await.ok();
-        // With --cleanup, the registry and everything it owned go in one transaction. A step
-        // that cannot even be planned (an ancestor's scope map already removed by hand, say)
-        // is left out and reported as a remaining step; without --cleanup every step is.
+        // With --cleanup, the registry and everything it owned go in one transaction, and a
+        // database error anywhere refuses the whole delete. A step that cannot be planned for
+        // another reason (an ancestor's scope map already removed by hand, say) is left out,
+        // logged and reported as a remaining step; without --cleanup every step is.
+        fn plannable<T>(name: &str, what: &str, r: Result<T>) -> Result<Option<T>> {
+            match r {
+                Ok(v) => Ok(Some(v)),
+                Err(e @ ControlError::Meta(_)) => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, step = what, connected_registry = name, "a cleanup step of a connected-registry deletion is left to do");
+                    Ok(None)
+                }
+            }
+        }
+        let sync_sm = plannable(name, "sync scope map", self.sync_scope_map(&row).await)?;
         let mut writes = vec![AccessWrite::DeleteConnectedRegistry(name.into())];
         let gateway: BTreeSet<String> = gateway_rules(name).into_iter().collect();
         let mut remaining = Vec::new();
         for anc in Self::ancestors(&all, name) {
-            if let Ok(sm) = self.sync_scope_map(anc).await {
-                let planned = match cleanup {
-                    true => self
-                        .planned_rules(&writes, &sm, |set| set.retain(|a| !gateway.contains(a)))
-                        .await
-                        .ok(),
-                    false => None,
-                };
-                match planned {
-                    Some(w) => writes.push(w),
-                    None => remaining.push(format!(
-                        "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
-                    )),
-                }
+            let Some(sm) = plannable(name, "ancestor's scope map", self.sync_scope_map(anc).await)?
+            else {
+                continue;
+            };
+            let planned = match cleanup {
+                true => plannable(
+                    name,
+                    "ancestor's gateway rights",
+                    self.planned_rules(&writes, &sm, |set| set.retain(|a| !gateway.contains(a)))
+                        .await,
+                )?,
+                false => None,
+            };
+            match planned {
+                Some(w) => writes.push(w),
+                None => remaining.push(format!(
+                    "outpost scope-map update -n {sm} --remove-gateway {name} config/read config/write message/read message/write"
+                )),
             }
         }
         match cleanup {
@@ -1333,19 +1354,16 @@ impl Control {
         }
         if let Some(sm) = &sync_sm {
             // Once the sync token is gone, the scope map is deleted unless other tokens use it.
-            let others = match cleanup {
-                true => self
-                    .meta
-                    .tokens_using(sm)
-                    .await
-                    .ok()
-                    .map(|users| users.into_iter().any(|u| u != row.sync_token)),
-                false => None,
-            };
-            match others {
-                Some(false) => writes.push(AccessWrite::DeleteScopeMap(sm.clone())),
-                Some(true) => {}
-                None => remaining.push(format!("outpost scope-map delete -n {sm} --yes")),
+            if !cleanup {
+                remaining.push(format!("outpost scope-map delete -n {sm} --yes"));
+            } else if !self
+                .meta
+                .tokens_using(sm)
+                .await?
+                .iter()
+                .any(|u| u != &row.sync_token)
+            {
+                writes.push(AccessWrite::DeleteScopeMap(sm.clone()));
             }
         }
         self.meta.apply(&writes).await?;

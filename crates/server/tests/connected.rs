@@ -264,6 +264,15 @@ async fn every_rule_is_enforced_with_a_message_that_names_it() {
     // A scheduled registry with a window in range, and a ReadOnly registry with a read token.
     let r = create(&t, json!({"name": "ship-0001", "repositories": ["app"], "syncSchedule": "0 12 * * *", "syncWindow": "PT4H", "clientTokens": ["reader-01"]})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // A client token of a registry cannot become another registry's sync token: deleting
+    // that registry with --cleanup would delete a token the first one still lists.
+    let r = create(&t, json!({"name": "ship-0002", "syncToken": "reader-01"})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        msg(&r).contains("client token of connected registry \"ship-0001\""),
+        "{}",
+        msg(&r)
+    );
     // Mode cannot change: update has no mode field.
     let r = t
         .req(
@@ -1267,8 +1276,8 @@ async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
         "{with_leaf:?}"
     );
 
-    // The delete's last step (the sync token) fails: the registry, its token, its scope map
-    // and the hub's rights over it all stay.
+    // Deleting the sync token, the second-to-last write of the delete, fails: the registry,
+    // its token, its scope map and the hub's rights over it all stay.
     db_exec(
         &t,
         "CREATE TRIGGER fail_tok BEFORE DELETE ON tokens \
