@@ -20,12 +20,21 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NO_PACKED_RELOCS");
+    println!("cargo:rerun-if-env-changed=OUTPOST_NO_PACKED_RELOCS");
     println!("cargo:rerun-if-env-changed=NO_HOT_LAYOUT");
     println!("cargo:rerun-if-changed=link/hot-symbols.txt");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     let linux_gnu = os == "linux" && env == "gnu";
-    if linux_gnu && std::env::var_os("NO_PACKED_RELOCS").is_none() {
+    // The switch's old name still works: a binary built for an older glibc must not get
+    // packed relocations because its builder kept the old variable.
+    let old_name = std::env::var_os("OUTPOST_NO_PACKED_RELOCS").is_some();
+    if old_name {
+        println!(
+            "cargo:warning=OUTPOST_NO_PACKED_RELOCS is now NO_PACKED_RELOCS (outpost serve refuses unknown OUTPOST_* variables)"
+        );
+    }
+    if linux_gnu && std::env::var_os("NO_PACKED_RELOCS").is_none() && !old_name {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");

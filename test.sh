@@ -5,7 +5,7 @@
 #   2. cargo nextest run --workspace --release --locked   (unit, in-process and process tests)
 #   3. tests/interop/run.sh target/release/outpost        (real clients: skopeo, podman, docker,
 #                                                           containerd, docker-registry, oras, umoci)
-#   4. bench/hot_symbols.py --check                       (build.rs's start-up code layout still
+#   4. bench/hot_symbols.py --check target/release/outpost (build.rs's start-up code layout still
 #                                                           matches the binary of step 1; run
 #                                                           right after it, reported last)
 #

@@ -9,8 +9,9 @@ run by test.sh on the release build, says when. LLVM's `.llvm.<hash>` suffix of 
 functions also changes with the checkout's path and any edit in the same code unit, so the
 list keeps such names as `NAME.llvm.` and build.rs matches any suffix. A Rust function whose
 name is unique in the binary once the hash is cut off is kept as `NAME17h` and matches any
-hash, so most of the layout survives a new compiler or dependency; instances of generic
-functions (one name, many hashes) are kept exactly.
+hash; instances of generic functions (one name, many hashes) are kept exactly, and are most
+of the list, so a new compiler or a dependency's feature change needs a new list (`--check`
+says so; with another compiler than the list's it only reports it).
 
     bench/hot_symbols.py              regenerate the list from a release build
                                       (needs valgrind and perf)
@@ -43,11 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 LIST = ROOT / "link" / "hot-symbols.txt"
 PLAIN = re.compile(r"^[A-Za-z0-9_.$]+$")
 LLVM_SUFFIX = re.compile(r"\.llvm\.\d+$")
+LEGACY_HASH = re.compile(r"^(.*17h)[0-9a-f]{16}E(\.llvm\.\d+)?$")
 REGENERATE = ("run bench/hot_symbols.py to regenerate link/hot-symbols.txt "
               "(it needs valgrind and perf: apt-get install valgrind linux-perf)")
-
-
-LEGACY_HASH = re.compile(r"^(.*17h)[0-9a-f]{16}E(\.llvm\.\d+)?$")
+CONFIGS = [
+    ("defaults", {}, []),
+    (
+        "bench",
+        {"OUTPOST_ADMIN_PASSWORD": "hot-symbols", "OUTPOST_ANONYMOUS_PULL": "true"},
+        ["--log-level", "warn"],
+    ),
+]
 
 
 def listed(name):
@@ -76,21 +83,13 @@ def entries(names, binary_names):
 
 
 def matches(entry, exact, prefixes):
+    """Whether a list entry names a function of a binary (`exact`: its names as `listed`
+    keeps them; `prefixes`: its Rust names up to the hash)."""
     return entry in prefixes if entry.endswith("17h") else entry in exact
-CONFIGS = [
-    ("defaults", {}, []),
-    (
-        "bench",
-        {"OUTPOST_ADMIN_PASSWORD": "hot-symbols", "OUTPOST_ANONYMOUS_PULL": "true"},
-        ["--log-level", "warn"],
-    ),
-]
 
 
-def rustc_version(binary=None):
-    """`rustc X.Y.Z (hash date)`: of the compiler that built `binary`, or of the one on PATH."""
-    if binary is None:
-        return subprocess.run(["rustc", "-V"], capture_output=True, text=True, check=True).stdout.strip()
+def rustc_version(binary):
+    """`rustc X.Y.Z (hash date)` of the compiler that built `binary` (its `.comment`)."""
     out = subprocess.run(["readelf", "-p", ".comment", str(binary)], capture_output=True, text=True).stdout
     m = re.search(r"rustc version (\S+ \([^)]*\))", out)
     return f"rustc {m.group(1)}" if m else None
@@ -130,14 +129,9 @@ def section(binary, name):
 
 
 def check(binary):
+    """0 when the list still matches `binary`; 1 (with what to do) when it does not."""
     header_rustc, names = read_list()
     built_by = rustc_version(binary)
-    if header_rustc != built_by:
-        print(f"hot-symbols: {LIST.relative_to(ROOT)} was made with {header_rustc}, {binary} with "
-              f"{built_by}: Rust names cannot match across compilers, so only the C functions of "
-              f"the list are placed together and the server idles at ~11 MiB instead of ~7. To "
-              f"get the layout for this compiler, {REGENERATE}.")
-        return 0
     hot = section(binary, ".text.hot")
     if not hot:
         print(f"hot-symbols: {binary} has no .text.hot section: it was linked without the hot "
@@ -151,12 +145,19 @@ def check(binary):
     share = found / max(len(names), 1)
     print(f"hot-symbols: {found} of {len(names)} listed functions are in {binary} ({share:.0%}); "
           f".text.hot is {hot[1]} bytes")
-    if share < 0.9:
-        print("hot-symbols: the list no longer matches the code (a dependency, a feature or a "
-              f"start-up function changed), and the server idles with more memory; {REGENERATE}",
-              file=sys.stderr)
-        return 1
-    return 0
+    if share >= 0.9:
+        return 0
+    if header_rustc != built_by:
+        # Another compiler renames every generic instance; that is the builder's choice, not
+        # a fault of the code, so it is reported without failing the tests.
+        print(f"hot-symbols: the list was made with {header_rustc} and {binary} with {built_by}, "
+              "so most names cannot match and the server idles at ~11 MiB instead of ~7; "
+              f"for the layout with this compiler, {REGENERATE}", file=sys.stderr)
+        return 0
+    print("hot-symbols: the list no longer matches the code (a dependency, a feature or a "
+          f"start-up function changed), and the server idles with more memory; {REGENERATE}",
+          file=sys.stderr)
+    return 1
 
 
 def free_port():
@@ -274,7 +275,7 @@ def write_list(names, binary):
     LIST.write_text(
         "# Functions that run while Outpost starts and idles, placed together by build.rs.\n"
         "# Generated by bench/hot_symbols.py; do not edit by hand.\n"
-        f"# {rustc_version()}\n{body}\n")
+        f"# {rustc_version(binary)}\n{body}\n")
 
 
 def build():

@@ -818,7 +818,7 @@ async fn connected_registry_hierarchy_with_the_cli() {
     ]);
     assert_eq!(
         table.lines().map(str::trim_end).collect::<Vec<_>>(),
-        ["M         N", "--------  --------", "ReadOnly  line-one"],
+        ["N         M", "--------  --------", "line-one  ReadOnly"],
         "{table}"
     );
     // A query that does not parse is refused before the command changes anything.
@@ -837,6 +837,30 @@ async fn connected_registry_hierarchy_with_the_cli() {
         ],
     );
     assert!(!ok && err.contains("invalid --query"), "{err}");
+    // A query that selects nothing from an answer with a new password does not lose it.
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        pw,
+        &[
+            "token",
+            "create",
+            "-n",
+            "query-tok",
+            "--repository",
+            "tools",
+            "content/read",
+            "--query",
+            "passwrods[0].value",
+            "-o",
+            "tsv",
+        ],
+    );
+    assert!(ok && out.trim().is_empty(), "{out}{err}");
+    assert!(
+        err.contains("selected nothing") && err.contains("\"value\""),
+        "{err}"
+    );
     assert_eq!(
         activate(outpost_control_cs(cs2.trim()), "third").await,
         409,

@@ -48,9 +48,9 @@ impl Connection {
     ///
     /// With `--query`, the selected part is printed in the generic form of `--output`, as az
     /// prints it: JSON; TSV with a scalar as plain text, a list one item per line and an
-    /// object's values tab-separated; a table with one row per object or per scalar. Object
-    /// keys come out sorted (the `jmespath` crate keeps objects in a `BTreeMap`), where az
-    /// keeps a multiselect's order.
+    /// object's values tab-separated; a table with one row per object or per scalar. TSV and
+    /// table columns follow the order a `{…}` in the query wrote its keys, as az's do; JSON
+    /// objects come out with sorted keys.
     pub fn print_generic(&self, v: &Value) -> anyhow::Result<bool> {
         let Some(expr) = self.compiled_query()? else {
             if self.output == Output::Json {
@@ -61,33 +61,92 @@ impl Connection {
         };
         let found = expr
             .search(v)
-            .map_err(|e| anyhow::anyhow!("--query {:?}: {e}", expr.as_str()))?;
-        let found = serde_json::to_value(&*found)?;
+            .map_err(|e| anyhow::anyhow!("--query {:?}: {e}", expr.as_str()))
+            .and_then(|f| Ok(serde_json::to_value(&*f)?));
+        // A password the command just made is shown once: when the query fails or selects
+        // nothing, the whole answer goes to stderr rather than the password being lost.
+        if matches!(found, Err(_) | Ok(Value::Null)) && holds_new_password(v) {
+            eprintln!(
+                "warning: --query {:?} selected nothing from an answer that holds a password shown only once; the whole answer:\n{}",
+                expr.as_str(),
+                serde_json::to_string_pretty(v)?
+            );
+        }
+        let found = found?;
+        let keys = written_keys(expr.as_ast());
+        let keys = keys.as_deref();
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
             Output::Tsv => {
-                for line in tsv_lines(&found) {
+                for line in tsv_lines(&found, keys) {
                     println!("{line}");
                 }
             }
-            Output::Table => print_generic_table(&found),
+            Output::Table => print_generic_table(&found, keys),
         }
         Ok(true)
     }
 }
 
-/// A value as text in a TSV cell: strings unquoted, null empty, anything else as JSON.
+/// The keys of the object a query ends in, in the order the query wrote them (`{b: x, a: y}`,
+/// also after a projection, a filter or a pipe): the columns of TSV and table output.
+fn written_keys(ast: &jmespath::ast::Ast) -> Option<Vec<String>> {
+    use jmespath::ast::Ast;
+    match ast {
+        Ast::MultiHash { elements, .. } => Some(elements.iter().map(|kv| kv.key.clone()).collect()),
+        Ast::Projection { rhs, .. } | Ast::Subexpr { rhs, .. } => written_keys(rhs),
+        _ => None,
+    }
+}
+
+/// An object's entries, the query's keys first in its order, then the rest by name.
+fn entries<'a>(
+    m: &'a serde_json::Map<String, Value>,
+    keys: Option<&[String]>,
+) -> Vec<(&'a String, &'a Value)> {
+    let keys = keys.unwrap_or_default();
+    let mut out: Vec<(&String, &Value)> = keys.iter().filter_map(|k| m.get_key_value(k)).collect();
+    out.extend(m.iter().filter(|(k, _)| !keys.contains(k)));
+    out
+}
+
+/// Whether an answer holds a password that was just generated (token create, credential
+/// generate, get-settings --generate-password): the registry keeps only its hash.
+fn holds_new_password(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => {
+            m.get("SYNC_TOKEN_PASSWORD")
+                .and_then(Value::as_str)
+                .is_some_and(|p| !p.is_empty() && !p.starts_with('<'))
+                || m.get("passwords")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|p| p["value"].is_string()))
+                || m.values().any(holds_new_password)
+        }
+        Value::Array(a) => a.iter().any(holds_new_password),
+        _ => false,
+    }
+}
+
+/// A value as text in a TSV or table cell, as az writes it: strings unquoted, null empty,
+/// booleans `True`/`False`, anything else as JSON.
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
         other => other.to_string(),
     }
 }
 
-fn tsv_lines(v: &Value) -> Vec<String> {
+fn tsv_lines(v: &Value, keys: Option<&[String]>) -> Vec<String> {
     let row = |v: &Value| match v {
-        Value::Object(m) => m.values().map(cell).collect::<Vec<_>>().join("\t"),
+        Value::Object(m) => entries(m, keys)
+            .into_iter()
+            .map(|(_, v)| cell(v))
+            .collect::<Vec<_>>()
+            .join("\t"),
         Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join("\t"),
         other => cell(other),
     };
@@ -98,7 +157,7 @@ fn tsv_lines(v: &Value) -> Vec<String> {
     }
 }
 
-fn print_generic_table(v: &Value) {
+fn print_generic_table(v: &Value, keys: Option<&[String]>) {
     let items: Vec<&Value> = match v {
         Value::Array(a) => a.iter().collect(),
         Value::Null => Vec::new(),
@@ -107,7 +166,7 @@ fn print_generic_table(v: &Value) {
     let mut header: Vec<String> = Vec::new();
     for i in &items {
         if let Value::Object(m) = i {
-            for k in m.keys() {
+            for (k, _) in entries(m, keys) {
                 if !header.contains(k) {
                     header.push(k.clone());
                 }

@@ -473,8 +473,9 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 );
             }
             if conn.print_generic(&v)? {
-                // printed as JSON, or what --query selected
-            } else if conn.output == Output::Tsv {
+                return Ok(());
+            }
+            if conn.output == Output::Tsv {
                 // tsv: just the connection string, for `--output tsv` in scripts
                 println!("{}", s(&v["ACR_REGISTRY_CONNECTION_STRING"]));
             } else {
@@ -488,6 +489,11 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
             }
         }
         ConnectedRegistryCmd::Export { name, dir } => {
+            if conn.query.is_some() {
+                bail!(
+                    "--query selects from an answer; `connected-registry export` writes a bundle and has none"
+                );
+            }
             crate::bundle::export(conn, &name, &dir).await?
         }
         ConnectedRegistryCmd::ListClientTokens { name } => {

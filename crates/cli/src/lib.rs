@@ -83,7 +83,14 @@ pub fn main() -> ExitCode {
     while let Some((_, m)) = leaf.subcommand() {
         leaf = m;
     }
+    let answers = !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Config(_) | Command::Import(_)
+    );
     let result = match cli.command {
+        _ if !answers && cli.conn.query.is_some() => Err(anyhow::anyhow!(
+            "--query selects from the answer of a management command (token, scope-map, connected-registry, gc, readiness); this command has none"
+        )),
         Command::Serve(args) => serve::run(args),
         Command::Config(args) => config::Config::load(&args).map(|c| {
             println!("{}", c.to_toml());

@@ -191,7 +191,7 @@ fn s(v: &Value) -> String {
 
 /// Prints `items` as JSON when `--output json` or `--query` asks for it (one object for
 /// commands about one item, an array for `list`); false leaves the table to the caller.
-fn print_json(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<bool> {
+fn print_answer(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<bool> {
     let v = if single {
         items.first().cloned().unwrap_or(Value::Null)
     } else {
@@ -205,7 +205,7 @@ fn print_scope_maps(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
 }
 
 fn print_scope_maps_as(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<()> {
-    if print_json(conn, items, single)? {
+    if print_answer(conn, items, single)? {
         return Ok(());
     }
     let rows: Vec<Vec<String>> = items
@@ -236,7 +236,7 @@ fn print_tokens(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
 }
 
 fn print_tokens_as(conn: &Connection, items: &[Value], single: bool) -> anyhow::Result<()> {
-    if print_json(conn, items, single)? {
+    if print_answer(conn, items, single)? {
         return Ok(());
     }
     let expiry = |t: &Value, n: &str| {

@@ -483,6 +483,19 @@ fn write_rules(rules: &[String]) -> Vec<&str> {
         .collect()
 }
 
+/// A cleanup step of a connected-registry deletion, planned: `None` (logged) when it cannot be
+/// planned and is left to the operator, an error when the database failed.
+fn plannable<T>(name: &str, what: &str, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e @ ControlError::Meta(_)) => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, step = what, connected_registry = name, "a cleanup step of a connected-registry deletion is left to do");
+            Ok(None)
+        }
+    }
+}
+
 fn gateway_rules(name: &str) -> Vec<String> {
     GatewayAction::ALL
         .iter()
@@ -1313,16 +1326,6 @@ impl Control {
         // database error anywhere refuses the whole delete. A step that cannot be planned for
         // another reason (an ancestor's scope map already removed by hand, say) is left out,
         // logged and reported as a remaining step; without --cleanup every step is.
-        fn plannable<T>(name: &str, what: &str, r: Result<T>) -> Result<Option<T>> {
-            match r {
-                Ok(v) => Ok(Some(v)),
-                Err(e @ ControlError::Meta(_)) => Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, step = what, connected_registry = name, "a cleanup step of a connected-registry deletion is left to do");
-                    Ok(None)
-                }
-            }
-        }
         let sync_sm = plannable(name, "sync scope map", self.sync_scope_map(&row).await)?;
         let mut writes = vec![AccessWrite::DeleteConnectedRegistry(name.into())];
         let gateway: BTreeSet<String> = gateway_rules(name).into_iter().collect();
@@ -1332,14 +1335,15 @@ impl Control {
             else {
                 continue;
             };
-            let planned = match cleanup {
-                true => plannable(
+            let planned = if cleanup {
+                plannable(
                     name,
                     "ancestor's gateway rights",
                     self.planned_rules(&writes, &sm, |set| set.retain(|a| !gateway.contains(a)))
                         .await,
-                )?,
-                false => None,
+                )?
+            } else {
+                None
             };
             match planned {
                 Some(w) => writes.push(w),
@@ -1348,9 +1352,10 @@ impl Control {
                 )),
             }
         }
-        match cleanup {
-            true => writes.push(AccessWrite::DeleteToken(row.sync_token.clone())),
-            false => remaining.push(format!("outpost token delete -n {} --yes", row.sync_token)),
+        if cleanup {
+            writes.push(AccessWrite::DeleteToken(row.sync_token.clone()));
+        } else {
+            remaining.push(format!("outpost token delete -n {} --yes", row.sync_token));
         }
         if let Some(sm) = &sync_sm {
             // Once the sync token is gone, the scope map is deleted unless other tokens use it.
