@@ -862,6 +862,12 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
         .blocked
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let ours = push_image(&site_admin, &s, "app", "shared", "written-at-site").await;
+    // While the parent cannot hear about it, the site's own gauge shows what waits to go up.
+    eventually("the site's metrics count the pending push", || async {
+        support::metric(&support::metrics(&s).await, "outpost_sync_outbox_depth")
+            .is_some_and(|d| d >= 1)
+    })
+    .await;
     let theirs = push_image(&admin, &r, "app", "shared", "written-at-root").await;
     proxy
         .blocked

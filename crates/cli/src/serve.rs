@@ -144,6 +144,12 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
                 max_repository_rules: config.max_repository_rules,
             },
             connected: config.connected_limits()?,
+            // A connected registry's descendants are managed at the root.
+            managed_at_root: config
+                .connection_string
+                .as_deref()
+                .and_then(|cs| outpost_control::ConnectionString::parse(cs).ok())
+                .map(|cs| cs.connected_registry_name),
             ..Default::default()
         },
     )

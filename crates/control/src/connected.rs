@@ -511,6 +511,14 @@ fn repo_rules(repo: &RepoPattern, mode: Mode) -> Vec<String> {
 }
 
 impl Control {
+    /// Refuses a change of connected-registry resources on a connected registry.
+    fn changed_at_root_only(&self) -> Result<()> {
+        match &self.config.managed_at_root {
+            Some(name) => Err(ControlError::ManagedAtRoot(name.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn limits_cr(&self) -> &ConnectedLimits {
         &self.config.connected
     }
@@ -862,6 +870,7 @@ impl Control {
         &self,
         req: CreateConnectedRegistry,
     ) -> Result<ConnectedRegistryView> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         let name = req.name.as_str();
         validate_name(name)?;
@@ -1152,6 +1161,7 @@ impl Control {
         name: &str,
         req: UpdateConnectedRegistry,
     ) -> Result<ConnectedRegistryView> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
         let dup = |a: &[String], b: &[String], what: &str| -> Result<()> {
@@ -1297,6 +1307,7 @@ impl Control {
         cleanup: bool,
         force: bool,
     ) -> Result<DeleteOutcome> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         let all = self.all_registries().await?;
         let row = all
@@ -1381,6 +1392,7 @@ impl Control {
     }
 
     pub async fn deactivate_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
         row.activation = "Inactive".into();
@@ -1504,6 +1516,7 @@ impl Control {
     }
 
     pub async fn resync_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         let mut row = self.registry_row(name).await?;
         row.resync_requested = true;
@@ -1539,6 +1552,7 @@ impl Control {
         add: &[String],
         remove: &[String],
     ) -> Result<crate::ScopeMapView> {
+        self.changed_at_root_only()?;
         let _w = self.writes.lock().await;
         if add.is_empty() && remove.is_empty() {
             return Err(ControlError::Invalid(
@@ -1652,6 +1666,11 @@ impl Control {
         root_endpoint: &str,
         explicit_endpoint: Option<&str>,
     ) -> Result<Settings> {
+        // Reading the settings is harmless anywhere; rotating a child's sync-token password
+        // at a connected registry would lock the child out until the next sync.
+        if generate_password.is_some() {
+            self.changed_at_root_only()?;
+        }
         if protocol != "http" && protocol != "https" {
             return Err(ControlError::Invalid(format!(
                 "--parent-protocol must be http or https, not {protocol:?}"

@@ -43,6 +43,12 @@ pub enum ControlError {
     AlreadyExists { kind: &'static str, name: String },
     #[error("{0}")]
     Invalid(String),
+    /// A connected-registry change asked of a connected registry: the resources come from the
+    /// root, and a local change would cut off the children until the next sync.
+    #[error(
+        "this registry is the connected registry {0:?}: connected registries are created and changed at the root (the cloud registry), e.g. `outpost connected-registry ... --registry <root>`"
+    )]
+    ManagedAtRoot(String),
     /// A status report from an instance that is not (or no longer) the active one: the
     /// resource was deactivated.
     #[error("{0}")]
@@ -117,6 +123,9 @@ pub struct ControlConfig {
     pub verified_ttl: Duration,
     /// Limits of the connected-registry control plane.
     pub connected: ConnectedLimits,
+    /// `Some(name)` on a connected registry: the connected-registry resources it holds (its
+    /// descendants) come from the root, so the API refuses to change them here.
+    pub managed_at_root: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -126,6 +135,7 @@ impl Default for ControlConfig {
             access_token_ttl: Duration::from_secs(300),
             verified_ttl: Duration::from_secs(300),
             connected: ConnectedLimits::default(),
+            managed_at_root: None,
         }
     }
 }

@@ -379,6 +379,11 @@ impl Metrics {
         }
     }
 
+    /// Local changes still to send up, counted whether or not the parent can be told.
+    pub fn sync_outbox_depth(&self, depth: i64) {
+        self.sync_outbox.set(depth);
+    }
+
     /// A failed sync iteration; `reached` says whether the parent answered at all.
     pub fn sync_failed(&self, reached: bool) {
         self.sync_failures.inc();

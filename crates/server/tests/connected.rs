@@ -1216,6 +1216,67 @@ async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
     );
 }
 
+/// On a connected registry, the connected-registry resources (its descendants, relayed from
+/// the root) are not changed through the local API: that would cut the children off until the
+/// next sync. Reading them, and get-settings without a new password, still work.
+#[tokio::test]
+async fn a_connected_registry_refuses_connected_registry_changes() {
+    let t = setup_control(
+        Default::default(),
+        Default::default(),
+        outpost_control::ControlConfig {
+            managed_at_root: Some("site-0001".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let denied = |r: &Resp| {
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+        assert_eq!(r.json()["errors"][0]["code"], "DENIED", "{:?}", r.body);
+        assert!(
+            msg(r).contains("\"site-0001\"") && msg(r).contains("at the root"),
+            "{}",
+            msg(r)
+        );
+    };
+    denied(&create(&t, json!({"name": "line-0001", "repositories": ["app"]})).await);
+    let path = "/api/v1/connected-registries/line-0001";
+    for (method, p, body) in [
+        (
+            Method::PATCH,
+            path.to_string(),
+            json!({"syncSchedule": "* * * * *"}),
+        ),
+        (Method::DELETE, format!("{path}?cleanup=true"), json!(null)),
+        (Method::POST, format!("{path}/deactivate"), json!({})),
+        (Method::POST, format!("{path}/resync"), json!({})),
+        (
+            Method::PATCH,
+            format!("{path}/permissions"),
+            json!({"add": ["x"]}),
+        ),
+        (
+            Method::POST,
+            format!("{path}/get-settings"),
+            json!({"parentProtocol": "http", "generatePassword": 1}),
+        ),
+    ] {
+        denied(&t.req(method, &p, &[], body.to_string()).await);
+    }
+    // Reading goes on as before.
+    assert_eq!(
+        t.get("/api/v1/connected-registries").await.status,
+        StatusCode::OK
+    );
+    let r = post(
+        &t,
+        &format!("{path}/get-settings"),
+        json!({"parentProtocol": "http"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+}
+
 /// Runs `sql` on the test registry's database through a connection of its own, as an
 /// operator's `sqlite3` would: here, triggers that make one write fail.
 async fn db_exec(t: &T, sql: &str) {

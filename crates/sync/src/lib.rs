@@ -913,6 +913,10 @@ impl Child {
                     self.registry
                         .metrics()
                         .sync_failed(!matches!(e, SyncError::Unreachable { .. }));
+                    // The outbox grows while the parent is away: that is when it is watched.
+                    if let Some(depth) = self.outbox_depth().await {
+                        self.registry.metrics().sync_outbox_depth(depth);
+                    }
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(StatusDetail {
                             kind: "Sync".into(),
