@@ -1015,6 +1015,75 @@ async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent(
     );
 }
 
+/// An image whose layer was deleted at the parent (the tag still points at it) cannot be
+/// synced; it is skipped and reported, and the rest arrives: the first full sync completes and
+/// the message feed carries on, instead of the site retrying the broken image forever.
+#[tokio::test]
+async fn an_image_the_parent_cannot_supply_is_skipped_and_reported() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    push_image(&admin, &r, "broken", "v1", "layer-deleted-at-the-root").await;
+    let layer = support::sha256_hex(
+        &"layer-deleted-at-the-root"
+            .bytes()
+            .cycle()
+            .take(300_000)
+            .collect::<Vec<u8>>(),
+    );
+    let resp = admin
+        .delete(format!("{r}/v2/broken/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let good = push_image(&admin, &r, "good", "v1", "whole").await;
+    let cs = connected(&root, "site-broken", &["--repository", "broken", "good"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the whole image arrives", || async {
+        tag_digest(&site_admin, &s, "good", "v1").await.as_deref() == Some(good.as_str())
+    })
+    .await;
+    // The feed is running: a new push at the root arrives as before.
+    let next = push_image(&admin, &r, "good", "v2", "after-the-broken-one").await;
+    eventually("a later push arrives", || async {
+        tag_digest(&site_admin, &s, "good", "v2").await.as_deref() == Some(next.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&site_admin, &s, "broken", "v1").await, None);
+    eventually(
+        "the sync succeeds, with the skipped image reported",
+        || async {
+            let v: serde_json::Value = serde_json::from_str(&cli_ok(
+                &root,
+                &[
+                    "connected-registry",
+                    "show",
+                    "-n",
+                    "site-broken",
+                    "-o",
+                    "json",
+                ],
+            ))
+            .unwrap();
+            v["syncState"] == "Succeeded"
+                && v["statusDetails"].as_array().is_some_and(|d| {
+                    d.iter().any(|x| {
+                        x["code"] == "ParentContentMissing"
+                            && x["description"]
+                                .as_str()
+                                .is_some_and(|t| t.contains("broken:v1"))
+                    })
+                })
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
     let root_dir = tempfile::tempdir().unwrap();
