@@ -912,6 +912,24 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
         shown.contains("TagConflict")
     })
     .await;
+    // Resolved by the conflict rule: a notice, which does not count the site unhealthy
+    // (once the failures of the cut link are cleared by the next successful sync).
+    eventually(
+        "the conflict is a notice and the site is online",
+        || async {
+            let v: serde_json::Value = serde_json::from_str(&cli_ok(
+                &root,
+                &["connected-registry", "show", "-n", "site-rw", "-o", "json"],
+            ))
+            .unwrap();
+            v["connectionState"] == "Online"
+                && v["statusDetails"].as_array().is_some_and(|d| {
+                    d.iter()
+                        .any(|x| x["code"] == "TagConflict" && x["type"] == "Notice")
+                })
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -163,6 +163,12 @@ pub struct StatusReport {
     pub outbox_depth: Option<i64>,
 }
 
+/// The `type` of a status detail that reports something already handled (a tag written on
+/// both sides, resolved by the conflict rule): shown, but not counted as the node being
+/// unhealthy. Details that leave something for an operator to do (a local change the parent
+/// refused, an image the parent cannot supply) and failures keep their own type and do.
+pub const NOTICE: &str = "Notice";
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusDetail {
@@ -791,7 +797,7 @@ impl Control {
         }
         let details: Vec<StatusDetail> =
             serde_json::from_str(&row.status_details).unwrap_or_default();
-        if !details.is_empty() {
+        if details.iter().any(|d| d.kind != NOTICE) {
             return "Unhealthy".into();
         }
         row.reported_state

@@ -28,6 +28,7 @@ pub use parent::Parent;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use outpost_control::connected::NOTICE;
 use outpost_control::connected::{
     ClientTokenConfig, GarbageCollection, Message, StatusDetail, StatusReport, SyncConfig,
 };
@@ -1258,7 +1259,7 @@ impl Child {
                 if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
                     self.notices.push(StatusDetail {
-                        kind: "Sync".into(),
+                        kind: NOTICE.into(),
                         code: "TagConflict".into(),
                         description: format!(
                             "{repo}:{tag} was {theirs} at the parent and is now {digest} from this site (the last write to reach the parent wins; {theirs} is kept by digest)"
@@ -1279,7 +1280,7 @@ impl Child {
                     if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
                         self.notices.push(StatusDetail {
-                            kind: "Sync".into(),
+                            kind: NOTICE.into(),
                             code: "TagConflict".into(),
                             description: format!(
                                 "{repo}:{tag} was moved to {theirs} at the parent and removed at this site (the last write to reach the parent wins; {theirs} is kept by digest)"
