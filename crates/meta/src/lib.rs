@@ -168,6 +168,14 @@ pub struct Meta {
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
 
 impl Meta {
+    /// Whether the database answers a query (for the readiness endpoint).
+    pub async fn check(&self) -> Result<()> {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM repositories")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(())
+    }
+
     /// Opens (creating and migrating if needed) the database at `path`.
     pub async fn open(path: &Path) -> Result<Meta> {
         let opts = SqliteConnectOptions::new()

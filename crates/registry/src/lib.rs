@@ -171,6 +171,23 @@ impl Registry {
         &self.meta
     }
 
+    /// Whether this registry can serve: its database answers and its blob store is a
+    /// directory it can read. `Err` says what is wrong, for the readiness endpoint.
+    pub async fn ready(&self) -> std::result::Result<(), String> {
+        self.meta
+            .check()
+            .await
+            .map_err(|e| format!("the metadata database does not answer: {e}"))?;
+        let blobs = self.storage.layout().blobs_dir();
+        match tokio::fs::read_dir(&blobs).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!(
+                "the blob store {} cannot be read: {e}",
+                blobs.display()
+            )),
+        }
+    }
+
     pub fn config(&self) -> &RegistryConfig {
         &self.config
     }

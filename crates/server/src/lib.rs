@@ -57,11 +57,29 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api::routes())
         .nest("/gateway/v1", gateway::routes())
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status::page))
         .layer(middleware::from_fn_with_state(app.clone(), common))
         .with_state(app)
+}
+
+/// Readiness: 200 when the database answers and the blob store can be read, else 503 with
+/// the reason (`/healthz` only says the process answers).
+async fn readyz(axum::extract::State(app): axum::extract::State<App>) -> Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    match app.registry.ready().await {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => {
+            tracing::warn!(reason = %why, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Prometheus metrics (OpenMetrics text), when enabled: no credentials, no repository or

@@ -26,6 +26,30 @@ async fn base_endpoint_and_api_version_header() {
     assert_eq!(r.header("docker-distribution-api-version"), "registry/2.0");
 }
 
+/// `/healthz` says the process answers; `/readyz` also that it can serve: the database
+/// answers and the blob store can be read, else 503 with the reason.
+#[tokio::test]
+async fn readiness_checks_the_database_and_the_blob_store() {
+    let t = setup().await;
+    assert_eq!(t.get("/healthz").await.status, StatusCode::OK);
+    let r = t.get("/readyz").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"ok\n");
+    let blobs = t.dir.path().join("blobs");
+    let moved = t.dir.path().join("blobs-away");
+    std::fs::rename(&blobs, &moved).unwrap();
+    let r = t.get("/readyz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    assert!(
+        text.contains("blob store") && text.contains("blobs"),
+        "{text}"
+    );
+    assert_eq!(t.get("/healthz").await.status, StatusCode::OK);
+    std::fs::rename(&moved, &blobs).unwrap();
+    assert_eq!(t.get("/readyz").await.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn monolithic_upload_then_pull_with_ranges() {
     let t = setup().await;
