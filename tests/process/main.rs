@@ -821,6 +821,8 @@ async fn connected_registry_hierarchy_with_the_cli() {
         ["N         M", "--------  --------", "line-one  ReadOnly"],
         "{table}"
     );
+    // az's `-o none`: nothing on stdout.
+    assert_eq!(run(&["connected-registry", "list", "-o", "none"]), "");
     // A query that does not parse is refused before the command changes anything.
     let (ok, _, err) = cli(
         &o,

@@ -52,6 +52,14 @@ impl Connection {
     /// table columns follow the order a `{…}` in the query wrote its keys, as az's do; JSON
     /// objects come out with sorted keys.
     pub fn print_generic(&self, v: &Value) -> anyhow::Result<bool> {
+        if self.output == Output::None {
+            if holds_new_password(v) {
+                eprintln!(
+                    "warning: the answer holds a password shown only once, and --output none prints nothing"
+                );
+            }
+            return Ok(true);
+        }
         let Some(expr) = self.compiled_query()? else {
             if self.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(v)?);
@@ -82,7 +90,7 @@ impl Connection {
                     println!("{line}");
                 }
             }
-            Output::Table => print_generic_table(&found, keys),
+            Output::Table | Output::None => print_generic_table(&found, keys),
         }
         Ok(true)
     }
@@ -192,6 +200,8 @@ pub enum Output {
     Json,
     Table,
     Tsv,
+    /// Nothing on stdout (az's `-o none`): for scripts that need only the exit status.
+    None,
 }
 
 /// An error status from the registry, with its message: callers that treat one status
@@ -379,6 +389,7 @@ pub fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
 /// Prints rows as an aligned table (with a header) or TSV (without).
 pub fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) {
     match output {
+        Output::None => {}
         Output::Tsv => {
             for r in rows {
                 println!("{}", r.join("\t"));

@@ -940,6 +940,7 @@ impl Control {
         expiry_ms: Option<i64>,
     ) -> Result<TokenView> {
         validate_name("token", name)?;
+        check_future_expiry(expiry_ms)?;
         if no_passwords && expiry_ms.is_some() {
             return Err(ControlError::Invalid(
                 "--no-passwords cannot be combined with an expiration".into(),
@@ -1042,6 +1043,7 @@ impl Control {
         slots: &[usize],
         expiry_ms: Option<i64>,
     ) -> Result<TokenView> {
+        check_future_expiry(expiry_ms)?;
         self.token_row(name).await?;
         // Each slot once: `password1 password1` would hash twice, show the first value and
         // store the second.
@@ -1135,6 +1137,18 @@ async fn verify_blocking(password: String, hash: String) -> bool {
 /// as for a known name with a wrong password and does not tell which names exist.
 static DECOY_HASH: std::sync::LazyLock<Option<String>> =
     std::sync::LazyLock::new(|| password::hash("decoy password for unknown token names").ok());
+
+/// Refuses an expiration that has already passed: the new password would never work, and
+/// the one it replaces would be gone.
+fn check_future_expiry(expiry_ms: Option<i64>) -> Result<()> {
+    match expiry_ms {
+        Some(e) if e <= now_ms() => Err(ControlError::Invalid(format!(
+            "the expiration {} is in the past; give a later date or time (YYYY-MM-DDTHH:MM:SSZ)",
+            rfc3339(e)
+        ))),
+        _ => Ok(()),
+    }
+}
 
 async fn new_password_row(pw: &str, expiry_ms: Option<i64>) -> Result<PasswordRow> {
     let pw = pw.to_string();

@@ -605,7 +605,8 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
     assert!(r.json()["passwords"][0].get("value").is_none());
     assert!(!String::from_utf8_lossy(&r.body).contains(&new1));
 
-    // An expired password is refused with a message that says so.
+    // An expiration already past is refused (the password would never work); password2 is
+    // left as it was.
     let r = t
         .req(
             Method::POST,
@@ -614,6 +615,33 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
             json!({"passwords": ["password2"], "expiry": "2001-01-01T00:00:00Z"}).to_string(),
         )
         .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2001-01-01T00:00:00Z is in the past"),
+        "{:?}",
+        r.body
+    );
+    // An expired password is refused with a message that says so: one that expires in two
+    // seconds, used after it did.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 2_000;
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/rotator/credentials/generate",
+            &[],
+            json!({"passwords": ["password2"], "expiry": outpost_control::format_rfc3339(soon)})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let old2 = r.json()["passwords"][1]["value"]
         .as_str()
         .unwrap()
