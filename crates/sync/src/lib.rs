@@ -462,24 +462,6 @@ fn refused_for_good(e: &SyncError) -> bool {
     }
 }
 
-/// Whether fetching an image failed because the parent lacks content the image references (a
-/// layer or a child manifest deleted there while a tag still points at the image). Retrying
-/// cannot fix that, and it must not hold up every other image: the image is skipped and
-/// reported, and arrives when the parent's tag is pushed again.
-fn parent_lacks_content(e: &SyncError) -> bool {
-    match e {
-        SyncError::Parent {
-            status: 404, code, ..
-        } => {
-            matches!(code.as_str(), "BLOB_UNKNOWN" | "MANIFEST_UNKNOWN")
-        }
-        SyncError::Registry(
-            RegistryError::ManifestBlobUnknown(_) | RegistryError::ManifestChildUnknown(_),
-        ) => true,
-        _ => false,
-    }
-}
-
 /// Problems found while sending this site's changes up that the parent should show until they
 /// age out: tag conflicts and outbox entries the parent refused for good. Kept in
 /// `sync/notices.json` so a restart does not erase them.
@@ -1523,11 +1505,8 @@ impl Child {
                 }
                 continue;
             }
-            match self.ensure_manifest(&name, &digest).await {
-                Ok(true) => self.tag(&name, &t, &digest).await?,
-                Ok(false) => {}
-                Err(e) if parent_lacks_content(&e) => self.skip_broken(&name, tag, &digest, &e)?,
-                Err(e) => return Err(e),
+            if self.ensure_manifest(&name, &digest).await? {
+                self.tag(&name, &t, &digest).await?;
             }
         }
         if read_only {
@@ -1557,22 +1536,14 @@ impl Child {
         };
         let digest = m.digest.clone().unwrap_or_default();
         match m.kind.as_str() {
-            "manifest_put" => match self.ensure_manifest(&name, &digest).await {
-                Err(e) if parent_lacks_content(&e) => self.skip_broken(&name, "", &digest, &e)?,
-                other => {
-                    other?;
-                }
-            },
+            "manifest_put" => {
+                self.ensure_manifest(&name, &digest).await?;
+            }
             "tag_set" => {
-                if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>) {
-                    match self.ensure_manifest(&name, &digest).await {
-                        Ok(true) => self.tag(&name, &tag, &digest).await?,
-                        Ok(false) => {}
-                        Err(e) if parent_lacks_content(&e) => {
-                            self.skip_broken(&name, tag.as_str(), &digest, &e)?
-                        }
-                        Err(e) => return Err(e),
-                    }
+                if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>)
+                    && self.ensure_manifest(&name, &digest).await?
+                {
+                    self.tag(&name, &tag, &digest).await?;
                 }
             }
             "tag_removed" => {
@@ -1629,26 +1600,6 @@ impl Child {
 
     /// Makes manifest `digest` (and everything it references) present locally. Returns false
     /// if the parent no longer has it (a later message will say what happened to it).
-    /// Skips an image whose content the parent lacks (see [`parent_lacks_content`]): logged,
-    /// and reported to the parent in the status details for a day.
-    fn skip_broken(&self, repo: &RepoName, tag: &str, digest: &str, e: &SyncError) -> Result<()> {
-        let what = if tag.is_empty() {
-            format!("{repo}@{digest}")
-        } else {
-            format!("{repo}:{tag} ({digest})")
-        };
-        tracing::warn!(image = %what, error = %e, "the parent lacks content of this image; skipping it");
-        self.notices.push(StatusDetail {
-            kind: "Sync".into(),
-            code: "ParentContentMissing".into(),
-            description: format!(
-                "{what} was skipped: the parent lacks content it references ({e}); push the image to the parent again"
-            ),
-            timestamp: Some(now_rfc3339()),
-            correlation_id: None,
-        })
-    }
-
     async fn ensure_manifest(&self, repo: &RepoName, digest: &str) -> Result<bool> {
         let d: Digest = digest
             .parse()
