@@ -163,6 +163,11 @@ fn expiry(days: Option<u32>, at: Option<String>) -> anyhow::Result<Option<String
         outpost_control::parse_rfc3339(&at).map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
         return Ok(Some(at));
     }
+    if days == Some(0) {
+        bail!(
+            "--expiration-in-days must be at least 1 (leave it out for passwords that do not expire)"
+        );
+    }
     Ok(days.map(|d| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -146,7 +146,13 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
                 let problems: Vec<String> = r
                     .status_details
                     .iter()
-                    .map(|d| format!("{}: {}", d.code, d.description))
+                    .map(|d| match d.kind.as_str() {
+                        // Handled already (a resolved tag conflict): shown, labelled as such.
+                        outpost_control::connected::NOTICE => {
+                            format!("notice, {}: {}", d.code, d.description)
+                        }
+                        _ => format!("{}: {}", d.code, d.description),
+                    })
                     .collect();
                 let _ = write!(
                     h,
