@@ -28,9 +28,8 @@ pub use parent::Parent;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use outpost_control::connected::NOTICE;
 use outpost_control::connected::{
-    ClientTokenConfig, GarbageCollection, Message, StatusDetail, StatusReport, SyncConfig,
+    ClientTokenConfig, GarbageCollection, Message, NOTICE, StatusDetail, StatusReport, SyncConfig,
 };
 use outpost_control::{ConnectionString, Control, RepoPattern};
 use outpost_oci::{Digest, Manifest, Reference, RepoName, Tag};
