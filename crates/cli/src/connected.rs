@@ -248,10 +248,11 @@ fn tree_names(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn print_list(conn: &Connection, items: &[Value]) -> anyhow::Result<()> {
-    if conn.print_generic(&Value::from(items.to_vec()))? {
+fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
+    if conn.print_generic(list)? {
         return Ok(());
     }
+    let items = list.as_array().map(Vec::as_slice).unwrap_or_default();
     let output = conn.output;
     let names = if output == Output::Table {
         tree_names(items)
@@ -392,7 +393,7 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::GET, &format!("/connected-registries{suffix}"), None)
                 .await?
                 .unwrap_or(json!([]));
-            print_list(conn, v.as_array().map(Vec::as_slice).unwrap_or_default())?;
+            print_list(conn, &v)?;
         }
         ConnectedRegistryCmd::Delete {
             name,
