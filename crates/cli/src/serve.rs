@@ -262,6 +262,13 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             .1
         }
     };
+    let pruner = tokio::spawn(prune_event_log(
+        control.clone(),
+        // A ReadWrite site keeps its clients' changes until its parent has them.
+        sync.as_ref()
+            .is_some_and(|s| !s.read_only)
+            .then(|| config.data_dir.clone()),
+    ));
     let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
     let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
     let app = outpost_server::router(outpost_server::AppState {
@@ -295,6 +302,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         }
     }
     reaper.abort();
+    pruner.abort();
     collector.abort();
     if let Some(s) = sync {
         s.task.abort();
@@ -313,6 +321,36 @@ async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {
             tracing::warn!(error = %e, "reaping stale uploads failed; will retry");
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+/// How often the event log is pruned (the first time a minute after start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes events no child can still ask for (older than the longest message TTL), so the
+/// log does not grow without bound. `outbox` is a ReadWrite site's data directory: its
+/// clients' changes stay until the parent has them.
+async fn prune_event_log(
+    control: std::sync::Arc<outpost_control::Control>,
+    outbox: Option<PathBuf>,
+) {
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    loop {
+        let unsent_after = match &outbox {
+            None => Ok(None),
+            Some(dir) => outpost_sync::outbox_cursor(dir).map(Some),
+        };
+        match unsent_after {
+            Err(e) => {
+                tracing::warn!(error = %e, "not pruning the event log: the outbox cursor cannot be read")
+            }
+            Ok(unsent_after) => match control.prune_event_log(unsent_after).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "pruned the event log"),
+                Err(e) => tracing::warn!(error = %e, "pruning the event log failed; will retry"),
+            },
+        }
+        tokio::time::sleep(PRUNE_EVERY).await;
     }
 }
 

@@ -1902,6 +1902,46 @@ impl Control {
         Ok(())
     }
 
+    /// The lowest event number a child of this node may still ask for: the first event
+    /// within the longest message TTL of the connected registries this node serves (and at
+    /// least the shortest TTL allowed), or the newest event when none is that recent. Every
+    /// feed answers the same after the events below it are pruned: a cursor that old is
+    /// refused as expired either way.
+    pub async fn event_log_floor(&self) -> Result<i64> {
+        let mut keep = self.limits_cr().min_message_ttl;
+        for row in self.meta.connected_registries().await? {
+            if let Ok(ttl) = parse_duration("message TTL", &row.message_ttl) {
+                keep = keep.max(ttl);
+            }
+        }
+        let since = now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        Ok(match self.meta.first_event_since(since).await? {
+            Some(seq) => seq,
+            None => self.meta.latest_event().await?,
+        })
+    }
+
+    /// Prunes the event log below [`Self::event_log_floor`], but never past `unsent_after`:
+    /// a ReadWrite site's outbox cursor, after which its clients' changes are still to be
+    /// sent up (and the tag history they are compared with is still needed). Deletes in
+    /// batches, so pushes wait for the database only briefly; returns how many went.
+    pub async fn prune_event_log(&self, unsent_after: Option<i64>) -> Result<u64> {
+        const BATCH: u32 = 5000;
+        let mut below = self.event_log_floor().await?;
+        if let Some(cursor) = unsent_after {
+            below = below.min(cursor.saturating_add(1));
+        }
+        let mut total = 0;
+        loop {
+            let n = self.meta.prune_events(below, BATCH).await?;
+            total += n;
+            if n < u64::from(BATCH) {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A page of `name`'s message feed after cursor `after`: the event-log entries of the
     /// repositories it syncs, in order. A cursor older than the message TTL (or ahead of the
     /// log) is refused with [`ControlError::CursorExpired`]; the child then reconciles fully.

@@ -787,11 +787,34 @@ impl Meta {
     /// The oldest sequence number of an event recorded at or after `at_ms` (`None` if none is).
     pub async fn first_event_since(&self, at_ms: i64) -> Result<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT min(seq) FROM events WHERE at >= ?")
+            // Sequence numbers grow with time: scanning up from the oldest event stops at the
+            // answer (`min(seq)` would read the whole log).
+            sqlx::query_scalar("SELECT seq FROM events WHERE at >= ? ORDER BY seq LIMIT 1")
                 .bind(at_ms)
-                .fetch_one(&self.read)
+                .fetch_optional(&self.read)
                 .await?,
         )
+    }
+
+    /// Deletes up to `batch` events that no reader needs any more: those numbered below
+    /// `below`, except the newest event (children compare their cursors with it) and each
+    /// tag's latest `tag_set` below `below` (what [`Self::tag_before`] answers from, so its
+    /// answers do not change). Returns how many were deleted; call again until it is 0.
+    pub async fn prune_events(&self, below: i64, batch: u32) -> Result<u64> {
+        let res = sqlx::query(
+            "DELETE FROM events WHERE seq IN (\
+               SELECT e.seq FROM events e \
+               WHERE e.seq < ?1 AND e.seq < (SELECT max(seq) FROM events) \
+               AND NOT (e.kind = 'tag_set' AND e.tag IS NOT NULL AND NOT EXISTS (\
+                 SELECT 1 FROM events n WHERE n.repo = e.repo AND n.tag = e.tag \
+                 AND n.seq > e.seq AND n.seq < ?1 AND n.kind IN ('tag_set', 'tag_removed'))) \
+               ORDER BY e.seq LIMIT ?2)",
+        )
+        .bind(below)
+        .bind(i64::from(batch))
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected())
     }
 
     /// Events after `seq`, oldest first, at most `limit`.
@@ -822,7 +845,92 @@ impl Meta {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_code_means_full;
+    use super::{Meta, sqlite_code_means_full};
+
+    /// Pruning below a floor keeps what readers still ask for: every event from the floor on,
+    /// the newest event, and each tag's latest `tag_set` (so `tag_before` answers as before).
+    #[tokio::test]
+    async fn prune_events_keeps_what_readers_need() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        // seq: what
+        let log: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+            ("app", "tag_set", Some("v1"), Some("d1")), // 1: superseded by 3
+            ("app", "manifest_put", None, Some("d1")),  // 2
+            ("app", "tag_set", Some("v1"), Some("d2")), // 3: v1's latest below 8
+            ("app", "tag_set", Some("gone"), Some("d2")), // 4: removed at 5
+            ("app", "tag_removed", Some("gone"), Some("d2")), // 5
+            ("db", "tag_set", Some("v1"), Some("d3")),  // 6: db:v1's latest
+            ("app", "manifest_deleted", None, Some("d1")), // 7
+            ("app", "tag_set", Some("v1"), Some("d4")), // 8: the floor
+            ("app", "manifest_put", None, Some("d4")),  // 9
+        ];
+        for (repo, kind, tag, digest) in log {
+            sqlx::query("INSERT INTO events (at, repo, kind, tag, digest) VALUES (0, ?, ?, ?, ?)")
+                .bind(repo)
+                .bind(kind)
+                .bind(tag)
+                .bind(digest)
+                .execute(&meta.write)
+                .await
+                .expect("insert");
+        }
+        let before_8 = meta.tag_before("app", "v1", 8).await.expect("read");
+        let before_9 = meta.tag_before("app", "v1", 9).await.expect("read");
+        let db = meta.tag_before("db", "v1", 9).await.expect("read");
+        assert_eq!(before_8.as_deref(), Some("d2"));
+
+        // In batches of two, until nothing is left to delete.
+        let mut deleted = 0;
+        loop {
+            let n = meta.prune_events(8, 2).await.expect("prune");
+            assert!(n <= 2, "one batch deletes at most its size");
+            if n == 0 {
+                break;
+            }
+            deleted += n;
+        }
+        let left: Vec<i64> = meta
+            .events_after(0, 100)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [3, 6, 8, 9], "{deleted} deleted");
+        assert_eq!(
+            meta.tag_before("app", "v1", 8).await.expect("read"),
+            before_8
+        );
+        assert_eq!(
+            meta.tag_before("app", "v1", 9).await.expect("read"),
+            before_9
+        );
+        assert_eq!(meta.tag_before("db", "v1", 9).await.expect("read"), db);
+        assert_eq!(meta.tag_before("app", "gone", 9).await.expect("read"), None);
+
+        // A floor past the end keeps the newest event, so cursors can still be compared.
+        while meta.prune_events(i64::MAX, 100).await.expect("prune") > 0 {}
+        let left: Vec<i64> = meta
+            .events_after(0, 100)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            left,
+            [6, 8, 9],
+            "tag v1 of app keeps 8; db keeps 6; 9 is the newest"
+        );
+        assert_eq!(meta.latest_event().await.expect("read"), 9);
+        // Sequence numbers are never reused after a delete.
+        sqlx::query("INSERT INTO events (at, repo, kind) VALUES (0, 'app', 'manifest_put')")
+            .execute(&meta.write)
+            .await
+            .expect("insert");
+        assert_eq!(meta.latest_event().await.expect("read"), 10);
+    }
 
     #[test]
     fn full_disk_result_codes() {

@@ -1184,6 +1184,43 @@ async fn expired_or_foreign_cursors_get_410() {
     // A cursor ahead of this parent's log (it was restored from a backup) also needs a reconcile.
     assert_eq!(get(latest + 10).await.status, StatusCode::GONE);
     assert_eq!(get(latest).await.status, StatusCode::OK);
+
+    // Pruning the log removes what is older than every TTL and changes no answer: the same
+    // feed page, the same refusal of the old cursor.
+    let page = get(2).await.body;
+    let before: Vec<i64> = t
+        .registry
+        .meta()
+        .events_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(before, [1, 2, 3, 4]);
+    // A ReadWrite site keeps its clients' changes after its outbox cursor.
+    assert_eq!(t.control.prune_event_log(Some(0)).await.unwrap(), 0);
+    assert_eq!(t.control.prune_event_log(None).await.unwrap(), 1);
+    let after: Vec<i64> = t
+        .registry
+        .meta()
+        .events_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        after,
+        [2, 3, 4],
+        "v1's tag event stays: it is the tag's history"
+    );
+    assert_eq!(get(2).await.body, page);
+    let r = get(0).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::GONE, "CURSOR_EXPIRED")
+    );
 }
 
 #[tokio::test]

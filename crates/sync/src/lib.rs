@@ -316,6 +316,12 @@ fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
     }
 }
 
+/// A ReadWrite site's outbox cursor under `data_dir`: the last local event its parent has
+/// (0 before the first one was sent). Events after it must stay in the event log.
+pub fn outbox_cursor(data_dir: &Path) -> Result<i64> {
+    Ok(read_outbox_cursor(&data_dir.join("sync").join("outbox-cursor"))?.unwrap_or(0))
+}
+
 /// The size of one piece of a blob sent up to the parent: what a cut link costs at most.
 const UP_PIECE_BYTES: u64 = 4 << 20;
 
