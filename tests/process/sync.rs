@@ -932,6 +932,124 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
     .await;
 }
 
+/// A ReadWrite site's outbox is durable: changes made while the parent is away survive two
+/// `kill -9`s and reach the root in order once the link is back. The site keeps
+/// authenticating its clients offline, and a client token disabled at the root stops working
+/// at the site at its next sync.
+#[tokio::test]
+async fn the_outbox_survives_kill_9_and_token_changes_reach_the_site() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    push_image(&admin, &r, "app", "base", "outbox-base").await;
+    let reader_pw = read_token(&root, "outbox-reader", "app");
+    let cs = connected(
+        &root,
+        "site-outbox",
+        &[
+            "-m",
+            "ReadWrite",
+            "--repository",
+            "app",
+            "--client-tokens",
+            "outbox-reader",
+        ],
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let cs = via(&cs, &proxy.addr);
+    let site = start_site(site_dir.path(), &cs);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let reader = client_as("outbox-reader", &reader_pw);
+    let s = site.base();
+    eventually("the site has app:base", || async {
+        tag_digest(&reader, &s, "app", "base").await.is_some()
+    })
+    .await;
+
+    // The link goes down and the site is killed: from here on it starts with no parent.
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    site.kill9();
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let first = push_image(&site_admin, &s, "app", "moved", "outbox-first").await;
+    let second = push_image(&site_admin, &s, "app", "moved", "outbox-second").await;
+    let kept = push_image(&site_admin, &s, "app", "kept", "outbox-kept").await;
+    assert_eq!(
+        site_admin
+            .delete(format!("{s}/v2/app/manifests/base"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("the site counts its pending changes", || async {
+        support::metric(&support::metrics(&s).await, "outpost_sync_outbox_depth")
+            .is_some_and(|d| d >= 7)
+    })
+    .await;
+    site.kill9();
+
+    // Restarted, still offline: it serves its own pushes and authenticates its clients.
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    assert_eq!(
+        tag_digest(&reader, &s, "app", "moved").await.as_deref(),
+        Some(second.as_str())
+    );
+    assert!(
+        tag_digest(&admin, &r, "app", "moved").await.is_none(),
+        "nothing went up yet"
+    );
+
+    // The link is back: everything reaches the root, the tag at its last value.
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the root has the site's changes", || async {
+        tag_digest(&admin, &r, "app", "kept").await.as_deref() == Some(kept.as_str())
+            && tag_digest(&admin, &r, "app", "base").await.is_none()
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&admin, &r, "app", "moved").await.as_deref(),
+        Some(second.as_str()),
+        "the changes were replayed in order"
+    );
+    assert_eq!(
+        tag_digest(&admin, &r, "app", &first).await.as_deref(),
+        Some(first.as_str()),
+        "the first push is at the root too"
+    );
+
+    // A client token disabled at the root is refused at the site after its next sync.
+    cli_ok(
+        &root,
+        &[
+            "token",
+            "update",
+            "-n",
+            "outbox-reader",
+            "--status",
+            "disabled",
+        ],
+    );
+    eventually("the site refuses the disabled token", || async {
+        reader
+            .get(format!("{s}/v2/app/tags/list"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 401
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_push_at_a_readwrite_site_goes_up_without_waiting_for_the_long_poll() {
     let root_dir = tempfile::tempdir().unwrap();
