@@ -1648,6 +1648,104 @@ async fn a_three_level_hierarchy_root_site_line() {
     .await;
 }
 
+/// ReadWrite under ReadWrite: a push at the line goes up through the site to the root, and a
+/// push at the root comes down both levels.
+#[tokio::test]
+async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let line_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let site_cs = connected(&root, "rw-mid", &["-m", "ReadWrite", "--repository", "app"]);
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "rw-line",
+            "-p",
+            "rw-mid",
+            "-m",
+            "ReadWrite",
+            "--repository",
+            "app",
+        ],
+    );
+    let site = start_site(site_dir.path(), &site_cs);
+    eventually("the root knows the site's address", || async {
+        cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "rw-mid", "-o", "json"],
+        )
+        .contains(&site.addr)
+    })
+    .await;
+    let line_cs = cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "get-settings",
+            "-n",
+            "rw-line",
+            "--parent-protocol",
+            "http",
+            "--generate-password",
+            "1",
+            "--yes",
+            "-o",
+            "tsv",
+        ],
+    );
+    let line_pw = line_cs
+        .trim()
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
+        .unwrap()
+        .to_string();
+    eventually("the site knows the line's new password", || async {
+        reqwest::Client::new()
+            .get(format!("http://{}/gateway/v1/rw-line/config", site.addr))
+            .basic_auth("rw-line", Some(&line_pw))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let line = start_site(line_dir.path(), line_cs.trim());
+    let (s, l) = (site.base(), line.base());
+    let local = client_as("admin", SITE_PASSWORD);
+
+    let from_line = push_image(&local, &l, "app", "from-line", "pushed-at-the-line").await;
+    eventually("the line's push reaches the site and the root", || async {
+        tag_digest(&local, &s, "app", "from-line").await.as_deref() == Some(from_line.as_str())
+            && tag_digest(&admin, &r, "app", "from-line").await.as_deref()
+                == Some(from_line.as_str())
+    })
+    .await;
+    let from_root = push_image(&admin, &r, "app", "from-root", "pushed-at-the-root").await;
+    eventually("the root's push reaches the line", || async {
+        tag_digest(&local, &l, "app", "from-root").await.as_deref() == Some(from_root.as_str())
+    })
+    .await;
+    // A tag removed at the line is removed up the chain.
+    assert_eq!(
+        local
+            .delete(format!("{l}/v2/app/manifests/from-line"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("the removal reaches the root", || async {
+        tag_digest(&admin, &r, "app", "from-line").await.is_none()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let root_dir = tempfile::tempdir().unwrap();
