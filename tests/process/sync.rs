@@ -1746,6 +1746,71 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
     .await;
 }
 
+/// `resync` repairs a site whose local state lost something the feed will not send again (here
+/// a tag removed from its database by hand, as a restore from an old backup would).
+#[tokio::test]
+async fn resync_repairs_what_the_feed_will_not_resend() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "resync-one").await;
+    let cs = connected(&root, "site-resync", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:v1", || async {
+        tag_digest(&local, &s, "app", "v1").await.is_some()
+    })
+    .await;
+    site.kill9();
+    let url = format!("sqlite://{}", site_dir.path().join("meta.db").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM tags WHERE name = 'v1'")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    // The feed carries only what changes: v2 arrives, the lost v1 does not.
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let v2 = push_image(&admin, &r, "app", "v2", "resync-two").await;
+    eventually("app:v2 arrives", || async {
+        tag_digest(&local, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&local, &s, "app", "v1").await, None);
+
+    cli_ok(
+        &root,
+        &["connected-registry", "resync", "-n", "site-resync"],
+    );
+    eventually("the resync brings app:v1 back", || async {
+        tag_digest(&local, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    eventually("the root no longer shows the resync pending", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-resync",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["syncState"].is_string()
+            && v["syncState"] != "Pending"
+            && v["connectionState"] == "Online"
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let root_dir = tempfile::tempdir().unwrap();
