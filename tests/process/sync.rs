@@ -1658,7 +1658,18 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
     let root = Outpost::start(root_dir.path(), &[]);
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
-    let site_cs = connected(&root, "rw-mid", &["-m", "ReadWrite", "--repository", "app"]);
+    let site_cs = connected(
+        &root,
+        "rw-mid",
+        &[
+            "-m",
+            "ReadWrite",
+            "--repository",
+            "app",
+            "--notifications",
+            "app:from-root:*",
+        ],
+    );
     cli_ok(
         &root,
         &[
@@ -1672,6 +1683,8 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
             "ReadWrite",
             "--repository",
             "app",
+            "--notifications",
+            "app:*:push",
         ],
     );
     let site = start_site(site_dir.path(), &site_cs);
@@ -1744,6 +1757,60 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
         tag_digest(&admin, &r, "app", "from-line").await.is_none()
     })
     .await;
+
+    // Notifications: the line's pushes (its own and those synced to it) reach the root through
+    // the site; its tag removal does not match its pattern. The site notifies only its pattern's tag.
+    let notes = |name: &'static str| {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "list-notifications",
+                "-n",
+                name,
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} {}:{}@{}",
+                    n["action"].as_str().unwrap(),
+                    n["repository"].as_str().unwrap(),
+                    n["tag"].as_str().unwrap_or(""),
+                    n["digest"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<String>>()
+    };
+    let pushed_line = format!("push app:from-line@{from_line}");
+    let pushed_root = format!("push app:from-root@{from_root}");
+    eventually("the line's notifications reach the root", || async {
+        let n = notes("rw-line");
+        n.contains(&pushed_line) && n.contains(&pushed_root)
+    })
+    .await;
+    eventually("the site's notification reaches the root", || async {
+        notes("rw-mid") == [pushed_root.clone()]
+    })
+    .await;
+    assert!(
+        notes("rw-line").iter().all(|n| n.starts_with("push ")),
+        "{:?}",
+        notes("rw-line")
+    );
+    let table = cli_ok(
+        &root,
+        &["connected-registry", "list-notifications", "-n", "rw-mid"],
+    );
+    assert!(
+        table.contains("SEQ") && table.contains("app:from-root"),
+        "{table}"
+    );
 }
 
 /// `resync` repairs a site whose local state lost something the feed will not send again (here

@@ -135,6 +135,18 @@ pub enum ConnectedRegistryCmd {
         #[arg(long, short = 'n')]
         name: String,
     },
+    /// List the notifications a connected registry sent (kept at the root for 30 days),
+    /// oldest first.
+    ListNotifications {
+        #[arg(long, short = 'n')]
+        name: String,
+        /// Only those after this position (the SEQ column), to read on from the last one seen
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many (1–1000)
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        top: u32,
+    },
     /// Show or change which repositories a connected registry syncs.
     #[command(subcommand)]
     Permissions(PermissionsCmd),
@@ -496,6 +508,32 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 );
             }
             crate::bundle::export(conn, &name, &dir).await?
+        }
+        ConnectedRegistryCmd::ListNotifications { name, after, top } => {
+            let v = c
+                .call(
+                    Method::GET,
+                    &path(&name, &format!("/notifications?after={after}&n={top}")),
+                    None,
+                )
+                .await?
+                .unwrap_or(json!([]));
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| {
+                    let artifact = match (n["tag"].as_str(), n["digest"].as_str()) {
+                        (Some(t), _) => format!("{}:{t}", s(&n["repository"])),
+                        (None, Some(d)) => format!("{}@{d}", s(&n["repository"])),
+                        (None, None) => s(&n["repository"]),
+                    };
+                    vec![s(&n["seq"]), s(&n["time"]), s(&n["action"]), artifact]
+                })
+                .collect();
+            if !conn.print_generic(&v)? {
+                print_rows(conn.output, &["SEQ", "TIME", "ACTION", "ARTIFACT"], &rows);
+            }
         }
         ConnectedRegistryCmd::ListClientTokens { name } => {
             let v = c

@@ -264,10 +264,10 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     };
     let pruner = tokio::spawn(prune_event_log(
         control.clone(),
-        // A ReadWrite site keeps its clients' changes until its parent has them.
+        // A connected registry keeps what it has still to send up (its ReadWrite clients'
+        // changes, its notifications) until its parent has it.
         sync.as_ref()
-            .is_some_and(|s| !s.read_only)
-            .then(|| config.data_dir.clone()),
+            .map(|s| (config.data_dir.clone(), !s.read_only)),
     ));
     let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
     let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
@@ -328,27 +328,33 @@ async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Deletes events no child can still ask for (older than the longest message TTL), so the
-/// log does not grow without bound. `outbox` is a ReadWrite site's data directory: its
-/// clients' changes stay until the parent has them.
+/// log does not grow without bound, and notifications kept longer than
+/// `outpost_control::notify::KEEP`. `site` is a connected registry's data directory and whether
+/// it is ReadWrite: what it has still to send up stays.
 async fn prune_event_log(
     control: std::sync::Arc<outpost_control::Control>,
-    outbox: Option<PathBuf>,
+    site: Option<(PathBuf, bool)>,
 ) {
     tokio::time::sleep(Duration::from_secs(60)).await;
     loop {
-        let unsent_after = match &outbox {
+        let unsent_after = match &site {
             None => Ok(None),
-            Some(dir) => outpost_sync::outbox_cursor(dir).map(Some),
+            Some((dir, read_write)) => outpost_sync::unsent_after(dir, *read_write),
         };
         match unsent_after {
             Err(e) => {
-                tracing::warn!(error = %e, "not pruning the event log: the outbox cursor cannot be read")
+                tracing::warn!(error = %e, "not pruning the event log: a sync cursor cannot be read")
             }
             Ok(unsent_after) => match control.prune_event_log(unsent_after).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "pruned the event log"),
                 Err(e) => tracing::warn!(error = %e, "pruning the event log failed; will retry"),
             },
+        }
+        match control.prune_notifications().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "pruned old notifications"),
+            Err(e) => tracing::warn!(error = %e, "pruning notifications failed; will retry"),
         }
         tokio::time::sleep(PRUNE_EVERY).await;
     }

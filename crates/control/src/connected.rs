@@ -22,6 +22,13 @@ pub trait Upstream: Send + Sync {
     /// locally.
     fn activate<'a>(&'a self, name: &'a str, instance_id: &'a str) -> BoxFuture<'a, Result<bool>>;
     fn report<'a>(&'a self, name: &'a str, report: &'a StatusReport) -> BoxFuture<'a, Result<()>>;
+    /// Passes a descendant's notifications up; [`ControlError::Unavailable`] while the parent
+    /// cannot be reached.
+    fn notify<'a>(
+        &'a self,
+        name: &'a str,
+        batch: &'a crate::notify::NotificationBatch,
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -471,12 +478,7 @@ fn normalize_log_level(s: &str) -> Result<String> {
 }
 
 fn check_notification(p: &str) -> Result<String> {
-    let action = p.rsplit(':').next().unwrap_or("");
-    if !p.contains(':') || !matches!(action, "push" | "delete" | "*") {
-        return Err(ControlError::Invalid(format!(
-            "notification {p:?} is not of the form <repository>[:<tag>][@<digest>]:<push|delete|*>"
-        )));
-    }
+    crate::notify::NotificationPattern::parse(p)?;
     Ok(p.to_string())
 }
 
@@ -539,7 +541,7 @@ impl Control {
             .collect())
     }
 
-    async fn registry_row(&self, name: &str) -> Result<ConnectedRegistryRow> {
+    pub(crate) async fn registry_row(&self, name: &str) -> Result<ConnectedRegistryRow> {
         self.meta
             .connected_registry(name)
             .await?

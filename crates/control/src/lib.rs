@@ -12,6 +12,7 @@
 pub mod connected;
 pub mod connstr;
 pub mod jwt;
+pub mod notify;
 pub mod password;
 pub mod scope;
 
@@ -90,6 +91,10 @@ pub enum ControlError {
         ttl: String,
         latest: i64,
     },
+    /// Something this node must pass to its own parent, which cannot be reached now: the
+    /// caller keeps it and tries again.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -10,10 +10,12 @@
 
 mod access;
 mod connected;
+mod notifications;
 mod schema;
 
 pub use access::{AccessWrite, PasswordRow, ScopeMapRow, TokenRow};
 pub use connected::ConnectedRegistryRow;
+pub use notifications::NotificationRow;
 
 use outpost_oci::Digest;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

@@ -142,4 +142,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         config TEXT NOT NULL     -- JSON, as the parent sent it
     ) STRICT;
     "#,
+    // 8: notifications received from connected registries (kept at the root)
+    r#"
+    CREATE TABLE notifications (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at INTEGER NOT NULL,
+        registry    TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        time        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        repository  TEXT NOT NULL,
+        tag         TEXT,
+        digest      TEXT,
+        media_type  TEXT,
+        UNIQUE (registry, id)
+    ) STRICT;
+    CREATE INDEX notifications_by_registry ON notifications(registry, seq);
+    CREATE INDEX notifications_by_age ON notifications(received_at);
+    "#,
 ];

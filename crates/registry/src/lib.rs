@@ -14,7 +14,7 @@ pub use cache::CachedManifest;
 
 pub use error::RegistryError;
 pub use outpost_meta::is_disk_full;
-pub use outpost_meta::{Event, Meta, MetaError};
+pub use outpost_meta::{EVENT_MANIFEST_PUT, Event, Meta, MetaError};
 pub use outpost_storage::{Storage, StorageError};
 
 use bytes::Bytes;

@@ -50,6 +50,10 @@ pub(crate) fn routes() -> Router<App> {
         )
         .route("/connected-registries/{name}/resync", post(resync_cr))
         .route(
+            "/connected-registries/{name}/notifications",
+            get(notifications_cr),
+        )
+        .route(
             "/connected-registries/{name}/get-settings",
             post(settings_cr),
         )
@@ -564,6 +568,41 @@ async fn resync_cr(
     Ok(json(
         StatusCode::OK,
         &app.control.resync_connected_registry(&name).await?,
+    ))
+}
+
+/// `GET /api/v1/connected-registries/{name}/notifications?after=&n=`: the notifications the
+/// root keeps for `name`, oldest first, after position `after` (default 0), at most `n`
+/// (default 100, at most 1000).
+async fn notifications_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response> {
+    admin(&app, &h).await?;
+    let q = query(&uri);
+    let num = |k: &str, default: i64, min: i64, max: i64| -> Result<i64> {
+        match q.iter().find(|(a, _)| a == k) {
+            None => Ok(default),
+            Some((_, v)) => v
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| {
+                    ApiError::custom(
+                        StatusCode::BAD_REQUEST,
+                        "INVALID_REQUEST",
+                        format!("{k}={v:?} is not a whole number from {min} to {max}"),
+                    )
+                }),
+        }
+    };
+    let after = num("after", 0, 0, i64::MAX)?;
+    let n = num("n", 100, 1, 1000)?;
+    Ok(json(
+        StatusCode::OK,
+        &app.control.notifications(&name, after, n as u32).await?,
     ))
 }
 

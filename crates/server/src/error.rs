@@ -147,6 +147,9 @@ impl From<ControlError> for ApiError {
                 ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
             }
             C::NotActive(_) => ApiError::custom(StatusCode::BAD_REQUEST, "NOT_ACTIVE", msg),
+            C::Unavailable(_) => {
+                ApiError::custom(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", msg)
+            }
             C::ManagedAtRoot(_) => ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg),
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
             C::CursorExpired { latest, .. } => {

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use outpost_control::GatewayAction;
 use outpost_control::connected::StatusReport;
+use outpost_control::notify::NotificationBatch;
 use outpost_oci::ErrorCode;
 use serde::Deserialize;
 
@@ -23,6 +24,30 @@ pub(crate) fn routes() -> Router<App> {
         .route("/{name}/status", put(status))
         .route("/{name}/config", get(config))
         .route("/{name}/messages", get(messages))
+        .route("/{name}/notifications", post(notifications))
+}
+
+/// `POST /{name}/notifications`: notifications the connected registry made from its event log
+/// (kept at the root, passed up by an intermediate node).
+async fn notifications(
+    State(app): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&app, &h, &name, GatewayAction::MessageWrite).await?;
+    let req: NotificationBatch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::custom(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("notifications body: {e}"),
+        )
+    })?;
+    let received = app.control.receive_notifications(&name, req).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "received": received }),
+    ))
 }
 
 async fn authorize(

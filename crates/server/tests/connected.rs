@@ -1793,3 +1793,184 @@ async fn the_status_page_shows_the_store_and_the_fleet() {
         "a root has no parent"
     );
 }
+
+/// Notifications a connected registry sends are kept at the root once per id, listed in order,
+/// and taken only from its active instance, in the documented shape.
+#[tokio::test]
+async fn notifications_are_kept_once_and_listed_in_order() {
+    let t = setup().await;
+    let sync = registry_with_sync_password(
+        &t,
+        "ship-notes",
+        json!(["app"]),
+        json!({"notifications": ["app:*:push"]}),
+    )
+    .await;
+    let other = registry_with_sync_password(&t, "ship-other", json!(["app"]), json!({})).await;
+    let send = |auth: Option<String>, body: Value| {
+        let t = &t;
+        async move {
+            t.req_as(
+                auth.as_deref(),
+                Method::POST,
+                "/gateway/v1/ship-notes/notifications",
+                &[],
+                body.to_string(),
+            )
+            .await
+        }
+    };
+    let note = |id: &str, tag: &str| {
+        json!({"id": id, "time": "2026-11-28T10:00:00Z", "action": "push", "repository": "app",
+               "tag": tag, "digest": "sha256:aa"})
+    };
+    let batch = json!({"instanceId": "inst-1", "notifications": [note("inst-1:1", "v1"), note("inst-1:2", "v2")]});
+
+    // Not activated yet: refused, nothing kept.
+    let r = send(Some(sync.clone()), batch.clone()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "NOT_ACTIVE")
+    );
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::POST,
+            "/gateway/v1/ship-notes/activate",
+            &[],
+            json!({"instanceId": "inst-1"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+
+    // Who may send: the registry's own sync token only.
+    assert_eq!(
+        send(None, batch.clone()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(Some(other), batch.clone()).await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    let r = send(Some(sync.clone()), batch.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["received"], 2);
+    // Sent again (the sender crashed before noting it was sent): kept once.
+    let r = send(Some(sync.clone()), batch.clone()).await;
+    assert_eq!(r.json()["received"], 0);
+    let r = send(
+        Some(sync.clone()),
+        json!({"instanceId": "inst-1", "notifications": [note("inst-1:3", "v3")]}),
+    )
+    .await;
+    assert_eq!(r.json()["received"], 1);
+
+    // Malformed, oversized or from another instance: refused whole, nothing kept.
+    let mut bad = note("inst-1:4", "v4");
+    bad["action"] = json!("pull");
+    let too_many: Vec<Value> = (0..501).map(|i| note(&format!("x:{i}"), "v")).collect();
+    for (body, code) in [
+        (
+            json!({"instanceId": "inst-1", "notifications": [note("inst-1:5", "v5"), bad]}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"instanceId": "inst-1", "notifications": too_many}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"instanceId": "inst-1", "notifications": [{"id": "inst-1:6"}]}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"instanceId": "inst-2", "notifications": [note("inst-2:1", "v")]}),
+            "NOT_ACTIVE",
+        ),
+    ] {
+        let r = send(Some(sync.clone()), body).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_REQUEST, code),
+            "{:?}",
+            r.body
+        );
+    }
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::POST,
+            "/gateway/v1/ship-notes/notifications",
+            &[],
+            "{\"instanceId\": \"inst-1\", \"notif",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Listed at the root, oldest first, readable on from a position.
+    let list = |q: &'static str| {
+        let t = &t;
+        async move {
+            t.req(
+                Method::GET,
+                &format!("/api/v1/connected-registries/ship-notes/notifications{q}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    let r = list("").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let all = r.json();
+    let tags: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["v1", "v2", "v3"]);
+    assert_eq!(all[0]["connectedRegistry"], "ship-notes");
+    assert_eq!(all[0]["action"], "push");
+    assert_eq!(all[0]["digest"], "sha256:aa");
+    assert_eq!(all[0]["time"], "2026-11-28T10:00:00Z");
+    assert!(all[0]["receivedTime"].as_str().unwrap().ends_with('Z'));
+    let first = all[0]["seq"].as_i64().unwrap();
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/api/v1/connected-registries/ship-notes/notifications?after={first}&n=1"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+    assert_eq!(r.json()[0]["tag"], "v2");
+    for q in ["?n=0", "?n=1001", "?after=-1", "?after=x"] {
+        assert_eq!(list(q).await.status, StatusCode::BAD_REQUEST, "{q}");
+    }
+    let r = t
+        .req(
+            Method::GET,
+            "/api/v1/connected-registries/no-such/notifications",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The management API is for the administrator only.
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::GET,
+            "/api/v1/connected-registries/ship-notes/notifications",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert!(
+        matches!(r.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED),
+        "{}",
+        r.status
+    );
+}

@@ -18,9 +18,12 @@
 //!
 //! A ReadWrite site also sends its clients' changes up (`flush_outbox`), in order, from a
 //! durable cursor over its event log; what came from the parent is marked and never echoed.
+//! Every connected registry sends notifications for its events that match its patterns
+//! (`flush_notifications`), from another durable cursor over the same log.
 //!
 //! An intermediate node installs its descendants from the configuration and relays their
-//! activation and status to its own parent ([`outpost_control::connected::Upstream`]).
+//! activation, status and notifications to its own parent
+//! ([`outpost_control::connected::Upstream`]).
 
 mod parent;
 
@@ -198,6 +201,14 @@ impl outpost_control::connected::Upstream for Relay {
         })
     }
 
+    fn notify<'a>(
+        &'a self,
+        name: &'a str,
+        batch: &'a outpost_control::notify::NotificationBatch,
+    ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<()>> {
+        self.notify_up(name, batch)
+    }
+
     fn report<'a>(
         &'a self,
         name: &'a str,
@@ -210,6 +221,27 @@ impl outpost_control::connected::Upstream for Relay {
                     outpost_control::ControlError::NotActive(e.to_string())
                 } else {
                     outpost_control::ControlError::Invalid(e.to_string())
+                }
+            })
+        })
+    }
+}
+
+impl Relay {
+    fn notify_up<'a>(
+        &'a self,
+        name: &'a str,
+        batch: &'a outpost_control::notify::NotificationBatch,
+    ) -> outpost_control::connected::BoxFuture<'a, outpost_control::Result<()>> {
+        Box::pin(async move {
+            self.0.notify_for(name, batch).await.map_err(|e| {
+                if not_active(&e) {
+                    outpost_control::ControlError::NotActive(e.to_string())
+                } else {
+                    // The sender keeps them and tries again.
+                    outpost_control::ControlError::Unavailable(format!(
+                        "could not pass the notifications of {name:?} to this node's parent: {e}"
+                    ))
                 }
             })
         })
@@ -316,10 +348,18 @@ fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
     }
 }
 
-/// A ReadWrite site's outbox cursor under `data_dir`: the last local event its parent has
-/// (0 before the first one was sent). Events after it must stay in the event log.
-pub fn outbox_cursor(data_dir: &Path) -> Result<i64> {
-    Ok(read_outbox_cursor(&data_dir.join("sync").join("outbox-cursor"))?.unwrap_or(0))
+/// The last event of this connected registry (under `data_dir`) after which events are still
+/// to be sent up: a ReadWrite site's outbox cursor (0 before the first change went up), and
+/// the notification cursor. `None` when nothing waits (also for a data directory that is not a
+/// connected registry's). Events after it must stay in the event log.
+pub fn unsent_after(data_dir: &Path, read_write: bool) -> Result<Option<i64>> {
+    let dir = data_dir.join("sync");
+    let outbox = match read_write {
+        true => Some(read_outbox_cursor(&dir.join("outbox-cursor"))?.unwrap_or(0)),
+        false => None,
+    };
+    let notify = read_outbox_cursor(&dir.join("notify-cursor"))?;
+    Ok(outbox.into_iter().chain(notify).min())
 }
 
 /// The size of one piece of a blob sent up to the parent: what a cut link costs at most.
@@ -1073,6 +1113,10 @@ impl Child {
             }
         };
         self.check_window()?;
+        // What was applied or pushed here so far, before waiting for more.
+        if let Err(e) = self.flush_notifications(&cfg).await {
+            tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
+        }
         let poll = self.parent.messages(cursor, self.poll_wait().as_secs());
         let feed = if cfg.mode == "ReadWrite" {
             // A local client's change ends the wait: it goes up at once instead of after the
@@ -1181,6 +1225,73 @@ impl Child {
                 cursor = e.seq;
                 write_state(&path, cursor.to_string())?;
             }
+        }
+    }
+
+    /// Sends a notification for each event of this registry that matches its notification
+    /// patterns, in order, from a durable cursor (`notify-cursor`): each is sent at least once,
+    /// and the root keeps one copy per id. A manifest pushed with a tag is one notification.
+    /// With no patterns the cursor follows the log, so patterns added later start from then.
+    async fn flush_notifications(&self, cfg: &SyncConfig) -> Result<()> {
+        use outpost_control::notify::{self, NotificationBatch, NotificationPattern};
+        const PAGE: u32 = 200;
+        let path = self.dir.join("notify-cursor");
+        let meta = self.registry.meta();
+        let db = |e: outpost_registry::MetaError| SyncError::Registry(e.into());
+        let patterns: Vec<NotificationPattern> = cfg
+            .notifications
+            .iter()
+            .filter_map(|p| NotificationPattern::parse(p).ok())
+            .collect();
+        if patterns.is_empty() {
+            let latest = meta.latest_event().await.map_err(db)?;
+            if read_outbox_cursor(&path)? != Some(latest) {
+                write_state(&path, latest.to_string())?;
+            }
+            return Ok(());
+        }
+        let mut cursor = read_outbox_cursor(&path)?.unwrap_or(0);
+        loop {
+            let events = meta.events_after(cursor, PAGE).await.map_err(db)?;
+            let Some(last) = events.last() else {
+                return Ok(());
+            };
+            // A full page ending in a manifest put leaves it for the next page, where the tag
+            // event that may follow it is seen too.
+            let take = if events.len() == PAGE as usize
+                && last.kind == outpost_registry::EVENT_MANIFEST_PUT
+            {
+                events.len() - 1
+            } else {
+                events.len()
+            };
+            let mut batch = Vec::new();
+            for (i, e) in events[..take].iter().enumerate() {
+                if events
+                    .get(i + 1)
+                    .is_some_and(|next| notify::tagged_next(e, next))
+                {
+                    continue;
+                }
+                if let Some(n) = notify::from_event(e, &self.instance_id)
+                    && patterns.iter().any(|p| p.matches(&n))
+                {
+                    batch.push(n);
+                }
+            }
+            for chunk in batch.chunks(notify::MAX_BATCH) {
+                self.parent
+                    .notify_for(
+                        &cfg.name,
+                        &NotificationBatch {
+                            instance_id: self.instance_id.clone(),
+                            notifications: chunk.to_vec(),
+                        },
+                    )
+                    .await?;
+            }
+            cursor = events[take - 1].seq;
+            write_state(&path, cursor.to_string())?;
         }
     }
 

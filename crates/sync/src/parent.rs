@@ -493,6 +493,22 @@ impl Parent {
         Ok(())
     }
 
+    /// Sends notifications of `name`: this registry or, relayed, one of its descendants.
+    pub async fn notify_for(
+        &self,
+        name: &str,
+        batch: &outpost_control::notify::NotificationBatch,
+    ) -> Result<(), SyncError> {
+        let resp = self
+            .send(
+                self.request(Method::POST, &format!("/gateway/v1/{name}/notifications"))
+                    .json(batch),
+            )
+            .await?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
     /// Every tag of `repo` at the parent (following `Link` pagination); empty if the
     /// repository does not exist there.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, SyncError> {

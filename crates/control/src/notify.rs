@@ -1,0 +1,380 @@
+//! Notifications, ACR's `notificationsList`: a connected registry's patterns
+//! `<repository>[:<tag>][@<digest>]:<push|delete|*>` (`*` matches anything within its part),
+//! the notifications a connected registry makes from its own event log when an event matches,
+//! and what a parent does with them: an intermediate node passes them up, the root keeps them
+//! (for [`KEEP`]) and lists them per registry. The sync crate does the matching and sending;
+//! this module owns the patterns, the wire types and the parent's side.
+
+use crate::{Control, ControlError, Result, now_ms, rfc3339};
+use outpost_meta::{
+    EVENT_MANIFEST_DELETED, EVENT_MANIFEST_PUT, EVENT_REPOSITORY_DELETED, EVENT_TAG_REMOVED,
+    EVENT_TAG_SET, Event, NotificationRow,
+};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How long the root keeps a notification it received.
+pub const KEEP: Duration = Duration::from_secs(30 * 86_400);
+
+/// The most notifications one call may carry.
+pub const MAX_BATCH: usize = 500;
+
+/// One notification, as a connected registry sends it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Notification {
+    /// Unique per sender: `<instance id>:<event number>`. A resent one is stored once.
+    pub id: String,
+    /// When it happened at the connected registry (RFC 3339).
+    pub time: String,
+    /// `push` or `delete`.
+    pub action: String,
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+}
+
+/// The body of `POST /gateway/v1/<name>/notifications`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotificationBatch {
+    /// The sending instance; only the active instance's notifications are taken.
+    pub instance_id: String,
+    pub notifications: Vec<Notification>,
+}
+
+/// A notification kept at the root, as `GET /api/v1/connected-registries/<name>/notifications`
+/// lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationView {
+    /// Position in this registry's list: ask for `after=<seq>` to read on.
+    pub seq: i64,
+    pub connected_registry: String,
+    pub received_time: String,
+    #[serde(flatten)]
+    pub notification: Notification,
+}
+
+/// A parsed notification pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationPattern {
+    repository: String,
+    tag: Option<String>,
+    digest: Option<String>,
+    action: String,
+}
+
+impl NotificationPattern {
+    pub fn parse(s: &str) -> Result<NotificationPattern> {
+        let bad = |why: &str| {
+            ControlError::Invalid(format!(
+                "notification {s:?} is not of the form <repository>[:<tag>][@<digest>]:<push|delete|*>{why}"
+            ))
+        };
+        let (artifact, action) = s.rsplit_once(':').ok_or_else(|| bad(""))?;
+        if !matches!(action, "push" | "delete" | "*") {
+            return Err(bad(" (the action is push, delete or *)"));
+        }
+        let (name_tag, digest) = match artifact.split_once('@') {
+            Some((a, d)) => (a, Some(d)),
+            None => (artifact, None),
+        };
+        let (repository, tag) = match name_tag.split_once(':') {
+            Some((r, t)) => (r, Some(t)),
+            None => (name_tag, None),
+        };
+        let part_ok = |p: &str, extra: &str| {
+            !p.is_empty()
+                && p.len() <= 256
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "*._-".contains(c) || extra.contains(c))
+        };
+        if !part_ok(repository, "/") || repository.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(bad(
+                " (the repository part is a lowercase name, `*` allowed)",
+            ));
+        }
+        if tag.is_some_and(|t| !part_ok(t, "")) {
+            return Err(bad(" (the tag part has a tag's characters, `*` allowed)"));
+        }
+        if digest.is_some_and(|d| !part_ok(d, ":+=")) {
+            return Err(bad(
+                " (the digest part looks like sha256:<hex>, `*` allowed)",
+            ));
+        }
+        Ok(NotificationPattern {
+            repository: repository.into(),
+            tag: tag.map(String::from),
+            digest: digest.map(String::from),
+            action: action.into(),
+        })
+    }
+
+    /// Whether `n` matches: the action, the repository, and the tag and digest parts if the
+    /// pattern has them (a tag part matches only notifications about a tag).
+    pub fn matches(&self, n: &Notification) -> bool {
+        let part = |p: &Option<String>, v: &Option<String>| match (p, v) {
+            (None, _) => true,
+            (Some(p), Some(v)) => glob(p, v),
+            (Some(_), None) => false,
+        };
+        (self.action == "*" || self.action == n.action)
+            && glob(&self.repository, &n.repository)
+            && part(&self.tag, &n.tag)
+            && part(&self.digest, &n.digest)
+    }
+}
+
+/// `*` matches any run of characters (also `/`); everything else matches itself. Written here
+/// because patterns have nothing else (no classes, no escapes) and the inputs are short.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: an exact match
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// The notification event `e` of this registry makes, if it is one (`instance` makes the id
+/// unique). A manifest put together with a tag is one push: the caller skips the
+/// `manifest_put` that `tagged_next` says the next event tags.
+pub fn from_event(e: &Event, instance: &str) -> Option<Notification> {
+    let action = match e.kind.as_str() {
+        EVENT_MANIFEST_PUT | EVENT_TAG_SET => "push",
+        EVENT_MANIFEST_DELETED | EVENT_TAG_REMOVED | EVENT_REPOSITORY_DELETED => "delete",
+        _ => return None,
+    };
+    Some(Notification {
+        id: format!("{instance}:{}", e.seq),
+        time: rfc3339(e.at_ms),
+        action: action.into(),
+        repository: e.repo.clone(),
+        tag: e.tag.clone(),
+        digest: e.digest.clone(),
+        media_type: e.media_type.clone(),
+    })
+}
+
+/// Whether `next` tags the manifest `e` put (both written by one push with a tag).
+pub fn tagged_next(e: &Event, next: &Event) -> bool {
+    e.kind == EVENT_MANIFEST_PUT
+        && next.kind == EVENT_TAG_SET
+        && next.repo == e.repo
+        && next.digest == e.digest
+        && next.seq == e.seq + 1
+}
+
+impl Control {
+    /// Takes the notifications connected registry `name` sent (from its active instance only).
+    /// The root keeps them; an intermediate node passes them up and fails with
+    /// [`ControlError::Unavailable`] while its own parent is away, so the sender keeps them and
+    /// tries again. Returns how many were new here (all of them, when passed up).
+    pub async fn receive_notifications(&self, name: &str, batch: NotificationBatch) -> Result<u64> {
+        if batch.notifications.len() > MAX_BATCH {
+            return Err(ControlError::Invalid(format!(
+                "{} notifications in one call; send at most {MAX_BATCH}",
+                batch.notifications.len()
+            )));
+        }
+        for n in &batch.notifications {
+            let long = [&n.id, &n.time, &n.repository]
+                .into_iter()
+                .chain([&n.tag, &n.digest, &n.media_type].into_iter().flatten())
+                .any(|f| f.len() > 512);
+            if !matches!(n.action.as_str(), "push" | "delete")
+                || n.id.is_empty()
+                || n.repository.is_empty()
+                || long
+            {
+                return Err(ControlError::Invalid(format!(
+                    "notification {:?}: the action is push or delete, the id and repository are set, and no field is longer than 512 bytes",
+                    n.id
+                )));
+            }
+        }
+        let row = self.registry_row(name).await?;
+        if row.activation != "Active" || row.instance_id.as_deref() != Some(&batch.instance_id) {
+            return Err(ControlError::NotActive(format!(
+                "instance {:?} is not the active instance of connected registry {name:?}",
+                batch.instance_id
+            )));
+        }
+        let upstream = self
+            .upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(up) = upstream {
+            up.notify(name, &batch).await?;
+            return Ok(batch.notifications.len() as u64);
+        }
+        let rows: Vec<NotificationRow> = batch
+            .notifications
+            .iter()
+            .map(|n| NotificationRow {
+                registry: name.into(),
+                id: n.id.clone(),
+                time: n.time.clone(),
+                action: n.action.clone(),
+                repository: n.repository.clone(),
+                tag: n.tag.clone(),
+                digest: n.digest.clone(),
+                media_type: n.media_type.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let new = self.meta.insert_notifications(&rows).await?;
+        for n in &batch.notifications {
+            tracing::info!(
+                target: "outpost::notifications",
+                connected_registry = name,
+                action = %n.action,
+                repository = %n.repository,
+                tag = n.tag.as_deref().unwrap_or(""),
+                digest = n.digest.as_deref().unwrap_or(""),
+                time = %n.time,
+                "notification"
+            );
+        }
+        Ok(new)
+    }
+
+    /// The notifications kept for `name` after position `after`, oldest first, at most `limit`
+    /// (1–1000).
+    pub async fn notifications(
+        &self,
+        name: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<NotificationView>> {
+        self.registry_row(name).await?;
+        let rows = self
+            .meta
+            .notifications(name, after, limit.clamp(1, 1000))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| NotificationView {
+                seq: r.seq,
+                connected_registry: r.registry,
+                received_time: rfc3339(r.received_ms),
+                notification: Notification {
+                    id: r.id,
+                    time: r.time,
+                    action: r.action,
+                    repository: r.repository,
+                    tag: r.tag,
+                    digest: r.digest,
+                    media_type: r.media_type,
+                },
+            })
+            .collect())
+    }
+
+    /// Deletes the notifications received more than [`KEEP`] ago; returns how many.
+    pub async fn prune_notifications(&self) -> Result<u64> {
+        let before = now_ms().saturating_sub(KEEP.as_millis() as i64);
+        Ok(self.meta.prune_notifications(before).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(action: &str, repo: &str, tag: Option<&str>, digest: Option<&str>) -> Notification {
+        Notification {
+            id: "i:1".into(),
+            time: "2026-11-28T00:00:00Z".into(),
+            action: action.into(),
+            repository: repo.into(),
+            tag: tag.map(String::from),
+            digest: digest.map(String::from),
+            media_type: None,
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", ""));
+        assert!(glob("*", "a/b"));
+        assert!(glob("app", "app"));
+        assert!(!glob("app", "apps"));
+        assert!(glob("path/to/*", "path/to/repo"));
+        assert!(!glob("path/to/*", "path/other"));
+        assert!(glob("*-prod", "web-prod"));
+        assert!(!glob("*-prod", "web-prod-2"));
+        assert!(glob("a*b*c", "a-b-b-c"));
+        assert!(!glob("ab*ba", "aba"), "the parts may not overlap");
+        assert!(glob("sha256:*", "sha256:abc"));
+    }
+
+    #[test]
+    fn acr_examples_parse_and_match() {
+        let push_tag = n("push", "hello-world", Some("1.0"), Some("sha256:aa"));
+        let push_digest = n("push", "hello-world", None, Some("sha256:aa"));
+        let delete_tag = n("delete", "hello-world", Some("1.0"), Some("sha256:aa"));
+        let repo_gone = n("delete", "hello-world", None, None);
+        let other = n("push", "path/to/repo", Some("v1"), Some("sha256:bb"));
+        let m = |p: &str, x: &Notification| NotificationPattern::parse(p).unwrap().matches(x);
+
+        // Everything.
+        for x in [&push_tag, &push_digest, &delete_tag, &repo_gone, &other] {
+            assert!(m("*:*", x));
+        }
+        // All tags: only notifications about a tag.
+        assert!(m("*:*:*", &push_tag) && m("*:*:*", &delete_tag));
+        assert!(!m("*:*:*", &push_digest) && !m("*:*:*", &repo_gone));
+        // All digests: everything that names a manifest.
+        assert!(m("*@*:*", &push_digest) && m("*@*:*", &push_tag));
+        assert!(!m("*@*:*", &repo_gone));
+        // A repository, a tag, an action.
+        assert!(m("hello-world:1.0:delete", &delete_tag));
+        assert!(!m("hello-world:1.0:delete", &push_tag));
+        assert!(m("hello-world@sha256:aa:push", &push_digest));
+        assert!(!m("hello-world@sha256:bb:push", &push_digest));
+        assert!(m(
+            "path/to/repo/*:push",
+            &n("push", "path/to/repo/x", None, None)
+        ));
+        assert!(
+            !m("path/to/repo/*:push", &other),
+            "the prefix needs the slash"
+        );
+        assert!(m("path/to/repo:*", &other));
+        assert!(!m("hello-world:*", &other));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_the_form() {
+        for p in [
+            "app",
+            "app:pull",
+            ":push",
+            "App:push",
+            "app::push",
+            "app@:push",
+            "app:v 1:push",
+            "app;rm:push",
+        ] {
+            let e = NotificationPattern::parse(p).unwrap_err().to_string();
+            assert!(e.contains("<repository>[:<tag>][@<digest>]"), "{p}: {e}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Notifications received from connected registries (their clients' and their sync's pushes
+//! and deletes that matched the registry's notification patterns), kept at the root for
+//! readers of `GET /api/v1/connected-registries/<name>/notifications`. `outpost-control` owns
+//! their meaning; this module stores, lists and prunes rows.
+
+use crate::{Meta, Result, now_ms};
+use sqlx::Row;
+
+/// One stored notification.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NotificationRow {
+    /// Position in the root's list (assigned on insert; ignored when inserting).
+    pub seq: i64,
+    /// When the root received it (Unix milliseconds; assigned on insert).
+    pub received_ms: i64,
+    /// The connected registry it happened at.
+    pub registry: String,
+    /// The sender's id for it: a resent notification with the same id is stored once.
+    pub id: String,
+    /// When it happened at the connected registry (RFC 3339, as sent).
+    pub time: String,
+    pub action: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    pub media_type: Option<String>,
+}
+
+impl Meta {
+    /// Stores `rows` in one transaction, skipping those whose (registry, id) is already stored.
+    /// Returns how many were new.
+    pub async fn insert_notifications(&self, rows: &[NotificationRow]) -> Result<u64> {
+        let mut tx = self.write.begin().await?;
+        let now = now_ms();
+        let mut new = 0;
+        for r in rows {
+            new += sqlx::query(
+                "INSERT OR IGNORE INTO notifications \
+                 (received_at, registry, id, time, action, repository, tag, digest, media_type) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(now)
+            .bind(&r.registry)
+            .bind(&r.id)
+            .bind(&r.time)
+            .bind(&r.action)
+            .bind(&r.repository)
+            .bind(&r.tag)
+            .bind(&r.digest)
+            .bind(&r.media_type)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Notifications of `registry` after position `after`, oldest first, at most `limit`.
+    pub async fn notifications(
+        &self,
+        registry: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<NotificationRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, received_at, registry, id, time, action, repository, tag, digest, media_type \
+             FROM notifications WHERE registry = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(registry)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(NotificationRow {
+                    seq: r.try_get(0)?,
+                    received_ms: r.try_get(1)?,
+                    registry: r.try_get(2)?,
+                    id: r.try_get(3)?,
+                    time: r.try_get(4)?,
+                    action: r.try_get(5)?,
+                    repository: r.try_get(6)?,
+                    tag: r.try_get(7)?,
+                    digest: r.try_get(8)?,
+                    media_type: r.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes notifications received before `before_ms`; returns how many.
+    pub async fn prune_notifications(&self, before_ms: i64) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM notifications WHERE received_at < ?")
+                .bind(before_ms)
+                .execute(&self.write)
+                .await?
+                .rows_affected(),
+        )
+    }
+}
