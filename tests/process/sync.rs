@@ -2034,28 +2034,34 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
     })
     .await;
     // A client push that does not fit gets a clear 507, and what the site holds stays intact.
+    // The sync's retries fill the disk to the last byte at moments, and then the upload
+    // session itself cannot be created: the same 507 comes at the POST.
     let blob = vec![7u8; 20 << 20];
     let loc = site_admin
         .post(format!("{s}/v2/local/blobs/uploads/"))
         .send()
         .await
         .unwrap();
-    assert_eq!(loc.status(), 202);
-    let loc = loc.headers()["location"].to_str().unwrap().to_string();
-    let loc = if loc.starts_with("http") {
+    let refused = if loc.status() == 507 {
         loc
     } else {
-        format!("{s}{loc}")
+        assert_eq!(loc.status(), 202);
+        let loc = loc.headers()["location"].to_str().unwrap().to_string();
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{s}{loc}")
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        site_admin
+            .put(format!("{loc}{sep}digest={}", support::sha256_hex(&blob)))
+            .body(blob)
+            .send()
+            .await
+            .unwrap()
     };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let put = site_admin
-        .put(format!("{loc}{sep}digest={}", support::sha256_hex(&blob)))
-        .body(blob)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 507);
-    let body = put.text().await.unwrap();
+    assert_eq!(refused.status(), 507);
+    let body = refused.text().await.unwrap();
     assert!(body.contains("storage is full"), "{body}");
     assert_eq!(
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref(),
