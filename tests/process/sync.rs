@@ -1878,6 +1878,103 @@ async fn resync_repairs_what_the_feed_will_not_resend() {
     .await;
 }
 
+/// An image the parent lists but cannot serve (a layer file lost there) is skipped and
+/// reported, instead of being retried in a loop that holds up everything after it — in the
+/// first full sync and in the feed — and arrives once the parent is repaired.
+#[tokio::test]
+async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    // The layer `push_image` makes from a seed, and losing its file at the root.
+    let layer = |seed: &str| -> Vec<u8> { seed.bytes().cycle().take(300_000).collect() };
+    let lose = |seed: &str| {
+        let d = support::sha256_hex(&layer(seed));
+        let hex = d.trim_start_matches("sha256:");
+        let path = root_dir
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    };
+    let good = push_image(&admin, &r, "app", "good", "skip-good").await;
+    let broken = push_image(&admin, &r, "app", "broken", "skip-broken").await;
+    lose("skip-broken");
+    let cs = connected(&root, "site-skip", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the good image arrives", || async {
+        tag_digest(&local, &s, "app", "good").await.as_deref() == Some(good.as_str())
+    })
+    .await;
+    // The first sync finished and the feed is followed: a later push arrives.
+    let later = push_image(&admin, &r, "app", "later", "skip-later").await;
+    eventually("a later push arrives", || async {
+        tag_digest(&local, &s, "app", "later").await.as_deref() == Some(later.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&local, &s, "app", "broken").await, None);
+    let skipped_at_root = || {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-skip",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["statusDetails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["code"] == "ParentContentMissing")
+            .map(|d| d["description"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually("the root shows what was skipped", || async {
+        skipped_at_root()
+            .iter()
+            .any(|d| d.contains("app:broken") && d.contains("Push the image to the parent again"))
+    })
+    .await;
+
+    // The same in the feed: a broken image between two good ones holds nothing up, also
+    // across a restart.
+    site.kill9();
+    let broken2 = push_image(&admin, &r, "app", "broken2", "skip-broken-two").await;
+    lose("skip-broken-two");
+    let after = push_image(&admin, &r, "app", "after", "skip-after").await;
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("the push after the broken one arrives", || async {
+        tag_digest(&local, &s, "app", "after").await.as_deref() == Some(after.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&local, &s, "app", "broken2").await, None);
+
+    // Repaired at the root (the lost layers uploaded again): both arrive, the details go.
+    for seed in ["skip-broken", "skip-broken-two"] {
+        support::push_blob(&admin, &r, "app", &layer(seed)).await;
+    }
+    eventually("the repaired images arrive", || async {
+        tag_digest(&local, &s, "app", "broken").await.as_deref() == Some(broken.as_str())
+            && tag_digest(&local, &s, "app", "broken2").await.as_deref() == Some(broken2.as_str())
+    })
+    .await;
+    eventually("the root no longer shows them skipped", || async {
+        skipped_at_root().is_empty()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let root_dir = tempfile::tempdir().unwrap();

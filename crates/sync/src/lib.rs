@@ -83,6 +83,9 @@ pub enum SyncError {
     Registry(#[from] RegistryError),
     #[error("the sync window closed; the transfer resumes in the next window")]
     WindowClosed,
+    /// The parent lists a manifest but cannot serve something it references.
+    #[error("the parent cannot serve {0}")]
+    MissingAtParent(String),
     #[error("sync state in {path}: {source}")]
     State {
         path: PathBuf,
@@ -282,6 +285,8 @@ struct Child {
     deadline: Mutex<Option<std::time::Instant>>,
     /// Tag conflicts and refused outbox entries, reported for a day, across restarts.
     notices: Notices,
+    /// Manifests skipped because the parent cannot serve them, retried later.
+    skipped: SkipList,
     /// How many of the parent's messages were still to apply after the last page.
     lag: Mutex<Option<i64>>,
     /// Applies the parent's log level, and the level last applied.
@@ -507,6 +512,119 @@ fn refused_for_good(e: &SyncError) -> bool {
     }
 }
 
+/// Whether `e` says the parent lacks content it references (its blob answers 404, or a child
+/// manifest is gone): waiting will not bring it, so the manifest is skipped, not retried in a
+/// loop that holds up everything after it.
+fn parent_lacks_content(e: &SyncError) -> bool {
+    matches!(
+        e,
+        SyncError::Parent { status: 404, .. } | SyncError::MissingAtParent(_)
+    )
+}
+
+/// A manifest the parent lists but cannot serve whole (a tag's, or a referrer's with no tag).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Skipped {
+    repository: String,
+    tag: Option<String>,
+    digest: String,
+    reason: String,
+    since: String,
+}
+
+/// What was skipped because the parent could not serve it, kept in `sync/skipped.json` across
+/// restarts, retried at every poll interval, and reported as `ParentContentMissing` until it
+/// arrives or the parent no longer points at it. This is what keeps one broken image at the
+/// parent (a layer file lost there) from stopping the sync of everything else.
+struct SkipList {
+    path: PathBuf,
+    items: Mutex<Vec<Skipped>>,
+    last_retry: Mutex<Option<std::time::Instant>>,
+}
+
+impl SkipList {
+    /// At most this many are kept (the oldest go first); they are retried one by one.
+    const MAX: usize = 100;
+
+    fn load(dir: &Path) -> SkipList {
+        let path = dir.join("skipped.json");
+        let items = read_state(&path)
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        SkipList {
+            path,
+            items: Mutex::new(items),
+            last_retry: Mutex::new(None),
+        }
+    }
+
+    fn list(&self) -> Vec<Skipped> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the list with `f` and saves it if it changed.
+    fn update(&self, f: impl FnOnce(&mut Vec<Skipped>)) -> Result<()> {
+        let json = {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            let before = items.clone();
+            f(&mut items);
+            let excess = items.len().saturating_sub(Self::MAX);
+            items.drain(..excess);
+            if *items == before {
+                return Ok(());
+            }
+            serde_json::to_string(&*items).unwrap_or_default()
+        };
+        write_state(&self.path, &json)
+    }
+
+    fn add(&self, entry: Skipped) -> Result<()> {
+        self.update(|items| {
+            items.retain(|s| {
+                !(s.repository == entry.repository
+                    && s.tag == entry.tag
+                    && s.digest == entry.digest)
+            });
+            items.push(entry);
+        })
+    }
+
+    /// Forgets `digest` in `repo` (it arrived), for every tag.
+    fn arrived(&self, repo: &str, digest: &str) -> Result<()> {
+        if !self
+            .items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s.repository == repo && s.digest == digest)
+        {
+            return Ok(());
+        }
+        self.update(|items| items.retain(|s| !(s.repository == repo && s.digest == digest)))
+    }
+
+    fn details(&self) -> Vec<StatusDetail> {
+        self.list()
+            .into_iter()
+            .map(|s| StatusDetail {
+                kind: "Sync".into(),
+                code: "ParentContentMissing".into(),
+                description: format!(
+                    "{}{} ({}) is skipped: {}; it is retried at every sync. Push the image to the parent again to repair it there",
+                    s.repository,
+                    s.tag.as_deref().map(|t| format!(":{t}")).unwrap_or_default(),
+                    s.digest,
+                    s.reason
+                ),
+                timestamp: Some(s.since),
+                correlation_id: None,
+            })
+            .collect()
+    }
+}
+
 /// Problems found while sending this site's changes up that the parent should show until they
 /// age out: tag conflicts and outbox entries the parent refused for good. Kept in
 /// `sync/notices.json` so a restart does not erase them.
@@ -688,6 +806,7 @@ pub async fn start(
         Err(e) => return Err(e),
     };
     let notices = Notices::load(&dir);
+    let skipped = SkipList::load(&dir);
     let child = Arc::new(Child {
         role: Role::Gateway,
         parent,
@@ -702,6 +821,7 @@ pub async fn start(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         notices,
+        skipped,
         log_level_hook: opts.log_level_hook.clone(),
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
@@ -777,6 +897,7 @@ pub async fn start_mirror(
     };
     let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
+    let skipped = SkipList::load(&dir);
     let child = Arc::new(Child {
         role: Role::Plain {
             interval: opts.interval,
@@ -793,6 +914,7 @@ pub async fn start_mirror(
         last_error: Mutex::new(None),
         deadline: Mutex::new(None),
         notices,
+        skipped,
         log_level_hook: None,
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
@@ -1004,6 +1126,7 @@ impl Child {
             .cloned()
             .collect();
         details.extend(self.notices.current());
+        details.extend(self.skipped.details());
         self.parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
@@ -1113,6 +1236,7 @@ impl Child {
             }
         };
         self.check_window()?;
+        self.retry_skipped().await?;
         // What was applied or pushed here so far, before waiting for more.
         if let Err(e) = self.flush_notifications(&cfg).await {
             tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
@@ -1617,11 +1741,11 @@ impl Child {
                 // The tag has not moved, but signatures, SBOMs and attestations may have been
                 // added to it since (and the feed that announced them may have expired).
                 for r in self.parent.referrers(&repo, &digest).await? {
-                    self.ensure_manifest(&name, &r).await?;
+                    self.ensure_or_skip(&name, None, &r).await?;
                 }
                 continue;
             }
-            if self.ensure_manifest(&name, &digest).await? {
+            if self.ensure_or_skip(&name, Some(&t), &digest).await? {
                 self.tag(&name, &t, &digest).await?;
             }
         }
@@ -1653,11 +1777,11 @@ impl Child {
         let digest = m.digest.clone().unwrap_or_default();
         match m.kind.as_str() {
             "manifest_put" => {
-                self.ensure_manifest(&name, &digest).await?;
+                self.ensure_or_skip(&name, None, &digest).await?;
             }
             "tag_set" => {
                 if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>)
-                    && self.ensure_manifest(&name, &digest).await?
+                    && self.ensure_or_skip(&name, Some(&tag), &digest).await?
                 {
                     self.tag(&name, &tag, &digest).await?;
                 }
@@ -1747,16 +1871,111 @@ impl Child {
             self.ensure_blob(repo, &b.digest, b.size).await?;
         }
         for child in manifest.required_manifests() {
-            Box::pin(self.ensure_manifest(repo, &child.digest.to_string())).await?;
+            if !Box::pin(self.ensure_manifest(repo, &child.digest.to_string())).await? {
+                return Err(SyncError::MissingAtParent(format!(
+                    "manifest {}, which {digest} lists",
+                    child.digest
+                )));
+            }
         }
         self.registry
             .put_manifest(repo, &Reference::Digest(d), Some(&media_type), &bytes)
             .await?;
-        // Referrers (signatures, SBOMs, attestations) travel with what they describe.
+        // Referrers (signatures, SBOMs, attestations) travel with what they describe; one the
+        // parent cannot serve is skipped without holding up its subject.
         for r in self.parent.referrers(repo.as_str(), digest).await? {
-            Box::pin(self.ensure_manifest(repo, &r)).await?;
+            Box::pin(self.ensure_or_skip(repo, None, &r)).await?;
         }
         Ok(true)
+    }
+
+    /// [`Self::ensure_manifest`], except that a manifest the parent cannot serve whole is
+    /// skipped (recorded for a later retry, reported) and `Ok(false)` returned, so it does not
+    /// hold up what comes after it.
+    async fn ensure_or_skip(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        digest: &str,
+    ) -> Result<bool> {
+        match self.ensure_manifest(repo, digest).await {
+            Ok(present) => {
+                if present {
+                    self.skipped.arrived(repo.as_str(), digest)?;
+                }
+                Ok(present)
+            }
+            Err(e) if parent_lacks_content(&e) => {
+                let what = match tag {
+                    Some(t) => format!("{repo}:{t}"),
+                    None => format!("{repo}@{digest}"),
+                };
+                tracing::warn!(manifest = %what, %digest, error = %e, "the parent cannot serve everything this manifest needs; skipping it for now");
+                self.skipped.add(Skipped {
+                    repository: repo.to_string(),
+                    tag: tag.map(|t| t.to_string()),
+                    digest: digest.to_string(),
+                    reason: e.to_string(),
+                    since: now_rfc3339(),
+                })?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tries the skipped manifests again (at most once per poll interval): those that arrive,
+    /// and those the parent no longer points at, leave the list.
+    async fn retry_skipped(&self) -> Result<()> {
+        {
+            let mut last = self
+                .skipped
+                .last_retry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.poll_wait) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let before = self.skipped.list();
+        for s in before.clone() {
+            self.check_window()?;
+            let Ok(repo) = s.repository.parse::<RepoName>() else {
+                self.skipped.update(|items| items.retain(|x| x != &s))?;
+                continue;
+            };
+            let tag = s.tag.as_deref().and_then(|t| t.parse::<Tag>().ok());
+            if let Some(t) = &tag
+                && self
+                    .parent
+                    .manifest_digest(repo.as_str(), t.as_str())
+                    .await?
+                    .as_deref()
+                    != Some(s.digest.as_str())
+            {
+                // Moved or removed at the parent: the feed (or a reconcile) brings what it is now.
+                self.skipped.update(|items| items.retain(|x| x != &s))?;
+                continue;
+            }
+            match self.ensure_manifest(&repo, &s.digest).await {
+                Ok(true) => {
+                    if let Some(t) = &tag {
+                        self.tag(&repo, t, &s.digest).await?;
+                    }
+                    tracing::info!(repository = %s.repository, digest = %s.digest, "a skipped manifest arrived");
+                    self.skipped.update(|items| items.retain(|x| x != &s))?;
+                }
+                Ok(false) => self.skipped.update(|items| items.retain(|x| x != &s))?,
+                Err(e) if parent_lacks_content(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.skipped.list().len() < before.len() {
+            // The parent shows the shorter list at once, not at the next change.
+            self.report("Online", false).await?;
+        }
+        Ok(())
     }
 
     /// Makes blob `digest` (of `size` bytes, as its descriptor says) present in `repo`: linked
