@@ -1798,6 +1798,14 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
         notes("rw-mid") == [pushed_root.clone()]
     })
     .await;
+    // Notifications go up in order: once a later push's has arrived, a (wrong) one for the
+    // earlier tag removal would have too.
+    let fence = push_image(&local, &l, "app", "fence", "after-the-removal").await;
+    let pushed_fence = format!("push app:fence@{fence}");
+    eventually("the fence's notification reaches the root", || async {
+        notes("rw-line").contains(&pushed_fence)
+    })
+    .await;
     assert!(
         notes("rw-line").iter().all(|n| n.starts_with("push ")),
         "{:?}",

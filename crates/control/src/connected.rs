@@ -1933,10 +1933,11 @@ impl Control {
         if let Some(cursor) = unsent_after {
             below = below.min(cursor.saturating_add(1));
         }
-        let mut total = 0;
+        let (mut total, mut from) = (0, 0);
         loop {
-            let n = self.meta.prune_events(below, BATCH).await?;
+            let (n, last) = self.meta.prune_events(below, from, BATCH).await?;
             total += n;
+            from = last;
             if n < u64::from(BATCH) {
                 return Ok(total);
             }
@@ -1955,12 +1956,16 @@ impl Control {
             .meta
             .first_event_since(now_ms() - ttl.as_millis() as i64)
             .await?;
+        // Below the pruning mark some events are gone: such a cursor cannot be continued even
+        // if its TTL (raised since) would allow it.
+        let pruned_below = self.meta.events_pruned_below().await?;
         let expired = after > latest
             || (after < latest
-                && match oldest {
-                    None => true,
-                    Some(o) => after + 1 < o,
-                });
+                && (after + 1 < pruned_below
+                    || match oldest {
+                        None => true,
+                        Some(o) => after + 1 < o,
+                    }));
         if expired {
             return Err(ControlError::CursorExpired {
                 name: name.into(),

@@ -239,8 +239,14 @@ impl Control {
                 ..Default::default()
             })
             .collect();
-        let new = self.meta.insert_notifications(&rows).await?;
-        for n in &batch.notifications {
+        let inserted = self.meta.insert_notifications(&rows).await?;
+        let new = inserted.iter().filter(|i| **i).count() as u64;
+        for (n, _) in batch
+            .notifications
+            .iter()
+            .zip(&inserted)
+            .filter(|(_, inserted)| **inserted)
+        {
             tracing::info!(
                 target: "outpost::notifications",
                 connected_registry = name,

@@ -764,10 +764,11 @@ impl Meta {
     }
 
     /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
-    /// for it with a smaller sequence number, or `None` if there is none or it was a removal.
+    /// for it with a smaller sequence number, or `None` if there is none, it was a removal, or
+    /// the repository was deleted after it.
     pub async fn tag_before(&self, repo: &str, tag: &str, seq: i64) -> Result<Option<String>> {
-        let row: Option<(String, Option<String>)> = sqlx::query_as(
-            "SELECT kind, digest FROM events WHERE repo = ? AND tag = ? AND seq < ? \
+        let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT seq, kind, digest FROM events WHERE repo = ? AND tag = ? AND seq < ? \
              AND kind IN ('tag_set', 'tag_removed') ORDER BY seq DESC LIMIT 1",
         )
         .bind(repo)
@@ -775,7 +776,21 @@ impl Meta {
         .bind(seq)
         .fetch_optional(&self.read)
         .await?;
-        Ok(row.and_then(|(kind, digest)| (kind == EVENT_TAG_SET).then_some(digest).flatten()))
+        let Some((at, kind, digest)) = row else {
+            return Ok(None);
+        };
+        let deleted_since: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM events WHERE repo = ? AND kind = 'repository_deleted' \
+             AND seq > ? AND seq < ? LIMIT 1",
+        )
+        .bind(repo)
+        .bind(at)
+        .bind(seq)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok((kind == EVENT_TAG_SET && deleted_since.is_none())
+            .then_some(digest)
+            .flatten())
     }
 
     /// The newest event's sequence number (0 when the log is empty).
@@ -786,37 +801,73 @@ impl Meta {
         Ok(seq.unwrap_or(0))
     }
 
-    /// The oldest sequence number of an event recorded at or after `at_ms` (`None` if none is).
+    /// The oldest sequence number of an event recorded at or after `at_ms`, not counting what
+    /// pruning kept below [`Self::events_pruned_below`] (`None` if there is none).
     pub async fn first_event_since(&self, at_ms: i64) -> Result<Option<i64>> {
+        let from = self.events_pruned_below().await?;
         Ok(
-            // Sequence numbers grow with time: scanning up from the oldest event stops at the
-            // answer (`min(seq)` would read the whole log).
-            sqlx::query_scalar("SELECT seq FROM events WHERE at >= ? ORDER BY seq LIMIT 1")
-                .bind(at_ms)
-                .fetch_optional(&self.read)
-                .await?,
+            // Sequence numbers grow with time: scanning up from the first event not pruned
+            // stops at the answer (`min(seq)` would read the whole log).
+            sqlx::query_scalar(
+                "SELECT seq FROM events WHERE seq >= ? AND at >= ? ORDER BY seq LIMIT 1",
+            )
+            .bind(from)
+            .bind(at_ms)
+            .fetch_optional(&self.read)
+            .await?,
         )
     }
 
-    /// Deletes up to `batch` events that no reader needs any more: those numbered below
-    /// `below`, except the newest event (children compare their cursors with it) and each
-    /// tag's latest `tag_set` below `below` (what [`Self::tag_before`] answers from, so its
-    /// answers do not change). Returns how many were deleted; call again until it is 0.
-    pub async fn prune_events(&self, below: i64, batch: u32) -> Result<u64> {
-        let res = sqlx::query(
+    /// Below this sequence number the log may have been pruned (0: never pruned): a cursor
+    /// older than it cannot be continued.
+    pub async fn events_pruned_below(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT value FROM log_state WHERE name = 'events_pruned_below'",
+        )
+        .fetch_optional(&self.read)
+        .await?
+        .unwrap_or(0))
+    }
+
+    /// Deletes up to `batch` events numbered after `from` that no reader needs any more: those
+    /// below `below`, except the newest event (children compare their cursors with it) and each
+    /// tag's latest `tag_set` below `below` unless its repository was deleted after it (what
+    /// [`Self::tag_before`] answers from, so its answers do not change). Records `below` as
+    /// [`Self::events_pruned_below`] in the same transaction. Returns how many were deleted and
+    /// the highest number deleted: call again from there until fewer than `batch` go.
+    pub async fn prune_events(&self, below: i64, from: i64, batch: u32) -> Result<(u64, i64)> {
+        let mut tx = self.write.begin().await?;
+        let deleted: Vec<i64> = sqlx::query_scalar(
             "DELETE FROM events WHERE seq IN (\
                SELECT e.seq FROM events e \
-               WHERE e.seq < ?1 AND e.seq < (SELECT max(seq) FROM events) \
-               AND NOT (e.kind = 'tag_set' AND e.tag IS NOT NULL AND NOT EXISTS (\
-                 SELECT 1 FROM events n WHERE n.repo = e.repo AND n.tag = e.tag \
-                 AND n.seq > e.seq AND n.seq < ?1 AND n.kind IN ('tag_set', 'tag_removed'))) \
-               ORDER BY e.seq LIMIT ?2)",
+               WHERE e.seq > ?1 AND e.seq < ?2 AND e.seq < (SELECT max(seq) FROM events) \
+               AND NOT (e.kind = 'tag_set' AND e.tag IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM events n WHERE n.repo = e.repo AND n.tag = e.tag \
+                   AND n.seq > e.seq AND n.seq < ?2 AND n.kind IN ('tag_set', 'tag_removed')) \
+                 AND NOT EXISTS (SELECT 1 FROM events n WHERE n.repo = e.repo \
+                   AND n.kind = 'repository_deleted' AND n.seq > e.seq AND n.seq < ?2)) \
+               ORDER BY e.seq LIMIT ?3) \
+             RETURNING seq",
         )
+        .bind(from)
         .bind(below)
         .bind(i64::from(batch))
-        .execute(&self.write)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(res.rows_affected())
+        if !deleted.is_empty() {
+            sqlx::query(
+                "INSERT INTO log_state (name, value) VALUES ('events_pruned_below', ?) \
+                 ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+            )
+            .bind(below)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((
+            deleted.len() as u64,
+            deleted.iter().copied().max().unwrap_or(from),
+        ))
     }
 
     /// Events after `seq`, oldest first, at most `limit`.
@@ -882,16 +933,20 @@ mod tests {
         let db = meta.tag_before("db", "v1", 9).await.expect("read");
         assert_eq!(before_8.as_deref(), Some("d2"));
 
-        // In batches of two, until nothing is left to delete.
-        let mut deleted = 0;
+        assert_eq!(meta.events_pruned_below().await.expect("read"), 0);
+        // In batches of two, each going on from the last, until a batch is not full.
+        let (mut deleted, mut from) = (0, 0);
         loop {
-            let n = meta.prune_events(8, 2).await.expect("prune");
+            let (n, last) = meta.prune_events(8, from, 2).await.expect("prune");
             assert!(n <= 2, "one batch deletes at most its size");
-            if n == 0 {
+            assert!(last >= from);
+            deleted += n;
+            from = last;
+            if n < 2 {
                 break;
             }
-            deleted += n;
         }
+        assert_eq!(meta.events_pruned_below().await.expect("read"), 8);
         let left: Vec<i64> = meta
             .events_after(0, 100)
             .await
@@ -912,7 +967,7 @@ mod tests {
         assert_eq!(meta.tag_before("app", "gone", 9).await.expect("read"), None);
 
         // A floor past the end keeps the newest event, so cursors can still be compared.
-        while meta.prune_events(i64::MAX, 100).await.expect("prune") > 0 {}
+        meta.prune_events(i64::MAX, 0, 100).await.expect("prune");
         let left: Vec<i64> = meta
             .events_after(0, 100)
             .await
@@ -932,6 +987,32 @@ mod tests {
             .await
             .expect("insert");
         assert_eq!(meta.latest_event().await.expect("read"), 10);
+
+        // A repository deleted after a tag was set ends the tag: `tag_before` says so, and
+        // pruning no longer keeps the tag's event.
+        for (repo, kind, tag) in [
+            ("db", "repository_deleted", None::<&str>), // 11
+            ("app", "manifest_put", None),              // 12
+        ] {
+            sqlx::query("INSERT INTO events (at, repo, kind, tag) VALUES (0, ?, ?, ?)")
+                .bind(repo)
+                .bind(kind)
+                .bind(tag)
+                .execute(&meta.write)
+                .await
+                .expect("insert");
+        }
+        assert_eq!(meta.tag_before("db", "v1", 11).await.expect("read"), db);
+        assert_eq!(meta.tag_before("db", "v1", 12).await.expect("read"), None);
+        meta.prune_events(12, 0, 100).await.expect("prune");
+        let left: Vec<i64> = meta
+            .events_after(0, 100)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [8, 12], "db's tag and deletion went; app:v1 stays");
     }
 
     #[test]

@@ -28,13 +28,13 @@ pub struct NotificationRow {
 
 impl Meta {
     /// Stores `rows` in one transaction, skipping those whose (registry, id) is already stored.
-    /// Returns how many were new.
-    pub async fn insert_notifications(&self, rows: &[NotificationRow]) -> Result<u64> {
+    /// Returns, for each row, whether it was new.
+    pub async fn insert_notifications(&self, rows: &[NotificationRow]) -> Result<Vec<bool>> {
         let mut tx = self.write.begin().await?;
         let now = now_ms();
-        let mut new = 0;
+        let mut new = Vec::with_capacity(rows.len());
         for r in rows {
-            new += sqlx::query(
+            let n = sqlx::query(
                 "INSERT OR IGNORE INTO notifications \
                  (received_at, registry, id, time, action, repository, tag, digest, media_type) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -51,6 +51,7 @@ impl Meta {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            new.push(n > 0);
         }
         tx.commit().await?;
         Ok(new)

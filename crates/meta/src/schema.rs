@@ -160,4 +160,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX notifications_by_registry ON notifications(registry, seq);
     CREATE INDEX notifications_by_age ON notifications(received_at);
     "#,
+    // 9: how far the event log was pruned, and a repository's deletions by number (pruning
+    // asks whether a repository was deleted after a tag was set)
+    r#"
+    CREATE TABLE log_state (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX events_repository_deleted ON events(repo, seq) WHERE kind = 'repository_deleted';
+    "#,
 ];

@@ -1216,6 +1216,20 @@ async fn expired_or_foreign_cursors_get_410() {
         "v1's tag event stays: it is the tag's history"
     );
     assert_eq!(get(2).await.body, page);
+    // A TTL raised after pruning does not make a cursor below the pruned part continuable.
+    let r = patch(
+        &t,
+        "/api/v1/connected-registries/ship-ttl",
+        json!({"syncMessageTtl": "PT1H"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(get(1).await.status, StatusCode::GONE);
+    assert_eq!(
+        get(2).await.body,
+        page,
+        "from the pruning mark on, nothing changed"
+    );
     let r = get(0).await;
     assert_eq!(
         (r.status, r.code().as_str()),

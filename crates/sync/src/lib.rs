@@ -240,6 +240,11 @@ impl Relay {
             self.0.notify_for(name, batch).await.map_err(|e| {
                 if not_active(&e) {
                     outpost_control::ControlError::NotActive(e.to_string())
+                } else if notifications_refused(&e) {
+                    // Refused for good above: the sender drops the batch instead of retrying.
+                    outpost_control::ControlError::Invalid(format!(
+                        "this node's parent refused the notifications of {name:?}: {e}"
+                    ))
                 } else {
                     // The sender keeps them and tries again.
                     outpost_control::ControlError::Unavailable(format!(
@@ -249,6 +254,14 @@ impl Relay {
             })
         })
     }
+}
+
+/// Whether the parent refused a batch of notifications in a way no retry changes: a 4xx other
+/// than an authentication failure (a malformed batch, or a parent of a version without the
+/// call). Such a batch is dropped with a notice, so it cannot hold the cursor (and with it
+/// the pruning of the event log) forever.
+fn notifications_refused(e: &SyncError) -> bool {
+    matches!(e, SyncError::Parent { status, .. } if (400..500).contains(status)) && !not_active(e)
 }
 
 /// Every descendant's sync token, so this node can authenticate its children.
@@ -346,7 +359,7 @@ fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
-                    "{s:?} is not an event number; restore the file from a backup, or write the sequence number of the last local change the parent has (0 sends every local change up again)"
+                    "{s:?} is not an event number; restore the file from a backup, or write the sequence number of the last local change the parent has (0 sends every local change still in the event log up again)"
                 ),
             ),
         }),
@@ -512,14 +525,18 @@ fn refused_for_good(e: &SyncError) -> bool {
     }
 }
 
-/// Whether `e` says the parent lacks content it references (its blob answers 404, or a child
-/// manifest is gone): waiting will not bring it, so the manifest is skipped, not retried in a
-/// loop that holds up everything after it.
+/// Whether `e` says the parent lacks content it references (its blob or a child manifest
+/// answers 404 with the registry's `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN`, or a child manifest
+/// is gone): waiting will not bring it, so the manifest is skipped, not retried in a loop that
+/// holds up everything after it. A 404 without a registry code (a proxy's) is retried as usual.
 fn parent_lacks_content(e: &SyncError) -> bool {
-    matches!(
-        e,
-        SyncError::Parent { status: 404, .. } | SyncError::MissingAtParent(_)
-    )
+    match e {
+        SyncError::Parent {
+            status: 404, code, ..
+        } => matches!(code.as_str(), "BLOB_UNKNOWN" | "MANIFEST_UNKNOWN"),
+        SyncError::MissingAtParent(_) => true,
+        _ => false,
+    }
 }
 
 /// A manifest the parent lists but cannot serve whole (a tag's, or a referrer's with no tag).
@@ -532,10 +549,18 @@ struct Skipped {
     since: String,
 }
 
+impl Skipped {
+    fn same(&self, other: &Skipped) -> bool {
+        self.repository == other.repository && self.tag == other.tag && self.digest == other.digest
+    }
+}
+
 /// What was skipped because the parent could not serve it, kept in `sync/skipped.json` across
 /// restarts, retried at every poll interval, and reported as `ParentContentMissing` until it
 /// arrives or the parent no longer points at it. This is what keeps one broken image at the
-/// parent (a layer file lost there) from stopping the sync of everything else.
+/// parent (a layer file lost there) from stopping the sync of everything else. Nothing is ever
+/// dropped unretried: when the list is full, nothing more is skipped (the sync stops at the
+/// next one, as it did before skipping existed).
 struct SkipList {
     path: PathBuf,
     items: Mutex<Vec<Skipped>>,
@@ -543,16 +568,26 @@ struct SkipList {
 }
 
 impl SkipList {
-    /// At most this many are kept (the oldest go first); they are retried one by one.
-    const MAX: usize = 100;
+    /// The most entries kept.
+    const MAX: usize = 10_000;
+    /// How many are tried in one round (the tried ones go to the back of the list).
+    const PER_ROUND: usize = 20;
+    /// How many are shown as status details one by one (the rest as one summary).
+    const SHOWN: usize = 10;
 
     fn load(dir: &Path) -> SkipList {
         let path = dir.join("skipped.json");
-        let items = read_state(&path)
-            .ok()
-            .flatten()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
+        let items = match read_state(&path) {
+            Ok(None) => Vec::new(),
+            Ok(Some(s)) => serde_json::from_str(&s).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "the list of skipped manifests is unreadable; starting a new one (the next full reconcile finds them again)");
+                Vec::new()
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "the list of skipped manifests cannot be read; starting a new one");
+                Vec::new()
+            }
+        };
         SkipList {
             path,
             items: Mutex::new(items),
@@ -570,8 +605,6 @@ impl SkipList {
             let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
             let before = items.clone();
             f(&mut items);
-            let excess = items.len().saturating_sub(Self::MAX);
-            items.drain(..excess);
             if *items == before {
                 return Ok(());
             }
@@ -580,34 +613,64 @@ impl SkipList {
         write_state(&self.path, &json)
     }
 
-    fn add(&self, entry: Skipped) -> Result<()> {
+    /// Records `entry` (keeping the first `since` of one already there). `false` when the list
+    /// is full and it was not recorded.
+    fn add(&self, entry: Skipped) -> Result<bool> {
+        let mut added = true;
         self.update(|items| {
-            items.retain(|s| {
-                !(s.repository == entry.repository
-                    && s.tag == entry.tag
-                    && s.digest == entry.digest)
-            });
+            if items.iter().any(|s| s.same(&entry)) {
+                return;
+            }
+            if items.len() >= Self::MAX {
+                added = false;
+                return;
+            }
             items.push(entry);
-        })
+        })?;
+        Ok(added)
     }
 
-    /// Forgets `digest` in `repo` (it arrived), for every tag.
-    fn arrived(&self, repo: &str, digest: &str) -> Result<()> {
+    fn remove(&self, entry: &Skipped) -> Result<()> {
+        self.update(|items| items.retain(|s| !s.same(entry)))
+    }
+
+    /// `digest` arrived in `repo` (under `tag`, if given): entries it settles leave the list.
+    /// Entries for the same manifest under another tag stay; their retry sets their tag.
+    fn arrived(&self, repo: &str, tag: Option<&str>, digest: &str) -> Result<()> {
+        let settled = |s: &Skipped| {
+            s.repository == repo
+                && s.digest == digest
+                && (s.tag.is_none() || s.tag.as_deref() == tag)
+        };
         if !self
             .items
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|s| s.repository == repo && s.digest == digest)
+            .any(settled)
         {
             return Ok(());
         }
-        self.update(|items| items.retain(|s| !(s.repository == repo && s.digest == digest)))
+        self.update(|items| items.retain(|s| !settled(s)))
+    }
+
+    /// The next entries to retry; they move to the back of the list, so every entry gets its
+    /// turn however many there are.
+    fn next_round(&self) -> Result<Vec<Skipped>> {
+        let mut round = Vec::new();
+        self.update(|items| {
+            let n = items.len().min(Self::PER_ROUND);
+            round = items.drain(..n).collect();
+            items.extend(round.iter().cloned());
+        })?;
+        Ok(round)
     }
 
     fn details(&self) -> Vec<StatusDetail> {
-        self.list()
-            .into_iter()
+        let items = self.list();
+        let mut details: Vec<StatusDetail> = items
+            .iter()
+            .take(Self::SHOWN)
             .map(|s| StatusDetail {
                 kind: "Sync".into(),
                 code: "ParentContentMissing".into(),
@@ -618,10 +681,23 @@ impl SkipList {
                     s.digest,
                     s.reason
                 ),
-                timestamp: Some(s.since),
+                timestamp: Some(s.since.clone()),
                 correlation_id: None,
             })
-            .collect()
+            .collect();
+        if items.len() > Self::SHOWN {
+            details.push(StatusDetail {
+                kind: "Sync".into(),
+                code: "ParentContentMissing".into(),
+                description: format!(
+                    "{} more manifests are skipped because the parent cannot serve them (listed in sync/skipped.json at the site)",
+                    items.len() - Self::SHOWN
+                ),
+                timestamp: None,
+                correlation_id: None,
+            });
+        }
+        details
     }
 }
 
@@ -805,6 +881,17 @@ pub async fn start(
         },
         Err(e) => return Err(e),
     };
+    // Notifications are made for what happens from the first start on: a new site's first
+    // sync, but not the history of a data directory that ran before notifications existed.
+    let notify_cursor = dir.join("notify-cursor");
+    if read_outbox_cursor(&notify_cursor)?.is_none() {
+        let latest = registry
+            .meta()
+            .latest_event()
+            .await
+            .map_err(|e| SyncError::Registry(e.into()))?;
+        write_state(&notify_cursor, latest.to_string())?;
+    }
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
     let child = Arc::new(Child {
@@ -1236,7 +1323,7 @@ impl Child {
             }
         };
         self.check_window()?;
-        self.retry_skipped().await?;
+        self.retry_skipped(&cfg).await?;
         // What was applied or pushed here so far, before waiting for more.
         if let Err(e) = self.flush_notifications(&cfg).await {
             tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
@@ -1404,7 +1491,8 @@ impl Child {
                 }
             }
             for chunk in batch.chunks(notify::MAX_BATCH) {
-                self.parent
+                let sent = self
+                    .parent
                     .notify_for(
                         &cfg.name,
                         &NotificationBatch {
@@ -1412,7 +1500,23 @@ impl Child {
                             notifications: chunk.to_vec(),
                         },
                     )
-                    .await?;
+                    .await;
+                match sent {
+                    Err(e) if notifications_refused(&e) => {
+                        tracing::warn!(count = chunk.len(), error = %e, "the parent refused notifications; they are dropped");
+                        self.notices.push(StatusDetail {
+                            kind: "Sync".into(),
+                            code: "NotificationsRefused".into(),
+                            description: format!(
+                                "the parent refused {} notifications of this registry, which are dropped: {e}",
+                                chunk.len()
+                            ),
+                            timestamp: Some(now_rfc3339()),
+                            correlation_id: None,
+                        })?;
+                    }
+                    other => other?,
+                }
             }
             cursor = events[take - 1].seq;
             write_state(&path, cursor.to_string())?;
@@ -1901,7 +2005,8 @@ impl Child {
         match self.ensure_manifest(repo, digest).await {
             Ok(present) => {
                 if present {
-                    self.skipped.arrived(repo.as_str(), digest)?;
+                    self.skipped
+                        .arrived(repo.as_str(), tag.map(|t| t.as_str()), digest)?;
                 }
                 Ok(present)
             }
@@ -1910,23 +2015,27 @@ impl Child {
                     Some(t) => format!("{repo}:{t}"),
                     None => format!("{repo}@{digest}"),
                 };
-                tracing::warn!(manifest = %what, %digest, error = %e, "the parent cannot serve everything this manifest needs; skipping it for now");
-                self.skipped.add(Skipped {
+                let added = self.skipped.add(Skipped {
                     repository: repo.to_string(),
                     tag: tag.map(|t| t.to_string()),
                     digest: digest.to_string(),
                     reason: e.to_string(),
                     since: now_rfc3339(),
                 })?;
+                if !added {
+                    return Err(e);
+                }
+                tracing::warn!(manifest = %what, %digest, error = %e, "the parent cannot serve everything this manifest needs; skipping it for now");
                 Ok(false)
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Tries the skipped manifests again (at most once per poll interval): those that arrive,
-    /// and those the parent no longer points at, leave the list.
-    async fn retry_skipped(&self) -> Result<()> {
+    /// Tries skipped manifests again (a round at most once per poll interval): those that
+    /// arrive, those the parent no longer points at and those no longer in scope leave the
+    /// list. Only a lost link or a closed window ends the round early.
+    async fn retry_skipped(&self, cfg: &SyncConfig) -> Result<()> {
         {
             let mut last = self
                 .skipped
@@ -1938,40 +2047,65 @@ impl Child {
             }
             *last = Some(std::time::Instant::now());
         }
-        let before = self.skipped.list();
-        for s in before.clone() {
+        let scope: Vec<RepoPattern> = cfg
+            .repositories
+            .iter()
+            .filter_map(|r| RepoPattern::parse(r).ok())
+            .collect();
+        let mut changed = false;
+        for s in self.skipped.next_round()? {
             self.check_window()?;
-            let Ok(repo) = s.repository.parse::<RepoName>() else {
-                self.skipped.update(|items| items.retain(|x| x != &s))?;
-                continue;
+            let repo = match s.repository.parse::<RepoName>() {
+                Ok(r) if scope.iter().any(|p| p.matches(r.as_str())) => r,
+                _ => {
+                    self.skipped.remove(&s)?;
+                    changed = true;
+                    continue;
+                }
             };
             let tag = s.tag.as_deref().and_then(|t| t.parse::<Tag>().ok());
-            if let Some(t) = &tag
-                && self
-                    .parent
-                    .manifest_digest(repo.as_str(), t.as_str())
-                    .await?
-                    .as_deref()
-                    != Some(s.digest.as_str())
-            {
-                // Moved or removed at the parent: the feed (or a reconcile) brings what it is now.
-                self.skipped.update(|items| items.retain(|x| x != &s))?;
-                continue;
-            }
-            match self.ensure_manifest(&repo, &s.digest).await {
-                Ok(true) => {
-                    if let Some(t) = &tag {
-                        self.tag(&repo, t, &s.digest).await?;
-                    }
-                    tracing::info!(repository = %s.repository, digest = %s.digest, "a skipped manifest arrived");
-                    self.skipped.update(|items| items.retain(|x| x != &s))?;
+            let attempt = async {
+                if let Some(t) = &tag
+                    && self
+                        .parent
+                        .manifest_digest(repo.as_str(), t.as_str())
+                        .await?
+                        .as_deref()
+                        != Some(s.digest.as_str())
+                {
+                    // Moved or removed at the parent: the feed (or a reconcile) brings what
+                    // it is now.
+                    return Ok(false);
                 }
-                Ok(false) => self.skipped.update(|items| items.retain(|x| x != &s))?,
+                if !self.ensure_manifest(&repo, &s.digest).await? {
+                    return Ok(false); // gone at the parent
+                }
+                if let Some(t) = &tag {
+                    self.tag(&repo, t, &s.digest).await?;
+                }
+                tracing::info!(repository = %s.repository, digest = %s.digest, "a skipped manifest arrived");
+                Ok(true)
+            };
+            match attempt.await {
+                Ok(_) => {
+                    self.skipped.remove(&s)?;
+                    changed = true;
+                }
                 Err(e) if parent_lacks_content(&e) => {}
-                Err(e) => return Err(e),
+                Err(e @ (SyncError::Unreachable { .. } | SyncError::WindowClosed)) => {
+                    return Err(e);
+                }
+                Err(e) if refused_for_good(&e) => {
+                    tracing::warn!(repository = %s.repository, digest = %s.digest, error = %e, "a skipped manifest cannot be fetched and is dropped from the list");
+                    self.skipped.remove(&s)?;
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(repository = %s.repository, digest = %s.digest, error = %e, "retrying a skipped manifest failed; it is tried again later");
+                }
             }
         }
-        if self.skipped.list().len() < before.len() {
+        if changed {
             // The parent shows the shorter list at once, not at the next change.
             self.report("Online", false).await?;
         }
@@ -2188,6 +2322,94 @@ fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn skipped(tag: Option<&str>, digest: &str) -> Skipped {
+        Skipped {
+            repository: "app".into(),
+            tag: tag.map(String::from),
+            digest: digest.into(),
+            reason: "blob sha256:x answers 404".into(),
+            since: "2026-11-28T10:00:00Z".into(),
+        }
+    }
+
+    /// A manifest arriving under one tag settles that tag's entry and digest-only ones, not
+    /// another tag's (whose retry still has to set that tag); the list survives a restart and
+    /// every entry gets its turn.
+    #[test]
+    fn skip_list_settles_only_what_arrived_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = SkipList::load(dir.path());
+        assert!(list.add(skipped(Some("v1"), "sha256:d")).unwrap());
+        assert!(list.add(skipped(Some("stable"), "sha256:d")).unwrap());
+        assert!(list.add(skipped(None, "sha256:d")).unwrap());
+        let mut again = skipped(Some("v1"), "sha256:d");
+        again.since = "2026-11-29T00:00:00Z".into();
+        assert!(list.add(again).unwrap(), "already there counts as recorded");
+        assert_eq!(list.list().len(), 3);
+        assert_eq!(
+            list.list()[0].since,
+            "2026-11-28T10:00:00Z",
+            "the first time is kept"
+        );
+
+        list.arrived("app", Some("stable"), "sha256:d").unwrap();
+        assert_eq!(list.list(), [skipped(Some("v1"), "sha256:d")]);
+        let reloaded = SkipList::load(dir.path());
+        assert_eq!(reloaded.list(), list.list(), "kept in sync/skipped.json");
+
+        // More entries than one round: each round takes the front and moves it to the back.
+        for i in 0..SkipList::PER_ROUND + 5 {
+            list.add(skipped(None, &format!("sha256:{i}"))).unwrap();
+        }
+        let first = list.next_round().unwrap();
+        let second = list.next_round().unwrap();
+        assert_eq!(first.len(), SkipList::PER_ROUND);
+        assert!(
+            second[..6].iter().all(|s| !first.contains(s)),
+            "the ones not tried yet come first"
+        );
+        assert!(second.contains(&skipped(None, &format!("sha256:{}", SkipList::PER_ROUND))));
+        assert_eq!(
+            list.list().len(),
+            SkipList::PER_ROUND + 6,
+            "nothing is dropped"
+        );
+        // At most SHOWN details one by one, then one summary.
+        let details = list.details();
+        assert_eq!(details.len(), SkipList::SHOWN + 1);
+        assert!(
+            details[SkipList::SHOWN].description.contains("16 more"),
+            "{}",
+            details[SkipList::SHOWN].description
+        );
+
+        // A corrupt file is reported and replaced, not a reason to stop.
+        std::fs::write(dir.path().join("skipped.json"), "{not json").unwrap();
+        assert!(SkipList::load(dir.path()).list().is_empty());
+    }
+
+    #[test]
+    fn only_a_registrys_not_found_counts_as_missing_content() {
+        let e = |status: u16, code: &str| SyncError::Parent {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(parent_lacks_content(&e(404, "BLOB_UNKNOWN")));
+        assert!(parent_lacks_content(&e(404, "MANIFEST_UNKNOWN")));
+        assert!(parent_lacks_content(&SyncError::MissingAtParent(
+            "x".into()
+        )));
+        assert!(
+            !parent_lacks_content(&e(404, "")),
+            "a proxy's 404 is retried"
+        );
+        assert!(!parent_lacks_content(&e(500, "BLOB_UNKNOWN")));
+        assert!(notifications_refused(&e(400, "INVALID_REQUEST")));
+        assert!(notifications_refused(&e(404, "")));
+        assert!(!notifications_refused(&e(503, "UNAVAILABLE")));
+    }
 
     #[test]
     fn a_damaged_outbox_cursor_is_an_error_not_a_resend_of_everything() {
