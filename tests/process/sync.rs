@@ -1983,6 +1983,98 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
     .await;
 }
 
+/// A site collects garbage on the schedule its parent sets, and follows a change of that
+/// setting at its next sync, without a restart.
+#[tokio::test]
+async fn a_site_collects_garbage_as_its_parent_configures() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let digest = push_image(&admin, &r, "app", "v1", "gc-at-the-site").await;
+    let layer: Vec<u8> = "gc-at-the-site".bytes().cycle().take(300_000).collect();
+    let layer = support::sha256_hex(&layer);
+    let cs = connected(
+        &root,
+        "site-gc",
+        &["--repository", "app", "--gc-enabled", "false"],
+    );
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &cs),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+            ("OUTPOST_GC_MIN_AGE_SECS", "0"),
+        ],
+    );
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:v1", || async {
+        tag_digest(&local, &s, "app", "v1").await.as_deref() == Some(digest.as_str())
+    })
+    .await;
+    let blob_status = || {
+        let (local, s, layer) = (&local, &s, &layer);
+        async move {
+            local
+                .head(format!("{s}/v2/app/blobs/{layer}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Deleted at the root: the site drops the manifest; its layer is now garbage there.
+    let del = admin
+        .delete(format!("{r}/v2/app/manifests/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 202);
+    eventually("the site drops the manifest", || async {
+        local
+            .head(format!("{s}/v2/app/manifests/{digest}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 404
+    })
+    .await;
+    assert_eq!(
+        blob_status().await,
+        200,
+        "garbage collection is off at the site"
+    );
+
+    // The parent turns it on, every minute: the site follows at its next sync.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "update",
+            "-n",
+            "site-gc",
+            "--gc-enabled",
+            "true",
+            "--gc-schedule",
+            "* * * * *",
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(100);
+    while blob_status().await != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the site did not collect the layer within a minute of the new schedule:\n{}",
+            site.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let root_dir = tempfile::tempdir().unwrap();

@@ -2006,6 +2006,16 @@ impl Control {
                 }
             }
         }
+        // A prune that committed while the page was read may have cut into it: then the page
+        // may have a gap, and the child must reconcile instead.
+        if after + 1 < self.meta.events_pruned_below().await? {
+            return Err(ControlError::CursorExpired {
+                name: name.into(),
+                after,
+                ttl: row.message_ttl.clone(),
+                latest,
+            });
+        }
         Ok(MessagePage {
             messages,
             next,

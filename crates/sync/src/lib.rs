@@ -257,11 +257,18 @@ impl Relay {
 }
 
 /// Whether the parent refused a batch of notifications in a way no retry changes: a 4xx other
-/// than an authentication failure (a malformed batch, or a parent of a version without the
-/// call). Such a batch is dropped with a notice, so it cannot hold the cursor (and with it
-/// the pruning of the event log) forever.
+/// than a rejected password (401), a deactivated instance, a timeout or a rate limit (408,
+/// 425, 429) — a malformed batch, a token without `message/write` (403), a parent of a
+/// version without the call. Such a batch is dropped with a notice, so it cannot hold the
+/// cursor (and with it the pruning of the event log) forever.
 fn notifications_refused(e: &SyncError) -> bool {
-    matches!(e, SyncError::Parent { status, .. } if (400..500).contains(status)) && !not_active(e)
+    match e {
+        SyncError::Denied { .. } => true,
+        SyncError::Parent { status, .. } => {
+            (400..500).contains(status) && !matches!(status, 408 | 425 | 429) && !not_active(e)
+        }
+        _ => false,
+    }
 }
 
 /// Every descendant's sync token, so this node can authenticate its children.
@@ -376,7 +383,17 @@ pub fn unsent_after(data_dir: &Path, read_write: bool) -> Result<Option<i64>> {
         true => Some(read_outbox_cursor(&dir.join("outbox-cursor"))?.unwrap_or(0)),
         false => None,
     };
-    let notify = read_outbox_cursor(&dir.join("notify-cursor"))?;
+    // The notification cursor holds events only while there are patterns to send them for
+    // (an unreadable saved configuration counts as having some).
+    let patterns = read_state(&dir.join("config.json"))
+        .ok()
+        .flatten()
+        .and_then(|c| serde_json::from_str::<SyncConfig>(&c).ok())
+        .is_none_or(|c| !c.notifications.is_empty());
+    let notify = match patterns {
+        true => read_outbox_cursor(&dir.join("notify-cursor"))?,
+        false => None,
+    };
     Ok(outbox.into_iter().chain(notify).min())
 }
 
@@ -630,10 +647,6 @@ impl SkipList {
         Ok(added)
     }
 
-    fn remove(&self, entry: &Skipped) -> Result<()> {
-        self.update(|items| items.retain(|s| !s.same(entry)))
-    }
-
     /// `digest` arrived in `repo` (under `tag`, if given): entries it settles leave the list.
     /// Entries for the same manifest under another tag stay; their retry sets their tag.
     fn arrived(&self, repo: &str, tag: Option<&str>, digest: &str) -> Result<()> {
@@ -654,16 +667,14 @@ impl SkipList {
         self.update(|items| items.retain(|s| !settled(s)))
     }
 
-    /// The next entries to retry; they move to the back of the list, so every entry gets its
-    /// turn however many there are.
-    fn next_round(&self) -> Result<Vec<Skipped>> {
-        let mut round = Vec::new();
-        self.update(|items| {
-            let n = items.len().min(Self::PER_ROUND);
-            round = items.drain(..n).collect();
-            items.extend(round.iter().cloned());
-        })?;
-        Ok(round)
+    /// The next entries to retry; they move to the back of the list (in memory: the order
+    /// is not worth a write), so every entry gets its turn however many there are.
+    fn next_round(&self) -> Vec<Skipped> {
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let n = items.len().min(Self::PER_ROUND);
+        let round: Vec<Skipped> = items.drain(..n).collect();
+        items.extend(round.iter().cloned());
+        round
     }
 
     fn details(&self) -> Vec<StatusDetail> {
@@ -1120,7 +1131,11 @@ impl Child {
         use outpost_control::connected::{Window, window_at};
         if let Role::Plain { interval } = self.role {
             loop {
-                match self.reconcile(&self.config()).await {
+                let cfg = self.config();
+                if let Err(e) = self.retry_skipped(&cfg).await {
+                    tracing::warn!(error = %e, "retrying skipped manifests failed; retrying later");
+                }
+                match self.reconcile(&cfg).await {
                     Ok(()) => {
                         tracing::debug!("mirrored the upstream registry");
                         self.registry.metrics().sync_succeeded();
@@ -1285,6 +1300,9 @@ impl Child {
         if cfg.mode == "ReadWrite" && self.flush_outbox().await? > 0 {
             self.report("Online", false).await?;
         }
+        // Before any reconcile: when the list of skipped manifests is full, a reconcile stops
+        // at the next one, and only retries can make room.
+        self.retry_skipped(&cfg).await?;
         let cursor = match self.cursor()? {
             Some(c) if !cfg.resync_requested => {
                 // Repositories added to the scope: the feed only carries what changes from
@@ -1323,7 +1341,6 @@ impl Child {
             }
         };
         self.check_window()?;
-        self.retry_skipped(&cfg).await?;
         // What was applied or pushed here so far, before waiting for more.
         if let Err(e) = self.flush_notifications(&cfg).await {
             tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
@@ -2033,8 +2050,9 @@ impl Child {
     }
 
     /// Tries skipped manifests again (a round at most once per poll interval): those that
-    /// arrive, those the parent no longer points at and those no longer in scope leave the
-    /// list. Only a lost link or a closed window ends the round early.
+    /// arrive, those the parent no longer points at, those no longer in scope and those the
+    /// parent refuses for good (403, an invalid name or manifest) leave the list. Only a lost
+    /// link or a closed window ends the round early.
     async fn retry_skipped(&self, cfg: &SyncConfig) -> Result<()> {
         {
             let mut last = self
@@ -2052,14 +2070,17 @@ impl Child {
             .iter()
             .filter_map(|r| RepoPattern::parse(r).ok())
             .collect();
-        let mut changed = false;
-        for s in self.skipped.next_round()? {
-            self.check_window()?;
+        let mut done = Vec::new();
+        let mut ended = Ok(());
+        for s in self.skipped.next_round() {
+            if let Err(e) = self.check_window() {
+                ended = Err(e);
+                break;
+            }
             let repo = match s.repository.parse::<RepoName>() {
                 Ok(r) if scope.iter().any(|p| p.matches(r.as_str())) => r,
                 _ => {
-                    self.skipped.remove(&s)?;
-                    changed = true;
+                    done.push(s);
                     continue;
                 }
             };
@@ -2087,29 +2108,32 @@ impl Child {
                 Ok(true)
             };
             match attempt.await {
-                Ok(_) => {
-                    self.skipped.remove(&s)?;
-                    changed = true;
-                }
+                Ok(_) => done.push(s),
                 Err(e) if parent_lacks_content(&e) => {}
                 Err(e @ (SyncError::Unreachable { .. } | SyncError::WindowClosed)) => {
-                    return Err(e);
+                    ended = Err(e);
+                    break;
                 }
-                Err(e) if refused_for_good(&e) => {
-                    tracing::warn!(repository = %s.repository, digest = %s.digest, error = %e, "a skipped manifest cannot be fetched and is dropped from the list");
-                    self.skipped.remove(&s)?;
-                    changed = true;
+                // Refused by the parent for good; a local error (say a blob collected while
+                // fetching) is retried.
+                Err(e) if refused_for_good(&e) && !matches!(e, SyncError::Registry(_)) => {
+                    tracing::warn!(repository = %s.repository, digest = %s.digest, error = %e, "the parent refuses a skipped manifest for good; it leaves the list");
+                    done.push(s);
                 }
                 Err(e) => {
                     tracing::warn!(repository = %s.repository, digest = %s.digest, error = %e, "retrying a skipped manifest failed; it is tried again later");
                 }
             }
         }
-        if changed {
-            // The parent shows the shorter list at once, not at the next change.
-            self.report("Online", false).await?;
+        if !done.is_empty() {
+            self.skipped
+                .update(|items| items.retain(|x| !done.iter().any(|d| d.same(x))))?;
+            if matches!(self.role, Role::Gateway) {
+                // The parent shows the shorter list at once, not at the next change.
+                self.report("Online", false).await?;
+            }
         }
-        Ok(())
+        ended
     }
 
     /// Makes blob `digest` (of `size` bytes, as its descriptor says) present in `repo`: linked
@@ -2362,8 +2386,8 @@ mod tests {
         for i in 0..SkipList::PER_ROUND + 5 {
             list.add(skipped(None, &format!("sha256:{i}"))).unwrap();
         }
-        let first = list.next_round().unwrap();
-        let second = list.next_round().unwrap();
+        let first = list.next_round();
+        let second = list.next_round();
         assert_eq!(first.len(), SkipList::PER_ROUND);
         assert!(
             second[..6].iter().all(|s| !first.contains(s)),
@@ -2408,7 +2432,12 @@ mod tests {
         assert!(!parent_lacks_content(&e(500, "BLOB_UNKNOWN")));
         assert!(notifications_refused(&e(400, "INVALID_REQUEST")));
         assert!(notifications_refused(&e(404, "")));
+        assert!(notifications_refused(&SyncError::Denied {
+            message: String::new()
+        }));
         assert!(!notifications_refused(&e(503, "UNAVAILABLE")));
+        assert!(!notifications_refused(&e(429, "TOOMANYREQUESTS")));
+        assert!(!notifications_refused(&e(408, "")));
     }
 
     #[test]
