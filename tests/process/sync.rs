@@ -1839,6 +1839,9 @@ async fn resync_repairs_what_the_feed_will_not_resend() {
         tag_digest(&local, &s, "app", "v1").await.is_some()
     })
     .await;
+    // Killed only once the first sync saved its cursor (else the restart reconciles anyway).
+    let cursor = site_dir.path().join("sync").join("cursor");
+    eventually("the site saved its cursor", || async { cursor.exists() }).await;
     site.kill9();
     let url = format!("sqlite://{}", site_dir.path().join("meta.db").display());
     let db = sqlx::SqlitePool::connect(&url).await.unwrap();
@@ -1953,6 +1956,12 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
             .any(|d| d.contains("app:broken") && d.contains("Push the image to the parent again"))
     })
     .await;
+    let m = support::metrics(&s).await;
+    assert_eq!(
+        support::metric(&m, "outpost_sync_skipped_manifests"),
+        Some(1),
+        "{m}"
+    );
 
     // The same in the feed: a broken image between two good ones holds nothing up, also
     // across a restart.
@@ -1981,6 +1990,13 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
         skipped_at_root().is_empty()
     })
     .await;
+    assert_eq!(
+        support::metric(
+            &support::metrics(&s).await,
+            "outpost_sync_skipped_manifests"
+        ),
+        Some(0)
+    );
 }
 
 /// A site collects garbage on the schedule its parent sets, and follows a change of that

@@ -264,6 +264,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     };
     let pruner = tokio::spawn(prune_event_log(
         control.clone(),
+        registry.metrics().clone(),
         // A connected registry keeps what it has still to send up (its ReadWrite clients'
         // changes, its notifications) until its parent has it.
         sync.as_ref()
@@ -333,6 +334,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// it is ReadWrite: what it has still to send up stays.
 async fn prune_event_log(
     control: std::sync::Arc<outpost_control::Control>,
+    metrics: outpost_registry::metrics::Metrics,
     site: Option<(PathBuf, bool)>,
 ) {
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -347,7 +349,10 @@ async fn prune_event_log(
             }
             Ok(unsent_after) => match control.prune_event_log(unsent_after).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "pruned the event log"),
+                Ok(n) => {
+                    metrics.events_pruned(n);
+                    tracing::info!(deleted = n, "pruned the event log");
+                }
                 Err(e) => tracing::warn!(error = %e, "pruning the event log failed; will retry"),
             },
         }

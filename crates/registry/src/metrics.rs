@@ -166,6 +166,9 @@ pub struct Metrics {
     sync_lag: Gauge,
     sync_outbox: Gauge,
     sync_failures: Counter,
+    sync_skipped: Gauge,
+    events_pruned: Counter,
+    notifications: Counter,
     fleet_up: Family<FleetLabels, Gauge>,
     fleet_last_sync: Family<FleetLabels, Gauge>,
     fleet_lag: Family<FleetLabels, Gauge>,
@@ -211,6 +214,9 @@ impl Metrics {
             sync_lag: Gauge::default(),
             sync_outbox: Gauge::default(),
             sync_failures: Counter::default(),
+            sync_skipped: Gauge::default(),
+            events_pruned: Counter::default(),
+            notifications: Counter::default(),
             fleet_up: Family::default(),
             fleet_last_sync: Family::default(),
             fleet_lag: Family::default(),
@@ -282,6 +288,21 @@ impl Metrics {
             "sync_failures",
             "Sync iterations that failed",
             m.sync_failures.clone(),
+        );
+        sync.register(
+            "sync_skipped_manifests",
+            "Manifests this connected registry skipped because its parent cannot serve them (retried)",
+            m.sync_skipped.clone(),
+        );
+        r.register(
+            "event_log_pruned_events",
+            "Events deleted from the event log because no child can ask for them any more",
+            m.events_pruned.clone(),
+        );
+        r.register(
+            "notifications_received",
+            "Notifications received from connected registries and kept (each one once)",
+            m.notifications.clone(),
         );
         r.register(
             "connected_registry_up",
@@ -382,6 +403,21 @@ impl Metrics {
     /// Local changes still to send up, counted whether or not the parent can be told.
     pub fn sync_outbox_depth(&self, depth: i64) {
         self.sync_outbox.set(depth);
+    }
+
+    /// How many manifests the connected registry has skipped (its parent cannot serve them).
+    pub fn sync_skipped(&self, n: usize) {
+        self.sync_skipped.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Events pruned from the event log.
+    pub fn events_pruned(&self, n: u64) {
+        self.events_pruned.inc_by(n);
+    }
+
+    /// Notifications from connected registries newly kept here.
+    pub fn notifications_received(&self, n: u64) {
+        self.notifications.inc_by(n);
     }
 
     /// A failed sync iteration; `reached` says whether the parent answered at all.

@@ -44,6 +44,7 @@ async fn notifications(
         )
     })?;
     let received = app.control.receive_notifications(&name, req).await?;
+    app.registry.metrics().notifications_received(received);
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "received": received }),

@@ -1921,6 +1921,15 @@ async fn notifications_are_kept_once_and_listed_in_order() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
+    // Counted once each in the metrics.
+    let m = t.req(Method::GET, "/metrics", &[], Body::empty()).await;
+    let text = String::from_utf8_lossy(&m.body).to_string();
+    assert!(
+        text.lines()
+            .any(|l| l == "outpost_notifications_received_total 3"),
+        "{text}"
+    );
+
     // Listed at the root, oldest first, readable on from a position.
     let list = |q: &'static str| {
         let t = &t;

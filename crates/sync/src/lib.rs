@@ -1229,6 +1229,9 @@ impl Child {
             .collect();
         details.extend(self.notices.current());
         details.extend(self.skipped.details());
+        self.registry
+            .metrics()
+            .sync_skipped(self.skipped.list().len());
         self.parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
