@@ -592,16 +592,20 @@ impl SkipList {
     /// How many are shown as status details one by one (the rest as one summary).
     const SHOWN: usize = 10;
 
+    /// Loads the list. One that cannot be read is replaced by an empty one and the cursor is
+    /// forgotten: the full reconcile that follows finds what is still missing.
     fn load(dir: &Path) -> SkipList {
         let path = dir.join("skipped.json");
-        let items = match read_state(&path) {
-            Ok(None) => Vec::new(),
-            Ok(Some(s)) => serde_json::from_str(&s).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "the list of skipped manifests is unreadable; starting a new one (the next full reconcile finds them again)");
-                Vec::new()
-            }),
+        let items = match read_state(&path).map_err(|e| e.to_string()).and_then(|s| {
+            s.map(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+                .transpose()
+        }) {
+            Ok(items) => items.unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(error = %e, "the list of skipped manifests cannot be read; starting a new one");
+                tracing::warn!(path = %path.display(), error = %e, "the list of skipped manifests is unreadable; reconciling every repository in scope to find them again");
+                if let Err(e) = forget_cursor(dir) {
+                    tracing::warn!(error = %e, "could not forget the cursor; run `outpost connected-registry resync` at the parent");
+                }
                 Vec::new()
             }
         };
@@ -894,6 +898,7 @@ pub async fn start(
     };
     // Notifications are made for what happens from the first start on: a new site's first
     // sync, but not the history of a data directory that ran before notifications existed.
+    // Not being able to write it (a full disk) must not stop the start.
     let notify_cursor = dir.join("notify-cursor");
     if read_outbox_cursor(&notify_cursor)?.is_none() {
         let latest = registry
@@ -901,7 +906,9 @@ pub async fn start(
             .latest_event()
             .await
             .map_err(|e| SyncError::Registry(e.into()))?;
-        write_state(&notify_cursor, latest.to_string())?;
+        if let Err(e) = write_state(&notify_cursor, latest.to_string()) {
+            tracing::warn!(error = %e, "could not record where notifications start; they start from the first sync that can");
+        }
     }
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
@@ -1481,7 +1488,11 @@ impl Child {
             }
             return Ok(());
         }
-        let mut cursor = read_outbox_cursor(&path)?.unwrap_or(0);
+        // No cursor (it could not be written at start, say on a full disk): from now on.
+        let mut cursor = match read_outbox_cursor(&path)? {
+            Some(c) => c,
+            None => meta.latest_event().await.map_err(db)?,
+        };
         loop {
             let events = meta.events_after(cursor, PAGE).await.map_err(db)?;
             let Some(last) = events.last() else {
@@ -2411,9 +2422,12 @@ mod tests {
             details[SkipList::SHOWN].description
         );
 
-        // A corrupt file is reported and replaced, not a reason to stop.
+        // A corrupt file is replaced, and the cursor forgotten so a full reconcile finds what
+        // is still missing; not a reason to stop.
+        std::fs::write(dir.path().join("cursor"), "42").unwrap();
         std::fs::write(dir.path().join("skipped.json"), "{not json").unwrap();
         assert!(SkipList::load(dir.path()).list().is_empty());
+        assert!(!dir.path().join("cursor").exists());
     }
 
     #[test]
