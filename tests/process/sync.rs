@@ -2091,6 +2091,116 @@ async fn a_site_collects_garbage_as_its_parent_configures() {
     }
 }
 
+/// The root delivers the notifications its sites send to the operator's webhook, with the
+/// configured `Authorization`, in order, retrying while the receiver fails.
+#[tokio::test]
+async fn the_root_delivers_notifications_to_a_webhook() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    type Seen = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+    use std::sync::Arc;
+    // A receiver that fails its first two deliveries, then records what it is sent.
+    let seen: Seen = Arc::default();
+    let failures = Arc::new(AtomicUsize::new(2));
+    let hook = {
+        let (seen, failures) = (seen.clone(), failures.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(
+                move |h: axum::http::HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                    let (seen, failures) = (seen.clone(), failures.clone());
+                    async move {
+                        if failures
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                        {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        let auth = h
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        seen.lock().unwrap().push((auth, body));
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start_env(
+        root_dir.path(),
+        &[
+            ("OUTPOST_NOTIFICATION_URL", &hook_url),
+            ("OUTPOST_NOTIFICATION_AUTHORIZATION", "Bearer hook-secret"),
+        ],
+    );
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let cs = connected(
+        &root,
+        "site-hook",
+        &["--repository", "app", "--notifications", "app:*:*"],
+    );
+    let _site = start_site(site_dir.path(), &cs);
+    let one = push_image(&admin, &r, "app", "one", "hook-one").await;
+    let two = push_image(&admin, &r, "app", "two", "hook-two").await;
+    let delivered = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, body)| {
+                body["notifications"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|n| {
+                format!(
+                    "{} {} {}:{}@{}",
+                    n["connectedRegistry"].as_str().unwrap_or(""),
+                    n["action"].as_str().unwrap_or(""),
+                    n["repository"].as_str().unwrap_or(""),
+                    n["tag"].as_str().unwrap_or(""),
+                    n["digest"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let want = vec![
+        format!("site-hook push app:one@{one}"),
+        format!("site-hook push app:two@{two}"),
+    ];
+    eventually("the webhook has both pushes, in order", || async {
+        delivered() == want
+    })
+    .await;
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "the failed deliveries were retried"
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|(auth, _)| auth == "Bearer hook-secret"),
+        "every delivery carries the configured Authorization"
+    );
+    let m = support::metrics(&r).await;
+    assert!(
+        support::metric(&m, "outpost_notifications_delivered_total").is_some_and(|n| n >= 2)
+            && support::metric(&m, "outpost_notification_delivery_failures_total")
+                .is_some_and(|n| n >= 2),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn a_repository_removed_from_a_readonly_scope_is_deleted_at_the_site() {
     let root_dir = tempfile::tempdir().unwrap();

@@ -92,6 +92,14 @@ pub struct Config {
     pub upstream_password: Option<String>,
     /// Seconds between two polls of `upstream_url`.
     pub upstream_poll_secs: u64,
+    /// POST the notifications connected registries send (kept at the root) to this URL, in
+    /// order, retried until taken. Root only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification_url: Option<String>,
+    /// `Authorization` header value sent with each delivery to `notification_url`. Never
+    /// printed by `outpost config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification_authorization: Option<String>,
     /// Most connected registries under this root, at every depth.
     pub max_connected_registries: usize,
     /// Most client tokens per connected registry.
@@ -137,6 +145,8 @@ impl Default for Config {
             upstream_username: None,
             upstream_password: None,
             upstream_poll_secs: 30,
+            notification_url: None,
+            notification_authorization: None,
             max_connected_registries: 50,
             max_client_tokens: 20,
             min_sync_window: "PT1H".into(),
@@ -241,6 +251,18 @@ impl Config {
             config.sync_read_timeout_secs > 0,
             "sync_read_timeout_secs must be positive"
         );
+        if let Some(u) = &config.notification_url {
+            anyhow::ensure!(
+                reqwest::Url::parse(u)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()),
+                "notification_url {u:?} is not an http:// or https:// URL"
+            );
+            anyhow::ensure!(
+                config.connection_string.is_none() && config.upstream_url.is_none(),
+                "notification_url is for the root registry: a connected registry passes its \
+                 notifications (and its children's) up to the root, which delivers them"
+            );
+        }
         anyhow::ensure!(
             config.tls_cert.is_some() == config.tls_key.is_some(),
             "HTTPS needs both tls_cert and tls_key (--tls-cert and --tls-key, or OUTPOST_TLS_CERT and \
@@ -290,7 +312,10 @@ impl Config {
         for (key, value) in map {
             if matches!(
                 key.as_str(),
-                "admin_password" | "connection_string" | "upstream_password"
+                "admin_password"
+                    | "connection_string"
+                    | "upstream_password"
+                    | "notification_authorization"
             ) || value.is_null()
             {
                 continue;
@@ -331,9 +356,12 @@ mod tests {
             admin_password: Some("hunter2".into()),
             connection_string: Some("SyncTokenPassword=secret".into()),
             upstream_password: Some("upstream-secret".into()),
+            notification_url: Some("https://hooks.example/outpost".into()),
+            notification_authorization: Some("Bearer hook-secret".into()),
             ..Config::default()
         };
         let text = c.to_toml();
+        assert!(text.contains("https://hooks.example/outpost"), "{text}");
         for secret in ["hunter2", "secret"] {
             assert!(!text.contains(secret), "{text}");
         }
@@ -347,6 +375,7 @@ mod tests {
                 admin_password: None,
                 connection_string: None,
                 upstream_password: None,
+                notification_authorization: None,
                 ..c
             }
         );
@@ -370,6 +399,31 @@ mod tests {
             jail.set_env("OUTPOST_LOGIN_SERVER", "https://site.example");
             let e = Config::load(&args()).unwrap_err().to_string();
             assert!(e.contains("host[:port]"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn notification_url_must_be_http_and_at_the_root() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OUTPOST_NOTIFICATION_URL", "https://hooks.example/outpost");
+            let c = Config::load(&args()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.notification_url.as_deref(),
+                Some("https://hooks.example/outpost")
+            );
+            for bad in ["ftp://hooks.example/x", "hooks.example/x", "http://"] {
+                jail.set_env("OUTPOST_NOTIFICATION_URL", bad);
+                let e = Config::load(&args()).unwrap_err().to_string();
+                assert!(e.contains("http:// or https:// URL"), "{bad}: {e}");
+            }
+            jail.set_env("OUTPOST_NOTIFICATION_URL", "http://127.0.0.1:9/hook");
+            jail.set_env(
+                "OUTPOST_CONNECTION_STRING",
+                "ConnectedRegistryName=site;SyncTokenName=site;SyncTokenPassword=x;ParentGatewayEndpoint=root:5000;ParentEndpointProtocol=http",
+            );
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(e.contains("for the root registry"), "{e}");
             Ok(())
         });
     }

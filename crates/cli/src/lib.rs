@@ -10,6 +10,7 @@ mod connected;
 mod manage;
 mod serve;
 mod tls;
+mod webhook;
 
 pub use config::Config;
 

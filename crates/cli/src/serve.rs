@@ -270,6 +270,14 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         sync.as_ref()
             .map(|s| (config.data_dir.clone(), !s.read_only)),
     ));
+    let webhook = config.notification_url.clone().map(|url| {
+        tokio::spawn(crate::webhook::deliver(
+            control.clone(),
+            registry.metrics().clone(),
+            url,
+            config.notification_authorization.clone(),
+        ))
+    });
     let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
     let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
     let app = outpost_server::router(outpost_server::AppState {
@@ -304,6 +312,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     }
     reaper.abort();
     pruner.abort();
+    if let Some(w) = webhook {
+        w.abort();
+    }
     collector.abort();
     if let Some(s) = sync {
         s.task.abort();

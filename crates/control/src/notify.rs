@@ -274,29 +274,60 @@ impl Control {
             .meta
             .notifications(name, after, limit.clamp(1, 1000))
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| NotificationView {
-                seq: r.seq,
-                connected_registry: r.registry,
-                received_time: rfc3339(r.received_ms),
-                notification: Notification {
-                    id: r.id,
-                    time: r.time,
-                    action: r.action,
-                    repository: r.repository,
-                    tag: r.tag,
-                    digest: r.digest,
-                    media_type: r.media_type,
-                },
-            })
-            .collect())
+        Ok(rows.into_iter().map(view).collect())
+    }
+
+    /// The notifications of every registry after position `after`, oldest first, at most
+    /// `limit` (what a webhook delivers).
+    pub async fn all_notifications(&self, after: i64, limit: u32) -> Result<Vec<NotificationView>> {
+        let rows = self
+            .meta
+            .all_notifications(after, limit.clamp(1, 1000))
+            .await?;
+        Ok(rows.into_iter().map(view).collect())
+    }
+
+    /// Where webhook delivery stands: the last position delivered. Set to the newest
+    /// notification the first time it is asked for, so a new webhook starts with what comes
+    /// next, not with the 30 days kept.
+    pub async fn webhook_cursor(&self) -> Result<i64> {
+        if let Some(c) = self.meta.log_state(WEBHOOK_CURSOR).await? {
+            return Ok(c);
+        }
+        let latest = self.meta.latest_notification().await?;
+        self.meta.set_log_state(WEBHOOK_CURSOR, latest).await?;
+        Ok(latest)
+    }
+
+    /// Records that notifications up to `seq` were delivered.
+    pub async fn set_webhook_cursor(&self, seq: i64) -> Result<()> {
+        Ok(self.meta.set_log_state(WEBHOOK_CURSOR, seq).await?)
     }
 
     /// Deletes the notifications received more than [`KEEP`] ago; returns how many.
     pub async fn prune_notifications(&self) -> Result<u64> {
         let before = now_ms().saturating_sub(KEEP.as_millis() as i64);
         Ok(self.meta.prune_notifications(before).await?)
+    }
+}
+
+/// The `log_state` entry of webhook delivery.
+const WEBHOOK_CURSOR: &str = "webhook_delivered";
+
+fn view(r: NotificationRow) -> NotificationView {
+    NotificationView {
+        seq: r.seq,
+        connected_registry: r.registry,
+        received_time: rfc3339(r.received_ms),
+        notification: Notification {
+            id: r.id,
+            time: r.time,
+            action: r.action,
+            repository: r.repository,
+            tag: r.tag,
+            digest: r.digest,
+            media_type: r.media_type,
+        },
     }
 }
 

@@ -818,6 +818,29 @@ impl Meta {
         )
     }
 
+    /// A named position kept in `log_state` (`None` if never set).
+    pub async fn log_state(&self, name: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT value FROM log_state WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    /// Sets a named position in `log_state`.
+    pub async fn set_log_state(&self, name: &str, value: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO log_state (name, value) VALUES (?, ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// Below this sequence number the log may have been pruned (0: never pruned): a cursor
     /// older than it cannot be continued.
     pub async fn events_pruned_below(&self) -> Result<i64> {

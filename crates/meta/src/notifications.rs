@@ -73,22 +73,30 @@ impl Meta {
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(NotificationRow {
-                    seq: r.try_get(0)?,
-                    received_ms: r.try_get(1)?,
-                    registry: r.try_get(2)?,
-                    id: r.try_get(3)?,
-                    time: r.try_get(4)?,
-                    action: r.try_get(5)?,
-                    repository: r.try_get(6)?,
-                    tag: r.try_get(7)?,
-                    digest: r.try_get(8)?,
-                    media_type: r.try_get(9)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(from_row).collect()
+    }
+
+    /// Notifications of every registry after position `after`, oldest first, at most `limit`.
+    pub async fn all_notifications(&self, after: i64, limit: u32) -> Result<Vec<NotificationRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, received_at, registry, id, time, action, repository, tag, digest, media_type \
+             FROM notifications WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(from_row).collect()
+    }
+
+    /// The newest notification's position (0 when none was ever kept).
+    pub async fn latest_notification(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'notifications'",
+        )
+        .fetch_optional(&self.read)
+        .await?
+        .unwrap_or(0))
     }
 
     /// Deletes notifications received before `before_ms`; returns how many.
@@ -101,4 +109,19 @@ impl Meta {
                 .rows_affected(),
         )
     }
+}
+
+fn from_row(r: sqlx::sqlite::SqliteRow) -> Result<NotificationRow> {
+    Ok(NotificationRow {
+        seq: r.try_get(0)?,
+        received_ms: r.try_get(1)?,
+        registry: r.try_get(2)?,
+        id: r.try_get(3)?,
+        time: r.try_get(4)?,
+        action: r.try_get(5)?,
+        repository: r.try_get(6)?,
+        tag: r.try_get(7)?,
+        digest: r.try_get(8)?,
+        media_type: r.try_get(9)?,
+    })
 }

@@ -169,6 +169,8 @@ pub struct Metrics {
     sync_skipped: Gauge,
     events_pruned: Counter,
     notifications: Counter,
+    webhook_delivered: Counter,
+    webhook_failures: Counter,
     fleet_up: Family<FleetLabels, Gauge>,
     fleet_last_sync: Family<FleetLabels, Gauge>,
     fleet_lag: Family<FleetLabels, Gauge>,
@@ -217,6 +219,8 @@ impl Metrics {
             sync_skipped: Gauge::default(),
             events_pruned: Counter::default(),
             notifications: Counter::default(),
+            webhook_delivered: Counter::default(),
+            webhook_failures: Counter::default(),
             fleet_up: Family::default(),
             fleet_last_sync: Family::default(),
             fleet_lag: Family::default(),
@@ -303,6 +307,16 @@ impl Metrics {
             "notifications_received",
             "Notifications received from connected registries and kept (each one once)",
             m.notifications.clone(),
+        );
+        r.register(
+            "notifications_delivered",
+            "Notifications delivered to the configured webhook (notification_url)",
+            m.webhook_delivered.clone(),
+        );
+        r.register(
+            "notification_delivery_failures",
+            "Webhook deliveries that failed (each is retried)",
+            m.webhook_failures.clone(),
         );
         r.register(
             "connected_registry_up",
@@ -418,6 +432,16 @@ impl Metrics {
     /// Notifications from connected registries newly kept here.
     pub fn notifications_received(&self, n: u64) {
         self.notifications.inc_by(n);
+    }
+
+    /// Notifications the webhook took.
+    pub fn notifications_delivered(&self, n: u64) {
+        self.webhook_delivered.inc_by(n);
+    }
+
+    /// A webhook delivery that failed (and is retried).
+    pub fn notification_delivery_failed(&self) {
+        self.webhook_failures.inc();
     }
 
     /// A failed sync iteration; `reached` says whether the parent answered at all.

@@ -1,0 +1,89 @@
+//! Delivers the notifications the root keeps (`outpost_control::notify`) to the operator's
+//! webhook (`notification_url`): in order, in batches of up to 100, as
+//! `POST {"notifications":[…]}` with the same objects the list API returns, retried with
+//! backoff until the receiver answers 2xx. Delivery is at least once (a receiver may see a
+//! batch again after a crash; each notification has a unique `id`). Where delivery stands is
+//! kept in the database (`log_state`), so a restart goes on from there; a new webhook starts
+//! with the notifications that come after it was configured. Notifications older than the
+//! 30 days the root keeps them are gone, delivered or not.
+
+use outpost_control::Control;
+use outpost_registry::metrics::Metrics;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often an idle delivery loop looks for new notifications.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts at a batch the receiver refused.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+pub async fn deliver(
+    control: Arc<Control>,
+    metrics: Metrics,
+    url: String,
+    authorization: Option<String>,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook client; notifications are not delivered");
+            return;
+        }
+    };
+    let mut cursor = loop {
+        match control.webhook_cursor().await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read where webhook delivery stands; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let batch = match control.all_notifications(cursor, 100).await {
+            Ok(b) if b.is_empty() => {
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read notifications to deliver; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let last = batch.last().map(|n| n.seq).unwrap_or_default();
+        let mut req = client
+            .post(&url)
+            .json(&serde_json::json!({ "notifications": batch }));
+        if let Some(a) = &authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        let failure = match req.send().await {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!("the webhook answered {}", r.status())),
+            Err(e) => Some(format!("the webhook cannot be reached: {e}")),
+        };
+        match failure {
+            None => {
+                metrics.notifications_delivered(batch.len() as u64);
+                backoff = Duration::from_secs(1);
+                cursor = last;
+                if let Err(e) = control.set_webhook_cursor(last).await {
+                    // Delivered again after the next restart: at least once.
+                    tracing::warn!(error = %e, "cannot record the delivered notifications");
+                }
+            }
+            Some(why) => {
+                metrics.notification_delivery_failed();
+                tracing::warn!(url = %url, count = batch.len(), retry_in = ?backoff, "{why}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
