@@ -2192,13 +2192,14 @@ async fn the_root_delivers_notifications_to_a_webhook() {
             .all(|(auth, _)| auth == "Bearer hook-secret"),
         "every delivery carries the configured Authorization"
     );
-    let m = support::metrics(&r).await;
-    assert!(
+    // Counted once the receiver's answer is back (after it recorded the body).
+    eventually("the delivery metrics count them", || async {
+        let m = support::metrics(&r).await;
         support::metric(&m, "outpost_notifications_delivered_total").is_some_and(|n| n >= 2)
             && support::metric(&m, "outpost_notification_delivery_failures_total")
-                .is_some_and(|n| n >= 2),
-        "{m}"
-    );
+                .is_some_and(|n| n >= 2)
+    })
+    .await;
 }
 
 #[tokio::test]

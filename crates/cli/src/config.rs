@@ -252,15 +252,34 @@ impl Config {
             "sync_read_timeout_secs must be positive"
         );
         if let Some(u) = &config.notification_url {
+            let parsed = reqwest::Url::parse(u)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
             anyhow::ensure!(
-                reqwest::Url::parse(u)
-                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()),
-                "notification_url {u:?} is not an http:// or https:// URL"
+                parsed.is_some(),
+                "notification_url is not an http:// or https:// URL"
+            );
+            anyhow::ensure!(
+                parsed.is_some_and(|u| u.username().is_empty() && u.password().is_none()),
+                "notification_url must not hold credentials (they would be logged and shown by \
+                 `outpost config`); put them in notification_authorization, e.g. \
+                 \"Basic <base64 of user:password>\""
             );
             anyhow::ensure!(
                 config.connection_string.is_none() && config.upstream_url.is_none(),
                 "notification_url is for the root registry: a connected registry passes its \
                  notifications (and its children's) up to the root, which delivers them"
+            );
+        }
+        if let Some(a) = &config.notification_authorization {
+            anyhow::ensure!(
+                config.notification_url.is_some(),
+                "notification_authorization is set but notification_url is not"
+            );
+            anyhow::ensure!(
+                reqwest::header::HeaderValue::from_str(a).is_ok(),
+                "notification_authorization is not a valid HTTP header value (no line breaks or \
+                 control characters)"
             );
         }
         anyhow::ensure!(
@@ -303,7 +322,8 @@ impl Config {
     }
 
     /// Every setting as TOML (`outpost config`), secrets left out: the admin password, the
-    /// connection string (it holds the sync token's password) and the upstream password.
+    /// connection string (it holds the sync token's password), the upstream password and the
+    /// webhook's `Authorization` value.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
@@ -417,6 +437,21 @@ mod tests {
                 let e = Config::load(&args()).unwrap_err().to_string();
                 assert!(e.contains("http:// or https:// URL"), "{bad}: {e}");
             }
+            jail.set_env(
+                "OUTPOST_NOTIFICATION_URL",
+                "https://u:hunter2@hooks.example/x",
+            );
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(
+                e.contains("notification_authorization") && !e.contains("hunter2"),
+                "{e}"
+            );
+            jail.set_env("OUTPOST_NOTIFICATION_URL", "https://hooks.example/x");
+            jail.set_env("OUTPOST_NOTIFICATION_AUTHORIZATION", "Bearer a\u{7}b");
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(e.contains("not a valid HTTP header value"), "{e}");
+            jail.set_env("OUTPOST_NOTIFICATION_AUTHORIZATION", "Bearer ok");
+            Config::load(&args()).map_err(|e| e.to_string())?;
             jail.set_env("OUTPOST_NOTIFICATION_URL", "http://127.0.0.1:9/hook");
             jail.set_env(
                 "OUTPOST_CONNECTION_STRING",

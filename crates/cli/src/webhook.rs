@@ -3,9 +3,11 @@
 //! `POST {"notifications":[…]}` with the same objects the list API returns, retried with
 //! backoff until the receiver answers 2xx. Delivery is at least once (a receiver may see a
 //! batch again after a crash; each notification has a unique `id`). Where delivery stands is
-//! kept in the database (`log_state`), so a restart goes on from there; a new webhook starts
-//! with the notifications that come after it was configured. Notifications older than the
-//! 30 days the root keeps them are gone, delivered or not.
+//! kept in the database (`log_state`) per URL, so a restart goes on from there; a new URL
+//! starts with the notifications that come after it was configured. A receiver that keeps
+//! refusing holds back every later notification (logged as an error once the backoff is at
+//! its longest); notifications older than the 30 days the root keeps them are gone,
+//! delivered or not.
 
 use outpost_control::Control;
 use outpost_registry::metrics::Metrics;
@@ -23,8 +25,10 @@ pub async fn deliver(
     url: String,
     authorization: Option<String>,
 ) {
+    // A redirect would turn the POST into a bodyless GET whose 200 would count as delivered.
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
     {
         Ok(c) => c,
@@ -33,8 +37,15 @@ pub async fn deliver(
             return;
         }
     };
+    // What logs show of the URL: no query (it may carry a token).
+    let shown = reqwest::Url::parse(&url)
+        .map(|mut u| {
+            u.set_query(None);
+            u.to_string()
+        })
+        .unwrap_or_default();
     let mut cursor = loop {
-        match control.webhook_cursor().await {
+        match control.webhook_cursor(&url).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read where webhook delivery stands; retrying");
@@ -73,14 +84,19 @@ pub async fn deliver(
                 metrics.notifications_delivered(batch.len() as u64);
                 backoff = Duration::from_secs(1);
                 cursor = last;
-                if let Err(e) = control.set_webhook_cursor(last).await {
+                if let Err(e) = control.set_webhook_cursor(&url, last).await {
                     // Delivered again after the next restart: at least once.
                     tracing::warn!(error = %e, "cannot record the delivered notifications");
                 }
             }
             Some(why) => {
                 metrics.notification_delivery_failed();
-                tracing::warn!(url = %url, count = batch.len(), retry_in = ?backoff, "{why}; retrying");
+                if backoff >= MAX_BACKOFF {
+                    // Failing for a while: every later notification waits behind this batch.
+                    tracing::error!(url = %shown, count = batch.len(), retry_in = ?backoff, "{why}; notifications wait until the webhook takes them");
+                } else {
+                    tracing::warn!(url = %shown, count = batch.len(), retry_in = ?backoff, "{why}; retrying");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

@@ -287,21 +287,25 @@ impl Control {
         Ok(rows.into_iter().map(view).collect())
     }
 
-    /// Where webhook delivery stands: the last position delivered. Set to the newest
-    /// notification the first time it is asked for, so a new webhook starts with what comes
-    /// next, not with the 30 days kept.
-    pub async fn webhook_cursor(&self) -> Result<i64> {
-        if let Some(c) = self.meta.log_state(WEBHOOK_CURSOR).await? {
+    /// Where delivery to the webhook at `url` stands: the last position delivered. Set to the
+    /// newest notification the first time it is asked for, so a new URL starts with what
+    /// comes next, not with the 30 days kept.
+    pub async fn webhook_cursor(&self, url: &str) -> Result<i64> {
+        let name = webhook_cursor_name(url);
+        if let Some(c) = self.meta.log_state(&name).await? {
             return Ok(c);
         }
         let latest = self.meta.latest_notification().await?;
-        self.meta.set_log_state(WEBHOOK_CURSOR, latest).await?;
+        self.meta.set_log_state(&name, latest).await?;
         Ok(latest)
     }
 
-    /// Records that notifications up to `seq` were delivered.
-    pub async fn set_webhook_cursor(&self, seq: i64) -> Result<()> {
-        Ok(self.meta.set_log_state(WEBHOOK_CURSOR, seq).await?)
+    /// Records that notifications up to `seq` were delivered to `url`.
+    pub async fn set_webhook_cursor(&self, url: &str, seq: i64) -> Result<()> {
+        Ok(self
+            .meta
+            .set_log_state(&webhook_cursor_name(url), seq)
+            .await?)
     }
 
     /// Deletes the notifications received more than [`KEEP`] ago; returns how many.
@@ -311,8 +315,14 @@ impl Control {
     }
 }
 
-/// The `log_state` entry of webhook delivery.
-const WEBHOOK_CURSOR: &str = "webhook_delivered";
+/// The `log_state` entry of delivery to the webhook at `url` (named by a hash of the URL, which
+/// may hold a token in its query).
+fn webhook_cursor_name(url: &str) -> String {
+    let hex = outpost_oci::Digest::sha256_of(url.as_bytes())
+        .hex()
+        .to_string();
+    format!("webhook_delivered:{}", &hex[..16])
+}
 
 fn view(r: NotificationRow) -> NotificationView {
     NotificationView {

@@ -606,6 +606,10 @@ impl SkipList {
                 if let Err(e) = forget_cursor(dir) {
                     tracing::warn!(error = %e, "could not forget the cursor; run `outpost connected-registry resync` at the parent");
                 }
+                // Replaced, so the next start does not reconcile again for the same damage.
+                if let Err(e) = write_state(&path, "[]") {
+                    tracing::warn!(error = %e, "could not replace the list of skipped manifests");
+                }
                 Vec::new()
             }
         };
@@ -2428,6 +2432,12 @@ mod tests {
         std::fs::write(dir.path().join("skipped.json"), "{not json").unwrap();
         assert!(SkipList::load(dir.path()).list().is_empty());
         assert!(!dir.path().join("cursor").exists());
+        std::fs::write(dir.path().join("cursor"), "43").unwrap();
+        assert!(SkipList::load(dir.path()).list().is_empty());
+        assert!(
+            dir.path().join("cursor").exists(),
+            "the replaced list does not force another reconcile"
+        );
     }
 
     #[test]
