@@ -1914,6 +1914,20 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
     let good = push_image(&admin, &r, "app", "good", "skip-good").await;
     let broken = push_image(&admin, &r, "app", "broken", "skip-broken").await;
     lose("skip-broken");
+    // A HEAD answers for the file too, so a client pushing the image again uploads the layer.
+    let lost = support::sha256_hex(&layer("skip-broken"));
+    let head = admin
+        .head(format!("{r}/v2/app/blobs/{lost}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404);
+    assert!(
+        root.log()
+            .contains("a linked blob has no file in the store"),
+        "{}",
+        root.log()
+    );
     let cs = connected(&root, "site-skip", &["--repository", "app"]);
     let site = start_site(site_dir.path(), &cs);
     let local = client_as("admin", SITE_PASSWORD);

@@ -77,7 +77,11 @@ pub async fn deliver(
         let failure = match req.send().await {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => Some(format!("the webhook answered {}", r.status())),
-            Err(e) => Some(format!("the webhook cannot be reached: {e}")),
+            // Without the URL (its query may hold a token), with the causes.
+            Err(e) => Some(format!(
+                "the webhook cannot be reached: {}",
+                error_chain(&e.without_url())
+            )),
         };
         match failure {
             None => {
@@ -102,4 +106,16 @@ pub async fn deliver(
             }
         }
     }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own text leaves them out).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }

@@ -1392,6 +1392,10 @@ impl Control {
         }
         self.meta.apply(&writes).await?;
         self.changed();
+        // A registry created later under the same name starts with no notifications.
+        if let Err(e) = self.meta.delete_notifications(name).await {
+            tracing::warn!(registry = name, error = %e, "could not delete the notifications of a deleted connected registry");
+        }
         Ok(DeleteOutcome {
             deleted: name.into(),
             cleaned_up: remaining.is_empty(),

@@ -130,6 +130,54 @@ impl NotificationPattern {
     }
 }
 
+/// What is wrong with one notification a connected registry sent, if anything: every field is
+/// what the registry's own events hold (a repository name, a tag, a digest, an RFC 3339 time),
+/// so nothing else reaches the root's list, log or webhook. Values are quoted shortened.
+fn check_notification(n: &Notification) -> std::result::Result<(), String> {
+    let printable = |what: &str, v: &str, max: usize| {
+        if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+            Err(format!(
+                "{what} {:?} must be 1 to {max} bytes with no control characters",
+                shorten(v)
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    printable("id", &n.id, 256)?;
+    if !matches!(n.action.as_str(), "push" | "delete") {
+        return Err(format!(
+            "action {:?} is not push or delete",
+            shorten(&n.action)
+        ));
+    }
+    crate::parse_rfc3339(&n.time)
+        .map_err(|_| format!("time {:?} is not an RFC 3339 time", shorten(&n.time)))?;
+    n.repository
+        .parse::<outpost_oci::RepoName>()
+        .map_err(|e| format!("repository {:?}: {e}", shorten(&n.repository)))?;
+    if let Some(t) = &n.tag {
+        t.parse::<outpost_oci::Tag>()
+            .map_err(|e| format!("tag {:?}: {e}", shorten(t)))?;
+    }
+    if let Some(d) = &n.digest {
+        d.parse::<outpost_oci::Digest>()
+            .map_err(|e| format!("digest {:?}: {e}", shorten(d)))?;
+    }
+    if let Some(m) = &n.media_type {
+        printable("mediaType", m, 255)?;
+    }
+    Ok(())
+}
+
+/// At most 64 characters of `v`, for messages that quote what a client sent.
+fn shorten(v: &str) -> String {
+    match v.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &v[..i]),
+        None => v.to_string(),
+    }
+}
+
 /// `*` matches any run of characters (also `/`); everything else matches itself. Written here
 /// because patterns have nothing else (no classes, no escapes) and the inputs are short.
 fn glob(pattern: &str, text: &str) -> bool {
@@ -192,27 +240,16 @@ impl Control {
                 batch.notifications.len()
             )));
         }
-        for n in &batch.notifications {
-            let long = [&n.id, &n.time, &n.repository]
-                .into_iter()
-                .chain([&n.tag, &n.digest, &n.media_type].into_iter().flatten())
-                .any(|f| f.len() > 512);
-            if !matches!(n.action.as_str(), "push" | "delete")
-                || n.id.is_empty()
-                || n.repository.is_empty()
-                || long
-            {
-                return Err(ControlError::Invalid(format!(
-                    "notification {:?}: the action is push or delete, the id and repository are set, and no field is longer than 512 bytes",
-                    n.id
-                )));
-            }
+        for (i, n) in batch.notifications.iter().enumerate() {
+            check_notification(n).map_err(|why| {
+                ControlError::Invalid(format!("notification {i} of the batch: {why}"))
+            })?;
         }
         let row = self.registry_row(name).await?;
         if row.activation != "Active" || row.instance_id.as_deref() != Some(&batch.instance_id) {
             return Err(ControlError::NotActive(format!(
                 "instance {:?} is not the active instance of connected registry {name:?}",
-                batch.instance_id
+                shorten(&batch.instance_id)
             )));
         }
         let upstream = self

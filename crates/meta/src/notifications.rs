@@ -99,6 +99,15 @@ impl Meta {
         .unwrap_or(0))
     }
 
+    /// Deletes the notifications of `registry` (it was deleted).
+    pub async fn delete_notifications(&self, registry: &str) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM notifications WHERE registry = ?")
+            .bind(registry)
+            .execute(&self.write)
+            .await?
+            .rows_affected())
+    }
+
     /// Deletes notifications received before `before_ms`; returns how many.
     pub async fn prune_notifications(&self, before_ms: i64) -> Result<u64> {
         Ok(

@@ -230,6 +230,18 @@ impl Registry {
             .ok_or_else(|| RegistryError::BlobUnknown(digest.clone()))
     }
 
+    /// [`Self::blob_size`], also checking that the blob's file is there: a blob the metadata
+    /// links whose file is gone (storage damage) is unknown, so a client pushes it again,
+    /// which repairs it. Logged as an error.
+    pub async fn blob_size_checked(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let size = self.blob_size(repo, digest).await?;
+        if self.storage.blob_size(digest).await?.is_none() {
+            missing_file(repo, digest);
+            return Err(RegistryError::BlobUnknown(digest.clone()));
+        }
+        Ok(size)
+    }
+
     /// A blob's bytes (or a range of them, resolved by the caller against
     /// [`Self::blob_size`]), memory-mapped: nothing is copied until the socket write.
     pub async fn read_blob(
@@ -243,6 +255,7 @@ impl Registry {
             Err(StorageError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
+                missing_file(repo, digest);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
             other => Ok(other?),
@@ -776,4 +789,10 @@ impl Registry {
         });
         Ok(serde_json::to_vec(&index).unwrap_or_default())
     }
+}
+
+/// A blob the metadata links has no file: the store was damaged (a disk error, a file deleted
+/// by hand). Answered as unknown, so the next push of it repairs it.
+fn missing_file(repo: &RepoName, digest: &Digest) {
+    tracing::error!(repository = %repo, %digest, "a linked blob has no file in the store (storage damage); it is answered as unknown until it is pushed again");
 }

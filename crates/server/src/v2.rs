@@ -600,7 +600,12 @@ async fn get_blob(
     head: bool,
 ) -> Result<Response> {
     let reg = &app.registry;
-    let size = reg.blob_size(name, digest).await?;
+    // A HEAD answers for the file too: clients skip pushing a blob HEAD calls present, so a
+    // lost file would never be pushed again. (A GET finds out when it opens the file.)
+    let size = match head {
+        true => reg.blob_size_checked(name, digest).await?,
+        false => reg.blob_size(name, digest).await?,
+    };
     // RFC 9110 §14.2: a range in a unit other than bytes, or one the server does not support
     // (several ranges) or cannot parse, is ignored and the whole blob is served; only a
     // well-formed range outside the blob is answered 416.

@@ -1836,7 +1836,7 @@ async fn notifications_are_kept_once_and_listed_in_order() {
     };
     let note = |id: &str, tag: &str| {
         json!({"id": id, "time": "2026-11-28T10:00:00Z", "action": "push", "repository": "app",
-               "tag": tag, "digest": "sha256:aa"})
+               "tag": tag, "digest": "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"})
     };
     let batch = json!({"instanceId": "inst-1", "notifications": [note("inst-1:1", "v1"), note("inst-1:2", "v2")]});
 
@@ -1883,6 +1883,11 @@ async fn notifications_are_kept_once_and_listed_in_order() {
     // Malformed, oversized or from another instance: refused whole, nothing kept.
     let mut bad = note("inst-1:4", "v4");
     bad["action"] = json!("pull");
+    let with = |field: &str, value: Value| {
+        let mut n = note("inst-1:7", "v7");
+        n[field] = value;
+        json!({"instanceId": "inst-1", "notifications": [n]})
+    };
     let too_many: Vec<Value> = (0..501).map(|i| note(&format!("x:{i}"), "v")).collect();
     for (body, code) in [
         (
@@ -1901,6 +1906,17 @@ async fn notifications_are_kept_once_and_listed_in_order() {
             json!({"instanceId": "inst-2", "notifications": [note("inst-2:1", "v")]}),
             "NOT_ACTIVE",
         ),
+        // Every field is what a registry's events hold: nothing else reaches the log or webhook.
+        (
+            with("repository", json!("app\nforged log line")),
+            "INVALID_REQUEST",
+        ),
+        (with("repository", json!("App/UPPER")), "INVALID_REQUEST"),
+        (with("time", json!("yesterday")), "INVALID_REQUEST"),
+        (with("tag", json!("bad tag!")), "INVALID_REQUEST"),
+        (with("digest", json!("sha256:zz")), "INVALID_REQUEST"),
+        (with("id", json!("x\u{1b}[31m")), "INVALID_REQUEST"),
+        (with("id", json!("x".repeat(100_000))), "INVALID_REQUEST"),
     ] {
         let r = send(Some(sync.clone()), body).await;
         assert_eq!(
@@ -1909,6 +1925,7 @@ async fn notifications_are_kept_once_and_listed_in_order() {
             "{:?}",
             r.body
         );
+        assert!(r.body.len() < 1000, "the answer does not echo a huge value");
     }
     let r = t
         .req_as(
@@ -1955,7 +1972,10 @@ async fn notifications_are_kept_once_and_listed_in_order() {
     assert_eq!(tags, ["v1", "v2", "v3"]);
     assert_eq!(all[0]["connectedRegistry"], "ship-notes");
     assert_eq!(all[0]["action"], "push");
-    assert_eq!(all[0]["digest"], "sha256:aa");
+    assert_eq!(
+        all[0]["digest"],
+        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    );
     assert_eq!(all[0]["time"], "2026-11-28T10:00:00Z");
     assert!(all[0]["receivedTime"].as_str().unwrap().ends_with('Z'));
     let first = all[0]["seq"].as_i64().unwrap();

@@ -643,8 +643,21 @@ impl SkipList {
     fn add(&self, entry: Skipped) -> Result<bool> {
         let mut added = true;
         self.update(|items| {
-            if items.iter().any(|s| s.same(&entry)) {
+            // One manifest is one entry: a tag's entry covers the same manifest by digest.
+            let covered = |s: &Skipped| {
+                s.repository == entry.repository && s.digest == entry.digest && s.tag.is_some()
+            };
+            if items.iter().any(|s| s.same(&entry))
+                || (entry.tag.is_none() && items.iter().any(covered))
+            {
                 return;
+            }
+            if entry.tag.is_some() {
+                items.retain(|s| {
+                    !(s.repository == entry.repository
+                        && s.digest == entry.digest
+                        && s.tag.is_none())
+                });
             }
             if items.len() >= Self::MAX {
                 added = false;
@@ -2159,7 +2172,7 @@ impl Child {
     /// one step; larger ones go in pieces into an upload whose id survives restarts, resuming
     /// with `Range`.
     async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
-        if self.registry.blob_size(repo, digest).await.is_ok() {
+        if self.registry.blob_size_checked(repo, digest).await.is_ok() {
             // Linked again, which marks it recently used: until its manifest is stored it is
             // referenced by nothing, and garbage collection spares only recent blobs. An image
             // that takes several sync windows keeps what earlier windows fetched as long as
@@ -2388,7 +2401,17 @@ mod tests {
         let mut again = skipped(Some("v1"), "sha256:d");
         again.since = "2026-11-29T00:00:00Z".into();
         assert!(list.add(again).unwrap(), "already there counts as recorded");
-        assert_eq!(list.list().len(), 3);
+        assert_eq!(
+            list.list().len(),
+            2,
+            "a tag's entry covers its manifest by digest"
+        );
+        // An untagged entry first is replaced by the tag's.
+        assert!(list.add(skipped(None, "sha256:e")).unwrap());
+        assert!(list.add(skipped(Some("v2"), "sha256:e")).unwrap());
+        assert_eq!(list.list()[2], skipped(Some("v2"), "sha256:e"));
+        list.arrived("app", Some("v2"), "sha256:e").unwrap();
+        assert_eq!(list.list().len(), 2);
         assert_eq!(
             list.list()[0].since,
             "2026-11-28T10:00:00Z",
