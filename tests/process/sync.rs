@@ -1922,12 +1922,11 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
         .await
         .unwrap();
     assert_eq!(head.status(), 404);
-    assert!(
+    eventually("the root logs the damage", || async {
         root.log()
-            .contains("a linked blob has no file in the store"),
-        "{}",
-        root.log()
-    );
+            .contains("a linked blob has no file in the store")
+    })
+    .await;
     let cs = connected(&root, "site-skip", &["--repository", "app"]);
     let site = start_site(site_dir.path(), &cs);
     let local = client_as("admin", SITE_PASSWORD);
