@@ -35,6 +35,11 @@ fn connected(root: &Outpost, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["connected-registry", "create", "-n", name];
     args.extend_from_slice(extra);
     cli_ok(root, &args);
+    connected_settings(root, name)
+}
+
+/// A fresh connection string of the existing connected registry `name` (a new password 1).
+fn connected_settings(root: &Outpost, name: &str) -> String {
     cli_ok(
         root,
         &[
@@ -64,6 +69,40 @@ fn start_site(dir: &std::path::Path, cs: &str) -> Outpost {
             ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
         ],
     )
+}
+
+/// A fresh connection string for `name`, a child of the running `site` (`site_name` at
+/// `root`), once it can be used: the root knows the site's address (the line's parent
+/// endpoint) and the site has learned the new password at a configuration fetch.
+async fn child_of_site(root: &Outpost, site: &Outpost, site_name: &str, name: &str) -> String {
+    eventually("the root knows the site's address", || async {
+        cli_ok(
+            root,
+            &["connected-registry", "show", "-n", site_name, "-o", "json"],
+        )
+        .contains(&site.addr)
+    })
+    .await;
+    let cs = connected_settings(root, name);
+    assert!(
+        cs.contains(&format!("ParentGatewayEndpoint={}", site.addr)),
+        "{cs}"
+    );
+    let password = cs
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
+        .unwrap()
+        .to_string();
+    eventually("the site knows the child's new password", || async {
+        reqwest::Client::new()
+            .get(format!("http://{}/gateway/v1/{name}/config", site.addr))
+            .basic_auth(name, Some(&password))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    cs
 }
 
 /// Runs `outpost serve` as a connected registry expecting it to fail; returns stderr.
@@ -1530,51 +1569,8 @@ async fn a_three_level_hierarchy_root_site_line() {
     );
     let site = start_site(site_dir.path(), &site_cs);
     // The line's parent endpoint is the site's login server, known once the site reported it.
-    eventually("the root knows the site's address", || async {
-        cli_ok(
-            &root,
-            &["connected-registry", "show", "-n", "site-mid", "-o", "json"],
-        )
-        .contains(&site.addr)
-    })
-    .await;
-    let line_cs = cli_ok(
-        &root,
-        &[
-            "connected-registry",
-            "get-settings",
-            "-n",
-            "line-leaf",
-            "--parent-protocol",
-            "http",
-            "--generate-password",
-            "1",
-            "--yes",
-            "-o",
-            "tsv",
-        ],
-    );
-    assert!(
-        line_cs.contains(&format!("ParentGatewayEndpoint={}", site.addr)),
-        "{line_cs}"
-    );
-    // The site learns the line's new password at its next configuration fetch.
+    let line_cs = child_of_site(&root, &site, "site-mid", "line-leaf").await;
     let site_admin = client_as("admin", SITE_PASSWORD);
-    let line_pw = line_cs
-        .trim()
-        .split(';')
-        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
-        .unwrap()
-        .to_string();
-    eventually("the site knows the line's new password", || async {
-        reqwest::Client::new()
-            .get(format!("http://{}/gateway/v1/line-leaf/config", site.addr))
-            .basic_auth("line-leaf", Some(&line_pw))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
     let line = start_site(line_dir.path(), line_cs.trim());
     let l = line.base();
     eventually("the leaf has app:v1 through the site", || async {
@@ -1688,45 +1684,7 @@ async fn a_readwrite_line_under_a_readwrite_site_sends_pushes_to_the_root() {
         ],
     );
     let site = start_site(site_dir.path(), &site_cs);
-    eventually("the root knows the site's address", || async {
-        cli_ok(
-            &root,
-            &["connected-registry", "show", "-n", "rw-mid", "-o", "json"],
-        )
-        .contains(&site.addr)
-    })
-    .await;
-    let line_cs = cli_ok(
-        &root,
-        &[
-            "connected-registry",
-            "get-settings",
-            "-n",
-            "rw-line",
-            "--parent-protocol",
-            "http",
-            "--generate-password",
-            "1",
-            "--yes",
-            "-o",
-            "tsv",
-        ],
-    );
-    let line_pw = line_cs
-        .trim()
-        .split(';')
-        .find_map(|kv| kv.strip_prefix("SyncTokenPassword="))
-        .unwrap()
-        .to_string();
-    eventually("the site knows the line's new password", || async {
-        reqwest::Client::new()
-            .get(format!("http://{}/gateway/v1/rw-line/config", site.addr))
-            .basic_auth("rw-line", Some(&line_pw))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let line_cs = child_of_site(&root, &site, "rw-mid", "rw-line").await;
     let line = start_site(line_dir.path(), line_cs.trim());
     let (s, l) = (site.base(), line.base());
     let local = client_as("admin", SITE_PASSWORD);

@@ -923,6 +923,12 @@ impl Meta {
 mod tests {
     use super::{Meta, sqlite_code_means_full};
 
+    /// The sequence numbers of the events in the log.
+    async fn seqs(meta: &Meta) -> Vec<i64> {
+        let events = meta.events_after(0, 100).await.expect("read");
+        events.iter().map(|e| e.seq).collect()
+    }
+
     /// Pruning below a floor keeps what readers still ask for: every event from the floor on,
     /// the newest event, and each tag's latest `tag_set` (so `tag_before` answers as before).
     #[tokio::test]
@@ -970,13 +976,7 @@ mod tests {
             }
         }
         assert_eq!(meta.events_pruned_below().await.expect("read"), 8);
-        let left: Vec<i64> = meta
-            .events_after(0, 100)
-            .await
-            .expect("read")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let left = seqs(&meta).await;
         assert_eq!(left, [3, 6, 8, 9], "{deleted} deleted");
         assert_eq!(
             meta.tag_before("app", "v1", 8).await.expect("read"),
@@ -991,13 +991,7 @@ mod tests {
 
         // A floor past the end keeps the newest event, so cursors can still be compared.
         meta.prune_events(i64::MAX, 0, 100).await.expect("prune");
-        let left: Vec<i64> = meta
-            .events_after(0, 100)
-            .await
-            .expect("read")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let left = seqs(&meta).await;
         assert_eq!(
             left,
             [6, 8, 9],
@@ -1028,13 +1022,7 @@ mod tests {
         assert_eq!(meta.tag_before("db", "v1", 11).await.expect("read"), db);
         assert_eq!(meta.tag_before("db", "v1", 12).await.expect("read"), None);
         meta.prune_events(12, 0, 100).await.expect("prune");
-        let left: Vec<i64> = meta
-            .events_after(0, 100)
-            .await
-            .expect("read")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let left = seqs(&meta).await;
         assert_eq!(left, [8, 12], "db's tag and deletion went; app:v1 stays");
     }
 

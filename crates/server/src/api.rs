@@ -483,6 +483,33 @@ fn flag(q: &[(String, String)], k: &str) -> Result<bool> {
     }
 }
 
+/// The whole number query parameter `k` (`default` when absent), refused with 400 outside
+/// `range`.
+pub(crate) fn number(
+    q: &[(String, String)],
+    k: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64> {
+    let Some((_, v)) = q.iter().find(|(a, _)| a == k) else {
+        return Ok(default);
+    };
+    v.parse::<i64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            let bounds = match *range.end() {
+                i64::MAX => format!("of at least {}", range.start()),
+                end => format!("from {} to {end}", range.start()),
+            };
+            ApiError::custom(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("{k}={v:?} is not a whole number {bounds}"),
+            )
+        })
+}
+
 async fn list_crs(State(app): State<App>, h: HeaderMap, uri: axum::http::Uri) -> Result<Response> {
     admin(&app, &h).await?;
     let q = query(&uri);
@@ -582,24 +609,8 @@ async fn notifications_cr(
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let q = query(&uri);
-    let num = |k: &str, default: i64, min: i64, max: i64| -> Result<i64> {
-        match q.iter().find(|(a, _)| a == k) {
-            None => Ok(default),
-            Some((_, v)) => v
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (min..=max).contains(n))
-                .ok_or_else(|| {
-                    ApiError::custom(
-                        StatusCode::BAD_REQUEST,
-                        "INVALID_REQUEST",
-                        format!("{k}={v:?} is not a whole number from {min} to {max}"),
-                    )
-                }),
-        }
-    };
-    let after = num("after", 0, 0, i64::MAX)?;
-    let n = num("n", 100, 1, 1000)?;
+    let after = number(&q, "after", 0, 0..=i64::MAX)?;
+    let n = number(&q, "n", 100, 1..=1000)?;
     Ok(json(
         StatusCode::OK,
         &app.control.notifications(&name, after, n as u32).await?,

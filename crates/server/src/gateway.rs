@@ -159,18 +159,7 @@ async fn messages(
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::MessageRead).await?;
     let q = auth::pairs(uri.query().unwrap_or(""));
-    let num = |k: &str, default: i64| -> Result<i64, ApiError> {
-        match q.iter().find(|(a, _)| a == k) {
-            None => Ok(default),
-            Some((_, v)) => v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::custom(
-                    StatusCode::BAD_REQUEST,
-                    "INVALID_REQUEST",
-                    format!("{k}={v:?} is not a non-negative integer"),
-                )
-            }),
-        }
-    };
+    let num = |k: &str, default: i64| crate::api::number(&q, k, default, 0..=i64::MAX);
     let after = num("after", 0)?;
     let limit = num("limit", 100)?.min(1000) as u32;
     let wait = std::time::Duration::from_secs(num("wait", 0)?.min(60) as u64);
