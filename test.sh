@@ -37,6 +37,10 @@ if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1
     missing+=(cargo-nextest)
 fi
 "$ORAS_PY" -c 'import oras.client' >/dev/null 2>&1 || missing+=("python package oras (in ORAS_PY=$ORAS_PY)")
+if [ "${SKIP_OBJECT_STORE_TESTS:-}" != 1 ]; then
+    [ -x "${MOTO_SERVER:-.venv/bin/moto_server}" ] || missing+=("moto_server (moto's S3 server, in .venv)")
+    [ -x "${AZURITE_BLOB:-.cache/azurite/node_modules/.bin/azurite-blob}" ] || missing+=("azurite-blob (npm azurite, in .cache/azurite)")
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     {
         echo "test.sh: missing prerequisites:"

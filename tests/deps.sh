@@ -6,8 +6,9 @@
 #
 #   Debian packages : the real registry clients and daemons tests/interop/run.sh drives,
 #                     plus load tools for bench/
-#   .venv/          : a Python venv with oras-py (tests/interop/requirements.txt);
+#   .venv/          : a Python venv with oras-py and moto (tests/interop/requirements.txt);
 #                     test.sh points ORAS_PY at .venv/bin/python
+#   .cache/azurite/ : azurite from npm (the Azure Blob Storage emulator)
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" # dockerd, runc
 cd "$(dirname "$0")/.."
@@ -49,12 +50,13 @@ if [ ${#missing[@]} -gt 0 ] || [ "${CI:-}" = true ] || [ "${DEPS_FORCE:-0}" = 1 
     done
 fi
 
-# Python venv with oras-py
+# Python venv with oras-py and moto; remade whenever requirements.txt changes
 VENV=$REPO/.venv
-want=$(sed -n 's/^oras==//p' tests/interop/requirements.txt)
-have=$("$VENV/bin/python" -c 'import oras.version; print(oras.version.__version__)' 2>/dev/null || true)
-if [ "$have" != "$want" ]; then
-    echo "tests/deps.sh: creating $VENV with oras $want"
+want=$(sha256sum tests/interop/requirements.txt | cut -c1-64)
+have=$(cat "$VENV/.requirements-sha256" 2>/dev/null || true)
+if [ "$have" != "$want" ] || ! "$VENV/bin/python" -c 'import oras.client' 2>/dev/null; then
+    echo "tests/deps.sh: creating $VENV with tests/interop/requirements.txt"
+    rm -rf "$VENV"
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
         [ "$(id -u)" = 0 ] || { echo "tests/deps.sh: python3 has no venv module; apt-get install python3-venv" >&2; exit 1; }
         apt-get update -qq
@@ -63,5 +65,26 @@ if [ "$have" != "$want" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
     "$VENV/bin/python" -c 'import oras.client' # fail here, not in the tests
+    [ -x "$VENV/bin/moto_server" ] || { echo "tests/deps.sh: moto_server missing after pip install" >&2; exit 1; }
+    echo "$want" >"$VENV/.requirements-sha256"
 fi
-echo "tests/deps.sh: all test dependencies present (ORAS_PY=$VENV/bin/python)"
+
+# azurite, the Azure Blob Storage emulator tests/process/blobstore.rs runs `blob_store = az://…`
+# against, from npm with the machine's Node.js. 3.35.0 is the last release that runs on Node 20
+# (3.36 wants 21, 3.37 wants 22).
+AZURITE_VERSION=3.35.0
+AZURITE=$REPO/.cache/azurite
+if [ "$(cat "$AZURITE/.version" 2>/dev/null)" != "$AZURITE_VERSION" ]; then
+    command -v npm >/dev/null 2>&1 || {
+        [ "$(id -u)" = 0 ] || { echo "tests/deps.sh: npm is missing; apt-get install npm" >&2; exit 1; }
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    }
+    echo "tests/deps.sh: installing azurite $AZURITE_VERSION into $AZURITE"
+    rm -rf "$AZURITE"
+    mkdir -p "$AZURITE"
+    npm install --prefix "$AZURITE" --no-audit --no-fund --silent "azurite@$AZURITE_VERSION"
+    [ -x "$AZURITE/node_modules/.bin/azurite-blob" ] || { echo "tests/deps.sh: azurite-blob missing after npm install" >&2; exit 1; }
+    echo "$AZURITE_VERSION" >"$AZURITE/.version"
+fi
+echo "tests/deps.sh: all test dependencies present (ORAS_PY=$VENV/bin/python, moto, azurite)"

@@ -2713,3 +2713,63 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hashes to"), "{err}");
 }
+
+/// A ReadWrite site that keeps its blobs in an object store (S3, here moto): what it syncs
+/// down (a small image, and a layer large enough for a multipart upload) lands in the store,
+/// not on its disk, and a push at the site goes up to the root from there.
+#[tokio::test]
+async fn a_site_keeps_its_blobs_in_an_object_store() {
+    use crate::blobstore::{Emulator, Kind, key};
+    let Some(store) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let small = push_image(&admin, &r, "app", "small", "small").await;
+    let big_layer = support::push_big_image(&admin, &r, "app", "big", 10 << 20).await;
+    let cs = connected(
+        &root,
+        "site-s3",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let mut env: Vec<(String, String)> = store.env("site");
+    env.extend([
+        ("OUTPOST_CONNECTION_STRING".to_string(), cs),
+        ("OUTPOST_SYNC_POLL_SECS".to_string(), "5".to_string()),
+        (
+            "OUTPOST_ADMIN_PASSWORD".to_string(),
+            SITE_PASSWORD.to_string(),
+        ),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let site = Outpost::start_env(site_dir.path(), &env);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site has both images", || async {
+        tag_digest(&site_admin, &s, "app", "small").await.as_deref() == Some(small.as_str())
+            && tag_digest(&site_admin, &s, "app", "big").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        blob_len(&site_admin, &s, "app", &big_layer).await,
+        Some(10 << 20)
+    );
+    let keys = store.keys("site").await;
+    assert!(keys.contains(&key("site", &big_layer)), "{keys:?}");
+    assert_eq!(keys.len(), 4, "two configs and two layers: {keys:?}");
+    let on_disk = std::fs::read_dir(site_dir.path().join("blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(on_disk, 0, "the site keeps no blob on its disk");
+
+    // A push at the site is read back from the store by the outbox and reaches the root.
+    let local = push_image(&site_admin, &s, "app", "from-site", "site-push").await;
+    eventually("the root has the site's push", || async {
+        tag_digest(&admin, &r, "app", "from-site").await.as_deref() == Some(local.as_str())
+    })
+    .await;
+    assert_eq!(store.keys("site").await.len(), 6);
+}

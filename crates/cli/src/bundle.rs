@@ -412,12 +412,20 @@ pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    let registry =
-        outpost_registry::Registry::open(data_dir, outpost_registry::RegistryConfig::default())
-            .await
-            .context("opening the data directory")?
-            // Stored as if synced: a ReadWrite site does not send it back up.
-            .for_sync();
+    // The blobs go where the site's server keeps them (recorded at its first start).
+    let blob_store = std::fs::read_to_string(data_dir.join("blob-store"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s != "local");
+    let config = outpost_registry::RegistryConfig {
+        blob_store,
+        ..outpost_registry::RegistryConfig::default()
+    };
+    let registry = outpost_registry::Registry::open(data_dir, config)
+        .await
+        .context("opening the data directory")?
+        // Stored as if synced: a ReadWrite site does not send it back up.
+        .for_sync();
     let (mut manifests, mut blobs_stored, mut tags) = (0u64, 0u64, 0u64);
     let max_manifest = outpost_registry::RegistryConfig::default().max_manifest_bytes as u64;
     let read_manifest = |d: &Digest| -> anyhow::Result<Vec<u8>> {

@@ -27,6 +27,12 @@ pub struct Config {
     pub parent_ca_file: Option<PathBuf>,
     /// Directory holding blobs, uploads and the metadata database.
     pub data_dir: PathBuf,
+    /// Keep blobs in an object store instead of `data_dir/blobs`: `s3://<bucket>[/<prefix>]`
+    /// (Amazon S3 and compatible stores; `AWS_*` variables give credentials, region and
+    /// endpoint) or `az://<container>[/<prefix>]` (Azure Blob Storage; `AZURE_STORAGE_*`).
+    /// Uploads in progress and the metadata database stay in `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_store: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
     pub log_level: String,
     /// Whether `log_level` was set by the operator (flag, environment or file) rather than
@@ -120,6 +126,7 @@ impl Default for Config {
             tls_key: None,
             parent_ca_file: None,
             data_dir: PathBuf::from("./outpost-data"),
+            blob_store: None,
             log_level: "info".into(),
             log_level_explicit: false,
             log_format: "text".into(),

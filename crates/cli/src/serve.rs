@@ -128,6 +128,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: (config.max_blob_bytes > 0).then_some(config.max_blob_bytes),
             fsync: true,
+            blob_store: config.blob_store.clone(),
             ..RegistryConfig::default()
         },
     )
@@ -182,7 +183,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), "outpost listening");
+    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
 
     let sync = match &config.connection_string {
         None if config.upstream_url.is_some() => {

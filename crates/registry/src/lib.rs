@@ -15,7 +15,7 @@ pub use cache::CachedManifest;
 pub use error::RegistryError;
 pub use outpost_meta::is_disk_full;
 pub use outpost_meta::{EVENT_MANIFEST_PUT, Event, Meta, MetaError};
-pub use outpost_storage::{Storage, StorageError};
+pub use outpost_storage::{BlobBody, Storage, StorageError};
 
 use bytes::Bytes;
 use cache::ManifestCache;
@@ -40,6 +40,8 @@ pub struct RegistryConfig {
     pub fsync: bool,
     /// Manifests kept in memory for GET by tag or digest (0 disables the cache).
     pub manifest_cache_entries: usize,
+    /// Keep blobs in this object store (`s3://…` or `az://…`) instead of on local disk.
+    pub blob_store: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -49,6 +51,7 @@ impl Default for RegistryConfig {
             max_blob_bytes: None,
             fsync: true,
             manifest_cache_entries: 10_000,
+            blob_store: None,
         }
     }
 }
@@ -151,7 +154,11 @@ pub struct GcReport {
 impl Registry {
     /// Opens the registry stored in `data_dir` (creating it if needed).
     pub async fn open(data_dir: &Path, config: RegistryConfig) -> Result<Registry> {
-        let storage = Storage::open(data_dir, config.fsync).await?;
+        let mut storage = Storage::open(data_dir, config.fsync).await?;
+        if let Some(url) = &config.blob_store {
+            storage = storage.with_blob_store(url)?;
+        }
+        storage.claim()?;
         let meta = Meta::open(&data_dir.join("meta.db")).await?;
         let cache = Arc::new(ManifestCache::new(config.manifest_cache_entries));
         Ok(Registry {
@@ -171,21 +178,24 @@ impl Registry {
         &self.meta
     }
 
-    /// Whether this registry can serve: its database answers and its blob store is a
-    /// directory it can read. `Err` says what is wrong, for the readiness endpoint.
+    /// Whether this registry can serve: its database answers and its blob store (a directory
+    /// or an object store) can be read. `Err` says what is wrong, for the readiness endpoint.
     pub async fn ready(&self) -> std::result::Result<(), String> {
         self.meta
             .check()
             .await
             .map_err(|e| format!("the metadata database does not answer: {e}"))?;
-        let blobs = self.storage.layout().blobs_dir();
-        match tokio::fs::read_dir(&blobs).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!(
+        self.storage.check().await.map_err(|e| {
+            format!(
                 "the blob store {} cannot be read: {e}",
-                blobs.display()
-            )),
-        }
+                self.storage.blob_store()
+            )
+        })
+    }
+
+    /// Where blobs are kept: the object store's URL, or the local directory.
+    pub fn blob_store(&self) -> String {
+        self.storage.blob_store()
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -243,18 +253,17 @@ impl Registry {
     }
 
     /// A blob's bytes (or a range of them, resolved by the caller against
-    /// [`Self::blob_size`]), memory-mapped: nothing is copied until the socket write.
+    /// [`Self::blob_size`]): memory-mapped from local disk, so nothing is copied until the
+    /// socket write, or streamed from the object store.
     pub async fn read_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
-    ) -> Result<Bytes> {
+    ) -> Result<BlobBody> {
         self.blob_size(repo, digest).await?;
-        match self.storage.map_blob(digest, range).await {
-            Err(StorageError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+        match self.storage.read_blob(digest, range).await {
+            Err(StorageError::BlobUnknown(_)) => {
                 missing_file(repo, digest);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }

@@ -126,6 +126,18 @@ impl From<RegistryError> for ApiError {
                 StorageError::TooLarge { .. } => {
                     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid, msg)
                 }
+                // The object store holding the blobs failed or did not answer (after retries):
+                // worth trying again, and nothing for the client to fix. The store's answer
+                // (bucket, key, provider message) goes to the log, not to the client.
+                e @ StorageError::Remote { .. } => {
+                    tracing::error!(error = %e, "blob store request failed");
+                    ApiError::custom(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        "the registry's blob store did not answer; try again later (the operator \
+                         can find the cause in the server log)",
+                    )
+                }
                 other => ApiError::internal(&other),
             },
             R::Meta(m) => ApiError::internal(&m),

@@ -12,6 +12,7 @@ use outpost_control::{Principal, RepoAction};
 use outpost_oci::manifest::OCI_INDEX;
 use outpost_oci::range::{parse_content_range, parse_range};
 use outpost_oci::{Digest, ErrorCode, Reference, RepoName, Route};
+use outpost_registry::BlobBody;
 
 const DIGEST_HEADER: &str = "docker-content-digest";
 const UPLOAD_UUID: &str = "docker-upload-uuid";
@@ -644,6 +645,9 @@ async fn get_blob(
         return Ok(b.body(Body::empty()).unwrap_or_default());
     }
     // A memory-mapped blob goes to the socket without a copy through a user-space buffer.
-    let bytes = reg.read_blob(name, digest, range).await?;
-    Ok(b.body(Body::from(bytes)).unwrap_or_default())
+    let body = match reg.read_blob(name, digest, range).await? {
+        BlobBody::Mapped(bytes) => Body::from(bytes),
+        BlobBody::Streamed(stream) => Body::from_stream(stream),
+    };
+    Ok(b.body(body).unwrap_or_default())
 }

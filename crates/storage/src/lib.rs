@@ -1,14 +1,18 @@
-//! `outpost-storage` owns blob bytes on disk: the content-addressed store (`blobs/`) and upload
-//! sessions (`uploads/`). It knows digests, upload ids and an opaque owner string per upload,
-//! never repositories, tags or HTTP.
+//! `outpost-storage` owns blob bytes: the content-addressed store (`blobs/` on local disk, or
+//! the same layout in an object store, see `remote.rs`) and upload sessions (`uploads/`, always
+//! on local disk). It knows digests, upload ids and an opaque owner string per upload, never
+//! repositories, tags or HTTP.
 //!
 //! Invariant: a file appears under `blobs/<alg>/<2 hex>/<hex>` only after its bytes were hashed
 //! to exactly that digest, fsynced, and atomically renamed into place (followed by an fsync of
 //! the directory). A crash at any point leaves either no blob or a complete one; partial data
-//! only ever lives under `uploads/`, which is never served.
+//! only ever lives under `uploads/`, which is never served. With an object store, the hashed
+//! upload is written to its key in one request or one multipart upload, which the store
+//! publishes whole.
 
 mod layout;
 mod mapped;
+mod remote;
 mod upload;
 
 pub use layout::Layout;
@@ -16,6 +20,7 @@ pub use upload::{AppendOutcome, drain};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use futures_util::stream::BoxStream;
 use outpost_oci::{ByteRange, Digest};
 use std::collections::HashMap;
 use std::io;
@@ -44,6 +49,47 @@ pub enum StorageError {
     TooLarge { size: u64, limit: u64 },
     #[error("blob {0} does not exist")]
     BlobUnknown(Digest),
+    #[error("blob store request for {key} failed: {source}")]
+    Remote {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StorageError {
+    /// A failure to reach or write the store, after which the operation may be retried as is
+    /// (an upload keeps its data), as opposed to an answer about the content.
+    fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Io { .. } | StorageError::Remote { .. })
+    }
+}
+
+/// A blob's bytes as read for serving.
+pub enum BlobBody {
+    /// Memory-mapped from local disk: nothing is copied until the socket write.
+    Mapped(Bytes),
+    /// Fetched from an object store, segment by segment.
+    Streamed(BoxStream<'static, io::Result<Bytes>>),
+}
+
+impl BlobBody {
+    /// All of it in one buffer (for callers that send bounded pieces).
+    pub async fn into_bytes(self) -> Result<Bytes> {
+        match self {
+            BlobBody::Mapped(b) => Ok(b),
+            BlobBody::Streamed(mut s) => {
+                use futures_util::StreamExt;
+                let mut out = bytes::BytesMut::new();
+                while let Some(piece) = s.next().await {
+                    out.extend_from_slice(&piece.map_err(io_err("blob store"))?);
+                }
+                Ok(out.freeze())
+            }
+        }
+    }
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -62,6 +108,8 @@ pub struct Storage {
     /// entry (after a restart) means the upload's file is re-read when it is committed.
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>>>,
     mapped: Arc<mapped::Mapped>,
+    /// Where blobs live when not on local disk.
+    remote: Option<Arc<remote::Remote>>,
 }
 
 impl Storage {
@@ -78,7 +126,65 @@ impl Storage {
             fsync,
             uploads: Arc::default(),
             mapped: Arc::default(),
+            remote: None,
         })
+    }
+
+    /// Keeps blobs in the object store `url` names (`s3://<bucket>[/<prefix>]` or
+    /// `az://<container>[/<prefix>]`) instead of under `blobs/`; uploads stay on local disk.
+    /// Nothing is requested until the first use: [`Self::check`] says whether it answers.
+    pub fn with_blob_store(mut self, url: &str) -> Result<Storage> {
+        self.remote = Some(Arc::new(remote::Remote::open(url)?));
+        Ok(self)
+    }
+
+    /// Records where this data directory keeps its blobs (`blob-store` in it) the first time,
+    /// and refuses a different choice later: started against another store (or none), the
+    /// registry would find none of the blobs its metadata lists. Moving blobs is a copy of the
+    /// `blobs/` tree followed by an edit of that file.
+    pub fn claim(&self) -> Result<()> {
+        let record = self.layout.root().join("blob-store");
+        let wanted = match &self.remote {
+            Some(r) => r.url().to_string(),
+            None => "local".to_string(),
+        };
+        match std::fs::read_to_string(&record) {
+            Ok(had) if had.trim() == wanted => Ok(()),
+            Ok(had) => Err(StorageError::Config(format!(
+                "this data directory keeps its blobs in {:?} (recorded in {}), not {wanted:?}; \
+                 start it with blob_store {}, or copy the blobs over and edit that file",
+                had.trim(),
+                record.display(),
+                match had.trim() {
+                    "local" => "unset".to_string(),
+                    url => format!("= {url:?}"),
+                },
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::write(&record, format!("{wanted}\n")).map_err(io_err(&record))
+            }
+            Err(e) => Err(io_err(record)(e)),
+        }
+    }
+
+    /// Where blobs are kept: the object store's URL, or the local directory.
+    pub fn blob_store(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url().to_string(),
+            None => self.layout.blobs_dir().display().to_string(),
+        }
+    }
+
+    /// Whether the blob store can be read: the directory, or the object store answering.
+    pub async fn check(&self) -> Result<()> {
+        if let Some(r) = &self.remote {
+            return r.check().await;
+        }
+        let blobs = self.layout.blobs_dir();
+        tokio::fs::read_dir(&blobs)
+            .await
+            .map(drop)
+            .map_err(io_err(blobs))
     }
 
     pub fn layout(&self) -> &Layout {
@@ -87,6 +193,9 @@ impl Storage {
 
     /// Size of a stored blob, or `None` if absent.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        if let Some(r) = &self.remote {
+            return r.size(digest).await;
+        }
         let path = self.layout.blob(digest);
         match tokio::fs::metadata(&path).await {
             Ok(m) => Ok(Some(m.len())),
@@ -95,17 +204,30 @@ impl Storage {
         }
     }
 
-    /// Maps a blob (or a range of it) into memory for zero-copy serving. Every concurrent
-    /// reader of the same blob shares one mapping.
-    pub async fn map_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Bytes> {
+    /// A blob's bytes, or a range of them. On local disk they are memory-mapped for zero-copy
+    /// serving (every concurrent reader of the same blob shares one mapping); from an object
+    /// store they stream. A blob that is gone is [`StorageError::BlobUnknown`].
+    pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
+        if let Some(r) = &self.remote {
+            let range = range.map(|r| (r.start, r.end + 1));
+            return Ok(BlobBody::Streamed(r.read(digest, range).await?));
+        }
         let path = self.layout.blob(digest);
         let range = range.map(|r| (r.start as usize, r.end as usize + 1));
-        self.mapped.slice(digest, &path, range).await
+        match self.mapped.slice(digest, &path, range).await {
+            Err(StorageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::BlobUnknown(digest.clone()))
+            }
+            other => other.map(BlobBody::Mapped),
+        }
     }
 
     /// Every file in the blob store whose path names a digest, with when it was last written.
     /// Anything else under `blobs/` is left out (and so never collected).
     pub async fn blob_files(&self) -> Result<Vec<(Digest, SystemTime)>> {
+        if let Some(r) = &self.remote {
+            return r.list().await;
+        }
         let root = self.layout.blobs_dir();
         let layout = self.layout.clone();
         tokio::task::spawn_blocking(move || {
@@ -159,6 +281,9 @@ impl Storage {
     /// Removes a blob's bytes. Used by garbage collection only: a blob still referenced by any
     /// repository must not be deleted.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<bool> {
+        if let Some(r) = &self.remote {
+            return r.delete(digest).await;
+        }
         let path = self.layout.blob(digest);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(true),
@@ -250,18 +375,24 @@ impl Storage {
             // A request that completed (or cancelled) it ran while this one waited.
             return Err(StorageError::UploadUnknown(id.to_string()));
         }
-        let res = upload::commit(&self.layout, id, &mut state, digest, self.fsync).await;
-        if !matches!(res, Err(StorageError::Io { .. })) {
+        let res = upload::commit(
+            &self.layout,
+            id,
+            &mut state,
+            digest,
+            self.fsync,
+            self.remote.as_deref(),
+        )
+        .await;
+        // A failure to write leaves the upload as it was, for the client to try again.
+        let done = !res.as_ref().is_err_and(StorageError::is_transient);
+        if done {
             state.closed = true;
-        }
-        if !matches!(res, Err(StorageError::Io { .. })) {
             self.forget(id);
+            let _ = tokio::fs::remove_file(self.layout.upload_owner(id)).await;
         }
         if matches!(res, Err(StorageError::DigestMismatch { .. })) {
             let _ = tokio::fs::remove_file(self.layout.upload(id)).await;
-        }
-        if !matches!(res, Err(StorageError::Io { .. })) {
-            let _ = tokio::fs::remove_file(self.layout.upload_owner(id)).await;
         }
         res
     }
@@ -271,6 +402,25 @@ impl Storage {
     /// directory fsync), all on one blocking thread. For small blobs, where an upload session
     /// (owner file, per-chunk bookkeeping) would cost more than the bytes. Returns the size.
     pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<u64> {
+        if let Some(r) = &self.remote {
+            let (d, b) = (digest.clone(), bytes.clone());
+            let actual =
+                tokio::task::spawn_blocking(move || outpost_oci::Digest::of(d.algorithm(), &b))
+                    .await
+                    .map_err(|e| StorageError::Io {
+                        path: self.layout.uploads_dir(),
+                        source: io::Error::other(e),
+                    })?;
+            if &actual != digest {
+                return Err(StorageError::DigestMismatch {
+                    expected: digest.clone(),
+                    actual,
+                });
+            }
+            let size = bytes.len() as u64;
+            r.put_bytes(digest, bytes).await?;
+            return Ok(size);
+        }
         let tmp = self.layout.upload(&uuid::Uuid::new_v4().to_string());
         let dst = self.layout.blob(digest);
         let (digest, fsync) = (digest.clone(), self.fsync);
@@ -443,7 +593,8 @@ mod tests {
             11
         );
         assert_eq!(s.blob_size(&good).await.unwrap(), Some(11));
-        assert_eq!(&s.map_blob(&good, None).await.unwrap()[..], b"layer bytes");
+        let read = s.read_blob(&good, None).await.unwrap();
+        assert_eq!(&read.into_bytes().await.unwrap()[..], b"layer bytes");
         // Storing it again is a no-op that reports the size.
         assert_eq!(
             s.put_blob(&good, Bytes::from_static(b"layer bytes"))

@@ -1,5 +1,6 @@
 //! Upload sessions: appending bodies to `uploads/<id>` while hashing them, rolling a failed chunk
-//! back, and committing a verified upload into the blob store with temp → fsync → rename.
+//! back, and committing a verified upload into the blob store with temp → fsync → rename (or, with
+//! an object store, one write of the verified file to its key).
 //!
 //! Bytes are written and hashed on a blocking thread fed through a bounded channel, so reading
 //! the request body from the network, hashing and writing overlap instead of alternating.
@@ -267,6 +268,7 @@ pub(crate) async fn commit(
     state: &mut State,
     digest: &Digest,
     fsync: bool,
+    remote: Option<&crate::remote::Remote>,
 ) -> Result<u64> {
     let src = layout.upload(id);
     let dst = layout.blob(digest);
@@ -293,6 +295,11 @@ pub(crate) async fn commit(
             expected: digest.clone(),
             actual,
         });
+    }
+    if let Some(remote) = remote {
+        remote.put_file(&src, digest, size).await?;
+        let _ = tokio::fs::remove_file(&src).await;
+        return Ok(size);
     }
     let target = dst.clone();
     tokio::task::spawn_blocking(move || publish(&src, &target, fsync))

@@ -1756,7 +1756,10 @@ impl Child {
                     digest,
                     Some(outpost_oci::ByteRange { start: offset, end }),
                 )
-                .await?;
+                .await?
+                .into_bytes()
+                .await
+                .map_err(outpost_registry::RegistryError::from)?;
             loc = match self.parent.upload_chunk(&loc, offset, piece).await {
                 Ok(next) => next,
                 Err(e) => {

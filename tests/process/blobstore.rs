@@ -1,0 +1,468 @@
+//! Blobs in an object store (`blob_store`): Outpost against moto (the S3 API) and azurite (the
+//! Azure Blob Storage API), each started here on a loopback port. tests/deps.sh installs both
+//! (moto into `.venv`, azurite under `.cache/azurite`); `MOTO_SERVER` and `AZURITE_BLOB` name
+//! other copies. Without them these tests fail and say how to install them, unless
+//! `SKIP_OBJECT_STORE_TESTS=1` deliberately opts out (CI never does).
+
+use crate::support::{
+    ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, sha256_hex, tag_digest,
+};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    S3,
+    Azure,
+}
+
+pub const BUCKET: &str = "regtest";
+
+/// A running emulator of one object store API.
+pub struct Emulator {
+    kind: Kind,
+    port: u16,
+    child: Option<Child>,
+    /// azurite's data directory.
+    dir: tempfile::TempDir,
+}
+
+fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Emulator {
+    /// Starts the emulator with an empty bucket (container) [`BUCKET`]; `None` only when
+    /// `SKIP_OBJECT_STORE_TESTS=1`.
+    pub async fn start(kind: Kind) -> Option<Emulator> {
+        if std::env::var("SKIP_OBJECT_STORE_TESTS").as_deref() == Ok("1") {
+            eprintln!("SKIP_OBJECT_STORE_TESTS=1: not testing blob_store on {kind:?}");
+            return None;
+        }
+        let mut e = Emulator {
+            kind,
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        e.run().await;
+        Some(e)
+    }
+
+    async fn run(&mut self) {
+        let (program, var, args): (PathBuf, &str, Vec<String>) = match self.kind {
+            Kind::S3 => (
+                repo_path(".venv/bin/moto_server"),
+                "MOTO_SERVER",
+                vec![
+                    "-H".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    self.port.to_string(),
+                ],
+            ),
+            Kind::Azure => (
+                repo_path(".cache/azurite/node_modules/.bin/azurite-blob"),
+                "AZURITE_BLOB",
+                vec![
+                    "--blobHost".into(),
+                    "127.0.0.1".into(),
+                    "--blobPort".into(),
+                    self.port.to_string(),
+                    "--location".into(),
+                    self.dir.path().display().to_string(),
+                    "--skipApiVersionCheck".into(),
+                    "--loose".into(),
+                    "--disableTelemetry".into(),
+                ],
+            ),
+        };
+        let program = std::env::var_os(var).map(PathBuf::from).unwrap_or(program);
+        let child = Command::new(&program)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}): run tests/deps.sh as root (it installs moto into \
+                     .venv and azurite under .cache/azurite), set {var} to another copy, or \
+                     set SKIP_OBJECT_STORE_TESTS=1 to leave object stores untested",
+                    program.display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on port {}",
+                program.display(),
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match self.kind {
+            // moto keeps everything in memory: after a restart the bucket is made again.
+            Kind::S3 => {
+                let r = reqwest::Client::new()
+                    .put(format!("http://127.0.0.1:{}/{BUCKET}", self.port))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "creating the bucket: {r:?}");
+            }
+            // azurite saves its state now and then: after a kill the container may be gone.
+            Kind::Azure => {
+                azurite(&["create", &self.port.to_string(), BUCKET]);
+            }
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (after [`Self::stop`]).
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.run().await;
+    }
+
+    /// `blob_store` for keys under `prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        match self.kind {
+            Kind::S3 => format!("s3://{BUCKET}/{prefix}"),
+            Kind::Azure => format!("az://{BUCKET}/{prefix}"),
+        }
+    }
+
+    /// The environment `outpost serve` needs to reach it, as an operator would set it.
+    pub fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut env = vec![("OUTPOST_BLOB_STORE".to_string(), self.url(prefix))];
+        let vars: &[(&str, String)] = match self.kind {
+            Kind::S3 => &[
+                ("AWS_ACCESS_KEY_ID", "test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "test".into()),
+                ("AWS_REGION", "us-east-1".into()),
+                ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+                ("AWS_ALLOW_HTTP", "true".into()),
+            ],
+            Kind::Azure => &[
+                ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+                (
+                    "AZURITE_BLOB_STORAGE_URL",
+                    format!("http://127.0.0.1:{}", self.port),
+                ),
+            ],
+        };
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        env
+    }
+
+    /// Every key under `prefix`, as the store itself lists them.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        match self.kind {
+            Kind::S3 => {
+                let body = reqwest::Client::new()
+                    .get(format!(
+                        "http://127.0.0.1:{}/{BUCKET}?list-type=2&prefix={prefix}/",
+                        self.port
+                    ))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                body.split("<Key>")
+                    .skip(1)
+                    .filter_map(|s| s.split("</Key>").next())
+                    .map(String::from)
+                    .collect()
+            }
+            Kind::Azure => azurite(&[
+                "list",
+                &self.port.to_string(),
+                BUCKET,
+                &format!("{prefix}/"),
+            ])
+            .lines()
+            .map(String::from)
+            .collect(),
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn azurite(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(repo_path("tests/process/azurite.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "azurite.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The key a blob has under `prefix`.
+pub fn key(prefix: &str, digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    format!("{prefix}/blobs/sha256/{}/{hex}", &hex[..2])
+}
+
+/// Files under `dir/blobs` (none while blobs live in an object store).
+fn local_blob_files(dir: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p).map_or(0, |rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+    }
+    walk(&dir.join("blobs"))
+}
+
+fn start(dir: &std::path::Path, env: &[(String, String)]) -> Outpost {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Outpost::start_env(dir, &env)
+}
+
+/// A blob pushed in two chunks (so, above the single-request size, as a multipart upload).
+async fn push_chunked(c: &reqwest::Client, o: &Outpost, repo: &str, blob: &[u8]) -> String {
+    let r = c
+        .post(o.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut loc = r.headers()["location"].to_str().unwrap().to_string();
+    let half = blob.len() / 2;
+    for (start, part) in [(0, &blob[..half]), (half, &blob[half..])] {
+        let r = c
+            .patch(o.url(&loc))
+            .header(
+                "content-range",
+                format!("{start}-{}", start + part.len() - 1),
+            )
+            .header("content-type", "application/octet-stream")
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        loc = r.headers()["location"].to_str().unwrap().to_string();
+    }
+    loc
+}
+
+async fn commit(c: &reqwest::Client, o: &Outpost, loc: &str, digest: &str) -> reqwest::Response {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    c.put(o.url(&format!("{loc}{sep}digest={digest}")))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn get_bytes(
+    c: &reqwest::Client,
+    o: &Outpost,
+    path: &str,
+    range: Option<&str>,
+) -> (u16, Vec<u8>) {
+    let mut req = c.get(o.url(path));
+    if let Some(r) = range {
+        req = req.header("range", r);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+}
+
+/// Push, pull, ranged reads, garbage collection, a store outage and a restart with the wrong
+/// store, all against one emulator.
+async fn blobs_live_in_the_object_store(kind: Kind) {
+    let Some(mut store) = Emulator::start(kind).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "registry-1";
+    let o = start(dir.path(), &store.env(prefix));
+    let c = client_as("admin", ADMIN_PASSWORD);
+    let base = o.base();
+
+    // A whole image, and a 12 MiB blob in two chunks (a multipart upload at the store).
+    let v1 = push_image(&c, &base, "app", "v1", "object-store").await;
+    let big: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+    let big_digest = sha256_hex(&big);
+    let loc = push_chunked(&c, &o, "app", &big).await;
+    assert_eq!(commit(&c, &o, &loc, &big_digest).await.status(), 201);
+
+    let keys = store.keys(prefix).await;
+    assert!(keys.contains(&key(prefix, &big_digest)), "{keys:?}");
+    assert_eq!(keys.len(), 3, "config, layer and the big blob: {keys:?}");
+    assert_eq!(local_blob_files(dir.path()), 0, "no blob on local disk");
+    let uploads = std::fs::read_dir(dir.path().join("uploads"))
+        .unwrap()
+        .count();
+    assert_eq!(uploads, 0, "the staged upload is gone once stored");
+
+    // Served whole (several segments) and in ranges, one across a segment boundary.
+    let path = format!("/v2/app/blobs/{big_digest}");
+    let (status, body) = get_bytes(&c, &o, &path, None).await;
+    assert_eq!(status, 200);
+    assert!(body == big, "the big blob came back different");
+    let (status, body) = get_bytes(&c, &o, &path, Some("bytes=4194300-4194310")).await;
+    assert_eq!(status, 206);
+    assert_eq!(body, &big[4194300..=4194310]);
+    let (status, body) = get_bytes(&c, &o, &path, Some("bytes=-5")).await;
+    assert_eq!((status, body.as_slice()), (206, &big[big.len() - 5..]));
+    let r = c.head(o.url(&path)).send().await.unwrap();
+    assert_eq!(
+        r.headers()["content-length"],
+        big.len().to_string().as_str()
+    );
+    assert_eq!(
+        tag_digest(&c, &base, "app", "v1").await.as_deref(),
+        Some(v1.as_str())
+    );
+
+    // Garbage collection deletes the unreferenced blob from the store, and only it.
+    let r = c
+        .post(o.url("/api/v1/gc"))
+        .body(r#"{"minAgeSecs":0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(report["blobsRemoved"], 1, "{report}");
+    let keys = store.keys(prefix).await;
+    assert!(!keys.contains(&key(prefix, &big_digest)), "{keys:?}");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let (status, _) = get_bytes(&c, &o, &path, None).await;
+    assert_eq!(status, 404);
+
+    // The store goes away: not ready, and a read or a commit is a 503 that keeps the upload.
+    let small = b"pushed while the store was down".to_vec();
+    let small_digest = sha256_hex(&small);
+    let r = c
+        .post(o.url("/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c
+        .patch(o.url(&loc))
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    store.stop();
+    let r = reqwest::get(o.url("/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap();
+    assert!(text.contains(&store.url(prefix)), "{text}");
+    let layer: Vec<u8> = "object-store".bytes().cycle().take(300_000).collect();
+    let (status, body) = get_bytes(
+        &c,
+        &o,
+        &format!("/v2/app/blobs/{}", sha256_hex(&layer)),
+        None,
+    )
+    .await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("UNAVAILABLE"));
+    let r = commit(&c, &o, &loc, &small_digest).await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    assert!(o.log().contains("blob store request failed"), "{}", o.log());
+
+    store.restart().await;
+    eventually("the registry is ready again", || async {
+        reqwest::get(o.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let r = commit(&c, &o, &loc, &small_digest).await;
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let (status, body) = get_bytes(&c, &o, &format!("/v2/app/blobs/{small_digest}"), None).await;
+    assert_eq!((status, body), (200, small));
+
+    // The data directory remembers its store: started without it, it refuses and says why.
+    drop(o);
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("keeps its blobs in \"{}\"", store.url(prefix))),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn blobs_live_in_s3() {
+    blobs_live_in_the_object_store(Kind::S3).await;
+}
+
+#[tokio::test]
+async fn blobs_live_in_azure_blob_storage() {
+    blobs_live_in_the_object_store(Kind::Azure).await;
+}
+
+/// A malformed or unsupported `blob_store` stops the server at start with a message that says
+/// what to write instead, and never echoes credentials put in the URL.
+#[tokio::test]
+async fn a_bad_blob_store_url_is_refused_at_start() {
+    for (url, expect) in [
+        ("gs://bucket", "unsupported scheme \"gs\""),
+        ("s3://", "bucket (or container) name is missing"),
+        ("bucket/prefix", "expected s3://<bucket>[/<prefix>]"),
+        ("s3://key:secret@bucket/x", "put no credentials"),
+        ("s3://bucket/a//b", "blob_store"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("OUTPOST_BLOB_STORE", url)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{url}: {err}");
+        assert!(!err.contains("secret"), "{url}: {err}");
+    }
+}
