@@ -289,6 +289,10 @@ impl Config {
                  control characters)"
             );
         }
+        if let Some(url) = &config.blob_store {
+            outpost_registry::Storage::check_blob_store_url(url)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        }
         anyhow::ensure!(
             config.tls_cert.is_some() == config.tls_key.is_some(),
             "HTTPS needs both tls_cert and tls_key (--tls-cert and --tls-key, or OUTPOST_TLS_CERT and \

@@ -138,6 +138,12 @@ impl Storage {
         Ok(self)
     }
 
+    /// Checks a `blob_store` URL the way [`Self::with_blob_store`] would, without opening
+    /// anything (for configuration checks).
+    pub fn check_blob_store_url(url: &str) -> Result<()> {
+        remote::Remote::open(url).map(drop)
+    }
+
     /// Records where this data directory keeps its blobs (`blob-store` in it) the first time,
     /// and refuses a different choice later: started against another store (or none), the
     /// registry would find none of the blobs its metadata lists. Moving blobs is a copy of the
