@@ -3,7 +3,7 @@
 //! Handlers parse, check that the caller is the administrator, call `outpost-control`, and
 //! render; every error comes back as `{"errors":[{"code","message"}]}`.
 
-use crate::error::ApiError;
+use crate::error::{ApiBody, ApiError};
 use crate::{App, auth};
 use axum::Router;
 use axum::body::Bytes;
@@ -165,7 +165,7 @@ struct GcView {
 }
 
 /// Runs garbage collection now: unreferenced blobs and orphaned files go.
-async fn run_gc(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+async fn run_gc(State(app): State<App>, h: HeaderMap, ApiBody(body): ApiBody) -> Result<Response> {
     admin(&app, &h).await?;
     let req: RunGc = if body.is_empty() {
         RunGc::default()
@@ -325,7 +325,11 @@ async fn list_scope_maps(State(app): State<App>, h: HeaderMap) -> Result<Respons
     Ok(json(StatusCode::OK, &app.control.list_scope_maps().await?))
 }
 
-async fn create_scope_map(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+async fn create_scope_map(
+    State(app): State<App>,
+    h: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response> {
     admin(&app, &h).await?;
     let req: CreateScopeMap = parse(&body)?;
     let v = app
@@ -351,7 +355,7 @@ async fn update_scope_map(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: UpdateScopeMap = parse(&body)?;
@@ -377,7 +381,11 @@ async fn list_tokens(State(app): State<App>, h: HeaderMap) -> Result<Response> {
     Ok(json(StatusCode::OK, &app.control.list_tokens().await?))
 }
 
-async fn create_token(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+async fn create_token(
+    State(app): State<App>,
+    h: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response> {
     admin(&app, &h).await?;
     let req: CreateToken = parse(&body)?;
     let enabled = status(&req.status)?.unwrap_or(true);
@@ -407,7 +415,7 @@ async fn update_token(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: UpdateToken = parse(&body)?;
@@ -432,7 +440,7 @@ async fn generate_credentials(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: Credentials = parse(&body)?;
@@ -447,7 +455,7 @@ async fn delete_credentials(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: Credentials = parse(&body)?;
@@ -524,7 +532,11 @@ async fn list_crs(State(app): State<App>, h: HeaderMap, uri: axum::http::Uri) ->
     Ok(json(StatusCode::OK, &v))
 }
 
-async fn create_cr(State(app): State<App>, h: HeaderMap, body: Bytes) -> Result<Response> {
+async fn create_cr(
+    State(app): State<App>,
+    h: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response> {
     admin(&app, &h).await?;
     let req: outpost_control::CreateConnectedRegistry = parse(&body)?;
     Ok(json(
@@ -549,7 +561,7 @@ async fn update_cr(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: outpost_control::UpdateConnectedRegistry = parse(&body)?;
@@ -632,7 +644,7 @@ async fn settings_cr(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: SettingsRequest = parse(&body)?;
@@ -691,7 +703,7 @@ async fn update_permissions_cr(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: PermissionsUpdate = parse(&body)?;

@@ -10,6 +10,37 @@ use outpost_oci::{ErrorCode, RouteError};
 use outpost_registry::{RegistryError, StorageError};
 use serde_json::json;
 
+/// A request body read whole (up to axum's default limit of 2 MiB), for the JSON endpoints
+/// (`/api/v1`, `/gateway/v1`). A body that is too large or cannot be read is answered like every
+/// other error, `{"errors":[…]}`, rather than with axum's plain-text rejection.
+pub struct ApiBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::rejection::BytesRejection;
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(ApiBody(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::custom(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "SIZE_INVALID",
+                "request body is larger than the 2 MiB this endpoint accepts",
+            )),
+            Err(e @ BytesRejection::FailedToBufferBody(_)) => Err(ApiError::custom(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("request body could not be read: {}", e.body_text()),
+            )),
+            Err(e) => Err(ApiError::custom(
+                e.status(),
+                "INVALID_REQUEST",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,

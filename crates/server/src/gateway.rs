@@ -4,10 +4,9 @@
 //! authorized by the token's `gateway/<name>/…` actions. Content itself moves over `/v2/`.
 
 use crate::api::json;
-use crate::error::ApiError;
+use crate::error::{ApiBody, ApiError};
 use crate::{App, auth};
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,7 +32,7 @@ async fn notifications(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::MessageWrite).await?;
     let req: NotificationBatch = serde_json::from_slice(&body).map_err(|e| {
@@ -93,7 +92,7 @@ async fn activate(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigWrite).await?;
     let req: Activate = serde_json::from_slice(&body).map_err(|e| {
@@ -114,7 +113,7 @@ async fn status(
     State(app): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigWrite).await?;
     let req: StatusReport = serde_json::from_slice(&body).map_err(|e| {

@@ -955,6 +955,17 @@ async fn management_api_rules_and_limits() {
     );
     let r = post("/api/v1/scope-maps", json!({"name": "x", "nonsense": 1})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // A body over the 2 MiB limit is refused in the API's own error format, not as plain text,
+    // on the management API and on the gateway.
+    for path in ["/api/v1/scope-maps", "/gateway/v1/somesite/notifications"] {
+        let big = format!("{{\"name\":\"{}\"}}", "a".repeat(3 << 20));
+        let r = t.req(Method::POST, path, &[], big).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+            "{path}"
+        );
+    }
     let r = post(
         "/api/v1/tokens",
         json!({"name": "orphan", "scopeMap": "missing-map"}),
