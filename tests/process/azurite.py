@@ -5,6 +5,7 @@ container, and azurite refuses unsigned requests.
 
     azurite.py create PORT CONTAINER          create the container, unless it exists
     azurite.py list PORT CONTAINER PREFIX     print the name of every blob under PREFIX
+    azurite.py put PORT CONTAINER NAME TEXT   write blob NAME holding TEXT
 """
 import base64
 import hashlib
@@ -24,19 +25,28 @@ KEY = base64.b64decode(
 VERSION = "2021-08-06"
 
 
-def request(method, port, container, query, ok=()):
+def request(method, port, container, query, ok=(), name="", body=b""):
     date = formatdate(usegmt=True)
+    path = f"{container}/{name}" if name else container
     canonical_query = "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
+    length = str(len(body)) if body else ""
+    blob_type = ["x-ms-blob-type:BlockBlob"] if body else []
     to_sign = "\n".join(
-        [method] + [""] * 11 + [f"x-ms-date:{date}", f"x-ms-version:{VERSION}",
-                                f"/{ACCOUNT}/{ACCOUNT}/{container}{canonical_query}"]
+        [method, "", "", length, "", "application/octet-stream" if body else ""] + [""] * 6
+        + blob_type
+        + [f"x-ms-date:{date}", f"x-ms-version:{VERSION}",
+           f"/{ACCOUNT}/{ACCOUNT}/{path}{canonical_query}"]
     )
     sig = base64.b64encode(hmac.new(KEY, to_sign.encode(), hashlib.sha256).digest()).decode()
-    url = f"http://127.0.0.1:{port}/{ACCOUNT}/{container}?{urllib.parse.urlencode(query)}"
-    req = urllib.request.Request(url, method=method, headers={
-        "x-ms-date": date, "x-ms-version": VERSION, "Content-Length": "0",
+    url = f"http://127.0.0.1:{port}/{ACCOUNT}/{path}?{urllib.parse.urlencode(query)}"
+    headers = {
+        "x-ms-date": date, "x-ms-version": VERSION, "Content-Length": str(len(body)),
         "Authorization": f"SharedKey {ACCOUNT}:{sig}",
-    })
+    }
+    if body:
+        headers["x-ms-blob-type"] = "BlockBlob"
+        headers["Content-Type"] = "application/octet-stream"
+    req = urllib.request.Request(url, method=method, headers=headers, data=body or None)
     try:
         with urllib.request.urlopen(req) as r:
             return r.read().decode()
@@ -55,6 +65,8 @@ def main():
                        {"restype": "container", "comp": "list", "prefix": sys.argv[4]})
         for name in re.findall(r"<Name>([^<]*)</Name>", body):
             print(name)
+    elif cmd == "put":
+        request("PUT", port, container, {}, name=sys.argv[4], body=sys.argv[5].encode())
     else:
         sys.exit(f"azurite.py: unknown command {cmd}")
 

@@ -170,8 +170,35 @@ impl Emulator {
         env
     }
 
-    /// Every key under `prefix`, as the store itself lists them.
+    /// Every blob key under `prefix` (`<prefix>/blobs/…`), as the store itself lists them.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.all_keys(prefix)
+            .await
+            .into_iter()
+            .filter(|k| k.starts_with(&format!("{prefix}/blobs/")))
+            .collect()
+    }
+
+    /// Writes `text` at `key`, as another program with access to the store would.
+    pub async fn put(&self, key: &str, text: &str) {
+        match self.kind {
+            Kind::S3 => {
+                let r = reqwest::Client::new()
+                    .put(format!("http://127.0.0.1:{}/{BUCKET}/{key}", self.port))
+                    .body(text.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{r:?}");
+            }
+            Kind::Azure => {
+                azurite(&["put", &self.port.to_string(), BUCKET, key, text]);
+            }
+        }
+    }
+
+    /// Every key under `prefix`.
+    pub async fn all_keys(&self, prefix: &str) -> Vec<String> {
         match self.kind {
             Kind::S3 => {
                 let body = reqwest::Client::new()
@@ -325,6 +352,8 @@ async fn blobs_live_in_the_object_store(kind: Kind) {
     let keys = store.keys(prefix).await;
     assert!(keys.contains(&key(prefix, &big_digest)), "{keys:?}");
     assert_eq!(keys.len(), 3, "config, layer and the big blob: {keys:?}");
+    let all = store.all_keys(prefix).await;
+    assert!(all.contains(&format!("{prefix}/outpost-owner")), "{all:?}");
     assert_eq!(local_blob_files(dir.path()), 0, "no blob on local disk");
     let uploads = std::fs::read_dir(dir.path().join("uploads"))
         .unwrap()
@@ -404,6 +433,29 @@ async fn blobs_live_in_the_object_store(kind: Kind) {
     assert!(o.log().contains("blob store request failed"), "{}", o.log());
 
     store.restart().await;
+    if kind == Kind::S3 {
+        // moto came back empty, as a store whose bucket was deleted and made again: that is
+        // an outage (503), not a registry without blobs (404, which makes clients push
+        // everything again).
+        let r = reqwest::get(o.url("/readyz")).await.unwrap();
+        assert_eq!(r.status(), 503);
+        let text = r.text().await.unwrap();
+        assert!(
+            !text.contains("127.0.0.1"),
+            "readiness shows no store internals: {text}"
+        );
+        let r = c
+            .head(o.url(&format!("/v2/app/blobs/{}", sha256_hex(&layer))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    // An emulator may come back without what it held (moto keeps it in memory): put the
+    // prefix's owner marker back, as a real store would have kept it.
+    let record = std::fs::read_to_string(dir.path().join("blob-store")).unwrap();
+    let owner = record.lines().nth(1).expect("the owner id is recorded");
+    store.put(&format!("{prefix}/outpost-owner"), owner).await;
     eventually("the registry is ready again", || async {
         reqwest::get(o.url("/readyz"))
             .await
@@ -450,6 +502,8 @@ async fn a_bad_blob_store_url_is_refused_at_start() {
         ("s3://", "bucket (or container) name is missing"),
         ("bucket/prefix", "expected s3://<bucket>[/<prefix>]"),
         ("s3://key:secret@bucket/x", "put no credentials"),
+        ("az://container/p?sv=2020&sig=secret", "put no credentials"),
+        ("s3://bucket:secret/p", "put no credentials"),
         ("s3://bucket/a//b", "blob_store"),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -465,4 +519,64 @@ async fn a_bad_blob_store_url_is_refused_at_start() {
         assert!(err.contains(expect), "{url}: {err}");
         assert!(!err.contains("secret"), "{url}: {err}");
     }
+}
+
+/// What keeps a prefix one registry's: a data directory that already holds blobs on disk is
+/// not switched to a store; a second data directory on the same prefix is refused (each would
+/// delete the other's blobs as orphans); and a key the store cannot name does not stop garbage
+/// collection.
+#[tokio::test]
+async fn a_store_prefix_belongs_to_one_registry() {
+    let Some(store) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let env = store.env("shared");
+    let c = client_as("admin", ADMIN_PASSWORD);
+
+    // A data directory that has held blobs on local disk (its `blob-store` record removed, as
+    // one made before the record existed) is not started against the store.
+    let old = tempfile::tempdir().unwrap();
+    let o = Outpost::start(old.path(), &[]);
+    push_image(&c, &o.base(), "app", "v1", "on-disk").await;
+    drop(o);
+    std::fs::remove_file(old.path().join("blob-store")).unwrap();
+    let err = failing_start(old.path(), &env);
+    assert!(err.contains("keeps its blobs in \"local\""), "{err}");
+
+    let first = tempfile::tempdir().unwrap();
+    let o = start(first.path(), &env);
+    push_image(&c, &o.base(), "app", "v1", "in-the-store").await;
+    let second = tempfile::tempdir().unwrap();
+    let err = failing_start(second.path(), &env);
+    assert!(err.contains("belongs to another data directory"), "{err}");
+    assert!(!second.path().join("blob-store").exists());
+
+    // A key no blob has, with an empty path segment: collection goes on around it.
+    store.put("shared/blobs/sha256/ab//odd", "not ours").await;
+    let r = c
+        .post(o.url("/api/v1/gc"))
+        .body(r#"{"minAgeSecs":0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert!(
+        reqwest::get(o.url("/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}
+
+fn failing_start(dir: &std::path::Path, env: &[(String, String)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started in {}", dir.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

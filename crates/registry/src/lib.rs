@@ -158,7 +158,7 @@ impl Registry {
         if let Some(url) = &config.blob_store {
             storage = storage.with_blob_store(url)?;
         }
-        storage.claim()?;
+        storage.claim().await?;
         let meta = Meta::open(&data_dir.join("meta.db")).await?;
         let cache = Arc::new(ManifestCache::new(config.manifest_cache_entries));
         Ok(Registry {
@@ -185,11 +185,21 @@ impl Registry {
             .check()
             .await
             .map_err(|e| format!("the metadata database does not answer: {e}"))?;
-        self.storage.check().await.map_err(|e| {
-            format!(
+        self.storage.check().await.map_err(|e| match e {
+            // The store's own answer (endpoint, account, provider message) goes to the log;
+            // readiness is asked without credentials.
+            StorageError::Remote { .. } => {
+                tracing::warn!(error = %e, "the blob store is not ready");
+                format!(
+                    "the blob store {} does not answer or is not this registry's; the server log \
+                     says why",
+                    self.storage.blob_store()
+                )
+            }
+            e => format!(
                 "the blob store {} cannot be read: {e}",
                 self.storage.blob_store()
-            )
+            ),
         })
     }
 
@@ -326,8 +336,36 @@ impl Registry {
             }
             .into());
         }
+        if self.storage.is_remote() {
+            let size = self.storage.put_blob(digest, bytes).await?;
+            return self.link_stored(repo, digest, size, None).await;
+        }
         let _gate = self.blob_gate.read().await;
         let size = self.storage.put_blob(digest, bytes).await?;
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        Ok(size)
+    }
+
+    /// Links a blob just written to an object store, outside `blob_gate` (a write there can
+    /// take minutes, and garbage collection waiting for the exclusive gate would stall every
+    /// push behind it). Under the gate, the object is checked again: a collection could have
+    /// deleted an old copy it found unreferenced since. Then the client is told to upload
+    /// again (`upload`: the session to report unknown), or sync tries again later.
+    async fn link_stored(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        upload: Option<&str>,
+    ) -> Result<u64> {
+        let _gate = self.blob_gate.read().await;
+        if self.storage.blob_size(digest).await?.is_none() {
+            tracing::warn!(%digest, "a blob was collected while it was being stored; the client uploads it again");
+            return Err(match upload {
+                Some(id) => RegistryError::UploadUnknown(id.to_string()),
+                None => RegistryError::BlobUnknown(digest.clone()),
+            });
+        }
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(size)
     }
@@ -401,6 +439,10 @@ impl Registry {
             self.storage
                 .append(id, None, self.config.max_blob_bytes, self.counted(body))
                 .await?;
+        }
+        if self.storage.is_remote() {
+            let size = self.storage.commit_upload(id, digest).await?;
+            return self.link_stored(repo, digest, size, Some(id)).await;
         }
         let _gate = self.blob_gate.read().await;
         let size = match self.storage.commit_upload(id, digest).await {

@@ -67,6 +67,17 @@ impl StorageError {
     }
 }
 
+/// Writes a small file whole or not at all: temp file, fsync, rename, fsync of the directory.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(io_err(path))
+}
+
 /// A blob's bytes as read for serving.
 pub enum BlobBody {
     /// Memory-mapped from local disk: nothing is copied until the socket write.
@@ -144,33 +155,121 @@ impl Storage {
         remote::Remote::open(url).map(drop)
     }
 
-    /// Records where this data directory keeps its blobs (`blob-store` in it) the first time,
-    /// and refuses a different choice later: started against another store (or none), the
-    /// registry would find none of the blobs its metadata lists. Moving blobs is a copy of the
-    /// `blobs/` tree followed by an edit of that file.
-    pub fn claim(&self) -> Result<()> {
-        let record = self.layout.root().join("blob-store");
+    /// Whether blobs live in an object store (where writing one can take minutes).
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Records where this data directory keeps its blobs (`blob-store` in it: `local`, or the
+    /// store's URL and this directory's owner id) the first time, and refuses a different
+    /// choice later: started against another store (or none), the registry would find none of
+    /// the blobs its metadata lists. A directory from before this record existed, with
+    /// metadata or blobs already, counts as `local`. Moving blobs is a copy of the `blobs/`
+    /// tree followed by an edit of that file.
+    ///
+    /// With an object store, the prefix is claimed too: `<prefix>/outpost-owner` names the
+    /// data directory that uses it, and a second one is refused (each would collect the
+    /// other's blobs as orphans). At the first start the store must answer; later, a store
+    /// that does not answer is only a warning (the registry reports it as not ready).
+    pub async fn claim(&self) -> Result<()> {
+        let root = self.layout.root();
+        let record = root.join("blob-store");
         let wanted = match &self.remote {
             Some(r) => r.url().to_string(),
             None => "local".to_string(),
         };
-        match std::fs::read_to_string(&record) {
-            Ok(had) if had.trim() == wanted => Ok(()),
-            Ok(had) => Err(StorageError::Config(format!(
-                "this data directory keeps its blobs in {:?} (recorded in {}), not {wanted:?}; \
-                 start it with blob_store {}, or copy the blobs over and edit that file",
-                had.trim(),
+        let text = match std::fs::read_to_string(&record) {
+            Ok(t) if !t.trim().is_empty() => Some(t),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(record)(e)),
+        };
+        let existing = root.join("meta.db").exists() || self.has_local_blob_files();
+        let (had, mut id) = match &text {
+            Some(t) => {
+                let mut lines = t.lines().map(str::trim);
+                let had = lines.next().unwrap_or_default().to_string();
+                (
+                    had,
+                    lines.next().filter(|l| !l.is_empty()).map(String::from),
+                )
+            }
+            None if existing => ("local".to_string(), None),
+            None => (wanted.clone(), None),
+        };
+        let had = remote::canonical(&had);
+        if had != wanted {
+            return Err(StorageError::Config(format!(
+                "this data directory keeps its blobs in {had:?} (recorded in {}), not \
+                 {wanted:?}; start it with blob_store {}, or copy the blobs over and edit that \
+                 file",
                 record.display(),
-                match had.trim() {
+                match had.as_str() {
                     "local" => "unset".to_string(),
                     url => format!("= {url:?}"),
                 },
-            ))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::write(&record, format!("{wanted}\n")).map_err(io_err(&record))
-            }
-            Err(e) => Err(io_err(record)(e)),
+            )));
         }
+        if let Some(r) = &self.remote {
+            let first = id.is_none();
+            let mine = id
+                .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
+                .clone();
+            let marked = match r.marker_owner().await {
+                Ok(remote::Marker::Owner(o)) => Ok(o),
+                Ok(remote::Marker::Absent) => {
+                    if !first {
+                        tracing::warn!(store = %r.url(), "the blob store's owner marker was missing; writing it again");
+                    }
+                    r.mark_owner(&mine).await
+                }
+                Err(e) => Err(e),
+            };
+            match marked {
+                Ok(owner) if owner == mine => {}
+                Ok(owner) => {
+                    return Err(StorageError::Config(format!(
+                        "the blob store {} belongs to another data directory (owner id {owner} in \
+                         its outpost-owner object; this one is {mine}): two registries sharing a \
+                         prefix would each delete the other's blobs; give each its own prefix",
+                        r.url()
+                    )));
+                }
+                Err(e) if first => {
+                    return Err(StorageError::Config(format!(
+                        "cannot claim the blob store {} for this data directory: {e}",
+                        r.url()
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(store = %r.url(), error = %e, "the blob store does not answer at start; serving what it can");
+                }
+            }
+            r.set_owner(&mine);
+        }
+        let line = match &id {
+            Some(id) => format!("{wanted}\n{id}\n"),
+            None => format!("{wanted}\n"),
+        };
+        if text.as_deref() != Some(line.as_str()) {
+            write_durably(&record, line.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn has_local_blob_files(&self) -> bool {
+        let blobs = self.layout.blobs_dir();
+        std::fs::read_dir(&blobs).is_ok_and(|algs| {
+            algs.flatten().any(|alg| {
+                std::fs::read_dir(alg.path()).is_ok_and(|mut prefixes| {
+                    prefixes.any(|p| {
+                        p.is_ok_and(|p| {
+                            std::fs::read_dir(p.path()).is_ok_and(|mut f| f.next().is_some())
+                        })
+                    })
+                })
+            })
+        })
     }
 
     /// Where blobs are kept: the object store's URL, or the local directory.
@@ -387,7 +486,7 @@ impl Storage {
             &mut state,
             digest,
             self.fsync,
-            self.remote.as_deref(),
+            self.remote.clone(),
         )
         .await;
         // A failure to write leaves the upload as it was, for the client to try again.

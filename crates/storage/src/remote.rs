@@ -11,13 +11,17 @@
 //! only when it completes. So a key in the store always holds the bytes its name says, and a
 //! crash mid-transfer leaves no object at all.
 //!
-//! Reads are served in ranged requests of [`SEGMENT`] bytes, each read whole before it is
-//! sent on: a client that reads slowly never holds a request to the store open, so the
-//! store's per-request timeout applies to the store, not to the client's link.
+//! Reads are served in ranged requests of [`SEGMENT`] bytes, each fetched by a task of its own
+//! and read whole before it is sent on: a client that reads slowly never holds a request to the
+//! store open, so the store's per-request timeout applies to the store, not to the client's link.
+//!
+//! One store prefix belongs to one data directory: `<prefix>/outpost-owner` holds the id the
+//! data directory recorded when it claimed it (`Storage::claim`). Two registries sharing a
+//! prefix would each collect the other's blobs as orphans, so the second is refused.
 
 use crate::{Result, StorageError};
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use futures_util::stream::{self, BoxStream, StreamExt};
 use object_store::path::Path as Key;
 use object_store::{
     ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
@@ -42,8 +46,52 @@ pub(crate) const SEGMENT: u64 = 4 << 20;
 pub(crate) struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: Key,
-    /// The URL it was opened from (it never holds credentials), for messages.
+    /// The URL in canonical form (`s3://` or `az://`, no trailing `/`); it never holds
+    /// credentials.
     url: String,
+    /// The id of the data directory that owns the prefix, once claimed.
+    owner: std::sync::OnceLock<String>,
+}
+
+/// What the owner marker says, if anything.
+pub(crate) enum Marker {
+    Absent,
+    Owner(String),
+}
+
+/// A recorded `blob_store` in the form [`Remote::url`] gives (so `s3a://b/p/` matches
+/// `s3://b/p`); anything else (`local`) unchanged.
+pub(crate) fn canonical(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let scheme = match scheme {
+        "s3a" => "s3",
+        "azure" => "az",
+        other => other,
+    };
+    let rest: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    format!("{scheme}://{}", rest.join("/"))
+}
+
+/// `url` with anything that could be a secret hidden: user information, a port-like suffix
+/// of the authority, a query (Azure SAS tokens) and a fragment.
+fn redacted(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host = host.split(':').next().unwrap_or_default();
+    let hidden = if host.len() != authority.len() {
+        "<hidden>@"
+    } else {
+        ""
+    };
+    format!("{scheme}://{hidden}{host}/{path}")
+        .trim_end_matches('/')
+        .to_string()
 }
 
 impl Remote {
@@ -51,10 +99,7 @@ impl Remote {
     /// [`Remote::check`].
     pub(crate) fn open(url: &str) -> Result<Remote> {
         // Never echo what could be a secret someone put in the URL.
-        let shown = match url.split_once('@') {
-            Some((_, host)) => format!("<scheme>://<hidden>@{host}"),
-            None => url.to_string(),
-        };
+        let shown = redacted(url);
         let bad = |why: &str| StorageError::Config(format!("blob_store {shown:?}: {why}"));
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             bad("expected s3://<bucket>[/<prefix>] or az://<container>[/<prefix>]")
@@ -70,8 +115,9 @@ impl Remote {
             ));
         }
         let prefix = Key::parse(prefix.trim_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        // A store that does not answer fails a request within about a minute, rather than
-        // holding a client for the library's default of three.
+        // A store that does not answer fails a request within one to two minutes (a timed-out
+        // request, then its retries or a multipart abort), rather than the library's default
+        // of up to three minutes of retries.
         let retry = RetryConfig {
             max_retries: 3,
             retry_timeout: Duration::from_secs(30),
@@ -83,34 +129,40 @@ impl Remote {
             (ClientConfigKey::Timeout, "60s"),
             (ClientConfigKey::ConnectTimeout, "5s"),
         ];
-        let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" | "s3a" => Arc::new(
-                timeouts
-                    .into_iter()
-                    .fold(
-                        object_store::aws::AmazonS3Builder::from_env(),
-                        |b, (k, v)| {
-                            b.with_config(object_store::aws::AmazonS3ConfigKey::Client(k), v)
-                        },
-                    )
-                    .with_bucket_name(bucket)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|e| bad(&e.to_string()))?,
+        let (store, scheme): (Arc<dyn ObjectStore>, &str) = match scheme {
+            "s3" | "s3a" => (
+                Arc::new(
+                    timeouts
+                        .into_iter()
+                        .fold(
+                            object_store::aws::AmazonS3Builder::from_env(),
+                            |b, (k, v)| {
+                                b.with_config(object_store::aws::AmazonS3ConfigKey::Client(k), v)
+                            },
+                        )
+                        .with_bucket_name(bucket)
+                        .with_retry(retry)
+                        .build()
+                        .map_err(|e| bad(&e.to_string()))?,
+                ),
+                "s3",
             ),
-            "az" | "azure" => Arc::new(
-                timeouts
-                    .into_iter()
-                    .fold(
-                        object_store::azure::MicrosoftAzureBuilder::from_env(),
-                        |b, (k, v)| {
-                            b.with_config(object_store::azure::AzureConfigKey::Client(k), v)
-                        },
-                    )
-                    .with_container_name(bucket)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|e| bad(&e.to_string()))?,
+            "az" | "azure" => (
+                Arc::new(
+                    timeouts
+                        .into_iter()
+                        .fold(
+                            object_store::azure::MicrosoftAzureBuilder::from_env(),
+                            |b, (k, v)| {
+                                b.with_config(object_store::azure::AzureConfigKey::Client(k), v)
+                            },
+                        )
+                        .with_container_name(bucket)
+                        .with_retry(retry)
+                        .build()
+                        .map_err(|e| bad(&e.to_string()))?,
+                ),
+                "az",
             ),
             other => {
                 return Err(bad(&format!(
@@ -119,15 +171,79 @@ impl Remote {
                 )));
             }
         };
+        let url = format!("{scheme}://{bucket}/{prefix}")
+            .trim_end_matches('/')
+            .to_string();
         Ok(Remote {
             store,
             prefix,
-            url: url.to_string(),
+            url,
+            owner: std::sync::OnceLock::new(),
         })
     }
 
     pub(crate) fn url(&self) -> &str {
         &self.url
+    }
+
+    fn marker(&self) -> Key {
+        self.prefix.clone().join("outpost-owner")
+    }
+
+    /// Reads the owner marker.
+    pub(crate) async fn marker_owner(&self) -> Result<Marker> {
+        let key = self.marker();
+        match self.store.get(&key).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| self.err(&key, e))?;
+                Ok(Marker::Owner(
+                    String::from_utf8_lossy(&bytes).trim().to_string(),
+                ))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(Marker::Absent),
+            Err(e) => Err(self.err(&key, e)),
+        }
+    }
+
+    /// Writes the owner marker unless one is there; returns the owner it then holds.
+    pub(crate) async fn mark_owner(&self, id: &str) -> Result<String> {
+        let key = self.marker();
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(Bytes::from(format!("{id}\n")));
+        match self.store.put_opts(&key, payload, opts).await {
+            Ok(_) => Ok(id.to_string()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => match self.marker_owner().await? {
+                Marker::Owner(o) => Ok(o),
+                Marker::Absent => Ok(id.to_string()),
+            },
+            Err(object_store::Error::NotImplemented { .. }) => self
+                .store
+                .put(&key, PutPayload::from(Bytes::from(format!("{id}\n"))))
+                .await
+                .map(|_| id.to_string())
+                .map_err(|e| self.err(&key, e)),
+            Err(e) => Err(self.err(&key, e)),
+        }
+    }
+
+    /// Remembers which data directory this process serves the prefix for.
+    pub(crate) fn set_owner(&self, id: &str) {
+        let _ = self.owner.set(id.to_string());
+    }
+
+    fn gone(&self, why: &str) -> StorageError {
+        let key = self.marker();
+        self.err(
+            &key,
+            object_store::Error::Generic {
+                store: "blob_store",
+                source: why.to_string().into(),
+            },
+        )
     }
 
     fn blobs(&self) -> Key {
@@ -152,20 +268,39 @@ impl Remote {
         }
     }
 
-    /// Whether the store answers for this prefix (for the readiness endpoint).
+    /// Whether the store answers and the prefix is still this data directory's (for the
+    /// readiness endpoint).
     pub(crate) async fn check(&self) -> Result<()> {
-        self.store
-            .list_with_delimiter(Some(&self.prefix))
-            .await
-            .map(drop)
-            .map_err(|e| self.err(&self.prefix, e))
+        let Some(mine) = self.owner.get() else {
+            return Ok(());
+        };
+        match self.marker_owner().await? {
+            Marker::Owner(o) if &o == mine => Ok(()),
+            Marker::Owner(o) => Err(self.gone(&format!(
+                "the prefix now belongs to another data directory ({o}, not {mine})"
+            ))),
+            Marker::Absent => {
+                Err(self
+                    .gone("the owner marker is gone: was the bucket, container or prefix deleted?"))
+            }
+        }
     }
 
     pub(crate) async fn size(&self, d: &Digest) -> Result<Option<u64>> {
         let key = self.key(d);
         match self.store.head(&key).await {
             Ok(m) => Ok(Some(m.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A missing bucket answers like a missing key: a blob is only missing if the
+            // prefix is still there, or clients would be told to push everything again.
+            Err(object_store::Error::NotFound { .. }) => match self.owner.get() {
+                Some(_) => match self.marker_owner().await? {
+                    Marker::Owner(_) => Ok(None),
+                    Marker::Absent => Err(self.gone(
+                        "the owner marker is gone: was the bucket, container or prefix deleted?",
+                    )),
+                },
+                None => Ok(None),
+            },
             Err(e) => Err(self.err(&key, e)),
         }
     }
@@ -183,16 +318,44 @@ impl Remote {
             .ok_or_else(|| StorageError::BlobUnknown(d.clone()))?;
         let (start, end) = range.unwrap_or((0, size));
         let end = end.min(size);
-        let (store, key) = (self.store.clone(), self.key(d));
-        let segments = (start..end)
+        let key = self.key(d);
+        let url = self.url.clone();
+        // Each segment is fetched by a task of its own, so it completes (or fails and is
+        // retried) whatever pace the client reads at; at most one is fetched ahead.
+        let fetch = {
+            let (store, key) = (self.store.clone(), key.clone());
+            move |r: std::ops::Range<u64>| {
+                let (store, key, url) = (store.clone(), key.clone(), url.clone());
+                async move {
+                    let got = tokio::spawn(async move { store.get_range(&key, r).await })
+                        .await
+                        .map_err(io::Error::other)?;
+                    got.map_err(|e| {
+                        tracing::error!(store = %url, error = %e, "reading a blob from the blob store failed mid-download");
+                        io::Error::other(e)
+                    })
+                }
+            }
+        };
+        let mut segments = (start..end)
             .step_by(SEGMENT as usize)
             .map(move |s| s..(s + SEGMENT).min(end));
-        Ok(stream::iter(segments)
-            .map(move |r| {
-                let (store, key) = (store.clone(), key.clone());
-                async move { store.get_range(&key, r).await.map_err(io::Error::other) }
-            })
-            .buffered(2)
+        // The first segment is fetched before the response starts, so a store that fails is
+        // a 503 rather than a body cut off after its headers.
+        let first = match segments.next() {
+            Some(r) => Some(fetch(r).await.map_err(|e| {
+                self.err(
+                    &key,
+                    object_store::Error::Generic {
+                        store: "blob_store",
+                        source: e.into(),
+                    },
+                )
+            })?),
+            None => None,
+        };
+        Ok(stream::iter(first.map(Ok))
+            .chain(stream::iter(segments).map(fetch).buffered(2))
             .boxed())
     }
 
@@ -287,14 +450,18 @@ impl Remote {
     /// Every object under `blobs/` whose key names a digest, with when it was written.
     pub(crate) async fn list(&self) -> Result<Vec<(Digest, SystemTime)>> {
         let blobs = self.blobs();
-        let listed: Vec<object_store::ObjectMeta> = self
-            .store
-            .list(Some(&blobs))
-            .try_collect()
-            .await
-            .map_err(|e| self.err(&blobs, e))?;
+        let mut listing = self.store.list(Some(&blobs));
         let mut out = Vec::new();
-        for m in listed {
+        while let Some(item) = listing.next().await {
+            // A key this store cannot represent (an empty path segment, say) is not one of
+            // ours: what cannot be listed is only ever left alone, never deleted.
+            let m = match item {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(store = %self.url, error = %e, "a key in the blob store could not be listed; what is there is left alone");
+                    continue;
+                }
+            };
             let Some(parts) = m.location.prefix_match(&blobs) else {
                 continue;
             };

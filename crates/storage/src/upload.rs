@@ -268,7 +268,7 @@ pub(crate) async fn commit(
     state: &mut State,
     digest: &Digest,
     fsync: bool,
-    remote: Option<&crate::remote::Remote>,
+    remote: Option<std::sync::Arc<crate::remote::Remote>>,
 ) -> Result<u64> {
     let src = layout.upload(id);
     let dst = layout.blob(digest);
@@ -297,8 +297,19 @@ pub(crate) async fn commit(
         });
     }
     if let Some(remote) = remote {
-        remote.put_file(&src, digest, size).await?;
-        let _ = tokio::fs::remove_file(&src).await;
+        // A task of its own: a client that disconnects mid-commit does not leave a multipart
+        // upload half sent (the blob is stored all the same, and the session is then gone).
+        let (path, digest) = (src.clone(), digest.clone());
+        tokio::spawn(async move {
+            remote.put_file(&path, &digest, size).await?;
+            let _ = tokio::fs::remove_file(&path).await;
+            Ok::<_, StorageError>(())
+        })
+        .await
+        .map_err(|e| StorageError::Io {
+            path: src.clone(),
+            source: io::Error::other(e),
+        })??;
         return Ok(size);
     }
     let target = dst.clone();
