@@ -211,48 +211,65 @@ impl Storage {
             )));
         }
         if let Some(r) = &self.remote {
-            let first = id.is_none();
+            let claimed = text
+                .as_deref()
+                .is_some_and(|t| t.lines().nth(2).map(str::trim) == Some("claimed"));
             let mine = id
                 .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
                 .clone();
-            let marked = match r.marker_owner().await {
-                Ok(remote::Marker::Owner(o)) => Ok(o),
-                Ok(remote::Marker::Absent) => {
-                    if !first {
-                        tracing::warn!(store = %r.url(), "the blob store's owner marker was missing; writing it again");
-                    }
-                    r.mark_owner(&mine).await
-                }
-                Err(e) => Err(e),
+            let foreign = |owner: &str| {
+                StorageError::Config(format!(
+                    "the blob store {} belongs to another data directory (owner id {owner} in \
+                     its outpost-owner object; this one is {mine}): two registries sharing a \
+                     prefix would each delete the other's blobs; give each its own prefix",
+                    r.url()
+                ))
             };
-            match marked {
-                Ok(owner) if owner == mine => {}
-                Ok(owner) => {
-                    return Err(StorageError::Config(format!(
-                        "the blob store {} belongs to another data directory (owner id {owner} in \
-                         its outpost-owner object; this one is {mine}): two registries sharing a \
-                         prefix would each delete the other's blobs; give each its own prefix",
-                        r.url()
-                    )));
+            if !claimed {
+                // The id is recorded before the marker is written: a start that fails in
+                // between finds its own id in the marker next time.
+                write_durably(&record, format!("{wanted}\n{mine}\n").as_bytes())?;
+                let owner = match r.marker_owner().await {
+                    Ok(remote::Marker::Absent) => r.mark_owner(&mine).await,
+                    Ok(remote::Marker::Owner(o)) => Ok(o),
+                    Err(e) => Err(e),
                 }
-                Err(e) if first => {
-                    return Err(StorageError::Config(format!(
-                        "cannot claim the blob store {} for this data directory: {e}",
+                .map_err(|e| {
+                    StorageError::Config(format!(
+                        "cannot claim the blob store {} for this data directory (the first start \
+                         must reach it): {e}",
                         r.url()
-                    )));
+                    ))
+                })?;
+                if owner != mine {
+                    return Err(foreign(&owner));
                 }
-                Err(e) => {
-                    tracing::warn!(store = %r.url(), error = %e, "the blob store does not answer at start; serving what it can");
+                write_durably(&record, format!("{wanted}\n{mine}\nclaimed\n").as_bytes())?;
+            } else {
+                match r.marker_owner().await {
+                    Ok(remote::Marker::Owner(o)) if o == mine => {}
+                    Ok(remote::Marker::Owner(o)) => return Err(foreign(&o)),
+                    Ok(remote::Marker::Absent) => {
+                        return Err(StorageError::Config(format!(
+                            "the blob store {url} has lost its owner marker \
+                             ({url}/outpost-owner): the bucket or prefix was deleted or \
+                             replaced, and the blobs this registry's metadata lists may be gone \
+                             with it. If it is the right store, claim it again by removing the \
+                             third line (\"claimed\") of {}",
+                            record.display(),
+                            url = r.url(),
+                        )));
+                    }
+                    Err(e) => {
+                        tracing::warn!(store = %r.url(), error = %e, "the blob store does not answer at start; serving what it can");
+                    }
                 }
             }
             r.set_owner(&mine);
+            return Ok(());
         }
-        let line = match &id {
-            Some(id) => format!("{wanted}\n{id}\n"),
-            None => format!("{wanted}\n"),
-        };
-        if text.as_deref() != Some(line.as_str()) {
-            write_durably(&record, line.as_bytes())?;
+        if text.as_deref().map(str::trim) != Some(wanted.as_str()) {
+            write_durably(&record, format!("{wanted}\n").as_bytes())?;
         }
         Ok(())
     }

@@ -342,16 +342,15 @@ impl Remote {
             .map(move |s| s..(s + SEGMENT).min(end));
         // The first segment is fetched before the response starts, so a store that fails is
         // a 503 rather than a body cut off after its headers.
+        // (Fetched here rather than by `fetch`: an object deleted since the HEAD is unknown.)
         let first = match segments.next() {
-            Some(r) => Some(fetch(r).await.map_err(|e| {
-                self.err(
-                    &key,
-                    object_store::Error::Generic {
-                        store: "blob_store",
-                        source: e.into(),
-                    },
-                )
-            })?),
+            Some(r) => match self.store.get_range(&key, r).await {
+                Ok(b) => Some(b),
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(StorageError::BlobUnknown(d.clone()));
+                }
+                Err(e) => return Err(self.err(&key, e)),
+            },
             None => None,
         };
         Ok(stream::iter(first.map(Ok))
@@ -412,7 +411,8 @@ impl Remote {
             .await
             .map_err(|e| self.err(&key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        // Exactly the verified bytes, whatever else the file might hold.
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?.take(size);
         let sent: Result<()> = async {
             loop {
                 let mut buf = BytesMut::with_capacity(PART);

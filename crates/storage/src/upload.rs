@@ -273,6 +273,20 @@ pub(crate) async fn commit(
     let src = layout.upload(id);
     let dst = layout.blob(digest);
     let size = state.size;
+    // Bytes past the last accepted chunk (an append whose request was dropped mid-way) are
+    // not part of the upload: cut them off, so what is hashed and stored is exactly `size`.
+    match tokio::fs::metadata(&src).await {
+        Ok(m) if m.len() != size => std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src)
+            .and_then(|f| f.set_len(size))
+            .map_err(io_err(&src))?,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StorageError::UploadUnknown(id.to_string()));
+        }
+        Err(e) => return Err(io_err(&src)(e)),
+    }
     let hasher = state
         .hasher
         .take()
@@ -297,13 +311,28 @@ pub(crate) async fn commit(
         });
     }
     if let Some(remote) = remote {
-        // A task of its own: a client that disconnects mid-commit does not leave a multipart
-        // upload half sent (the blob is stored all the same, and the session is then gone).
-        let (path, digest) = (src.clone(), digest.clone());
+        // The file moves to a name no session has, so nothing can append to it while it is
+        // sent, and the sending runs in a task of its own: a client that disconnects
+        // mid-commit (which releases the session's lock) neither leaves a multipart upload
+        // half sent nor changes what is sent. Sent, the session is gone (its owner file too);
+        // not sent, the file goes back for the client to try again.
+        let sending = layout.upload(&uuid::Uuid::new_v4().to_string());
+        tokio::fs::rename(&src, &sending)
+            .await
+            .map_err(io_err(&src))?;
+        let (back, owner, digest) = (src.clone(), layout.upload_owner(id), digest.clone());
         tokio::spawn(async move {
-            remote.put_file(&path, &digest, size).await?;
-            let _ = tokio::fs::remove_file(&path).await;
-            Ok::<_, StorageError>(())
+            match remote.put_file(&sending, &digest, size).await {
+                Ok(()) => {
+                    let _ = tokio::fs::remove_file(&sending).await;
+                    let _ = tokio::fs::remove_file(&owner).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = tokio::fs::rename(&sending, &back).await;
+                    Err(e)
+                }
+            }
         })
         .await
         .map_err(|e| StorageError::Io {
