@@ -562,6 +562,9 @@ async fn a_store_prefix_belongs_to_one_registry() {
         err.contains("belongs to another data directory"),
         "and again: {err}"
     );
+    // Pointed at a prefix of its own instead, it starts.
+    let own = start(second.path(), &store.env("own"));
+    drop(own);
 
     // A key no blob has, with an empty path segment: collection goes on around it.
     store.put("shared/blobs/sha256/ab//odd", "not ours").await;

@@ -198,7 +198,13 @@ impl Storage {
             None => (wanted.clone(), None),
         };
         let had = remote::canonical(&had);
-        if had != wanted {
+        // A store recorded but never claimed (its first start failed, say, at a prefix that
+        // was another registry's) holds nothing of this directory's: another may be chosen.
+        let claimed = text
+            .as_deref()
+            .is_some_and(|t| t.lines().nth(2).map(str::trim) == Some("claimed"));
+        let unclaimed_store = had != "local" && !claimed;
+        if had != wanted && !unclaimed_store {
             return Err(StorageError::Config(format!(
                 "this data directory keeps its blobs in {had:?} (recorded in {}), not \
                  {wanted:?}; start it with blob_store {}, or copy the blobs over and edit that \
@@ -211,9 +217,6 @@ impl Storage {
             )));
         }
         if let Some(r) = &self.remote {
-            let claimed = text
-                .as_deref()
-                .is_some_and(|t| t.lines().nth(2).map(str::trim) == Some("claimed"));
             let mine = id
                 .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
                 .clone();
