@@ -595,3 +595,32 @@ fn failing_start(dir: &std::path::Path, env: &[(String, String)]) -> String {
     assert!(!out.status.success(), "started in {}", dir.display());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A first start that stopped half-way (crashed, or could not write its record) starts again:
+/// one that recorded its id but wrote no marker yet, and one whose marker already holds that
+/// id, both find the prefix theirs, claim it and serve.
+#[tokio::test]
+async fn a_first_start_that_stopped_half_way_can_start_again() {
+    let Some(store) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let c = client_as("admin", ADMIN_PASSWORD);
+    for (prefix, marker_written) in [("halfway-a", false), ("halfway-b", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let id = format!("id-of-{prefix}");
+        std::fs::write(
+            dir.path().join("blob-store"),
+            format!("{}\n{id}\n", store.url(prefix)),
+        )
+        .unwrap();
+        if marker_written {
+            store.put(&format!("{prefix}/outpost-owner"), &id).await;
+        }
+        let o = start(dir.path(), &store.env(prefix));
+        push_image(&c, &o.base(), "app", "v1", prefix).await;
+        let record = std::fs::read_to_string(dir.path().join("blob-store")).unwrap();
+        assert_eq!(record, format!("{}\n{id}\nclaimed\n", store.url(prefix)));
+        let all = store.all_keys(prefix).await;
+        assert!(all.contains(&format!("{prefix}/outpost-owner")), "{all:?}");
+    }
+}
