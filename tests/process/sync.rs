@@ -2773,3 +2773,102 @@ async fn a_site_keeps_its_blobs_in_an_object_store() {
     .await;
     assert_eq!(store.keys("site").await.len(), 6);
 }
+
+/// An offline bundle imported into a site that keeps its blobs in an object store (its
+/// server never started yet): the blobs go to the store, and the site, started with the same
+/// store, serves the image from there.
+#[tokio::test]
+async fn an_offline_bundle_lands_in_the_sites_object_store() {
+    use crate::blobstore::{Emulator, Kind, key};
+    let Some(store) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let v1 = push_image(&admin, &root.base(), "app", "v1", "bundled").await;
+    let cs = connected(&root, "site-bundled", &["--repository", "app"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "connected-registry",
+            "export",
+            "-n",
+            "site-bundled",
+            "--dir",
+        ])
+        .arg(bundle.path())
+        .args([
+            "--registry",
+            &root.url(""),
+            "-u",
+            "admin",
+            "--password",
+            ADMIN_PASSWORD,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let env = store.env("bundled-site");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["import", "--data-dir"])
+        .arg(site_dir.path())
+        .arg("--dir")
+        .arg(bundle.path())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let layer: Vec<u8> = "bundled".bytes().cycle().take(300_000).collect();
+    let keys = store.keys("bundled-site").await;
+    assert!(
+        keys.contains(&key("bundled-site", &support::sha256_hex(&layer))),
+        "{keys:?}"
+    );
+    let on_disk = std::fs::read_dir(site_dir.path().join("blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(on_disk, 0, "the import put no blob on the site's disk");
+
+    // The site's server, with the same store (its parent unreachable), serves the image.
+    let mut env = env;
+    env.extend([
+        (
+            "OUTPOST_CONNECTION_STRING".to_string(),
+            via(&cs, "127.0.0.1:9"),
+        ),
+        (
+            "OUTPOST_ADMIN_PASSWORD".to_string(),
+            SITE_PASSWORD.to_string(),
+        ),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let site = Outpost::start_env(site_dir.path(), &env);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    assert_eq!(
+        tag_digest(&site_admin, &site.base(), "app", "v1")
+            .await
+            .as_deref(),
+        Some(v1.as_str())
+    );
+    assert_eq!(
+        blob_len(
+            &site_admin,
+            &site.base(),
+            "app",
+            &support::sha256_hex(&layer)
+        )
+        .await,
+        Some(layer.len())
+    );
+}

@@ -386,7 +386,7 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// `outpost import --data-dir <site data dir> --dir <bundle>`.
-pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> anyhow::Result<()> {
     let _lock = lock_data_dir(data_dir)?;
     let bundle: Value = serde_json::from_slice(
         &read_bounded(&dir.join(BUNDLE_FILE), 256 << 20)
@@ -412,11 +412,14 @@ pub async fn import(data_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    // The blobs go where the site's server keeps them (recorded at its first start).
-    let blob_store = std::fs::read_to_string(data_dir.join("blob-store"))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && s != "local");
+    // The blobs go where the site's server keeps them: as given, or as its data directory
+    // recorded (the record's first line; an owner id and a claim mark may follow).
+    let blob_store = blob_store.map(String::from).or_else(|| {
+        std::fs::read_to_string(data_dir.join("blob-store"))
+            .ok()
+            .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+            .filter(|s| !s.is_empty() && s != "local")
+    });
     let config = outpost_registry::RegistryConfig {
         blob_store,
         ..outpost_registry::RegistryConfig::default()

@@ -63,6 +63,10 @@ struct ImportArgs {
     /// The bundle directory `connected-registry export` wrote
     #[arg(long)]
     dir: std::path::PathBuf,
+    /// The site's `blob_store` (`s3://…` or `az://…`), for a site whose server has not started
+    /// yet; otherwise the one its data directory recorded is used
+    #[arg(long, env = "OUTPOST_BLOB_STORE")]
+    blob_store: Option<String>,
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -101,7 +105,11 @@ pub fn main() -> ExitCode {
         Command::ConnectedRegistry(cmd) => block_on(connected::run(&cli.conn, cmd)),
         Command::Gc(args) => block_on(manage::gc(&cli.conn, args)),
         Command::Readiness(args) => block_on(manage::readiness(&cli.conn, args)),
-        Command::Import(args) => block_on(bundle::import(&args.data_dir, &args.dir)),
+        Command::Import(args) => block_on(bundle::import(
+            &args.data_dir,
+            &args.dir,
+            args.blob_store.as_deref(),
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
