@@ -381,14 +381,7 @@ async fn blobs_live_in_the_object_store(kind: Kind) {
     );
 
     // Garbage collection deletes the unreferenced blob from the store, and only it.
-    let r = c
-        .post(o.url("/api/v1/gc"))
-        .body(r#"{"minAgeSecs":0}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let report: serde_json::Value = r.json().await.unwrap();
+    let report = gc_now(&c, &o).await;
     assert_eq!(report["blobsRemoved"], 1, "{report}");
     let keys = store.keys(prefix).await;
     assert!(!keys.contains(&key(prefix, &big_digest)), "{keys:?}");
@@ -469,14 +462,7 @@ async fn blobs_live_in_the_object_store(kind: Kind) {
 
     // The data directory remembers its store: started without it, it refuses and says why.
     drop(o);
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_start(dir.path(), &[]);
     assert!(
         err.contains(&format!("keeps its blobs in \"{}\"", store.url(prefix))),
         "{err}"
@@ -515,15 +501,10 @@ async fn a_bad_blob_store_url_is_refused_at_start() {
         ("s3://bucket/a//b", "blob_store"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("OUTPOST_BLOB_STORE", url)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{url} was accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = failing_start(
+            dir.path(),
+            &[("OUTPOST_BLOB_STORE".to_string(), url.to_string())],
+        );
         assert!(err.contains(expect), "{url}: {err}");
         assert!(!err.contains("secret"), "{url}: {err}");
     }
@@ -568,13 +549,7 @@ async fn a_store_prefix_belongs_to_one_registry() {
 
     // A key no blob has, with an empty path segment: collection goes on around it.
     store.put("shared/blobs/sha256/ab//odd", "not ours").await;
-    let r = c
-        .post(o.url("/api/v1/gc"))
-        .body(r#"{"minAgeSecs":0}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    gc_now(&c, &o).await;
     assert!(
         reqwest::get(o.url("/readyz"))
             .await
@@ -584,6 +559,19 @@ async fn a_store_prefix_belongs_to_one_registry() {
     );
 }
 
+/// Runs garbage collection now, sparing nothing for its age; returns its report.
+async fn gc_now(c: &reqwest::Client, o: &Outpost) -> serde_json::Value {
+    let r = c
+        .post(o.url("/api/v1/gc"))
+        .body(r#"{"minAgeSecs":0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Runs `outpost serve` in `dir` with `env`, expecting it to refuse to start; returns stderr.
 fn failing_start(dir: &std::path::Path, env: &[(String, String)]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

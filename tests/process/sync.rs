@@ -2790,29 +2790,16 @@ async fn an_offline_bundle_lands_in_the_sites_object_store() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let v1 = push_image(&admin, &root.base(), "app", "v1", "bundled").await;
     let cs = connected(&root, "site-bundled", &["--repository", "app"]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args([
+    cli_ok(
+        &root,
+        &[
             "connected-registry",
             "export",
             "-n",
             "site-bundled",
             "--dir",
-        ])
-        .arg(bundle.path())
-        .args([
-            "--registry",
-            &root.url(""),
-            "-u",
-            "admin",
-            "--password",
-            ADMIN_PASSWORD,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            bundle.path().to_str().unwrap(),
+        ],
     );
 
     let env = store.env("bundled-site");
