@@ -3,6 +3,8 @@
 #
 #   1. cargo build --release --locked
 #   2. cargo nextest run --workspace --release --locked   (unit, in-process and process tests)
+#      and again for outpost-server with TEST_METADATA=postgres (every API test with the
+#      metadata in PostgreSQL, on a private server tests/postgres.sh starts)
 #   3. tests/interop/run.sh target/release/outpost        (real clients: skopeo, podman, docker,
 #                                                           containerd, docker-registry, oras, umoci)
 #   4. bench/hot_symbols.py --check target/release/outpost (build.rs's start-up code layout still
@@ -30,7 +32,7 @@ fi
 export ORAS_PY=${ORAS_PY:-python3}
 
 missing=()
-for c in cargo skopeo podman dockerd /usr/bin/docker containerd ctr docker-registry umoci curl jq python3; do
+for c in cargo skopeo podman dockerd /usr/bin/docker containerd ctr docker-registry umoci curl jq python3 pg_ctlcluster; do
     command -v "$c" >/dev/null 2>&1 || missing+=("$c")
 done
 if command -v cargo >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
@@ -52,6 +54,16 @@ fi
 
 target_dir=${CARGO_TARGET_DIR:-target}
 
+# PostgreSQL for the tests that keep metadata there. SKIP_POSTGRES_TESTS=1 opts out (CI never
+# does); a TEST_POSTGRES_URL already set is used as it is.
+if [ "${SKIP_POSTGRES_TESTS:-}" != 1 ] && [ -z "${TEST_POSTGRES_URL:-}" ]; then
+    pg_dir=$(mktemp -d /tmp/outpost-test-pg.XXXXXX)
+    trap 'tests/postgres.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
+    TEST_POSTGRES_URL=$(tests/postgres.sh start "$pg_dir")
+    export TEST_POSTGRES_URL
+    echo "== PostgreSQL for the tests at $TEST_POSTGRES_URL"
+fi
+
 echo "== cargo build --release --locked"
 cargo build --release --locked
 
@@ -63,6 +75,13 @@ python3 bench/hot_symbols.py --check "$target_dir/release/outpost" || hot_layout
 
 echo "== cargo nextest run --workspace --release --locked"
 cargo nextest run --workspace --release --locked
+
+if [ "${SKIP_POSTGRES_TESTS:-}" != 1 ]; then
+    echo "== cargo nextest run -p outpost-server --release --locked, metadata in PostgreSQL"
+    TEST_METADATA=postgres cargo nextest run -p outpost-server --release --locked
+else
+    echo "== SKIPPED (SKIP_POSTGRES_TESTS=1): the API tests with metadata in PostgreSQL"
+fi
 
 echo "== tests/interop/run.sh $target_dir/release/outpost"
 tests/interop/run.sh "$target_dir/release/outpost"

@@ -19,10 +19,11 @@ PACKAGES=(
     docker.io containerd          # dockerd + docker CLI (/usr/bin/docker), containerd + ctr
     docker-registry               # distribution 2.8, the reference registry
     curl jq ca-certificates       # raw HTTP checks
+    postgresql                    # metadata in PostgreSQL (tests/postgres.sh starts a private server)
     iperf3 wrk                    # bench/
 )
 # one command per package above, to tell whether it is installed
-COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq iperf3 wrk)
+COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq pg_ctlcluster iperf3 wrk)
 
 missing=()
 for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done

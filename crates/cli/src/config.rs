@@ -33,6 +33,12 @@ pub struct Config {
     /// Uploads in progress and the metadata database stay in `data_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blob_store: Option<String>,
+    /// Keep the metadata in PostgreSQL instead of `data_dir/meta.db`:
+    /// `postgres://user:password@host:port/database[?sslmode=require]`. Several replicas of
+    /// the root may share one database (and must then share one `blob_store`). Root only.
+    /// `outpost config` prints it with the password hidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
     pub log_level: String,
     /// Whether `log_level` was set by the operator (flag, environment or file) rather than
@@ -127,6 +133,7 @@ impl Default for Config {
             parent_ca_file: None,
             data_dir: PathBuf::from("./outpost-data"),
             blob_store: None,
+            database_url: None,
             log_level: "info".into(),
             log_level_explicit: false,
             log_format: "text".into(),
@@ -293,6 +300,21 @@ impl Config {
             outpost_registry::Storage::check_blob_store_url(url)
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         }
+        if let Some(url) = &config.database_url {
+            anyhow::ensure!(
+                outpost_meta::is_postgres_url(url),
+                "invalid configuration: database_url {} is not a PostgreSQL URL; write it as \
+                 postgres://user:password@host:port/database (leave it unset to keep the \
+                 metadata in {}/meta.db)",
+                outpost_meta::redact_url(url),
+                config.data_dir.display()
+            );
+            anyhow::ensure!(
+                config.connection_string.is_none() && config.upstream_url.is_none(),
+                "database_url is for the root registry: a connected registry keeps its metadata \
+                 in SQLite in its data directory (unset database_url, or OUTPOST_DATABASE_URL)"
+            );
+        }
         anyhow::ensure!(
             config.tls_cert.is_some() == config.tls_key.is_some(),
             "HTTPS needs both tls_cert and tls_key (--tls-cert and --tls-key, or OUTPOST_TLS_CERT and \
@@ -351,6 +373,14 @@ impl Config {
             {
                 continue;
             }
+            if key == "database_url" {
+                let url = value
+                    .as_str()
+                    .map(outpost_meta::redact_url)
+                    .unwrap_or_default();
+                out.push_str(&format!("{key} = {}\n", serde_json::Value::String(url)));
+                continue;
+            }
             // Strings, numbers, booleans and arrays of strings are written alike in JSON
             // and TOML.
             out.push_str(&format!("{key} = {value}\n"));
@@ -386,6 +416,7 @@ mod tests {
             upstream_repositories: vec!["a/b".into(), "c".into()],
             admin_password: Some("hunter2".into()),
             connection_string: Some("SyncTokenPassword=secret".into()),
+            database_url: Some("postgres://outpost:pg-secret@db:5432/outpost".into()),
             upstream_password: Some("upstream-secret".into()),
             notification_url: Some("https://hooks.example/outpost".into()),
             notification_authorization: Some("Bearer hook-secret".into()),
@@ -407,6 +438,7 @@ mod tests {
                 connection_string: None,
                 upstream_password: None,
                 notification_authorization: None,
+                database_url: Some("postgres://outpost:***@db:5432/outpost".into()),
                 ..c
             }
         );

@@ -129,11 +129,19 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             max_blob_bytes: (config.max_blob_bytes > 0).then_some(config.max_blob_bytes),
             fsync: true,
             blob_store: config.blob_store.clone(),
+            database_url: config.database_url.clone(),
             ..RegistryConfig::default()
         },
     )
     .await
-    .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    .with_context(|| match &config.database_url {
+        Some(url) => format!(
+            "opening data directory {} with the metadata database {}",
+            config.data_dir.display(),
+            outpost_meta::redact_url(url)
+        ),
+        None => format!("opening data directory {}", config.data_dir.display()),
+    })?;
 
     let control = outpost_control::Control::open(
         registry.meta().clone(),

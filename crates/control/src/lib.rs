@@ -401,7 +401,15 @@ pub struct Control {
 
 impl Control {
     /// Opens access control over `meta`, loading (or creating) the signing key in `data_dir/keys`.
+    /// On a registry whose replicas share a PostgreSQL database, the key is kept in the
+    /// database instead, so an access token one replica issued is valid at every other.
     pub async fn open(meta: Meta, data_dir: &Path, config: ControlConfig) -> Result<Control> {
+        if meta.backend() == outpost_meta::Backend::Postgres {
+            let key = meta
+                .shared_secret("access-token-key", &password::random_key())
+                .await?;
+            return Ok(Self::with_key(meta, key, config));
+        }
         let dir = data_dir.join("keys");
         let path = dir.join("access-token.key");
         let io = |source| ControlError::Io {
@@ -424,7 +432,11 @@ impl Control {
             }
             Err(e) => return Err(io(e)),
         };
-        Ok(Control {
+        Ok(Self::with_key(meta, key, config))
+    }
+
+    fn with_key(meta: Meta, key: Vec<u8>, config: ControlConfig) -> Control {
+        Control {
             meta,
             signer: jwt::Signer::new(key),
             config,
@@ -434,7 +446,7 @@ impl Control {
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
             upstream: RwLock::new(None),
-        })
+        }
     }
 
     /// Makes this node relay its descendants' activation and status to its parent.

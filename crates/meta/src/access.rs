@@ -2,7 +2,7 @@
 //! meaning; this module only stores and loads them.
 
 use crate::{ConnectedRegistryRow, Meta, MetaError, Result, now_ms};
-use sqlx::{Executor, Row, Sqlite};
+use sqlx::{Any, Executor, Row};
 
 /// A stored scope map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub struct TokenRow {
     pub passwords: [PasswordRow; 2],
 }
 
-fn scope_map_row(r: sqlx::sqlite::SqliteRow) -> Result<ScopeMapRow> {
+fn scope_map_row(r: sqlx::any::AnyRow) -> Result<ScopeMapRow> {
     let actions: String = r.try_get(2)?;
     Ok(ScopeMapRow {
         name: r.try_get(0)?,
@@ -48,7 +48,7 @@ fn scope_map_row(r: sqlx::sqlite::SqliteRow) -> Result<ScopeMapRow> {
     })
 }
 
-fn token_row(r: sqlx::sqlite::SqliteRow) -> Result<TokenRow> {
+fn token_row(r: sqlx::any::AnyRow) -> Result<TokenRow> {
     let slot = |i: usize| -> Result<PasswordRow> {
         Ok(PasswordRow {
             hash: r.try_get(6 + i * 3)?,
@@ -72,7 +72,7 @@ const TOKEN_COLUMNS: &str = "name, scope_map, status, is_admin, created_at, upda
 
 impl Meta {
     pub async fn scope_map(&self, name: &str) -> Result<Option<ScopeMapRow>> {
-        sqlx::query("SELECT name, description, actions, created_at, updated_at FROM scope_maps WHERE name = ?")
+        sqlx::query("SELECT name, description, actions, created_at, updated_at FROM scope_maps WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.read)
             .await?
@@ -123,7 +123,7 @@ impl Meta {
     /// The configuration JSON of a client token relayed to a descendant.
     pub async fn relayed_token(&self, name: &str) -> Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT config FROM relayed_tokens WHERE name = ?")
+            sqlx::query_scalar("SELECT config FROM relayed_tokens WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&self.read)
                 .await?,
@@ -132,7 +132,7 @@ impl Meta {
 
     pub async fn token(&self, name: &str) -> Result<Option<TokenRow>> {
         sqlx::query(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?"
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = $1"
         ))
         .bind(name)
         .fetch_optional(&self.read)
@@ -160,7 +160,7 @@ impl Meta {
     /// Tokens that use `scope_map`.
     pub async fn tokens_using(&self, scope_map: &str) -> Result<Vec<String>> {
         Ok(
-            sqlx::query_scalar("SELECT name FROM tokens WHERE scope_map = ? ORDER BY name")
+            sqlx::query_scalar("SELECT name FROM tokens WHERE scope_map = $1 ORDER BY name")
                 .bind(scope_map)
                 .fetch_all(&self.read)
                 .await?,
@@ -182,7 +182,7 @@ impl Meta {
     /// scope map and its ancestors' scope maps) is planned by its caller under the caller's
     /// lock and written here, so neither an error nor a crash half-way leaves part of it.
     pub async fn apply(&self, writes: &[AccessWrite]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         for w in writes {
             match w {
                 AccessWrite::InsertScopeMap {
@@ -268,14 +268,14 @@ pub enum AccessWrite {
 }
 
 async fn insert_scope_map<'e>(
-    ex: impl Executor<'e, Database = Sqlite>,
+    ex: impl Executor<'e, Database = Any>,
     name: &str,
     description: &str,
     actions: &[String],
 ) -> Result<bool> {
     let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
     let res = sqlx::query(
-        "INSERT INTO scope_maps (name, description, actions, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
+        "INSERT INTO scope_maps (name, description, actions, created_at, updated_at) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT DO NOTHING",
     )
     .bind(name)
@@ -289,14 +289,14 @@ async fn insert_scope_map<'e>(
 }
 
 async fn update_scope_map<'e>(
-    ex: impl Executor<'e, Database = Sqlite>,
+    ex: impl Executor<'e, Database = Any>,
     name: &str,
     description: &str,
     actions: &[String],
 ) -> Result<bool> {
     let json = serde_json::to_string(actions).map_err(|e| MetaError::Corrupt(e.to_string()))?;
     let res = sqlx::query(
-        "UPDATE scope_maps SET description = ?, actions = ?, updated_at = ? WHERE name = ?",
+        "UPDATE scope_maps SET description = $1, actions = $2, updated_at = $3 WHERE name = $4",
     )
     .bind(description)
     .bind(json)
@@ -307,40 +307,35 @@ async fn update_scope_map<'e>(
     Ok(res.rows_affected() > 0)
 }
 
-async fn delete_scope_map<'e>(
-    ex: impl Executor<'e, Database = Sqlite>,
-    name: &str,
-) -> Result<bool> {
-    let res = sqlx::query("DELETE FROM scope_maps WHERE name = ?")
+async fn delete_scope_map<'e>(ex: impl Executor<'e, Database = Any>, name: &str) -> Result<bool> {
+    let res = sqlx::query("DELETE FROM scope_maps WHERE name = $1")
         .bind(name)
         .execute(ex)
         .await?;
     Ok(res.rows_affected() > 0)
 }
 
-async fn put_token<'e>(ex: impl Executor<'e, Database = Sqlite>, t: &TokenRow) -> Result<()> {
-    sqlx::query(&format!(
-        "INSERT OR REPLACE INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(&t.name)
-    .bind(&t.scope_map)
-    .bind(&t.status)
-    .bind(i64::from(t.is_admin))
-    .bind(t.created_ms)
-    .bind(now_ms())
-    .bind(&t.passwords[0].hash)
-    .bind(t.passwords[0].created_ms)
-    .bind(t.passwords[0].expiry_ms)
-    .bind(&t.passwords[1].hash)
-    .bind(t.passwords[1].created_ms)
-    .bind(t.passwords[1].expiry_ms)
-    .execute(ex)
-    .await?;
+async fn put_token<'e>(ex: impl Executor<'e, Database = Any>, t: &TokenRow) -> Result<()> {
+    sqlx::query(&crate::upsert("tokens", TOKEN_COLUMNS))
+        .bind(&t.name)
+        .bind(&t.scope_map)
+        .bind(&t.status)
+        .bind(i64::from(t.is_admin))
+        .bind(t.created_ms)
+        .bind(now_ms())
+        .bind(&t.passwords[0].hash)
+        .bind(t.passwords[0].created_ms)
+        .bind(t.passwords[0].expiry_ms)
+        .bind(&t.passwords[1].hash)
+        .bind(t.passwords[1].created_ms)
+        .bind(t.passwords[1].expiry_ms)
+        .execute(ex)
+        .await?;
     Ok(())
 }
 
-async fn delete_token<'e>(ex: impl Executor<'e, Database = Sqlite>, name: &str) -> Result<bool> {
-    let res = sqlx::query("DELETE FROM tokens WHERE name = ?")
+async fn delete_token<'e>(ex: impl Executor<'e, Database = Any>, name: &str) -> Result<bool> {
+    let res = sqlx::query("DELETE FROM tokens WHERE name = $1")
         .bind(name)
         .execute(ex)
         .await?;
@@ -348,18 +343,21 @@ async fn delete_token<'e>(ex: impl Executor<'e, Database = Sqlite>, name: &str) 
 }
 
 async fn replace_relayed_tokens(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tx: &mut sqlx::Transaction<'_, Any>,
     tokens: &[(String, String)],
 ) -> Result<()> {
     sqlx::query("DELETE FROM relayed_tokens")
         .execute(&mut **tx)
         .await?;
     for (name, config) in tokens {
-        sqlx::query("INSERT OR REPLACE INTO relayed_tokens (name, config) VALUES (?, ?)")
-            .bind(name)
-            .bind(config)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO relayed_tokens (name, config) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+        )
+        .bind(name)
+        .bind(config)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
@@ -392,8 +390,12 @@ mod tests {
     /// leaves all of them.
     #[tokio::test]
     async fn apply_writes_all_or_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let meta = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        for (meta, _dir) in crate::tests::stores().await {
+            apply_all_or_nothing_on(&meta).await;
+        }
+    }
+
+    async fn apply_all_or_nothing_on(meta: &Meta) {
         let rules = ["repositories/app/content/read"];
         meta.apply(&[map("before", &rules)]).await.expect("apply");
 

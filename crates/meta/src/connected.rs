@@ -2,7 +2,7 @@
 //! every column; this module only stores and loads rows.
 
 use crate::{Meta, MetaError, Result, now_ms};
-use sqlx::{Executor, Row, Sqlite};
+use sqlx::{Any, Executor, Row};
 
 /// A stored connected-registry resource.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -48,7 +48,7 @@ fn json_list(s: String) -> Result<Vec<String>> {
         .map_err(|e| MetaError::Corrupt(format!("connected registry list: {e}")))
 }
 
-fn row(r: sqlx::sqlite::SqliteRow) -> Result<ConnectedRegistryRow> {
+fn row(r: sqlx::any::AnyRow) -> Result<ConnectedRegistryRow> {
     Ok(ConnectedRegistryRow {
         name: r.try_get(0)?,
         mode: r.try_get(1)?,
@@ -82,7 +82,7 @@ fn row(r: sqlx::sqlite::SqliteRow) -> Result<ConnectedRegistryRow> {
 impl Meta {
     pub async fn connected_registry(&self, name: &str) -> Result<Option<ConnectedRegistryRow>> {
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM connected_registries WHERE name = ?"
+            "SELECT {COLUMNS} FROM connected_registries WHERE name = $1"
         ))
         .bind(name)
         .fetch_optional(&self.read)
@@ -109,51 +109,48 @@ impl Meta {
 }
 
 pub(crate) async fn put_connected_registry<'e>(
-    ex: impl Executor<'e, Database = Sqlite>,
+    ex: impl Executor<'e, Database = Any>,
     c: &ConnectedRegistryRow,
 ) -> Result<()> {
     let list =
         |v: &Vec<String>| serde_json::to_string(v).map_err(|e| MetaError::Corrupt(e.to_string()));
-    sqlx::query(&format!(
-        "INSERT OR REPLACE INTO connected_registries ({COLUMNS}) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(&c.name)
-    .bind(&c.mode)
-    .bind(&c.parent)
-    .bind(&c.sync_token)
-    .bind(list(&c.client_tokens)?)
-    .bind(&c.schedule)
-    .bind(&c.sync_window)
-    .bind(&c.message_ttl)
-    .bind(&c.log_level)
-    .bind(list(&c.notifications)?)
-    .bind(i64::from(c.gc_enabled))
-    .bind(&c.gc_schedule)
-    .bind(c.created_ms)
-    .bind(now_ms())
-    .bind(&c.activation)
-    .bind(&c.instance_id)
-    .bind(c.last_activity_ms)
-    .bind(c.last_sync_ms)
-    .bind(&c.sync_result)
-    .bind(&c.reported_state)
-    .bind(&c.status_details)
-    .bind(&c.version)
-    .bind(&c.login_server)
-    .bind(i64::from(c.resync_requested))
-    .bind(c.cursor_lag)
-    .bind(c.outbox_depth)
-    .execute(ex)
-    .await?;
+    sqlx::query(&crate::upsert("connected_registries", COLUMNS))
+        .bind(&c.name)
+        .bind(&c.mode)
+        .bind(&c.parent)
+        .bind(&c.sync_token)
+        .bind(list(&c.client_tokens)?)
+        .bind(&c.schedule)
+        .bind(&c.sync_window)
+        .bind(&c.message_ttl)
+        .bind(&c.log_level)
+        .bind(list(&c.notifications)?)
+        .bind(i64::from(c.gc_enabled))
+        .bind(&c.gc_schedule)
+        .bind(c.created_ms)
+        .bind(now_ms())
+        .bind(&c.activation)
+        .bind(&c.instance_id)
+        .bind(c.last_activity_ms)
+        .bind(c.last_sync_ms)
+        .bind(&c.sync_result)
+        .bind(&c.reported_state)
+        .bind(&c.status_details)
+        .bind(&c.version)
+        .bind(&c.login_server)
+        .bind(i64::from(c.resync_requested))
+        .bind(c.cursor_lag)
+        .bind(c.outbox_depth)
+        .execute(ex)
+        .await?;
     Ok(())
 }
 
 pub(crate) async fn delete_connected_registry<'e>(
-    ex: impl Executor<'e, Database = Sqlite>,
+    ex: impl Executor<'e, Database = Any>,
     name: &str,
 ) -> Result<bool> {
-    let res = sqlx::query("DELETE FROM connected_registries WHERE name = ?")
+    let res = sqlx::query("DELETE FROM connected_registries WHERE name = $1")
         .bind(name)
         .execute(ex)
         .await?;

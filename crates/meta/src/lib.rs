@@ -18,8 +18,9 @@ pub use connected::ConnectedRegistryRow;
 pub use notifications::NotificationRow;
 
 use outpost_oci::Digest;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Executor, Row};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,16 +38,27 @@ pub enum MetaError {
     /// A planned change no longer fits the rows it was planned on.
     #[error("metadata changed while a change was planned: {0}")]
     Stale(String),
+    /// The database cannot be used as configured (a bad URL, a newer schema).
+    #[error("metadata database: {0}")]
+    Config(String),
 }
 
 impl MetaError {
     /// Whether the database could not be written because its disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            MetaError::Db(sqlx::Error::Database(e)) => e
-                .code()
-                .and_then(|c| c.parse::<i32>().ok())
-                .is_some_and(sqlite_code_means_full),
+            MetaError::Db(sqlx::Error::Database(e)) => {
+                if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    // SQLSTATE 53100: disk_full.
+                    e.code().as_deref() == Some("53100")
+                } else {
+                    e.code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .is_some_and(sqlite_code_means_full)
+                }
+            }
             MetaError::Db(sqlx::Error::Io(e)) => is_disk_full(e),
             _ => false,
         }
@@ -151,23 +163,135 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `$1,$2,…,$n`: the placeholders of an `IN (…)` list of `n` values.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An insert of `columns` (a comma-separated list whose first column is the key) into
+/// `table` that replaces every other column of a row with the same key.
+pub(crate) fn upsert(table: &str, columns: &str) -> String {
+    let names: Vec<&str> = columns.split(',').map(str::trim).collect();
+    let values = placeholders(names.len());
+    let set: Vec<String> = names[1..]
+        .iter()
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT ({}) DO UPDATE SET {}",
+        names[0],
+        set.join(", ")
+    )
+}
+
 fn parse_digest(s: &str) -> Result<Digest> {
     s.parse()
         .map_err(|e| MetaError::Corrupt(format!("digest {s:?}: {e}")))
 }
 
+/// Which database holds the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `meta.db` in the data directory: one process owns it.
+    Sqlite,
+    /// A PostgreSQL database, which several replicas of one registry may share.
+    Postgres,
+}
+
+/// Creates the database `name` (letters, digits and `_` only) on the PostgreSQL server that
+/// `server_url` reaches, and returns the URL of the new database. For tests and first setup.
+pub async fn create_postgres_database(server_url: &str, name: &str) -> Result<String> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(MetaError::Config(format!(
+            "{name:?} is not a plain database name"
+        )));
+    }
+    let mut url = url::Url::parse(server_url)
+        .map_err(|e| MetaError::Config(format!("{}: {e}", redact_url(server_url))))?;
+    let mut conn = sqlx::AnyConnection::connect(server_url).await?;
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await?;
+    conn.close().await?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
 /// The metadata store.
 #[derive(Clone)]
 pub struct Meta {
-    pub(crate) read: SqlitePool,
-    pub(crate) write: SqlitePool,
+    pub(crate) read: AnyPool,
+    pub(crate) write: AnyPool,
+    backend: Backend,
     /// Recorded with every event this handle writes: `None` for changes made by clients,
     /// `Some("sync")` for changes applied from a parent (which a ReadWrite site must not send
     /// back up).
     origin: Option<&'static str>,
 }
 
-type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+
+/// The key of the PostgreSQL advisory lock that every writing transaction takes first, so
+/// writes from all replicas commit one at a time, in the order their events are numbered
+/// (a reader of the event log never sees event `n + 1` before event `n`). The value is
+/// arbitrary: "outpost" in ASCII.
+const PG_WRITE_LOCK: i64 = 0x006f_7574_706f_7374;
+
+/// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(url: &str) -> bool {
+    let lower = url.get(..13).unwrap_or(url).to_ascii_lowercase();
+    lower.starts_with("postgres://") || lower.starts_with("postgresql://")
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            // Query parameters may carry a password too (`?password=`).
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(an unparsable URL)".to_string(),
+    }
+}
+
+/// The `sqlite://` URL of the file at `path`, every byte that is not plainly safe escaped.
+fn sqlite_url(path: &Path, mode: &str) -> Result<String> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| MetaError::Config(format!("{}: {e}", path.display())))?;
+    let text = abs.to_str().ok_or_else(|| {
+        MetaError::Config(format!(
+            "the data directory path {} is not valid UTF-8",
+            abs.display()
+        ))
+    })?;
+    const SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.');
+    Ok(format!(
+        "sqlite://{}?mode={mode}",
+        percent_encoding::utf8_percent_encode(text, SAFE)
+    ))
+}
+
+/// The settings each SQLite connection starts with.
+const SQLITE_PRAGMAS: &str =
+    // WAL + NORMAL: a process crash loses nothing and nothing is ever corrupted; an OS crash or
+    // power cut may lose the last transactions (clients re-push). FULL would cost an fsync per
+    // blob link, which halves small-layer push throughput.
+    "PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
+     PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16000;";
 
 impl Meta {
     /// Whether the database answers a query (for the readiness endpoint).
@@ -178,55 +302,134 @@ impl Meta {
         Ok(())
     }
 
-    /// Opens (creating and migrating if needed) the database at `path`.
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Opens (creating and migrating if needed) the SQLite database at `path`.
     pub async fn open(path: &Path) -> Result<Meta> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL: a process crash loses nothing and nothing is ever corrupted; an OS
-            // crash or power cut may lose the last transactions (clients re-push). FULL would
-            // cost an fsync per blob link, which halves small-layer push throughput.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true)
-            .pragma("temp_store", "memory")
-            .pragma("cache_size", "-16000");
-        let write = SqlitePoolOptions::new()
+        sqlx::any::install_default_drivers();
+        let write = AnyPoolOptions::new()
             .max_connections(1)
-            .connect_with(opts.clone())
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute(SQLITE_PRAGMAS).await?;
+                    Ok(())
+                })
+            })
+            .connect(&sqlite_url(path, "rwc")?)
             .await?;
-        Self::migrate(&write).await?;
-        let read = SqlitePoolOptions::new()
+        Self::migrate(&write, Backend::Sqlite).await?;
+        let read = AnyPoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(opts.read_only(true))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(SQLITE_PRAGMAS).await?;
+                    Ok(())
+                })
+            })
+            .connect(&sqlite_url(path, "ro")?)
             .await?;
         Ok(Meta {
             read,
             write,
+            backend: Backend::Sqlite,
             origin: None,
         })
     }
 
-    async fn migrate(pool: &SqlitePool) -> Result<()> {
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(pool)
+    /// Connects to (and creates or migrates the schema in) the PostgreSQL database at `url`
+    /// (`postgres://user:password@host:port/database?sslmode=…`). Several processes may share
+    /// it: their writes are serialized by an advisory lock.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Meta> {
+        sqlx::any::install_default_drivers();
+        if !is_postgres_url(url) {
+            return Err(MetaError::Config(format!(
+                "{} is not a PostgreSQL URL (postgres://user:password@host:port/database)",
+                redact_url(url)
+            )));
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
             .await?;
-        for (i, sql) in schema::MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(version.max(0) as usize)
-        {
-            let mut tx = pool.begin().await?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+        Self::migrate(&pool, Backend::Postgres).await?;
+        Ok(Meta {
+            read: pool.clone(),
+            write: pool,
+            backend: Backend::Postgres,
+            origin: None,
+        })
+    }
+
+    /// Opens the metadata of a node: the PostgreSQL database at `database_url` if one is
+    /// given, otherwise `meta.db` in `data_dir`.
+    pub async fn open_for(data_dir: &Path, database_url: Option<&str>) -> Result<Meta> {
+        match database_url {
+            Some(url) => Self::connect(url, 16).await,
+            None => Self::open(&data_dir.join("meta.db")).await,
+        }
+    }
+
+    async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
+        let (migrations, read_version, set_version) = match backend {
+            Backend::Sqlite => (
+                schema::MIGRATIONS,
+                "PRAGMA user_version",
+                "PRAGMA user_version = {}",
+            ),
+            Backend::Postgres => (
+                schema::PG_MIGRATIONS,
+                "SELECT coalesce(max(version), 0) FROM outpost_schema",
+                "INSERT INTO outpost_schema (version) VALUES ({})",
+            ),
+        };
+        let mut tx = pool.begin().await?;
+        if backend == Backend::Postgres {
+            // Replicas starting together migrate one at a time.
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PG_WRITE_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            tracing::info!(migration = i + 1, "applied metadata migration");
+            sqlx::raw_sql("CREATE TABLE IF NOT EXISTS outpost_schema (version BIGINT NOT NULL)")
+                .execute(&mut *tx)
+                .await?;
         }
+        let version: i64 = sqlx::query_scalar(read_version).fetch_one(&mut *tx).await?;
+        if version > migrations.len() as i64 {
+            return Err(MetaError::Config(format!(
+                "the metadata database has schema version {version}, newer than this build of \
+                 Outpost knows ({}); run the newer version",
+                migrations.len()
+            )));
+        }
+        for (i, sql) in migrations.iter().enumerate().skip(version.max(0) as usize) {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(&set_version.replace("{}", &(i + 1).to_string()))
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(migration = i + 1, ?backend, "applied metadata migration");
+        }
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Begins a transaction that writes. On PostgreSQL it first takes the write lock
+    /// ([`PG_WRITE_LOCK`]), held until it commits or rolls back.
+    pub(crate) async fn begin_write(&self) -> Result<Tx<'static>> {
+        let mut tx = self.write.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PG_WRITE_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 
     /// A handle whose events are marked with `origin`.
@@ -244,7 +447,7 @@ impl Meta {
 
     async fn repo_id(tx: &mut Tx<'_>, repo: &str) -> Result<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT id FROM repositories WHERE name = ?")
+            sqlx::query_scalar("SELECT id FROM repositories WHERE name = $1")
                 .bind(repo)
                 .fetch_optional(&mut **tx)
                 .await?,
@@ -256,7 +459,7 @@ impl Meta {
             return Ok(id);
         }
         Ok(sqlx::query_scalar(
-            "INSERT INTO repositories (name, created_at) VALUES (?, ?) RETURNING id",
+            "INSERT INTO repositories (name, created_at) VALUES ($1, $2) RETURNING id",
         )
         .bind(repo)
         .bind(now_ms())
@@ -273,7 +476,7 @@ impl Meta {
         digest: Option<&str>,
         media_type: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type, origin) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO events (at, repo, kind, tag, digest, media_type, origin) VALUES ($1, $2, $3, $4, $5, $6, $7)")
             .bind(now_ms())
             .bind(repo)
             .bind(kind)
@@ -290,7 +493,7 @@ impl Meta {
 
     pub async fn repo_exists(&self, repo: &str) -> Result<bool> {
         Ok(
-            sqlx::query_scalar::<_, i64>("SELECT 1 FROM repositories WHERE name = ?")
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM repositories WHERE name = $1")
                 .bind(repo)
                 .fetch_optional(&self.read)
                 .await?
@@ -300,15 +503,13 @@ impl Meta {
 
     /// Repository names in lexical order, after `last`, at most `n`.
     pub async fn catalog(&self, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT name FROM repositories WHERE name > ? ORDER BY name LIMIT ?",
-            )
-            .bind(last.unwrap_or(""))
-            .bind(n.map(i64::from).unwrap_or(-1))
-            .fetch_all(&self.read)
-            .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2",
         )
+        .bind(last.unwrap_or(""))
+        .bind(n.map(i64::from).unwrap_or(i64::MAX))
+        .fetch_all(&self.read)
+        .await?)
     }
 
     // ---- blobs ---------------------------------------------------------------------------
@@ -317,7 +518,7 @@ impl Meta {
     pub async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
         let size: Option<i64> = sqlx::query_scalar(
             "SELECT b.size FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id \
-             JOIN blobs b ON b.digest = l.digest WHERE r.name = ? AND l.digest = ?",
+             JOIN blobs b ON b.digest = l.digest WHERE r.name = $1 AND l.digest = $2",
         )
         .bind(repo)
         .bind(digest.to_string())
@@ -328,12 +529,12 @@ impl Meta {
 
     /// Records that `digest` (of `size` bytes, already in the blob store) belongs to `repo`.
     pub async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let id = Self::ensure_repo(&mut tx, repo).await?;
         sqlx::query(
             // `created_at` is when the blob was last stored or linked: garbage collection
             // spares blobs linked recently, which a manifest push may be about to reference.
-            "INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) \
+            "INSERT INTO blobs (digest, size, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (digest) DO UPDATE SET created_at = excluded.created_at",
         )
         .bind(digest.to_string())
@@ -342,7 +543,7 @@ impl Meta {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO repo_blobs (repo_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO repo_blobs (repo_id, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(digest.to_string())
@@ -364,9 +565,9 @@ impl Meta {
         dry_run: bool,
         keep: &std::collections::HashSet<String>,
     ) -> Result<Vec<(String, u64)>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT digest, size FROM blobs WHERE created_at <= ?1 \
+            "SELECT digest, size FROM blobs WHERE created_at <= $1 \
              AND digest NOT IN (SELECT child FROM manifest_refs) ORDER BY digest",
         )
         .bind(cutoff_ms)
@@ -379,7 +580,7 @@ impl Meta {
             .collect();
         if !dry_run && !rows.is_empty() {
             for chunk in rows.chunks(500) {
-                let marks = vec!["?"; chunk.len()].join(",");
+                let marks = placeholders(chunk.len());
                 for table in ["repo_blobs", "blobs"] {
                     let sql = format!("DELETE FROM {table} WHERE digest IN ({marks})");
                     let mut q = sqlx::query(&sql);
@@ -400,7 +601,7 @@ impl Meta {
             sqlx::query_as(
                 "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM tags), \
                  (SELECT count(*) FROM manifests), (SELECT count(*) FROM blobs), \
-                 (SELECT coalesce(sum(size), 0) FROM blobs)",
+                 (SELECT CAST(coalesce(sum(size), 0) AS BIGINT) FROM blobs)",
             )
             .fetch_one(&self.read)
             .await?;
@@ -420,7 +621,7 @@ impl Meta {
     ) -> Result<std::collections::HashSet<String>> {
         let mut known = std::collections::HashSet::new();
         for chunk in digests.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(",");
+            let marks = placeholders(chunk.len());
             let sql = format!("SELECT digest FROM blobs WHERE digest IN ({marks})");
             let mut q = sqlx::query_scalar::<_, String>(&sql);
             for d in chunk {
@@ -434,7 +635,7 @@ impl Meta {
     /// Removes `repo`'s link to a blob. Returns whether it was linked.
     pub async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let res = sqlx::query(
-            "DELETE FROM repo_blobs WHERE digest = ? AND repo_id = (SELECT id FROM repositories WHERE name = ?)",
+            "DELETE FROM repo_blobs WHERE digest = $1 AND repo_id = (SELECT id FROM repositories WHERE name = $2)",
         )
         .bind(digest.to_string())
         .bind(repo)
@@ -448,11 +649,11 @@ impl Meta {
     /// Stores a manifest (and optionally points a tag at it) after checking, in the same
     /// transaction, that everything it references is present.
     pub async fn put_manifest(&self, m: NewManifest<'_>) -> Result<PutOutcome> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let id = Self::ensure_repo(&mut tx, m.repo).await?;
         for b in &m.blobs {
             let linked: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE repo_id = ? AND digest = ?")
+                sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE repo_id = $1 AND digest = $2")
                     .bind(id)
                     .bind(b.to_string())
                     .fetch_optional(&mut *tx)
@@ -463,7 +664,7 @@ impl Meta {
         }
         for c in &m.children {
             let present: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?")
+                sqlx::query_scalar("SELECT 1 FROM manifests WHERE repo_id = $1 AND digest = $2")
                     .bind(id)
                     .bind(c.to_string())
                     .fetch_optional(&mut *tx)
@@ -475,7 +676,7 @@ impl Meta {
         let digest = m.digest.to_string();
         let created = sqlx::query(
             "INSERT INTO manifests (repo_id, digest, media_type, artifact_type, subject, annotations, content, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(&digest)
@@ -491,7 +692,7 @@ impl Meta {
             > 0;
         if created {
             for child in m.blobs.iter().chain(m.children.iter()) {
-                sqlx::query("INSERT INTO manifest_refs (repo_id, manifest, child) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                sqlx::query("INSERT INTO manifest_refs (repo_id, manifest, child) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                     .bind(id)
                     .bind(&digest)
                     .bind(child.to_string())
@@ -511,14 +712,14 @@ impl Meta {
         let mut tag_changed = false;
         if let Some(tag) = m.tag {
             let old: Option<String> =
-                sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = ? AND name = ?")
+                sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = $1 AND name = $2")
                     .bind(id)
                     .bind(tag)
                     .fetch_optional(&mut *tx)
                     .await?;
             if old.as_deref() != Some(digest.as_str()) {
                 sqlx::query(
-                    "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) \
+                    "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
                 )
                 .bind(id)
@@ -546,7 +747,7 @@ impl Meta {
         })
     }
 
-    fn record(row: sqlx::sqlite::SqliteRow) -> Result<ManifestRecord> {
+    fn record(row: sqlx::any::AnyRow) -> Result<ManifestRecord> {
         let digest: String = row.try_get(0)?;
         Ok(ManifestRecord {
             digest: parse_digest(&digest)?,
@@ -560,7 +761,7 @@ impl Meta {
             "SELECT m.digest, m.media_type, m.content FROM tags t \
              JOIN repositories r ON r.id = t.repo_id \
              JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest \
-             WHERE r.name = ? AND t.name = ?",
+             WHERE r.name = $1 AND t.name = $2",
         )
         .bind(repo)
         .bind(tag)
@@ -577,7 +778,7 @@ impl Meta {
     ) -> Result<Option<ManifestRecord>> {
         sqlx::query(
             "SELECT m.digest, m.media_type, m.content FROM manifests m \
-             JOIN repositories r ON r.id = m.repo_id WHERE r.name = ? AND m.digest = ?",
+             JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2",
         )
         .bind(repo)
         .bind(digest.to_string())
@@ -594,12 +795,12 @@ impl Meta {
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<Vec<String>>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(None);
         };
         let d = digest.to_string();
-        let deleted = sqlx::query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?")
+        let deleted = sqlx::query("DELETE FROM manifests WHERE repo_id = $1 AND digest = $2")
             .bind(id)
             .bind(&d)
             .execute(&mut *tx)
@@ -608,13 +809,14 @@ impl Meta {
         if deleted == 0 {
             return Ok(None);
         }
-        let tags: Vec<String> =
-            sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND digest = ? RETURNING name")
-                .bind(id)
-                .bind(&d)
-                .fetch_all(&mut *tx)
-                .await?;
-        sqlx::query("DELETE FROM manifest_refs WHERE repo_id = ? AND manifest = ?")
+        let tags: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM tags WHERE repo_id = $1 AND digest = $2 RETURNING name",
+        )
+        .bind(id)
+        .bind(&d)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM manifest_refs WHERE repo_id = $1 AND manifest = $2")
             .bind(id)
             .bind(&d)
             .execute(&mut *tx)
@@ -632,17 +834,17 @@ impl Meta {
     /// Deletes a repository: its tags, manifests and blob links (the blob bytes stay for other
     /// repositories and garbage collection). Returns whether it existed.
     pub async fn delete_repository(&self, repo: &str) -> Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(false);
         };
         for table in ["tags", "manifest_refs", "manifests", "repo_blobs"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE repo_id = ?"))
+            sqlx::query(&format!("DELETE FROM {table} WHERE repo_id = $1"))
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("DELETE FROM repositories WHERE id = ?")
+        sqlx::query("DELETE FROM repositories WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -654,16 +856,17 @@ impl Meta {
 
     /// Removes a tag (the manifest stays, reachable by digest). Returns whether it existed.
     pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(false);
         };
-        let old: Option<String> =
-            sqlx::query_scalar("DELETE FROM tags WHERE repo_id = ? AND name = ? RETURNING digest")
-                .bind(id)
-                .bind(tag)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let old: Option<String> = sqlx::query_scalar(
+            "DELETE FROM tags WHERE repo_id = $1 AND name = $2 RETURNING digest",
+        )
+        .bind(id)
+        .bind(tag)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some(d) = &old {
             self.event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None)
                 .await?;
@@ -681,19 +884,27 @@ impl Meta {
         last: Option<&str>,
     ) -> Result<Option<Vec<String>>> {
         // One row with the page as a JSON array: far cheaper than streaming 10,000 rows.
-        let (id, tags): (Option<i64>, String) = sqlx::query_as(
-            "SELECT r.id, (SELECT json_group_array(name) FROM \
-                 (SELECT name FROM tags WHERE repo_id = r.id AND name > ?2 ORDER BY name LIMIT ?3)) \
-             FROM (SELECT 1) LEFT JOIN repositories r ON r.name = ?1",
-        )
-        .bind(repo)
-        .bind(last.unwrap_or(""))
-        .bind(n.map(i64::from).unwrap_or(-1))
-        .fetch_one(&self.read)
-        .await?;
-        if id.is_none() {
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT r.id, (SELECT json_group_array(name) FROM \
+                     (SELECT name FROM tags WHERE repo_id = r.id AND name > $2 ORDER BY name LIMIT $3)) \
+                 FROM (SELECT 1) LEFT JOIN repositories r ON r.name = $1"
+            }
+            Backend::Postgres => {
+                "SELECT r.id, (SELECT coalesce(json_agg(p.name ORDER BY p.name), '[]')::text FROM \
+                     (SELECT name FROM tags WHERE repo_id = r.id AND name > $2 ORDER BY name LIMIT $3) p) \
+                 FROM (SELECT 1) one LEFT JOIN repositories r ON r.name = $1"
+            }
+        };
+        let (id, tags): (Option<i64>, Option<String>) = sqlx::query_as(sql)
+            .bind(repo)
+            .bind(last.unwrap_or(""))
+            .bind(n.map(i64::from).unwrap_or(i64::MAX))
+            .fetch_one(&self.read)
+            .await?;
+        let (Some(_), Some(tags)) = (id, tags) else {
             return Ok(None);
-        }
+        };
         serde_json::from_str(&tags)
             .map(Some)
             .map_err(|e| MetaError::Corrupt(format!("tag list: {e}")))
@@ -707,9 +918,9 @@ impl Meta {
         artifact_type: Option<&str>,
     ) -> Result<Vec<Referrer>> {
         let rows = sqlx::query(
-            "SELECT m.digest, m.media_type, length(m.content), m.artifact_type, m.annotations FROM manifests m \
+            "SELECT m.digest, m.media_type, CAST(octet_length(m.content) AS BIGINT), m.artifact_type, m.annotations FROM manifests m \
              JOIN repositories r ON r.id = m.repo_id \
-             WHERE r.name = ? AND m.subject = ? AND (? IS NULL OR m.artifact_type = ?) ORDER BY m.created_at, m.digest",
+             WHERE r.name = $1 AND m.subject = $2 AND ($3 IS NULL OR m.artifact_type = $4) ORDER BY m.created_at, m.digest",
         )
         .bind(repo)
         .bind(subject.to_string())
@@ -732,13 +943,33 @@ impl Meta {
             .collect()
     }
 
+    // ---- shared secrets ------------------------------------------------------------------
+
+    /// The secret named `name`, stored as `fresh` if there was none: every process sharing
+    /// this database gets the same value, whichever stored it first.
+    pub async fn shared_secret(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO shared_secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh)
+        .execute(&self.write)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM shared_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_one(&self.write)
+                .await?,
+        )
+    }
+
     // ---- event log -----------------------------------------------------------------------
 
     /// Events after `seq` that clients made (not applied from a parent): a ReadWrite site's
     /// outbox depth.
     pub async fn client_events_after(&self, seq: i64) -> Result<i64> {
         Ok(
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE seq > ? AND origin IS NULL")
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE seq > $1 AND origin IS NULL")
                 .bind(seq)
                 .fetch_one(&self.read)
                 .await?,
@@ -754,7 +985,7 @@ impl Meta {
     ) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT r.name FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id \
-             WHERE l.digest = ? AND r.name != ? ORDER BY r.name LIMIT ?",
+             WHERE l.digest = $1 AND r.name != $2 ORDER BY r.name LIMIT $3",
         )
         .bind(digest.to_string())
         .bind(except)
@@ -768,7 +999,7 @@ impl Meta {
     /// the repository was deleted after it.
     pub async fn tag_before(&self, repo: &str, tag: &str, seq: i64) -> Result<Option<String>> {
         let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
-            "SELECT seq, kind, digest FROM events WHERE repo = ? AND tag = ? AND seq < ? \
+            "SELECT seq, kind, digest FROM events WHERE repo = $1 AND tag = $2 AND seq < $3 \
              AND kind IN ('tag_set', 'tag_removed') ORDER BY seq DESC LIMIT 1",
         )
         .bind(repo)
@@ -780,8 +1011,8 @@ impl Meta {
             return Ok(None);
         };
         let deleted_since: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM events WHERE repo = ? AND kind = 'repository_deleted' \
-             AND seq > ? AND seq < ? LIMIT 1",
+            "SELECT seq FROM events WHERE repo = $1 AND kind = 'repository_deleted' \
+             AND seq > $2 AND seq < $3 LIMIT 1",
         )
         .bind(repo)
         .bind(at)
@@ -809,7 +1040,7 @@ impl Meta {
             // Sequence numbers grow with time: scanning up from the first event not pruned
             // stops at the answer (`min(seq)` would read the whole log).
             sqlx::query_scalar(
-                "SELECT seq FROM events WHERE seq >= ? AND at >= ? ORDER BY seq LIMIT 1",
+                "SELECT seq FROM events WHERE seq >= $1 AND at >= $2 ORDER BY seq LIMIT 1",
             )
             .bind(from)
             .bind(at_ms)
@@ -821,7 +1052,7 @@ impl Meta {
     /// A named position kept in `log_state` (`None` if never set).
     pub async fn log_state(&self, name: &str) -> Result<Option<i64>> {
         Ok(
-            sqlx::query_scalar::<_, i64>("SELECT value FROM log_state WHERE name = ?")
+            sqlx::query_scalar::<_, i64>("SELECT value FROM log_state WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&self.read)
                 .await?,
@@ -831,7 +1062,7 @@ impl Meta {
     /// Sets a named position in `log_state`.
     pub async fn set_log_state(&self, name: &str, value: i64) -> Result<()> {
         sqlx::query(
-            "INSERT INTO log_state (name, value) VALUES (?, ?) \
+            "INSERT INTO log_state (name, value) VALUES ($1, $2) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         )
         .bind(name)
@@ -859,17 +1090,17 @@ impl Meta {
     /// [`Self::events_pruned_below`] in the same transaction. Returns how many were deleted and
     /// the highest number deleted: call again from there until fewer than `batch` go.
     pub async fn prune_events(&self, below: i64, from: i64, batch: u32) -> Result<(u64, i64)> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let deleted: Vec<i64> = sqlx::query_scalar(
             "DELETE FROM events WHERE seq IN (\
                SELECT e.seq FROM events e \
-               WHERE e.seq > ?1 AND e.seq < ?2 AND e.seq < (SELECT max(seq) FROM events) \
+               WHERE e.seq > $1 AND e.seq < $2 AND e.seq < (SELECT max(seq) FROM events) \
                AND NOT (e.kind = 'tag_set' AND e.tag IS NOT NULL \
                  AND NOT EXISTS (SELECT 1 FROM events n WHERE n.repo = e.repo AND n.tag = e.tag \
-                   AND n.seq > e.seq AND n.seq < ?2 AND n.kind IN ('tag_set', 'tag_removed')) \
+                   AND n.seq > e.seq AND n.seq < $2 AND n.kind IN ('tag_set', 'tag_removed')) \
                  AND NOT EXISTS (SELECT 1 FROM events n WHERE n.repo = e.repo \
-                   AND n.kind = 'repository_deleted' AND n.seq > e.seq AND n.seq < ?2)) \
-               ORDER BY e.seq LIMIT ?3) \
+                   AND n.kind = 'repository_deleted' AND n.seq > e.seq AND n.seq < $2)) \
+               ORDER BY e.seq LIMIT $3) \
              RETURNING seq",
         )
         .bind(from)
@@ -879,8 +1110,9 @@ impl Meta {
         .await?;
         if !deleted.is_empty() {
             sqlx::query(
-                "INSERT INTO log_state (name, value) VALUES ('events_pruned_below', ?) \
-                 ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                "INSERT INTO log_state (name, value) VALUES ('events_pruned_below', $1) \
+                 ON CONFLICT (name) DO UPDATE SET value = \
+                 CASE WHEN excluded.value > log_state.value THEN excluded.value ELSE log_state.value END",
             )
             .bind(below)
             .execute(&mut *tx)
@@ -896,7 +1128,7 @@ impl Meta {
     /// Events after `seq`, oldest first, at most `limit`.
     pub async fn events_after(&self, seq: i64, limit: u32) -> Result<Vec<Event>> {
         let rows = sqlx::query(
-            "SELECT seq, at, repo, kind, tag, digest, media_type, origin FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, at, repo, kind, tag, digest, media_type, origin FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(seq)
         .bind(i64::from(limit))
@@ -920,8 +1152,39 @@ impl Meta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::{Meta, sqlite_code_means_full};
+
+    /// A fresh store on each database the tests run against: SQLite, and PostgreSQL at
+    /// `TEST_POSTGRES_URL` (a server `tests/postgres.sh` starts; `./test.sh` sets it). Without
+    /// that variable the tests fail, unless `SKIP_POSTGRES_TESTS=1` opts out.
+    pub(crate) async fn stores() -> Vec<(Meta, tempfile::TempDir)> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        let mut stores = vec![(sqlite, dir)];
+        match std::env::var("TEST_POSTGRES_URL") {
+            Ok(server) => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let name = format!(
+                    "meta_{}_{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let url = super::create_postgres_database(&server, &name)
+                    .await
+                    .expect("create a test database");
+                let pg = Meta::connect(&url, 4).await.expect("connect");
+                stores.push((pg, tempfile::tempdir().expect("tempdir")));
+            }
+            Err(_) if std::env::var("SKIP_POSTGRES_TESTS").as_deref() == Ok("1") => {}
+            Err(_) => panic!(
+                "TEST_POSTGRES_URL is not set: run ./test.sh, or start a server with \
+                 tests/postgres.sh start DIR and export the URL it prints \
+                 (SKIP_POSTGRES_TESTS=1 runs these tests on SQLite only)"
+            ),
+        }
+        stores
+    }
 
     /// The sequence numbers of the events in the log.
     async fn seqs(meta: &Meta) -> Vec<i64> {
@@ -933,8 +1196,13 @@ mod tests {
     /// the newest event, and each tag's latest `tag_set` (so `tag_before` answers as before).
     #[tokio::test]
     async fn prune_events_keeps_what_readers_need() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let meta = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        for (meta, _dir) in stores().await {
+            prune_events_on(&meta).await;
+        }
+    }
+
+    async fn prune_events_on(meta: &Meta) {
+        let meta = meta.clone();
         // seq: what
         let log: &[(&str, &str, Option<&str>, Option<&str>)] = &[
             ("app", "tag_set", Some("v1"), Some("d1")), // 1: superseded by 3
@@ -948,14 +1216,16 @@ mod tests {
             ("app", "manifest_put", None, Some("d4")),  // 9
         ];
         for (repo, kind, tag, digest) in log {
-            sqlx::query("INSERT INTO events (at, repo, kind, tag, digest) VALUES (0, ?, ?, ?, ?)")
-                .bind(repo)
-                .bind(kind)
-                .bind(tag)
-                .bind(digest)
-                .execute(&meta.write)
-                .await
-                .expect("insert");
+            sqlx::query(
+                "INSERT INTO events (at, repo, kind, tag, digest) VALUES (0, $1, $2, $3, $4)",
+            )
+            .bind(repo)
+            .bind(kind)
+            .bind(tag)
+            .bind(digest)
+            .execute(&meta.write)
+            .await
+            .expect("insert");
         }
         let before_8 = meta.tag_before("app", "v1", 8).await.expect("read");
         let before_9 = meta.tag_before("app", "v1", 9).await.expect("read");
@@ -1011,7 +1281,7 @@ mod tests {
             ("db", "repository_deleted", None::<&str>), // 11
             ("app", "manifest_put", None),              // 12
         ] {
-            sqlx::query("INSERT INTO events (at, repo, kind, tag) VALUES (0, ?, ?, ?)")
+            sqlx::query("INSERT INTO events (at, repo, kind, tag) VALUES (0, $1, $2, $3)")
                 .bind(repo)
                 .bind(kind)
                 .bind(tag)

@@ -30,14 +30,14 @@ impl Meta {
     /// Stores `rows` in one transaction, skipping those whose (registry, id) is already stored.
     /// Returns, for each row, whether it was new.
     pub async fn insert_notifications(&self, rows: &[NotificationRow]) -> Result<Vec<bool>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let now = now_ms();
         let mut new = Vec::with_capacity(rows.len());
         for r in rows {
             let n = sqlx::query(
-                "INSERT OR IGNORE INTO notifications \
+                "INSERT INTO notifications \
                  (received_at, registry, id, time, action, repository, tag, digest, media_type) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             )
             .bind(now)
             .bind(&r.registry)
@@ -66,7 +66,7 @@ impl Meta {
     ) -> Result<Vec<NotificationRow>> {
         let rows = sqlx::query(
             "SELECT seq, received_at, registry, id, time, action, repository, tag, digest, media_type \
-             FROM notifications WHERE registry = ? AND seq > ? ORDER BY seq LIMIT ?",
+             FROM notifications WHERE registry = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(registry)
         .bind(after)
@@ -80,7 +80,7 @@ impl Meta {
     pub async fn all_notifications(&self, after: i64, limit: u32) -> Result<Vec<NotificationRow>> {
         let rows = sqlx::query(
             "SELECT seq, received_at, registry, id, time, action, repository, tag, digest, media_type \
-             FROM notifications WHERE seq > ? ORDER BY seq LIMIT ?",
+             FROM notifications WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after)
         .bind(i64::from(limit))
@@ -91,17 +91,25 @@ impl Meta {
 
     /// The newest notification's position (0 when none was ever kept).
     pub async fn latest_notification(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'notifications'",
-        )
-        .fetch_optional(&self.read)
-        .await?
-        .unwrap_or(0))
+        let sql = match self.backend() {
+            crate::Backend::Sqlite => {
+                "SELECT seq FROM sqlite_sequence WHERE name = 'notifications'"
+            }
+            // The identity's sequence: its last value counts only once it was used.
+            crate::Backend::Postgres => {
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
+                 FROM notifications_seq_seq"
+            }
+        };
+        Ok(sqlx::query_scalar::<_, i64>(sql)
+            .fetch_optional(&self.read)
+            .await?
+            .unwrap_or(0))
     }
 
     /// Deletes the notifications of `registry` (it was deleted).
     pub async fn delete_notifications(&self, registry: &str) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM notifications WHERE registry = ?")
+        Ok(sqlx::query("DELETE FROM notifications WHERE registry = $1")
             .bind(registry)
             .execute(&self.write)
             .await?
@@ -111,7 +119,7 @@ impl Meta {
     /// Deletes notifications received before `before_ms`; returns how many.
     pub async fn prune_notifications(&self, before_ms: i64) -> Result<u64> {
         Ok(
-            sqlx::query("DELETE FROM notifications WHERE received_at < ?")
+            sqlx::query("DELETE FROM notifications WHERE received_at < $1")
                 .bind(before_ms)
                 .execute(&self.write)
                 .await?
@@ -120,7 +128,7 @@ impl Meta {
     }
 }
 
-fn from_row(r: sqlx::sqlite::SqliteRow) -> Result<NotificationRow> {
+fn from_row(r: sqlx::any::AnyRow) -> Result<NotificationRow> {
     Ok(NotificationRow {
         seq: r.try_get(0)?,
         received_ms: r.try_get(1)?,

@@ -1,6 +1,8 @@
-//! The SQLite schema as an ordered list of migrations. `PRAGMA user_version` records how many
-//! have been applied; each runs once, in its own transaction, at open. Append new migrations;
-//! never edit an applied one.
+//! The schema, as an ordered list of migrations for each database. SQLite records how many it
+//! has applied in `PRAGMA user_version`, PostgreSQL in the table `outpost_schema`; pending ones
+//! run at open, in one transaction. Append new migrations to both lists; never edit an applied
+//! one. PostgreSQL support began at SQLite's migration 10, so its first migration creates the
+//! whole schema as of then.
 
 pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the registry core
@@ -168,5 +170,154 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX events_repository_deleted ON events(repo, seq) WHERE kind = 'repository_deleted';
+    "#,
+    // 10: secrets that every replica sharing this database must use alike (the access-token
+    // signing key); only PostgreSQL deployments keep it here, SQLite ones in `keys/`
+    r#"
+    CREATE TABLE shared_secrets (
+        name  TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// The PostgreSQL schema. Text that is compared or sorted (names, tags, digests) uses the "C"
+/// collation: tag lists and the catalog are ordered byte by byte, as on SQLite, whatever
+/// locale the database was created with.
+pub(crate) const PG_MIGRATIONS: &[&str] = &[
+    // 1: everything of SQLite's migrations 1-10
+    r#"
+    CREATE TABLE repositories (
+        id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name       TEXT COLLATE "C" NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE blobs (
+        digest     TEXT COLLATE "C" PRIMARY KEY,
+        size       BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE repo_blobs (
+        repo_id BIGINT NOT NULL REFERENCES repositories(id),
+        digest  TEXT COLLATE "C" NOT NULL REFERENCES blobs(digest),
+        PRIMARY KEY (repo_id, digest)
+    );
+    CREATE INDEX repo_blobs_by_digest ON repo_blobs(digest);
+    CREATE TABLE manifests (
+        repo_id       BIGINT NOT NULL REFERENCES repositories(id),
+        digest        TEXT COLLATE "C" NOT NULL,
+        media_type    TEXT NOT NULL,
+        artifact_type TEXT,
+        subject       TEXT COLLATE "C",
+        annotations   TEXT,
+        content       BYTEA NOT NULL,
+        created_at    BIGINT NOT NULL,
+        PRIMARY KEY (repo_id, digest)
+    );
+    CREATE INDEX manifests_by_subject ON manifests(repo_id, subject) WHERE subject IS NOT NULL;
+    CREATE TABLE manifest_refs (
+        repo_id  BIGINT NOT NULL,
+        manifest TEXT COLLATE "C" NOT NULL,
+        child    TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (repo_id, manifest, child)
+    );
+    CREATE INDEX manifest_refs_by_child ON manifest_refs(child);
+    CREATE TABLE tags (
+        repo_id    BIGINT NOT NULL REFERENCES repositories(id),
+        name       TEXT COLLATE "C" NOT NULL,
+        digest     TEXT COLLATE "C" NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (repo_id, name)
+    );
+    CREATE INDEX tags_by_digest ON tags(repo_id, digest);
+    CREATE TABLE events (
+        seq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at         BIGINT NOT NULL,
+        repo       TEXT COLLATE "C" NOT NULL,
+        kind       TEXT NOT NULL,
+        tag        TEXT COLLATE "C",
+        digest     TEXT,
+        media_type TEXT,
+        origin     TEXT
+    );
+    CREATE INDEX events_by_tag ON events(repo, tag, seq) WHERE tag IS NOT NULL;
+    CREATE INDEX events_repository_deleted ON events(repo, seq) WHERE kind = 'repository_deleted';
+    CREATE TABLE scope_maps (
+        name        TEXT COLLATE "C" PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        actions     TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        updated_at  BIGINT NOT NULL
+    );
+    CREATE TABLE tokens (
+        name              TEXT COLLATE "C" PRIMARY KEY,
+        scope_map         TEXT COLLATE "C",
+        status            TEXT NOT NULL,
+        is_admin          BIGINT NOT NULL DEFAULT 0,
+        created_at        BIGINT NOT NULL,
+        updated_at        BIGINT NOT NULL,
+        password1_hash    TEXT,
+        password1_created BIGINT,
+        password1_expiry  BIGINT,
+        password2_hash    TEXT,
+        password2_created BIGINT,
+        password2_expiry  BIGINT
+    );
+    CREATE TABLE connected_registries (
+        name             TEXT COLLATE "C" PRIMARY KEY,
+        mode             TEXT NOT NULL,
+        parent           TEXT COLLATE "C",
+        sync_token       TEXT NOT NULL,
+        client_tokens    TEXT NOT NULL,
+        schedule         TEXT NOT NULL,
+        sync_window      TEXT,
+        message_ttl      TEXT NOT NULL,
+        log_level        TEXT NOT NULL,
+        notifications    TEXT NOT NULL,
+        gc_enabled       BIGINT NOT NULL,
+        gc_schedule      TEXT NOT NULL,
+        created_at       BIGINT NOT NULL,
+        updated_at       BIGINT NOT NULL,
+        activation       TEXT NOT NULL,
+        instance_id      TEXT,
+        last_activity    BIGINT,
+        last_sync        BIGINT,
+        sync_result      TEXT,
+        reported_state   TEXT,
+        status_details   TEXT NOT NULL,
+        version          TEXT,
+        login_server     TEXT,
+        resync_requested BIGINT NOT NULL,
+        cursor_lag       BIGINT,
+        outbox_depth     BIGINT
+    );
+    CREATE INDEX connected_registries_by_parent ON connected_registries(parent);
+    CREATE TABLE relayed_tokens (
+        name   TEXT COLLATE "C" PRIMARY KEY,
+        config TEXT NOT NULL
+    );
+    CREATE TABLE notifications (
+        seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        received_at BIGINT NOT NULL,
+        registry    TEXT COLLATE "C" NOT NULL,
+        id          TEXT NOT NULL,
+        time        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        repository  TEXT NOT NULL,
+        tag         TEXT,
+        digest      TEXT,
+        media_type  TEXT,
+        UNIQUE (registry, id)
+    );
+    CREATE INDEX notifications_by_registry ON notifications(registry, seq);
+    CREATE INDEX notifications_by_age ON notifications(received_at);
+    CREATE TABLE log_state (
+        name  TEXT COLLATE "C" PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+    CREATE TABLE shared_secrets (
+        name  TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
     "#,
 ];

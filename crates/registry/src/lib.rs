@@ -42,6 +42,9 @@ pub struct RegistryConfig {
     pub manifest_cache_entries: usize,
     /// Keep blobs in this object store (`s3://…` or `az://…`) instead of on local disk.
     pub blob_store: Option<String>,
+    /// Keep metadata in this PostgreSQL database (`postgres://…`) instead of `meta.db`.
+    /// Replicas of one registry share it, and must then share `blob_store` too.
+    pub database_url: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -52,6 +55,7 @@ impl Default for RegistryConfig {
             fsync: true,
             manifest_cache_entries: 10_000,
             blob_store: None,
+            database_url: None,
         }
     }
 }
@@ -158,8 +162,35 @@ impl Registry {
         if let Some(url) = &config.blob_store {
             storage = storage.with_blob_store(url)?;
         }
-        storage.claim().await?;
-        let meta = Meta::open(&data_dir.join("meta.db")).await?;
+        let meta = match &config.database_url {
+            None => {
+                storage.claim(None).await?;
+                Meta::open(&data_dir.join("meta.db")).await?
+            }
+            Some(url) => {
+                let meta = Meta::connect(url, 16).await?;
+                // One id for the registry, whichever replica starts first: every replica's
+                // data directory claims the object store under it.
+                let id = meta
+                    .shared_secret("registry-id", uuid::Uuid::new_v4().to_string().as_bytes())
+                    .await?;
+                let id = String::from_utf8_lossy(&id).into_owned();
+                let location = storage.claim(Some(&id)).await?;
+                let recorded = meta
+                    .shared_secret("blob-location", location.as_bytes())
+                    .await?;
+                if recorded != location.as_bytes() {
+                    let recorded = String::from_utf8_lossy(&recorded).into_owned();
+                    return Err(RegistryError::Storage(StorageError::Config(format!(
+                        "the metadata database {} lists blobs kept in {recorded:?}, but this \
+                         server keeps them in {location:?}: replicas sharing a database must \
+                         share one object store (set the same blob_store on each)",
+                        outpost_meta::redact_url(url),
+                    ))));
+                }
+                meta
+            }
+        };
         let cache = Arc::new(ManifestCache::new(config.manifest_cache_entries));
         Ok(Registry {
             storage,

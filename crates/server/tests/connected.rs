@@ -1328,11 +1328,40 @@ async fn a_connected_registry_refuses_connected_registry_changes() {
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
 }
 
-/// Runs `sql` on the test registry's database through a connection of its own, as an
-/// operator's `sqlite3` would: here, triggers that make one write fail.
+/// Makes every `event` (`INSERT`, `DELETE`…) on `table` of the test registry's database fail,
+/// through a trigger named `name`, as an operator's SQL client could.
+async fn db_fail(t: &T, name: &str, event: &str, table: &str) {
+    let sql = match &t.database_url {
+        None => format!(
+            "CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+        ),
+        Some(_) => format!(
+            "CREATE OR REPLACE FUNCTION injected_failure() RETURNS trigger LANGUAGE plpgsql \
+             AS $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+             CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION injected_failure();"
+        ),
+    };
+    db_exec(t, &sql).await;
+}
+
+/// Removes the trigger `name` on `table` that [`db_fail`] made.
+async fn db_unfail(t: &T, name: &str, table: &str) {
+    let sql = match &t.database_url {
+        None => format!("DROP TRIGGER {name};"),
+        Some(_) => format!("DROP TRIGGER {name} ON {table};"),
+    };
+    db_exec(t, &sql).await;
+}
+
 async fn db_exec(t: &T, sql: &str) {
-    let url = format!("sqlite://{}", t.dir.path().join("meta.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let url = match &t.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", t.dir.path().join("meta.db").display()),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
     sqlx::raw_sql(sql).execute(&pool).await.unwrap();
     pool.close().await;
 }
@@ -1350,12 +1379,7 @@ async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", msg(&r));
     let hub_rules = scope_actions(&t, "hub-0001").await;
 
-    db_exec(
-        &t,
-        "CREATE TRIGGER fail_cr BEFORE INSERT ON connected_registries \
-         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .await;
+    db_fail(&t, "fail_cr", "INSERT", "connected_registries").await;
     let r = create(
         &t,
         json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r1"]}),
@@ -1375,7 +1399,7 @@ async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
         hub_rules,
         "the hub's rules are as they were"
     );
-    db_exec(&t, "DROP TRIGGER fail_cr;").await;
+    db_unfail(&t, "fail_cr", "connected_registries").await;
     let r = create(
         &t,
         json!({"name": "leaf-0001", "parent": "hub-0001", "repositories": ["r1"]}),
@@ -1390,12 +1414,7 @@ async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
 
     // Deleting the sync token, the second-to-last write of the delete, fails: the registry,
     // its token, its scope map and the hub's rights over it all stay.
-    db_exec(
-        &t,
-        "CREATE TRIGGER fail_tok BEFORE DELETE ON tokens \
-         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-    )
-    .await;
+    db_fail(&t, "fail_tok", "DELETE", "tokens").await;
     const DELETE_LEAF: &str = "/api/v1/connected-registries/leaf-0001?cleanup=true";
     let r = t.req(Method::DELETE, DELETE_LEAF, &[], Body::empty()).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", msg(&r));
@@ -1412,7 +1431,7 @@ async fn a_create_or_delete_failing_in_the_database_writes_nothing() {
         StatusCode::OK
     );
     assert_eq!(scope_actions(&t, "hub-0001").await, with_leaf);
-    db_exec(&t, "DROP TRIGGER fail_tok;").await;
+    db_unfail(&t, "fail_tok", "tokens").await;
     let r = t.req(Method::DELETE, DELETE_LEAF, &[], Body::empty()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
     assert_eq!(r.json()["cleanedUp"], json!(true), "{}", r.json());

@@ -171,7 +171,11 @@ impl Storage {
     /// data directory that uses it, and a second one is refused (each would collect the
     /// other's blobs as orphans). At the first start the store must answer; later, a store
     /// that does not answer is only a warning (the registry reports it as not ready).
-    pub async fn claim(&self) -> Result<()> {
+    ///
+    /// `shared_owner` is the owner id of a registry whose replicas share one metadata database
+    /// (and so one prefix): each replica's data directory claims the prefix under that id.
+    /// Returns where the blobs are: the store's URL, or `local <id of this directory>`.
+    pub async fn claim(&self, shared_owner: Option<&str>) -> Result<String> {
         let root = self.layout.root();
         let record = root.join("blob-store");
         let wanted = match &self.remote {
@@ -217,6 +221,9 @@ impl Storage {
             )));
         }
         if let Some(r) = &self.remote {
+            if let Some(owner) = shared_owner {
+                id = Some(owner.to_string());
+            }
             let mine = id
                 .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
                 .clone();
@@ -269,12 +276,25 @@ impl Storage {
                 }
             }
             r.set_owner(&mine);
-            return Ok(());
+            return Ok(wanted);
         }
-        if text.as_deref().map(str::trim) != Some(wanted.as_str()) {
-            write_durably(&record, format!("{wanted}\n").as_bytes())?;
-        }
-        Ok(())
+        // A local store gets an id too, the first time one is asked for: replicas sharing a
+        // metadata database compare it, to refuse blobs kept on separate disks.
+        let mine = match (id, shared_owner) {
+            (Some(id), _) => id,
+            (None, None) => {
+                if text.as_deref().map(str::trim) != Some(wanted.as_str()) {
+                    write_durably(&record, format!("{wanted}\n").as_bytes())?;
+                }
+                return Ok(wanted);
+            }
+            (None, Some(_)) => {
+                let id = uuid::Uuid::new_v4().to_string();
+                write_durably(&record, format!("{wanted}\n{id}\n").as_bytes())?;
+                id
+            }
+        };
+        Ok(format!("{wanted} {mine}"))
     }
 
     fn has_local_blob_files(&self) -> bool {

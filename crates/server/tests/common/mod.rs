@@ -30,6 +30,32 @@ pub struct T {
     pub registry: Registry,
     pub control: Arc<Control>,
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL database the registry keeps its metadata in, when the suite runs
+    /// against PostgreSQL (`TEST_METADATA=postgres`).
+    pub database_url: Option<String>,
+}
+
+/// With `TEST_METADATA=postgres`, a fresh database on the server at `TEST_POSTGRES_URL` for
+/// one test registry (`./test.sh` runs this suite once that way, after the SQLite run).
+pub async fn test_database() -> Option<String> {
+    match std::env::var("TEST_METADATA").as_deref() {
+        Ok("postgres") => {}
+        Ok("sqlite") | Err(_) => return None,
+        Ok(other) => panic!("TEST_METADATA={other:?}: use sqlite or postgres"),
+    }
+    let server = std::env::var("TEST_POSTGRES_URL")
+        .expect("TEST_METADATA=postgres needs TEST_POSTGRES_URL (tests/postgres.sh start DIR)");
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "server_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    Some(
+        outpost_meta::create_postgres_database(&server, &name)
+            .await
+            .expect("create a test database"),
+    )
 }
 
 pub struct Resp {
@@ -82,6 +108,11 @@ pub async fn setup_control(
     control: ControlConfig,
 ) -> T {
     let dir = tempfile::tempdir().unwrap();
+    let database_url = test_database().await;
+    let config = RegistryConfig {
+        database_url: database_url.clone(),
+        ..config
+    };
     let registry = Registry::open(dir.path(), config).await.unwrap();
     let control = Arc::new(
         Control::open(registry.meta().clone(), dir.path(), control)
@@ -102,6 +133,7 @@ pub async fn setup_control(
         registry,
         control,
         dir,
+        database_url,
     }
 }
 
