@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod blobstore;
+mod replicas;
 mod support;
 mod sync;
 mod tls;

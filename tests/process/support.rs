@@ -67,6 +67,18 @@ impl Outpost {
         Self::spawn_cmd(cmd, data_dir, &[], env)
     }
 
+    /// Like [`Outpost::start_env`], listening on `listen` (an address other processes must
+    /// know before it starts).
+    pub fn start_listen(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Outpost {
+        Self::spawn_cmd_on(
+            Command::new(env!("CARGO_BIN_EXE_outpost")),
+            data_dir,
+            listen,
+            &[],
+            env,
+        )
+    }
+
     fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Outpost {
         Self::spawn_cmd(
             Command::new(env!("CARGO_BIN_EXE_outpost")),
@@ -76,14 +88,19 @@ impl Outpost {
         )
     }
 
-    fn spawn_cmd(
+    fn spawn_cmd(cmd: Command, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Outpost {
+        Self::spawn_cmd_on(cmd, data_dir, "127.0.0.1:0", extra, env)
+    }
+
+    fn spawn_cmd_on(
         mut cmd: Command,
         data_dir: &Path,
+        listen: &str,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Outpost {
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)

@@ -6,9 +6,9 @@ use crate::support::{
 };
 use std::time::Duration;
 
-const SITE_PASSWORD: &str = "site-admin-password";
+pub(crate) const SITE_PASSWORD: &str = "site-admin-password";
 
-fn cli_ok(o: &Outpost, args: &[&str]) -> String {
+pub(crate) fn cli_ok(o: &Outpost, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(args)
         .args([
@@ -31,7 +31,7 @@ fn cli_ok(o: &Outpost, args: &[&str]) -> String {
 }
 
 /// Creates connected registry `name` at `root` and returns a fresh connection string.
-fn connected(root: &Outpost, name: &str, extra: &[&str]) -> String {
+pub(crate) fn connected(root: &Outpost, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["connected-registry", "create", "-n", name];
     args.extend_from_slice(extra);
     cli_ok(root, &args);
@@ -468,7 +468,7 @@ async fn arrives_resumed(
 }
 
 /// Creates a token at `root` that may read `repo` and returns its first password.
-fn read_token(root: &Outpost, name: &str, repo: &str) -> String {
+pub(crate) fn read_token(root: &Outpost, name: &str, repo: &str) -> String {
     let out = cli_ok(
         root,
         &[

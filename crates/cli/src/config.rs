@@ -39,6 +39,11 @@ pub struct Config {
     /// `outpost config` prints it with the password hidden.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// How the other replicas sharing `database_url` reach this one, `http(s)://host:port`:
+    /// a replica that receives a request for an upload started here forwards it to this
+    /// address. Unset: the load balancer must send each upload's requests to one replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_url: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or a `tracing` directive list.
     pub log_level: String,
     /// Whether `log_level` was set by the operator (flag, environment or file) rather than
@@ -134,6 +139,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./outpost-data"),
             blob_store: None,
             database_url: None,
+            replica_url: None,
             log_level: "info".into(),
             log_level_explicit: false,
             log_format: "text".into(),
@@ -313,6 +319,27 @@ impl Config {
                 config.connection_string.is_none() && config.upstream_url.is_none(),
                 "database_url is for the root registry: a connected registry keeps its metadata \
                  in SQLite in its data directory (unset database_url, or OUTPOST_DATABASE_URL)"
+            );
+        }
+        if let Some(url) = &config.replica_url {
+            let parsed = reqwest::Url::parse(url).ok();
+            anyhow::ensure!(
+                parsed.as_ref().is_some_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                        && u.path() == "/"
+                        && u.query().is_none()
+                        && u.fragment().is_none()
+                }),
+                "invalid configuration: replica_url {url:?} must be how the other replicas reach \
+                 this one, http(s)://host:port, with no path, query or credentials"
+            );
+            anyhow::ensure!(
+                config.database_url.is_some(),
+                "replica_url is set but database_url is not: replicas share a PostgreSQL \
+                 database (database_url) and forward uploads to each other through replica_url"
             );
         }
         anyhow::ensure!(

@@ -130,6 +130,11 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             fsync: true,
             blob_store: config.blob_store.clone(),
             database_url: config.database_url.clone(),
+            // Stored as `scheme://host:port`, the form other replicas compare and dial.
+            replica_url: config
+                .replica_url
+                .as_deref()
+                .map(|u| u.trim_end_matches('/').to_string()),
             ..RegistryConfig::default()
         },
     )
@@ -255,6 +260,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     };
     let read_only = sync.as_ref().is_some_and(|s| s.read_only);
 
+    // Replicas sharing a PostgreSQL database follow each other's writes.
+    let follower = (registry.meta().backend() == outpost_meta::Backend::Postgres)
+        .then(|| tokio::spawn(follow_replicas(registry.clone(), control.clone())));
     let reaper = tokio::spawn(reap_uploads(
         registry.clone(),
         Duration::from_secs(config.upload_max_age_secs),
@@ -320,6 +328,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         }
     }
     reaper.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     pruner.abort();
     if let Some(w) = webhook {
         w.abort();
@@ -331,6 +342,63 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     registry.close().await;
     tracing::info!("outpost stopped");
     Ok(())
+}
+
+/// How often a replica looks for the other replicas' writes in the shared database.
+const REPLICA_POLL: Duration = Duration::from_millis(200);
+
+/// At a replica sharing a PostgreSQL database with others: every [`REPLICA_POLL`], reads the
+/// newest event's number and the access-change count. New events drop the manifests cached
+/// for their repositories and wake the message feed's long-polls (a push at another replica
+/// reaches the children connected here); an access change drops cached identities and
+/// verified passwords (a token disabled elsewhere stops working here too).
+async fn follow_replicas(registry: Registry, control: std::sync::Arc<outpost_control::Control>) {
+    const PAGE: u32 = 1000;
+    let meta = registry.meta().clone();
+    let mut seen = meta.shared_positions().await.ok();
+    let mut failing = false;
+    let mut tick = tokio::time::interval(REPLICA_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = match meta.shared_positions().await {
+            Ok(p) => p,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the shared metadata database; other replicas' changes are not seen until it answers");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        if failing {
+            tracing::info!("the shared metadata database answers again");
+            failing = false;
+        }
+        let Some((seq, access)) = seen else {
+            // Nothing was read before: whatever was cached may be stale.
+            control.reload();
+            registry.changed_elsewhere(None);
+            seen = Some(now);
+            continue;
+        };
+        if now.1 != access {
+            control.reload();
+        }
+        if now.0 != seq {
+            let repos = match meta.events_after(seq, PAGE).await {
+                Ok(events) if now.0 > seq && events.len() < PAGE as usize => {
+                    let names: std::collections::BTreeSet<String> =
+                        events.into_iter().map(|e| e.repo).collect();
+                    Some(names.into_iter().collect::<Vec<_>>())
+                }
+                // Many changes, a log that went backwards (restored), or an error: drop all.
+                _ => None,
+            };
+            registry.changed_elsewhere(repos.as_deref());
+        }
+        seen = Some(now);
+    }
 }
 
 async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {

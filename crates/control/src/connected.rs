@@ -1160,7 +1160,7 @@ impl Control {
         };
         writes.push(AccessWrite::PutConnectedRegistry(Box::new(row.clone())));
         self.meta.apply(&writes).await?;
-        self.changed();
+        self.changed().await;
         self.view(&row).await
     }
 
@@ -1231,7 +1231,7 @@ impl Control {
             row.gc_schedule = s.clone();
         }
         self.meta.put_connected_registry(&row).await?;
-        self.changed();
+        self.changed().await;
         self.view(&row).await
     }
 
@@ -1391,7 +1391,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed();
+        self.changed().await;
         // A registry created later under the same name starts with no notifications.
         if let Err(e) = self.meta.delete_notifications(name).await {
             tracing::warn!(registry = name, error = %e, "could not delete the notifications of a deleted connected registry");
@@ -1662,7 +1662,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed();
+        self.changed().await;
         let sm = self.sync_scope_map(&row).await?;
         self.show_scope_map(&sm).await
     }
@@ -1904,7 +1904,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed();
+        self.changed().await;
         Ok(())
     }
 
@@ -2104,7 +2104,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed();
+        self.changed().await;
         Ok(())
     }
 

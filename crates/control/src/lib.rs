@@ -454,7 +454,19 @@ impl Control {
         *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = Some(up);
     }
 
-    fn changed(&self) {
+    /// After a write to tokens, scope maps or connected registries: cached identities and
+    /// verified passwords are checked again, here and (through the database) at every other
+    /// replica sharing it.
+    async fn changed(&self) {
+        self.reload();
+        if let Err(e) = self.meta.note_access_change().await {
+            tracing::warn!(error = %e, "could not tell the other replicas that access control changed");
+        }
+    }
+
+    /// Drops what was cached of tokens, scope maps and connected registries: another replica
+    /// sharing the database changed them.
+    pub fn reload(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -478,7 +490,7 @@ impl Control {
                     t.is_admin = true;
                     t.status = "enabled".into();
                     self.meta.put_token(&t).await?;
-                    self.changed();
+                    self.changed().await;
                     tracing::info!("administrator password reset from configuration");
                 }
             }
@@ -501,7 +513,7 @@ impl Control {
             passwords: [new_password_row(&pw, None).await?, PasswordRow::default()],
         };
         self.meta.put_token(&row).await?;
-        self.changed();
+        self.changed().await;
         Ok(generated)
     }
 
@@ -807,7 +819,7 @@ impl Control {
                 name: name.into(),
             });
         }
-        self.changed();
+        self.changed().await;
         self.show_scope_map(name).await
     }
 
@@ -885,7 +897,7 @@ impl Control {
         self.meta
             .update_scope_map(name, description, &rules)
             .await?;
-        self.changed();
+        self.changed().await;
         self.show_scope_map(name).await
     }
 
@@ -905,7 +917,7 @@ impl Control {
                 name: name.into(),
             });
         }
-        self.changed();
+        self.changed().await;
         Ok(())
     }
 
@@ -1006,7 +1018,7 @@ impl Control {
             passwords,
         };
         self.meta.put_token(&row).await?;
-        self.changed();
+        self.changed().await;
         Ok(Self::token_view(&row, &fresh))
     }
 
@@ -1049,7 +1061,7 @@ impl Control {
             t.status = if e { "enabled" } else { "disabled" }.into();
         }
         self.meta.put_token(&t).await?;
-        self.changed();
+        self.changed().await;
         Ok(Self::token_view(&t, &[]))
     }
 
@@ -1082,7 +1094,7 @@ impl Control {
             t.passwords[s] = row;
         }
         self.meta.put_token(&t).await?;
-        self.changed();
+        self.changed().await;
         Ok(Self::token_view(&t, &fresh))
     }
 
@@ -1098,7 +1110,7 @@ impl Control {
             t.passwords[s] = PasswordRow::default();
         }
         self.meta.put_token(&t).await?;
-        self.changed();
+        self.changed().await;
         Ok(Self::token_view(&t, &[]))
     }
 
@@ -1123,7 +1135,7 @@ impl Control {
             )));
         }
         self.meta.delete_token(name).await?;
-        self.changed();
+        self.changed().await;
         Ok(())
     }
 }

@@ -226,6 +226,9 @@ pub async fn create_postgres_database(server_url: &str, name: &str) -> Result<St
 pub struct Meta {
     pub(crate) read: AnyPool,
     pub(crate) write: AnyPool,
+    /// PostgreSQL only: connections that hold the cluster blob gate, apart from `write` so a
+    /// hold waiting for a write connection can never starve the writes it waits for.
+    gates: Option<AnyPool>,
     backend: Backend,
     /// Recorded with every event this handle writes: `None` for changes made by clients,
     /// `Some("sync")` for changes applied from a parent (which a ReadWrite site must not send
@@ -240,6 +243,15 @@ type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 /// (a reader of the event log never sees event `n + 1` before event `n`). The value is
 /// arbitrary: "outpost" in ASCII.
 const PG_WRITE_LOCK: i64 = 0x006f_7574_706f_7374;
+
+/// The advisory lock behind [`Meta::cluster_blob_gate`] ("blobgate" in ASCII).
+const PG_BLOB_GATE: i64 = 0x626c_6f62_6761_7465;
+
+/// A hold on the cluster-wide blob gate ([`Meta::cluster_blob_gate`]): a transaction on a
+/// connection of its own that holds an advisory lock until it is dropped (rolled back).
+pub struct ClusterGate {
+    _tx: Tx<'static>,
+}
 
 /// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
 pub fn is_postgres_url(url: &str) -> bool {
@@ -336,6 +348,7 @@ impl Meta {
         Ok(Meta {
             read,
             write,
+            gates: None,
             backend: Backend::Sqlite,
             origin: None,
         })
@@ -359,9 +372,16 @@ impl Meta {
             .connect(url)
             .await?;
         Self::migrate(&pool, Backend::Postgres).await?;
+        let gates = AnyPoolOptions::new()
+            .max_connections(8)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(url)
+            .await?;
         Ok(Meta {
             read: pool.clone(),
             write: pool,
+            gates: Some(gates),
             backend: Backend::Postgres,
             origin: None,
         })
@@ -443,6 +463,9 @@ impl Meta {
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+        if let Some(g) = &self.gates {
+            g.close().await;
+        }
     }
 
     async fn repo_id(tx: &mut Tx<'_>, repo: &str) -> Result<Option<i64>> {
@@ -961,6 +984,100 @@ impl Meta {
                 .fetch_one(&self.write)
                 .await?,
         )
+    }
+
+    // ---- replicas sharing one database ---------------------------------------------------
+
+    /// Tells the other replicas sharing this PostgreSQL database that tokens, scope maps or
+    /// connected registries changed, so they drop what they cached of them (a no-op on
+    /// SQLite, which one process owns).
+    pub async fn note_access_change(&self) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(
+                "INSERT INTO log_state (name, value) VALUES ('access_generation', 1) \
+                 ON CONFLICT (name) DO UPDATE SET value = log_state.value + 1",
+            )
+            .execute(&self.write)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The newest event's number and how many access changes were noted
+    /// ([`Self::note_access_change`]): what a replica polls to see others' writes.
+    pub async fn shared_positions(&self) -> Result<(i64, i64)> {
+        let (seq, access): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT max(seq) FROM events), \
+             (SELECT value FROM log_state WHERE name = 'access_generation')",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok((seq.unwrap_or(0), access.unwrap_or(0)))
+    }
+
+    /// Records that the replica reached at `replica` holds upload session `id` (PostgreSQL
+    /// only; a no-op on SQLite).
+    pub async fn record_upload_replica(&self, id: &str, replica: &str) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(
+                "INSERT INTO upload_replicas (id, replica, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET replica = excluded.replica",
+            )
+            .bind(id)
+            .bind(replica)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The replica that holds upload session `id`, if one recorded it.
+    pub async fn upload_replica(&self, id: &str) -> Result<Option<String>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        Ok(
+            sqlx::query_scalar("SELECT replica FROM upload_replicas WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    /// Forgets which replica held the upload sessions recorded before `before_ms`.
+    pub async fn forget_upload_replicas(&self, before_ms: i64) -> Result<u64> {
+        if self.backend != Backend::Postgres {
+            return Ok(0);
+        }
+        Ok(
+            sqlx::query("DELETE FROM upload_replicas WHERE created_at < $1")
+                .bind(before_ms)
+                .execute(&self.write)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// A hold on the blob gate that every replica sharing this PostgreSQL database honours:
+    /// shared while a blob is linked, `exclusive` while garbage collection deletes blob files
+    /// (see `outpost-registry`). `None` on SQLite, where the process's own lock is enough.
+    /// The hold ends when the returned value is dropped.
+    pub async fn cluster_blob_gate(&self, exclusive: bool) -> Result<Option<ClusterGate>> {
+        let Some(pool) = &self.gates else {
+            return Ok(None);
+        };
+        let mut tx = pool.begin().await?;
+        let sql = if exclusive {
+            "SELECT pg_advisory_xact_lock($1)"
+        } else {
+            "SELECT pg_advisory_xact_lock_shared($1)"
+        };
+        sqlx::query(sql)
+            .bind(PG_BLOB_GATE)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Some(ClusterGate { _tx: tx }))
     }
 
     // ---- event log -----------------------------------------------------------------------

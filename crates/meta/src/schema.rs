@@ -320,4 +320,13 @@ pub(crate) const PG_MIGRATIONS: &[&str] = &[
         value BYTEA NOT NULL
     );
     "#,
+    // 2: which replica holds each upload session (replicas forward requests to it)
+    r#"
+    CREATE TABLE upload_replicas (
+        id         TEXT COLLATE "C" PRIMARY KEY,
+        replica    TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX upload_replicas_by_age ON upload_replicas(created_at);
+    "#,
 ];

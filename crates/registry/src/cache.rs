@@ -80,6 +80,13 @@ impl ManifestCache {
     }
 
     /// Drops every entry of `repo` (called after any manifest or tag change in it).
+    pub(crate) fn clear(&self) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.map.clear();
+        map.bytes = 0;
+    }
+
     pub(crate) fn invalidate(&self, repo: &str) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);

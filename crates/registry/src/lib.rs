@@ -45,6 +45,10 @@ pub struct RegistryConfig {
     /// Keep metadata in this PostgreSQL database (`postgres://…`) instead of `meta.db`.
     /// Replicas of one registry share it, and must then share `blob_store` too.
     pub database_url: Option<String>,
+    /// How the other replicas sharing `database_url` reach this one (`http://host:port`):
+    /// upload sessions started here are recorded under it, so a replica that receives a
+    /// request for one forwards it here.
+    pub replica_url: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -56,6 +60,7 @@ impl Default for RegistryConfig {
             manifest_cache_entries: 10_000,
             blob_store: None,
             database_url: None,
+            replica_url: None,
         }
     }
 }
@@ -262,6 +267,34 @@ impl Registry {
         self.changes.subscribe()
     }
 
+    /// Holds `blob_gate` shared and, on a PostgreSQL database that replicas share, its
+    /// cluster-wide twin: a garbage collection at any replica then waits for the link, or the
+    /// link sees what it deleted. Always taken in that order, as the exclusive holds are.
+    async fn blob_gate_shared(
+        &self,
+    ) -> Result<(
+        tokio::sync::RwLockReadGuard<'_, ()>,
+        Option<outpost_meta::ClusterGate>,
+    )> {
+        let local = self.blob_gate.read().await;
+        let cluster = self.meta.cluster_blob_gate(false).await?;
+        Ok((local, cluster))
+    }
+
+    /// Another replica sharing the metadata database changed `repos` (`None`: too many to
+    /// name): what this one cached of them is dropped, and sync's long-polls wake up.
+    pub fn changed_elsewhere(&self, repos: Option<&[String]>) {
+        match repos {
+            Some(repos) => {
+                for r in repos {
+                    self.cache.invalidate(r);
+                }
+            }
+            None => self.cache.clear(),
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     fn changed(&self, repo: &RepoName) {
         self.cache.invalidate(repo.as_str());
         self.changes.send_modify(|n| *n += 1);
@@ -329,7 +362,7 @@ impl Registry {
         digest: &Digest,
         from: &RepoName,
     ) -> Result<Option<u64>> {
-        let _gate = self.blob_gate.read().await;
+        let _gate = self.blob_gate_shared().await?;
         let Some(size) = self.meta.linked_blob(from.as_str(), digest).await? else {
             return Ok(None);
         };
@@ -347,7 +380,7 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
-        let _gate = self.blob_gate.read().await;
+        let _gate = self.blob_gate_shared().await?;
         let Some(size) = self.storage.blob_size(digest).await? else {
             return Ok(None);
         };
@@ -371,7 +404,7 @@ impl Registry {
             let size = self.storage.put_blob(digest, bytes).await?;
             return self.link_stored(repo, digest, size, None).await;
         }
-        let _gate = self.blob_gate.read().await;
+        let _gate = self.blob_gate_shared().await?;
         let size = self.storage.put_blob(digest, bytes).await?;
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(size)
@@ -389,7 +422,7 @@ impl Registry {
         size: u64,
         upload: Option<&str>,
     ) -> Result<u64> {
-        let _gate = self.blob_gate.read().await;
+        let _gate = self.blob_gate_shared().await?;
         if self.storage.blob_size(digest).await?.is_none() {
             tracing::warn!(%digest, "a blob was collected while it was being stored; the client uploads it again");
             return Err(match upload {
@@ -404,7 +437,30 @@ impl Registry {
     // ---- uploads --------------------------------------------------------------------------
 
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
-        Ok(self.storage.create_upload(repo.as_str()).await?)
+        let id = self.storage.create_upload(repo.as_str()).await?;
+        if let Some(me) = &self.config.replica_url
+            && let Err(e) = self.meta.record_upload_replica(&id, me).await
+        {
+            let _ = self.storage.abort_upload(&id).await;
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    /// Where to forward a request for upload `id`: the URL of the replica that holds it, when
+    /// that is another replica (`None`: it is here, unknown, or replicas do not forward).
+    pub async fn upload_elsewhere(&self, id: &str) -> Result<Option<String>> {
+        let Some(me) = &self.config.replica_url else {
+            return Ok(None);
+        };
+        if self.storage.upload_owner(id).await?.is_some() {
+            return Ok(None);
+        }
+        Ok(self
+            .meta
+            .upload_replica(id)
+            .await?
+            .filter(|owner| owner != me))
     }
 
     async fn check_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
@@ -475,7 +531,7 @@ impl Registry {
             let size = self.storage.commit_upload(id, digest).await?;
             return self.link_stored(repo, digest, size, Some(id)).await;
         }
-        let _gate = self.blob_gate.read().await;
+        let _gate = self.blob_gate_shared().await?;
         let size = match self.storage.commit_upload(id, digest).await {
             Ok(size) => size,
             Err(e) => return Err(e.into()),
@@ -510,6 +566,11 @@ impl Registry {
         keep: &std::collections::HashSet<String>,
     ) -> Result<usize> {
         let n = self.storage.reap_uploads(age, keep).await?;
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(age)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        self.meta.forget_upload_replicas(cutoff).await?;
         if n > 0 {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }
@@ -675,6 +736,7 @@ impl Registry {
     async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<()> {
         for batch in digests.chunks(256) {
             let _gate = self.blob_gate.write().await;
+            let _cluster = self.meta.cluster_blob_gate(true).await?;
             let known = self.meta.known_blobs(batch).await?;
             for d in batch.iter().filter(|d| !known.contains(*d)) {
                 let Ok(digest) = d.parse::<Digest>() else {

@@ -9,6 +9,7 @@ mod api;
 mod auth;
 pub mod error;
 mod gateway;
+mod replicas;
 mod status;
 mod v2;
 

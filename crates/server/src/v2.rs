@@ -122,6 +122,13 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             }
         }
     }
+    // An upload another replica holds is answered there.
+    if let Route::Upload { id, .. } = &route
+        && !h.contains_key(crate::replicas::FORWARDED)
+        && let Some(replica) = reg.upload_elsewhere(id).await?
+    {
+        return crate::replicas::forward(&replica, id, m, &parts.uri, h, body).await;
+    }
     match route {
         Route::Base => match *m {
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),

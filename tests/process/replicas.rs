@@ -1,0 +1,244 @@
+//! Several replicas of one root registry: metadata in one PostgreSQL database (the server
+//! `./test.sh` starts, at `TEST_POSTGRES_URL`), blobs in one object store (moto's S3), each
+//! replica with a data directory of its own, as behind a load balancer that sends each
+//! request anywhere.
+
+use crate::blobstore::{Emulator, Kind};
+use crate::support::{
+    ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, sha256_hex, tag_digest,
+};
+use crate::sync::{SITE_PASSWORD, cli_ok, connected, read_token};
+use std::time::Duration;
+
+/// A fresh database on the test PostgreSQL server; `None` only with `SKIP_POSTGRES_TESTS=1`.
+async fn database(name: &str) -> Option<String> {
+    let server = match std::env::var("TEST_POSTGRES_URL") {
+        Ok(url) => url,
+        Err(_) if std::env::var("SKIP_POSTGRES_TESTS").as_deref() == Ok("1") => {
+            eprintln!("SKIP_POSTGRES_TESTS=1: not testing replicas on PostgreSQL");
+            return None;
+        }
+        Err(_) => panic!(
+            "TEST_POSTGRES_URL is not set: run ./test.sh, or start a server with \
+             tests/postgres.sh start DIR and export the URL it prints \
+             (SKIP_POSTGRES_TESTS=1 leaves PostgreSQL untested)"
+        ),
+    };
+    let name = format!("{name}_{}", std::process::id());
+    Some(
+        outpost_meta::create_postgres_database(&server, &name)
+            .await
+            .expect("create a test database"),
+    )
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Starts one replica in `dir`, sharing `db` and the store of `s3`.
+fn replica(dir: &std::path::Path, db: &str, s3: &Emulator) -> Outpost {
+    let listen = free_addr();
+    let me = format!("http://{listen}");
+    let mut env = s3.env("fleet");
+    env.push(("OUTPOST_DATABASE_URL".into(), db.into()));
+    env.push(("OUTPOST_REPLICA_URL".into(), me));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Outpost::start_listen(dir, &listen, &env)
+}
+
+#[tokio::test]
+async fn replicas_share_content_uploads_tokens_and_changes() {
+    let Some(db) = database("replicas").await else {
+        return;
+    };
+    let Some(s3) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica(dir_a.path(), &db, &s3);
+    let b = replica(dir_b.path(), &db, &s3);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let (ra, rb) = (a.base(), b.base());
+
+    // An upload started at A, its chunk sent to B and finished at B: B forwards both to A,
+    // which holds the session; then the blob is served by either.
+    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = sha256_hex(&blob);
+    let r = admin
+        .post(format!("{ra}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with("/v2/app/blobs/uploads/"), "{location}");
+    let half = blob.len() / 2;
+    let r = admin
+        .patch(format!("{rb}{location}"))
+        .header("content-type", "application/octet-stream")
+        .header("content-range", format!("0-{}", half - 1))
+        .body(blob[..half].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    let r = admin.get(format!("{rb}{location}")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], format!("0-{}", half - 1).as_str());
+    let r = admin
+        .put(format!("{rb}{location}?digest={digest}"))
+        .header("content-range", format!("{half}-{}", blob.len() - 1))
+        .body(blob[half..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    for base in [&ra, &rb] {
+        let r = admin
+            .get(format!("{base}/v2/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "at {base}");
+        assert!(r.bytes().await.unwrap() == blob, "the blob at {base}");
+    }
+    // The session is gone everywhere once finished.
+    let r = admin.get(format!("{ra}{location}")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = admin.get(format!("{rb}{location}")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A tag pushed at B is served by A; moved at A, B stops serving the old digest even
+    // though it had it cached.
+    let v1 = push_image(&admin, &rb, "app", "v1", "first").await;
+    assert_eq!(tag_digest(&admin, &ra, "app", "v1").await, Some(v1.clone()));
+    assert_eq!(tag_digest(&admin, &rb, "app", "v1").await, Some(v1.clone()));
+    let v2 = push_image(&admin, &ra, "app", "v1", "second").await;
+    eventually("B serves the tag as A moved it", || async {
+        tag_digest(&admin, &rb, "app", "v1").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    let r = admin
+        .get(format!("{rb}/v2/app/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["tags"],
+        serde_json::json!(["v1"])
+    );
+
+    // An access token issued by A is good at B.
+    let r = admin
+        .get(format!(
+            "{ra}/oauth2/token?service=outpost&scope=repository:app:pull"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<serde_json::Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = reqwest::Client::new()
+        .head(format!("{rb}/v2/app/manifests/v1"))
+        .bearer_auth(&token)
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "A's access token at B");
+
+    // A token made at A works at B; disabled at A, it stops working at B too.
+    let password = read_token(&a, "reader", "app");
+    let reader = client_as("reader", &password);
+    assert_eq!(
+        tag_digest(&reader, &rb, "app", "v1").await,
+        Some(v2.clone())
+    );
+    cli_ok(
+        &a,
+        &["token", "update", "-n", "reader", "--status", "disabled"],
+    );
+    eventually("B refuses the token A disabled", || async {
+        reader
+            .get(format!("{rb}/v2/app/tags/list"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 401)
+    })
+    .await;
+
+    // A replica restarted keeps its place.
+    drop(b);
+    let b = replica(dir_b.path(), &db, &s3);
+    let rb = b.base();
+    assert_eq!(tag_digest(&admin, &rb, "app", "v1").await, Some(v2.clone()));
+
+    // A server on the same database with its blobs on its own disk is refused: it would
+    // list blobs it does not have.
+    let dir_c = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir_c.path())
+        .env("OUTPOST_DATABASE_URL", &db)
+        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must share one object store"), "{err}");
+    drop((a, b));
+}
+
+/// A connected registry following one replica gets what is pushed at another, as fast as
+/// a long-poll answers (not at its next poll).
+#[tokio::test]
+async fn a_site_connected_to_one_replica_gets_pushes_made_at_another() {
+    let Some(db) = database("replica_sync").await else {
+        return;
+    };
+    let Some(s3) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let (dir_a, dir_b, site_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = replica(dir_a.path(), &db, &s3);
+    let b = replica(dir_b.path(), &db, &s3);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let base = push_image(&admin, &b.base(), "app", "base", "replica-base").await;
+    // Created through B, followed at A.
+    let cs = connected(&b, "site-rep", &["--repository", "app"]);
+    let cs = cs.replace(&b.addr, &a.addr);
+    // Long-polls that outlast `eventually`: only a wake-up delivers in time.
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &cs),
+            ("OUTPOST_SYNC_POLL_SECS", "120"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:base", || async {
+        tag_digest(&site_admin, &s, "app", "base").await.as_deref() == Some(base.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = push_image(&admin, &b.base(), "app", "next", "replica-next").await;
+    eventually(
+        "the site has the push made at the other replica",
+        || async {
+            tag_digest(&site_admin, &s, "app", "next").await.as_deref() == Some(next.as_str())
+        },
+    )
+    .await;
+}
