@@ -172,6 +172,58 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     })
     .await;
 
+    // Control-plane changes made at two replicas at once are not lost: each new password
+    // works afterwards.
+    cli_ok(
+        &a,
+        &[
+            "token",
+            "create",
+            "-n",
+            "twice",
+            "--repository",
+            "app",
+            "content/read",
+            "-o",
+            "json",
+        ],
+    );
+    for round in 0..8 {
+        let generate = |base: String, slot: &'static str| {
+            let admin = admin.clone();
+            async move {
+                let r = admin
+                    .post(format!("{base}/api/v1/tokens/twice/credentials/generate"))
+                    .json(&serde_json::json!({ "passwords": [slot] }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let v: serde_json::Value = r.json().await.unwrap();
+                v["passwords"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == slot)
+                    .and_then(|p| p["value"].as_str())
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        let (p1, p2) = tokio::join!(
+            generate(ra.clone(), "password1"),
+            generate(rb.clone(), "password2")
+        );
+        for (slot, p) in [("password1", p1), ("password2", p2)] {
+            let c = client_as("twice", &p);
+            assert_eq!(
+                tag_digest(&c, &ra, "app", "v1").await,
+                Some(v2.clone()),
+                "round {round}: the new {slot} works"
+            );
+        }
+    }
+
     // A replica restarted keeps its place.
     drop(b);
     let b = replica(dir_b.path(), &db, &s3);
@@ -193,6 +245,123 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must share one object store"), "{err}");
     drop((a, b));
+
+    // A data directory that has been a registry on SQLite is not quietly started empty on
+    // PostgreSQL (its blobs would then be collected as orphans).
+    let dir_d = tempfile::tempdir().unwrap();
+    drop(Outpost::start(dir_d.path(), &[]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir_d.path())
+        .env("OUTPOST_DATABASE_URL", &db)
+        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds a registry"), "{err}");
+}
+
+/// The database going away: requests that need it are answered `503` within seconds (not
+/// after a long hang, not `500`), readiness says so, pulls of cached manifests go on, and
+/// everything works again when it is back. A wrong password at start is one clear line
+/// without the password.
+#[tokio::test]
+async fn a_database_outage_is_503_until_it_returns() {
+    if std::env::var("SKIP_POSTGRES_TESTS").as_deref() == Ok("1") {
+        return;
+    }
+    let pg_dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh");
+    let pg = |cmd: &str| {
+        let out = std::process::Command::new(script)
+            .args([cmd, &pg_dir.path().join("pg").display().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let server = pg("start");
+    let db = outpost_meta::create_postgres_database(&server, "outage")
+        .await
+        .unwrap();
+
+    let bad = db
+        .replace("postgres@", "postgres:hunter2@")
+        .replace("/outage", "/nowhere");
+    let dir_bad = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir_bad.path())
+        .env("OUTPOST_DATABASE_URL", &bad)
+        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nowhere") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start_env(dir.path(), &[("OUTPOST_DATABASE_URL", &db)]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = o.base();
+    let pushed = push_image(&admin, &r, "app", "v1", "outage").await;
+    assert_eq!(
+        tag_digest(&admin, &r, "app", "v1").await,
+        Some(pushed.clone())
+    );
+
+    pg("stop");
+    let started = std::time::Instant::now();
+    let resp = admin
+        .get(format!("{r}/v2/app/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
+    // A bound on hanging, not a performance figure: the wait for a connection is 5 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let ready = reqwest::get(format!("{r}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+
+    pg("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = admin
+            .get(format!("{r}/v2/app/tags/list"))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry still answers {} {:?} after its database came back; log:\n{}",
+            resp.status(),
+            resp.text().await,
+            o.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(o);
+    pg("stop");
 }
 
 /// A connected registry following one replica gets what is pushed at another, as fast as

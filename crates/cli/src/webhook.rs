@@ -55,6 +55,30 @@ pub async fn deliver(
     };
     let mut backoff = Duration::from_secs(1);
     loop {
+        // Replicas sharing a database take turns, a batch each, so every notification goes
+        // out once and in order.
+        let _turn = match control.delivery_turn().await {
+            Ok(Some(turn)) => turn,
+            Ok(None) => {
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take a turn at webhook delivery; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        if control.shares_database() {
+            match control.webhook_cursor(&url).await {
+                Ok(c) => cursor = c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read where webhook delivery stands; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+            }
+        }
         let batch = match control.all_notifications(cursor, 100).await {
             Ok(b) if b.is_empty() => {
                 tokio::time::sleep(IDLE_POLL).await;

@@ -879,7 +879,7 @@ impl Control {
         req: CreateConnectedRegistry,
     ) -> Result<ConnectedRegistryView> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let name = req.name.as_str();
         validate_name(name)?;
         let mode = Mode::parse(req.mode.as_deref().unwrap_or("ReadOnly"))?;
@@ -1170,7 +1170,7 @@ impl Control {
         req: UpdateConnectedRegistry,
     ) -> Result<ConnectedRegistryView> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut row = self.registry_row(name).await?;
         let dup = |a: &[String], b: &[String], what: &str| -> Result<()> {
             if a.iter().any(|x| b.contains(x)) {
@@ -1316,7 +1316,7 @@ impl Control {
         force: bool,
     ) -> Result<DeleteOutcome> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let all = self.all_registries().await?;
         let row = all
             .get(name)
@@ -1405,7 +1405,7 @@ impl Control {
 
     pub async fn deactivate_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut row = self.registry_row(name).await?;
         row.activation = "Inactive".into();
         row.instance_id = None;
@@ -1431,7 +1431,7 @@ impl Control {
             Some(up) => up.activate(name, instance_id).await?,
             None => false,
         };
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut row = self.registry_row(name).await?;
         if !granted_above
             && row.activation == "Active"
@@ -1472,7 +1472,7 @@ impl Control {
                 }
             }
         }
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut row = self.registry_row(name).await?;
         // Only the instance the root refused: a report from a replaced instance must not
         // deactivate its successor.
@@ -1529,7 +1529,7 @@ impl Control {
 
     pub async fn resync_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut row = self.registry_row(name).await?;
         row.resync_requested = true;
         self.meta.put_connected_registry(&row).await?;
@@ -1565,7 +1565,7 @@ impl Control {
         remove: &[String],
     ) -> Result<crate::ScopeMapView> {
         self.changed_at_root_only()?;
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         if add.is_empty() && remove.is_empty() {
             return Err(ControlError::Invalid(
                 "No repository permissions to update.".into(),
@@ -1831,7 +1831,7 @@ impl Control {
     /// gateway API (configuration and message feed) from its own state, even offline. Their
     /// activation and status are kept, and relayed upward by the gateway.
     pub async fn apply_descendants(&self, children: &[SyncConfig]) -> Result<()> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         fn flatten<'a>(
             nodes: &'a [SyncConfig],
             parent: Option<&'a str>,
@@ -2051,7 +2051,7 @@ impl Control {
         tokens: &[ClientTokenConfig],
         previous: &[String],
     ) -> Result<()> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         // One transaction: a crash half-way must not leave a token with its new password and
         // its old rules, or a revoked token still in place.
         let mut writes = Vec::new();

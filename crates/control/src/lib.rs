@@ -464,6 +464,22 @@ impl Control {
         }
     }
 
+    /// Held around a control-plane change that reads rows, plans and writes them back: the
+    /// process's own lock and, on a database that replicas share, theirs.
+    pub(crate) async fn write_lock(
+        &self,
+    ) -> Result<(
+        tokio::sync::MutexGuard<'_, ()>,
+        Option<outpost_meta::ClusterGate>,
+    )> {
+        let local = self.writes.lock().await;
+        let cluster = self
+            .meta
+            .cluster_lock(outpost_meta::ClusterLock::Control)
+            .await?;
+        Ok((local, cluster))
+    }
+
     /// Drops what was cached of tokens, scope maps and connected registries: another replica
     /// sharing the database changed them.
     pub fn reload(&self) {
@@ -478,6 +494,9 @@ impl Control {
     /// to match it (so an operator can reset a lost password by restarting with it). Returns
     /// the generated password when one was made.
     pub async fn bootstrap_admin(&self, password: Option<&str>) -> Result<Option<String>> {
+        // Replicas starting together on an empty database: one creates the token, the
+        // others find it.
+        let _w = self.write_lock().await?;
         let existing = self.meta.token(ADMIN_TOKEN).await?;
         if let Some(mut t) = existing {
             if let Some(p) = password {
@@ -802,7 +821,7 @@ impl Control {
         }
         let rules = self.parse_rules(name, actions)?;
         let limit = self.config.limits.max_scope_maps;
-        let _w = self.writes.lock().await; // count and insert together
+        let _w = self.write_lock().await?; // count and insert together
         if self.meta.count_scope_maps().await? >= limit {
             return Err(ControlError::Limit {
                 what: "the registry has the maximum number of scope maps".into(),
@@ -852,7 +871,7 @@ impl Control {
         remove: &[String],
         description: Option<&str>,
     ) -> Result<ScopeMapView> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let row = self
             .meta
             .scope_map(name)
@@ -902,7 +921,7 @@ impl Control {
     }
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<()> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         self.check_scope_map_use(name, &[], None).await?;
         let users = self.meta.tokens_using(name).await?;
         if !users.is_empty() {
@@ -994,7 +1013,7 @@ impl Control {
         }
         // Two creates of one name must not both succeed (the second would silently replace
         // the first, whose passwords the caller was just given), nor pass the limit together.
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         if self.meta.token(name).await?.is_some() {
             return Err(ControlError::AlreadyExists {
                 kind: "token",
@@ -1043,7 +1062,7 @@ impl Control {
         scope_map: Option<&str>,
         enabled: Option<bool>,
     ) -> Result<TokenView> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut t = self.token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(
@@ -1088,7 +1107,7 @@ impl Control {
         }
         // Read, change and write under the lock, so concurrent changes to the other slot or
         // the token's status are not overwritten with the state read before hashing.
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut t = self.token_row(name).await?;
         for (s, row) in rows {
             t.passwords[s] = row;
@@ -1099,7 +1118,7 @@ impl Control {
     }
 
     pub async fn delete_credentials(&self, name: &str, slots: &[usize]) -> Result<TokenView> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let mut t = self.token_row(name).await?;
         if t.is_admin && slots.contains(&0) {
             return Err(ControlError::Invalid(
@@ -1115,7 +1134,7 @@ impl Control {
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<()> {
-        let _w = self.writes.lock().await;
+        let _w = self.write_lock().await?;
         let t = self.token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(

@@ -327,6 +327,22 @@ impl Control {
     /// Where delivery to the webhook at `url` stands: the last position delivered. Set to the
     /// newest notification the first time it is asked for, so a new URL starts with what
     /// comes next, not with the 30 days kept.
+    /// Whether this replica may deliver a batch of notifications now: `Some(hold)` (keep it
+    /// until the batch is delivered and its cursor recorded), or `None` while another replica
+    /// sharing the database delivers. A lone node always may (`Some(None)`).
+    pub async fn delivery_turn(&self) -> Result<Option<Option<outpost_meta::ClusterGate>>> {
+        Ok(self
+            .meta
+            .try_cluster_lock(outpost_meta::ClusterLock::Webhook)
+            .await?)
+    }
+
+    /// Whether replicas share this node's database (then the webhook cursor moves under other
+    /// replicas too, and is read again at each turn).
+    pub fn shares_database(&self) -> bool {
+        self.meta.backend() == outpost_meta::Backend::Postgres
+    }
+
     pub async fn webhook_cursor(&self, url: &str) -> Result<i64> {
         let name = webhook_cursor_name(url);
         if let Some(c) = self.meta.log_state(&name).await? {

@@ -131,6 +131,11 @@ impl Meta {
     }
 
     pub async fn token(&self, name: &str) -> Result<Option<TokenRow>> {
+        // No stored name holds a NUL, and PostgreSQL refuses one even in a lookup: a login
+        // with one is an unknown token, as on SQLite.
+        if name.contains('\0') {
+            return Ok(None);
+        }
         sqlx::query(&format!(
             "SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = $1"
         ))

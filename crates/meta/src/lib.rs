@@ -27,8 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MetaError {
+    /// The cause is part of this error's text, not its `source()`: reports that print the
+    /// chain (`anyhow`'s `{:#}`) would otherwise repeat it.
     #[error("metadata database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("blob {0} is not in the repository")]
     MissingBlob(Digest),
     #[error("manifest {0} is not in the repository")]
@@ -43,7 +45,43 @@ pub enum MetaError {
     Config(String),
 }
 
+impl From<sqlx::Error> for MetaError {
+    fn from(e: sqlx::Error) -> Self {
+        MetaError::Db(e)
+    }
+}
+
 impl MetaError {
+    /// Whether a value could not be stored or compared because it holds text the database
+    /// refuses: PostgreSQL's text cannot hold a NUL character (SQLSTATE 22021).
+    pub fn is_invalid_text(&self) -> bool {
+        match self {
+            MetaError::Db(sqlx::Error::Database(e)) => e
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| matches!(pg.code(), "22021" | "22P05")),
+            _ => false,
+        }
+    }
+
+    /// Whether the database could not be reached at all (not a refused statement): its
+    /// server is down, unreachable or out of connections. Worth trying again later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            MetaError::Db(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // 57P01-57P03: the server is shutting down or starting; 08xxx: connection failures.
+            MetaError::Db(sqlx::Error::Database(e)) => e
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| pg.code().starts_with("57P") || pg.code().starts_with("08")),
+            _ => false,
+        }
+    }
+
     /// Whether the database could not be written because its disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
@@ -244,8 +282,24 @@ type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 /// arbitrary: "outpost" in ASCII.
 const PG_WRITE_LOCK: i64 = 0x006f_7574_706f_7374;
 
+/// How long a PostgreSQL connection may take, and how long a request waits for a free one
+/// before it is answered 503 (the database is down or overloaded).
+const PG_CONNECT: Duration = Duration::from_secs(5);
+
 /// The advisory lock behind [`Meta::cluster_blob_gate`] ("blobgate" in ASCII).
 const PG_BLOB_GATE: i64 = 0x626c_6f62_6761_7465;
+
+/// Locks that replicas sharing a PostgreSQL database take around work only one of them may
+/// do at a time. The values are arbitrary, distinct advisory-lock keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i64)]
+pub enum ClusterLock {
+    /// Control-plane changes that read rows, plan and write them back (token limits, a
+    /// connected registry with its tokens and scope maps).
+    Control = 0x6f75_7470_0001,
+    /// Delivering notifications to the webhook: one replica per batch, in order.
+    Webhook = 0x6f75_7470_0002,
+}
 
 /// A hold on the cluster-wide blob gate ([`Meta::cluster_blob_gate`]): a transaction on a
 /// connection of its own that holds an advisory lock until it is dropped (rolled back).
@@ -260,20 +314,35 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// `url` with any password replaced by `***`, for messages and logs.
+///
+/// Works on the text, not on a parsed URL: a password with an unescaped `/` or `@` would
+/// make a parser read part of it as the host or the path, and show it.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            // Query parameters may carry a password too (`?password=`).
-            if u.query().is_some() {
-                u.set_query(Some("***"));
-            }
-            u.to_string()
+    let Some(i) = url.find("://") else {
+        return "(not a URL)".to_string();
+    };
+    let (scheme, rest) = (&url[..i + 3], &url[i + 3..]);
+    // Everything up to the last `@` is user information (a `@` in the query hides more than
+    // needed, never less).
+    let (user, host) = match rest.rfind('@') {
+        Some(at) => {
+            let info = &rest[..at];
+            let user = info.split(':').next().unwrap_or_default();
+            let masked = if info.contains(':') {
+                format!("{user}:***@")
+            } else {
+                format!("{user}@")
+            };
+            (masked, &rest[at + 1..])
         }
-        Err(_) => "(an unparsable URL)".to_string(),
-    }
+        None => (String::new(), rest),
+    };
+    // Query parameters may carry a password too (`?password=`).
+    let host = match host.find('?') {
+        Some(q) => format!("{}?***", &host[..q]),
+        None => host.to_string(),
+    };
+    format!("{scheme}{user}{host}")
 }
 
 /// The `sqlite://` URL of the file at `path`, every byte that is not plainly safe escaped.
@@ -365,22 +434,48 @@ impl Meta {
                 redact_url(url)
             )));
         }
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections.max(2))
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
-            .await?;
-        Self::migrate(&pool, Backend::Postgres).await?;
-        let gates = AnyPoolOptions::new()
-            .max_connections(8)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect(url)
-            .await?;
+        // One connection first: a wrong password, an unknown database or a refused port is
+        // reported as such at once, not as a pool that timed out.
+        {
+            use sqlx::Connection;
+            let conn = tokio::time::timeout(PG_CONNECT, sqlx::AnyConnection::connect(url))
+                .await
+                .map_err(|_| {
+                    MetaError::Config(format!(
+                        "{} did not answer within {} s",
+                        redact_url(url),
+                        PG_CONNECT.as_secs()
+                    ))
+                })??;
+            conn.close().await?;
+        }
+        // Writers wait for the write lock holding a connection of `write`; readers have
+        // their own, so a long write (or a held lock) never keeps a pull waiting.
+        let pool = |max: u32, idle_in_tx: &'static str| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .min_connections(0)
+                .acquire_timeout(PG_CONNECT)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        conn.execute(idle_in_tx).await?;
+                        Ok(())
+                    })
+                })
+                .connect_lazy(url)
+        };
+        // A replica that stalls inside a transaction (paused, cut off) would hold the write
+        // lock until TCP noticed: the server ends such a session after a minute.
+        const SHORT: &str = "SET idle_in_transaction_session_timeout = '60s'";
+        let write = pool(max_connections.clamp(2, 8), SHORT)?;
+        Self::migrate(&write, Backend::Postgres).await?;
+        let read = pool(max_connections.max(2), SHORT)?;
+        // A gate is held while blob files are checked or deleted in the object store, which
+        // may take minutes.
+        let gates = pool(8, "SET idle_in_transaction_session_timeout = '30min'")?;
         Ok(Meta {
-            read: pool.clone(),
-            write: pool,
+            read,
+            write,
             gates: Some(gates),
             backend: Backend::Postgres,
             origin: None,
@@ -589,13 +684,24 @@ impl Meta {
         keep: &std::collections::HashSet<String>,
     ) -> Result<Vec<(String, u64)>> {
         let mut tx = self.begin_write().await?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT digest, size FROM blobs WHERE created_at <= $1 \
-             AND digest NOT IN (SELECT child FROM manifest_refs) ORDER BY digest",
-        )
-        .bind(cutoff_ms)
-        .fetch_all(&mut *tx)
-        .await?;
+        // SQLite plans `NOT IN` with one temporary index of the children (its
+        // `manifest_refs` has none on `child`); PostgreSQL turns it into a scan per blob once
+        // the children outgrow `work_mem`, and wants `NOT EXISTS` on its index instead.
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT digest, size FROM blobs WHERE created_at <= $1 \
+                 AND digest NOT IN (SELECT child FROM manifest_refs) ORDER BY digest"
+            }
+            Backend::Postgres => {
+                "SELECT b.digest, b.size FROM blobs b WHERE b.created_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.child = b.digest) \
+                 ORDER BY b.digest"
+            }
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as(sql)
+            .bind(cutoff_ms)
+            .fetch_all(&mut *tx)
+            .await?;
         let rows: Vec<(String, u64)> = rows
             .into_iter()
             .filter(|(d, _)| !keep.contains(d))
@@ -657,13 +763,15 @@ impl Meta {
 
     /// Removes `repo`'s link to a blob. Returns whether it was linked.
     pub async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "DELETE FROM repo_blobs WHERE digest = $1 AND repo_id = (SELECT id FROM repositories WHERE name = $2)",
         )
         .bind(digest.to_string())
         .bind(repo)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(res.rows_affected() > 0)
     }
 
@@ -1080,6 +1188,34 @@ impl Meta {
         Ok(Some(ClusterGate { _tx: tx }))
     }
 
+    /// A hold, across every replica sharing this PostgreSQL database, on the lock named by
+    /// `key` (see [`ClusterLock`]), waiting for it. `None` on SQLite.
+    pub async fn cluster_lock(&self, key: ClusterLock) -> Result<Option<ClusterGate>> {
+        let Some(pool) = &self.gates else {
+            return Ok(None);
+        };
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key as i64)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Some(ClusterGate { _tx: tx }))
+    }
+
+    /// Like [`Self::cluster_lock`] without waiting: `Ok(None)` when another replica holds
+    /// it. On SQLite the process is alone: `Ok(Some(None))`.
+    pub async fn try_cluster_lock(&self, key: ClusterLock) -> Result<Option<Option<ClusterGate>>> {
+        let Some(pool) = &self.gates else {
+            return Ok(Some(None));
+        };
+        let mut tx = pool.begin().await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(key as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(got.then_some(Some(ClusterGate { _tx: tx })))
+    }
+
     // ---- event log -----------------------------------------------------------------------
 
     /// Events after `seq` that clients made (not applied from a parent): a ReadWrite site's
@@ -1411,6 +1547,30 @@ pub(crate) mod tests {
         meta.prune_events(12, 0, 100).await.expect("prune");
         let left = seqs(&meta).await;
         assert_eq!(left, [8, 12], "db's tag and deletion went; app:v1 stays");
+    }
+
+    #[test]
+    fn urls_are_shown_without_passwords() {
+        for (url, shown) in [
+            (
+                "postgres://outpost:s3cret@db:5432/reg",
+                "postgres://outpost:***@db:5432/reg",
+            ),
+            // Unescaped `/` and `@` in the password: a URL parser would show part of it.
+            (
+                "postgres://outp:8812/Kq9zR+w@db/reg",
+                "postgres://outp:***@db/reg",
+            ),
+            ("postgres://u:a@b@db/reg", "postgres://u:***@db/reg"),
+            (
+                "postgres://db/reg?user=u&password=p",
+                "postgres://db/reg?***",
+            ),
+            ("postgres://u@db/reg", "postgres://u@db/reg"),
+            ("db:5432", "(not a URL)"),
+        ] {
+            assert_eq!(super::redact_url(url), shown, "{url}");
+        }
     }
 
     #[test]

@@ -95,15 +95,14 @@ impl Meta {
             crate::Backend::Sqlite => {
                 "SELECT seq FROM sqlite_sequence WHERE name = 'notifications'"
             }
-            // The identity's sequence: its last value counts only once it was used.
-            crate::Backend::Postgres => {
-                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
-                 FROM notifications_seq_seq"
-            }
+            // Inserts commit one at a time under the write lock, in sequence order; the
+            // sequence itself also moves for duplicates skipped and inserts not yet committed.
+            crate::Backend::Postgres => "SELECT max(seq) FROM notifications",
         };
-        Ok(sqlx::query_scalar::<_, i64>(sql)
+        Ok(sqlx::query_scalar::<_, Option<i64>>(sql)
             .fetch_optional(&self.read)
             .await?
+            .flatten()
             .unwrap_or(0))
     }
 

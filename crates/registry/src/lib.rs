@@ -173,6 +173,17 @@ impl Registry {
                 Meta::open(&data_dir.join("meta.db")).await?
             }
             Some(url) => {
+                // Nothing is copied from SQLite: a directory that has been a registry already
+                // would start empty, and its blobs would be collected as orphans.
+                if data_dir.join("meta.db").exists() || storage.has_local_blob_files() {
+                    return Err(RegistryError::Storage(StorageError::Config(format!(
+                        "the data directory {} already holds a registry (meta.db or blobs), and \
+                         database_url would start a new, empty one beside it: Outpost does not \
+                         move metadata from SQLite to PostgreSQL. Give database_url a fresh data \
+                         directory (and a fresh blob_store prefix)",
+                        data_dir.display()
+                    ))));
+                }
                 let meta = Meta::connect(url, 16).await?;
                 // One id for the registry, whichever replica starts first: every replica's
                 // data directory claims the object store under it.

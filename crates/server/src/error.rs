@@ -171,10 +171,32 @@ impl From<RegistryError> for ApiError {
                 }
                 other => ApiError::internal(&other),
             },
-            R::Meta(m) => ApiError::internal(&m),
+            R::Meta(m) => meta_error(&m),
             other => ApiError::internal(&other),
         }
     }
+}
+
+/// A metadata error: `503 UNAVAILABLE` when the database cannot be reached (a PostgreSQL
+/// server that is down or out of connections: worth trying again), `500` otherwise.
+fn meta_error(m: &outpost_registry::MetaError) -> ApiError {
+    if m.is_unavailable() {
+        tracing::error!(error = %m, "the metadata database does not answer");
+        return ApiError::custom(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "the registry's metadata database did not answer; try again later (the operator \
+             can find the cause in the server log)",
+        );
+    }
+    if m.is_invalid_text() {
+        return ApiError::custom(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "the request holds a NUL character, which this registry cannot store or look up",
+        );
+    }
+    ApiError::internal(m)
 }
 
 impl From<ControlError> for ApiError {
@@ -207,7 +229,7 @@ impl From<ControlError> for ApiError {
             C::BadCredentials | C::Disabled(_) | C::PasswordExpired(_) | C::Jwt(_) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg)
             }
-            C::Meta(m) => ApiError::internal(&m),
+            C::Meta(m) => meta_error(&m),
             other => ApiError::internal(&other),
         }
     }

@@ -1066,3 +1066,56 @@ async fn hostile_names_and_methods() {
         .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// A NUL character, which PostgreSQL text cannot hold, in a login, a page cursor, a lookup or
+/// a stored value: a clear answer on either database, never a 500.
+#[tokio::test]
+async fn nul_characters_get_a_clear_answer() {
+    let t = setup().await;
+    t.push_image("app", "v1", "nul").await;
+    let r = t
+        .req_as(
+            Some(&basic("ad\0min", ADMIN_PASSWORD)),
+            Method::GET,
+            "/v2/",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for uri in [
+        "/v2/app/tags/list?last=%00",
+        "/v2/_catalog?last=a%00b",
+        "/api/v1/tokens/ab%00cd",
+        "/api/v1/scope-maps/ab%00cd",
+    ] {
+        let r = t.get(uri).await;
+        assert!(
+            matches!(r.status.as_u16(), 200 | 400 | 404),
+            "{uri}: {} {:?}",
+            r.status,
+            r.body
+        );
+    }
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/scope-maps",
+            &[("content-type", "application/json")],
+            serde_json::json!({
+                "name": "nul-map",
+                "description": "a\u{0}b",
+                "actions": ["repositories/app/content/read"]
+            })
+            .to_string(),
+        )
+        .await;
+    assert!(
+        matches!(r.status.as_u16(), 201 | 400),
+        "{} {:?}",
+        r.status,
+        r.body
+    );
+    // Nothing else was disturbed.
+    assert_eq!(t.get("/v2/app/tags/list").await.status, StatusCode::OK);
+}

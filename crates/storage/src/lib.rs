@@ -297,7 +297,8 @@ impl Storage {
         Ok(format!("{wanted} {mine}"))
     }
 
-    fn has_local_blob_files(&self) -> bool {
+    /// Whether `data_dir/blobs` holds any blob file.
+    pub fn has_local_blob_files(&self) -> bool {
         let blobs = self.layout.blobs_dir();
         std::fs::read_dir(&blobs).is_ok_and(|algs| {
             algs.flatten().any(|alg| {
