@@ -572,7 +572,7 @@ async fn gc_now(c: &reqwest::Client, o: &Outpost) -> serde_json::Value {
 }
 
 /// Runs `outpost serve` in `dir` with `env`, expecting it to refuse to start; returns stderr.
-fn failing_start(dir: &std::path::Path, env: &[(String, String)]) -> String {
+pub(crate) fn failing_start(dir: &std::path::Path, env: &[(String, String)]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)

@@ -3,7 +3,7 @@
 //! replica with a data directory of its own, as behind a load balancer that sends each
 //! request anywhere.
 
-use crate::blobstore::{Emulator, Kind};
+use crate::blobstore::{Emulator, Kind, failing_start};
 use crate::support::{
     ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, sha256_hex, tag_digest,
 };
@@ -233,16 +233,7 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     // A server on the same database with its blobs on its own disk is refused: it would
     // list blobs it does not have.
     let dir_c = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir_c.path())
-        .env("OUTPOST_DATABASE_URL", &db)
-        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_start(dir_c.path(), &[("OUTPOST_DATABASE_URL".into(), db.clone())]);
     assert!(err.contains("must share one object store"), "{err}");
     drop((a, b));
 
@@ -250,16 +241,7 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     // PostgreSQL (its blobs would then be collected as orphans).
     let dir_d = tempfile::tempdir().unwrap();
     drop(Outpost::start(dir_d.path(), &[]));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir_d.path())
-        .env("OUTPOST_DATABASE_URL", &db)
-        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_start(dir_d.path(), &[("OUTPOST_DATABASE_URL".into(), db.clone())]);
     assert!(err.contains("already holds a registry"), "{err}");
 }
 
@@ -295,16 +277,10 @@ async fn a_database_outage_is_503_until_it_returns() {
         .replace("postgres@", "postgres:hunter2@")
         .replace("/outage", "/nowhere");
     let dir_bad = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir_bad.path())
-        .env("OUTPOST_DATABASE_URL", &bad)
-        .env("OUTPOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failing_start(
+        dir_bad.path(),
+        &[("OUTPOST_DATABASE_URL".into(), bad.clone())],
+    );
     assert!(
         err.contains("nowhere") && err.contains("does not exist"),
         "{err}"
