@@ -39,11 +39,16 @@ fn free_addr() -> String {
 
 /// Starts one replica in `dir`, sharing `db` and the store of `s3`.
 fn replica(dir: &std::path::Path, db: &str, s3: &Emulator) -> Outpost {
+    replica_with(dir, db, s3, &[])
+}
+
+fn replica_with(dir: &std::path::Path, db: &str, s3: &Emulator, extra: &[(&str, &str)]) -> Outpost {
     let listen = free_addr();
     let me = format!("http://{listen}");
     let mut env = s3.env("fleet");
     env.push(("OUTPOST_DATABASE_URL".into(), db.into()));
     env.push(("OUTPOST_REPLICA_URL".into(), me));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Outpost::start_listen(dir, &listen, &env)
 }
@@ -386,4 +391,59 @@ async fn a_site_connected_to_one_replica_gets_pushes_made_at_another() {
         },
     )
     .await;
+}
+
+/// An upload that keeps going longer than `upload_max_age_secs` (it is never idle that long)
+/// can still be reached through another replica: the session's record lives as long as the
+/// session does.
+#[tokio::test]
+async fn a_long_upload_stays_reachable_through_every_replica() {
+    let Some(db) = database("replica_long").await else {
+        return;
+    };
+    let Some(s3) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let short = [("OUTPOST_UPLOAD_MAX_AGE_SECS", "3")];
+    let a = replica_with(dir_a.path(), &db, &s3, &short);
+    let b = replica_with(dir_b.path(), &db, &s3, &short);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = admin
+        .post(format!("{}/v2/app/blobs/uploads/", a.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let data: Vec<u8> = (0..10u8).cycle().take(8 * 1000).collect();
+    // A chunk a second at A for three times the maximum age, then one through B.
+    for (i, chunk) in data.chunks(1000).enumerate() {
+        let base = if i == 7 { b.base() } else { a.base() };
+        let start = i * 1000;
+        let r = admin
+            .patch(format!("{base}{location}"))
+            .header(
+                "content-range",
+                format!("{start}-{}", start + chunk.len() - 1),
+            )
+            .body(chunk.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "chunk {i} at {base}");
+        if i < 7 {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+        }
+    }
+    let r = admin
+        .put(format!(
+            "{}{location}?digest={}",
+            b.base(),
+            sha256_hex(&data)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
 }

@@ -57,7 +57,7 @@ pub async fn deliver(
     loop {
         // Replicas sharing a database take turns, a batch each, so every notification goes
         // out once and in order.
-        let _turn = match control.delivery_turn().await {
+        let turn = match control.delivery_turn().await {
             Ok(Some(turn)) => turn,
             Ok(None) => {
                 tokio::time::sleep(IDLE_POLL).await;
@@ -81,6 +81,7 @@ pub async fn deliver(
         }
         let batch = match control.all_notifications(cursor, 100).await {
             Ok(b) if b.is_empty() => {
+                drop(turn);
                 tokio::time::sleep(IDLE_POLL).await;
                 continue;
             }
@@ -125,6 +126,8 @@ pub async fn deliver(
                 } else {
                     tracing::warn!(url = %shown, count = batch.len(), retry_in = ?backoff, "{why}; retrying");
                 }
+                // Another replica may try meanwhile (the batch stays first in line).
+                drop(turn);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

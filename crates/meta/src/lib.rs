@@ -267,6 +267,9 @@ pub struct Meta {
     /// PostgreSQL only: connections that hold the cluster blob gate, apart from `write` so a
     /// hold waiting for a write connection can never starve the writes it waits for.
     gates: Option<AnyPool>,
+    /// PostgreSQL only: connections that hold a [`ClusterLock`] (apart from the gate's, so a
+    /// long garbage collection never keeps an administrator waiting).
+    locks: Option<AnyPool>,
     backend: Backend,
     /// Recorded with every event this handle writes: `None` for changes made by clients,
     /// `Some("sync")` for changes applied from a parent (which a ReadWrite site must not send
@@ -299,6 +302,8 @@ pub enum ClusterLock {
     Control = 0x6f75_7470_0001,
     /// Delivering notifications to the webhook: one replica per batch, in order.
     Webhook = 0x6f75_7470_0002,
+    /// A garbage collection: one replica at a time (each lists the whole store).
+    Gc = 0x6f75_7470_0003,
 }
 
 /// A hold on the cluster-wide blob gate ([`Meta::cluster_blob_gate`]): a transaction on a
@@ -418,6 +423,7 @@ impl Meta {
             read,
             write,
             gates: None,
+            locks: None,
             backend: Backend::Sqlite,
             origin: None,
         })
@@ -451,11 +457,11 @@ impl Meta {
         }
         // Writers wait for the write lock holding a connection of `write`; readers have
         // their own, so a long write (or a held lock) never keeps a pull waiting.
-        let pool = |max: u32, idle_in_tx: &'static str| {
+        let pool = |max: u32, idle_in_tx: &'static str, wait: Duration| {
             AnyPoolOptions::new()
                 .max_connections(max)
                 .min_connections(0)
-                .acquire_timeout(PG_CONNECT)
+                .acquire_timeout(wait)
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         conn.execute(idle_in_tx).await?;
@@ -467,16 +473,20 @@ impl Meta {
         // A replica that stalls inside a transaction (paused, cut off) would hold the write
         // lock until TCP noticed: the server ends such a session after a minute.
         const SHORT: &str = "SET idle_in_transaction_session_timeout = '60s'";
-        let write = pool(max_connections.clamp(2, 8), SHORT)?;
+        let write = pool(max_connections.clamp(2, 8), SHORT, PG_CONNECT)?;
         Self::migrate(&write, Backend::Postgres).await?;
-        let read = pool(max_connections.max(2), SHORT)?;
-        // A gate is held while blob files are checked or deleted in the object store, which
-        // may take minutes.
-        let gates = pool(8, "SET idle_in_transaction_session_timeout = '30min'")?;
+        let read = pool(max_connections.max(2), SHORT, PG_CONNECT)?;
+        // A gate or a lock is held while blob files are checked or deleted in the object
+        // store, or a collection runs, which may take minutes; whoever waits for one (holding
+        // a connection, or for a connection) waits as long.
+        const HELD: &str = "SET idle_in_transaction_session_timeout = '30min'";
+        let gates = pool(16, HELD, Duration::from_secs(30 * 60))?;
+        let locks = pool(4, HELD, Duration::from_secs(30 * 60))?;
         Ok(Meta {
             read,
             write,
             gates: Some(gates),
+            locks: Some(locks),
             backend: Backend::Postgres,
             origin: None,
         })
@@ -558,8 +568,8 @@ impl Meta {
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
-        if let Some(g) = &self.gates {
-            g.close().await;
+        for p in [&self.gates, &self.locks].into_iter().flatten() {
+            p.close().await;
         }
     }
 
@@ -1105,7 +1115,8 @@ impl Meta {
                 "INSERT INTO log_state (name, value) VALUES ('access_generation', 1) \
                  ON CONFLICT (name) DO UPDATE SET value = log_state.value + 1",
             )
-            .execute(&self.write)
+            // Needs no write lock: on the pool whose connections never wait for it.
+            .execute(&self.read)
             .await?;
         }
         Ok(())
@@ -1134,7 +1145,8 @@ impl Meta {
             .bind(id)
             .bind(replica)
             .bind(now_ms())
-            .execute(&self.write)
+            // Needs no write lock: on the pool whose connections never wait for it.
+            .execute(&self.read)
             .await?;
         }
         Ok(())
@@ -1153,18 +1165,42 @@ impl Meta {
         )
     }
 
-    /// Forgets which replica held the upload sessions recorded before `before_ms`.
-    pub async fn forget_upload_replicas(&self, before_ms: i64) -> Result<u64> {
+    /// The upload sessions recorded as held by `replica`.
+    pub async fn uploads_of_replica(&self, replica: &str) -> Result<Vec<String>> {
+        if self.backend != Backend::Postgres {
+            return Ok(Vec::new());
+        }
+        Ok(
+            sqlx::query_scalar("SELECT id FROM upload_replicas WHERE replica = $1")
+                .bind(replica)
+                .fetch_all(&self.read)
+                .await?,
+        )
+    }
+
+    /// Forgets which replica held the upload sessions `ids`, and every record from before
+    /// `before_ms` (sessions of replicas that are gone for good).
+    pub async fn forget_upload_replicas(&self, ids: &[String], before_ms: i64) -> Result<u64> {
         if self.backend != Backend::Postgres {
             return Ok(0);
         }
-        Ok(
-            sqlx::query("DELETE FROM upload_replicas WHERE created_at < $1")
-                .bind(before_ms)
-                .execute(&self.write)
-                .await?
-                .rows_affected(),
-        )
+        let mut n = sqlx::query("DELETE FROM upload_replicas WHERE created_at < $1")
+            .bind(before_ms)
+            .execute(&self.read)
+            .await?
+            .rows_affected();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "DELETE FROM upload_replicas WHERE id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            n += q.execute(&self.read).await?.rows_affected();
+        }
+        Ok(n)
     }
 
     /// A hold on the blob gate that every replica sharing this PostgreSQL database honours:
@@ -1191,7 +1227,7 @@ impl Meta {
     /// A hold, across every replica sharing this PostgreSQL database, on the lock named by
     /// `key` (see [`ClusterLock`]), waiting for it. `None` on SQLite.
     pub async fn cluster_lock(&self, key: ClusterLock) -> Result<Option<ClusterGate>> {
-        let Some(pool) = &self.gates else {
+        let Some(pool) = &self.locks else {
             return Ok(None);
         };
         let mut tx = pool.begin().await?;
@@ -1205,7 +1241,7 @@ impl Meta {
     /// Like [`Self::cluster_lock`] without waiting: `Ok(None)` when another replica holds
     /// it. On SQLite the process is alone: `Ok(Some(None))`.
     pub async fn try_cluster_lock(&self, key: ClusterLock) -> Result<Option<Option<ClusterGate>>> {
-        let Some(pool) = &self.gates else {
+        let Some(pool) = &self.locks else {
             return Ok(Some(None));
         };
         let mut tx = pool.begin().await?;

@@ -577,11 +577,21 @@ impl Registry {
         keep: &std::collections::HashSet<String>,
     ) -> Result<usize> {
         let n = self.storage.reap_uploads(age, keep).await?;
-        let cutoff = std::time::SystemTime::now()
-            .checked_sub(age)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as i64);
-        self.meta.forget_upload_replicas(cutoff).await?;
+        if let Some(me) = &self.config.replica_url {
+            // This replica's sessions that are over (finished, cancelled, reaped) no longer
+            // need forwarding; records older than 30 days are of replicas gone for good.
+            let mut over = Vec::new();
+            for id in self.meta.uploads_of_replica(me).await? {
+                if self.storage.upload_owner(&id).await?.is_none() {
+                    over.push(id);
+                }
+            }
+            let month = std::time::SystemTime::now()
+                .checked_sub(Duration::from_secs(30 * 24 * 3600))
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            self.meta.forget_upload_replicas(&over, month).await?;
+        }
         if n > 0 {
             tracing::info!(removed = n, "reaped stale upload sessions");
         }
@@ -671,8 +681,13 @@ impl Registry {
     /// `blob_gate` keeps a concurrent upload, mount or sync from linking a blob while its file
     /// is being removed. Manifests are never removed here.
     pub async fn collect_garbage(&self, min_age: Duration, dry_run: bool) -> Result<GcReport> {
-        // One collection at a time (the schedule and `outpost gc` may meet).
+        // One collection at a time (the schedule and `outpost gc` may meet), and one at a
+        // time among replicas sharing a database: each lists the whole store.
         let _one = self.gc_running.lock().await;
+        let _cluster = self
+            .meta
+            .cluster_lock(outpost_meta::ClusterLock::Gc)
+            .await?;
         let now = std::time::SystemTime::now();
         let cutoff = now.checked_sub(min_age).unwrap_or(std::time::UNIX_EPOCH);
         let cutoff_ms = cutoff
@@ -745,7 +760,13 @@ impl Registry {
     /// exclusive `blob_gate`: an upload, mount or sync that put the blob back since (file and
     /// row, under the shared gate) is seen and left alone, and none waits for the whole run.
     async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<()> {
-        for batch in digests.chunks(256) {
+        // On a shared database every replica's links wait while a batch is deleted: smaller
+        // batches there.
+        let batch_size = match self.meta.backend() {
+            outpost_meta::Backend::Sqlite => 256,
+            outpost_meta::Backend::Postgres => 32,
+        };
+        for batch in digests.chunks(batch_size) {
             let _gate = self.blob_gate.write().await;
             let _cluster = self.meta.cluster_blob_gate(true).await?;
             let known = self.meta.known_blobs(batch).await?;

@@ -29,18 +29,18 @@ fn hop_by_hop(name: &HeaderName) -> bool {
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
-            | "host"
     )
 }
 
 fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
+        // No timeout on the request as a whole: a layer may take hours to arrive, and the
+        // replica holding it may take minutes to store it. A replica that vanishes is noticed
+        // by TCP keepalive.
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            // A chunk still arriving from the client may pause; a replica that stops
-            // answering altogether is given up on.
-            .read_timeout(Duration::from_secs(120))
+            .tcp_keepalive(Duration::from_secs(30))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default()
@@ -59,6 +59,8 @@ pub(crate) async fn forward(
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", replica.trim_end_matches('/'));
     let mut req = client().request(method.clone(), &url);
+    // `Host` goes along: the replica answering names this registry as the client knows it
+    // (in a token challenge's realm, say), not by its internal address.
     for (name, value) in headers {
         if !hop_by_hop(name) && *name != FORWARDED {
             req = req.header(name, value);
@@ -68,15 +70,29 @@ pub(crate) async fn forward(
         .header(FORWARDED, "1")
         .body(reqwest::Body::wrap_stream(body.into_data_stream()));
     let resp = req.send().await.map_err(|e| {
-        tracing::warn!(%replica, upload = %id, error = %e, "the replica holding an upload does not answer");
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::BlobUploadUnknown,
-            format!(
-                "upload {id} is held by another replica of this registry, which does not \
-                 answer; start a new upload with POST"
-            ),
-        )
+        tracing::warn!(%replica, upload = %id, error = %e, "forwarding an upload request to the replica holding it failed");
+        if e.is_connect() {
+            // Gone, with the session: the client starts over.
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::BlobUploadUnknown,
+                format!(
+                    "upload {id} is held by another replica of this registry, which does not \
+                     answer; start a new upload with POST"
+                ),
+            )
+        } else {
+            // Cut off mid-request: the session may well be there; the client may ask
+            // where it stands (GET) and resume.
+            ApiError::custom(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!(
+                    "upload {id} is held by another replica of this registry, and the request \
+                     to it broke off; ask for its status and resume, or try again"
+                ),
+            )
+        }
     })?;
     let mut out = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
@@ -99,10 +115,15 @@ mod tests {
 
     #[test]
     fn per_hop_headers_stay_behind() {
-        for h in [header::CONNECTION, header::TRANSFER_ENCODING, header::HOST] {
+        for h in [
+            header::CONNECTION,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ] {
             assert!(hop_by_hop(&h), "{h}");
         }
         for h in [
+            header::HOST,
             header::AUTHORIZATION,
             header::CONTENT_RANGE,
             header::CONTENT_LENGTH,
