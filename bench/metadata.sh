@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 B=${CARGO_TARGET_DIR:-target}/release
 [ -x "$B/outpost-bench" ] || cargo build --release -p outpost -p outpost-bench
 T=$(mktemp -d /tmp/outpost-metabench.XXXXXX)
-trap 'tests/postgres.sh stop "$T/pg"; rm -rf "$T"' EXIT
+# Its own directory: as root, the server runs as `postgres`, which cannot enter $T (mode 700).
+P=$(mktemp -d /tmp/outpost-metabench-pg.XXXXXX)
+trap 'tests/postgres.sh stop "$P"; rm -rf "$T" "$P"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 AUTH="Basic $(printf admin:bench | base64)"
-PG=$(tests/postgres.sh start "$T/pg")
+PG=$(tests/postgres.sh start "$P")
 num() { python3 -c "import json,sys; print(round(json.load(sys.stdin)['$1'], 2))"; }
 
 run() { # label round [environment for outpost serve]

@@ -5,6 +5,9 @@
 #                                 its URL (the same port every time)
 #   tests/postgres.sh stop DIR    stop it (DIR can then be removed, or started again)
 #
+# As root, DIR is handed to the `postgres` user, who must be able to reach it: not inside a
+# directory of mode 700 such as mktemp -d makes (use a mktemp -d of its own).
+#
 # As root (CI), the server runs as the package's `postgres` user: PostgreSQL refuses root.
 # fsync is off: the tests check Outpost, not the disk. Commits still reach the OS before they
 # return, so a server stopped with -m immediate (a crash) keeps them.
