@@ -1230,7 +1230,10 @@ impl Control {
             parse_schedule("garbage-collection schedule", s)?;
             row.gc_schedule = s.clone();
         }
-        self.meta.put_connected_registry(&row).await?;
+        // Through `apply`: a configuration change, which the other replicas must see.
+        self.meta
+            .apply(&[AccessWrite::PutConnectedRegistry(Box::new(row.clone()))])
+            .await?;
         self.changed().await;
         self.view(&row).await
     }

@@ -455,13 +455,10 @@ impl Control {
     }
 
     /// After a write to tokens, scope maps or connected registries: cached identities and
-    /// verified passwords are checked again, here and (through the database) at every other
-    /// replica sharing it.
+    /// verified passwords are checked again. (The other replicas sharing the database learn of
+    /// it from the write itself, which counted it in the same transaction.)
     async fn changed(&self) {
         self.reload();
-        if let Err(e) = self.meta.note_access_change().await {
-            tracing::warn!(error = %e, "could not tell the other replicas that access control changed");
-        }
     }
 
     /// Held around a control-plane change that reads rows, plans and writes them back: the

@@ -103,7 +103,11 @@ impl Meta {
         description: &str,
         actions: &[String],
     ) -> Result<bool> {
-        insert_scope_map(&self.write, name, description, actions).await
+        let mut tx = self.begin_write().await?;
+        let done = insert_scope_map(&mut *tx, name, description, actions).await?;
+        self.note_access_change(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     /// Replaces a scope map's description and actions; returns false if it does not exist.
@@ -113,11 +117,19 @@ impl Meta {
         description: &str,
         actions: &[String],
     ) -> Result<bool> {
-        update_scope_map(&self.write, name, description, actions).await
+        let mut tx = self.begin_write().await?;
+        let done = update_scope_map(&mut *tx, name, description, actions).await?;
+        self.note_access_change(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<bool> {
-        delete_scope_map(&self.write, name).await
+        let mut tx = self.begin_write().await?;
+        let done = delete_scope_map(&mut *tx, name).await?;
+        self.note_access_change(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     /// The configuration JSON of a client token relayed to a descendant.
@@ -174,14 +186,23 @@ impl Meta {
 
     /// Inserts or replaces a token row (the caller read, changed and writes it back).
     pub async fn put_token(&self, t: &TokenRow) -> Result<()> {
-        put_token(&self.write, t).await
+        let mut tx = self.begin_write().await?;
+        put_token(&mut *tx, t).await?;
+        self.note_access_change(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<bool> {
-        delete_token(&self.write, name).await
+        let mut tx = self.begin_write().await?;
+        let done = delete_token(&mut *tx, name).await?;
+        self.note_access_change(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
-    /// Applies `writes` in one transaction: all of them, or (on any error) none.
+    /// Applies `writes` in one transaction: all of them, or (on any error) none. It counts as
+    /// an access change for the other replicas ([`Meta::shared_positions`]).
     ///
     /// A control-plane change that spans rows (a connected registry with its sync token, its
     /// scope map and its ancestors' scope maps) is planned by its caller under the caller's
@@ -237,6 +258,7 @@ impl Meta {
                 }
             }
         }
+        self.note_access_change(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }

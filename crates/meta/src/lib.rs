@@ -1106,24 +1106,24 @@ impl Meta {
 
     // ---- replicas sharing one database ---------------------------------------------------
 
-    /// Tells the other replicas sharing this PostgreSQL database that tokens, scope maps or
-    /// connected registries changed, so they drop what they cached of them (a no-op on
-    /// SQLite, which one process owns).
-    pub async fn note_access_change(&self) -> Result<()> {
+    /// Tells the other replicas sharing this PostgreSQL database, in the transaction of the
+    /// change itself, that tokens, scope maps or connected registries changed, so they drop
+    /// what they cached of them (a no-op on SQLite, which one process owns). Every access
+    /// write but a connected registry's own status (`put_connected_registry`) does this.
+    pub(crate) async fn note_access_change(&self, tx: &mut Tx<'_>) -> Result<()> {
         if self.backend == Backend::Postgres {
             sqlx::query(
                 "INSERT INTO log_state (name, value) VALUES ('access_generation', 1) \
                  ON CONFLICT (name) DO UPDATE SET value = log_state.value + 1",
             )
-            // Needs no write lock: on the pool whose connections never wait for it.
-            .execute(&self.read)
+            .execute(&mut **tx)
             .await?;
         }
         Ok(())
     }
 
-    /// The newest event's number and how many access changes were noted
-    /// ([`Self::note_access_change`]): what a replica polls to see others' writes.
+    /// The newest event's number and how many access changes were noted (by every access
+    /// write in its own transaction): what a replica polls to see others' writes.
     pub async fn shared_positions(&self) -> Result<(i64, i64)> {
         let (seq, access): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT max(seq) FROM events), \
