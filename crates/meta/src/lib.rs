@@ -492,15 +492,6 @@ impl Meta {
         })
     }
 
-    /// Opens the metadata of a node: the PostgreSQL database at `database_url` if one is
-    /// given, otherwise `meta.db` in `data_dir`.
-    pub async fn open_for(data_dir: &Path, database_url: Option<&str>) -> Result<Meta> {
-        match database_url {
-            Some(url) => Self::connect(url, 16).await,
-            None => Self::open(&data_dir.join("meta.db")).await,
-        }
-    }
-
     async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
         let (migrations, read_version, set_version) = match backend {
             Backend::Sqlite => (
