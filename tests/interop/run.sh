@@ -166,7 +166,8 @@ curl_creds() { # HOST -> curl arguments
     [ "$1" != "$REG" ] || echo "-u $ADMIN"
 }
 skopeo_creds() { # HOST -> skopeo arguments for inspect/list-tags/delete
-    [ "$1" != "$REG" ] || echo "--creds=$ADMIN"
+    # $REG, and the other admin-password registries a check names in ADMIN_HOSTS
+    if [ "$1" = "$REG" ] || [[ " ${ADMIN_HOSTS:-} " == *" $1 "* ]]; then echo "--creds=$ADMIN"; fi
 }
 ref_host() { # docker://HOST/REPO... -> HOST
     local r=${1#docker://}
@@ -1143,6 +1144,65 @@ check_sync_root_to_leaf() {
     node_healthy outpost-leaf "$LOGS/outpost-leaf.log"
 }
 
+# Two replicas of one registry (metadata in PostgreSQL at TEST_POSTGRES_URL, which test.sh
+# starts; blobs in moto's S3) behind a round-robin load balancer: skopeo pushes a multi-layer
+# image and an index through it and pulls them back with identical digests, and each replica
+# serves them. Uploads that land on the other replica are forwarded to the one holding them.
+check_replicas_behind_a_load_balancer() {
+    [ -n "${TEST_POSTGRES_URL:-}" ] ||
+        fail "TEST_POSTGRES_URL is not set (./test.sh starts PostgreSQL for the tests)"
+    local moto=${MOTO_SERVER:-$HERE/../../.venv/bin/moto_server} s3 db lb a b pa pb r
+    s3=$(free_port)
+    spawn moto "$LOGS/moto.log" "$moto" -H 127.0.0.1 -p "$s3"
+    wait_until 30 curl -s -o /dev/null "http://127.0.0.1:$s3" || fail "moto did not start"
+    run curl -sf -X PUT "http://127.0.0.1:$s3/interop" -o /dev/null
+    db=interop_$$_$RANDOM
+    run psql -q "$TEST_POSTGRES_URL" -c "CREATE DATABASE $db"
+    pa=$(free_port)
+    pb=$(free_port)
+    for r in "a $pa" "b $pb"; do
+        set -- $r
+        spawn "outpost-replica-$1" "$LOGS/outpost-replica-$1.log" env "${unset_outpost[@]}" \
+            AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
+            AWS_ENDPOINT="http://127.0.0.1:$s3" AWS_ALLOW_HTTP=true \
+            OUTPOST_BLOB_STORE=s3://interop/fleet OUTPOST_DATABASE_URL="${TEST_POSTGRES_URL%/*}/$db" \
+            OUTPOST_REPLICA_URL="http://127.0.0.1:$2" OUTPOST_ADMIN_PASSWORD="$ADMIN_PW" \
+            "$OUTPOST" serve --listen "127.0.0.1:$2" --data-dir "$WORK/replica-$1" \
+            --log-level "${INTEROP_OUTPOST_LOG_LEVEL:-debug,sqlx=warn}"
+        wait_until 30 curl -sf -u "$ADMIN" "http://127.0.0.1:$2/v2/" || fail "replica $1 did not start"
+    done
+    lb=$(free_port)
+    spawn roundrobin "$LOGS/roundrobin.log" python3 "$HERE/roundrobin.py" "$lb" "127.0.0.1:$pa" "127.0.0.1:$pb"
+    wait_until 30 curl -sf -u "$ADMIN" "http://127.0.0.1:$lb/v2/" || fail "the load balancer did not start"
+    LB=127.0.0.1:$lb
+    ADMIN_HOSTS="$LB 127.0.0.1:$pa 127.0.0.1:$pb"
+
+    run skopeo copy -q --dest-tls-verify=false --dest-creds "$ADMIN" "oci:$FIX:img" "docker://$LB/fleet/img:v1"
+    run skopeo copy -q --all --dest-tls-verify=false --dest-creds "$ADMIN" "oci:$FIX:multi" "docker://$LB/fleet/multi:v1"
+    echo "load balancer: $(grep -c '^connection to' "$LOGS/roundrobin.log") connections, $(grep -c ":$pa " "$LOGS/roundrobin.log") to A and $(grep -c ":$pb " "$LOGS/roundrobin.log") to B"
+    for host in "$LB" "127.0.0.1:$pa" "127.0.0.1:$pb"; do
+        expect_eq "fleet/img:v1 at $host" "$IMG_DIGEST" "$(raw_sha "docker://$host/fleet/img:v1")"
+        expect_eq "fleet/multi:v1 at $host" "$MULTI_DIGEST" "$(raw_sha "docker://$host/fleet/multi:v1")"
+    done
+    run skopeo copy -q --all --src-tls-verify=false --src-creds "$ADMIN" "docker://$LB/fleet/multi:v1" "oci:$WORK/fleet-multi:v1"
+    expect_eq "digest in the layout pulled through the load balancer" "$MULTI_DIGEST" "$(layout_digest "$WORK/fleet-multi" v1)"
+    same_blobs "$FIX" "$WORK/fleet-multi" 9
+    run skopeo copy -q --src-tls-verify=false --src-creds "$ADMIN" "docker://$LB/fleet/img:v1" "oci:$WORK/fleet-img:v1"
+    expect_eq "digest of the image pulled through the load balancer" "$IMG_DIGEST" "$(layout_digest "$WORK/fleet-img" v1)"
+    same_blobs "$FIX" "$WORK/fleet-img" 5
+    for r in a b; do
+        if grep -E 'status=5[0-9][0-9]|panicked' "$LOGS/outpost-replica-$r.log"; then
+            fail "replica $r answered a 5xx or panicked (lines above)"
+        fi
+    done
+    echo "  ok: no 5xx at either replica"
+    # (how many uploads had requests at both replicas: forwarded; depends on skopeo's reuse
+    # of connections, so only reported)
+    comm -12 <(grep -o 'blobs/uploads/[0-9a-f-]\{36\}' "$LOGS/outpost-replica-a.log" | sort -u) \
+        <(grep -o 'blobs/uploads/[0-9a-f-]\{36\}' "$LOGS/outpost-replica-b.log" | sort -u) |
+        wc -l | xargs echo "uploads seen at both replicas (forwarded):"
+}
+
 # after all the clients: Outpost is still up, answered no request with a 5xx, logged no
 # ERROR and did not panic (its request lines are "... request method=.. path=.. status=NNN")
 check_outpost_after() {
@@ -1217,6 +1277,7 @@ run_check auth-containerd-token-flow check_auth_containerd_token
 run_check sync-root-to-site-skopeo check_sync_root_to_site
 run_check sync-root-to-leaf-skopeo check_sync_root_to_leaf
 
+run_check replicas-behind-a-load-balancer check_replicas_behind_a_load_balancer
 run_check outpost-healthy-after-run check_outpost_after
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]
