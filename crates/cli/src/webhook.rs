@@ -74,6 +74,7 @@ pub async fn deliver(
                 Ok(c) => cursor = c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read where webhook delivery stands; retrying");
+                    drop(turn);
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     continue;
                 }
@@ -88,6 +89,7 @@ pub async fn deliver(
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read notifications to deliver; retrying");
+                drop(turn);
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }

@@ -324,9 +324,6 @@ impl Control {
         Ok(rows.into_iter().map(view).collect())
     }
 
-    /// Where delivery to the webhook at `url` stands: the last position delivered. Set to the
-    /// newest notification the first time it is asked for, so a new URL starts with what
-    /// comes next, not with the 30 days kept.
     /// Whether this replica may deliver a batch of notifications now: `Some(hold)` (keep it
     /// until the batch is delivered and its cursor recorded), or `None` while another replica
     /// sharing the database delivers. A lone node always may (`Some(None)`).
@@ -343,6 +340,9 @@ impl Control {
         self.meta.backend() == outpost_meta::Backend::Postgres
     }
 
+    /// Where delivery to the webhook at `url` stands: the last position delivered. Set to the
+    /// newest notification the first time it is asked for, so a new URL starts with what
+    /// comes next, not with the 30 days kept.
     pub async fn webhook_cursor(&self, url: &str) -> Result<i64> {
         let name = webhook_cursor_name(url);
         if let Some(c) = self.meta.log_state(&name).await? {

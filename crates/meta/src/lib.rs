@@ -22,6 +22,7 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Executor, Row};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -266,10 +267,10 @@ pub struct Meta {
     pub(crate) write: AnyPool,
     /// PostgreSQL only: connections that hold the cluster blob gate, apart from `write` so a
     /// hold waiting for a write connection can never starve the writes it waits for.
-    gates: Option<AnyPool>,
+    gates: Option<LockPool>,
     /// PostgreSQL only: connections that hold a [`ClusterLock`] (apart from the gate's, so a
     /// long garbage collection never keeps an administrator waiting).
-    locks: Option<AnyPool>,
+    locks: Option<LockPool>,
     backend: Backend,
     /// Recorded with every event this handle writes: `None` for changes made by clients,
     /// `Some("sync")` for changes applied from a parent (which a ReadWrite site must not send
@@ -310,6 +311,36 @@ pub enum ClusterLock {
 /// connection of its own that holds an advisory lock until it is dropped (rolled back).
 pub struct ClusterGate {
     _tx: Tx<'static>,
+    _turn: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A pool of connections that hold advisory locks, with a queue in front of it: a caller
+/// waits for its turn in the queue for as long as it takes (a lock may be held for minutes),
+/// and then for a connection only as long as opening one takes, so a database that is down
+/// is a 503 within seconds rather than a wait without end.
+#[derive(Clone)]
+struct LockPool {
+    pool: AnyPool,
+    queue: Arc<tokio::sync::Semaphore>,
+}
+
+impl LockPool {
+    fn new(pool: AnyPool, size: u32) -> LockPool {
+        LockPool {
+            pool,
+            queue: Arc::new(tokio::sync::Semaphore::new(size as usize)),
+        }
+    }
+
+    async fn begin(&self) -> Result<(Tx<'static>, tokio::sync::OwnedSemaphorePermit)> {
+        let turn = self
+            .queue
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| MetaError::Db(sqlx::Error::PoolClosed))?;
+        Ok((self.pool.begin().await?, turn))
+    }
 }
 
 /// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
@@ -332,8 +363,10 @@ pub fn redact_url(url: &str) -> String {
     let (user, host) = match rest.rfind('@') {
         Some(at) => {
             let info = &rest[..at];
-            let user = info.split(':').next().unwrap_or_default();
-            let masked = if info.contains(':') {
+            let user = info.split([':', '/', '?']).next().unwrap_or_default();
+            // Anything beyond a plain user name (a password, or a query with an `@` in it)
+            // is hidden.
+            let masked = if info.len() > user.len() {
                 format!("{user}:***@")
             } else {
                 format!("{user}@")
@@ -479,14 +512,23 @@ impl Meta {
         // A gate or a lock is held while blob files are checked or deleted in the object
         // store, or a collection runs, which may take minutes; whoever waits for one (holding
         // a connection, or for a connection) waits as long.
-        const HELD: &str = "SET idle_in_transaction_session_timeout = '30min'";
-        let gates = pool(16, HELD, Duration::from_secs(30 * 60))?;
-        let locks = pool(4, HELD, Duration::from_secs(30 * 60))?;
+        // The gate is held across a batch of deletes in the object store; a lock (a whole
+        // collection, say) may be held for hours, so only a session gone quiet that long ends.
+        let gates = pool(
+            8,
+            "SET idle_in_transaction_session_timeout = '30min'",
+            PG_CONNECT,
+        )?;
+        let locks = pool(
+            4,
+            "SET idle_in_transaction_session_timeout = '6h'",
+            PG_CONNECT,
+        )?;
         Ok(Meta {
             read,
             write,
-            gates: Some(gates),
-            locks: Some(locks),
+            gates: Some(LockPool::new(gates, 8)),
+            locks: Some(LockPool::new(locks, 4)),
             backend: Backend::Postgres,
             origin: None,
         })
@@ -560,7 +602,8 @@ impl Meta {
         self.read.close().await;
         self.write.close().await;
         for p in [&self.gates, &self.locks].into_iter().flatten() {
-            p.close().await;
+            p.queue.close();
+            p.pool.close().await;
         }
     }
 
@@ -1202,7 +1245,7 @@ impl Meta {
         let Some(pool) = &self.gates else {
             return Ok(None);
         };
-        let mut tx = pool.begin().await?;
+        let (mut tx, turn) = pool.begin().await?;
         let sql = if exclusive {
             "SELECT pg_advisory_xact_lock($1)"
         } else {
@@ -1212,7 +1255,10 @@ impl Meta {
             .bind(PG_BLOB_GATE)
             .execute(&mut *tx)
             .await?;
-        Ok(Some(ClusterGate { _tx: tx }))
+        Ok(Some(ClusterGate {
+            _tx: tx,
+            _turn: turn,
+        }))
     }
 
     /// A hold, across every replica sharing this PostgreSQL database, on the lock named by
@@ -1221,12 +1267,15 @@ impl Meta {
         let Some(pool) = &self.locks else {
             return Ok(None);
         };
-        let mut tx = pool.begin().await?;
+        let (mut tx, turn) = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(key as i64)
             .execute(&mut *tx)
             .await?;
-        Ok(Some(ClusterGate { _tx: tx }))
+        Ok(Some(ClusterGate {
+            _tx: tx,
+            _turn: turn,
+        }))
     }
 
     /// Like [`Self::cluster_lock`] without waiting: `Ok(None)` when another replica holds
@@ -1235,12 +1284,15 @@ impl Meta {
         let Some(pool) = &self.locks else {
             return Ok(Some(None));
         };
-        let mut tx = pool.begin().await?;
+        let (mut tx, turn) = pool.begin().await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(key as i64)
             .fetch_one(&mut *tx)
             .await?;
-        Ok(got.then_some(Some(ClusterGate { _tx: tx })))
+        Ok(got.then_some(Some(ClusterGate {
+            _tx: tx,
+            _turn: turn,
+        })))
     }
 
     // ---- event log -----------------------------------------------------------------------
@@ -1594,6 +1646,7 @@ pub(crate) mod tests {
                 "postgres://db/reg?***",
             ),
             ("postgres://u@db/reg", "postgres://u@db/reg"),
+            ("postgres://db/reg?password=p@ss", "postgres://db:***@ss"),
             ("db:5432", "(not a URL)"),
         ] {
             assert_eq!(super::redact_url(url), shown, "{url}");
