@@ -3,7 +3,7 @@
 //! replica with a data directory of its own, as behind a load balancer that sends each
 //! request anywhere.
 
-use crate::blobstore::{Emulator, Kind, failing_start};
+use crate::blobstore::{Emulator, Kind, failing_start, free_port};
 use crate::support::{
     ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, sha256_hex, tag_digest,
 };
@@ -32,38 +32,47 @@ async fn database(name: &str) -> Option<String> {
     )
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+/// What two replicas share (a fresh database, moto's S3) and the data directory of each.
+struct Fleet {
+    db: String,
+    s3: Emulator,
+    dirs: [tempfile::TempDir; 2],
+    extra: Vec<(String, String)>,
 }
 
-/// Starts one replica in `dir`, sharing `db` and the store of `s3`.
-fn replica(dir: &std::path::Path, db: &str, s3: &Emulator) -> Outpost {
-    replica_with(dir, db, s3, &[])
-}
+impl Fleet {
+    /// `None` only when `SKIP_POSTGRES_TESTS=1` or `SKIP_OBJECT_STORE_TESTS=1`.
+    async fn new(name: &str, extra: &[(&str, &str)]) -> Option<Fleet> {
+        Some(Fleet {
+            db: database(name).await?,
+            s3: Emulator::start(Kind::S3).await?,
+            dirs: [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
 
-fn replica_with(dir: &std::path::Path, db: &str, s3: &Emulator, extra: &[(&str, &str)]) -> Outpost {
-    let listen = free_addr();
-    let me = format!("http://{listen}");
-    let mut env = s3.env("fleet");
-    env.push(("OUTPOST_DATABASE_URL".into(), db.into()));
-    env.push(("OUTPOST_REPLICA_URL".into(), me));
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Outpost::start_listen(dir, &listen, &env)
+    /// Starts (or starts again) replica `i` on its own data directory and a fresh port.
+    fn replica(&self, i: usize) -> Outpost {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut env = self.s3.env("fleet");
+        env.push(("OUTPOST_DATABASE_URL".into(), self.db.clone()));
+        env.push(("OUTPOST_REPLICA_URL".into(), format!("http://{listen}")));
+        env.extend(self.extra.iter().cloned());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Outpost::start_listen(self.dirs[i].path(), &listen, &env)
+    }
 }
 
 #[tokio::test]
 async fn replicas_share_content_uploads_tokens_and_changes() {
-    let Some(db) = database("replicas").await else {
+    let Some(fleet) = Fleet::new("replicas", &[]).await else {
         return;
     };
-    let Some(s3) = Emulator::start(Kind::S3).await else {
-        return;
-    };
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = replica(dir_a.path(), &db, &s3);
-    let b = replica(dir_b.path(), &db, &s3);
+    let (a, b) = (fleet.replica(0), fleet.replica(1));
+    let db = &fleet.db;
     let admin = client_as("admin", ADMIN_PASSWORD);
     let (ra, rb) = (a.base(), b.base());
 
@@ -231,7 +240,7 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
 
     // A replica restarted keeps its place.
     drop(b);
-    let b = replica(dir_b.path(), &db, &s3);
+    let b = fleet.replica(1);
     let rb = b.base();
     assert_eq!(tag_digest(&admin, &rb, "app", "v1").await, Some(v2.clone()));
 
@@ -349,19 +358,11 @@ async fn a_database_outage_is_503_until_it_returns() {
 /// a long-poll answers (not at its next poll).
 #[tokio::test]
 async fn a_site_connected_to_one_replica_gets_pushes_made_at_another() {
-    let Some(db) = database("replica_sync").await else {
+    let Some(fleet) = Fleet::new("replica_sync", &[]).await else {
         return;
     };
-    let Some(s3) = Emulator::start(Kind::S3).await else {
-        return;
-    };
-    let (dir_a, dir_b, site_dir) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let a = replica(dir_a.path(), &db, &s3);
-    let b = replica(dir_b.path(), &db, &s3);
+    let site_dir = tempfile::tempdir().unwrap();
+    let (a, b) = (fleet.replica(0), fleet.replica(1));
     let admin = client_as("admin", ADMIN_PASSWORD);
     let base = push_image(&admin, &b.base(), "app", "base", "replica-base").await;
     // Created through B, followed at A.
@@ -398,16 +399,11 @@ async fn a_site_connected_to_one_replica_gets_pushes_made_at_another() {
 /// session does.
 #[tokio::test]
 async fn a_long_upload_stays_reachable_through_every_replica() {
-    let Some(db) = database("replica_long").await else {
+    let Some(fleet) = Fleet::new("replica_long", &[("OUTPOST_UPLOAD_MAX_AGE_SECS", "3")]).await
+    else {
         return;
     };
-    let Some(s3) = Emulator::start(Kind::S3).await else {
-        return;
-    };
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let short = [("OUTPOST_UPLOAD_MAX_AGE_SECS", "3")];
-    let a = replica_with(dir_a.path(), &db, &s3, &short);
-    let b = replica_with(dir_b.path(), &db, &s3, &short);
+    let (a, b) = (fleet.replica(0), fleet.replica(1));
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = admin
         .post(format!("{}/v2/app/blobs/uploads/", a.base()))

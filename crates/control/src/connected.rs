@@ -1160,7 +1160,7 @@ impl Control {
         };
         writes.push(AccessWrite::PutConnectedRegistry(Box::new(row.clone())));
         self.meta.apply(&writes).await?;
-        self.changed().await;
+        self.changed();
         self.view(&row).await
     }
 
@@ -1234,7 +1234,7 @@ impl Control {
         self.meta
             .apply(&[AccessWrite::PutConnectedRegistry(Box::new(row.clone()))])
             .await?;
-        self.changed().await;
+        self.changed();
         self.view(&row).await
     }
 
@@ -1394,7 +1394,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed().await;
+        self.changed();
         // A registry created later under the same name starts with no notifications.
         if let Err(e) = self.meta.delete_notifications(name).await {
             tracing::warn!(registry = name, error = %e, "could not delete the notifications of a deleted connected registry");
@@ -1665,7 +1665,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed().await;
+        self.changed();
         let sm = self.sync_scope_map(&row).await?;
         self.show_scope_map(&sm).await
     }
@@ -1907,7 +1907,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed().await;
+        self.changed();
         Ok(())
     }
 
@@ -2107,7 +2107,7 @@ impl Control {
             }
         }
         self.meta.apply(&writes).await?;
-        self.changed().await;
+        self.changed();
         Ok(())
     }
 

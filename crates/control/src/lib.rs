@@ -457,7 +457,7 @@ impl Control {
     /// After a write to tokens, scope maps or connected registries: cached identities and
     /// verified passwords are checked again. (The other replicas sharing the database learn of
     /// it from the write itself, which counted it in the same transaction.)
-    async fn changed(&self) {
+    fn changed(&self) {
         self.reload();
     }
 
@@ -506,7 +506,7 @@ impl Control {
                     t.is_admin = true;
                     t.status = "enabled".into();
                     self.meta.put_token(&t).await?;
-                    self.changed().await;
+                    self.changed();
                     tracing::info!("administrator password reset from configuration");
                 }
             }
@@ -529,7 +529,7 @@ impl Control {
             passwords: [new_password_row(&pw, None).await?, PasswordRow::default()],
         };
         self.meta.put_token(&row).await?;
-        self.changed().await;
+        self.changed();
         Ok(generated)
     }
 
@@ -835,7 +835,7 @@ impl Control {
                 name: name.into(),
             });
         }
-        self.changed().await;
+        self.changed();
         self.show_scope_map(name).await
     }
 
@@ -913,7 +913,7 @@ impl Control {
         self.meta
             .update_scope_map(name, description, &rules)
             .await?;
-        self.changed().await;
+        self.changed();
         self.show_scope_map(name).await
     }
 
@@ -933,7 +933,7 @@ impl Control {
                 name: name.into(),
             });
         }
-        self.changed().await;
+        self.changed();
         Ok(())
     }
 
@@ -1034,7 +1034,7 @@ impl Control {
             passwords,
         };
         self.meta.put_token(&row).await?;
-        self.changed().await;
+        self.changed();
         Ok(Self::token_view(&row, &fresh))
     }
 
@@ -1077,7 +1077,7 @@ impl Control {
             t.status = if e { "enabled" } else { "disabled" }.into();
         }
         self.meta.put_token(&t).await?;
-        self.changed().await;
+        self.changed();
         Ok(Self::token_view(&t, &[]))
     }
 
@@ -1110,7 +1110,7 @@ impl Control {
             t.passwords[s] = row;
         }
         self.meta.put_token(&t).await?;
-        self.changed().await;
+        self.changed();
         Ok(Self::token_view(&t, &fresh))
     }
 
@@ -1126,7 +1126,7 @@ impl Control {
             t.passwords[s] = PasswordRow::default();
         }
         self.meta.put_token(&t).await?;
-        self.changed().await;
+        self.changed();
         Ok(Self::token_view(&t, &[]))
     }
 
@@ -1151,7 +1151,7 @@ impl Control {
             )));
         }
         self.meta.delete_token(name).await?;
-        self.changed().await;
+        self.changed();
         Ok(())
     }
 }
