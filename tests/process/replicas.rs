@@ -244,6 +244,20 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     let rb = b.base();
     assert_eq!(tag_digest(&admin, &rb, "app", "v1").await, Some(v2.clone()));
 
+    // A replica whose replica_url leads to another replica (a copied configuration, or the
+    // load balancer's address) stops, saying so: uploads started at it would be looked for
+    // at the other one. The replica that does answer there is not disturbed.
+    let dir_e = tempfile::tempdir().unwrap();
+    let mut env = fleet.s3.env("fleet");
+    env.push(("OUTPOST_DATABASE_URL".into(), db.clone()));
+    env.push(("OUTPOST_REPLICA_URL".into(), ra.clone()));
+    let err = failing_start(dir_e.path(), &env);
+    assert!(
+        err.contains(&format!("replica_url {ra} reaches another Outpost process")),
+        "{err}"
+    );
+    assert_eq!(tag_digest(&admin, &ra, "app", "v1").await, Some(v2.clone()));
+
     // A server on the same database with its blobs on its own disk is refused: it would
     // list blobs it does not have.
     let dir_c = tempfile::tempdir().unwrap();

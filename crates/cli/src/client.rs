@@ -331,12 +331,7 @@ impl Client {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|e| {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
+            let mut why = outpost_oci::error::error_chain(&e);
             if why.contains("certificate") {
                 why.push_str(
                     " (for a registry whose certificate a private CA signed, set SSL_CERT_FILE \

@@ -309,9 +309,28 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         gc_min_age,
         metrics_enabled: config.metrics_enabled,
     });
+    // A replica whose replica_url leads elsewhere would have uploads started here looked
+    // for elsewhere: it stops, saying so, once the check has an answer.
+    let (fatal_tx, fatal_rx) = tokio::sync::watch::channel(None::<String>);
+    let mut fatal_wait = fatal_rx.clone();
+    let address_check = config.replica_url.clone().map(|url| {
+        tokio::spawn(async move {
+            if let Err(e) = outpost_server::verify_own_address(&url).await {
+                tracing::error!("{e}");
+                let _ = fatal_tx.send(Some(e));
+            }
+        })
+    });
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            // A check that passed (or none) closes the channel: then only signals stop it.
+            Ok(_) = fatal_wait.wait_for(Option::is_some) => {}
+        }
+    };
     match tls {
         Some(tls) => axum::serve(crate::tls::TlsListener::new(listener, tls)?, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(stop)
             .await
             .context("serving HTTPS")?,
         None => {
@@ -322,7 +341,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
                 }
             });
             axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
+                .with_graceful_shutdown(stop)
                 .await
                 .context("serving HTTP")?
         }
@@ -339,7 +358,14 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     if let Some(s) = sync {
         s.task.abort();
     }
+    if let Some(c) = address_check {
+        c.abort();
+    }
     registry.close().await;
+    let fatal = fatal_rx.borrow().clone();
+    if let Some(e) = fatal {
+        anyhow::bail!(e);
+    }
     tracing::info!("outpost stopped");
     Ok(())
 }

@@ -107,7 +107,7 @@ pub async fn deliver(
             // Without the URL (its query may hold a token), with the causes.
             Err(e) => Some(format!(
                 "the webhook cannot be reached: {}",
-                error_chain(&e.without_url())
+                outpost_oci::error::error_chain(&e.without_url())
             )),
         };
         match failure {
@@ -135,16 +135,4 @@ pub async fn deliver(
             }
         }
     }
-}
-
-/// An error and its causes, `: `-separated (reqwest's own text leaves them out).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }

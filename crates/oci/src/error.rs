@@ -1,6 +1,7 @@
 //! The error codes of the distribution spec (plus distribution's `TAG_INVALID` and ACR's
 //! `ALREADY_ACTIVATED`, which clients of those registries already understand). Only the code
 //! strings live here; which HTTP status goes with which failure is decided by `outpost-server`.
+//! Also [`error_chain`], the one way every crate writes an error with its causes.
 
 use serde::Serialize;
 
@@ -49,6 +50,19 @@ impl ErrorCode {
             ErrorCode::Unknown => "UNKNOWN",
         }
     }
+}
+
+/// An error and its causes, `: `-separated. HTTP clients' own text leaves the cause out
+/// ("error sending request" hides "Connection refused" or "invalid peer certificate").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use error::ApiError;
+pub use replicas::verify_own_address;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -57,7 +58,10 @@ pub fn router(state: AppState) -> Router {
         )
         .nest("/api/v1", api::routes())
         .nest("/gateway/v1", gateway::routes())
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|| async { ([(replicas::INSTANCE, replicas::instance_id())], "ok") }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status::page))

@@ -189,13 +189,7 @@ fn set_bearer(req: &mut reqwest::Request, token: &str) {
 /// request" hides "invalid peer certificate: UnknownIssuer"), plus what to do about an
 /// untrusted certificate.
 fn reason(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
+    let mut out = outpost_oci::error::error_chain(e);
     if out.contains("certificate") {
         out.push_str(
             " (if the parent's certificate is signed by a private CA, pass that CA with \
