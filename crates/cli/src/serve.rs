@@ -329,8 +329,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         }
     };
     match tls {
-        Some(tls) => axum::serve(crate::tls::TlsListener::new(listener, tls)?, app)
-            .with_graceful_shutdown(stop)
+        Some(tls) => outpost_server::serve(crate::tls::TlsListener::new(listener, tls)?, app, stop)
             .await
             .context("serving HTTPS")?,
         None => {
@@ -340,8 +339,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
+            outpost_server::serve(listener, app, stop)
                 .await
                 .context("serving HTTP")?
         }

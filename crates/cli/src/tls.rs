@@ -1,5 +1,5 @@
 //! HTTPS for `outpost serve`: loads the operator's certificate chain and private key (PEM), and
-//! turns the TCP listener into a TLS listener that `axum::serve` drives like a plain one.
+//! turns the TCP listener into a TLS listener that `outpost_server::serve` drives like a plain one.
 //!
 //! Handshakes run in their own tasks, each bounded by a timeout, and only finished connections
 //! reach the server. A client that connects and stays silent (or speaks plain HTTP to the TLS

@@ -7,6 +7,7 @@
 
 mod api;
 mod auth;
+mod conn;
 pub mod error;
 mod gateway;
 mod replicas;
@@ -26,6 +27,7 @@ use outpost_registry::Registry;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use conn::serve;
 pub use error::ApiError;
 pub use replicas::verify_own_address;
 
@@ -145,6 +147,7 @@ async fn common(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let start = Instant::now();
+    let req = conn::with_idle_timeout(req, conn::BODY_IDLE_TIMEOUT);
     let mut resp = next.run(req).await;
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));

@@ -96,7 +96,11 @@ fn client(
     ca: Option<&ParentCa>,
     read_timeout: Option<Duration>,
 ) -> Result<reqwest::Client, SyncError> {
-    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    // Idle connections are given up before the parent closes them (after 60 s), so a
+    // request is not sent on a connection the parent is just closing.
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(30));
     if let Some(t) = read_timeout {
         b = b.read_timeout(t);
     }

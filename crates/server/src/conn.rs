@@ -1,0 +1,167 @@
+//! Serving connections: HTTP/1.1 through hyper, with the limits a server facing untrusted
+//! clients needs and `axum::serve` does not set. A connection must send a request's head
+//! within [`HEAD_TIMEOUT`] (which also closes a keep-alive connection idle that long), and a
+//! request body that stops arriving for [`BODY_IDLE_TIMEOUT`] is cut off (an upload's chunk
+//! is then rolled back). Without them a client that connects and sends nothing, or trickles
+//! a byte now and then, holds a file descriptor forever, and enough of them lock everyone
+//! out. A slow link is not affected: only silence counts.
+
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::Request;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a client may take to send a request's head, and how long a connection may sit
+/// idle between requests.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request body may go without a single byte arriving.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Serves `router` on every connection `listener` yields until `shutdown` completes, then
+/// stops accepting and waits for the requests in flight to finish.
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // `Listener::accept` waits out failures (out of file descriptors) by itself.
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(io), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Wraps a request body so that it fails once no data has arrived for `idle`.
+pub(crate) fn with_idle_timeout(req: Request<Body>, idle: Duration) -> Request<Body> {
+    req.map(|body| {
+        Body::new(IdleBody {
+            inner: body,
+            idle,
+            last: Instant::now(),
+            timer: None,
+        })
+    })
+}
+
+struct IdleBody {
+    inner: Body,
+    idle: Duration,
+    /// When the last frame (or the request) arrived.
+    last: Instant,
+    /// Armed only while the body is waiting, and moved on lazily when it fires.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HttpBody for IdleBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.last = Instant::now();
+            return Poll::Ready(frame);
+        }
+        // The timer is not moved on for every frame: when it fires early (data came since it
+        // was set), it is set again from the last arrival.
+        let (last, idle) = (this.last, this.idle);
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last + idle)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let deadline = this.last + this.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no bytes of the request body arrived for {:?}", this.idle),
+                )))));
+            }
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_body_that_goes_silent_fails_and_a_slow_one_does_not() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let body = Body::from_stream(stream_of(rx));
+        let idle = Duration::from_millis(400);
+        let mut body = with_idle_timeout(Request::new(body), idle).into_body();
+        let sender = tokio::spawn(async move {
+            // Slow but steady: a byte every 300 ms, five times.
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tx.send(Ok(Bytes::from_static(b"x"))).await.unwrap();
+            }
+            // Then silence, with the sender still connected.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        let started = Instant::now();
+        let mut got = 0;
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => got += f.into_data().map_or(0, |d| d.len()),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended instead of timing out"),
+            }
+        };
+        assert_eq!(got, 5, "every byte of the slow body arrived");
+        assert!(started.elapsed() >= Duration::from_millis(1900));
+        assert!(
+            err.to_string()
+                .contains("no bytes of the request body arrived for 400ms"),
+            "{err}"
+        );
+        sender.abort();
+    }
+
+    /// A stream of the channel's items.
+    fn stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+}
