@@ -239,13 +239,11 @@ impl Config {
                 .filter(|s| !s.is_empty() && !s.starts_with('<'));
         }
         if let Some(l) = &config.login_server {
-            anyhow::ensure!(
-                !l.is_empty()
-                    && !l.contains("://")
-                    && !l.contains('/')
-                    && !l.chars().any(char::is_whitespace),
-                "login_server {l:?} must be host[:port], the address clients and child registries use to reach this registry"
-            );
+            outpost_control::connstr::check_endpoint(l).map_err(|why| {
+                anyhow::anyhow!(
+                    "login_server {why}; it is the address clients and child registries use to reach this registry"
+                )
+            })?;
         }
         if config.connection_string.is_none() {
             config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")

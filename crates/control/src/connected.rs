@@ -1523,7 +1523,9 @@ impl Control {
         if report.outbox_depth.is_some() {
             row.outbox_depth = report.outbox_depth;
         }
-        if report.login_server.is_some() {
+        if let Some(l) = &report.login_server {
+            crate::connstr::check_endpoint(l)
+                .map_err(|why| ControlError::Invalid(format!("loginServer {why}")))?;
             row.login_server = report.login_server;
         }
         self.meta.put_connected_registry(&row).await?;
@@ -1692,9 +1694,17 @@ impl Control {
             )));
         }
         let row = self.registry_row(name).await?;
+        if let Some(e) = explicit_endpoint {
+            crate::connstr::check_endpoint(e)
+                .map_err(|why| ControlError::Invalid(format!("--parent-endpoint {why}")))?;
+        }
         let endpoint = match (explicit_endpoint, &row.parent) {
             (Some(e), _) => e.to_string(),
-            (None, None) => root_endpoint.to_string(),
+            // The request's Host, unless it is no address (then the string says to fill it in).
+            (None, None) if crate::connstr::check_endpoint(root_endpoint).is_ok() => {
+                root_endpoint.to_string()
+            }
+            (None, None) => NO_ENDPOINT.into(),
             (None, Some(p)) => self
                 .meta
                 .connected_registry(p)

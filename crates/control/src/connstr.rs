@@ -36,6 +36,75 @@ pub enum ConnectionStringError {
         "connection string has no sync token password (it says {0:?}); generate one with `outpost connected-registry get-settings --generate-password 1`"
     )]
     NoPassword(String),
+    #[error("connection string's ParentGatewayEndpoint: {0}")]
+    Endpoint(String),
+}
+
+/// Checks that `s` is `host[:port]`: a DNS name or IPv4 address, or an IPv6 address in
+/// brackets, and an optional port. No scheme, path, user, `;` or space: the value goes into
+/// connection strings and URLs as it is. The error says what is wrong with it.
+pub fn check_endpoint(s: &str) -> Result<(), String> {
+    let fail = |why: &str| {
+        Err(format!(
+            "{s:?} is not host[:port] (e.g. registry.example:5000): {why}"
+        ))
+    };
+    if s.is_empty() {
+        return fail("it is empty");
+    }
+    if s.len() > 261 {
+        return fail("it is longer than a host name and port can be");
+    }
+    if s.contains("://") {
+        return fail("leave out the scheme (the protocol is given separately)");
+    }
+    if s.contains('/') {
+        return fail("leave out any path");
+    }
+    if s.starts_with('<') {
+        return fail("replace this placeholder with the address at which the parent is reached");
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return fail("an IPv6 address needs its closing ]");
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return fail("the part in brackets is not an IPv6 address");
+        }
+        match after {
+            "" => (None, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (None, Some(p)),
+                None => return fail("only :port may follow an IPv6 address"),
+            },
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(s), None),
+        }
+    };
+    if let Some(host) = host {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || !host.trim_end_matches('.').split('.').all(label_ok) {
+            return fail(
+                "the host must be a DNS name or an IP address (letters, digits, '-', '.')",
+            );
+        }
+    }
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return fail("the port must be a number from 1 to 65535");
+    }
+    Ok(())
 }
 
 const KEYS: [&str; 5] = [
@@ -86,6 +155,7 @@ impl ConnectionString {
         if cs.sync_token_password.starts_with('<') {
             return Err(ConnectionStringError::NoPassword(cs.sync_token_password));
         }
+        check_endpoint(&cs.parent_gateway_endpoint).map_err(ConnectionStringError::Endpoint)?;
         Ok(cs)
     }
 
@@ -116,6 +186,45 @@ impl fmt::Display for ConnectionString {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn endpoints_are_host_and_port_only() {
+        for ok in [
+            "registry.example",
+            "registry.example:5000",
+            "10.0.0.5:5000",
+            "[::1]:5000",
+            "[fe80::1]",
+            "site_one.local.",
+        ] {
+            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("http://cloud:5000", "scheme"),
+            ("cloud:5000/v2", "path"),
+            ("evil.example:1;SyncTokenName=admin", "port"),
+            ("a;SyncTokenName=admin", "DNS name"),
+            ("host name", "DNS name"),
+            ("host\nX: y", "DNS name"),
+            ("cloud:0", "port"),
+            ("cloud:99999", "port"),
+            ("[::1", "closing ]"),
+            ("[not-v6]:5000", "IPv6"),
+            ("[::1]x", "only :port"),
+            ("<parent gateway endpoint>", "placeholder"),
+            ("user@cloud:5000", "DNS name"),
+        ] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("host[:port]"), "{bad}: {e}");
+        }
+        let e = ConnectionString::parse(
+            "ConnectedRegistryName=a;SyncTokenName=a;SyncTokenPassword=p;\
+             ParentGatewayEndpoint=http://cloud:5000;ParentEndpointProtocol=http",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("leave out the scheme"), "{e}");
+    }
 
     #[test]
     fn parses_acr_example_and_values_with_equals() {
@@ -160,7 +269,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips(name in "[a-z][a-z0-9_-]{4,20}", pw in "[A-Za-z0-9+/=]{1,60}", host in "[a-z0-9.]{1,20}(:[0-9]{1,5})?") {
+        fn round_trips(name in "[a-z][a-z0-9_-]{4,20}", pw in "[A-Za-z0-9+/=]{1,60}", host in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,2}(:[1-9][0-9]{0,3})?") {
             let c = ConnectionString {
                 connected_registry_name: name.clone(),
                 sync_token_name: name,

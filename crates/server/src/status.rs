@@ -143,16 +143,24 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
                         .and_then(|t| outpost_control::parse_rfc3339(t).ok())
                         .map(|ms| ms / 1000)
                 };
-                let problems: Vec<String> = r
-                    .status_details
-                    .iter()
-                    .map(|d| match d.kind.as_str() {
+                // Codes and counts only: a detail's text names repositories, tags and tokens,
+                // which this page (open without credentials) must not show. The text is in
+                // `outpost connected-registry show`.
+                let mut problems: Vec<(String, usize)> = Vec::new();
+                for d in &r.status_details {
+                    let label = match d.kind.as_str() {
                         // Handled already (a resolved tag conflict): shown, labelled as such.
-                        outpost_control::connected::NOTICE => {
-                            format!("notice, {}: {}", d.code, d.description)
-                        }
-                        _ => format!("{}: {}", d.code, d.description),
-                    })
+                        outpost_control::connected::NOTICE => format!("notice: {}", d.code),
+                        _ => d.code.clone(),
+                    };
+                    match problems.iter_mut().find(|(l, _)| *l == label) {
+                        Some((_, n)) => *n += 1,
+                        None => problems.push((label, 1)),
+                    }
+                }
+                let problems: Vec<String> = problems
+                    .into_iter()
+                    .map(|(l, n)| if n > 1 { format!("{l} (x{n})") } else { l })
                     .collect();
                 let _ = write!(
                     h,

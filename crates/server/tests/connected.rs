@@ -1798,6 +1798,44 @@ async fn get_settings_uses_the_parents_reported_address_unless_told_otherwise() 
         endpoint(json!({"parentProtocol": "http"})).await,
         "10.0.0.5:5000"
     );
+
+    // Addresses are host[:port] and nothing else: they go into connection strings as they
+    // are, so a reported or given value holding `;` or a line break could add keys to a
+    // child's string or rows to an operator's table.
+    for bad in [
+        "evil.example:1;ParentEndpointProtocol=https;SyncTokenName=admin",
+        "host\nfake  ReadWrite  Online",
+        "http://cloud:5000",
+    ] {
+        let r = t
+            .req_as(
+                Some(&hub),
+                Method::PUT,
+                "/gateway/v1/hub-0001/status",
+                &[],
+                json!({"instanceId": "hub-a", "state": "Online", "loginServer": bad}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", msg(&r));
+        assert!(
+            msg(&r).contains("loginServer") && msg(&r).contains("host[:port]"),
+            "{}",
+            msg(&r)
+        );
+        let r = post(
+            &t,
+            "/api/v1/connected-registries/leaf-0001/get-settings",
+            json!({"parentProtocol": "http", "parentEndpoint": bad}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", msg(&r));
+        assert!(msg(&r).contains("--parent-endpoint"), "{}", msg(&r));
+    }
+    assert_eq!(
+        endpoint(json!({"parentProtocol": "http"})).await,
+        "10.0.0.5:5000",
+        "the refused reports changed nothing"
+    );
 }
 
 #[tokio::test]
@@ -1825,6 +1863,47 @@ async fn the_status_page_shows_the_store_and_the_fleet() {
         !page.contains("Sync with the parent"),
         "a root has no parent"
     );
+
+    // Problems are shown by code and count: their text names repositories and tokens, and
+    // this page needs no credentials.
+    let sync = registry_with_sync_password(&t, "ship-0002", json!(["app"]), json!({})).await;
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::POST,
+            "/gateway/v1/ship-0002/activate",
+            &[],
+            json!({"instanceId": "ship-a"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let refused = |tag: &str| {
+        json!({"type": "Sync", "code": "OutboxEntryRefused",
+               "description": format!("the parent refused secret-proj:{tag}: token \"ci-secret\" may not push")})
+    };
+    let r = t
+        .req_as(
+            Some(&sync),
+            Method::PUT,
+            "/gateway/v1/ship-0002/status",
+            &[],
+            json!({"instanceId": "ship-a", "state": "Online",
+                   "statusDetails": [refused("launch-q3"), refused("launch-q4")]})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let r = t
+        .req_as(None, Method::GET, "/status", &[], Body::empty())
+        .await;
+    let page = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(page.contains("<td>OutboxEntryRefused (x2)</td>"), "{page}");
+    for secret in ["secret-proj", "launch-q3", "ci-secret"] {
+        assert!(
+            !page.contains(secret),
+            "{secret} is on the open page: {page}"
+        );
+    }
 }
 
 /// Notifications a connected registry sends are kept at the root once per id, listed in order,
