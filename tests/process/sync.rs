@@ -2,7 +2,8 @@
 //! with the connection string the root's CLI prints.
 
 use crate::support::{
-    self, ADMIN_PASSWORD, Outpost, client_as, eventually, push_image, tag_digest,
+    self, ADMIN_PASSWORD, Outpost, client_as, eventually, push_blob, push_image, sha256_hex,
+    tag_digest,
 };
 use std::time::Duration;
 
@@ -340,12 +341,154 @@ async fn connection_problems_are_one_clear_line() {
     );
     // Only one active instance: a second one is told to deactivate first.
     let first_dir = tempfile::tempdir().unwrap();
-    let _first = start_site(first_dir.path(), &cs);
+    let first = start_site(first_dir.path(), &cs);
     let err = failing_site(&cs);
     assert!(
         err.contains("already activated") && err.contains("deactivate"),
         "{err}"
     );
+
+    // A site's data directory started without its connection string (forgotten in a unit
+    // file, say) is refused rather than run as a root its parent never hears of; and an
+    // offline bundle is not imported into a root's data directory.
+    drop(first);
+    let err = crate::blobstore::failing_start(first_dir.path(), &[]);
+    assert!(
+        err.contains("belongs to connected registry \"site-err\"")
+            && err.contains("start it with its connection string"),
+        "{err}"
+    );
+    let bundle = tempfile::tempdir().unwrap();
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "export",
+            "-n",
+            "site-err",
+            "--dir",
+            bundle.path().to_str().unwrap(),
+        ],
+    );
+    drop(root);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["import", "--data-dir"])
+        .arg(dir.path())
+        .arg("--dir")
+        .arg(bundle.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a connected registry"), "{err}");
+}
+
+/// A control-plane change at the root reaches the sites below it at once, not at the end of
+/// their long-poll of the message feed (here 60 s, longer than any wait below): a client
+/// token added, then disabled; a new line's password, which its site must know before the
+/// line can start.
+#[tokio::test]
+async fn control_plane_changes_reach_sites_without_waiting_for_the_long_poll() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let line_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "first").await;
+    let slow = |dir: &std::path::Path, cs: &str| {
+        Outpost::start_env(
+            dir,
+            &[
+                ("OUTPOST_CONNECTION_STRING", cs),
+                ("OUTPOST_SYNC_POLL_SECS", "60"),
+                ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+            ],
+        )
+    };
+    let cs = connected(&root, "site-quick", &["--repository", "app"]);
+    let site = slow(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("the site has app:v1", || async {
+        tag_digest(&client_as("admin", SITE_PASSWORD), &s, "app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
+
+    let password = read_token(&root, "quick-reader", "app");
+    let reader = client_as("quick-reader", &password);
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "update",
+            "-n",
+            "site-quick",
+            "--add-client-tokens",
+            "quick-reader",
+        ],
+    );
+    eventually("the new client token works at the site", || async {
+        tag_digest(&reader, &s, "app", "v1").await.is_some()
+    })
+    .await;
+    cli_ok(
+        &root,
+        &[
+            "token",
+            "update",
+            "-n",
+            "quick-reader",
+            "--status",
+            "disabled",
+        ],
+    );
+    eventually(
+        "the disabled client token stops working at the site",
+        || async { tag_digest(&reader, &s, "app", "v1").await.is_none() },
+    )
+    .await;
+
+    // A line under the site, started right after its connection string is made.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "line-quick",
+            "-p",
+            "site-quick",
+            "--repository",
+            "app",
+        ],
+    );
+    eventually("the root knows the site's address", || async {
+        cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-quick",
+                "-o",
+                "json",
+            ],
+        )
+        .contains(&site.addr)
+    })
+    .await;
+    let line = slow(line_dir.path(), &connected_settings(&root, "line-quick"));
+    let l = line.base();
+    eventually("the line has app:v1", || async {
+        tag_digest(&client_as("admin", SITE_PASSWORD), &l, "app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -1194,7 +1337,8 @@ async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent(
 async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();
-    let root = Outpost::start(root_dir.path(), &[]);
+    // The root takes manifests of up to 4 KiB; the site, with the default, takes larger ones.
+    let root = Outpost::start_env(root_dir.path(), &[("OUTPOST_MAX_MANIFEST_BYTES", "4096")]);
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     push_image(&admin, &r, "app", "base", "base").await;
@@ -1211,9 +1355,43 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
     })
     .await;
 
-    // A push the parent will never take (its sync token has no right to `other`), then pushes
-    // it will: the later ones must not wait behind the refused one.
-    push_image(&site_admin, &s, "other", "v1", "outside-scope").await;
+    // A repository the site does not sync is refused at the site, at once and saying why:
+    // taken, it would never reach the root.
+    let resp = site_admin
+        .post(format!("{s}/v2/other/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("repository other is not synced by this connected registry")
+            && text.contains("permissions update -n site-skip --add other"),
+        "{text}"
+    );
+
+    // A push the parent will never take (a manifest over its size limit), then pushes it
+    // will: the later ones must not wait behind the refused one.
+    let config = br#"{"seed":"too-big"}"#.to_vec();
+    let layer = b"a layer of the oversized image".to_vec();
+    for blob in [&config, &layer] {
+        push_blob(&site_admin, &s, "app", blob).await;
+    }
+    let big = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_hex(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256_hex(&layer), "size": layer.len()}],
+        "annotations": {"padding": "x".repeat(6000)}
+    });
+    let resp = site_admin
+        .put(format!("{s}/v2/app/manifests/too-big"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&big).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
     let first = push_image(&site_admin, &s, "app", "v2", "after-the-refused-one").await;
     eventually("app:v2 reaches the root", || async {
         tag_digest(&admin, &r, "app", "v2").await.as_deref() == Some(first.as_str())
@@ -1246,7 +1424,7 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
                 x["code"] == "OutboxEntryRefused"
                     && x["description"]
                         .as_str()
-                        .is_some_and(|t| t.contains("other") && t.contains("denied"))
+                        .is_some_and(|t| t.contains("app:too-big"))
             })
         }) && v["outboxDepth"] == 0
     })
@@ -1257,6 +1435,29 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
         "a site moving its own tag is not a conflict: {v}"
     );
     assert_eq!(v["connectionState"], "Unhealthy", "{v}");
+
+    // A refused change with nothing after it is reported too, without waiting for some
+    // unrelated change to trigger a report.
+    let mut big = big;
+    big["annotations"]["padding"] = serde_json::json!("y".repeat(6000));
+    let resp = site_admin
+        .put(format!("{s}/v2/app/manifests/too-big-again"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&big).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    eventually("the last refusal is reported at the root", || async {
+        show().await["statusDetails"].as_array().is_some_and(|d| {
+            d.iter().any(|x| {
+                x["description"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("app:too-big-again"))
+            })
+        })
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -2333,7 +2534,7 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
     // session itself cannot be created: the same 507 comes at the POST.
     let blob = vec![7u8; 20 << 20];
     let loc = site_admin
-        .post(format!("{s}/v2/local/blobs/uploads/"))
+        .post(format!("{s}/v2/app/blobs/uploads/"))
         .send()
         .await
         .unwrap();

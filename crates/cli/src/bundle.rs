@@ -401,16 +401,21 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
     // into a site.
     let sync_dir = data_dir.join("sync");
     let saved = sync_dir.join("config.json");
-    if let Some(current) = std::fs::read(&saved)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| v["name"].as_str().map(String::from))
-        && current != name
-    {
-        bail!(
+    match outpost_sync::saved_owner(data_dir) {
+        Some(current) if current != name => bail!(
             "this bundle is for connected registry {name:?}, but {} belongs to {current:?}",
             data_dir.display()
-        );
+        ),
+        Some(_) => {}
+        // A registry that was never a connected registry (a root): the bundle would roll its
+        // tags back to the parent's.
+        None if data_dir.join("meta.db").exists() => bail!(
+            "{} holds a registry that is not a connected registry (it has no sync state); \
+             import fills the data directory of connected registry {name:?}, new or stopped, \
+             not a root's",
+            data_dir.display()
+        ),
+        None => {}
     }
     // The blobs go where the site's server keeps them: as given, or as its data directory
     // recorded (the record's first line; an owner id and a claim mark may follow).

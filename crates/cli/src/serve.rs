@@ -122,6 +122,26 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     let _lock = crate::bundle::lock_data_dir(&config.data_dir)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    // A connected registry's directory started without its connection string would take
+    // pushes as a root that its parent never sees (and a ReadOnly one would then serve tags
+    // its parent does not have).
+    if config.connection_string.is_none()
+        && config.upstream_url.is_none()
+        && let Some(owner) = outpost_sync::saved_owner(&config.data_dir)
+    {
+        anyhow::bail!(
+            "the data directory {} belongs to {}: start it with {} (it was started without)",
+            config.data_dir.display(),
+            match owner.as_str() {
+                "mirror" => "a mirror of a plain registry".to_string(),
+                name => format!("connected registry {name:?}"),
+            },
+            match owner.as_str() {
+                "mirror" => "upstream_url (OUTPOST_UPSTREAM_URL)",
+                _ => "its connection string (--connection-string or OUTPOST_CONNECTION_STRING)",
+            }
+        );
+    }
     let registry = Registry::open(
         &config.data_dir,
         RegistryConfig {
@@ -259,6 +279,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         }
     };
     let read_only = sync.as_ref().is_some_and(|s| s.read_only);
+    let sync_scope = sync.as_ref().and_then(|s| s.scope.clone());
 
     // Replicas sharing a PostgreSQL database follow each other's writes.
     let follower = (registry.meta().backend() == outpost_meta::Backend::Postgres)
@@ -306,6 +327,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             tls: tls.is_some(),
         },
         read_only,
+        sync_scope,
         gc_min_age,
         metrics_enabled: config.metrics_enabled,
     });

@@ -286,6 +286,32 @@ pub struct SyncConfig {
     pub children: Vec<SyncConfig>,
 }
 
+/// The repositories a connected registry syncs, as its clients' writes are checked against:
+/// a change outside them would never reach the parent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncScope {
+    /// The connected registry's name.
+    pub name: String,
+    pub patterns: Vec<RepoPattern>,
+}
+
+impl SyncScope {
+    pub fn of(cfg: &SyncConfig) -> SyncScope {
+        SyncScope {
+            name: cfg.name.clone(),
+            patterns: cfg
+                .repositories
+                .iter()
+                .filter_map(|r| RepoPattern::parse(r).ok())
+                .collect(),
+        }
+    }
+
+    pub fn covers(&self, repo: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(repo))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientTokenConfig {

@@ -397,6 +397,8 @@ pub struct Control {
     writes: tokio::sync::Mutex<()>,
     /// Set on an intermediate connected registry: where to relay activation and status.
     upstream: RwLock<Option<Arc<dyn connected::Upstream>>>,
+    /// Counts access-control changes, for those who wait on them ([`Control::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Control {
@@ -446,7 +448,15 @@ impl Control {
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
             upstream: RwLock::new(None),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Notified at every change to tokens, scope maps or connected registries (not at status
+    /// reports): a child's long-poll of the message feed ends early, so it fetches its new
+    /// configuration (a new password, client token or scope) within moments.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Makes this node relay its descendants' activation and status to its parent.
@@ -481,6 +491,7 @@ impl Control {
     /// sharing the database changed them.
     pub fn reload(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     fn generation(&self) -> u64 {

@@ -190,6 +190,7 @@ async fn run_gc(State(app): State<App>, h: HeaderMap, ApiBody(body): ApiBody) ->
 
 async fn admin(app: &App, headers: &HeaderMap) -> Result<()> {
     let p = auth::principal(app, headers).await?;
+    auth::basic_only(app, &p, "the management API")?;
     if !p.is_authenticated() {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

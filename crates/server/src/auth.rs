@@ -288,3 +288,24 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
         .body(Body::from(body))
         .unwrap_or_default())
 }
+
+/// Refuses an access token where a token's own credentials are needed (`what`: the
+/// management or gateway API). An access token carries repository scopes only; one scoped to
+/// pulling `app` must not read a connected registry's configuration or manage tokens.
+pub(crate) fn basic_only(app: &App, p: &Principal, what: &str) -> Result<(), ApiError> {
+    if matches!(p, Principal::Bearer { .. }) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!(
+                "{what} takes a token's name and password (Basic authentication), not an \
+                 access token, which carries repository scopes only"
+            ),
+        )
+        .with_header(
+            header::WWW_AUTHENTICATE,
+            &format!("Basic realm=\"{}\"", app.auth.service),
+        ));
+    }
+    Ok(())
+}

@@ -57,6 +57,7 @@ async fn authorize(
     action: GatewayAction,
 ) -> Result<(), ApiError> {
     let p = auth::principal(app, h).await?;
+    auth::basic_only(app, &p, "the gateway API")?;
     if !p.is_authenticated() {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -133,9 +134,7 @@ async fn config(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigRead).await?;
-    let cfg = app.control.sync_config(&name).await?;
-    let body = serde_json::to_vec(&cfg).unwrap_or_default();
-    let etag = format!("\"{}\"", outpost_oci::Digest::sha256_of(&body).hex());
+    let (body, etag) = config_and_etag(&app, &name).await?;
     if h.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
@@ -148,6 +147,14 @@ async fn config(
         body,
     )
         .into_response())
+}
+
+/// `name`'s configuration as sent, and its ETag (quoted).
+async fn config_and_etag(app: &App, name: &str) -> Result<(Vec<u8>, String), ApiError> {
+    let cfg = app.control.sync_config(name).await?;
+    let body = serde_json::to_vec(&cfg).unwrap_or_default();
+    let etag = format!("\"{}\"", outpost_oci::Digest::sha256_of(&body).hex());
+    Ok((body, etag))
 }
 
 async fn messages(
@@ -164,9 +171,26 @@ async fn messages(
     let wait = std::time::Duration::from_secs(num("wait", 0)?.min(60) as u64);
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = app.registry.subscribe();
+    // A control-plane change ends the wait too (with an empty page), so the child fetches its
+    // configuration at once instead of after the long-poll.
+    let mut access = app.control.subscribe();
     let mut page = app.control.messages(&name, after, limit).await?;
-    if page.messages.is_empty() && !page.resync && !wait.is_zero() {
-        let _ = tokio::time::timeout(wait, changes.changed()).await;
+    // The child names the configuration it has (`config`, its ETag): one changed since
+    // (before this request subscribed) is answered at once, so it is fetched now.
+    let stale = match q.iter().find(|(k, _)| k == "config") {
+        Some((_, have)) if !wait.is_zero() => {
+            config_and_etag(&app, &name).await?.1.trim_matches('"') != have.trim_matches('"')
+        }
+        _ => false,
+    };
+    if page.messages.is_empty() && !page.resync && !wait.is_zero() && !stale {
+        let _ = tokio::time::timeout(wait, async {
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = access.changed() => {}
+            }
+        })
+        .await;
         page = app.control.messages(&name, after, limit).await?;
     }
     Ok(json(StatusCode::OK, &page))

@@ -39,6 +39,9 @@ pub struct AppState {
     pub auth: AuthSettings,
     /// A ReadOnly connected registry: clients may not push, tag or delete.
     pub read_only: bool,
+    /// At a connected registry, the repositories it syncs: client changes elsewhere are
+    /// refused (they would never reach the parent).
+    pub sync_scope: Option<tokio::sync::watch::Receiver<outpost_control::connected::SyncScope>>,
     /// Garbage collection run through the API spares blobs younger than this.
     pub gc_min_age: std::time::Duration,
     /// Whether `/metrics` answers.

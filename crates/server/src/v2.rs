@@ -120,6 +120,24 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     "this connected registry is read-only: push, tag and delete at its parent; changes reach this site at the next sync",
                 ));
             }
+            if let Some(scope) = &app.sync_scope
+                && !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
+            {
+                let scope = scope.borrow();
+                if !scope.covers(name) {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Denied,
+                        format!(
+                            "repository {name} is not synced by this connected registry, so a \
+                             change here would never reach its parent: push it at the parent, \
+                             or add it to this registry's repositories there (`outpost \
+                             connected-registry permissions update -n {} --add {name}`)",
+                            scope.name
+                        ),
+                    ));
+                }
+            }
         }
     }
     // An upload another replica holds is answered there.

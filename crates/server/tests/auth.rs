@@ -364,6 +364,32 @@ async fn challenge_and_token_flow() {
         r.header("www-authenticate")
             .contains("repository:app:pull,push")
     );
+    // Nor does it open the management or gateway API, though issued to admin: it carries
+    // repository scopes only. The same token's Basic credentials do.
+    for path in ["/api/v1/tokens", "/gateway/v1/nosuch-registry/config"] {
+        let r = t
+            .req_as(Some(&admin_pull), Method::GET, path, &[], Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(
+            r.json()["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not an access token"),
+            "{path}: {:?}",
+            r.body
+        );
+        let r = t
+            .req_as(
+                Some(&basic("admin", ADMIN_PASSWORD)),
+                Method::GET,
+                path,
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_ne!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
 
     // Wrong password at the token endpoint and on /v2/.
     let r = t

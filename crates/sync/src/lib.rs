@@ -50,7 +50,7 @@ pub enum SyncError {
     )]
     Unreachable { parent: String, reason: String },
     #[error(
-        "the parent refused the password of sync token {token:?} ({message}); get a new connection string with `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1`"
+        "the parent refused the password of sync token {token:?} ({message}): the password is wrong or was generated again since, or connected registry {name:?} was deleted; at the root, `outpost connected-registry show -n {name}` tells which, and `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1` makes a new connection string"
     )]
     BadCredentials {
         token: String,
@@ -168,6 +168,9 @@ pub struct MirrorOptions {
 pub struct Started {
     /// Whether local clients may only read.
     pub read_only: bool,
+    /// What a connected registry syncs, as it changes: its clients may change nothing
+    /// outside it (`None` for a mirror, which is read-only anyway).
+    pub scope: Option<tokio::sync::watch::Receiver<outpost_control::connected::SyncScope>>,
     pub task: tokio::task::JoinHandle<()>,
     /// For a connected registry, the garbage-collection setting its parent configures, as it
     /// changes (`None` for a mirror of a plain registry, which follows its own configuration).
@@ -317,6 +320,8 @@ struct Child {
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// The garbage-collection setting the parent configures, for the node's collector.
     gc: tokio::sync::watch::Sender<GarbageCollection>,
+    /// The repositories synced, for refusing local writes outside them.
+    scope: tokio::sync::watch::Sender<outpost_control::connected::SyncScope>,
     /// False while this process has not activated at the parent: it started without it
     /// (from saved state, or from an offline bundle) and activates on first contact.
     activated: std::sync::atomic::AtomicBool,
@@ -371,6 +376,16 @@ fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
             ),
         }),
     }
+}
+
+/// Whose data directory `data_dir` is, as its saved sync configuration says: a connected
+/// registry's name, or `mirror` for a mirror of a plain registry. Read even from a damaged
+/// file; `None` for a root's (or a new) directory.
+pub fn saved_owner(data_dir: &Path) -> Option<String> {
+    std::fs::read(data_dir.join("sync").join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["name"].as_str().map(String::from))
 }
 
 /// The last event of this connected registry (under `data_dir`) after which events are still
@@ -830,12 +845,8 @@ pub async fn start(
     let config_path = dir.join("config.json");
     let mut damaged = None;
     let saved_text = read_state(&config_path)?;
-    // Whose data directory this is, read even from a damaged file: another registry's content
-    // and client tokens must not be served under this name.
-    if let Some(owner) = saved_text
-        .as_deref()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-        .and_then(|v| v["name"].as_str().map(String::from))
+    // Another registry's content and client tokens must not be served under this name.
+    if let Some(owner) = saved_owner(&opts.data_dir)
         && owner != opts.connection_string.connected_registry_name
     {
         return Err(SyncError::State {
@@ -864,7 +875,21 @@ pub async fn start(
         },
     };
     let mut activated = true;
-    let config = match parent.activate(&instance_id).await {
+    let mut first = parent.activate(&instance_id).await;
+    // A password generated a moment ago reaches a parent that is itself a connected registry
+    // at its next sync (within a second or so when it is online): ask again before giving up.
+    for wait in [1, 2, 4] {
+        if !matches!(first, Err(SyncError::BadCredentials { .. })) {
+            break;
+        }
+        tracing::warn!(
+            retry_in_secs = wait,
+            "the parent refused this sync token's password; asking again in case it has not learnt a new password yet"
+        );
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        first = parent.activate(&instance_id).await;
+    }
+    let config = match first {
         Ok(()) => {
             let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
                 SyncError::Protocol("the parent answered 304 to an unconditional request".into())
@@ -949,9 +974,11 @@ pub async fn start(
         fetching: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
+        scope: tokio::sync::watch::Sender::new(outpost_control::connected::SyncScope::of(&config)),
         activated: std::sync::atomic::AtomicBool::new(activated),
     });
     let gc = child.gc.subscribe();
+    let scope = child.scope.subscribe();
     child.registry.metrics().sync_started();
     child.apply_config(&config).await?;
     child
@@ -961,6 +988,7 @@ pub async fn start(
     let task = tokio::spawn(child.run());
     Ok(Started {
         read_only,
+        scope: Some(scope),
         task,
         gc: Some(gc),
     })
@@ -1042,12 +1070,14 @@ pub async fn start_mirror(
         fetching: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config_gc),
+        scope: tokio::sync::watch::Sender::default(),
         activated: std::sync::atomic::AtomicBool::new(true),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
     Ok(Started {
         read_only: true,
+        scope: None,
         task,
         gc: None,
     })
@@ -1080,6 +1110,12 @@ impl Child {
     /// Installs the client tokens and the descendants (their resources and sync tokens), so
     /// this node authenticates its clients and serves its children, also offline.
     async fn apply_config(&self, cfg: &SyncConfig) -> Result<()> {
+        let scope = outpost_control::connected::SyncScope::of(cfg);
+        self.scope.send_if_modified(|s| {
+            let changed = *s != scope;
+            *s = scope;
+            changed
+        });
         self.gc.send_if_modified(|g| {
             let changed = *g != cfg.garbage_collection;
             if changed {
@@ -1353,7 +1389,7 @@ impl Child {
             }
             _ => {
                 // Everything after `latest` will also come through the feed; applying twice is harmless.
-                let latest = match self.parent.messages(i64::MAX / 2, 0).await? {
+                let latest = match self.parent.messages(i64::MAX / 2, 0, None).await? {
                     Feed::Expired { latest } => latest,
                     Feed::Page(p) => p.latest,
                 };
@@ -1372,7 +1408,10 @@ impl Child {
         if let Err(e) = self.flush_notifications(&cfg).await {
             tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
         }
-        let poll = self.parent.messages(cursor, self.poll_wait().as_secs());
+        let have = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let poll = self
+            .parent
+            .messages(cursor, self.poll_wait().as_secs(), have.as_deref());
         let feed = if cfg.mode == "ReadWrite" {
             // A local client's change ends the wait: it goes up at once instead of after the
             // long-poll (up to sync_poll_secs).
@@ -1431,10 +1470,12 @@ impl Child {
     /// they survive restarts and outages. When the parent's tag had moved meanwhile, the site's
     /// write (the last to reach it) wins; the parent keeps the other manifest by digest, and
     /// the conflict is reported in the status details.
+    /// Returns how many changes it handled (sent, or refused by the parent and reported):
+    /// either way the parent is told at once, with the refusal in the status details.
     async fn flush_outbox(&self) -> Result<usize> {
         let path = self.dir.join("outbox-cursor");
         let mut cursor: i64 = read_outbox_cursor(&path)?.unwrap_or(0);
-        let mut sent = 0;
+        let mut handled = 0;
         loop {
             let events = self
                 .registry
@@ -1443,13 +1484,13 @@ impl Child {
                 .await
                 .map_err(|e| SyncError::Registry(e.into()))?;
             if events.is_empty() {
-                return Ok(sent);
+                return Ok(handled);
             }
             for e in events {
                 if e.origin.is_none() {
                     self.check_window()?;
                     match self.send_up(&e).await {
-                        Ok(()) => sent += 1,
+                        Ok(()) => handled += 1,
                         // One change the parent will never take must not hold up every later
                         // one: report it and go on. Anything that may pass later stops here
                         // and is retried.
@@ -1473,6 +1514,7 @@ impl Child {
                                 timestamp: Some(now_rfc3339()),
                                 correlation_id: None,
                             })?;
+                            handled += 1;
                         }
                         Err(err) => return Err(err),
                     }

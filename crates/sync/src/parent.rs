@@ -384,12 +384,21 @@ impl Parent {
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
+        let path = resp.url().path().to_string();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         let code = body["errors"][0]["code"].as_str().unwrap_or("").to_string();
-        let message = body["errors"][0]["message"]
+        let mut message = body["errors"][0]["message"]
             .as_str()
             .unwrap_or("")
             .to_string();
+        if message.is_empty() && status == StatusCode::FORBIDDEN {
+            // A HEAD answer has no body to say why.
+            message = format!(
+                "{path} is forbidden to sync token {:?} (no reason given; most likely it has no \
+                 right to that repository)",
+                self.user
+            );
+        }
         Err(match status {
             StatusCode::UNAUTHORIZED => SyncError::BadCredentials {
                 token: self.user.clone(),
@@ -452,13 +461,24 @@ impl Parent {
         Ok(Some((cfg, etag)))
     }
 
-    pub async fn messages(&self, after: i64, wait_secs: u64) -> Result<Feed, SyncError> {
+    /// One page of the message feed after `after`, waiting up to `wait_secs` for one. With
+    /// `config` (the ETag of the configuration this registry has), the wait also ends when
+    /// its configuration changes.
+    pub async fn messages(
+        &self,
+        after: i64,
+        wait_secs: u64,
+        config: Option<&str>,
+    ) -> Result<Feed, SyncError> {
+        let config = config
+            .map(|e| format!("&config={}", e.trim_matches('"')))
+            .unwrap_or_default();
         let req = self
             .request_with(
                 &self.poll_http,
                 Method::GET,
                 &format!(
-                    "/gateway/v1/{}/messages?after={after}&limit=500&wait={wait_secs}",
+                    "/gateway/v1/{}/messages?after={after}&limit=500&wait={wait_secs}{config}",
                     self.name
                 ),
             )

@@ -125,6 +125,7 @@ pub async fn setup_control(
         control: control.clone(),
         auth,
         read_only: false,
+        sync_scope: None,
         gc_min_age: std::time::Duration::ZERO,
         metrics_enabled: true,
     });
