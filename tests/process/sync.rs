@@ -489,6 +489,11 @@ async fn control_plane_changes_reach_sites_without_waiting_for_the_long_poll() {
             == Some(v1.as_str())
     })
     .await;
+
+    // A stop does not wait out the children's long-polls (60 s here; `terminate` allows 20).
+    assert!(site.terminate().success());
+    assert!(root.terminate().success());
+    drop(line);
 }
 
 #[tokio::test]

@@ -343,12 +343,21 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             }
         })
     });
+    let waker = registry.clone();
     let stop = async move {
         tokio::select! {
             () = shutdown_signal() => {}
             // A check that passed (or none) closes the channel: then only signals stop it.
             Ok(_) = fatal_wait.wait_for(Option::is_some) => {}
         }
+        // Children's long-polls (up to a minute) answer now, and so do any that arrive on
+        // connections still open, instead of holding up the stop.
+        tokio::spawn(async move {
+            loop {
+                waker.wake_waiters();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
     };
     match tls {
         Some(tls) => outpost_server::serve(crate::tls::TlsListener::new(listener, tls)?, app, stop)
