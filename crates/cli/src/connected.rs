@@ -236,26 +236,33 @@ fn tree_names(items: &[Value]) -> Vec<String> {
         }
         d
     };
+    let depths: Vec<usize> = items.iter().map(|v| depth(&s(&v["name"]))).collect();
+    // The last of its siblings: no later item at the same depth before a shallower one.
+    let last = |i: usize| {
+        !depths[i + 1..]
+            .iter()
+            .take_while(|wd| **wd >= depths[i])
+            .any(|wd| *wd == depths[i])
+    };
     items
         .iter()
         .enumerate()
         .map(|(i, v)| {
             let name = s(&v["name"]);
-            let d = depth(&name);
+            let d = depths[i];
             if d == 0 {
                 return name;
             }
-            // last sibling if no later item at the same depth before a shallower one
-            let last = !items[i + 1..]
-                .iter()
-                .map(|w| depth(&s(&w["name"])))
-                .take_while(|wd| *wd >= d)
-                .any(|wd| wd == d);
-            format!(
-                "{}{}{name}",
-                "│   ".repeat(d - 1),
-                if last { "└── " } else { "├── " }
-            )
+            // A line continues down past this row for every ancestor with siblings still to
+            // come (the ancestor at depth k is the nearest earlier row at that depth).
+            let mut out = String::new();
+            for k in 1..d {
+                let ancestor = (0..i).rev().find(|j| depths[*j] == k);
+                out.push_str(if ancestor.is_some_and(last) { "    " } else { "│   " });
+            }
+            out.push_str(if last(i) { "└── " } else { "├── " });
+            out.push_str(&name);
+            out
         })
         .collect()
 }
@@ -609,6 +616,34 @@ fn unreachable_endpoint(connection_string: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tree_continues_only_where_siblings_follow() {
+        let items: Vec<Value> = [
+            ("site-one", None),
+            ("line-one", Some("site-one")),
+            ("cell-one", Some("line-one")),
+            ("site-two", None),
+            ("line-two", Some("site-two")),
+            ("cell-two", Some("line-two")),
+            ("line-three", Some("site-two")),
+        ]
+        .iter()
+        .map(|(n, p)| serde_json::json!({"name": n, "parent": p}))
+        .collect();
+        assert_eq!(
+            tree_names(&items),
+            [
+                "site-one",
+                "└── line-one",
+                "    └── cell-one",
+                "site-two",
+                "├── line-two",
+                "│   └── cell-two",
+                "└── line-three",
+            ]
+        );
+    }
 
     #[test]
     fn endpoints_other_machines_cannot_reach_are_named() {

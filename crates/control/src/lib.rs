@@ -72,12 +72,9 @@ pub enum ControlError {
     Jwt(#[from] jwt::JwtError),
     #[error(transparent)]
     Meta(#[from] MetaError),
-    #[error("access-control I/O error on {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the text, not a `source()` (it would be printed twice).
+    #[error("access-control I/O error on {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error(
         "Failed to activate the connected registry {0:?} as it is already activated by another instance. Only one instance is supported at any time. Deactivate it first with `outpost connected-registry deactivate -n {0}`."
     )]
@@ -416,7 +413,7 @@ impl Control {
         let path = dir.join("access-token.key");
         let io = |source| ControlError::Io {
             path: path.display().to_string(),
-            source,
+            cause: source,
         };
         let key = match tokio::fs::read(&path).await {
             Ok(k) if k.len() >= 32 => k,

@@ -36,7 +36,7 @@ impl RegistryError {
     /// Whether the store could not be written because its disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            RegistryError::Storage(StorageError::Io { source, .. }) => {
+            RegistryError::Storage(StorageError::Io { cause: source, .. }) => {
                 outpost_meta::is_disk_full(source)
             }
             RegistryError::Meta(e) => e.is_disk_full(),

@@ -31,12 +31,10 @@ use std::time::{Duration, SystemTime};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
-    #[error("storage I/O error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    // Causes are part of the text, not a `source()`: reports that print an error with its
+    // causes would otherwise say them twice.
+    #[error("storage I/O error on {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("upload {0} does not exist")]
     UploadUnknown(String),
     #[error("chunk starts at byte {got} but the upload has {offset} bytes; resume from {offset}")]
@@ -49,11 +47,10 @@ pub enum StorageError {
     TooLarge { size: u64, limit: u64 },
     #[error("blob {0} does not exist")]
     BlobUnknown(Digest),
-    #[error("blob store request for {key} failed: {source}")]
+    #[error("blob store request for {key} failed: {cause}")]
     Remote {
         key: String,
-        #[source]
-        source: object_store::Error,
+        cause: object_store::Error,
     },
     #[error("{0}")]
     Config(String),
@@ -107,7 +104,7 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StorageError {
     let path = path.into();
-    move |source| StorageError::Io { path, source }
+    move |source| StorageError::Io { path, cause: source }
 }
 
 /// The blob store and upload sessions under one data directory.
@@ -361,7 +358,7 @@ impl Storage {
         let path = self.layout.blob(digest);
         let range = range.map(|r| (r.start as usize, r.end as usize + 1));
         match self.mapped.slice(digest, &path, range).await {
-            Err(StorageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(StorageError::Io { cause: source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 Err(StorageError::BlobUnknown(digest.clone()))
             }
             other => other.map(BlobBody::Mapped),
@@ -420,7 +417,7 @@ impl Storage {
         .await
         .map_err(|e| StorageError::Io {
             path: self.layout.blobs_dir(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })?
     }
 
@@ -555,7 +552,7 @@ impl Storage {
                     .await
                     .map_err(|e| StorageError::Io {
                         path: self.layout.uploads_dir(),
-                        source: io::Error::other(e),
+                        cause: io::Error::other(e),
                     })?;
             if &actual != digest {
                 return Err(StorageError::DigestMismatch {
@@ -593,7 +590,7 @@ impl Storage {
         .await
         .map_err(|e| StorageError::Io {
             path: tmp,
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })?
     }
 

@@ -105,7 +105,7 @@ impl Mapped {
         .await
         .map_err(|e| StorageError::Io {
             path: path.to_path_buf(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })??;
         let Some((map, prefetch)) = mapped else {
             return Ok(None);

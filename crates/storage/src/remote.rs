@@ -264,7 +264,7 @@ impl Remote {
                 "{}/{key}",
                 self.url.split('/').take(3).collect::<Vec<_>>().join("/")
             ),
-            source,
+            cause: source,
         }
     }
 
@@ -395,7 +395,7 @@ impl Remote {
     ) -> Result<()> {
         let io = |e: io::Error| StorageError::Io {
             path: path.to_path_buf(),
-            source: e,
+            cause: e,
         };
         if size <= PART as u64 {
             let bytes = tokio::fs::read(path).await.map_err(io)?;

@@ -176,7 +176,7 @@ where
         .await
         .map_err(|e| StorageError::Io {
             path: path.clone(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })
         .and_then(|r| r.map_err(io_err(&path)));
     let error = match (written, failure) {
@@ -302,7 +302,7 @@ pub(crate) async fn commit(
     .await
     .map_err(|e| StorageError::Io {
         path: src.clone(),
-        source: io::Error::other(e),
+        cause: io::Error::other(e),
     })??;
     if &actual != digest {
         return Err(StorageError::DigestMismatch {
@@ -337,7 +337,7 @@ pub(crate) async fn commit(
         .await
         .map_err(|e| StorageError::Io {
             path: src.clone(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })??;
         return Ok(size);
     }
@@ -346,7 +346,7 @@ pub(crate) async fn commit(
         .await
         .map_err(|e| StorageError::Io {
             path: dst.clone(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })??;
     Ok(size)
 }

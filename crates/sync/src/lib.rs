@@ -86,12 +86,10 @@ pub enum SyncError {
     /// The parent lists a manifest but cannot serve something it references.
     #[error("the parent cannot serve {0}")]
     MissingAtParent(String),
-    #[error("sync state in {path}: {source}")]
-    State {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the text, not a `source()`: reports that print an error with its
+    /// causes would otherwise say it twice.
+    #[error("sync state in {path}: {cause}")]
+    State { path: PathBuf, cause: std::io::Error },
 }
 
 impl SyncError {
@@ -102,7 +100,7 @@ impl SyncError {
             SyncError::Deactivated(_) => "Deactivated",
             SyncError::BadCredentials { .. } => "SyncTokenRejected",
             SyncError::Registry(e) if e.is_disk_full() => "DiskError",
-            SyncError::State { source, .. } if outpost_registry::is_disk_full(source) => {
+            SyncError::State { cause, .. } if outpost_registry::is_disk_full(cause) => {
                 "DiskError"
             }
             SyncError::Registry(_) | SyncError::State { .. } => "LocalStorageError",
@@ -330,7 +328,7 @@ struct Child {
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
     move |source| SyncError::State {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -368,7 +366,7 @@ fn read_outbox_cursor(path: &Path) -> Result<Option<i64>> {
         None => Ok(None),
         Some(s) => s.trim().parse().map(Some).map_err(|_| SyncError::State {
             path: path.to_path_buf(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "{s:?} is not an event number; restore the file from a backup, or write the sequence number of the last local change the parent has (0 sends every local change still in the event log up again)"
@@ -824,7 +822,7 @@ pub async fn start(
         Some(id) if id.trim().is_empty() => {
             return Err(SyncError::State {
                 path: id_path.clone(),
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "the instance id is empty; delete the file to start as a new instance (then deactivate the old one at the parent with `outpost connected-registry deactivate`)",
                 ),
@@ -851,7 +849,7 @@ pub async fn start(
     {
         return Err(SyncError::State {
             path: config_path,
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "this data directory belongs to connected registry {owner:?}, but the connection string names {:?}; use that registry's data directory",
@@ -926,7 +924,7 @@ pub async fn start(
             (None, Some(why)) => {
                 return Err(SyncError::State {
                     path: config_path,
-                    source: std::io::Error::new(
+                    cause: std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!(
                             "the saved configuration is unreadable ({why}) and the parent cannot be reached to fetch it again ({e}); restore the file or start once the parent is reachable"
