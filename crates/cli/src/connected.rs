@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 pub enum ConnectedRegistryCmd {
     /// Create a connected registry (and its sync token and scope map).
     Create {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
         #[arg(long, short = 'm', default_value = "ReadOnly", value_parser = ["ReadOnly", "ReadWrite"], ignore_case = true)]
@@ -24,6 +25,7 @@ pub enum ConnectedRegistryCmd {
         /// Adopt an existing token as the sync token
         #[arg(long)]
         sync_token: Option<String>,
+        /// Client tokens that may use the connected registry (they authenticate there while offline)
         #[arg(long, num_args = 1..)]
         client_tokens: Vec<String>,
         /// Cron schedule, UTC; the default syncs continuously
@@ -32,48 +34,64 @@ pub enum ConnectedRegistryCmd {
         /// ISO 8601 duration each scheduled sync may last (required with a schedule)
         #[arg(long, short = 'w')]
         sync_window: Option<String>,
+        /// ISO 8601 duration the parent keeps messages for the connected registry (at least P1D by default); offline longer, it reconciles fully
         #[arg(long, default_value = "P2D")]
         sync_message_ttl: String,
+        /// Log level of the connected registry: Debug, Information, Warning, Error or None
         #[arg(long, default_value = "Information")]
         log_level: String,
+        /// Notification patterns, <repository>:<tag>[:<action>] with * wildcards (e.g. 'app:*:push'): what it reports to the root
         #[arg(long, num_args = 1..)]
         notifications: Vec<String>,
         /// Whether garbage collection runs at the site (a bare flag means true)
         #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         gc_enabled: bool,
+        /// Cron schedule (UTC) of garbage collection at the site
         #[arg(long, default_value = "0 0 * * *")]
         gc_schedule: String,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Update a connected registry.
     Update {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
+        /// Client tokens to add
         #[arg(long, num_args = 1..)]
         add_client_tokens: Vec<String>,
+        /// Client tokens to remove
         #[arg(long, num_args = 1..)]
         remove_client_tokens: Vec<String>,
+        /// Cron schedule, UTC ("* * * * *": continuously)
         #[arg(long, short = 's')]
         sync_schedule: Option<String>,
+        /// ISO 8601 duration each scheduled sync may last
         #[arg(long, short = 'w')]
         sync_window: Option<String>,
+        /// ISO 8601 duration the parent keeps messages for the connected registry (at least P1D by default); offline longer, it reconciles fully
         #[arg(long)]
         sync_message_ttl: Option<String>,
+        /// Log level of the connected registry: Debug, Information, Warning, Error or None
         #[arg(long)]
         log_level: Option<String>,
+        /// Notification patterns to add
         #[arg(long, num_args = 1..)]
         add_notifications: Vec<String>,
+        /// Notification patterns to remove
         #[arg(long, num_args = 1..)]
         remove_notifications: Vec<String>,
         /// Whether garbage collection runs at the site (a bare flag means true)
         #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         gc_enabled: Option<bool>,
+        /// Cron schedule (UTC) of garbage collection at the site
         #[arg(long)]
         gc_schedule: Option<String>,
     },
     /// Show a connected registry.
     Show {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
     },
@@ -88,6 +106,7 @@ pub enum ConnectedRegistryCmd {
     },
     /// Delete a connected registry.
     Delete {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
         /// Also delete the sync token and scope map, and its gateway actions from the ancestors
@@ -96,20 +115,25 @@ pub enum ConnectedRegistryCmd {
         /// Delete even while an instance is active
         #[arg(long)]
         force: bool,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Deactivate, so that a new instance can be deployed.
     Deactivate {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Print the connection string and settings an instance needs.
     GetSettings {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
+        /// Protocol the instance uses to reach its parent: http or https
         #[arg(long, value_parser = ["http", "https"])]
         parent_protocol: String,
         /// Generate (rotate) sync token password 1 or 2
@@ -118,12 +142,14 @@ pub enum ConnectedRegistryCmd {
         /// host[:port] the instance uses to reach this registry (default: as given in --registry)
         #[arg(long)]
         parent_endpoint: Option<String>,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Write an offline bundle: everything in the registry's scope here, and its
     /// configuration, as an OCI image layout directory (`outpost import` reads it at the site).
     Export {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
         /// Directory to write (created; an earlier export there is reused)
@@ -132,12 +158,14 @@ pub enum ConnectedRegistryCmd {
     },
     /// List the client tokens of a connected registry.
     ListClientTokens {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
     },
     /// List the notifications a connected registry sent (kept at the root for 30 days),
     /// oldest first.
     ListNotifications {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
         /// Only those after this position (the SEQ column), to read on from the last one seen
@@ -152,6 +180,7 @@ pub enum ConnectedRegistryCmd {
     Permissions(PermissionsCmd),
     /// Ask the instance for a full reconciliation at its next sync.
     Resync {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
     },
@@ -161,15 +190,19 @@ pub enum ConnectedRegistryCmd {
 pub enum PermissionsCmd {
     /// Show the sync scope map.
     Show {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
     },
     /// Add repositories (also to every ancestor) or remove them (also from every descendant).
     Update {
+        /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
+        /// Repositories (or prefix/* patterns) to add
         #[arg(long, num_args = 1..)]
         add: Vec<String>,
+        /// Repositories (or patterns) to remove
         #[arg(long, num_args = 1..)]
         remove: Vec<String>,
     },

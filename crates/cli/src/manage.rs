@@ -36,6 +36,7 @@ fn rules(kind: &str, groups: &[Vec<String>]) -> anyhow::Result<Vec<String>> {
 pub enum ScopeMapCmd {
     /// Create a scope map.
     Create {
+        /// Name of the scope map
         #[arg(long, short = 'n')]
         name: String,
         /// Repository and actions: --repository REPO ACTION... (repeatable)
@@ -44,26 +45,34 @@ pub enum ScopeMapCmd {
         /// Connected registry and actions: --gateway NAME ACTION... (repeatable)
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
         gateway: Vec<String>,
+        /// Free text describing the scope map
         #[arg(long)]
         description: Option<String>,
     },
     /// Add or remove rules, or change the description.
     Update {
+        /// Name of the scope map
         #[arg(long, short = 'n')]
         name: String,
+        /// Repository and actions to add: --add REPO ACTION... (repeatable)
         #[arg(long, visible_alias = "add", num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
         add_repository: Vec<String>,
+        /// Repository and actions to remove: --remove REPO ACTION... (repeatable)
         #[arg(long, visible_alias = "remove", num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
         remove_repository: Vec<String>,
+        /// Connected registry and gateway actions to add: --add-gateway NAME ACTION...
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
         add_gateway: Vec<String>,
+        /// Connected registry and gateway actions to remove: --remove-gateway NAME ACTION...
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
         remove_gateway: Vec<String>,
+        /// Free text describing the scope map
         #[arg(long)]
         description: Option<String>,
     },
     /// Show one scope map.
     Show {
+        /// Name of the scope map
         #[arg(long, short = 'n')]
         name: String,
     },
@@ -71,8 +80,10 @@ pub enum ScopeMapCmd {
     List,
     /// Delete a scope map.
     Delete {
+        /// Name of the scope map
         #[arg(long, short = 'n')]
         name: String,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
@@ -82,18 +93,25 @@ pub enum ScopeMapCmd {
 pub enum TokenCmd {
     /// Create a token (and, with --repository/--gateway, its scope map <token>-scope-map).
     Create {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
+        /// Scope map that gives the token its rights
         #[arg(long, conflicts_with_all = ["repository", "gateway"])]
         scope_map: Option<String>,
+        /// Repository and actions: --repository REPO ACTION... (repeatable; makes scope map <token>-scope-map)
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["REPO", "ACTION"])]
         repository: Vec<String>,
+        /// Connected registry and actions: --gateway NAME ACTION... (repeatable)
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
         gateway: Vec<String>,
+        /// enabled or disabled (a disabled token authenticates nowhere, also at connected registries)
         #[arg(long, value_parser = ["enabled", "disabled"], default_value = "enabled")]
         status: String,
+        /// Create the token without passwords (generate them later with `token credential generate`)
         #[arg(long, conflicts_with_all = ["expiration_in_days", "expiration"])]
         no_passwords: bool,
+        /// Passwords expire after this many days (default: never)
         #[arg(long, conflicts_with = "expiration")]
         expiration_in_days: Option<u32>,
         /// Expiry as YYYY-MM-DDTHH:MM:SSZ
@@ -102,15 +120,19 @@ pub enum TokenCmd {
     },
     /// Change a token's scope map or status.
     Update {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
+        /// Scope map that gives the token its rights
         #[arg(long)]
         scope_map: Option<String>,
+        /// enabled or disabled (a disabled token authenticates nowhere, also at connected registries)
         #[arg(long, value_parser = ["enabled", "disabled"])]
         status: Option<String>,
     },
     /// Show one token.
     Show {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
     },
@@ -118,8 +140,10 @@ pub enum TokenCmd {
     List,
     /// Delete a token.
     Delete {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
@@ -132,27 +156,37 @@ pub enum TokenCmd {
 pub enum CredentialCmd {
     /// Generate new password1 and/or password2 (shown once).
     Generate {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
+        /// Password 1
         #[arg(long)]
         password1: bool,
+        /// Password 2
         #[arg(long)]
         password2: bool,
+        /// Passwords expire after this many days (default: never)
         #[arg(long, visible_alias = "days", conflicts_with = "expiration")]
         expiration_in_days: Option<u32>,
+        /// Expiry as YYYY-MM-DDTHH:MM:SSZ
         #[arg(long)]
         expiration: Option<String>,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
     /// Delete password1 and/or password2.
     Delete {
+        /// Name of the token
         #[arg(long, short = 'n')]
         name: String,
+        /// Password 1
         #[arg(long)]
         password1: bool,
+        /// Password 2
         #[arg(long)]
         password2: bool,
+        /// Do not prompt for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
     },
