@@ -390,12 +390,27 @@ impl Config {
         for (key, value) in map {
             if matches!(
                 key.as_str(),
-                "admin_password"
-                    | "connection_string"
-                    | "upstream_password"
-                    | "notification_authorization"
+                "admin_password" | "upstream_password" | "notification_authorization"
             ) || value.is_null()
             {
+                continue;
+            }
+            if key == "connection_string" {
+                // Whether this node runs as a connected registry, and of what, without the
+                // password.
+                let masked: Vec<String> = value
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(';')
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, _)) if k.trim().eq_ignore_ascii_case("SyncTokenPassword") => {
+                            format!("{k}=***")
+                        }
+                        _ => kv.to_string(),
+                    })
+                    .collect();
+                let v = serde_json::Value::String(masked.join(";"));
+                out.push_str(&format!("{key} = {v}\n"));
                 continue;
             }
             if key == "database_url" {
@@ -440,7 +455,9 @@ mod tests {
             metrics_enabled: false,
             upstream_repositories: vec!["a/b".into(), "c".into()],
             admin_password: Some("hunter2".into()),
-            connection_string: Some("SyncTokenPassword=secret".into()),
+            connection_string: Some(
+                "ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=cs-secret;ParentGatewayEndpoint=cloud.example:5000;ParentEndpointProtocol=https".into(),
+            ),
             database_url: Some("postgres://outpost:pg-secret@db:5432/outpost".into()),
             upstream_password: Some("upstream-secret".into()),
             notification_url: Some("https://hooks.example/outpost".into()),
@@ -449,6 +466,13 @@ mod tests {
         };
         let text = c.to_toml();
         assert!(text.contains("https://hooks.example/outpost"), "{text}");
+        // Whether it runs as a connected registry, and of what, is shown; the password not.
+        assert!(
+            text.contains(
+                "ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=***;"
+            ),
+            "{text}"
+        );
         for secret in ["hunter2", "secret"] {
             assert!(!text.contains(secret), "{text}");
         }
@@ -460,7 +484,9 @@ mod tests {
             back,
             Config {
                 admin_password: None,
-                connection_string: None,
+                connection_string: Some(
+                    "ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=***;ParentGatewayEndpoint=cloud.example:5000;ParentEndpointProtocol=https".into(),
+                ),
                 upstream_password: None,
                 notification_authorization: None,
                 database_url: Some("postgres://outpost:***@db:5432/outpost".into()),

@@ -291,7 +291,11 @@ fn tree_names(items: &[Value]) -> Vec<String> {
             let mut out = String::new();
             for k in 1..d {
                 let ancestor = (0..i).rev().find(|j| depths[*j] == k);
-                out.push_str(if ancestor.is_some_and(last) { "    " } else { "│   " });
+                out.push_str(if ancestor.is_some_and(last) {
+                    "    "
+                } else {
+                    "│   "
+                });
             }
             out.push_str(if last(i) { "└── " } else { "├── " });
             out.push_str(&name);

@@ -104,7 +104,10 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StorageError {
     let path = path.into();
-    move |source| StorageError::Io { path, cause: source }
+    move |source| StorageError::Io {
+        path,
+        cause: source,
+    }
 }
 
 /// The blob store and upload sessions under one data directory.
@@ -358,7 +361,9 @@ impl Storage {
         let path = self.layout.blob(digest);
         let range = range.map(|r| (r.start as usize, r.end as usize + 1));
         match self.mapped.slice(digest, &path, range).await {
-            Err(StorageError::Io { cause: source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(StorageError::Io { cause: source, .. })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
                 Err(StorageError::BlobUnknown(digest.clone()))
             }
             other => other.map(BlobBody::Mapped),

@@ -89,7 +89,10 @@ pub enum SyncError {
     /// The cause is part of the text, not a `source()`: reports that print an error with its
     /// causes would otherwise say it twice.
     #[error("sync state in {path}: {cause}")]
-    State { path: PathBuf, cause: std::io::Error },
+    State {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 impl SyncError {
@@ -100,9 +103,7 @@ impl SyncError {
             SyncError::Deactivated(_) => "Deactivated",
             SyncError::BadCredentials { .. } => "SyncTokenRejected",
             SyncError::Registry(e) if e.is_disk_full() => "DiskError",
-            SyncError::State { cause, .. } if outpost_registry::is_disk_full(cause) => {
-                "DiskError"
-            }
+            SyncError::State { cause, .. } if outpost_registry::is_disk_full(cause) => "DiskError",
             SyncError::Registry(_) | SyncError::State { .. } => "LocalStorageError",
             _ => "SyncError",
         }
