@@ -286,6 +286,23 @@ pub struct SyncConfig {
     pub children: Vec<SyncConfig>,
 }
 
+/// Status details kept from one report, and the longest text kept of each field (longer
+/// ones are cut): what `show` and the status page print stays readable whatever an instance
+/// sends.
+const MAX_STATUS_DETAILS: usize = 100;
+const MAX_DETAIL_TEXT: usize = 2048;
+
+/// An instance id as activation and status reports carry it: 1 to 128 printable characters.
+fn check_instance_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ControlError::Invalid(format!(
+            "instanceId must be 1 to 128 printable characters without spaces, not {:?}",
+            id.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// The repositories a connected registry syncs, as its clients' writes are checked against:
 /// a change outside them would never reach the parent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -434,7 +451,15 @@ pub fn parse_schedule(what: &str, s: &str) -> Result<croner::Cron> {
     if s.split_whitespace().count() != 5 {
         return Err(bad(String::new()));
     }
-    s.parse::<croner::Cron>().map_err(|e| bad(format!(": {e}")))
+    let cron = s
+        .parse::<croner::Cron>()
+        .map_err(|e| bad(format!(": {e}")))?;
+    // "0 0 31 2 *" parses, and never comes: a schedule that would silently never sync.
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    if cron.find_next_occurrence(&now, false).is_err() {
+        return Err(bad(": it never occurs (no such date)".into()));
+    }
+    Ok(cron)
 }
 
 /// How long until the next occurrence of a five-field cron `schedule` (UTC), or `None` if it
@@ -1449,6 +1474,7 @@ impl Control {
         name: &str,
         instance_id: &str,
     ) -> Result<ConnectedRegistryView> {
+        check_instance_id(instance_id)?;
         // On an intermediate node the slot is held at the root: ask upward first and follow
         // its answer; only while the parent is unreachable is the local record the judge.
         let upstream = self
@@ -1479,8 +1505,42 @@ impl Control {
     pub async fn report_status(
         &self,
         name: &str,
-        report: StatusReport,
+        mut report: StatusReport,
     ) -> Result<ConnectedRegistryView> {
+        check_instance_id(&report.instance_id)?;
+        for (field, v) in [
+            ("cursorLag", report.cursor_lag),
+            ("outboxDepth", report.outbox_depth),
+        ] {
+            if v.is_some_and(|v| v < 0) {
+                return Err(ControlError::Invalid(format!(
+                    "{field} must not be negative"
+                )));
+            }
+        }
+        if let Some(details) = report.status_details.as_mut() {
+            // What a person reads in `show` and the status page: bounded, whatever an
+            // instance sends.
+            details.truncate(MAX_STATUS_DETAILS);
+            for d in details.iter_mut() {
+                for text in [&mut d.kind, &mut d.code, &mut d.description] {
+                    if text.chars().any(char::is_control) {
+                        *text = text
+                            .chars()
+                            .map(|c| if c.is_control() { ' ' } else { c })
+                            .collect();
+                    }
+                    if text.len() > MAX_DETAIL_TEXT {
+                        let mut end = MAX_DETAIL_TEXT;
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        text.truncate(end);
+                        text.push('…');
+                    }
+                }
+            }
+        }
         // On an intermediate node the status also goes up, so the root sees the whole tree;
         // when the link is down the root hears about it at the next report.
         let upstream = self
@@ -2368,6 +2428,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("five-field cron"), "{e}");
+        for never in ["0 0 31 2 *", "0 0 30 2 *"] {
+            let e = parse_schedule("sync schedule", never)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("never occurs"), "{never}: {e}");
+        }
+        assert!(parse_schedule("s", "0 0 29 2 *").is_ok(), "leap days come");
     }
 
     #[test]

@@ -1904,6 +1904,58 @@ async fn the_status_page_shows_the_store_and_the_fleet() {
             "{secret} is on the open page: {page}"
         );
     }
+
+    // What an instance reports is bounded: counters are not negative, ids are short and
+    // printable, and the details kept (and printed) are capped in number and length.
+    let report = |body: Value| {
+        let (t, sync) = (&t, &sync);
+        async move {
+            t.req_as(
+                Some(sync),
+                Method::PUT,
+                "/gateway/v1/ship-0002/status",
+                &[],
+                body.to_string(),
+            )
+            .await
+        }
+    };
+    let r = report(json!({"instanceId": "ship-a", "cursorLag": -5})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", msg(&r));
+    assert!(
+        msg(&r).contains("cursorLag must not be negative"),
+        "{}",
+        msg(&r)
+    );
+    for id in ["", "has space", &"x".repeat(200)] {
+        let r = t
+            .req_as(
+                Some(&sync),
+                Method::POST,
+                "/gateway/v1/ship-0002/activate",
+                &[],
+                json!({"instanceId": id}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{id:?}: {}", msg(&r));
+        assert!(msg(&r).contains("instanceId must be"), "{}", msg(&r));
+    }
+    let many: Vec<Value> = (0..150)
+        .map(|i| json!({"type": "Sync", "code": "X", "description": format!("{i}{}", "d".repeat(5000))}))
+        .collect();
+    let r = report(json!({"instanceId": "ship-a", "statusDetails": many})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let r = t
+        .req(
+            Method::GET,
+            "/api/v1/connected-registries/ship-0002",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    let details = r.json()["statusDetails"].as_array().unwrap().clone();
+    assert_eq!(details.len(), 100);
+    assert!(details[0]["description"].as_str().unwrap().len() <= 2048 + 3);
 }
 
 /// Notifications a connected registry sends are kept at the root once per id, listed in order,
