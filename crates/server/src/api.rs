@@ -67,6 +67,12 @@ pub(crate) fn routes() -> Router<App> {
         )
         .route("/gc", post(run_gc))
         .route("/readiness", get(readiness))
+        .fallback(
+            |uri: axum::http::Uri| async move { crate::error::no_such_route("/api/v1", &uri) },
+        )
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            crate::error::no_such_method("/api/v1", &m, &uri)
+        })
 }
 
 #[derive(serde::Serialize)]

@@ -211,7 +211,19 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
     match parts.method {
         Method::GET => {}
         Method::POST => {
-            let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|_| {
+            const LIMIT: usize = 64 * 1024;
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > LIMIT as u64) {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::SizeInvalid,
+                    "a token request body holds a few form fields; this one is over 64 KiB",
+                ));
+            }
+            let bytes = axum::body::to_bytes(body, LIMIT).await.map_err(|_| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     ErrorCode::Unsupported,

@@ -15,11 +15,27 @@ use serde_json::json;
 /// other error, `{"errors":[…]}`, rather than with axum's plain-text rejection.
 pub struct ApiBody(pub axum::body::Bytes);
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBody {
+impl axum::extract::FromRequest<crate::App> for ApiBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &crate::App,
+    ) -> Result<Self, ApiError> {
         use axum::extract::rejection::BytesRejection;
+        // Credentials first: nobody may make the server hold a body without them.
+        let p = crate::auth::principal(state, req.headers()).await?;
+        if !p.is_authenticated() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "this endpoint needs a token's name and password (Basic authentication)",
+            )
+            .with_header(
+                header::WWW_AUTHENTICATE,
+                &format!("Basic realm=\"{}\"", state.auth.service),
+            ));
+        }
         match axum::body::Bytes::from_request(req, state).await {
             Ok(b) => Ok(ApiBody(b)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::custom(
@@ -253,6 +269,33 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// The answer to a path no route has (outside `/v2/`, whose dispatcher answers for itself);
+/// `prefix` is where the router answering is nested (it sees the path without it).
+pub(crate) fn no_such_route(prefix: &str, uri: &axum::http::Uri) -> ApiError {
+    ApiError::custom(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!(
+            "{prefix}{} is not a path of this registry (docs/api.md and docs/sync-protocol.md \
+             list them)",
+            uri.path()
+        ),
+    )
+}
+
+/// The answer to a method a route does not take.
+pub(crate) fn no_such_method(
+    prefix: &str,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::Unsupported,
+        format!("{prefix}{} does not take {method}", uri.path()),
+    )
 }
 
 #[cfg(test)]

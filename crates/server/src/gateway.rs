@@ -24,6 +24,12 @@ pub(crate) fn routes() -> Router<App> {
         .route("/{name}/config", get(config))
         .route("/{name}/messages", get(messages))
         .route("/{name}/notifications", post(notifications))
+        .fallback(
+            |uri: axum::http::Uri| async move { crate::error::no_such_route("/gateway/v1", &uri) },
+        )
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            crate::error::no_such_method("/gateway/v1", &m, &uri)
+        })
 }
 
 /// `POST /{name}/notifications`: notifications the connected registry made from its event log

@@ -70,6 +70,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status::page))
+        .fallback(|uri: axum::http::Uri| async move { error::no_such_route("", &uri) })
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            error::no_such_method("", &m, &uri)
+        })
         .layer(middleware::from_fn_with_state(app.clone(), common))
         .with_state(app)
 }

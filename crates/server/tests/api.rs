@@ -26,6 +26,90 @@ async fn base_endpoint_and_api_version_header() {
     assert_eq!(r.header("docker-distribution-api-version"), "registry/2.0");
 }
 
+/// Outside `/v2/` too, every error has the registry's error shape: an unknown path, a method
+/// a route does not take, an oversized token request, a body sent without credentials.
+#[tokio::test]
+async fn errors_outside_v2_have_the_error_shape() {
+    let t = setup().await;
+    let code = |r: &Resp| {
+        r.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let text = |r: &Resp| {
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    for (m, path, status, want) in [
+        (
+            Method::GET,
+            "/api/v1/nonexistent",
+            StatusCode::NOT_FOUND,
+            "/api/v1/nonexistent is not a path",
+        ),
+        (
+            Method::GET,
+            "/gateway/v1/x/nothing",
+            StatusCode::NOT_FOUND,
+            "/gateway/v1/x/nothing is not a path",
+        ),
+        (
+            Method::GET,
+            "/elsewhere",
+            StatusCode::NOT_FOUND,
+            "/elsewhere is not a path",
+        ),
+        (
+            Method::DELETE,
+            "/gateway/v1/x/config",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/gateway/v1/x/config does not take DELETE",
+        ),
+        (
+            Method::GET,
+            "/api/v1/gc",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/api/v1/gc does not take GET",
+        ),
+        (
+            Method::DELETE,
+            "/healthz",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/healthz does not take DELETE",
+        ),
+    ] {
+        let r = t.req(m.clone(), path, &[], Body::empty()).await;
+        assert_eq!(r.status, status, "{m} {path}");
+        assert!(text(&r).contains(want), "{m} {path}: {:?}", r.body);
+        assert!(!code(&r).is_empty(), "{m} {path}");
+    }
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/oauth2/token",
+            &[
+                ("content-length", "200000"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            vec![b'a'; 200_000],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(code(&r), "SIZE_INVALID");
+    for (m, path) in [
+        (Method::POST, "/api/v1/tokens"),
+        (Method::PUT, "/gateway/v1/ship-0001/status"),
+    ] {
+        let r = t.req_as(None, m, path, &[], vec![b'{'; 100_000]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(code(&r), "UNAUTHORIZED", "{path}");
+    }
+}
+
 /// `/healthz` says the process answers; `/readyz` also that it can serve: the database
 /// answers and the blob store can be read, else 503 with the reason.
 #[tokio::test]
