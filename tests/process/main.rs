@@ -646,6 +646,11 @@ async fn connected_registry_hierarchy_with_the_cli() {
         table.lines().next().unwrap().starts_with("NAME") && table.contains("CONNECTION STATE"),
         "{table}"
     );
+    // A registry under this one says so, and every row says why it is unhealthy (none is).
+    assert!(
+        table.contains("(this registry)") && table.contains("PROBLEMS"),
+        "{table}"
+    );
 
     // Rules surface as CLI errors a user can act on.
     let (ok, _, err) = cli(

@@ -338,6 +338,9 @@ impl Client {
                          to that CA's PEM file)",
                 );
             }
+            if why.contains("invalid HTTP version") && self.base.starts_with("http://") {
+                why.push_str(" (the registry may serve HTTPS: give --registry https://…)");
+            }
             anyhow::anyhow!("cannot reach the registry at {}: {why}", self.base)
         })?;
         let status = resp.status();

@@ -304,6 +304,23 @@ fn tree_names(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Status details by code, with a count where one repeats (`show -o json` has their text):
+/// why a registry is Unhealthy, in a table row.
+fn problems(details: &Value) -> String {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for d in details.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let code = s(&d["code"]);
+        match seen.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((code, 1)),
+        }
+    }
+    seen.into_iter()
+        .map(|(c, n)| if n > 1 { format!("{c} (x{n})") } else { c })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
     if conn.print_generic(list)? {
         return Ok(());
@@ -319,14 +336,19 @@ fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
         .iter()
         .zip(names)
         .map(|(v, n)| {
+            let parent = match v["parent"].as_str() {
+                None if output == Output::Table => "(this registry)".to_string(),
+                _ => s(&v["parent"]),
+            };
             vec![
                 n,
                 s(&v["mode"]),
                 s(&v["connectionState"]),
-                s(&v["parent"]),
+                parent,
                 s(&v["loginServer"]),
                 s(&v["lastSyncTime"]),
                 s(&v["syncState"]),
+                problems(&v["statusDetails"]),
             ]
         })
         .collect();
@@ -340,6 +362,7 @@ fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
             "LOGIN SERVER",
             "LAST SYNC (UTC)",
             "SYNC STATE",
+            "PROBLEMS",
         ],
         &rows,
     );
@@ -476,14 +499,19 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 )
                 .await?
                 .unwrap_or_default();
-            if !conn.print_generic(&v)?
-                && let Some(steps) = v["remainingSteps"].as_array().filter(|s| !s.is_empty())
-            {
-                eprintln!(
-                    "Deleted connected registry '{name}'. Its sync token, scope map and the ancestors' gateway permissions remain; remove them with:"
-                );
-                for step in steps {
-                    println!("  {}", s(step));
+            if !conn.print_generic(&v)? {
+                match v["remainingSteps"].as_array().filter(|s| !s.is_empty()) {
+                    Some(steps) => {
+                        eprintln!(
+                            "Deleted connected registry '{name}'. Its sync token, scope map and the ancestors' gateway permissions remain; remove them with:"
+                        );
+                        for step in steps {
+                            println!("  {}", s(step));
+                        }
+                    }
+                    None => eprintln!(
+                        "Deleted connected registry '{name}' with its sync token, scope map and the ancestors' gateway permissions."
+                    ),
                 }
             }
         }

@@ -149,7 +149,7 @@ pub enum ScopeError {
     )]
     InvalidRule(String),
     #[error(
-        "invalid repository {0:?} in a scope-map rule: use a repository name, a name ending in /*, or *"
+        "invalid repository {0:?} in a scope-map rule: use a repository name (lowercase letters, digits and . _ - / separators, as on /v2/), a name ending in /*, or *"
     )]
     InvalidRepository(String),
     #[error(

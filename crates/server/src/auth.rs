@@ -94,6 +94,29 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
     })?;
     match app.control.authenticate(&user, &pass).await {
         Ok(identity) => Ok(Principal::Basic(identity)),
+        // At a connected registry a token of its parent that is not one of its client
+        // tokens is unknown here: say how that is fixed.
+        Err(outpost_control::ControlError::BadCredentials) if app.sync_scope.is_some() => {
+            Err(challenge(
+                app,
+                headers,
+                None,
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "incorrect username or password; at this connected registry only its \
+                         client tokens and its own admin token log in (a token of the parent is \
+                         added with `outpost connected-registry update -n {} \
+                         --add-client-tokens <token>` at the root)",
+                        app.sync_scope
+                            .as_ref()
+                            .map(|s| s.borrow().name.clone())
+                            .unwrap_or_default()
+                    ),
+                ),
+            ))
+        }
         Err(e) => Err(challenge(app, headers, None, ApiError::from(e))),
     }
 }
@@ -147,7 +170,7 @@ pub(crate) fn unauthorized(app: &App, headers: &HeaderMap, scope: Option<&str>) 
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
-            "authentication required",
+            "authentication required: log in with a token name and password (docker login <registry> -u <token>)",
         ),
     )
 }
