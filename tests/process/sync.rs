@@ -1833,6 +1833,66 @@ async fn a_three_level_hierarchy_root_site_line() {
         .unwrap();
     assert_eq!(denied.status(), 403);
 
+    // The root away while the line syncs: what the line reported meanwhile (a newer last sync
+    // time) reaches the root with the next report the site relays once it is back.
+    let show_line = |root: &Outpost| {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "line-leaf",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap()["lastSyncTime"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let known = show_line(&root);
+    let root_addr = root.addr.clone();
+    drop(root);
+    // Sync times have whole seconds: the next one is later than what the root knows.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let v4 = push_image(
+        &site_admin,
+        &site_url,
+        "app",
+        "v4",
+        "while-the-root-is-away",
+    )
+    .await;
+    eventually("app:v4 reaches the leaf", || async {
+        tag_digest(&site_admin, &l, "app", "v4").await.as_deref() == Some(v4.as_str())
+    })
+    .await;
+    let line_at_site = || async {
+        site_admin
+            .get(format!("{site_url}/api/v1/connected-registries/line-leaf"))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["lastSyncTime"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    eventually("the site has the line's sync of app:v4", || async {
+        line_at_site().await > known
+    })
+    .await;
+    let synced = line_at_site().await;
+    let root = Outpost::start_listen(root_dir.path(), &root_addr, &[]);
+    eventually("the root has the line's newer sync time", || async {
+        show_line(&root) >= synced
+    })
+    .await;
+
     // Deactivated at the root, two levels up: the site passes it on and the line stops.
     cli_ok(
         &root,

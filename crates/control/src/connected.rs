@@ -286,6 +286,24 @@ pub struct SyncConfig {
     pub children: Vec<SyncConfig>,
 }
 
+/// `report` completed with what `row` (this node's record of the descendant) already holds.
+fn with_known_state(report: &StatusReport, row: &ConnectedRegistryRow) -> StatusReport {
+    let mut full = report.clone();
+    full.state = full.state.or_else(|| row.reported_state.clone());
+    full.last_sync_time = full
+        .last_sync_time
+        .or_else(|| row.last_sync_ms.map(rfc3339));
+    full.last_sync_result = full.last_sync_result.or_else(|| row.sync_result.clone());
+    full.status_details = full
+        .status_details
+        .or_else(|| serde_json::from_str(&row.status_details).ok());
+    full.version = full.version.or_else(|| row.version.clone());
+    full.login_server = full.login_server.or_else(|| row.login_server.clone());
+    full.cursor_lag = full.cursor_lag.or(row.cursor_lag);
+    full.outbox_depth = full.outbox_depth.or(row.outbox_depth);
+    full
+}
+
 /// Status details kept from one report, and the longest text kept of each field (longer
 /// ones are cut): what `show` and the status page print stays readable whatever an instance
 /// sends.
@@ -1550,7 +1568,14 @@ impl Control {
             .clone();
         let mut deactivated_above = false;
         if let Some(up) = upstream {
-            match up.report(name, &report).await {
+            // What this node knows of the descendant goes up whole, not just what changed in
+            // this report: a report the parent missed while it was away (a last sync time, a
+            // new detail) then reaches it with the next one.
+            let full = match self.meta.connected_registry(name).await? {
+                Some(row) => with_known_state(&report, &row),
+                None => report.clone(),
+            };
+            match up.report(name, &full).await {
                 Ok(()) => {}
                 Err(ControlError::NotActive(e)) => {
                     tracing::info!(registry = name, error = %e, "the root deactivated this descendant; passing that on");
@@ -1591,8 +1616,13 @@ impl Control {
             row.reported_state = Some(s);
         }
         if let Some(t) = report.last_sync_time {
-            row.last_sync_ms = Some(crate::parse_rfc3339(&t)?);
-            row.resync_requested = false;
+            // Only a newer sync answers a resync request: the same time relayed again (an
+            // intermediate node passes on everything it knows) does not.
+            let ms = crate::parse_rfc3339(&t)?;
+            if row.last_sync_ms.is_none_or(|old| ms > old) {
+                row.last_sync_ms = Some(ms);
+                row.resync_requested = false;
+            }
         }
         if report.last_sync_result.is_some() {
             row.sync_result = report.last_sync_result;
