@@ -551,6 +551,19 @@ fn check_notification(p: &str) -> Result<String> {
     Ok(p.to_string())
 }
 
+/// Notification patterns one connected registry may have: each event is matched against all
+/// of them at the site.
+const MAX_NOTIFICATION_PATTERNS: usize = 100;
+
+fn check_notification_count(n: usize) -> Result<()> {
+    if n > MAX_NOTIFICATION_PATTERNS {
+        return Err(ControlError::Invalid(format!(
+            "{n} notification patterns; a connected registry takes at most {MAX_NOTIFICATION_PATTERNS} (use * wildcards to cover more with one)"
+        )));
+    }
+    Ok(())
+}
+
 /// The rules of `rules` that grant more than reading a repository.
 fn write_rules(rules: &[String]) -> Vec<&str> {
     rules
@@ -1005,6 +1018,7 @@ impl Control {
             .collect::<Result<_>>()?;
         notifications.sort();
         notifications.dedup();
+        check_notification_count(notifications.len())?;
         let mut client_tokens = req.client_tokens.clone();
         client_tokens.sort();
         client_tokens.dedup();
@@ -1291,6 +1305,7 @@ impl Control {
             notes.insert(check_notification(n)?);
         }
         notes.retain(|n| !req.remove_notifications.contains(n));
+        check_notification_count(notes.len())?;
         row.notifications = notes.into_iter().collect();
         if let Some(g) = req.gc_enabled {
             row.gc_enabled = g;
@@ -2480,5 +2495,8 @@ mod tests {
         assert!(check_notification("hello-world:*:*").is_ok());
         assert!(check_notification("app@sha256:abc:push").is_ok());
         assert!(check_notification("app").is_err());
+        assert!(check_notification_count(100).is_ok());
+        let e = check_notification_count(101).unwrap_err().to_string();
+        assert!(e.contains("at most 100"), "{e}");
     }
 }

@@ -335,10 +335,11 @@ fn rfc3339(ms: i64) -> String {
 pub fn parse_rfc3339(s: &str) -> Result<i64> {
     let bad = || {
         ControlError::Invalid(format!(
-            "expiration {s:?} is not of the form YYYY-MM-DDTHH:MM:SSZ"
+            "date {s:?} is not a real date and time of the form YYYY-MM-DDTHH:MM:SSZ (UTC)"
         ))
     };
     let b = s.as_bytes();
+    let digits = [0..4, 5..7, 8..10, 11..13, 14..16, 17..19];
     if b.len() != 20
         || b[4] != b'-'
         || b[7] != b'-'
@@ -346,6 +347,9 @@ pub fn parse_rfc3339(s: &str) -> Result<i64> {
         || b[13] != b':'
         || b[16] != b':'
         || b[19] != b'Z'
+        || !digits
+            .iter()
+            .all(|r| b[r.clone()].iter().all(u8::is_ascii_digit))
     {
         return Err(bad());
     }
@@ -358,7 +362,14 @@ pub fn parse_rfc3339(s: &str) -> Result<i64> {
         n(14..16)?,
         n(17..19)?,
     );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=12).contains(&mo) || !(1..=month_days).contains(&d) || h > 23 || mi > 59 || se > 59 {
         return Err(bad());
     }
     let y2 = if mo <= 2 { y - 1 } else { y };
@@ -1268,8 +1279,19 @@ mod tests {
         ] {
             assert_eq!(rfc3339(parse_rfc3339(s).unwrap()), s);
         }
-        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
-        assert!(parse_rfc3339("yesterday").is_err());
+        for bad in [
+            "2026-13-01T00:00:00Z",
+            "yesterday",
+            "2026-+1-+1T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "9999-12-31T23:59:60Z",
+            "2026-1a-01T00:00:00Z",
+        ] {
+            let e = parse_rfc3339(bad).unwrap_err().to_string();
+            assert!(e.contains("YYYY-MM-DDTHH:MM:SSZ"), "{bad}: {e}");
+        }
     }
 
     #[test]
