@@ -344,18 +344,27 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         })
     });
     let waker = registry.clone();
+    // This node's own sync stops first: the wake-ups below would otherwise end its waits too.
+    let sync_task = sync.as_ref().map(|s| s.task.abort_handle());
+    let (stopped_tx, mut stopped) = tokio::sync::watch::channel(false);
     let stop = async move {
         tokio::select! {
             () = shutdown_signal() => {}
             // A check that passed (or none) closes the channel: then only signals stop it.
             Ok(_) = fatal_wait.wait_for(Option::is_some) => {}
         }
+        if let Some(t) = sync_task {
+            t.abort();
+        }
         // Children's long-polls (up to a minute) answer now, and so do any that arrive on
-        // connections still open, instead of holding up the stop.
+        // connections still open, instead of holding up the stop; until the server is done.
         tokio::spawn(async move {
             loop {
                 waker.wake_waiters();
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stopped.changed() => return,
+                }
             }
         });
     };
@@ -375,6 +384,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
                 .context("serving HTTP")?
         }
     }
+    let _ = stopped_tx.send(true);
     reaper.abort();
     if let Some(f) = follower {
         f.abort();

@@ -298,7 +298,13 @@ fn with_known_state(report: &StatusReport, row: &ConnectedRegistryRow) -> Status
         .status_details
         .or_else(|| serde_json::from_str(&row.status_details).ok());
     full.version = full.version.or_else(|| row.version.clone());
-    full.login_server = full.login_server.or_else(|| row.login_server.clone());
+    // A stored address an older version accepted, no longer valid, is not passed on: the
+    // parent would refuse the whole report.
+    full.login_server = full.login_server.or_else(|| {
+        row.login_server
+            .clone()
+            .filter(|l| crate::connstr::check_endpoint(l).is_ok())
+    });
     full.cursor_lag = full.cursor_lag.or(row.cursor_lag);
     full.outbox_depth = full.outbox_depth.or(row.outbox_depth);
     full
@@ -1631,10 +1637,11 @@ impl Control {
             row.reported_state = Some(s);
         }
         if let Some(t) = report.last_sync_time {
-            // Only a newer sync answers a resync request: the same time relayed again (an
-            // intermediate node passes on everything it knows) does not.
+            // Only another sync answers a resync request: the same time relayed again (an
+            // intermediate node passes on everything it knows) does not. Another, not a later
+            // one: a child whose clock was corrected backwards must still be heard.
             let ms = crate::parse_rfc3339(&t)?;
-            if row.last_sync_ms.is_none_or(|old| ms > old) {
+            if row.last_sync_ms != Some(ms) {
                 row.last_sync_ms = Some(ms);
                 row.resync_requested = false;
             }

@@ -68,6 +68,14 @@ pub fn check_endpoint(s: &str) -> Result<(), String> {
         let Some((v6, after)) = rest.split_once(']') else {
             return fail("an IPv6 address needs its closing ]");
         };
+        // A link-local address may carry its zone (`fe80::1%eth0`), as a listener reports it.
+        let v6 = v6.split_once('%').map_or(v6, |(a, zone)| {
+            if zone.is_empty() || !zone.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                ""
+            } else {
+                a
+            }
+        });
         if v6.parse::<std::net::Ipv6Addr>().is_err() {
             return fail("the part in brackets is not an IPv6 address");
         }
@@ -195,6 +203,8 @@ mod tests {
             "10.0.0.5:5000",
             "[::1]:5000",
             "[fe80::1]",
+            "[fe80::1%2]:5000",
+            "[fe80::1%eth0]",
             "site_one.local.",
         ] {
             assert_eq!(check_endpoint(ok), Ok(()), "{ok}");

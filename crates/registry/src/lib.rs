@@ -292,14 +292,14 @@ impl Registry {
         Ok((local, cluster))
     }
 
-    /// Another replica sharing the metadata database changed `repos` (`None`: too many to
-    /// name): what this one cached of them is dropped, and sync's long-polls wake up.
     /// Ends every wait for a change now (a long-poll then answers with what it has): at
     /// shutdown, so the server stops without waiting out its children's long-polls.
     pub fn wake_waiters(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// Another replica sharing the metadata database changed `repos` (`None`: too many to
+    /// name): what this one cached of them is dropped, and sync's long-polls wake up.
     pub fn changed_elsewhere(&self, repos: Option<&[String]>) {
         match repos {
             Some(repos) => {

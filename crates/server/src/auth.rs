@@ -106,7 +106,8 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
                     ErrorCode::Unauthorized,
                     format!(
                         "incorrect username or password; at this connected registry only its \
-                         client tokens and its own admin token log in (a token of the parent is \
+                         client tokens, its children's sync tokens and its own admin token log \
+                         in (a token of the parent is \
                          added with `outpost connected-registry update -n {} \
                          --add-client-tokens <token>` at the root)",
                         app.sync_scope

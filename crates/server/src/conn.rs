@@ -62,7 +62,7 @@ pub(crate) fn with_idle_timeout(req: Request<Body>, idle: Duration) -> Request<B
         Body::new(IdleBody {
             inner: body,
             idle,
-            last: Instant::now(),
+            waiting_since: None,
             timer: None,
         })
     })
@@ -71,8 +71,10 @@ pub(crate) fn with_idle_timeout(req: Request<Body>, idle: Duration) -> Request<B
 struct IdleBody {
     inner: Body,
     idle: Duration,
-    /// When the last frame (or the request) arrived.
-    last: Instant,
+    /// Since when the reader has been waiting for the client (`None` while it is not): only
+    /// that time counts, never time the reader spent elsewhere (a lock, a slow disk) before
+    /// asking again.
+    waiting_since: Option<Instant>,
     /// Armed only while the body is waiting, and moved on lazily when it fires.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -87,18 +89,18 @@ impl HttpBody for IdleBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.last = Instant::now();
+            this.waiting_since = None;
             return Poll::Ready(frame);
         }
-        // The timer is not moved on for every frame: when it fires early (data came since it
-        // was set), it is set again from the last arrival.
-        let (last, idle) = (this.last, this.idle);
+        let since = *this.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + this.idle;
+        // The timer is not moved on for every wait: when it fires early (it was set for an
+        // earlier wait), it is set again for this one.
         let timer = this
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last + idle)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
             ready!(timer.as_mut().poll(cx));
-            let deadline = this.last + this.idle;
             if Instant::now() >= deadline {
                 return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -156,6 +158,60 @@ mod tests {
             "{err}"
         );
         sender.abort();
+    }
+
+    /// Time the reader spends elsewhere before it asks (waiting for an upload's lock, say)
+    /// is not the client's silence.
+    #[tokio::test]
+    async fn only_waiting_for_the_client_counts() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let body = Body::from_stream(stream_of(rx));
+        let mut body =
+            with_idle_timeout(Request::new(body), Duration::from_millis(400)).into_body();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(Ok(Bytes::from_static(b"late"))).await.unwrap();
+        });
+        let frame = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("data, not a timeout");
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"late"));
+        sender.await.unwrap();
+    }
+
+    /// Through the real server: a client that sends a head and one byte of a 100-byte body,
+    /// then nothing, gets an answer once the body has been silent for the idle time.
+    #[tokio::test]
+    async fn a_silent_body_is_cut_off_by_the_real_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let app = Router::new()
+            .route(
+                "/echo",
+                axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+            )
+            .layer(axum::middleware::from_fn(
+                |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    next.run(with_idle_timeout(req, Duration::from_millis(300)))
+                        .await
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, std::future::pending()));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
     }
 
     /// A stream of the channel's items.

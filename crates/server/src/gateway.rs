@@ -185,7 +185,8 @@ async fn messages(
     // (before this request subscribed) is answered at once, so it is fetched now.
     let stale = match q.iter().find(|(k, _)| k == "config") {
         Some((_, have)) if !wait.is_zero() => {
-            config_and_etag(&app, &name).await?.1.trim_matches('"') != have.trim_matches('"')
+            let bare = |e: &str| e.trim_start_matches("W/").trim_matches('"').to_string();
+            bare(&config_and_etag(&app, &name).await?.1) != bare(have)
         }
         _ => false,
     };

@@ -118,6 +118,9 @@ fn client() -> &'static reqwest::Client {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Duration::from_secs(30))
+            // Given up before the other replica closes it (after 60 s idle): a request sent
+            // on a connection being closed could not be retried.
+            .pool_idle_timeout(Duration::from_secs(30))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default()

@@ -471,7 +471,7 @@ impl Parent {
         config: Option<&str>,
     ) -> Result<Feed, SyncError> {
         let config = config
-            .map(|e| format!("&config={}", e.trim_matches('"')))
+            .map(|e| format!("&config={}", e.trim_start_matches("W/").trim_matches('"')))
             .unwrap_or_default();
         let req = self
             .request_with(
