@@ -62,11 +62,16 @@ fn connected_settings(root: &Outpost, name: &str) -> String {
 }
 
 fn start_site(dir: &std::path::Path, cs: &str) -> Outpost {
+    start_site_polling(dir, cs, "5")
+}
+
+/// A site whose long-polls of its parent's feed last up to `poll_secs`.
+fn start_site_polling(dir: &std::path::Path, cs: &str, poll_secs: &str) -> Outpost {
     Outpost::start_env(
         dir,
         &[
             ("OUTPOST_CONNECTION_STRING", cs),
-            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_SYNC_POLL_SECS", poll_secs),
             ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
         ],
     )
@@ -396,16 +401,7 @@ async fn control_plane_changes_reach_sites_without_waiting_for_the_long_poll() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "first").await;
-    let slow = |dir: &std::path::Path, cs: &str| {
-        Outpost::start_env(
-            dir,
-            &[
-                ("OUTPOST_CONNECTION_STRING", cs),
-                ("OUTPOST_SYNC_POLL_SECS", "60"),
-                ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
-            ],
-        )
-    };
+    let slow = |dir: &std::path::Path, cs: &str| start_site_polling(dir, cs, "60");
     let cs = connected(&root, "site-quick", &["--repository", "app"]);
     let site = slow(site_dir.path(), &cs);
     let s = site.base();

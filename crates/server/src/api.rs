@@ -198,14 +198,9 @@ async fn admin(app: &App, headers: &HeaderMap) -> Result<()> {
     let p = auth::principal(app, headers).await?;
     auth::basic_only(app, &p, "the management API")?;
     if !p.is_authenticated() {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
+        return Err(auth::basic_unauthorized(
+            app,
             "the management API needs the administrator's credentials (token admin)",
-        )
-        .with_header(
-            header::WWW_AUTHENTICATE,
-            &format!("Basic realm=\"{}\"", app.auth.service),
         ));
     }
     if !p.is_admin() {

@@ -94,31 +94,25 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
     })?;
     match app.control.authenticate(&user, &pass).await {
         Ok(identity) => Ok(Principal::Basic(identity)),
-        // At a connected registry a token of its parent that is not one of its client
-        // tokens is unknown here: say how that is fixed.
-        Err(outpost_control::ControlError::BadCredentials) if app.sync_scope.is_some() => {
-            Err(challenge(
-                app,
-                headers,
-                None,
-                ApiError::new(
+        Err(e) => {
+            let err = match (&e, &app.sync_scope) {
+                // At a connected registry a token of its parent that is not one of its client
+                // tokens is unknown here: say how that is fixed.
+                (outpost_control::ControlError::BadCredentials, Some(scope)) => ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::Unauthorized,
                     format!(
                         "incorrect username or password; at this connected registry only its \
                          client tokens, its children's sync tokens and its own admin token log \
-                         in (a token of the parent is \
-                         added with `outpost connected-registry update -n {} \
-                         --add-client-tokens <token>` at the root)",
-                        app.sync_scope
-                            .as_ref()
-                            .map(|s| s.borrow().name.clone())
-                            .unwrap_or_default()
+                         in (a token of the parent is added with `outpost connected-registry \
+                         update -n {} --add-client-tokens <token>` at the root)",
+                        scope.borrow().name
                     ),
                 ),
-            ))
+                _ => ApiError::from(e),
+            };
+            Err(challenge(app, headers, None, err))
         }
-        Err(e) => Err(challenge(app, headers, None, ApiError::from(e))),
     }
 }
 
@@ -307,12 +301,10 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
                 .body(axum::body::Body::from(body))
                 .unwrap_or_default());
         }
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
+        return Err(basic_unauthorized(
+            app,
             "authentication required: log in with a token name and password (docker login -u <token> -p <password>)",
-        )
-        .with_header(header::WWW_AUTHENTICATE, &format!("Basic realm=\"{}\"", app.auth.service)));
+        ));
     };
     let identity = app.control.authenticate(&user, &pass).await?;
     let issued = app.control.issue(&identity, &scopes, &app.auth.service);
@@ -325,22 +317,26 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
         .unwrap_or_default())
 }
 
+/// `401 UNAUTHORIZED` with `message`, asking for Basic credentials: what every endpoint that
+/// takes only a token's name and password answers.
+pub(crate) fn basic_unauthorized(app: &App, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).with_header(
+        header::WWW_AUTHENTICATE,
+        &format!("Basic realm=\"{}\"", app.auth.service),
+    )
+}
+
 /// Refuses an access token where a token's own credentials are needed (`what`: the
 /// management or gateway API). An access token carries repository scopes only; one scoped to
 /// pulling `app` must not read a connected registry's configuration or manage tokens.
 pub(crate) fn basic_only(app: &App, p: &Principal, what: &str) -> Result<(), ApiError> {
     if matches!(p, Principal::Bearer { .. }) {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
+        return Err(basic_unauthorized(
+            app,
             format!(
                 "{what} takes a token's name and password (Basic authentication), not an \
                  access token, which carries repository scopes only"
             ),
-        )
-        .with_header(
-            header::WWW_AUTHENTICATE,
-            &format!("Basic realm=\"{}\"", app.auth.service),
         ));
     }
     Ok(())

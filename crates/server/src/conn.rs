@@ -56,8 +56,12 @@ where
     Ok(())
 }
 
-/// Wraps a request body so that it fails once no data has arrived for `idle`.
+/// Wraps a request body so that it fails once no data has arrived for `idle`. A request
+/// without a body (most of them: every pull) is left as it is, at no cost.
 pub(crate) fn with_idle_timeout(req: Request<Body>, idle: Duration) -> Request<Body> {
+    if req.body().is_end_stream() {
+        return req;
+    }
     req.map(|body| {
         Body::new(IdleBody {
             inner: body,

@@ -26,14 +26,9 @@ impl axum::extract::FromRequest<crate::App> for ApiBody {
         // Credentials first: nobody may make the server hold a body without them.
         let p = crate::auth::principal(state, req.headers()).await?;
         if !p.is_authenticated() {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
+            return Err(crate::auth::basic_unauthorized(
+                state,
                 "this endpoint needs a token's name and password (Basic authentication)",
-            )
-            .with_header(
-                header::WWW_AUTHENTICATE,
-                &format!("Basic realm=\"{}\"", state.auth.service),
             ));
         }
         match axum::body::Bytes::from_request(req, state).await {

@@ -65,14 +65,9 @@ async fn authorize(
     let p = auth::principal(app, h).await?;
     auth::basic_only(app, &p, "the gateway API")?;
     if !p.is_authenticated() {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
+        return Err(auth::basic_unauthorized(
+            app,
             "the gateway API needs the connected registry's sync token",
-        )
-        .with_header(
-            header::WWW_AUTHENTICATE,
-            &format!("Basic realm=\"{}\"", app.auth.service),
         ));
     }
     if !p.allows_gateway(name, action) {
