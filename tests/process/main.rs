@@ -283,6 +283,53 @@ fn port_in_use_is_reported() {
     assert!(err.contains(&addr), "{err}");
 }
 
+/// A soft open-files limit of 64 (as a shell or a container may set) does not cap the server
+/// at ~60 clients: it raises the limit to the hard one, and hundreds of clients holding
+/// connections open are all answered. With the hard limit low too, it says so at start.
+#[tokio::test]
+async fn many_clients_are_served_under_a_low_soft_open_files_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start_with_open_files(dir.path(), "64:8192");
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        conns.push(tokio::net::TcpStream::connect(&o.addr).await.unwrap());
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut n = 0;
+        for c in &mut conns {
+            c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf[..9], b"HTTP/1.1 ", "{}", String::from_utf8_lossy(&buf));
+            n += 1;
+        }
+        n
+    })
+    .await;
+    assert_eq!(
+        answered.ok(),
+        Some(300),
+        "connections kept open were not all answered; log:\n{}",
+        o.log()
+    );
+    assert!(!o.log().contains("open-files limit is low"), "{}", o.log());
+    drop(conns);
+    drop(o);
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start_with_open_files(dir.path(), "256:256");
+    let c = reqwest::Client::new();
+    assert_eq!(c.get(o.url("/v2/")).send().await.unwrap().status(), 401);
+    let log = o.log();
+    assert!(
+        log.contains("the open-files limit is low") && log.contains("open_files=256"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn first_start_prints_a_generated_admin_password_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -67,6 +67,15 @@ impl Outpost {
         Self::spawn_cmd(cmd, data_dir, &[], env)
     }
 
+    /// Like [`Outpost::start`], under an open-files limit of `soft:hard` (`prlimit`'s form).
+    pub fn start_with_open_files(data_dir: &Path, limit: &str) -> Outpost {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={limit}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_outpost"));
+        Self::spawn_cmd(cmd, data_dir, &[], &[])
+    }
+
     /// Like [`Outpost::start_env`], listening on `listen` (an address other processes must
     /// know before it starts).
     pub fn start_listen(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Outpost {

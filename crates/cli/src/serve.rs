@@ -42,11 +42,29 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
     let log = init_logging(&config.log_level, &config.log_format)?;
+    raise_open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(serve(config, log))
+}
+
+/// Every connection, blob being read and upload in flight holds a file descriptor, and the
+/// usual soft limit (1024) is reached by a few hundred clients; once it is, new connections
+/// wait in the kernel's queue until old ones close. So the soft limit is raised to the hard
+/// one, as the Go runtime does for `docker-registry`. Logged, since it bounds how many clients
+/// one process can serve.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => tracing::warn!(
+            open_files = n,
+            "the open-files limit is low: each client connection needs one; raise the hard \
+             limit (ulimit -Hn, LimitNOFILE= in a systemd unit, --ulimit nofile= for docker)"
+        ),
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
 }
 
 /// Changes the log filter of the running process.
