@@ -109,7 +109,10 @@ pub enum ManifestError {
         content_type: String,
         media_type: String,
     },
-    #[error("manifest has no mediaType and the Content-Type {0:?} does not name a manifest type")]
+    #[error(
+        "manifest has no mediaType field, which with Content-Type {0:?} it needs (only OCI \
+         image manifests and indexes may leave it out)"
+    )]
     UnknownMediaType(String),
     #[error("image manifest has no config descriptor")]
     MissingConfig,

@@ -1,8 +1,10 @@
 //! The `/v2/` route parser. axum's router cannot put a wildcard in the middle of a path and OCI
 //! repository names contain slashes, so the server sends every `/v2/…` request here and this
 //! pure function decides which resource it addresses, validating the name, digest or tag on the
-//! way. The path is matched as received (no percent-decoding), so an encoded `/` or `..` can
-//! never become part of a name.
+//! way. The path is split on its literal `/` first and each segment is percent-decoded after
+//! (`v%31` is the tag `v1`, as RFC 3986 and `docker-registry` have it), so an encoded `/`
+//! never separates segments: within a name it meets the name's own checks, and within a
+//! digest, tag or upload id it makes that invalid.
 
 use crate::digest::{Digest, DigestError};
 use crate::name::{NameError, Reference, RepoName};
@@ -39,6 +41,8 @@ pub enum RouteError {
         "upload {0:?} does not exist (an upload id is letters, digits and '-'); start a new upload with POST"
     )]
     UploadUnknown(String),
+    #[error("the path {0:?} holds percent-encoded bytes that are not UTF-8")]
+    Encoding(String),
     #[error(transparent)]
     Name(NameError),
     #[error(transparent)]
@@ -73,10 +77,15 @@ impl Route {
         let rest = rest
             .strip_prefix('/')
             .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
-        if rest == "_catalog" {
+        let decoded = rest
+            .split('/')
+            .map(|seg| percent_encoding::percent_decode_str(seg).decode_utf8())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| RouteError::Encoding(path.chars().take(200).collect()))?;
+        let segs: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
+        if segs == ["_catalog"] {
             return Ok(Route::Catalog);
         }
-        let segs: Vec<&str> = rest.split('/').collect();
         let n = segs.len();
         let at = |i: usize| if i < n { segs[n - 1 - i] } else { "" };
         // /blobs/uploads/ (trailing slash leaves an empty last segment) or /blobs/uploads
@@ -204,6 +213,29 @@ mod tests {
     }
 
     #[test]
+    fn segments_are_percent_decoded() {
+        assert_eq!(
+            Route::parse("/v2/t%31/manifests/v%31").unwrap(),
+            Route::Manifest {
+                name: n("t1"),
+                reference: Reference::Tag("v1".parse().unwrap())
+            }
+        );
+        assert_eq!(
+            Route::parse("/v2/a%2Fb/tags/list").unwrap(),
+            Route::Tags { name: n("a/b") }
+        );
+        assert_eq!(
+            Route::parse(&format!("/v2/a/blobs/{}", D.replace(':', "%3A"))).unwrap(),
+            Route::Blob {
+                name: n("a"),
+                digest: D.parse().unwrap()
+            }
+        );
+        assert_eq!(Route::parse("/v2/%5Fcatalog").unwrap(), Route::Catalog);
+    }
+
+    #[test]
     fn names_may_contain_keywords() {
         assert_eq!(
             Route::parse("/v2/blobs/manifests/tags/list").unwrap(),
@@ -229,6 +261,19 @@ mod tests {
         assert!(matches!(
             Route::parse("/v2/a%2F..%2Fb/manifests/x"),
             Err(RouteError::Name(_))
+        ));
+        // An encoded slash does not separate segments: the digest or id it is in is invalid.
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/uploads%2Fx"),
+            Err(RouteError::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/blobs/uploads/..%2F..%2Fmeta.db"),
+            Err(RouteError::UploadUnknown(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/a/manifests/v%FF"),
+            Err(RouteError::Encoding(_))
         ));
         assert!(matches!(
             Route::parse("/v2/a/blobs/sha256:..%2f..%2fetc"),

@@ -24,7 +24,7 @@ impl axum::extract::FromRequest<crate::App> for ApiBody {
     ) -> Result<Self, ApiError> {
         use axum::extract::rejection::BytesRejection;
         // Credentials first: nobody may make the server hold a body without them.
-        let p = crate::auth::principal(state, req.headers()).await?;
+        let p = crate::auth::basic_principal(state, req.headers(), "this endpoint").await?;
         if !p.is_authenticated() {
             return Err(crate::auth::basic_unauthorized(
                 state,
@@ -104,7 +104,9 @@ impl From<RouteError> for ApiError {
         let (status, code) = match &e {
             RouteError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
             RouteError::UploadUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
-            RouteError::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            RouteError::Name(_) | RouteError::Encoding(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+            }
             RouteError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
             RouteError::Tag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
         };

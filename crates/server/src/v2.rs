@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::{App, auth};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use outpost_control::{Principal, RepoAction};
 use outpost_oci::manifest::OCI_INDEX;
@@ -57,6 +57,7 @@ fn unsupported(method: &Method) -> ApiError {
 
 fn parse_n(q: &Query) -> Result<Option<u32>> {
     q.n.as_deref()
+        .filter(|n| !n.is_empty())
         .map(|n| {
             n.parse::<u32>().map_err(|_| {
                 bad_request(
@@ -203,8 +204,18 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 return Err(unsupported(m));
             }
             let n = parse_n(&query)?;
-            let tags = reg.tags(&name, n, query.last.as_deref()).await?;
-            let link = next_link(&format!("/v2/{name}/tags/list"), n, &tags);
+            // One more than asked for says whether there is a next page: no `Link` to an
+            // empty one when exactly `n` tags remain.
+            let mut tags = reg
+                .tags(&name, n.map(|n| n.saturating_add(1)), query.last.as_deref())
+                .await?;
+            let more = n.is_some_and(|n| tags.len() > n as usize);
+            if let Some(n) = n {
+                tags.truncate(n as usize);
+            }
+            let link = more
+                .then(|| next_link(&format!("/v2/{name}/tags/list"), n, &tags))
+                .flatten();
             let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
             Ok(with_link(
                 json_response(StatusCode::OK, body.to_string().into_bytes()),
@@ -221,6 +232,9 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     Body::from(mf.content)
                 };
                 let digest = mf.digest.to_string();
+                if let Some(r) = not_modified(h, &digest) {
+                    return Ok(r);
+                }
                 Ok(Response::builder()
                     .status(StatusCode::OK)
                     .header(header::CONTENT_TYPE, mf.media_type)
@@ -263,11 +277,15 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     let Some(cr) = header_str(h, header::CONTENT_RANGE) else {
                         return Ok(None);
                     };
-                    let r = parse_content_range(cr).map_err(|e| {
+                    let r = parse_content_range(cr).map_err(|_| {
                         ApiError::new(
                             StatusCode::RANGE_NOT_SATISFIABLE,
                             ErrorCode::BlobUploadInvalid,
-                            e.to_string(),
+                            format!(
+                                "Content-Range {:?} is not <start>-<end> (the chunk's first and \
+                                 last byte offsets, as in 0-1048575)",
+                                cr.chars().take(100).collect::<String>()
+                            ),
                         )
                     })?;
                     if let Some(len) = content_length(h)?
@@ -283,26 +301,33 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                     }
                     Ok(Some(r.start))
                 };
+                // A 416 tells the client where the upload is: its `Range`, `Location` and id.
+                let at_upload = |api: ApiError| {
+                    if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
+                        api.with_header(header::LOCATION, &format!("/v2/{name}/blobs/uploads/{id}"))
+                            .with_header(HeaderName::from_static(UPLOAD_UUID), &id)
+                    } else {
+                        api
+                    }
+                };
                 let start = match start() {
                     Ok(s) => s,
-                    Err(e) => {
+                    Err(mut e) => {
                         drain(body).await;
-                        return Err(e);
+                        if e.status == StatusCode::RANGE_NOT_SATISFIABLE {
+                            let size = reg.upload_status(&name, &id).await?;
+                            e = e.with_header(
+                                header::RANGE,
+                                &format!("0-{}", size.saturating_sub(1)),
+                            );
+                        }
+                        return Err(at_upload(e));
                     }
                 };
                 let size = reg
                     .append_upload(&name, &id, start, body.into_data_stream())
                     .await
-                    .map_err(|e| {
-                        let mut api = ApiError::from(e);
-                        if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
-                            api = api.with_header(
-                                header::LOCATION,
-                                &format!("/v2/{name}/blobs/uploads/{id}"),
-                            );
-                        }
-                        api
-                    })?;
+                    .map_err(|e| at_upload(ApiError::from(e)))?;
                 Ok(upload_response(StatusCode::ACCEPTED, &name, &id, size))
             }
             Method::PUT => {
@@ -509,6 +534,25 @@ fn upload_response(status: StatusCode, name: &RepoName, id: &str, size: u64) -> 
         .unwrap_or_default()
 }
 
+/// `304 Not Modified` when the request's `If-None-Match` names the content's ETag (its
+/// digest, quoted) or is `*`: a client that already holds a manifest or blob is not sent it
+/// again (RFC 9110 §13.1.2; weak tags compare like strong ones for a GET).
+fn not_modified(h: &HeaderMap, digest: &str) -> Option<Response> {
+    let inm = header_str(h, header::IF_NONE_MATCH)?;
+    let hit = inm
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).trim_matches('"') == digest);
+    hit.then(|| {
+        Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(DIGEST_HEADER, digest)
+            .header(header::ETAG, format!("\"{digest}\""))
+            .body(Body::empty())
+            .unwrap_or_default()
+    })
+}
+
 fn blob_created(name: &RepoName, digest: &Digest) -> Response {
     Response::builder()
         .status(StatusCode::CREATED)
@@ -528,12 +572,11 @@ async fn start_upload(
 ) -> Result<Response> {
     let reg = &app.registry;
     if let (Some(mount), Some(from)) = (&q.mount, &q.from) {
-        let digest: Digest = mount.parse().map_err(|e: outpost_oci::DigestError| {
-            bad_request(ErrorCode::DigestInvalid, e.to_string())
-        })?;
-        // A source the caller may not read, or an invalid one, falls back to a normal upload,
-        // as the spec requires: a mount must never reveal what the caller cannot pull.
-        if let Ok(from) = from.parse::<RepoName>()
+        // A source the caller may not read, or an invalid digest or source, falls back to a
+        // normal upload, as the spec requires: a mount must never reveal what the caller
+        // cannot pull.
+        if let Ok(digest) = mount.parse::<Digest>()
+            && let Ok(from) = from.parse::<RepoName>()
             && principal.allows(from.as_str(), RepoAction::ContentRead)
             && reg.mount_blob(name, &digest, &from).await?.is_some()
         {
@@ -632,6 +675,9 @@ async fn get_blob(
         true => reg.blob_size_checked(name, digest).await?,
         false => reg.blob_size(name, digest).await?,
     };
+    if let Some(r) = not_modified(h, &digest.to_string()) {
+        return Ok(r);
+    }
     // RFC 9110 §14.2: a range in a unit other than bytes, or one the server does not support
     // (several ranges) or cannot parse, is ignored and the whole blob is served; only a
     // well-formed range outside the blob is answered 416.

@@ -278,6 +278,28 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("range"), "0-999");
     assert_eq!(r.code(), "BLOB_UPLOAD_INVALID");
+    assert_eq!(r.header("location"), loc);
+    assert!(!r.header("docker-upload-uuid").is_empty());
+    // A malformed Content-Range is a 416 too, and also says where the upload is.
+    for bad in ["9-5", "bytes=a-b", "1000-"] {
+        let r = t
+            .req(
+                Method::PATCH,
+                &loc,
+                &[("content-range", bad), ("content-length", "3")],
+                b"abc".to_vec(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{bad}");
+        assert_eq!(r.header("range"), "0-999", "{bad}");
+        assert_eq!(r.header("location"), loc, "{bad}");
+        assert!(!r.header("docker-upload-uuid").is_empty(), "{bad}");
+        assert!(
+            r.message().contains("Content-Range"),
+            "{bad}: {}",
+            r.message()
+        );
+    }
 
     // Content-Length disagreeing with Content-Range.
     let r = t
@@ -601,6 +623,60 @@ async fn cross_repository_mount_and_fallback() {
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "from={from}");
         assert!(r.header("location").starts_with("/v2/dst/blobs/uploads/"));
+    }
+    // So does an invalid digest to mount (the spec: "invalid repository or digest").
+    for mount in ["sha256:zz", "nonsense", ""] {
+        let r = t
+            .req(
+                Method::POST,
+                &format!("/v2/dst/blobs/uploads/?mount={mount}&from=src"),
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "mount={mount}");
+        assert!(r.header("location").starts_with("/v2/dst/blobs/uploads/"));
+    }
+}
+
+/// A client that holds a manifest or blob already (`If-None-Match` with its ETag) gets a
+/// `304` and no body; another ETag, or none, gets the content.
+#[tokio::test]
+async fn if_none_match_answers_not_modified() {
+    let t = setup().await;
+    let d = t.push_blob("a", b"cached layer").await;
+    let (_, md) = t.push_image("a", "v1", "one").await;
+    for (path, digest) in [
+        (format!("/v2/a/blobs/{d}"), d.to_string()),
+        ("/v2/a/manifests/v1".to_string(), md.to_string()),
+        (format!("/v2/a/manifests/{md}"), md.to_string()),
+    ] {
+        for inm in [
+            format!("\"{digest}\""),
+            format!("W/\"{digest}\""),
+            format!("\"sha256:00\", \"{digest}\""),
+            "*".to_string(),
+        ] {
+            for m in [Method::GET, Method::HEAD] {
+                let r = t
+                    .req(m.clone(), &path, &[("if-none-match", &inm)], Body::empty())
+                    .await;
+                assert_eq!(r.status, StatusCode::NOT_MODIFIED, "{m} {path} {inm}");
+                assert!(r.body.is_empty());
+                assert_eq!(r.header("etag"), format!("\"{digest}\""));
+                assert_eq!(r.header("docker-content-digest"), digest);
+            }
+        }
+        let r = t
+            .req(
+                Method::GET,
+                &path,
+                &[("if-none-match", "\"sha256:0000\"")],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(!r.body.is_empty());
     }
 }
 
@@ -1016,6 +1092,18 @@ async fn tags_list_and_catalog_pagination() {
 
     let r = t.get("/v2/pag/tags/list?n=5&last=t22").await;
     assert_eq!(r.json()["tags"], json!(["t23", "t24"]));
+    // Exactly n left: no Link to an empty page. One more: a Link.
+    let r = t.get("/v2/pag/tags/list?n=5&last=t19").await;
+    assert_eq!(r.json()["tags"].as_array().unwrap().len(), 5);
+    assert_eq!(r.header("link"), "");
+    let r = t.get("/v2/pag/tags/list?n=5&last=t18").await;
+    assert_eq!(
+        r.header("link"),
+        "</v2/pag/tags/list?n=5&last=t23>; rel=\"next\""
+    );
+    // An empty n is no n (as docker-registry has it).
+    let r = t.get("/v2/pag/tags/list?n=").await;
+    assert_eq!(r.json()["tags"].as_array().unwrap().len(), 25);
     assert_eq!(
         t.get("/v2/pag/tags/list?n=abc").await.status,
         StatusCode::BAD_REQUEST

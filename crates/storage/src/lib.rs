@@ -729,6 +729,37 @@ mod tests {
         assert_eq!(s.commit_upload(&id, &d).await.unwrap(), 16);
     }
 
+    /// A cancel that arrives while a chunk is being written does not wait for it, and the
+    /// chunk's request must not then report the bytes as accepted.
+    #[tokio::test]
+    async fn a_chunk_cut_short_by_a_cancel_is_not_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Storage::open(dir.path(), true).await.unwrap());
+        let id = s.create_upload("repo").await.unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"first half",
+        ))])
+        .chain(futures_util::stream::once(async move {
+            let _ = wait.await;
+            Ok(Bytes::from_static(b" second half"))
+        }));
+        let (s2, id2) = (s.clone(), id.clone());
+        let chunk =
+            tokio::spawn(async move { s2.append(&id2, Some(0), None, Box::pin(body)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.abort_upload(&id).await.unwrap();
+        let _ = go.send(());
+        let err = chunk.await.unwrap().unwrap_err();
+        assert!(matches!(err, StorageError::UploadUnknown(_)), "{err}");
+        assert_eq!(s.upload_progress(&id).await.unwrap(), None);
+        let more = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"x"))]);
+        assert!(matches!(
+            s.append(&id, None, None, more).await,
+            Err(StorageError::UploadUnknown(_))
+        ));
+    }
+
     #[tokio::test]
     async fn put_blob_stores_only_verified_bytes() {
         let dir = tempfile::tempdir().unwrap();

@@ -180,6 +180,12 @@ where
         })
         .and_then(|r| r.map_err(io_err(&path)));
     let error = match (written, failure) {
+        // Cancelled while this chunk was written (the cancel does not wait for it): the
+        // bytes went to a removed file, and the client must not hear they were accepted.
+        (Ok(_), None) if !tokio::fs::try_exists(&path).await.unwrap_or(true) => {
+            state.closed = true;
+            return Err(StorageError::UploadUnknown(id.to_string()));
+        }
         (Ok(hasher), None) => {
             state.size = before + received;
             state.hasher = hasher;
@@ -192,10 +198,14 @@ where
         (Err(e), None) => e,
     };
     // Roll back to the last complete chunk so the client can resend this one.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
+    let f = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            state.closed = true;
+            return Err(StorageError::UploadUnknown(id.to_string()));
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
     f.set_len(before).map_err(io_err(&path))?;
     state.size = before;
     state.hasher = snapshot;

@@ -75,6 +75,12 @@ impl Resp {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
+    pub fn message(&self) -> String {
+        self.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
     pub fn code(&self) -> String {
         self.json()["errors"][0]["code"]
             .as_str()
