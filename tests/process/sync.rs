@@ -295,6 +295,25 @@ async fn connection_problems_are_one_clear_line() {
     let root = Outpost::start(dir.path(), &[]);
     let cs = connected(&root, "site-err", &["--repository", "app"]);
     assert!(failing_site("garbage").contains("not Key=Value"));
+    // Refused before anything is written: no administrator password was created (and shown
+    // once) for a start that never happened, and the directory stays empty.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(empty.path().join("site"))
+        .env(
+            "OUTPOST_CONNECTION_STRING",
+            "ConnectedRegistryName=a;Nope=1",
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("connection string has an unknown key \"Nope\""),
+        "{err}"
+    );
+    assert!(!err.contains("password:"), "{err}");
+    assert!(!empty.path().join("site").exists(), "{err}");
     assert!(failing_site("ConnectedRegistryName=a;Nope=1").contains("unknown key \"Nope\""));
     let missing = cs
         .split(';')

@@ -250,6 +250,11 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty());
         }
+        // Checked before anything is written: a first start that fails here must not have
+        // created (and printed, once) the administrator's password.
+        if let Some(cs) = &config.connection_string {
+            outpost_control::ConnectionString::parse(cs).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         anyhow::ensure!(
             matches!(config.log_format.as_str(), "text" | "json"),
             "log_format {:?} is not text or json",

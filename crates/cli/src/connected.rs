@@ -40,7 +40,7 @@ pub enum ConnectedRegistryCmd {
         /// Log level of the connected registry: Debug, Information, Warning, Error or None
         #[arg(long, default_value = "Information")]
         log_level: String,
-        /// Notification patterns, <repository>:<tag>[:<action>] with * wildcards (e.g. 'app:*:push'): what it reports to the root
+        /// Notification patterns, <repository>[:<tag>][@<digest>]:<push|delete|*> with * wildcards (e.g. 'app:*:push'): what it reports to the root
         #[arg(long, num_args = 1..)]
         notifications: Vec<String>,
         /// Whether garbage collection runs at the site (a bare flag means true)
@@ -76,7 +76,7 @@ pub enum ConnectedRegistryCmd {
         /// Log level of the connected registry: Debug, Information, Warning, Error or None
         #[arg(long)]
         log_level: Option<String>,
-        /// Notification patterns to add
+        /// Notification patterns to add, <repository>[:<tag>][@<digest>]:<push|delete|*>
         #[arg(long, num_args = 1..)]
         add_notifications: Vec<String>,
         /// Notification patterns to remove
@@ -139,7 +139,7 @@ pub enum ConnectedRegistryCmd {
         /// Generate (rotate) sync token password 1 or 2
         #[arg(long, value_parser = ["1", "2"])]
         generate_password: Option<String>,
-        /// host[:port] the instance uses to reach this registry (default: as given in --registry)
+        /// host[:port] the instance uses to reach its parent (default: for a child of the root, as given in --registry; below that, the address its parent connected registry reported)
         #[arg(long)]
         parent_endpoint: Option<String>,
         /// Do not prompt for confirmation

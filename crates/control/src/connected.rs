@@ -1622,10 +1622,21 @@ impl Control {
         if row.activation != "Active"
             || row.instance_id.as_deref() != Some(report.instance_id.as_str())
         {
-            return Err(ControlError::NotActive(format!(
-                "instance {:?} is not the active instance of connected registry {name:?}; it was deactivated — restart it to activate again",
-                report.instance_id
-            )));
+            return Err(ControlError::NotActive(match &row.instance_id {
+                Some(active) if row.activation == "Active" => format!(
+                    "instance {:?} is not the active instance of connected registry {name:?}: \
+                     instance {:?} activated it since (a second process with the same \
+                     connection string, or a new data directory), and only one may run; stop \
+                     this one, or deactivate the registry (`outpost connected-registry \
+                     deactivate -n {name}`) and restart this one to make it the active one",
+                    report.instance_id, active
+                ),
+                _ => format!(
+                    "instance {:?} is not the active instance of connected registry {name:?}; \
+                     it was deactivated — restart it to activate again",
+                    report.instance_id
+                ),
+            }));
         }
         row.last_activity_ms = Some(now_ms());
         if let Some(s) = report.state {

@@ -30,7 +30,7 @@ pub enum ConnectionStringError {
     MissingKey(&'static str),
     #[error("connection string gives {0} twice")]
     DuplicateKey(String),
-    #[error("ParentEndpointProtocol must be http or https, not {0:?}")]
+    #[error("connection string's ParentEndpointProtocol must be http or https, not {0:?}")]
     Protocol(String),
     #[error(
         "connection string has no sync token password (it says {0:?}); generate one with `outpost connected-registry get-settings --generate-password 1`"

@@ -195,8 +195,7 @@ async fn run_gc(State(app): State<App>, h: HeaderMap, ApiBody(body): ApiBody) ->
 }
 
 async fn admin(app: &App, headers: &HeaderMap) -> Result<()> {
-    let p = auth::principal(app, headers).await?;
-    auth::basic_only(app, &p, "the management API")?;
+    let p = auth::basic_principal(app, headers, "the management API").await?;
     if !p.is_authenticated() {
         return Err(auth::basic_unauthorized(
             app,

@@ -133,6 +133,14 @@ pub(crate) fn challenge(
     scope: Option<&str>,
     err: ApiError,
 ) -> ApiError {
+    err.with_header(
+        header::WWW_AUTHENTICATE,
+        &bearer_challenge(app, headers, scope),
+    )
+}
+
+/// `Bearer realm=…,service=…[,scope=…]`, the realm on the host the client addressed.
+fn bearer_challenge(app: &App, headers: &HeaderMap, scope: Option<&str>) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -154,7 +162,7 @@ pub(crate) fn challenge(
     if let Some(s) = scope {
         value.push_str(&format!(",scope=\"{s}\""));
     }
-    err.with_header(header::WWW_AUTHENTICATE, &value)
+    value
 }
 
 pub(crate) fn unauthorized(app: &App, headers: &HeaderMap, scope: Option<&str>) -> ApiError {
@@ -183,10 +191,25 @@ pub(crate) fn authorize(
         return Ok(());
     }
     let scope = scope_for(repo, action);
-    if !p.is_authenticated() || p.identity_allows(repo, action) {
-        // No credentials, or an access token scoped too narrowly for a token that could do
-        // this: ask the client to fetch a token with the right scope.
+    if !p.is_authenticated() {
         return Err(unauthorized(app, headers, Some(&scope)));
+    }
+    if p.identity_allows(repo, action) {
+        // An access token scoped too narrowly for a token that could do this: ask the client
+        // to fetch one with the right scope (RFC 6750's `insufficient_scope`).
+        let err = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!(
+                "the access token does not grant {action} on repository {repo:?}; request one \
+                 with scope {scope:?} from the token service"
+            ),
+        );
+        let value = bearer_challenge(app, headers, Some(&scope));
+        return Err(err.with_header(
+            header::WWW_AUTHENTICATE,
+            &format!("{value},error=\"insufficient_scope\""),
+        ));
     }
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
@@ -326,10 +349,28 @@ pub(crate) fn basic_unauthorized(app: &App, message: impl Into<String>) -> ApiEr
     )
 }
 
-/// Refuses an access token where a token's own credentials are needed (`what`: the
-/// management or gateway API). An access token carries repository scopes only; one scoped to
-/// pulling `app` must not read a connected registry's configuration or manage tokens.
-pub(crate) fn basic_only(app: &App, p: &Principal, what: &str) -> Result<(), ApiError> {
+/// Who sent a request to an endpoint that takes a token's own name and password only
+/// (`what`: the management or gateway API). An access token is refused: it carries
+/// repository scopes only, and one scoped to pulling `app` must not read a connected
+/// registry's configuration or manage tokens. Every 401 here asks for Basic credentials,
+/// wrong ones included (the registry's Bearer challenge would send clients to the token
+/// service, which cannot help).
+pub(crate) async fn basic_principal(
+    app: &App,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<Principal, ApiError> {
+    let p = principal(app, headers).await.map_err(|mut e| {
+        if e.status == StatusCode::UNAUTHORIZED {
+            e.headers
+                .retain(|(name, _)| name != header::WWW_AUTHENTICATE);
+            e = e.with_header(
+                header::WWW_AUTHENTICATE,
+                &format!("Basic realm=\"{}\"", app.auth.service),
+            );
+        }
+        e
+    })?;
     if matches!(p, Principal::Bearer { .. }) {
         return Err(basic_unauthorized(
             app,
@@ -339,5 +380,5 @@ pub(crate) fn basic_only(app: &App, p: &Principal, what: &str) -> Result<(), Api
             ),
         ));
     }
-    Ok(())
+    Ok(p)
 }

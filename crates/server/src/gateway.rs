@@ -62,8 +62,7 @@ async fn authorize(
     name: &str,
     action: GatewayAction,
 ) -> Result<(), ApiError> {
-    let p = auth::principal(app, h).await?;
-    auth::basic_only(app, &p, "the gateway API")?;
+    let p = auth::basic_principal(app, h, "the gateway API").await?;
     if !p.is_authenticated() {
         return Err(auth::basic_unauthorized(
             app,

@@ -362,7 +362,17 @@ async fn challenge_and_token_flow() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(
         r.header("www-authenticate")
-            .contains("repository:app:pull,push")
+            .ends_with("scope=\"repository:app:pull,push\",error=\"insufficient_scope\""),
+        "{}",
+        r.header("www-authenticate")
+    );
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not grant"),
+        "{:?}",
+        r.body
     );
     // Nor does it open the management or gateway API, though issued to admin: it carries
     // repository scopes only. The same token's Basic credentials do.
@@ -389,6 +399,41 @@ async fn challenge_and_token_flow() {
             )
             .await;
         assert_ne!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    // Every 401 of these APIs asks for Basic credentials: an access token, a wrong password,
+    // an unknown token, a malformed header and none at all (a Bearer challenge would send
+    // the client to the token service, which cannot help). With a body too.
+    for (auth, method, path) in [
+        (Some(admin_pull.clone()), Method::GET, "/api/v1/tokens"),
+        (Some(basic("admin", "wrong")), Method::GET, "/api/v1/tokens"),
+        (
+            Some(basic("admin", "wrong")),
+            Method::POST,
+            "/api/v1/scope-maps",
+        ),
+        (
+            Some(basic("nosuch", "x")),
+            Method::GET,
+            "/gateway/v1/r1/config",
+        ),
+        (Some("Basic %%%".to_string()), Method::GET, "/api/v1/tokens"),
+        (
+            Some("Digest x".to_string()),
+            Method::GET,
+            "/gateway/v1/r1/config",
+        ),
+        (None, Method::GET, "/api/v1/tokens"),
+        (None, Method::POST, "/api/v1/scope-maps"),
+    ] {
+        let r = t
+            .req_as(auth.as_deref(), method.clone(), path, &[], Body::from("{}"))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?} {path}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            "Basic realm=\"outpost\"",
+            "{auth:?} {method} {path}"
+        );
     }
 
     // Wrong password at the token endpoint and on /v2/.

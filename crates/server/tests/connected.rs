@@ -774,11 +774,17 @@ async fn activation_status_and_settings_rotation() {
     let r = report(sync.clone(), json!({"instanceId": "instance-a", "statusDetails": [{"type": "Disk", "code": "DiskError", "description": "No space left on device."}]})).await;
     assert_eq!(r.json()["connectionState"], "Unhealthy");
     assert_eq!(r.json()["statusDetails"][0]["code"], "DiskError");
+    // Another instance while this one is active: a second process, told which is active.
+    let r = report(sync.clone(), json!({"instanceId": "instance-b"})).await;
     assert_eq!(
-        report(sync.clone(), json!({"instanceId": "instance-b"}))
-            .await
-            .status,
-        StatusCode::BAD_REQUEST
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "NOT_ACTIVE")
+    );
+    assert!(
+        msg(&r).contains("instance \"instance-a\" activated it since")
+            && !msg(&r).contains("was deactivated"),
+        "{}",
+        msg(&r)
     );
 
     // Password rotation: regenerate 1, the old one stops working, password2 keeps working.
@@ -817,6 +823,8 @@ async fn activation_status_and_settings_rotation() {
         "{}",
         r.json()
     );
+    let r = report(basic("edge-one", &p2), json!({"instanceId": "instance-a"})).await;
+    assert!(msg(&r).contains("was deactivated"), "{}", msg(&r));
     assert_eq!(
         activate(basic("edge-one", &p2), "instance-b").await.status,
         StatusCode::OK
