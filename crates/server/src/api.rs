@@ -3,11 +3,11 @@
 //! Handlers parse, check that the caller is the administrator, call `outpost-control`, and
 //! render; every error comes back as `{"errors":[{"code","message"}]}`.
 
-use crate::error::{ApiBody, ApiError};
+use crate::error::{ApiBody, ApiError, ApiPath};
 use crate::{App, auth};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -343,7 +343,7 @@ async fn create_scope_map(
 async fn show_scope_map(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -355,7 +355,7 @@ async fn show_scope_map(
 async fn update_scope_map(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -370,7 +370,7 @@ async fn update_scope_map(
 async fn delete_scope_map(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     app.control.delete_scope_map(&name).await?;
@@ -406,7 +406,7 @@ async fn create_token(
 async fn show_token(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(StatusCode::OK, &app.control.show_token(&name).await?))
@@ -415,7 +415,7 @@ async fn show_token(
 async fn update_token(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -430,7 +430,7 @@ async fn update_token(
 async fn delete_token(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     app.control.delete_token(&name).await?;
@@ -440,7 +440,7 @@ async fn delete_token(
 async fn generate_credentials(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -455,7 +455,7 @@ async fn generate_credentials(
 async fn delete_credentials(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -549,7 +549,7 @@ async fn create_cr(
 async fn show_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -561,7 +561,7 @@ async fn show_cr(
 async fn update_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -575,7 +575,7 @@ async fn update_cr(
 async fn delete_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     uri: axum::http::Uri,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -590,7 +590,7 @@ async fn delete_cr(
 async fn deactivate_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -602,7 +602,7 @@ async fn deactivate_cr(
 async fn resync_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -617,7 +617,7 @@ async fn resync_cr(
 async fn notifications_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     uri: axum::http::Uri,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -644,7 +644,7 @@ struct SettingsRequest {
 async fn settings_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;
@@ -670,7 +670,7 @@ async fn settings_cr(
 async fn client_tokens_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -682,7 +682,7 @@ async fn client_tokens_cr(
 async fn permissions_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     admin(&app, &h).await?;
     Ok(json(
@@ -703,7 +703,7 @@ struct PermissionsUpdate {
 async fn update_permissions_cr(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response> {
     admin(&app, &h).await?;

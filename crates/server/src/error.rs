@@ -52,6 +52,32 @@ impl axum::extract::FromRequest<crate::App> for ApiBody {
     }
 }
 
+/// `axum::extract::Path` whose rejection (a segment that percent-decodes to bytes that are not
+/// UTF-8, say) has the registry's error shape instead of axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::custom(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("the request path is invalid: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,

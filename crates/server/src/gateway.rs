@@ -4,10 +4,10 @@
 //! authorized by the token's `gateway/<name>/…` actions. Content itself moves over `/v2/`.
 
 use crate::api::json;
-use crate::error::{ApiBody, ApiError};
+use crate::error::{ApiBody, ApiError, ApiPath};
 use crate::{App, auth};
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -37,7 +37,7 @@ pub(crate) fn routes() -> Router<App> {
 async fn notifications(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::MessageWrite).await?;
@@ -92,7 +92,7 @@ struct Activate {
 async fn activate(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigWrite).await?;
@@ -113,7 +113,7 @@ async fn activate(
 async fn status(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigWrite).await?;
@@ -131,7 +131,7 @@ async fn status(
 async fn config(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::ConfigRead).await?;
     let (body, etag) = config_and_etag(&app, &name).await?;
@@ -160,7 +160,7 @@ async fn config_and_etag(app: &App, name: &str) -> Result<(Vec<u8>, String), Api
 async fn messages(
     State(app): State<App>,
     h: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     authorize(&app, &h, &name, GatewayAction::MessageRead).await?;

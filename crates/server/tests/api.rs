@@ -80,6 +80,18 @@ async fn errors_outside_v2_have_the_error_shape() {
             StatusCode::METHOD_NOT_ALLOWED,
             "/healthz does not take DELETE",
         ),
+        (
+            Method::GET,
+            "/api/v1/tokens/%FF",
+            StatusCode::BAD_REQUEST,
+            "the request path is invalid",
+        ),
+        (
+            Method::GET,
+            "/gateway/v1/%FF%FE/config",
+            StatusCode::BAD_REQUEST,
+            "the request path is invalid",
+        ),
     ] {
         let r = t.req(m.clone(), path, &[], Body::empty()).await;
         assert_eq!(r.status, status, "{m} {path}");
