@@ -1058,16 +1058,24 @@ impl Meta {
         n: Option<u32>,
         last: Option<&str>,
     ) -> Result<Option<Vec<String>>> {
-        // One row with the page as a JSON array: far cheaper than streaming 10,000 rows.
+        // One row with the page as a JSON array: far cheaper than streaming 10,000 rows. The
+        // order is the spec's "case-insensitive alphanumeric order", with byte order between
+        // tags that differ only in case, from the `tags_in_list_order` index (the first
+        // condition on `lower(name)` lets the search start at `last` instead of scanning up
+        // to it).
         let sql = match self.backend {
             Backend::Sqlite => {
                 "SELECT r.id, (SELECT json_group_array(name) FROM \
-                     (SELECT name FROM tags WHERE repo_id = r.id AND name > $2 ORDER BY name LIMIT $3)) \
+                     (SELECT name FROM tags WHERE repo_id = r.id AND lower(name) >= lower($2) \
+                      AND (lower(name), name) > (lower($2), $2) \
+                      ORDER BY lower(name), name LIMIT $3)) \
                  FROM (SELECT 1) LEFT JOIN repositories r ON r.name = $1"
             }
             Backend::Postgres => {
-                "SELECT r.id, (SELECT coalesce(json_agg(p.name ORDER BY p.name), '[]')::text FROM \
-                     (SELECT name FROM tags WHERE repo_id = r.id AND name > $2 ORDER BY name LIMIT $3) p) \
+                "SELECT r.id, (SELECT coalesce(json_agg(p.name ORDER BY lower(p.name), p.name), '[]')::text FROM \
+                     (SELECT name FROM tags WHERE repo_id = r.id AND lower(name) >= lower($2) \
+                      AND (lower(name), name) > (lower($2), $2) \
+                      ORDER BY lower(name), name LIMIT $3) p) \
                  FROM (SELECT 1) one LEFT JOIN repositories r ON r.name = $1"
             }
         };

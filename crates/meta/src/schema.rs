@@ -179,11 +179,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     ) STRICT;
     "#,
+    // 11: tag lists in the distribution spec's order, case-insensitive (ties, such as `v1`
+    // and `V1`, in byte order), read a page at a time from this index
+    r#"
+    CREATE INDEX tags_in_list_order ON tags(repo_id, lower(name), name);
+    "#,
 ];
 
 /// The PostgreSQL schema. Text that is compared or sorted (names, tags, digests) uses the "C"
-/// collation: tag lists and the catalog are ordered byte by byte, as on SQLite, whatever
-/// locale the database was created with.
+/// collation: the catalog is ordered byte by byte and tag lists ASCII case-insensitively, as
+/// on SQLite, whatever locale the database was created with.
 pub(crate) const PG_MIGRATIONS: &[&str] = &[
     // 1: everything of SQLite's migrations 1-10
     r#"
@@ -328,5 +333,9 @@ pub(crate) const PG_MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     CREATE INDEX upload_replicas_by_age ON upload_replicas(created_at);
+    "#,
+    // 3: tag lists in the distribution spec's order (SQLite's migration 11)
+    r#"
+    CREATE INDEX tags_in_list_order ON tags(repo_id, lower(name), name);
     "#,
 ];

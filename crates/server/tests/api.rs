@@ -1141,6 +1141,39 @@ async fn tags_list_and_catalog_pagination() {
     assert_eq!(r.json()["repositories"].as_array().unwrap().len(), 4);
 }
 
+/// Tags come in the spec's "lexical order (i.e. case-insensitive alphanumeric order)", tags
+/// that differ only in case in byte order, and pages continue from `last` in that order.
+#[tokio::test]
+async fn tags_are_listed_case_insensitively() {
+    let t = setup().await;
+    let (bytes, _) = t.push_image("ci", "b", "c").await;
+    for tag in ["0", "A", "B", "_x", "a", "V1", "v1", "v10", "V2"] {
+        let r = t.push_manifest("ci", tag, OCI_MANIFEST, &bytes).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let all = ["0", "_x", "A", "a", "B", "b", "V1", "v1", "v10", "V2"];
+    assert_eq!(t.get("/v2/ci/tags/list").await.json()["tags"], json!(all));
+    let mut seen = Vec::new();
+    let mut uri = "/v2/ci/tags/list?n=3".to_string();
+    loop {
+        let r = t.get(&uri).await;
+        for v in r.json()["tags"].as_array().unwrap() {
+            seen.push(v.as_str().unwrap().to_string());
+        }
+        let link = r.header("link");
+        if link.is_empty() {
+            break;
+        }
+        uri = link[1..link.find('>').unwrap()].to_string();
+    }
+    assert_eq!(seen, all);
+    let r = t.get("/v2/ci/tags/list?last=A&n=2").await;
+    assert_eq!(r.json()["tags"], json!(["a", "B"]));
+    // A `last` that is not a tag continues where it would sort.
+    let r = t.get("/v2/ci/tags/list?last=u").await;
+    assert_eq!(r.json()["tags"], json!(["V1", "v1", "v10", "V2"]));
+}
+
 #[tokio::test]
 async fn referrers_api() {
     let t = setup().await;
