@@ -3,7 +3,6 @@
 //! keys are errors, and every error names the file or variable the bad value came from.
 
 use crate::serve::ServeArgs;
-use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -225,7 +224,7 @@ impl Config {
                 tls_key: args.tls_key.clone(),
                 parent_ca_file: args.parent_ca_file.clone(),
             }));
-        let mut config: Config = fig.extract().context("invalid configuration")?;
+        let mut config: Config = fig.extract().map_err(explain)?;
         config.log_level_explicit = args.log_level.is_some()
             || std::env::var_os("OUTPOST_LOG_LEVEL").is_some_and(|v| !v.is_empty())
             || file
@@ -429,9 +428,47 @@ impl Config {
             // Strings, numbers, booleans and arrays of strings are written alike in JSON
             // and TOML.
             out.push_str(&format!("{key} = {value}\n"));
+            if key == "log_level" && !self.log_level_explicit && self.connection_string.is_some() {
+                out.push_str("# (not set here: the parent's log level applies once synced)\n");
+            }
         }
         out
     }
+}
+
+/// figment's errors, with a setting that came from the environment named as the variable
+/// the operator set (`OUTPOST_LISEN`, not key "LISEN" in "`OUTPOST_` environment
+/// variable(s)"), and without the list of every setting.
+fn explain(e: figment::Error) -> anyhow::Error {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            match (&e.kind, from_env) {
+                (figment::error::Kind::UnknownField(name, _), true) => format!(
+                    "OUTPOST_{} is not a setting (see `outpost serve --help` and \
+                     config.example.toml for the settings)",
+                    name.to_ascii_uppercase()
+                ),
+                (figment::error::Kind::UnknownField(name, _), false) => format!(
+                    "unknown setting {name:?}{} (see config.example.toml for the settings)",
+                    e.metadata
+                        .as_ref()
+                        .and_then(|m| m.source.as_ref())
+                        .map(|s| format!(" in {s}"))
+                        .unwrap_or_default()
+                ),
+                (kind, true) if !e.path.is_empty() => {
+                    format!("OUTPOST_{}: {kind}", e.path.join("_").to_ascii_uppercase())
+                }
+                _ => e.to_string(),
+            }
+        })
+        .collect();
+    anyhow::anyhow!("invalid configuration: {}", lines.join("; "))
 }
 
 #[cfg(test)]
@@ -481,6 +518,16 @@ mod tests {
         for secret in ["hunter2", "secret"] {
             assert!(!text.contains(secret), "{text}");
         }
+        // Its log level, not set here, follows the parent: said so.
+        assert!(
+            text.contains("log_level = \"info\"\n# (not set here"),
+            "{text}"
+        );
+        let set = Config {
+            log_level_explicit: true,
+            ..c.clone()
+        };
+        assert!(!set.to_toml().contains("not set here"));
         let back: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string(&text))
             .extract()
@@ -598,6 +645,11 @@ mod tests {
             a.config = Some("d.toml".into());
             let e = format!("{:#}", Config::load(&a).unwrap_err());
             assert!(e.contains("LISTEN") && e.contains("OUTPOST_"), "{e}");
+            jail.set_env("OUTPOST_LISTEN", "127.0.0.1:6000");
+            jail.set_env("OUTPOST_LISEN", "127.0.0.1:6000");
+            let e = format!("{:#}", Config::load(&a).unwrap_err());
+            assert!(e.contains("OUTPOST_LISEN is not a setting"), "{e}");
+            assert!(!e.contains("expected"), "{e}");
             Ok(())
         });
     }

@@ -20,7 +20,8 @@ pub struct ServeArgs {
     /// Data directory [env: OUTPOST_DATA_DIR] [default: ./outpost-data]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Log level or filter [env: OUTPOST_LOG_LEVEL] [default: info]
+    /// Log level or filter [env: OUTPOST_LOG_LEVEL] [default: info; a connected registry
+    /// follows its parent's setting unless this is set]
     #[arg(long)]
     pub log_level: Option<String>,
     /// Run as a connected registry: the connection string from `outpost connected-registry
