@@ -7,7 +7,10 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use serde_json::Value;
 
+/// Listed under their own heading in every command's help: they apply to the commands that
+/// talk to a registry, not to `serve` or `config`.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Management options (commands that talk to a registry)")]
 pub struct Connection {
     /// Registry URL or host[:port], e.g. http://registry.example:5000
     #[arg(
