@@ -599,6 +599,16 @@ impl Control {
     /// Verifies Basic credentials. Successful verifications are remembered (keyed by a hash
     /// of the credentials) so that pulls do not pay for Argon2 on every request.
     pub async fn authenticate(&self, user: &str, pass: &str) -> Result<Arc<Identity>> {
+        self.authenticate_until(user, pass).await.map(|(id, _)| id)
+    }
+
+    /// [`Control::authenticate`], also returning when the password that matched expires (Unix
+    /// milliseconds; `None`: never), which bounds an access token issued for it.
+    pub async fn authenticate_until(
+        &self,
+        user: &str,
+        pass: &str,
+    ) -> Result<(Arc<Identity>, Option<i64>)> {
         // Read before the identity: if a password change lands in between, the verification
         // below is remembered under the older generation and is not trusted again.
         let generation = self.generation();
@@ -656,10 +666,11 @@ impl Control {
         if !id.enabled {
             return Err(ControlError::Disabled(id.name.clone()));
         }
-        if id.passwords[slot].expiry_ms.is_some_and(|e| e <= now) {
+        let expiry = id.passwords[slot].expiry_ms;
+        if expiry.is_some_and(|e| e <= now) {
             return Err(ControlError::PasswordExpired(id.name.clone()));
         }
-        Ok(id)
+        Ok((id, expiry))
     }
 
     /// Verifies a bearer access token and that its token is still enabled.
@@ -711,6 +722,19 @@ impl Control {
     /// (`repository:<name>:pull,push,delete`, `registry:catalog:*`), each reduced to what the
     /// token's scope map allows.
     pub fn issue(&self, identity: &Identity, scopes: &[String], service: &str) -> AccessToken {
+        self.issue_until(identity, scopes, service, None)
+    }
+
+    /// [`Control::issue`] for credentials valid until `until` (Unix milliseconds, from
+    /// [`Control::authenticate_until`]): the token expires then at the latest, so an expired
+    /// password is not extended by the access token it bought.
+    pub fn issue_until(
+        &self,
+        identity: &Identity,
+        scopes: &[String],
+        service: &str,
+        until: Option<i64>,
+    ) -> AccessToken {
         let mut access = Vec::new();
         for scope in scopes.iter().flat_map(|s| s.split(' ')) {
             let Some((kind, rest)) = scope.split_once(':') else {
@@ -764,12 +788,14 @@ impl Control {
             }
         }
         let now = now_ms() / 1000;
-        let ttl = self.config.access_token_ttl.as_secs();
+        let ttl = (self.config.access_token_ttl.as_secs() as i64)
+            .min(until.map_or(i64::MAX, |u| u / 1000 - now))
+            .max(1);
         let claims = jwt::Claims {
             iss: service.into(),
             sub: identity.name.clone(),
             aud: service.into(),
-            exp: now + ttl as i64,
+            exp: now + ttl,
             nbf: now,
             iat: now,
             jti: hex_id(),
@@ -780,7 +806,7 @@ impl Control {
         AccessToken {
             token: token.clone(),
             access_token: token,
-            expires_in: ttl,
+            expires_in: ttl as u64,
             issued_at: rfc3339(now * 1000),
         }
     }

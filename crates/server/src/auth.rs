@@ -329,8 +329,10 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
             "authentication required: log in with a token name and password (docker login -u <token> -p <password>)",
         ));
     };
-    let identity = app.control.authenticate(&user, &pass).await?;
-    let issued = app.control.issue(&identity, &scopes, &app.auth.service);
+    let (identity, until) = app.control.authenticate_until(&user, &pass).await?;
+    let issued = app
+        .control
+        .issue_until(&identity, &scopes, &app.auth.service, until);
     let body = serde_json::to_vec(&issued).unwrap_or_default();
     Ok(Response::builder()
         .status(StatusCode::OK)

@@ -712,11 +712,30 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let old2 = r.json()["passwords"][1]["value"]
         .as_str()
         .unwrap()
         .to_string();
+    // An access token bought with it ends when the password does, not 5 minutes later.
+    let r = t
+        .req_as(
+            Some(&basic("rotator", &old2)),
+            Method::GET,
+            "/oauth2/token?service=outpost&scope=repository:app:pull",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(
+        r.json()["expires_in"].as_u64().unwrap() <= 2,
+        "{:?}",
+        r.body
+    );
+    let short = format!("Bearer {}", r.json()["token"].as_str().unwrap());
+    assert_eq!(pull(short.clone()).await, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    assert_eq!(pull(short).await, StatusCode::UNAUTHORIZED);
     let r = t
         .req_as(
             Some(&basic("rotator", &old2)),
