@@ -789,8 +789,7 @@ impl Control {
         }
         let now = now_ms() / 1000;
         let ttl = (self.config.access_token_ttl.as_secs() as i64)
-            .min(until.map_or(i64::MAX, |u| u / 1000 - now))
-            .max(1);
+            .min(until.map_or(i64::MAX, |u| (u / 1000 - now).max(1)));
         let claims = jwt::Claims {
             iss: service.into(),
             sub: identity.name.clone(),
