@@ -1478,6 +1478,77 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
         })
     })
     .await;
+
+    // A repository that leaves a ReadWrite site's scope is kept there, and what was kept can
+    // be deleted at the site: the delete stays local (the root no longer syncs it with this
+    // site, and would refuse it).
+    let perms = |flag: &str| {
+        cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "permissions",
+                "update",
+                "-n",
+                "site-skip",
+                flag,
+                "kept",
+            ],
+        )
+    };
+    perms("--add");
+    eventually("the site takes pushes to kept", || async {
+        let resp = site_admin
+            .post(format!("{s}/v2/kept/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        resp.status() == 202
+    })
+    .await;
+    let d = push_image(&site_admin, &s, "kept", "v1", "kept at the site").await;
+    eventually("kept:v1 reaches the root", || async {
+        tag_digest(&admin, &r, "kept", "v1").await.as_deref() == Some(d.as_str())
+    })
+    .await;
+    perms("--remove");
+    eventually("the site refuses pushes to kept again", || async {
+        let resp = site_admin
+            .post(format!("{s}/v2/kept/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        resp.status() == 403
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "kept", "v1").await.as_deref(),
+        Some(d.as_str()),
+        "a ReadWrite site keeps a repository that left its scope"
+    );
+    let resp = site_admin
+        .delete(format!("{s}/v2/kept/manifests/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    assert_eq!(tag_digest(&site_admin, &s, "kept", "v1").await, None);
+    // A change after it goes up as usual, and the delete was not sent nor refused.
+    let after = push_image(&site_admin, &s, "app", "v3", "after the local delete").await;
+    eventually("app:v3 reaches the root", || async {
+        tag_digest(&admin, &r, "app", "v3").await.as_deref() == Some(after.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&admin, &r, "kept", "v1").await.as_deref(),
+        Some(d.as_str())
+    );
+    eventually("the site reports an empty outbox", || async {
+        show().await["outboxDepth"] == 0
+    })
+    .await;
+    let v = show().await;
+    assert!(!v["statusDetails"].to_string().contains("kept"), "{v}");
 }
 
 #[tokio::test]

@@ -273,6 +273,16 @@ impl Registry {
         }
     }
 
+    /// A handle for changes that stay on this node: marked as local, so a ReadWrite site's
+    /// outbox does not send them up (a delete of what the site kept of a repository that
+    /// left its scope, which its parent no longer syncs).
+    pub fn for_local(&self) -> Registry {
+        Registry {
+            meta: self.meta.with_origin("local"),
+            ..self.clone()
+        }
+    }
+
     /// A receiver that changes after every committed manifest or tag change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

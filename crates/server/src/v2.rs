@@ -12,7 +12,7 @@ use outpost_control::{Principal, RepoAction};
 use outpost_oci::manifest::OCI_INDEX;
 use outpost_oci::range::{parse_content_range, parse_range};
 use outpost_oci::{Digest, ErrorCode, Reference, RepoName, Route};
-use outpost_registry::BlobBody;
+use outpost_registry::{BlobBody, Registry};
 
 const DIGEST_HEADER: &str = "docker-content-digest";
 const UPLOAD_UUID: &str = "docker-upload-uuid";
@@ -92,7 +92,8 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
     };
     let m = &parts.method;
     let h = &parts.headers;
-    let reg = &app.registry;
+    let mut reg = &app.registry;
+    let local_only: Registry;
     let principal = auth::principal(app, h).await?;
     match required(&route, m) {
         Need::Nothing => {}
@@ -125,7 +126,13 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 && !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
             {
                 let scope = scope.borrow();
-                if !scope.covers(name) {
+                if !scope.covers(name) && action == RepoAction::ContentDelete {
+                    // What a ReadWrite site kept of a repository that left its scope can be
+                    // cleaned up here. The delete stays on this site: its parent no longer
+                    // syncs the repository, so the outbox does not send it.
+                    local_only = app.registry.for_local();
+                    reg = &local_only;
+                } else if !scope.covers(name) {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
                         ErrorCode::Denied,
