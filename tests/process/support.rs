@@ -379,7 +379,7 @@ impl FaultProxy {
                 };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut ur, mut uw) = upstream.into_split();
-                let (up, up_cut) = (up.clone(), up_cut.clone());
+                let (up, up_cut, down) = (up.clone(), up_cut.clone(), b.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -387,6 +387,9 @@ impl FaultProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if down.load(Ordering::Relaxed) {
+                            break; // the link is down: nothing reaches the parent either
+                        }
                         let total = up.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                         if total > up_cut.load(Ordering::Relaxed) {
                             up_cut.store(u64::MAX, Ordering::Relaxed);

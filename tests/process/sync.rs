@@ -3211,3 +3211,90 @@ async fn an_offline_bundle_lands_in_the_sites_object_store() {
         Some(layer.len())
     );
 }
+
+/// A line started while its site cannot reach the root is activated at the site; once the
+/// link returns, the site asks the root for the line's slot instead of taking the root's
+/// "not the active instance" for a deactivation (which stopped the line until a restart).
+#[tokio::test]
+async fn a_line_activated_while_its_site_is_cut_off_stays_active_when_the_link_returns() {
+    let (root_dir, site_dir, line_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "before the outage").await;
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let cs = connected(
+        &root,
+        "site-cut",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "line-cut",
+            "-p",
+            "site-cut",
+            "--repository",
+            "app",
+        ],
+    );
+    let line_cs = child_of_site(&root, &site, "site-cut", "line-cut").await;
+
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let line = start_site(line_dir.path(), &line_cs);
+    let reader = client_as("admin", SITE_PASSWORD);
+    let l = line.base();
+    eventually("the line syncs app:v1 from the cut-off site", || async {
+        tag_digest(&reader, &l, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let show = || async {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "line-cut", "-o", "json"],
+        ))
+        .unwrap()
+    };
+    eventually("the root shows the line active and online", || async {
+        let v = show().await;
+        v["activationStatus"] == "Active" && v["connectionState"] == "Online"
+    })
+    .await;
+    let v2 = push_image(&admin, &r, "app", "v2", "after the outage").await;
+    eventually("app:v2 reaches the line", || async {
+        tag_digest(&reader, &l, "app", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    assert!(!line.log().contains("was deactivated"), "{}", line.log());
+
+    // A real deactivation at the root still stops it.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "deactivate",
+            "-n",
+            "line-cut",
+            "--yes",
+        ],
+    );
+    eventually("the deactivation reaches the line", || async {
+        line.log().contains("was deactivated")
+    })
+    .await;
+    assert_ne!(show().await["activationStatus"], "Active");
+}

@@ -1521,6 +1521,7 @@ impl Control {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let relayed = upstream.is_some();
         let granted_above = match upstream {
             Some(up) => up.activate(name, instance_id).await?,
             None => false,
@@ -1536,8 +1537,23 @@ impl Control {
         row.activation = "Active".into();
         row.instance_id = Some(instance_id.into());
         row.last_activity_ms = Some(now_ms());
+        // Granted here without the root: it is asked when it answers again (see
+        // `report_status`), or it would take the instance for a deactivated one.
+        row.activated_offline = relayed && !granted_above;
         self.meta.put_connected_registry(&row).await?;
         self.view(&row).await
+    }
+
+    /// The root knows of `instance` as the active instance of `name` now: no longer one
+    /// granted only here.
+    async fn confirm_activation(&self, name: &str, instance: &str) -> Result<()> {
+        let _w = self.write_lock().await?;
+        let mut row = self.registry_row(name).await?;
+        if row.activated_offline && row.instance_id.as_deref() == Some(instance) {
+            row.activated_offline = false;
+            self.meta.put_connected_registry(&row).await?;
+        }
+        Ok(())
     }
 
     /// Called by the active instance with its current status.
@@ -1596,8 +1612,41 @@ impl Control {
                 Some(row) => with_known_state(&report, &row),
                 None => report.clone(),
             };
+            let offline = self
+                .meta
+                .connected_registry(name)
+                .await?
+                .filter(|r| r.activated_offline)
+                .and_then(|r| r.instance_id)
+                .is_some_and(|i| i == report.instance_id);
             match up.report(name, &full).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if offline {
+                        self.confirm_activation(name, &report.instance_id).await?;
+                    }
+                }
+                // An instance this node activated while the root was unreachable is unknown
+                // there, not deactivated: it asks the root for the slot now, as the instance
+                // would have at its start, and sends the report again.
+                Err(ControlError::NotActive(_)) if offline => {
+                    match up.activate(name, &report.instance_id).await {
+                        Ok(true) => {
+                            tracing::info!(registry = name, instance = %report.instance_id, "the root took the activation granted here while it was unreachable");
+                            self.confirm_activation(name, &report.instance_id).await?;
+                            if let Err(ControlError::NotActive(_)) = up.report(name, &full).await {
+                                deactivated_above = true;
+                            }
+                        }
+                        Ok(false) => {} // unreachable again: asked at the next report
+                        Err(ControlError::AlreadyActivated(_)) => {
+                            tracing::warn!(registry = name, instance = %report.instance_id, "another instance of this descendant is active at the root; this one, activated here while the root was unreachable, is deactivated");
+                            deactivated_above = true;
+                        }
+                        Err(e) => {
+                            tracing::debug!(registry = name, error = %e, "could not pass an offline activation upward")
+                        }
+                    }
+                }
                 Err(ControlError::NotActive(e)) => {
                     tracing::info!(registry = name, error = %e, "the root deactivated this descendant; passing that on");
                     deactivated_above = true;
@@ -2057,6 +2106,7 @@ impl Control {
                 resync_requested: cfg.resync_requested,
                 cursor_lag: old.and_then(|o| o.cursor_lag),
                 outbox_depth: old.and_then(|o| o.outbox_depth),
+                activated_offline: old.is_some_and(|o| o.activated_offline),
             };
             writes.push(AccessWrite::PutConnectedRegistry(Box::new(row)));
         }

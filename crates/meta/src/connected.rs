@@ -36,12 +36,15 @@ pub struct ConnectedRegistryRow {
     pub cursor_lag: Option<i64>,
     /// Local changes the instance had yet to send up at its last report.
     pub outbox_depth: Option<i64>,
+    /// On an intermediate node: the active instance was granted here while this node's parent
+    /// was unreachable, and the root has not heard of it yet.
+    pub activated_offline: bool,
 }
 
 const COLUMNS: &str = "name, mode, parent, sync_token, client_tokens, schedule, sync_window, message_ttl, \
      log_level, notifications, gc_enabled, gc_schedule, created_at, updated_at, activation, instance_id, \
      last_activity, last_sync, sync_result, reported_state, status_details, version, login_server, resync_requested, \
-     cursor_lag, outbox_depth";
+     cursor_lag, outbox_depth, activated_offline";
 
 fn json_list(s: String) -> Result<Vec<String>> {
     serde_json::from_str(&s)
@@ -76,6 +79,7 @@ fn row(r: sqlx::any::AnyRow) -> Result<ConnectedRegistryRow> {
         resync_requested: r.try_get::<i64, _>(23)? != 0,
         cursor_lag: r.try_get(24)?,
         outbox_depth: r.try_get(25)?,
+        activated_offline: r.try_get::<i64, _>(26)? != 0,
     })
 }
 
@@ -141,6 +145,7 @@ pub(crate) async fn put_connected_registry<'e>(
         .bind(i64::from(c.resync_requested))
         .bind(c.cursor_lag)
         .bind(c.outbox_depth)
+        .bind(i64::from(c.activated_offline))
         .execute(ex)
         .await?;
     Ok(())

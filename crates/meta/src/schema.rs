@@ -184,6 +184,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX tags_in_list_order ON tags(repo_id, lower(name), name);
     "#,
+    // 12: a descendant's instance activated at an intermediate node while the root was
+    // unreachable (the root is asked for its slot once it answers)
+    r#"
+    ALTER TABLE connected_registries ADD COLUMN activated_offline INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The PostgreSQL schema. Text that is compared or sorted (names, tags, digests) uses the "C"
@@ -337,5 +342,9 @@ pub(crate) const PG_MIGRATIONS: &[&str] = &[
     // 3: tag lists in the distribution spec's order (SQLite's migration 11)
     r#"
     CREATE INDEX tags_in_list_order ON tags(repo_id, lower(name), name);
+    "#,
+    // 4: activations granted while the root was unreachable (SQLite's migration 12)
+    r#"
+    ALTER TABLE connected_registries ADD COLUMN activated_offline BIGINT NOT NULL DEFAULT 0;
     "#,
 ];
