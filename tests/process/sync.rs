@@ -1634,6 +1634,31 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
         tag_digest(&site_admin, &s, "last", "v1").await.as_deref() == Some(last.as_str())
     })
     .await;
+    // Removed while stopped: this ReadOnly site deletes it once started (the smaller scope
+    // arrives as its first configuration, not as a change to one).
+    site.terminate();
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-grow",
+            "--remove",
+            "later",
+        ],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("later is deleted after the restart", || async {
+        tag_digest(&site_admin, &s, "later", "v1").await.is_none()
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "last", "v1").await.as_deref(),
+        Some(last.as_str())
+    );
     site.terminate();
     // With the parent gone as well, the start fails naming the file, not the parent alone.
     std::fs::write(site_dir.path().join("sync/config.json"), "").unwrap();

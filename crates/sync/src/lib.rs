@@ -324,6 +324,10 @@ struct Child {
     /// False while this process has not activated at the parent: it started without it
     /// (from saved state, or from an offline bundle) and activates on first contact.
     activated: std::sync::atomic::AtomicBool,
+    /// Whether a ReadOnly site has deleted what left its scope since this process started:
+    /// a scope that shrank while it was stopped arrives with its first configuration, not as
+    /// a change.
+    pruned: std::sync::atomic::AtomicBool,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -975,6 +979,7 @@ pub async fn start(
         gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
         scope: tokio::sync::watch::Sender::new(outpost_control::connected::SyncScope::of(&config)),
         activated: std::sync::atomic::AtomicBool::new(activated),
+        pruned: std::sync::atomic::AtomicBool::new(false),
     });
     let gc = child.gc.subscribe();
     let scope = child.scope.subscribe();
@@ -1071,6 +1076,7 @@ pub async fn start_mirror(
         gc: tokio::sync::watch::Sender::new(config_gc),
         scope: tokio::sync::watch::Sender::default(),
         activated: std::sync::atomic::AtomicBool::new(true),
+        pruned: std::sync::atomic::AtomicBool::new(true),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
@@ -1356,6 +1362,11 @@ impl Child {
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
         let cfg = self.config();
+        if cfg.mode == "ReadOnly" && !self.pruned.load(std::sync::atomic::Ordering::Relaxed) {
+            self.prune_out_of_scope(&cfg).await?;
+            self.pruned
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // Watching from before the outbox is read: a change made while it is being sent still
         // ends the wait below, and is sent by the next iteration.
         let mut local = self.registry.subscribe();
