@@ -513,6 +513,13 @@ async fn control_plane_changes_reach_sites_without_waiting_for_the_long_poll() {
 
 #[tokio::test]
 async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
+    // A ReadWrite site follows the parent's deletions too (it kept tags removed there).
+    for mode in ["ReadOnly", "ReadWrite"] {
+        offline_longer_than_ttl(mode).await;
+    }
+}
+
+async fn offline_longer_than_ttl(mode: &str) {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();
     // The TTL bound shortened through ordinary configuration, as an operator would.
@@ -524,7 +531,14 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
     let cs = connected(
         &root,
         "ship-one",
-        &["--repository", "app", "--sync-message-ttl", "PT2S"],
+        &[
+            "-m",
+            mode,
+            "--repository",
+            "app",
+            "--sync-message-ttl",
+            "PT2S",
+        ],
     );
     let site = start_site(site_dir.path(), &cs);
     let s = site.base();
@@ -560,7 +574,7 @@ async fn a_site_offline_longer_than_its_ttl_reconciles_fully() {
         tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
     })
     .await;
-    eventually("v1 is gone", || async {
+    eventually(&format!("v1 is gone ({mode})"), || async {
         tag_digest(&site_admin, &s, "app", "v1").await.is_none()
     })
     .await;

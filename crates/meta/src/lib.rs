@@ -1334,6 +1334,22 @@ impl Meta {
         .await?)
     }
 
+    /// Whether this node's clients changed `repo:tag` (set or removed it) after event `seq`:
+    /// on a ReadWrite site, a change its outbox has yet to send up when `seq` is the outbox's
+    /// cursor.
+    pub async fn client_changed_tag_after(&self, repo: &str, tag: &str, seq: i64) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM events WHERE repo = $1 AND tag = $2 \
+             AND seq > $3 AND origin IS NULL LIMIT 1) c",
+        )
+        .bind(repo)
+        .bind(tag)
+        .bind(seq)
+        .fetch_one(&self.read)
+        .await?;
+        Ok(n > 0)
+    }
+
     /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
     /// for it with a smaller sequence number, or `None` if there is none, it was a removal, or
     /// the repository was deleted after it.

@@ -1956,22 +1956,35 @@ impl Child {
                 self.tag(&name, &t, &digest).await?;
             }
         }
-        if read_only {
-            // A ReadOnly site mirrors exactly: tags the parent no longer has go.
-            for local in self
-                .registry
-                .tags(&name, None, None)
-                .await
-                .unwrap_or_default()
-            {
-                if !tags.contains(&local)
-                    && let Ok(t) = local.parse::<Tag>()
-                {
-                    let _ = self
-                        .registry
-                        .delete_manifest(&name, &Reference::Tag(t))
-                        .await;
-                }
+        // Tags the parent no longer has go: a ReadOnly site mirrors exactly, and a ReadWrite
+        // one follows deletions made at the parent while it was away longer than the feed
+        // keeps them, except for tags its own clients changed since its outbox last sent
+        // (those are on their way up).
+        let sent = match read_only {
+            true => i64::MAX,
+            false => read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0),
+        };
+        for local in self
+            .registry
+            .tags(&name, None, None)
+            .await
+            .unwrap_or_default()
+        {
+            if tags.contains(&local) {
+                continue;
+            }
+            let pending = !read_only
+                && self
+                    .registry
+                    .meta()
+                    .client_changed_tag_after(&repo, &local, sent)
+                    .await
+                    .map_err(|e| SyncError::Registry(e.into()))?;
+            if !pending && let Ok(t) = local.parse::<Tag>() {
+                let _ = self
+                    .registry
+                    .delete_manifest(&name, &Reference::Tag(t))
+                    .await;
             }
         }
         Ok(())
