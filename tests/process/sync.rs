@@ -684,6 +684,13 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
         .store(15 << 20, std::sync::atomic::Ordering::Relaxed);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
     arrives_resumed(&site, &proxy, "big", &digest, SIZE).await;
+    // Said as what happened: the parent answered, and the transfer broke off.
+    let log = site.log();
+    assert!(
+        log.contains("the transfer from the parent") && log.contains("broke off"),
+        "{log}"
+    );
+    assert!(!log.contains("cannot reach the parent"), "{log}");
 }
 
 #[tokio::test]

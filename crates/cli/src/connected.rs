@@ -552,7 +552,11 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
                 .call(Method::POST, &path(&name, "/get-settings"), Some(body))
                 .await?
                 .unwrap_or_default();
-            if let Some(why) = unreachable_endpoint(&s(&v["ACR_REGISTRY_CONNECTION_STRING"])) {
+            // An endpoint the operator chose is theirs to judge (a loopback one is right for
+            // an instance on the same machine).
+            if parent_endpoint.is_none()
+                && let Some(why) = unreachable_endpoint(&s(&v["ACR_REGISTRY_CONNECTION_STRING"]))
+            {
                 eprintln!(
                     "warning: the connection string's ParentGatewayEndpoint {why}; pass --parent-endpoint <host[:port]> with the address the instance reaches its parent at"
                 );

@@ -109,6 +109,16 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
                         scope.borrow().name
                     ),
                 ),
+                // Tokens are managed at the root, not here.
+                (outpost_control::ControlError::PasswordExpired(name), Some(_)) => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "the password of token {name:?} has expired; generate a new one at the \
+                         root (`outpost token credential generate -n {name} --registry <root>`): \
+                         this connected registry learns it at its next sync"
+                    ),
+                ),
                 _ => ApiError::from(e),
             };
             Err(challenge(app, headers, None, err))

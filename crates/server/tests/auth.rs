@@ -1182,3 +1182,76 @@ async fn token_and_scope_map_count_limits() {
         .unwrap_err();
     assert!(e.to_string().contains("limit is 3"), "{e}");
 }
+
+/// At a connected registry a refused login says what can be done about it: tokens and their
+/// passwords are managed at the root.
+#[tokio::test]
+async fn a_site_says_where_refused_credentials_are_fixed() {
+    let t = common::setup_site("site-x", &["app"]).await;
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/scope-maps",
+            &[],
+            json!({"name": "site-readers", "actions": ["repositories/app/content/read"]})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "site-reader", "scopeMap": "site-readers"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1_000;
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/site-reader/credentials/generate",
+            &[],
+            json!({"passwords": ["password1"], "expiry": outpost_control::format_rfc3339(soon)})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let pw = r.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let get = |auth: String| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::GET,
+                "/v2/app/tags/list",
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    let r = get(basic("site-reader", &pw)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.message().contains("has expired") && r.message().contains("at the root"),
+        "{}",
+        r.message()
+    );
+    let r = get(basic("site-reader", "wrong")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.message().contains("only its client tokens"),
+        "{}",
+        r.message()
+    );
+}

@@ -49,6 +49,13 @@ pub enum SyncError {
         "cannot reach the parent at {parent}: {reason}; check ParentGatewayEndpoint and ParentEndpointProtocol in the connection string and the network"
     )]
     Unreachable { parent: String, reason: String },
+    /// A transfer from a parent that answered broke off (the link dropped, or stayed silent
+    /// for `sync_read_timeout_secs`): handled like an unreachable parent, and resumed.
+    #[error(
+        "the transfer from the parent at {parent} broke off ({reason}); it resumes from there \
+         (a link that stays silent is given up after sync_read_timeout_secs)"
+    )]
+    Interrupted { parent: String, reason: String },
     #[error(
         "the parent refused the password of sync token {token:?} ({message}): the password is wrong or was generated again since, or connected registry {name:?} was deleted; at the root, `outpost connected-registry show -n {name}` tells which, and `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1` makes a new connection string"
     )]
@@ -100,6 +107,7 @@ impl SyncError {
     fn status_code(&self) -> &'static str {
         match self {
             SyncError::Unreachable { .. } => "ParentUnreachable",
+            SyncError::Interrupted { .. } => "TransferInterrupted",
             SyncError::Deactivated(_) => "Deactivated",
             SyncError::BadCredentials { .. } => "SyncTokenRejected",
             SyncError::Registry(e) if e.is_disk_full() => "DiskError",
@@ -1207,9 +1215,10 @@ impl Child {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying");
-                        self.registry
-                            .metrics()
-                            .sync_failed(!matches!(e, SyncError::Unreachable { .. }));
+                        self.registry.metrics().sync_failed(!matches!(
+                            e,
+                            SyncError::Unreachable { .. } | SyncError::Interrupted { .. }
+                        ));
                     }
                 }
                 tokio::time::sleep(interval).await;
@@ -1245,9 +1254,10 @@ impl Child {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
-                    self.registry
-                        .metrics()
-                        .sync_failed(!matches!(e, SyncError::Unreachable { .. }));
+                    self.registry.metrics().sync_failed(!matches!(
+                        e,
+                        SyncError::Unreachable { .. } | SyncError::Interrupted { .. }
+                    ));
                     // The outbox grows while the parent is away: that is when it is watched.
                     if let Some(depth) = self.outbox_depth().await {
                         self.registry.metrics().sync_outbox_depth(depth);
@@ -2209,7 +2219,11 @@ impl Child {
             match attempt.await {
                 Ok(_) => done.push(s),
                 Err(e) if parent_lacks_content(&e) => {}
-                Err(e @ (SyncError::Unreachable { .. } | SyncError::WindowClosed)) => {
+                Err(
+                    e @ (SyncError::Unreachable { .. }
+                    | SyncError::Interrupted { .. }
+                    | SyncError::WindowClosed),
+                ) => {
                     ended = Err(e);
                     break;
                 }
@@ -2362,7 +2376,7 @@ impl Child {
             None
         };
         if let Some(reason) = cut {
-            return Err(SyncError::Unreachable {
+            return Err(SyncError::Interrupted {
                 parent: self.parent.base().to_string(),
                 reason: format!("blob {digest} cut at byte {offset}: {reason}"),
             });
@@ -2399,7 +2413,7 @@ impl Child {
         );
         let mut body = bytes::BytesMut::with_capacity(size as usize);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| SyncError::Unreachable {
+            let chunk = chunk.map_err(|e| SyncError::Interrupted {
                 parent: self.parent.base().to_string(),
                 reason: format!("blob {digest} cut at byte {}: {e}", body.len()),
             })?;

@@ -113,6 +113,36 @@ pub async fn setup_control(
     auth: AuthSettings,
     control: ControlConfig,
 ) -> T {
+    setup_node(config, auth, control, None).await
+}
+
+/// A node serving as connected registry `name` that syncs the repositories `patterns`.
+pub async fn setup_site(name: &str, patterns: &[&str]) -> T {
+    let scope = outpost_control::connected::SyncScope {
+        name: name.to_string(),
+        patterns: patterns
+            .iter()
+            .map(|p| outpost_control::RepoPattern::parse(p).unwrap())
+            .collect(),
+    };
+    setup_node(
+        RegistryConfig {
+            fsync: false,
+            ..Default::default()
+        },
+        AuthSettings::default(),
+        ControlConfig::default(),
+        Some(tokio::sync::watch::channel(scope).1),
+    )
+    .await
+}
+
+async fn setup_node(
+    config: RegistryConfig,
+    auth: AuthSettings,
+    control: ControlConfig,
+    sync_scope: Option<tokio::sync::watch::Receiver<outpost_control::connected::SyncScope>>,
+) -> T {
     let dir = tempfile::tempdir().unwrap();
     let database_url = test_database().await;
     let config = RegistryConfig {
@@ -131,7 +161,7 @@ pub async fn setup_control(
         control: control.clone(),
         auth,
         read_only: false,
-        sync_scope: None,
+        sync_scope,
         gc_min_age: std::time::Duration::ZERO,
         metrics_enabled: true,
     });
