@@ -1328,6 +1328,17 @@ impl Control {
         self.view(&row).await
     }
 
+    /// The connected registry whose sync token is `token`, if any (the sync token is named
+    /// after its registry).
+    pub async fn sync_token_of(&self, token: &str) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .connected_registry(token)
+            .await?
+            .filter(|r| r.sync_token == token)
+            .map(|r| r.name))
+    }
+
     pub async fn show_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
         let row = self.registry_row(name).await?;
         self.view(&row).await

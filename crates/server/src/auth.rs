@@ -95,7 +95,27 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
     match app.control.authenticate(&user, &pass).await {
         Ok(identity) => Ok(Principal::Basic(identity)),
         Err(e) => {
+            // A child registry whose sync token's password changed at the root: say that,
+            // not how clients log in here.
+            let child = match (&e, &app.sync_scope) {
+                (outpost_control::ControlError::BadCredentials, Some(_)) => {
+                    app.control.sync_token_of(&user).await.ok().flatten()
+                }
+                _ => None,
+            };
             let err = match (&e, &app.sync_scope) {
+                (outpost_control::ControlError::BadCredentials, Some(_)) if child.is_some() => {
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "incorrect password for the sync token of connected registry \
+                             {user:?}: it was generated again at the root (restart that \
+                             registry with its new connection string), or this registry has \
+                             not learnt the new one yet"
+                        ),
+                    )
+                }
                 // At a connected registry a token of its parent that is not one of its client
                 // tokens is unknown here: say how that is fixed.
                 (outpost_control::ControlError::BadCredentials, Some(scope)) => ApiError::new(

@@ -1254,4 +1254,23 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         "{}",
         r.message()
     );
+    // A child registry's sync token with a password this node does not know (generated
+    // again at the root): told so, not how clients log in.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/connected-registries",
+            &[],
+            json!({"name": "line-x", "mode": "ReadOnly", "repositories": ["app"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = get(basic("line-x", "an old password")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.message()
+            .contains("incorrect password for the sync token of connected registry \"line-x\""),
+        "{}",
+        r.message()
+    );
 }
