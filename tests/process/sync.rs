@@ -838,6 +838,21 @@ async fn a_transfer_that_outlasts_its_window_stops_and_resumes_in_the_next() {
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
+    // While the window is closed mid-transfer, the root does not show the site as syncing.
+    eventually("the window closes mid-transfer", || async {
+        site.log().contains("sync window closed")
+    })
+    .await;
+    eventually("the root shows the site online, not syncing", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "ship-win", "-o", "json"],
+        ))
+        .unwrap();
+        v["connectionState"] == "Online"
+    })
+    .await;
+    assert_ne!(blob_len(&site_admin, &s, "big", &digest).await, Some(SIZE));
     let deadline = std::time::Instant::now() + Duration::from_secs(200);
     loop {
         if blob_len(&site_admin, &s, "big", &digest).await == Some(SIZE) {

@@ -1251,6 +1251,11 @@ impl Child {
                     tracing::info!(
                         "sync window closed; stopping here and resuming at the next window"
                     );
+                    // No longer syncing, with what is still to apply: the root shows that
+                    // until the next window rather than "Syncing".
+                    if let Err(e) = self.report("Online", false).await {
+                        tracing::debug!(error = %e, "could not report the closed window to the parent");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
@@ -1452,13 +1457,21 @@ impl Child {
             }
             Feed::Page(page) => {
                 let busy = !page.messages.is_empty();
+                // The lag counts down as messages are applied, so a report made while this
+                // page is under way (or when a window closes in its middle) is true.
+                let lag_after = |seq: i64| {
+                    *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((page.latest - seq).max(0));
+                };
                 if busy {
+                    lag_after(cursor);
                     self.report("Syncing", false).await?;
                 }
                 for m in &page.messages {
                     self.check_window()?;
                     self.apply(m).await?;
                     self.set_cursor(Some(m.seq))?;
+                    lag_after(m.seq);
                 }
                 self.set_cursor(Some(page.next))?;
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
