@@ -1168,6 +1168,71 @@ async fn a_readwrite_site_sends_its_pushes_up_and_the_last_write_wins() {
         },
     )
     .await;
+
+    // A manifest deleted by digest at the site while the root tagged it: the site's own tag
+    // goes, the root's tag and the manifest stay (and come back to the site), reported.
+    let keep = push_image(&admin, &r, "app", "keep", "tagged at the root meanwhile").await;
+    eventually("the site has app:keep", || async {
+        tag_digest(&site_admin, &s, "app", "keep").await.as_deref() == Some(keep.as_str())
+    })
+    .await;
+    let manifest = admin
+        .get(format!("{r}/v2/app/manifests/{keep}"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    let media_type = manifest.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bytes = manifest.bytes().await.unwrap();
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let put = admin
+        .put(format!("{r}/v2/app/manifests/release"))
+        .header("content-type", media_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let del = site_admin
+        .delete(format!("{s}/v2/app/manifests/{keep}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 202);
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the site's tag goes at the root", || async {
+        tag_digest(&admin, &r, "app", "keep").await.is_none()
+    })
+    .await;
+    eventually(
+        "the manifest comes back to the site with the root's tag",
+        || async {
+            tag_digest(&site_admin, &s, "app", "release")
+                .await
+                .as_deref()
+                == Some(keep.as_str())
+        },
+    )
+    .await;
+    assert_eq!(
+        tag_digest(&admin, &r, "app", "release").await.as_deref(),
+        Some(keep.as_str())
+    );
+    eventually("the kept manifest is reported", || async {
+        cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "site-rw", "-o", "json"],
+        )
+        .contains("the parent's tags release point at it")
+    })
+    .await;
 }
 
 /// A ReadWrite site's outbox is durable: changes made while the parent is away survive two

@@ -1740,7 +1740,28 @@ impl Child {
                     }
                 }
             }
-            "manifest_deleted" => self.parent.delete_manifest(repo.as_str(), &digest).await?,
+            "manifest_deleted" => {
+                // The site's own tags on it went up before this, as removals. A tag the parent
+                // still has on it was set there while this site was away, and would go with
+                // it: then the manifest stays, the conflict is reported, and the manifest
+                // comes back here with that tag through the feed.
+                let theirs = self.parent_tags_on(repo.as_str(), &digest).await?;
+                if theirs.is_empty() {
+                    self.parent.delete_manifest(repo.as_str(), &digest).await?;
+                } else {
+                    tracing::warn!(repository = %repo, digest, tags = ?theirs, "manifest deleted at this site is tagged at the parent; it is kept");
+                    self.notices.push(StatusDetail {
+                        kind: NOTICE.into(),
+                        code: "TagConflict".into(),
+                        description: format!(
+                            "{repo}@{digest} was deleted at this site, but the parent's tags {} point at it (set there while this site was away): it is kept, with those tags",
+                            theirs.join(", ")
+                        ),
+                        timestamp: Some(now_rfc3339()),
+                        correlation_id: None,
+                    })?;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -1878,6 +1899,26 @@ impl Child {
     }
 
     /// What `tag` pointed at here just before local event `e`.
+    /// The parent's tags in `repo` that point at `digest` (a tags list, then a `HEAD` per tag,
+    /// a few at a time: only deletes by digest ask, and they are rare).
+    async fn parent_tags_on(&self, repo: &str, digest: &str) -> Result<Vec<String>> {
+        let tags = self.parent.tags(repo).await?;
+        let found: Vec<Result<Option<String>>> = futures_util::stream::iter(tags)
+            .map(|tag| async move {
+                let d = self.parent.manifest_digest(repo, &tag).await?;
+                Ok((d.as_deref() == Some(digest)).then_some(tag))
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut out = found
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort();
+        Ok(out)
+    }
+
     async fn tag_before(&self, e: &outpost_registry::Event, tag: &str) -> Result<Option<String>> {
         self.registry
             .meta()
