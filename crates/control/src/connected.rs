@@ -1619,17 +1619,14 @@ impl Control {
             // What this node knows of the descendant goes up whole, not just what changed in
             // this report: a report the parent missed while it was away (a last sync time, a
             // new detail) then reaches it with the next one.
-            let full = match self.meta.connected_registry(name).await? {
-                Some(row) => with_known_state(&report, &row),
+            let known = self.meta.connected_registry(name).await?;
+            let full = match &known {
+                Some(row) => with_known_state(&report, row),
                 None => report.clone(),
             };
-            let offline = self
-                .meta
-                .connected_registry(name)
-                .await?
-                .filter(|r| r.activated_offline)
-                .and_then(|r| r.instance_id)
-                .is_some_and(|i| i == report.instance_id);
+            let offline = known.is_some_and(|r| {
+                r.activated_offline && r.instance_id.as_deref() == Some(report.instance_id.as_str())
+            });
             match up.report(name, &full).await {
                 Ok(()) => {
                     if offline {

@@ -392,16 +392,12 @@ pub(crate) async fn basic_principal(
     headers: &HeaderMap,
     what: &str,
 ) -> Result<Principal, ApiError> {
-    let p = principal(app, headers).await.map_err(|mut e| {
+    let p = principal(app, headers).await.map_err(|e| {
         if e.status == StatusCode::UNAUTHORIZED {
-            e.headers
-                .retain(|(name, _)| name != header::WWW_AUTHENTICATE);
-            e = e.with_header(
-                header::WWW_AUTHENTICATE,
-                &format!("Basic realm=\"{}\"", app.auth.service),
-            );
+            basic_unauthorized(app, e.message)
+        } else {
+            e
         }
-        e
     })?;
     if matches!(p, Principal::Bearer { .. }) {
         return Err(basic_unauthorized(

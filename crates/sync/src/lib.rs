@@ -1707,15 +1707,9 @@ impl Child {
                 // Reported once the write went through, so a retried send reports it once.
                 if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
-                    self.notices.push(StatusDetail {
-                        kind: NOTICE.into(),
-                        code: "TagConflict".into(),
-                        description: format!(
+                    self.tag_conflict(format!(
                             "{repo}:{tag} was {theirs} at the parent and is now {digest} from this site (the last write to reach the parent wins; {theirs} is kept by digest)"
-                        ),
-                        timestamp: Some(now_rfc3339()),
-                        correlation_id: None,
-                    })?;
+                        ))?;
                 }
             }
             "tag_removed" => {
@@ -1728,15 +1722,9 @@ impl Child {
                     self.parent.delete_manifest(repo.as_str(), tag).await?;
                     if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
-                        self.notices.push(StatusDetail {
-                            kind: NOTICE.into(),
-                            code: "TagConflict".into(),
-                            description: format!(
+                        self.tag_conflict(format!(
                                 "{repo}:{tag} was moved to {theirs} at the parent and removed at this site (the last write to reach the parent wins; {theirs} is kept by digest)"
-                            ),
-                            timestamp: Some(now_rfc3339()),
-                            correlation_id: None,
-                        })?;
+                            ))?;
                     }
                 }
             }
@@ -1750,16 +1738,10 @@ impl Child {
                     self.parent.delete_manifest(repo.as_str(), &digest).await?;
                 } else {
                     tracing::warn!(repository = %repo, digest, tags = ?theirs, "manifest deleted at this site is tagged at the parent; it is kept");
-                    self.notices.push(StatusDetail {
-                        kind: NOTICE.into(),
-                        code: "TagConflict".into(),
-                        description: format!(
+                    self.tag_conflict(format!(
                             "{repo}@{digest} was deleted at this site, but the parent's tags {} point at it (set there while this site was away): it is kept, with those tags",
                             theirs.join(", ")
-                        ),
-                        timestamp: Some(now_rfc3339()),
-                        correlation_id: None,
-                    })?;
+                        ))?;
                 }
             }
             _ => {}
@@ -1899,6 +1881,18 @@ impl Child {
     }
 
     /// What `tag` pointed at here just before local event `e`.
+    /// Records a `TagConflict` notice: a change made on both sides, resolved by the conflict
+    /// rule and reported to the root.
+    fn tag_conflict(&self, description: String) -> Result<()> {
+        self.notices.push(StatusDetail {
+            kind: NOTICE.into(),
+            code: "TagConflict".into(),
+            description,
+            timestamp: Some(now_rfc3339()),
+            correlation_id: None,
+        })
+    }
+
     /// The parent's tags in `repo` that point at `digest` (a tags list, then a `HEAD` per tag,
     /// a few at a time: only deletes by digest ask, and they are rare).
     async fn parent_tags_on(&self, repo: &str, digest: &str) -> Result<Vec<String>> {
