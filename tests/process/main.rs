@@ -8,6 +8,7 @@ mod replicas;
 mod support;
 mod sync;
 mod tls;
+mod upgrade;
 
 use sha2::Digest as _;
 use std::io::Write;
