@@ -94,55 +94,66 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
     })?;
     match app.control.authenticate(&user, &pass).await {
         Ok(identity) => Ok(Principal::Basic(identity)),
-        Err(e) => {
-            // A child registry whose sync token's password changed at the root: say that,
-            // not how clients log in here.
-            let child = match (&e, &app.sync_scope) {
-                (outpost_control::ControlError::BadCredentials, Some(_)) => {
-                    app.control.sync_token_of(&user).await.ok().flatten()
-                }
-                _ => None,
-            };
-            let err = match (&e, &app.sync_scope) {
-                (outpost_control::ControlError::BadCredentials, Some(_)) if child.is_some() => {
-                    ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        ErrorCode::Unauthorized,
-                        format!(
-                            "incorrect password for the sync token of connected registry \
-                             {user:?}: it was generated again at the root (restart that \
-                             registry with its new connection string), or this registry has \
-                             not learnt the new one yet"
-                        ),
-                    )
-                }
-                // At a connected registry a token of its parent that is not one of its client
-                // tokens is unknown here: say how that is fixed.
-                (outpost_control::ControlError::BadCredentials, Some(scope)) => ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    format!(
-                        "incorrect username or password; at this connected registry only its \
-                         client tokens, its children's sync tokens and its own admin token log \
-                         in (a token of the parent is added with `outpost connected-registry \
-                         update -n {} --add-client-tokens <token>` at the root)",
-                        scope.borrow().name
-                    ),
+        Err(e) => Err(challenge(
+            app,
+            headers,
+            None,
+            login_error(app, &user, e).await,
+        )),
+    }
+}
+
+/// What a failed login by token `user` is told, at `/v2/` and at the token endpoint alike
+/// (where Docker, podman, skopeo and containerd log in). At a connected registry the usual
+/// causes are a token of the parent that is not one of its client tokens, a child's sync
+/// token rotated at the root, and a password that expired: say how each is fixed, at the
+/// root, where tokens are managed.
+async fn login_error(app: &App, user: &str, e: outpost_control::ControlError) -> ApiError {
+    use outpost_control::ControlError;
+    let Some(scope) = &app.sync_scope else {
+        return ApiError::from(e);
+    };
+    match e {
+        ControlError::BadCredentials
+            if app
+                .control
+                .sync_token_of(user)
+                .await
+                .ok()
+                .flatten()
+                .is_some() =>
+        {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                format!(
+                    "incorrect password for the sync token of connected registry {user:?}: it \
+                     was generated again at the root (restart that registry with its new \
+                     connection string), or this registry has not learnt the new one yet"
                 ),
-                // Tokens are managed at the root, not here.
-                (outpost_control::ControlError::PasswordExpired(name), Some(_)) => ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    format!(
-                        "the password of token {name:?} has expired; generate a new one at the \
-                         root (`outpost token credential generate -n {name} --registry <root>`): \
-                         this connected registry learns it at its next sync"
-                    ),
-                ),
-                _ => ApiError::from(e),
-            };
-            Err(challenge(app, headers, None, err))
+            )
         }
+        ControlError::BadCredentials => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!(
+                "incorrect username or password; at this connected registry only its client \
+                 tokens, its children's sync tokens and its own admin token log in (a token of \
+                 the parent is added with `outpost connected-registry update -n {} \
+                 --add-client-tokens <token>` at the root)",
+                scope.borrow().name
+            ),
+        ),
+        ControlError::PasswordExpired(name) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!(
+                "the password of token {name:?} has expired; generate a new one at the root \
+                 (`outpost token credential generate -n {name} --registry <root>`): this \
+                 connected registry learns it at its next sync"
+            ),
+        ),
+        e => ApiError::from(e),
     }
 }
 
@@ -359,7 +370,10 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
             "authentication required: log in with a token name and password (docker login -u <token> -p <password>)",
         ));
     };
-    let (identity, until) = app.control.authenticate_until(&user, &pass).await?;
+    let (identity, until) = match app.control.authenticate_until(&user, &pass).await {
+        Ok(found) => found,
+        Err(e) => return Err(login_error(app, &user, e).await),
+    };
     let issued = app
         .control
         .issue_until(&identity, &scopes, &app.auth.service, until);

@@ -21,16 +21,58 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 pub(crate) async fn dispatch(State(app): State<App>, req: Request) -> Response {
     let is_head = req.method() == Method::HEAD;
-    match handle(&app, req).await {
-        Ok(r) => r,
-        Err(e) if is_head => {
-            // HEAD responses carry no body; keep status and headers.
-            let mut r = e.into_response();
-            *r.body_mut() = Body::empty();
-            r
+    let uri = app.sync_scope.as_ref().map(|_| req.uri().clone());
+    let e = match handle(&app, req).await {
+        Ok(r) => return r,
+        Err(e) => e,
+    };
+    let e = match (&uri, &app.sync_scope) {
+        (Some(uri), Some(scope)) if e.code == ErrorCode::NameUnknown.as_str() => {
+            not_synced(e, uri, scope)
         }
-        Err(e) => e.into_response(),
+        _ => e,
+    };
+    let mut r = e.into_response();
+    if is_head {
+        // HEAD responses carry no body; keep status and headers.
+        *r.body_mut() = Body::empty();
     }
+    r
+}
+
+/// At a connected registry, `NAME_UNKNOWN` for a repository it does not sync says so and how
+/// to change it, instead of suggesting that the repository does not exist anywhere.
+fn not_synced(
+    e: ApiError,
+    uri: &axum::http::Uri,
+    scope: &tokio::sync::watch::Receiver<outpost_control::connected::SyncScope>,
+) -> ApiError {
+    let Ok(route) = Route::parse(uri.path()) else {
+        return e;
+    };
+    let Some(name) = route_name(&route) else {
+        return e;
+    };
+    let scope = scope.borrow();
+    if scope.covers(name.as_str()) {
+        return e;
+    }
+    ApiError {
+        message: format!(
+            "repository {name} is not synced by this connected registry: pull it from the \
+             parent, or {}",
+            add_repository_hint(&scope.name, name.as_str())
+        ),
+        ..e
+    }
+}
+
+/// How an operator adds `repo` to the repositories connected registry `site` syncs.
+fn add_repository_hint(site: &str, repo: &str) -> String {
+    format!(
+        "add it to this registry's repositories at the root (`outpost connected-registry \
+         permissions update -n {site} --add {repo}`)"
+    )
 }
 
 #[derive(Default)]
@@ -112,10 +154,13 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
         }
         Need::Repo(action) => {
             let name = route_name(&route).map(RepoName::as_str).unwrap_or_default();
-            auth::authorize(app, h, &principal, name, action)?;
-            if app.read_only
-                && !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
-            {
+            let write = !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead);
+            // At a ReadOnly registry a logged-in client's write is refused for that reason,
+            // whatever its token may do: no scope could make it succeed here.
+            if !(app.read_only && write && principal.is_authenticated()) {
+                auth::authorize(app, h, &principal, name, action)?;
+            }
+            if app.read_only && write {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     ErrorCode::Denied,
@@ -123,7 +168,7 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 ));
             }
             if let Some(scope) = &app.sync_scope
-                && !matches!(action, RepoAction::ContentRead | RepoAction::MetadataRead)
+                && write
             {
                 let scope = scope.borrow();
                 if !scope.covers(name) && action == RepoAction::ContentDelete {
@@ -139,9 +184,8 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                         format!(
                             "repository {name} is not synced by this connected registry, so a \
                              change here would never reach its parent: push it at the parent, \
-                             or add it to this registry's repositories there (`outpost \
-                             connected-registry permissions update -n {} --add {name}`)",
-                            scope.name
+                             or {}",
+                            add_repository_hint(&scope.name, name)
                         ),
                     ));
                 }

@@ -1227,33 +1227,40 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         .unwrap()
         .to_string();
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let get = |auth: String| {
+    // Each refusal reads the same at `/v2/` and at the token endpoint, where Docker, podman,
+    // skopeo and containerd log in.
+    let refusals = |user: &'static str, pass: String| {
         let t = &t;
         async move {
-            t.req_as(
-                Some(&auth),
-                Method::GET,
+            let mut answers = Vec::new();
+            for path in [
                 "/v2/app/tags/list",
-                &[],
-                Body::empty(),
-            )
-            .await
+                "/oauth2/token?service=outpost&scope=repository:app:pull",
+            ] {
+                let r = t
+                    .req_as(
+                        Some(&basic(user, &pass)),
+                        Method::GET,
+                        path,
+                        &[],
+                        Body::empty(),
+                    )
+                    .await;
+                assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+                answers.push(r.message());
+            }
+            answers
         }
     };
-    let r = get(basic("site-reader", &pw)).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        r.message().contains("has expired") && r.message().contains("at the root"),
-        "{}",
-        r.message()
-    );
-    let r = get(basic("site-reader", "wrong")).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        r.message().contains("only its client tokens"),
-        "{}",
-        r.message()
-    );
+    for m in refusals("site-reader", pw).await {
+        assert!(
+            m.contains("has expired") && m.contains("at the root"),
+            "{m}"
+        );
+    }
+    for m in refusals("site-reader", "wrong".into()).await {
+        assert!(m.contains("only its client tokens"), "{m}");
+    }
     // A child registry's sync token with a password this node does not know (generated
     // again at the root): told so, not how clients log in.
     let r = t
@@ -1265,12 +1272,108 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-    let r = get(basic("line-x", "an old password")).await;
+    for m in refusals("line-x", "an old password".into()).await {
+        assert!(
+            m.contains("incorrect password for the sync token of connected registry \"line-x\""),
+            "{m}"
+        );
+    }
+}
+
+/// At a ReadOnly registry every logged-in write is refused as read-only, whatever the token:
+/// a token with write rules, the admin, or one that may only read (whose scope error would
+/// point at a change the root refuses for a ReadOnly registry's client tokens). Without
+/// credentials the client is still asked to log in.
+#[tokio::test]
+async fn a_read_only_site_refuses_writes_as_read_only() {
+    let t = common::setup_read_only_site("site-ro", &["app"]).await;
+    let reader = token(
+        &t,
+        "reader",
+        &[
+            "repositories/app/content/read",
+            "repositories/app/metadata/read",
+        ],
+    )
+    .await;
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let bearer = bearer(&t, "reader", &reader, &["repository:app:pull,push,delete"]).await;
+    let admin = basic("admin", ADMIN_PASSWORD);
+    for auth in [basic("reader", &reader), bearer, admin] {
+        for (method, path) in [
+            (Method::POST, "/v2/app/blobs/uploads/".to_string()),
+            (Method::PUT, "/v2/app/manifests/v1".to_string()),
+            (Method::DELETE, format!("/v2/app/manifests/{digest}")),
+            (Method::DELETE, format!("/v2/app/blobs/{digest}")),
+        ] {
+            let r = t
+                .req_as(Some(&auth), method.clone(), &path, &[], Body::empty())
+                .await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}");
+            assert_eq!(r.code(), "DENIED");
+            assert!(
+                r.message().contains("this connected registry is read-only"),
+                "{method} {path}: {}",
+                r.message()
+            );
+        }
+    }
+    let r = t
+        .req_as(
+            None,
+            Method::POST,
+            "/v2/app/blobs/uploads/",
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        r.message()
-            .contains("incorrect password for the sync token of connected registry \"line-x\""),
-        "{}",
-        r.message()
-    );
+    assert!(r.headers.contains_key("www-authenticate"));
+}
+
+/// At a connected registry, a repository it does not sync is unknown with a reason and the
+/// command that changes it; one it syncs but does not hold yet is simply unknown.
+#[tokio::test]
+async fn a_site_says_which_repositories_it_does_not_sync() {
+    let t = common::setup_read_only_site("site-ro", &["app", "team/*"]).await;
+    let admin = basic("admin", ADMIN_PASSWORD);
+    for path in [
+        "/v2/other/tags/list",
+        "/v2/other/manifests/v1",
+        "/v2/teams/one/manifests/v1",
+    ] {
+        let r = t
+            .req_as(Some(&admin), Method::GET, path, &[], Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(r.code(), "NAME_UNKNOWN", "{path}");
+        let m = r.message();
+        assert!(
+            m.contains("is not synced by this connected registry")
+                && m.contains("connected-registry permissions update -n site-ro --add"),
+            "{path}: {m}"
+        );
+    }
+    for path in ["/v2/app/tags/list", "/v2/team/one/manifests/v1"] {
+        let r = t
+            .req_as(Some(&admin), Method::GET, path, &[], Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            !r.message().contains("not synced"),
+            "{path}: {}",
+            r.message()
+        );
+    }
+    let r = t
+        .req_as(
+            Some(&admin),
+            Method::HEAD,
+            "/v2/other/manifests/v1",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.body.is_empty());
 }

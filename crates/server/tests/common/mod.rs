@@ -113,11 +113,21 @@ pub async fn setup_control(
     auth: AuthSettings,
     control: ControlConfig,
 ) -> T {
-    setup_node(config, auth, control, None).await
+    setup_node(config, auth, control, None, false).await
 }
 
-/// A node serving as connected registry `name` that syncs the repositories `patterns`.
+/// A node serving as ReadWrite connected registry `name` that syncs the repositories
+/// `patterns`.
 pub async fn setup_site(name: &str, patterns: &[&str]) -> T {
+    setup_site_mode(name, patterns, false).await
+}
+
+/// Like [`setup_site`], ReadOnly.
+pub async fn setup_read_only_site(name: &str, patterns: &[&str]) -> T {
+    setup_site_mode(name, patterns, true).await
+}
+
+async fn setup_site_mode(name: &str, patterns: &[&str], read_only: bool) -> T {
     let scope = outpost_control::connected::SyncScope {
         name: name.to_string(),
         patterns: patterns
@@ -133,6 +143,7 @@ pub async fn setup_site(name: &str, patterns: &[&str]) -> T {
         AuthSettings::default(),
         ControlConfig::default(),
         Some(tokio::sync::watch::channel(scope).1),
+        read_only,
     )
     .await
 }
@@ -142,6 +153,7 @@ async fn setup_node(
     auth: AuthSettings,
     control: ControlConfig,
     sync_scope: Option<tokio::sync::watch::Receiver<outpost_control::connected::SyncScope>>,
+    read_only: bool,
 ) -> T {
     let dir = tempfile::tempdir().unwrap();
     let database_url = test_database().await;
@@ -160,7 +172,7 @@ async fn setup_node(
         registry: registry.clone(),
         control: control.clone(),
         auth,
-        read_only: false,
+        read_only,
         sync_scope,
         gc_min_age: std::time::Duration::ZERO,
         metrics_enabled: true,
