@@ -1328,17 +1328,6 @@ impl Control {
         self.view(&row).await
     }
 
-    /// The connected registry whose sync token is `token`, if any (the sync token is named
-    /// after its registry).
-    pub async fn sync_token_of(&self, token: &str) -> Result<Option<String>> {
-        Ok(self
-            .meta
-            .connected_registry(token)
-            .await?
-            .filter(|r| r.sync_token == token)
-            .map(|r| r.name))
-    }
-
     pub async fn show_connected_registry(&self, name: &str) -> Result<ConnectedRegistryView> {
         let row = self.registry_row(name).await?;
         self.view(&row).await
@@ -2248,10 +2237,6 @@ impl Control {
         })
     }
 
-    /// On a connected registry: makes the local client tokens match those its parent sent
-    /// (with the same password hashes, status, expiries and rules), so local clients
-    /// authenticate while the link is down. `previous` names the tokens applied last time;
-    /// those no longer sent are removed. The local `admin` token is never touched.
     /// Client tokens installed from a parent: each has the `synced-<name>` scope map
     /// [`Self::apply_synced_tokens`] makes for it. Read from the database, so a lost or damaged
     /// state file cannot leave a token the parent revoked working here.
@@ -2266,6 +2251,11 @@ impl Control {
             .collect())
     }
 
+    /// On a connected registry: makes the local client tokens match those its parent sent
+    /// (with the same password hashes, status, expiries and rules), so local clients
+    /// authenticate while the link is down. `previous` names the tokens applied last time;
+    /// those no longer sent are removed. The local `admin` token is never touched, and the
+    /// API refuses local changes to these tokens and their `synced-<name>` scope maps.
     pub async fn apply_synced_tokens(
         &self,
         tokens: &[ClientTokenConfig],

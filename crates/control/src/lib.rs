@@ -50,6 +50,12 @@ pub enum ControlError {
         "this registry is the connected registry {0:?}: connected registries are created and changed at the root (the cloud registry), e.g. `outpost connected-registry ... --registry <root>`"
     )]
     ManagedAtRoot(String),
+    /// A change, at a connected registry, of a token or scope map its parent installed: it
+    /// would be undone at the next sync, or cut off a child until then.
+    #[error(
+        "{kind} {name:?} comes from this connected registry's parent: change it at the root (`outpost {kind} ... --registry <root>`), and this registry applies the change at its next sync"
+    )]
+    FromParent { kind: &'static str, name: String },
     /// A status report from an instance that is not (or no longer) the active one: the
     /// resource was deactivated.
     #[error("{0}")]
@@ -613,10 +619,7 @@ impl Control {
         // below is remembered under the older generation and is not trusted again.
         let generation = self.generation();
         let Some(id) = self.identity(user).await? else {
-            let decoy = argon2(|| DECOY_HASH.clone()).await.flatten();
-            if let Some(h) = decoy {
-                verify_blocking(pass.to_string(), h).await;
-            }
+            check_slots(pass, [None, None]).await;
             return Err(ControlError::BadCredentials);
         };
         let now = now_ms();
@@ -638,16 +641,10 @@ impl Control {
         let slot = match cached {
             Some(s) => s,
             None => {
-                let mut found = None;
-                for (i, p) in id.passwords.iter().enumerate() {
-                    if let Some(h) = &p.hash
-                        && verify_blocking(pass.to_string(), h.clone()).await
-                    {
-                        found = Some(i);
-                        break;
-                    }
-                }
-                let s = found.ok_or(ControlError::BadCredentials)?;
+                let hashes = [id.passwords[0].hash.as_ref(), id.passwords[1].hash.as_ref()];
+                let s = check_slots(pass, hashes)
+                    .await
+                    .ok_or(ControlError::BadCredentials)?;
                 let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
                 if v.len() > 100_000 {
                     v.clear();
@@ -843,6 +840,32 @@ impl Control {
         }
     }
 
+    /// On a connected registry, refuses changes to the scope maps its parent installed
+    /// (`synced-<token>`, see [`Control::apply_synced_tokens`]) and the use of such a name.
+    fn check_local_scope_map(&self, name: &str) -> Result<()> {
+        if self.config.managed_at_root.is_some() && name.starts_with("synced-") {
+            return Err(ControlError::FromParent {
+                kind: "scope-map",
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Token `name`, for a change: on a connected registry, not one its parent installed.
+    async fn local_token_row(&self, name: &str) -> Result<TokenRow> {
+        let t = self.token_row(name).await?;
+        if self.config.managed_at_root.is_some()
+            && t.scope_map.as_deref() == Some(format!("synced-{name}").as_str())
+        {
+            return Err(ControlError::FromParent {
+                kind: "token",
+                name: name.into(),
+            });
+        }
+        Ok(t)
+    }
+
     pub async fn create_scope_map(
         &self,
         name: &str,
@@ -850,6 +873,7 @@ impl Control {
         actions: &[String],
     ) -> Result<ScopeMapView> {
         validate_name("scope map", name)?;
+        self.check_local_scope_map(name)?;
         if description.len() > 256 {
             return Err(ControlError::Invalid(
                 "a scope map description is at most 256 characters".into(),
@@ -912,6 +936,7 @@ impl Control {
         remove: &[String],
         description: Option<&str>,
     ) -> Result<ScopeMapView> {
+        self.check_local_scope_map(name)?;
         let _w = self.write_lock().await?;
         let row = self
             .meta
@@ -962,6 +987,7 @@ impl Control {
     }
 
     pub async fn delete_scope_map(&self, name: &str) -> Result<()> {
+        self.check_local_scope_map(name)?;
         let _w = self.write_lock().await?;
         self.check_scope_map_use(name, &[], None).await?;
         let users = self.meta.tokens_using(name).await?;
@@ -1035,6 +1061,7 @@ impl Control {
                 "--no-passwords cannot be combined with an expiration".into(),
             ));
         }
+        self.check_local_scope_map(scope_map)?;
         self.show_scope_map(scope_map).await?;
         if self.meta.token(name).await?.is_some() {
             return Err(ControlError::AlreadyExists {
@@ -1104,7 +1131,7 @@ impl Control {
         enabled: Option<bool>,
     ) -> Result<TokenView> {
         let _w = self.write_lock().await?;
-        let mut t = self.token_row(name).await?;
+        let mut t = self.local_token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(
                 "the administrator token's scope and status cannot be changed; rotate its password instead".into(),
@@ -1113,6 +1140,7 @@ impl Control {
         if let Some(sm) = scope_map
             && t.scope_map.as_deref() != Some(sm)
         {
+            self.check_local_scope_map(sm)?;
             self.show_scope_map(sm).await?;
             self.check_token_scope_change(name, sm).await?;
             t.scope_map = Some(sm.into());
@@ -1133,7 +1161,7 @@ impl Control {
         expiry_ms: Option<i64>,
     ) -> Result<TokenView> {
         check_future_expiry(expiry_ms)?;
-        self.token_row(name).await?;
+        self.local_token_row(name).await?;
         // Each slot once: `password1 password1` would hash twice, show the first value and
         // store the second.
         let mut slots = slots.to_vec();
@@ -1149,7 +1177,7 @@ impl Control {
         // Read, change and write under the lock, so concurrent changes to the other slot or
         // the token's status are not overwritten with the state read before hashing.
         let _w = self.write_lock().await?;
-        let mut t = self.token_row(name).await?;
+        let mut t = self.local_token_row(name).await?;
         for (s, row) in rows {
             t.passwords[s] = row;
         }
@@ -1160,7 +1188,7 @@ impl Control {
 
     pub async fn delete_credentials(&self, name: &str, slots: &[usize]) -> Result<TokenView> {
         let _w = self.write_lock().await?;
-        let mut t = self.token_row(name).await?;
+        let mut t = self.local_token_row(name).await?;
         if t.is_admin && slots.contains(&0) {
             return Err(ControlError::Invalid(
                 "password1 of the administrator token cannot be deleted; generate a new one instead".into(),
@@ -1176,7 +1204,7 @@ impl Control {
 
     pub async fn delete_token(&self, name: &str) -> Result<()> {
         let _w = self.write_lock().await?;
-        let t = self.token_row(name).await?;
+        let t = self.local_token_row(name).await?;
         if t.is_admin {
             return Err(ControlError::Invalid(
                 "the administrator token cannot be deleted".into(),
@@ -1200,32 +1228,111 @@ impl Control {
     }
 }
 
-/// Argon2 runs at most this many at a time (one per core): each takes ~19 MiB and tens of
-/// milliseconds, so a flood of wrong passwords queues here instead of filling the blocking
-/// pool that blob reads and uploads also use, and the process's memory.
-static ARGON2_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
-    tokio::sync::Semaphore::new(
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
-    )
-});
+/// Argon2 runs on threads of its own, one per core, each keeping one working memory (~19
+/// MiB) from call to call while checks are queued, and freeing it when none is. A flood of
+/// wrong passwords queues here: it costs these threads time, and the process no memory
+/// beyond theirs. (Run on the blocking pool, every thread
+/// that ever ran a check kept its own copy, and glibc kept the freed ones: 600 wrong logins
+/// left the process at ~2.6 GB.) Blob reads and uploads, on the blocking pool, never wait
+/// behind password checks.
+type Argon2Job = Box<dyn FnOnce(&mut password::Memory) + Send>;
 
-async fn argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let _slot = ARGON2_SLOTS.acquire().await.ok()?;
-    tokio::task::spawn_blocking(f).await.ok()
+/// Checks sent to the Argon2 threads and not yet taken by one.
+static ARGON2_QUEUED: AtomicU64 = AtomicU64::new(0);
+
+static ARGON2: std::sync::LazyLock<Option<std::sync::mpsc::Sender<Argon2Job>>> =
+    std::sync::LazyLock::new(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Argon2Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let mut started = 0;
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    let mut memory = password::Memory::new();
+                    loop {
+                        // Nothing queued: give the memory back while idle. (Checked before
+                        // waiting for the queue's lock, which an idle thread holds while it
+                        // waits for work.)
+                        if ARGON2_QUEUED.load(Ordering::Acquire) == 0 {
+                            memory.release();
+                        }
+                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        ARGON2_QUEUED.fetch_sub(1, Ordering::AcqRel);
+                        // A panic loses that one answer (its caller sees an error), not the
+                        // thread.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&mut memory)
+                        }));
+                    }
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::error!(error = %e, "starting a password-check thread"),
+            }
+        }
+        (started > 0).then_some(tx)
+    });
+
+/// Runs `f` on an Argon2 thread with its working memory; `None` if it could not run.
+async fn argon2<T: Send + 'static>(
+    f: impl FnOnce(&mut password::Memory) -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Argon2Job = Box::new(move |memory| {
+        let _ = tx.send(f(memory));
+    });
+    let queue = ARGON2.as_ref()?;
+    ARGON2_QUEUED.fetch_add(1, Ordering::AcqRel);
+    if queue.send(job).is_err() {
+        ARGON2_QUEUED.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    rx.await.ok()
 }
 
 async fn verify_blocking(password: String, hash: String) -> bool {
-    argon2(move || password::verify(&password, &hash))
+    argon2(move |memory| password::verify(&password, &hash, memory))
         .await
         .unwrap_or(false)
 }
 
-/// A hash to verify against when the token name is unknown, so that the answer takes as long
-/// as for a known name with a wrong password and does not tell which names exist.
-static DECOY_HASH: std::sync::LazyLock<Option<String>> =
-    std::sync::LazyLock::new(|| password::hash("decoy password for unknown token names").ok());
+/// A hash to verify against in place of a password a token does not have, so that a wrong
+/// login costs the same whether the name exists and however many passwords it has, and does
+/// not tell which names exist.
+static DECOY_HASH: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
+    password::hash(
+        "decoy password for unknown token names",
+        &mut password::Memory::new(),
+    )
+    .ok()
+});
+
+/// Checks `pass` against each of a token's two password slots in turn (`hashes`: `None` for an
+/// unknown name or an empty slot), stopping at the first match. A miss always costs two
+/// Argon2 checks: empty slots are checked against [`DECOY_HASH`] instead.
+async fn check_slots(pass: &str, hashes: [Option<&String>; 2]) -> Option<usize> {
+    for (i, hash) in hashes.into_iter().enumerate() {
+        let (hash, real) = match hash {
+            Some(h) => (h.clone(), true),
+            None => match argon2(|_| DECOY_HASH.clone()).await.flatten() {
+                Some(h) => (h, false),
+                None => continue,
+            },
+        };
+        if verify_blocking(pass.to_string(), hash).await && real {
+            return Some(i);
+        }
+    }
+    None
+}
 
 /// Refuses an expiration that has already passed: the new password would never work, and
 /// the one it replaces would be gone.
@@ -1241,7 +1348,7 @@ fn check_future_expiry(expiry_ms: Option<i64>) -> Result<()> {
 
 async fn new_password_row(pw: &str, expiry_ms: Option<i64>) -> Result<PasswordRow> {
     let pw = pw.to_string();
-    let hash = argon2(move || password::hash(&pw))
+    let hash = argon2(move |memory| password::hash(&pw, memory))
         .await
         .ok_or_else(|| ControlError::Internal("hashing a password: the task failed".into()))?
         .map_err(|e| ControlError::Internal(format!("hashing a password: {e}")))?;

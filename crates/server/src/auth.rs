@@ -94,53 +94,32 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
     })?;
     match app.control.authenticate(&user, &pass).await {
         Ok(identity) => Ok(Principal::Basic(identity)),
-        Err(e) => Err(challenge(
-            app,
-            headers,
-            None,
-            login_error(app, &user, e).await,
-        )),
+        Err(e) => Err(challenge(app, headers, None, login_error(app, e).await)),
     }
 }
 
-/// What a failed login by token `user` is told, at `/v2/` and at the token endpoint alike
-/// (where Docker, podman, skopeo and containerd log in). At a connected registry the usual
-/// causes are a token of the parent that is not one of its client tokens, a child's sync
-/// token rotated at the root, and a password that expired: say how each is fixed, at the
-/// root, where tokens are managed.
-async fn login_error(app: &App, user: &str, e: outpost_control::ControlError) -> ApiError {
+/// What a failed login is told, at `/v2/` and at the token endpoint alike (where Docker,
+/// podman, skopeo and containerd log in). At a connected registry the usual causes are a
+/// token of the parent that is not one of its client tokens, a child's sync token rotated at
+/// the root, and a password that expired: say how each is fixed, at the root, where tokens
+/// are managed. A wrong password reads the same for every name, so that it does not tell
+/// which tokens exist here.
+async fn login_error(app: &App, e: outpost_control::ControlError) -> ApiError {
     use outpost_control::ControlError;
     let Some(scope) = &app.sync_scope else {
         return ApiError::from(e);
     };
     match e {
-        ControlError::BadCredentials
-            if app
-                .control
-                .sync_token_of(user)
-                .await
-                .ok()
-                .flatten()
-                .is_some() =>
-        {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                format!(
-                    "incorrect password for the sync token of connected registry {user:?}: it \
-                     was generated again at the root (restart that registry with its new \
-                     connection string), or this registry has not learnt the new one yet"
-                ),
-            )
-        }
         ControlError::BadCredentials => ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             format!(
                 "incorrect username or password; at this connected registry only its client \
-                 tokens, its children's sync tokens and its own admin token log in (a token of \
-                 the parent is added with `outpost connected-registry update -n {} \
-                 --add-client-tokens <token>` at the root)",
+                 tokens, its children's sync tokens and its own admin token log in. A token \
+                 of the parent is added with `outpost connected-registry update -n {} \
+                 --add-client-tokens <token>` at the root; a child whose sync token's \
+                 password was generated again at the root is restarted with its new \
+                 connection string",
                 scope.borrow().name
             ),
         ),
@@ -372,7 +351,7 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
     };
     let (identity, until) = match app.control.authenticate_until(&user, &pass).await {
         Ok(found) => found,
-        Err(e) => return Err(login_error(app, &user, e).await),
+        Err(e) => return Err(login_error(app, e).await),
     };
     let issued = app
         .control

@@ -254,7 +254,9 @@ impl From<ControlError> for ApiError {
             C::Unavailable(_) => {
                 ApiError::custom(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", msg)
             }
-            C::ManagedAtRoot(_) => ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg),
+            C::ManagedAtRoot(_) | C::FromParent { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg)
+            }
             C::Limit { .. } => ApiError::custom(StatusCode::CONFLICT, "LIMIT_EXCEEDED", msg),
             C::CursorExpired { latest, .. } => {
                 ApiError::custom(StatusCode::GONE, "CURSOR_EXPIRED", msg)

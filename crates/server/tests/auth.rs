@@ -1261,23 +1261,18 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
     for m in refusals("site-reader", "wrong".into()).await {
         assert!(m.contains("only its client tokens"), "{m}");
     }
+    // A child's sync token, installed by the parent as every token from there is.
+    install_from_parent(&t, "line-x", "its real password").await;
     // A child registry's sync token with a password this node does not know (generated
-    // again at the root): told so, not how clients log in.
-    let r = t
-        .req(
-            Method::POST,
-            "/api/v1/connected-registries",
-            &[],
-            json!({"name": "line-x", "mode": "ReadOnly", "repositories": ["app"]}).to_string(),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-    for m in refusals("line-x", "an old password".into()).await {
-        assert!(
-            m.contains("incorrect password for the sync token of connected registry \"line-x\""),
-            "{m}"
-        );
-    }
+    // again at the root) is told what to do, in the words an unknown name gets: a refusal
+    // does not tell which names exist.
+    let child = refusals("line-x", "an old password".into()).await;
+    assert!(
+        child[0].contains("restarted with its new connection string"),
+        "{}",
+        child[0]
+    );
+    assert_eq!(child, refusals("no-such-token", "a password".into()).await);
 }
 
 /// At a ReadOnly registry every logged-in write is refused as read-only, whatever the token:
@@ -1376,4 +1371,113 @@ async fn a_site_says_which_repositories_it_does_not_sync() {
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.body.is_empty());
+}
+
+/// Installs token `name` with `password` as a connected registry's parent does (through its
+/// configuration), with read access to `app`.
+async fn install_from_parent(t: &T, name: &str, password: &str) {
+    let hash =
+        outpost_control::password::hash(password, &mut outpost_control::password::Memory::new())
+            .unwrap();
+    t.control
+        .apply_synced_tokens(
+            &[outpost_control::connected::ClientTokenConfig {
+                name: name.into(),
+                status: "enabled".into(),
+                actions: vec!["repositories/app/content/read".into()],
+                passwords: vec![outpost_control::connected::PasswordHash {
+                    name: "password1".into(),
+                    hash,
+                    expiry: None,
+                }],
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+/// At a connected registry, the tokens its parent installed (client tokens, children's sync
+/// tokens) and their scope maps are changed at the root only: a local change would be undone
+/// at the next sync, or lock a child out until then. Local tokens are still the site's own.
+#[tokio::test]
+async fn a_site_refuses_changes_to_what_its_parent_installed() {
+    let t = common::setup_site("site-x", &["app"]).await;
+    install_from_parent(&t, "from-root", "pw-from-root").await;
+    let changes = [
+        (
+            Method::PATCH,
+            "/api/v1/tokens/from-root",
+            json!({"status": "disabled"}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens/from-root/credentials/generate",
+            json!({"passwords": ["password1"]}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens/from-root/credentials/delete",
+            json!({"passwords": ["password1"]}),
+        ),
+        (Method::DELETE, "/api/v1/tokens/from-root", json!({})),
+        (
+            Method::PATCH,
+            "/api/v1/scope-maps/synced-from-root",
+            json!({"add": ["repositories/*/content/write"]}),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/scope-maps/synced-from-root",
+            json!({}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/scope-maps",
+            json!({"name": "synced-later", "actions": ["repositories/app/content/read"]}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"name": "borrower", "scopeMap": "synced-from-root"}),
+        ),
+    ];
+    for (method, path, body) in changes {
+        let r = t.req(method.clone(), path, &[], body.to_string()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {:?}",
+            r.body
+        );
+        assert!(
+            r.message()
+                .contains("comes from this connected registry's parent"),
+            "{method} {path}: {}",
+            r.message()
+        );
+    }
+    // Untouched: the token still logs in with the password the parent gave it.
+    let r = t
+        .req_as(
+            Some(&basic("from-root", "pw-from-root")),
+            Method::GET,
+            "/v2/app/tags/list",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_ne!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+    // The site's own tokens and scope maps are still managed here.
+    let own = token(&t, "local-one", &["repositories/app/content/read"]).await;
+    assert!(!own.is_empty());
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/tokens/local-one",
+            &[],
+            json!({"status": "disabled"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
 }

@@ -117,7 +117,7 @@ pub async fn setup_control(
 }
 
 /// A node serving as ReadWrite connected registry `name` that syncs the repositories
-/// `patterns`.
+/// `patterns` (its connected-registry resources and parent's tokens managed at the root).
 pub async fn setup_site(name: &str, patterns: &[&str]) -> T {
     setup_site_mode(name, patterns, false).await
 }
@@ -141,7 +141,10 @@ async fn setup_site_mode(name: &str, patterns: &[&str], read_only: bool) -> T {
             ..Default::default()
         },
         AuthSettings::default(),
-        ControlConfig::default(),
+        ControlConfig {
+            managed_at_root: Some(name.to_string()),
+            ..Default::default()
+        },
         Some(tokio::sync::watch::channel(scope).1),
         read_only,
     )
