@@ -20,7 +20,7 @@ pub use notifications::NotificationRow;
 use outpost_oci::Digest;
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
-use sqlx::{Executor, Row};
+use sqlx::{Connection as _, Executor, Row, TransactionManager as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -436,6 +436,22 @@ impl Meta {
                     conn.execute("PRAGMA journal_mode = WAL").await?;
                     conn.execute(SQLITE_PRAGMAS).await?;
                     Ok(())
+                })
+            })
+            // A transaction whose COMMIT failed (SQLITE_FULL: the disk filled up) is rolled
+            // back when dropped. When that ROLLBACK fails as well, sqlx still counts the
+            // connection as inside a transaction and runs every later one as a savepoint
+            // within it: each acknowledged, none ever committed. So a connection that comes
+            // back still counting one is closed, and the pool opens a fresh one. (The ping
+            // runs after the queued rollback, on the connection's own worker.)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    conn.ping().await?;
+                    Ok(
+                        <sqlx::Any as sqlx::Database>::TransactionManager::get_transaction_depth(
+                            conn,
+                        ) == 0,
+                    )
                 })
             })
             .connect(&sqlite_url(path, "rwc")?)
