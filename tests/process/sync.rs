@@ -3196,6 +3196,38 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hashes to"), "{err}");
+
+    // An altered bundle is refused: a configuration for
+    // another registry, a repository outside the scope, a blob that is a link to a device.
+    let index = bundle.path().join("outpost-bundle.json");
+    let original = std::fs::read(&index).unwrap();
+    let altered = |change: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        change(&mut v);
+        std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+        let out = import(tempfile::tempdir().unwrap().path());
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = altered(&|v| v["config"]["name"] = "someone-else".into());
+    assert!(
+        err.contains("carries the configuration of \"someone-else\""),
+        "{err}"
+    );
+    let err = altered(&|v| {
+        let mut planted = v["manifests"][0].clone();
+        planted["repository"] = "secret/planted".into();
+        v["manifests"].as_array_mut().unwrap().insert(0, planted);
+    });
+    assert!(err.contains("holds repository secret/planted"), "{err}");
+    std::fs::write(&index, &original).unwrap();
+    let big = largest();
+    std::fs::remove_file(&big).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &big).unwrap();
+    let out = import(tempfile::tempdir().unwrap().path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a regular file of"), "{err}");
 }
 
 /// A ReadWrite site that keeps its blobs in an object store (S3, here moto): what it syncs
@@ -3429,4 +3461,52 @@ async fn a_line_activated_while_its_site_is_cut_off_stays_active_when_the_link_r
     })
     .await;
     assert_ne!(show().await["activationStatus"], "Active");
+}
+
+/// A tag moved at the root to a manifest that is deleted before the site applies the move:
+/// the site cannot fetch the new manifest, and the tag's removal names a digest the site
+/// never had. The tag must still go, or the site serves the old image under it forever while
+/// reporting itself healthy.
+#[tokio::test]
+async fn a_tag_moved_to_a_manifest_deleted_before_the_site_saw_it_goes_there_too() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = &root.base();
+    let old = push_image(&admin, r, "app", "stale", "old").await;
+    let cs = connected(&root, "site-stale", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:stale", || async {
+        tag_digest(&site_admin, &s, "app", "stale").await.as_deref() == Some(old.as_str())
+    })
+    .await;
+    site.terminate();
+
+    let moved = push_image(&admin, r, "app", "stale", "new").await;
+    let resp = admin
+        .delete(format!("{r}/v2/app/manifests/{moved}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(tag_digest(&admin, r, "app", "stale").await, None);
+    let marker = push_image(&admin, r, "app", "marker", "marker").await;
+
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("the site applied the feed up to app:marker", || async {
+        tag_digest(&site_admin, &s, "app", "marker")
+            .await
+            .as_deref()
+            == Some(marker.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "stale").await,
+        None,
+        "app:stale is gone at the root"
+    );
 }

@@ -417,6 +417,37 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
         ),
         None => {}
     }
+    // What the bundle says about itself must agree: its configuration is for the registry
+    // it names, and it holds only repositories that registry syncs.
+    let scope: Option<Vec<outpost_control::RepoPattern>> = match &bundle["config"] {
+        Value::Null => None,
+        config => {
+            let config_name = config["name"].as_str().unwrap_or_default();
+            if config_name != name {
+                bail!(
+                    "this bundle names connected registry {name:?} but carries the configuration \
+                     of {config_name:?}: it is damaged or was altered; export it again at the parent"
+                );
+            }
+            Some(
+                config["repositories"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| outpost_control::RepoPattern::parse(p.as_str()?).ok())
+                    .collect(),
+            )
+        }
+    };
+    let in_scope = |repo: &RepoName| -> anyhow::Result<()> {
+        match &scope {
+            Some(patterns) if !patterns.iter().any(|p| p.matches(repo.as_str())) => bail!(
+                "the bundle holds repository {repo}, which connected registry {name:?} does not \
+                 sync: it is damaged or was altered; export it again at the parent"
+            ),
+            _ => Ok(()),
+        }
+    };
     // The blobs go where the site's server keeps them: as given, or as its data directory
     // recorded (the record's first line; an owner id and a claim mark may follow).
     let blob_store = blob_store.map(String::from).or_else(|| {
@@ -451,6 +482,7 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
             .unwrap_or_default()
             .parse()
             .context("a manifest's repository in the bundle")?;
+        in_scope(&repo)?;
         let d: Digest = m["digest"]
             .as_str()
             .unwrap_or_default()
@@ -467,10 +499,25 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
             {
                 continue;
             }
+            // A regular file of the size the manifest gives, read no further than that: a
+            // link to a device or a file that keeps growing is refused, not copied in.
             let path = blob_path(dir, &b.digest);
-            let file = tokio::fs::File::open(&path)
-                .await
+            let meta = std::fs::symlink_metadata(&path)
                 .with_context(|| format!("the bundle lacks blob {}", b.digest))?;
+            if !meta.is_file() || meta.len() != b.size {
+                bail!(
+                    "blob {} in the bundle is not a regular file of {} bytes, as its manifest \
+                     says: it is damaged or was altered; export it again at the parent",
+                    b.digest,
+                    b.size
+                );
+            }
+            let file = tokio::io::AsyncReadExt::take(
+                tokio::fs::File::open(&path)
+                    .await
+                    .with_context(|| format!("the bundle lacks blob {}", b.digest))?,
+                b.size,
+            );
             let id = registry.start_upload(&repo).await?;
             // finish_upload verifies the digest: a damaged blob is refused, not stored.
             registry
@@ -501,6 +548,7 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
             .unwrap_or_default()
             .parse()
             .context("a tag's repository in the bundle")?;
+        in_scope(&repo)?;
         let tag: Reference = r["annotations"][REF_ANNOTATION]
             .as_str()
             .unwrap_or_default()

@@ -1469,7 +1469,7 @@ impl Child {
                 }
                 for m in &page.messages {
                     self.check_window()?;
-                    self.apply(m).await?;
+                    self.apply(m, cfg.mode == "ReadOnly").await?;
                     self.set_cursor(Some(m.seq))?;
                     lag_after(m.seq);
                 }
@@ -2018,10 +2018,6 @@ impl Child {
         // one follows deletions made at the parent while it was away longer than the feed
         // keeps them, except for tags its own clients changed since its outbox last sent
         // (those are on their way up).
-        let sent = match read_only {
-            true => i64::MAX,
-            false => read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0),
-        };
         for local in self
             .registry
             .tags(&name, None, None)
@@ -2031,14 +2027,9 @@ impl Child {
             if tags.contains(&local) {
                 continue;
             }
-            let pending = !read_only
-                && self
-                    .registry
-                    .meta()
-                    .client_changed_tag_after(&repo, &local, sent)
-                    .await
-                    .map_err(|e| SyncError::Registry(e.into()))?;
-            if !pending && let Ok(t) = local.parse::<Tag>() {
+            if !self.client_change_pending(&repo, &local, read_only).await?
+                && let Ok(t) = local.parse::<Tag>()
+            {
                 let _ = self
                     .registry
                     .delete_manifest(&name, &Reference::Tag(t))
@@ -2048,7 +2039,22 @@ impl Child {
         Ok(())
     }
 
-    async fn apply(&self, m: &Message) -> Result<()> {
+    /// Whether this site's own clients changed `repo:tag` after its outbox last sent: the
+    /// change is on its way up, and the parent's older state must not undo it. Never on a
+    /// ReadOnly site.
+    async fn client_change_pending(&self, repo: &str, tag: &str, read_only: bool) -> Result<bool> {
+        if read_only {
+            return Ok(false);
+        }
+        let sent = read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0);
+        self.registry
+            .meta()
+            .client_changed_tag_after(repo, tag, sent)
+            .await
+            .map_err(|e| SyncError::Registry(e.into()))
+    }
+
+    async fn apply(&self, m: &Message, read_only: bool) -> Result<()> {
         let Ok(name) = m.repository.parse::<RepoName>() else {
             return Ok(());
         };
@@ -2071,7 +2077,20 @@ impl Child {
                         .get_manifest(&name, &Reference::Tag(tag.clone()))
                         .await
                         .ok();
-                    if local.is_some_and(|l| l.digest.to_string() == digest) {
+                    // The tag goes when it points at what the parent removed, and also when
+                    // it points elsewhere only because this site never applied the parent's
+                    // last move (its manifest was deleted at the parent before this site
+                    // fetched it). It stays if this site's clients set it since the outbox
+                    // last sent: that change is on its way up.
+                    let Some(local) = local else {
+                        return Ok(());
+                    };
+                    let theirs = local.digest.to_string() == digest;
+                    if theirs
+                        || !self
+                            .client_change_pending(&m.repository, tag.as_str(), read_only)
+                            .await?
+                    {
                         ignore_unknown(
                             self.registry
                                 .delete_manifest(&name, &Reference::Tag(tag))
