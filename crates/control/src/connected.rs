@@ -315,6 +315,8 @@ fn with_known_state(report: &StatusReport, row: &ConnectedRegistryRow) -> Status
 /// sends.
 const MAX_STATUS_DETAILS: usize = 100;
 const MAX_DETAIL_TEXT: usize = 2048;
+/// The longest version label a status report may carry.
+const MAX_VERSION_TEXT: usize = 128;
 
 /// An instance id as activation and status reports carry it: 1 to 128 printable characters.
 fn check_instance_id(id: &str) -> Result<()> {
@@ -737,7 +739,7 @@ impl Control {
     }
 
     /// Repositories a registry syncs: those its sync scope map can read.
-    async fn repositories_of(&self, row: &ConnectedRegistryRow) -> Result<Vec<String>> {
+    pub(crate) async fn repositories_of(&self, row: &ConnectedRegistryRow) -> Result<Vec<String>> {
         let Some(sm) = self
             .meta
             .token(&row.sync_token)
@@ -1572,6 +1574,15 @@ impl Control {
                     "{field} must not be negative"
                 )));
             }
+        }
+        // A version is a short label (`0.1.0`, a commit): refused when it is not one, rather
+        // than stored and shown in every list.
+        if let Some(v) = &report.version
+            && (v.len() > MAX_VERSION_TEXT || v.chars().any(char::is_control))
+        {
+            return Err(ControlError::Invalid(format!(
+                "version must be at most {MAX_VERSION_TEXT} bytes with no control characters"
+            )));
         }
         if let Some(details) = report.status_details.as_mut() {
             // What a person reads in `show` and the status page: bounded, whatever an

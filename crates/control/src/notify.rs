@@ -233,7 +233,11 @@ impl Control {
     /// The root keeps them; an intermediate node passes them up and fails with
     /// [`ControlError::Unavailable`] while its own parent is away, so the sender keeps them and
     /// tries again. Returns how many were new here (all of them, when passed up).
-    pub async fn receive_notifications(&self, name: &str, batch: NotificationBatch) -> Result<u64> {
+    pub async fn receive_notifications(
+        &self,
+        name: &str,
+        mut batch: NotificationBatch,
+    ) -> Result<u64> {
         if batch.notifications.len() > MAX_BATCH {
             return Err(ControlError::Invalid(format!(
                 "{} notifications in one call; send at most {MAX_BATCH}",
@@ -251,6 +255,25 @@ impl Control {
                 "instance {:?} is not the active instance of connected registry {name:?}",
                 shorten(&batch.instance_id)
             )));
+        }
+        // A registry's events are about what it syncs: notifications about any other
+        // repository are neither kept nor passed up, whatever an instance sends.
+        let scope: Vec<crate::RepoPattern> = self
+            .repositories_of(&row)
+            .await?
+            .iter()
+            .filter_map(|p| crate::RepoPattern::parse(p).ok())
+            .collect();
+        let sent = batch.notifications.len();
+        batch
+            .notifications
+            .retain(|n| scope.iter().any(|p| p.matches(&n.repository)));
+        if batch.notifications.len() < sent {
+            tracing::warn!(
+                connected_registry = name,
+                dropped = sent - batch.notifications.len(),
+                "dropped notifications about repositories this connected registry does not sync"
+            );
         }
         let upstream = self
             .upstream

@@ -346,11 +346,12 @@ impl Registry {
     /// which repairs it. Logged as an error.
     pub async fn blob_size_checked(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         let size = self.blob_size(repo, digest).await?;
-        if self.storage.blob_size(digest).await?.is_none() {
-            missing_file(repo, digest);
-            return Err(RegistryError::BlobUnknown(digest.clone()));
+        match self.storage.blob_size(digest).await? {
+            None => missing_file(repo, digest),
+            Some(n) if n != size => damaged_file(repo, digest, n, size),
+            Some(_) => return Ok(size),
         }
-        Ok(size)
+        Err(RegistryError::BlobUnknown(digest.clone()))
     }
 
     /// A blob's bytes (or a range of them, resolved by the caller against
@@ -362,13 +363,26 @@ impl Registry {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobBody> {
-        self.blob_size(repo, digest).await?;
+        let size = self.blob_size(repo, digest).await?;
         match self.storage.read_blob(digest, range).await {
             Err(StorageError::BlobUnknown(_)) => {
                 missing_file(repo, digest);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
-            other => Ok(other?),
+            // A file of another size than the blob (cut short on disk) is answered as
+            // unknown, like a missing one, not with a body that ends before its length.
+            Ok(BlobBody::Mapped(b)) if range.is_none() && b.len() as u64 != size => {
+                damaged_file(repo, digest, b.len() as u64, size);
+                Err(RegistryError::BlobUnknown(digest.clone()))
+            }
+            Err(e) => match self.storage.blob_size(digest).await {
+                Ok(Some(n)) if n != size => {
+                    damaged_file(repo, digest, n, size);
+                    Err(RegistryError::BlobUnknown(digest.clone()))
+                }
+                _ => Err(e.into()),
+            },
+            Ok(body) => Ok(body),
         }
     }
 
@@ -981,6 +995,11 @@ impl Registry {
         });
         Ok(serde_json::to_vec(&index).unwrap_or_default())
     }
+}
+
+/// A blob's file is `on_disk` bytes where the blob has `size`: damaged like a missing one.
+fn damaged_file(repo: &RepoName, digest: &Digest, on_disk: u64, size: u64) {
+    tracing::error!(repository = %repo, %digest, on_disk, size, "a linked blob's file has the wrong size (storage damage); it is answered as unknown until it is pushed again");
 }
 
 /// A blob the metadata links has no file: the store was damaged (a disk error, a file deleted

@@ -81,15 +81,19 @@ pub(crate) async fn principal(app: &App, headers: &HeaderMap) -> Result<Principa
             .map_err(|e| challenge(app, headers, None, ApiError::from(e)));
     }
     let (user, pass) = basic(value).ok_or_else(|| {
+        let message = if value
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case("basic "))
+        {
+            "malformed Basic credentials: expected base64 of <token name>:<password>"
+        } else {
+            "Authorization header is neither Basic nor Bearer"
+        };
         challenge(
             app,
             headers,
             None,
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "Authorization header is neither Basic nor Bearer",
-            ),
+            ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message),
         )
     })?;
     match app.control.authenticate(&user, &pass).await {

@@ -1336,3 +1336,43 @@ async fn nul_characters_get_a_clear_answer() {
     // Nothing else was disturbed.
     assert_eq!(t.get("/v2/app/tags/list").await.status, StatusCode::OK);
 }
+
+/// A blob file cut short on disk (by hand, or by a failing disk) is answered as unknown, like
+/// a missing one, instead of with a body that stops before its Content-Length; pushing the
+/// blob again repairs it.
+#[tokio::test]
+async fn a_blob_file_cut_short_is_unknown_until_pushed_again() {
+    let t = setup().await;
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let d = t.push_blob("app", &data).await;
+    let path = t
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&d.hex()[..2])
+        .join(d.hex());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(50_000)
+        .unwrap();
+    let uri = format!("/v2/app/blobs/{d}");
+    for (method, range) in [
+        (Method::HEAD, None),
+        (Method::GET, None),
+        (Method::GET, Some("bytes=60000-60099")),
+    ] {
+        let headers: Vec<(&str, &str)> = range.map(|r| ("range", r)).into_iter().collect();
+        let r = t.req(method.clone(), &uri, &headers, Body::empty()).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method} {range:?}");
+        if method == Method::GET {
+            assert_eq!(r.code(), "BLOB_UNKNOWN", "{range:?}");
+        }
+    }
+    t.push_blob("app", &data).await;
+    let r = t.get(&uri).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, data);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 100_000);
+}

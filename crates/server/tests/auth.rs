@@ -434,6 +434,13 @@ async fn challenge_and_token_flow() {
             "Basic realm=\"outpost\"",
             "{auth:?} {method} {path}"
         );
+        if auth.as_deref() == Some("Basic %%%") {
+            assert!(
+                r.message().contains("malformed Basic credentials"),
+                "{}",
+                r.message()
+            );
+        }
     }
 
     // Wrong password at the token endpoint and on /v2/.
@@ -1211,7 +1218,7 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-        + 1_000;
+        + 3_000; // time enough for the request on a loaded machine
     let r = t
         .req(
             Method::POST,
@@ -1226,7 +1233,7 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         .as_str()
         .unwrap()
         .to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
     // Each refusal reads the same at `/v2/` and at the token endpoint, where Docker, podman,
     // skopeo and containerd log in.
     let refusals = |user: &'static str, pass: String| {

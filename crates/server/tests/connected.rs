@@ -771,6 +771,15 @@ async fn activation_status_and_settings_rotation() {
         ),
         (Some("Online"), Some("Succeeded"), Some("10.0.0.5:5000"))
     );
+    // A version is a short label: a huge one is refused, not stored and listed.
+    for version in [json!("v".repeat(100_000)), json!("0.1\n0")] {
+        let r = report(
+            sync.clone(),
+            json!({"instanceId": "instance-a", "version": version}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    }
     let r = report(sync.clone(), json!({"instanceId": "instance-a", "statusDetails": [{"type": "Disk", "code": "DiskError", "description": "No space left on device."}]})).await;
     assert_eq!(r.json()["connectionState"], "Unhealthy");
     assert_eq!(r.json()["statusDetails"][0]["code"], "DiskError");
@@ -2037,6 +2046,17 @@ async fn notifications_are_kept_once_and_listed_in_order() {
     )
     .await;
     assert_eq!(r.json()["received"], 1);
+    // About a repository this registry does not sync: not kept (a compromised site cannot
+    // plant events about other repositories), the rest of the batch is.
+    let mut foreign = note("inst-1:8", "v8");
+    foreign["repository"] = json!("secret/app");
+    let r = send(
+        Some(sync.clone()),
+        json!({"instanceId": "inst-1", "notifications": [foreign, note("inst-1:9", "v9")]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["received"], 1);
 
     // Malformed, oversized or from another instance: refused whole, nothing kept.
     let mut bad = note("inst-1:4", "v4");
@@ -2101,7 +2121,7 @@ async fn notifications_are_kept_once_and_listed_in_order() {
     let text = String::from_utf8_lossy(&m.body).to_string();
     assert!(
         text.lines()
-            .any(|l| l == "outpost_notifications_received_total 3"),
+            .any(|l| l == "outpost_notifications_received_total 4"),
         "{text}"
     );
 
@@ -2127,7 +2147,7 @@ async fn notifications_are_kept_once_and_listed_in_order() {
         .iter()
         .map(|n| n["tag"].as_str().unwrap())
         .collect();
-    assert_eq!(tags, ["v1", "v2", "v3"]);
+    assert_eq!(tags, ["v1", "v2", "v3", "v9"]);
     assert_eq!(all[0]["connectedRegistry"], "ship-notes");
     assert_eq!(all[0]["action"], "push");
     assert_eq!(

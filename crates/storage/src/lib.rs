@@ -581,7 +581,7 @@ impl Storage {
                     actual,
                 });
             }
-            if dst.exists() {
+            if std::fs::metadata(&dst).is_ok_and(|m| m.len() == bytes.len() as u64) {
                 return Ok(bytes.len() as u64);
             }
             let written = std::fs::write(&path, &bytes)

@@ -376,7 +376,9 @@ fn rehash(path: &Path, algorithm: Algorithm) -> Result<Digest> {
 }
 
 /// Makes verified bytes at `src` visible at `dst`: fsync, rename, fsync the directory. If the
-/// blob already exists (a concurrent upload of the same content won), `src` is just removed.
+/// blob already exists (a concurrent upload of the same content won), `src` is just removed;
+/// an existing file of another size is damage (a verified blob has exactly this size), and
+/// the verified bytes replace it.
 pub(crate) fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     if fsync {
         std::fs::File::open(src)
@@ -386,9 +388,13 @@ pub(crate) fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     let dir = dst
         .parent()
         .ok_or_else(|| io_err(dst)(io::Error::other("blob path has no parent")))?;
-    if dst.exists() {
-        std::fs::remove_file(src).map_err(io_err(src))?;
-        return Ok(());
+    if let Ok(existing) = std::fs::metadata(dst) {
+        let len = std::fs::metadata(src).map_err(io_err(src))?.len();
+        if existing.len() == len {
+            std::fs::remove_file(src).map_err(io_err(src))?;
+            return Ok(());
+        }
+        tracing::warn!(path = %dst.display(), on_disk = existing.len(), verified = len, "replacing a damaged blob file with the bytes just verified");
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     std::fs::rename(src, dst).map_err(io_err(dst))?;
