@@ -21,9 +21,10 @@ PACKAGES=(
     curl jq ca-certificates       # raw HTTP checks
     postgresql                    # metadata in PostgreSQL (tests/postgres.sh starts a private server)
     iperf3 wrk                    # bench/
+    e2fsprogs                     # mkfs.ext4: the interop suite's small full disk (loop-mounted)
 )
 # one command per package above, to tell whether it is installed
-COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq pg_ctlcluster iperf3 wrk)
+COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq pg_ctlcluster iperf3 wrk mkfs.ext4)
 
 missing=()
 for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done

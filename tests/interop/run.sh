@@ -1003,6 +1003,65 @@ site_online() { # the root reports site-interop's connectionState as Online
 # A second Outpost runs as a connected registry (site) of the suite's Outpost (the root) and
 # follows sync/app: what is pushed at the root reaches the site, which serves it to its client
 # token and refuses pushes.
+# A full disk stops the metadata database in the middle of a write. Once the operator frees
+# space, pushes must be stored for real, without a restart: after a delete was refused for
+# want of space, sqlx used to run every later write as a savepoint inside the failed
+# transaction (answered 201, never committed, lost at restart). A loop-mounted 64 MiB ext4
+# reproduces it; tmpfs does not (it refuses writes at once, ext4 at write-back).
+check_full_disk_recovery() {
+    local dir=$WORK/fulldisk port reg pw i cfg layer cd ld m status t1
+    mkdir -p "$dir/mnt"
+    truncate -s 64M "$dir/img"
+    mkfs.ext4 -q -m 0 "$dir/img"
+    mount -o loop "$dir/img" "$dir/mnt"
+    # shellcheck disable=SC2064 # the path is fixed now; the variable is gone when it runs
+    trap "umount -l '$dir/mnt' 2>/dev/null || true" EXIT
+    head -c 8M /dev/zero >"$dir/mnt/ballast" # what the operator frees later
+    port=$(free_port)
+    reg=127.0.0.1:$port
+    pw=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    spawn outpost-fulldisk "$LOGS/outpost-fulldisk.log" env "${unset_outpost[@]}" \
+        OUTPOST_ADMIN_PASSWORD="$pw" "$OUTPOST" serve --listen "$reg" --data-dir "$dir/mnt/data"
+    local server=$!
+    wait_until 30 curl -sf -u "admin:$pw" "http://$reg/v2/" || fail "the server did not start"
+    local put=(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" -X PUT
+        -H 'Content-Type: application/vnd.oci.image.manifest.v1+json')
+    # images of one 4 MB random layer until the disk is full
+    for i in $(seq 0 40); do
+        cfg=$dir/config-$i.json layer=$dir/layer-$i
+        printf '{"image":%d}' "$i" >"$cfg"
+        head -c 4000000 /dev/urandom >"$layer"
+        cd=sha256:$(sha256sum "$cfg" | cut -c1-64) ld=sha256:$(sha256sum "$layer" | cut -c1-64)
+        status=$(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" --data-binary "@$layer" \
+            "http://$reg/v2/fill/blobs/uploads/?digest=$ld")
+        rm -f "$layer"
+        [ "$status" = 201 ] || break
+        curl -sf -o /dev/null -u "admin:$pw" --data-binary "@$cfg" "http://$reg/v2/fill/blobs/uploads/?digest=$cd"
+        m=$dir/manifest-$i.json
+        printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":4000000}]}' \
+            "$cd" "$(stat -c %s "$cfg")" "$ld" >"$m"
+        expect_eq "PUT fill:t$i" 201 "$("${put[@]}" --data-binary "@$m" "http://$reg/v2/fill/manifests/t$i")"
+    done
+    expect_eq "the first blob refused once the disk is full" 507 "$status"
+    [ -f "$dir/manifest-1.json" ] || fail "fewer than two images fit on the disk"
+    # tags until the database itself is refused
+    for i in $(seq 1 3000); do
+        status=$("${put[@]}" --data-binary "@$dir/manifest-0.json" "http://$reg/v2/fill/manifests/x$i")
+        [ "$status" = 201 ] || break
+    done
+    expect_eq "a tag refused once the database is full" 507 "$status"
+    t1=sha256:$(sha256sum "$dir/manifest-1.json" | cut -c1-64)
+    expect_eq "a delete while the disk is full" 507 \
+        "$(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" -X DELETE "http://$reg/v2/fill/manifests/$t1")"
+    rm "$dir/mnt/ballast"
+    expect_eq "a push once space is freed" 201 \
+        "$("${put[@]}" --data-binary "@$dir/manifest-0.json" "http://$reg/v2/fill/manifests/after")"
+    expect_eq "that push, read back" 200 \
+        "$(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$reg/v2/fill/manifests/after")"
+    kill "$server"
+    wait_until 20 sh -c "! kill -0 $server" || true
+}
+
 check_sync_root_to_site() {
     local out cs sitepw port data digest
     # client token first, so that the connected registry can list it
@@ -1278,6 +1337,7 @@ run_check sync-root-to-site-skopeo check_sync_root_to_site
 run_check sync-root-to-leaf-skopeo check_sync_root_to_leaf
 
 run_check replicas-behind-a-load-balancer check_replicas_behind_a_load_balancer
+run_check full-disk-recovery check_full_disk_recovery
 run_check outpost-healthy-after-run check_outpost_after
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]
