@@ -589,8 +589,9 @@ async fn offline_longer_than_ttl(mode: &str) {
     );
 }
 
-/// A connection string with the parent endpoint replaced (to route through a proxy).
-fn via(cs: &str, endpoint: &str) -> String {
+/// The connection string `cs` with its parent endpoint replaced by `endpoint` (a proxy, or
+/// the new address of a parent that moved).
+pub(crate) fn via(cs: &str, endpoint: &str) -> String {
     cs.split(';')
         .map(|kv| {
             if kv.starts_with("ParentGatewayEndpoint=") {

@@ -5,24 +5,13 @@
 //! in its outbox, and go on syncing down the hierarchy, with no step by hand.
 
 use crate::support::{Outpost, client_as, eventually, push_image, tag_digest};
+use crate::sync::via;
 use serde_json::Value;
 use sha2::Digest as _;
 use std::path::Path;
 
 const OCI_ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json,application/vnd.oci.image.index.v1+json";
-
-/// The connection string `cs` with its parent endpoint replaced by `endpoint` (the fixture's
-/// processes listened on other ports).
-fn pointed_at(cs: &str, endpoint: &str) -> String {
-    cs.split(';')
-        .map(|kv| match kv.strip_prefix("ParentGatewayEndpoint=") {
-            Some(_) => format!("ParentGatewayEndpoint={endpoint}"),
-            None => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
 
 fn unpack(name: &str, into: &Path) -> Value {
     let tarball = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}"));
@@ -203,7 +192,7 @@ async fn upgrade_from(fixture: &str) {
             ("OUTPOST_ADMIN_PASSWORD", &admin("site")),
             (
                 "OUTPOST_CONNECTION_STRING",
-                &pointed_at(text(&fx, &["connection_strings", "site"]), &root.addr),
+                &via(text(&fx, &["connection_strings", "site"]), &root.addr),
             ),
         ],
     );
@@ -236,7 +225,7 @@ async fn upgrade_from(fixture: &str) {
             ("OUTPOST_ADMIN_PASSWORD", &admin("line")),
             (
                 "OUTPOST_CONNECTION_STRING",
-                &pointed_at(text(&fx, &["connection_strings", "line"]), &site.addr),
+                &via(text(&fx, &["connection_strings", "line"]), &site.addr),
             ),
         ],
     );
