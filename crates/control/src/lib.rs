@@ -1228,18 +1228,18 @@ impl Control {
     }
 }
 
-/// Argon2 runs on threads of its own, one per core, each keeping one working memory (~19
-/// MiB) from call to call while checks are queued, and freeing it when none is. A flood of
-/// wrong passwords queues here: it costs these threads time, and the process no memory
-/// beyond theirs. (Run on the blocking pool, every thread
-/// that ever ran a check kept its own copy, and glibc kept the freed ones: 600 wrong logins
-/// left the process at ~2.6 GB.) Blob reads and uploads, on the blocking pool, never wait
-/// behind password checks.
+/// A password check (or hash) for an Argon2 thread, given that thread's working memory.
 type Argon2Job = Box<dyn FnOnce(&mut password::Memory) + Send>;
 
 /// Checks sent to the Argon2 threads and not yet taken by one.
 static ARGON2_QUEUED: AtomicU64 = AtomicU64::new(0);
 
+/// Argon2 runs on threads of its own, one per core, each keeping one working memory (~19
+/// MiB) from call to call while checks are queued, and unmapping it when none is. A flood
+/// of wrong passwords queues here: it costs these threads time, and the process no memory
+/// beyond theirs. (On the blocking pool, every thread that ever ran a check kept its own
+/// copy, and glibc kept the freed ones: 600 wrong logins left the process at ~2.6 GB.) Blob
+/// reads and uploads, on the blocking pool, never wait behind password checks.
 static ARGON2: std::sync::LazyLock<Option<std::sync::mpsc::Sender<Argon2Job>>> =
     std::sync::LazyLock::new(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Argon2Job>();
@@ -1287,7 +1287,10 @@ async fn argon2<T: Send + 'static>(
 ) -> Option<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Argon2Job = Box::new(move |memory| {
-        let _ = tx.send(f(memory));
+        // A caller that gave up (its client disconnected while queued) is not computed for.
+        if !tx.is_closed() {
+            let _ = tx.send(f(memory));
+        }
     });
     let queue = ARGON2.as_ref()?;
     ARGON2_QUEUED.fetch_add(1, Ordering::AcqRel);
