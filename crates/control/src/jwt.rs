@@ -52,6 +52,8 @@ pub enum JwtError {
     Audience(String),
     #[error("access token was issued before the token's passwords changed; request a new one")]
     CredentialsChanged,
+    #[error("access token was issued for token {0:?}, which no longer exists; log in again")]
+    TokenDeleted(String),
 }
 
 #[derive(Serialize, Deserialize)]

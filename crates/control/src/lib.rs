@@ -701,7 +701,7 @@ impl Control {
         let identity = self
             .identity(&claims.sub)
             .await?
-            .ok_or(ControlError::BadCredentials)?;
+            .ok_or_else(|| ControlError::Jwt(jwt::JwtError::TokenDeleted(claims.sub.clone())))?;
         if !identity.enabled {
             return Err(ControlError::Disabled(identity.name.clone()));
         }

@@ -1488,3 +1488,50 @@ async fn a_site_refuses_changes_to_what_its_parent_installed() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
 }
+
+/// An access token of a token that was deleted says so (it said "incorrect username or
+/// password", which the client never sent), and a token created again under the same name
+/// does not bring it back.
+#[tokio::test]
+async fn an_access_token_of_a_deleted_token_says_so() {
+    let t = setup_default().await;
+    t.push_image("app", "v1", "seed").await;
+    let pw = token(&t, "short-lived", &["repositories/app/content/read"]).await;
+    let access = bearer(&t, "short-lived", &pw, &["repository:app:pull"]).await;
+    let pull = |auth: String| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::GET,
+                "/v2/app/manifests/v1",
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    assert_eq!(pull(access.clone()).await.status, StatusCode::OK);
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/tokens/short-lived",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = pull(access.clone()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.message().contains("no longer exists"), "{}", r.message());
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "short-lived", "scopeMap": "short-lived-map"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(pull(access).await.status, StatusCode::UNAUTHORIZED);
+}
