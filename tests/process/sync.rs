@@ -1698,21 +1698,30 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
     })
     .await;
 
+    // Stops the site, changes its repositories at the root (`--add` or `--remove` one),
+    // writes `damage` (path, contents) into its data directory, and starts it again.
+    let rescoped_while_stopped =
+        |site: Outpost, damage: &[(&str, &str)], change: &str, repo: &str| {
+            site.terminate();
+            cli_ok(
+                &root,
+                &[
+                    "connected-registry",
+                    "permissions",
+                    "update",
+                    "-n",
+                    "site-grow",
+                    change,
+                    repo,
+                ],
+            );
+            for (path, contents) in damage {
+                std::fs::write(site_dir.path().join(path), contents).unwrap();
+            }
+            start_site(site_dir.path(), &cs)
+        };
     // Added while the site is stopped: fetched after the restart.
-    site.terminate();
-    cli_ok(
-        &root,
-        &[
-            "connected-registry",
-            "permissions",
-            "update",
-            "-n",
-            "site-grow",
-            "--add",
-            "later",
-        ],
-    );
-    let site = start_site(site_dir.path(), &cs);
+    let site = rescoped_while_stopped(site, &[], "--add", "later");
     let s = site.base();
     eventually("later:v1 arrives after the restart", || async {
         tag_digest(&site_admin, &s, "later", "v1").await.as_deref() == Some(later.as_str())
@@ -1722,21 +1731,8 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
     // Added while stopped, with the saved configuration damaged (it is what the restart
     // compares with): the site reconciles everything in scope instead of missing it.
     let last = push_image(&admin, &r, "last", "v1", "added to a damaged site").await;
-    site.terminate();
-    cli_ok(
-        &root,
-        &[
-            "connected-registry",
-            "permissions",
-            "update",
-            "-n",
-            "site-grow",
-            "--add",
-            "last",
-        ],
-    );
-    std::fs::write(site_dir.path().join("sync/config.json"), "{\"name\": tru").unwrap();
-    let site = start_site(site_dir.path(), &cs);
+    let damage = [("sync/config.json", "{\"name\": tru")];
+    let site = rescoped_while_stopped(site, &damage, "--add", "last");
     let s = site.base();
     eventually("last:v1 arrives despite the damaged state", || async {
         tag_digest(&site_admin, &s, "last", "v1").await.as_deref() == Some(last.as_str())
@@ -1744,20 +1740,7 @@ async fn repositories_added_to_the_scope_arrive_with_what_they_already_hold() {
     .await;
     // Removed while stopped: this ReadOnly site deletes it once started (the smaller scope
     // arrives as its first configuration, not as a change to one).
-    site.terminate();
-    cli_ok(
-        &root,
-        &[
-            "connected-registry",
-            "permissions",
-            "update",
-            "-n",
-            "site-grow",
-            "--remove",
-            "later",
-        ],
-    );
-    let site = start_site(site_dir.path(), &cs);
+    let site = rescoped_while_stopped(site, &[], "--remove", "later");
     let s = site.base();
     eventually("later is deleted after the restart", || async {
         tag_digest(&site_admin, &s, "later", "v1").await.is_none()

@@ -45,6 +45,30 @@ async fn token(t: &T, name: &str, actions: &[&str]) -> String {
         .to_string()
 }
 
+/// Generates password `slot` (`password1` or `password2`) of token `name`, expiring `in_ms`
+/// from now; returns its value.
+async fn password_expiring_in(t: &T, name: &str, slot: &str, in_ms: i64) -> String {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + in_ms;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/api/v1/tokens/{name}/credentials/generate"),
+            &[],
+            json!({"passwords": [slot], "expiry": outpost_control::format_rfc3339(at)}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let i = if slot == "password1" { 0 } else { 1 };
+    r.json()["passwords"][i]["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Gets an access token from the token endpoint with Basic credentials.
 async fn bearer(t: &T, user: &str, pass: &str, scopes: &[&str]) -> String {
     let q: Vec<String> = scopes
@@ -704,25 +728,7 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
     );
     // An expired password is refused with a message that says so: one that expires in two
     // seconds, used after it did.
-    let soon = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-        + 2_000;
-    let r = t
-        .req(
-            Method::POST,
-            "/api/v1/tokens/rotator/credentials/generate",
-            &[],
-            json!({"passwords": ["password2"], "expiry": outpost_control::format_rfc3339(soon)})
-                .to_string(),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    let old2 = r.json()["passwords"][1]["value"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old2 = password_expiring_in(&t, "rotator", "password2", 2_000).await;
     // An access token bought with it ends when the password does, not 5 minutes later.
     let r = t
         .req_as(
@@ -1214,25 +1220,8 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-    let soon = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-        + 3_000; // time enough for the request on a loaded machine
-    let r = t
-        .req(
-            Method::POST,
-            "/api/v1/tokens/site-reader/credentials/generate",
-            &[],
-            json!({"passwords": ["password1"], "expiry": outpost_control::format_rfc3339(soon)})
-                .to_string(),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    let pw = r.json()["passwords"][0]["value"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // 3 s: time enough for the request on a loaded machine.
+    let pw = password_expiring_in(&t, "site-reader", "password1", 3_000).await;
     tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
     // Each refusal reads the same at `/v2/` and at the token endpoint, where Docker, podman,
     // skopeo and containerd log in.
