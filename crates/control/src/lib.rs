@@ -6,8 +6,9 @@
 //!
 //! Invariants: passwords exist only as Argon2id hashes (a new password is returned once, to the
 //! caller that created it); every limit is enforced here with an error that names it; every
-//! write bumps a generation counter so cached identities and verified passwords are re-checked,
-//! which is what makes disabling a token or deleting a password take effect immediately.
+//! write bumps a generation counter so cached identities are read again, and a password verified
+//! earlier counts only while its slot still holds the hash it matched; that is what makes
+//! disabling a token or deleting a password take effect immediately.
 
 pub mod connected;
 pub mod connstr;
@@ -391,8 +392,11 @@ pub fn parse_rfc3339(s: &str) -> Result<i64> {
 /// An identity (or its absence) as of one generation of the access-control tables.
 type CachedIdentity = (u64, Option<Arc<Identity>>);
 
+/// A password found to match: which slot, and the stored hash it matched. The entry holds
+/// while that slot still holds that hash, so changes to other tokens, scope maps or connected
+/// registries do not send every client back through Argon2.
 struct Verified {
-    generation: u64,
+    hash: String,
     slot: usize,
     at_ms: i64,
 }
@@ -405,6 +409,8 @@ pub struct Control {
     generation: AtomicU64,
     identities: RwLock<HashMap<String, CachedIdentity>>,
     verified: Mutex<HashMap<[u8; 32], Verified>>,
+    /// Argon2 checks run for logins (decoys included): a password flood shows here.
+    password_checks: AtomicU64,
     /// Access tokens already verified, by their exact text.
     bearers: RwLock<HashMap<String, Arc<jwt::Claims>>>,
     /// Serializes control-plane writes that check rules across several rows.
@@ -459,6 +465,7 @@ impl Control {
             generation: AtomicU64::new(1),
             identities: RwLock::default(),
             verified: Mutex::default(),
+            password_checks: AtomicU64::new(0),
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
             upstream: RwLock::new(None),
@@ -478,8 +485,8 @@ impl Control {
         *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = Some(up);
     }
 
-    /// After a write to tokens, scope maps or connected registries: cached identities and
-    /// verified passwords are checked again. (The other replicas sharing the database learn of
+    /// After a write to tokens, scope maps or connected registries: cached identities are
+    /// read again (and with them the hashes that verified passwords are checked against). (The other replicas sharing the database learn of
     /// it from the write itself, which counted it in the same transaction.)
     fn changed(&self) {
         self.reload();
@@ -510,6 +517,16 @@ impl Control {
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// How many Argon2 password checks logins have cost this node so far (an unknown name
+    /// or a wrong password costs two, a cached login none), and how many checks (of any node
+    /// in this process) wait for a thread now.
+    pub fn password_checks(&self) -> (u64, u64) {
+        (
+            self.password_checks.load(Ordering::Relaxed),
+            ARGON2_QUEUED.load(Ordering::Relaxed),
+        )
     }
 
     /// Creates the administrator token on first start. With `password` set, password1 is made
@@ -615,11 +632,8 @@ impl Control {
         user: &str,
         pass: &str,
     ) -> Result<(Arc<Identity>, Option<i64>)> {
-        // Read before the identity: if a password change lands in between, the verification
-        // below is remembered under the older generation and is not trusted again.
-        let generation = self.generation();
         let Some(id) = self.identity(user).await? else {
-            check_slots(pass, [None, None]).await;
+            check_slots(pass, [None, None], &self.password_checks).await;
             return Err(ControlError::BadCredentials);
         };
         let now = now_ms();
@@ -631,9 +645,11 @@ impl Control {
             .into();
         let cached = {
             let v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked against the identity just read: a password changed since (in this
+            // slot, or the token deleted and made again) no longer matches what was verified.
             v.get(&key)
                 .filter(|v| {
-                    v.generation == generation
+                    id.passwords[v.slot].hash.as_deref() == Some(v.hash.as_str())
                         && now - v.at_ms < self.config.verified_ttl.as_millis() as i64
                 })
                 .map(|v| v.slot)
@@ -642,9 +658,12 @@ impl Control {
             Some(s) => s,
             None => {
                 let hashes = [id.passwords[0].hash.as_ref(), id.passwords[1].hash.as_ref()];
-                let s = check_slots(pass, hashes)
+                let s = check_slots(pass, hashes, &self.password_checks)
                     .await
                     .ok_or(ControlError::BadCredentials)?;
+                let Some(hash) = hashes[s] else {
+                    return Err(ControlError::BadCredentials);
+                };
                 let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
                 if v.len() > 100_000 {
                     v.clear();
@@ -652,7 +671,7 @@ impl Control {
                 v.insert(
                     key,
                     Verified {
-                        generation,
+                        hash: hash.clone(),
                         slot: s,
                         at_ms: now,
                     },
@@ -1320,9 +1339,15 @@ static DECOY_HASH: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::ne
 
 /// Checks `pass` against each of a token's two password slots in turn (`hashes`: `None` for an
 /// unknown name or an empty slot), stopping at the first match. A miss always costs two
-/// Argon2 checks: empty slots are checked against [`DECOY_HASH`] instead.
-async fn check_slots(pass: &str, hashes: [Option<&String>; 2]) -> Option<usize> {
+/// Argon2 checks: empty slots are checked against [`DECOY_HASH`] instead. `counter` counts
+/// the checks run.
+async fn check_slots(
+    pass: &str,
+    hashes: [Option<&String>; 2],
+    counter: &AtomicU64,
+) -> Option<usize> {
     for (i, hash) in hashes.into_iter().enumerate() {
+        counter.fetch_add(1, Ordering::Relaxed);
         let (hash, real) = match hash {
             Some(h) => (h.clone(), true),
             None => match argon2(|_| DECOY_HASH.clone()).await.flatten() {

@@ -171,6 +171,10 @@ pub struct Metrics {
     notifications: Counter,
     webhook_delivered: Counter,
     webhook_failures: Counter,
+    password_checks: Counter,
+    password_checks_queued: Gauge,
+    /// Serializes [`Metrics::set_password_checks`], which moves a counter up to a total.
+    password_checks_seen: std::sync::Arc<std::sync::Mutex<()>>,
     fleet_up: Family<FleetLabels, Gauge>,
     fleet_last_sync: Family<FleetLabels, Gauge>,
     fleet_lag: Family<FleetLabels, Gauge>,
@@ -221,6 +225,9 @@ impl Metrics {
             notifications: Counter::default(),
             webhook_delivered: Counter::default(),
             webhook_failures: Counter::default(),
+            password_checks: Counter::default(),
+            password_checks_queued: Gauge::default(),
+            password_checks_seen: std::sync::Arc::default(),
             fleet_up: Family::default(),
             fleet_last_sync: Family::default(),
             fleet_lag: Family::default(),
@@ -317,6 +324,16 @@ impl Metrics {
             "notification_delivery_failures",
             "Webhook deliveries that failed (each is retried)",
             m.webhook_failures.clone(),
+        );
+        r.register(
+            "password_checks",
+            "Argon2 password checks that logins with Basic credentials cost (an unknown name or a wrong password costs two; a login verified in the last minutes none): a steep rise is a password flood",
+            m.password_checks.clone(),
+        );
+        r.register(
+            "password_checks_queued",
+            "Password checks waiting for a thread (one thread per core runs them)",
+            m.password_checks_queued.clone(),
         );
         r.register(
             "connected_registry_up",
@@ -453,6 +470,18 @@ impl Metrics {
     }
 
     /// Replaces the fleet gauges with the connected registries below this node.
+    /// Records the password checks run so far (a total that only grows) and those queued now.
+    pub fn set_password_checks(&self, total: u64, queued: u64) {
+        let _one_at_a_time = self
+            .password_checks_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let seen = self.password_checks.get();
+        self.password_checks.inc_by(total.saturating_sub(seen));
+        self.password_checks_queued
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
     pub fn set_fleet(&self, members: &[FleetMember]) {
         for f in [
             &self.fleet_up,
@@ -559,6 +588,8 @@ mod tests {
             Some(512),
         );
         m.gc(2, 4096);
+        m.set_password_checks(5, 2);
+        m.set_password_checks(7, 0);
         m.set_fleet(&[FleetMember {
             name: "ship-01".into(),
             up: true,
@@ -572,6 +603,8 @@ mod tests {
             "outpost_http_requests_total{route=\"manifest\",method=\"GET\",code=\"200\"} 1",
             "outpost_http_response_body_bytes_total{route=\"manifest\"} 512",
             "outpost_gc_freed_bytes_total 4096",
+            "outpost_password_checks_total 7",
+            "outpost_password_checks_queued 0",
             "outpost_connected_registry_up{name=\"ship-01\"} 1",
             "outpost_connected_registry_cursor_lag_messages{name=\"ship-01\"} 3",
         ] {

@@ -109,6 +109,8 @@ async fn metrics(axum::extract::State(app): axum::extract::State<App>) -> Respon
             .into_response();
     }
     let m = app.registry.metrics();
+    let (checks, queued) = app.control.password_checks();
+    m.set_password_checks(checks, queued);
     match app.control.fleet_health().await {
         Ok(fleet) => m.set_fleet(
             &fleet

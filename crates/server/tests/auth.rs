@@ -1524,3 +1524,111 @@ async fn an_access_token_of_a_deleted_token_says_so() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(pull(access).await.status, StatusCode::UNAUTHORIZED);
 }
+
+/// The Argon2 checks logins have cost this server so far, as `/metrics` reports them.
+async fn password_checks(t: &T) -> u64 {
+    let m = t
+        .req_as(None, Method::GET, "/metrics", &[], Body::empty())
+        .await;
+    assert_eq!(m.status, StatusCode::OK);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("outpost_password_checks_total "))
+        .unwrap_or_else(|| panic!("no password-check counter in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A login verified once is not verified again (Argon2 costs ~50 ms and 19 MiB a check)
+/// until its password changes: changes to other tokens leave it alone, as they must while a
+/// flood of wrong passwords keeps the password-check threads busy. Every check is counted in
+/// `/metrics`.
+#[tokio::test]
+async fn a_verified_login_is_checked_again_only_when_its_password_changes() {
+    let t = setup_default().await;
+    t.push_image("app", "v1", "x").await;
+    let p1 = token(&t, "reader", &["repositories/app/content/read"]).await;
+    let pull = |user: &'static str, pass: String| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&basic(user, &pass)),
+                Method::GET,
+                "/v2/app/manifests/v1",
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+    };
+    let before = password_checks(&t).await;
+    assert_eq!(pull("reader", p1.clone()).await, StatusCode::OK);
+    assert_eq!(
+        password_checks(&t).await,
+        before + 1,
+        "password1 matched first"
+    );
+    assert_eq!(pull("reader", p1.clone()).await, StatusCode::OK);
+    assert_eq!(password_checks(&t).await, before + 1, "verified already");
+
+    // Another token created, a scope map changed: the login stays verified.
+    token(&t, "someone", &["repositories/other/content/read"]).await;
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/scope-maps/reader-map",
+            &[],
+            json!({"add": ["repositories/app2/content/read"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(pull("reader", p1.clone()).await, StatusCode::OK);
+    assert_eq!(
+        password_checks(&t).await,
+        before + 1,
+        "other changes cost nothing"
+    );
+
+    // A wrong password and an unknown name cost two checks each.
+    assert_eq!(
+        pull("reader", "wrong".into()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        pull("nobody", "wrong".into()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(password_checks(&t).await, before + 5);
+
+    // Its own password generated again: the old one is checked (and refused) at once.
+    let new1 = password_expiring_in(&t, "reader", "password1", 3_600_000).await;
+    assert_eq!(pull("reader", p1.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(password_checks(&t).await, before + 7);
+    assert_eq!(pull("reader", new1.clone()).await, StatusCode::OK);
+    assert_eq!(pull("reader", new1.clone()).await, StatusCode::OK);
+    assert_eq!(password_checks(&t).await, before + 8);
+
+    // The token deleted and made again under the same name: its old password, verified
+    // before, is checked against the new hashes and refused.
+    let r = t
+        .req(Method::DELETE, "/api/v1/tokens/reader", &[], Body::empty())
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens",
+            &[],
+            json!({"name": "reader", "scopeMap": "reader-map"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let fresh = r.json()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(pull("reader", new1).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(pull("reader", fresh).await, StatusCode::OK);
+    assert_eq!(password_checks(&t).await, before + 11);
+}
