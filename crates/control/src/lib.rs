@@ -10,6 +10,7 @@
 //! earlier counts only while its slot still holds the hash it matched; that is what makes
 //! disabling a token or deleting a password take effect immediately.
 
+mod checks;
 pub mod connected;
 pub mod connstr;
 pub mod jwt;
@@ -17,6 +18,7 @@ pub mod notify;
 pub mod password;
 pub mod scope;
 
+pub use checks::as_client;
 pub use connected::{
     ConnectedLimits, ConnectedRegistryView, CreateConnectedRegistry, Mode, UpdateConnectedRegistry,
 };
@@ -525,7 +527,7 @@ impl Control {
     pub fn password_checks(&self) -> (u64, u64) {
         (
             self.password_checks.load(Ordering::Relaxed),
-            ARGON2_QUEUED.load(Ordering::Relaxed),
+            checks::queued(),
         )
     }
 
@@ -1247,81 +1249,8 @@ impl Control {
     }
 }
 
-/// A password check (or hash) for an Argon2 thread, given that thread's working memory.
-type Argon2Job = Box<dyn FnOnce(&mut password::Memory) + Send>;
-
-/// Checks sent to the Argon2 threads and not yet taken by one.
-static ARGON2_QUEUED: AtomicU64 = AtomicU64::new(0);
-
-/// Argon2 runs on threads of its own, one per core, each keeping one working memory (~19
-/// MiB) from call to call while checks are queued, and unmapping it when none is. A flood
-/// of wrong passwords queues here: it costs these threads time, and the process no memory
-/// beyond theirs. (On the blocking pool, every thread that ever ran a check kept its own
-/// copy, and glibc kept the freed ones: 600 wrong logins left the process at ~2.6 GB.) Blob
-/// reads and uploads, on the blocking pool, never wait behind password checks.
-static ARGON2: std::sync::LazyLock<Option<std::sync::mpsc::Sender<Argon2Job>>> =
-    std::sync::LazyLock::new(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Argon2Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        let mut started = 0;
-        for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("argon2-{i}"))
-                .spawn(move || {
-                    let mut memory = password::Memory::new();
-                    loop {
-                        // Nothing queued: give the memory back while idle. (Checked before
-                        // waiting for the queue's lock, which an idle thread holds while it
-                        // waits for work.)
-                        if ARGON2_QUEUED.load(Ordering::Acquire) == 0 {
-                            memory.release();
-                        }
-                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        };
-                        ARGON2_QUEUED.fetch_sub(1, Ordering::AcqRel);
-                        // A panic loses that one answer (its caller sees an error), not the
-                        // thread.
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            job(&mut memory)
-                        }));
-                    }
-                });
-            match spawned {
-                Ok(_) => started += 1,
-                Err(e) => tracing::error!(error = %e, "starting a password-check thread"),
-            }
-        }
-        (started > 0).then_some(tx)
-    });
-
-/// Runs `f` on an Argon2 thread with its working memory; `None` if it could not run.
-async fn argon2<T: Send + 'static>(
-    f: impl FnOnce(&mut password::Memory) -> T + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: Argon2Job = Box::new(move |memory| {
-        // A caller that gave up (its client disconnected while queued) is not computed for.
-        if !tx.is_closed() {
-            let _ = tx.send(f(memory));
-        }
-    });
-    let queue = ARGON2.as_ref()?;
-    ARGON2_QUEUED.fetch_add(1, Ordering::AcqRel);
-    if queue.send(job).is_err() {
-        ARGON2_QUEUED.fetch_sub(1, Ordering::AcqRel);
-        return None;
-    }
-    rx.await.ok()
-}
-
 async fn verify_blocking(password: String, hash: String) -> bool {
-    argon2(move |memory| password::verify(&password, &hash, memory))
+    checks::run(move |memory| password::verify(&password, &hash, memory))
         .await
         .unwrap_or(false)
 }
@@ -1350,7 +1279,7 @@ async fn check_slots(
         counter.fetch_add(1, Ordering::Relaxed);
         let (hash, real) = match hash {
             Some(h) => (h.clone(), true),
-            None => match argon2(|_| DECOY_HASH.clone()).await.flatten() {
+            None => match checks::run(|_| DECOY_HASH.clone()).await.flatten() {
                 Some(h) => (h, false),
                 None => continue,
             },
@@ -1376,7 +1305,7 @@ fn check_future_expiry(expiry_ms: Option<i64>) -> Result<()> {
 
 async fn new_password_row(pw: &str, expiry_ms: Option<i64>) -> Result<PasswordRow> {
     let pw = pw.to_string();
-    let hash = argon2(move |memory| password::hash(&pw, memory))
+    let hash = checks::run(move |memory| password::hash(&pw, memory))
         .await
         .ok_or_else(|| ControlError::Internal("hashing a password: the task failed".into()))?
         .map_err(|e| ControlError::Internal(format!("hashing a password: {e}")))?;

@@ -4,7 +4,8 @@
 //! request body that stops arriving for [`BODY_IDLE_TIMEOUT`] is cut off (an upload's chunk
 //! is then rolled back). Without them a client that connects and sends nothing, or trickles
 //! a byte now and then, holds a file descriptor forever, and enough of them lock everyone
-//! out. A slow link is not affected: only silence counts.
+//! out. A slow link is not affected: only silence counts. Each request is handled as coming
+//! from its connection's address, which decides where its password checks queue.
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
@@ -30,17 +31,22 @@ pub async fn serve<L>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()>
 where
-    L: axum::serve::Listener,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // `Listener::accept` waits out failures (out of file descriptors) by itself.
-        let io = tokio::select! {
-            (io, _) = listener.accept() => io,
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // Password checks wait in one line per client address (see `outpost_control::checks`).
+        let client = peer.ip();
+        let router = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            outpost_control::as_client(client, hyper::service::Service::call(&router, req))
+        });
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT);
