@@ -195,6 +195,15 @@ struct Overrides {
     parent_ca_file: Option<PathBuf>,
 }
 
+/// The value of ACR's environment variable `acr` (non-empty), unless the flag or the
+/// `OUTPOST_` variable that outranks it is set.
+fn acr_alias(acr: &str, outpost: &str, flag_set: bool) -> Option<String> {
+    if flag_set || std::env::var_os(outpost).is_some_and(|v| !v.is_empty()) {
+        return None;
+    }
+    std::env::var(acr).ok().filter(|s| !s.is_empty())
+}
+
 impl Config {
     pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -230,12 +239,13 @@ impl Config {
             || file
                 .as_ref()
                 .is_some_and(|p| Figment::from(Toml::file(p)).find_value("log_level").is_ok());
-        if config.login_server.is_none() {
-            // get-settings prints a placeholder for it ("<Optional: …>"): copied into an
-            // environment file unchanged, it means "not set".
-            config.login_server = std::env::var("ACR_REGISTRY_LOGIN_SERVER")
-                .ok()
-                .filter(|s| !s.is_empty() && !s.starts_with('<'));
+        // ACR's variables rank with the environment: above the file, below the OUTPOST_ ones
+        // and the flags. get-settings prints a placeholder for the login server ("<Optional:
+        // …>"): copied into an environment file unchanged, it means "not set".
+        if let Some(v) = acr_alias("ACR_REGISTRY_LOGIN_SERVER", "OUTPOST_LOGIN_SERVER", false)
+            .filter(|s| !s.starts_with('<'))
+        {
+            config.login_server = Some(v);
         }
         if let Some(l) = &config.login_server {
             outpost_control::connstr::check_endpoint(l).map_err(|why| {
@@ -244,10 +254,12 @@ impl Config {
                 )
             })?;
         }
-        if config.connection_string.is_none() {
-            config.connection_string = std::env::var("ACR_REGISTRY_CONNECTION_STRING")
-                .ok()
-                .filter(|s| !s.is_empty());
+        if let Some(v) = acr_alias(
+            "ACR_REGISTRY_CONNECTION_STRING",
+            "OUTPOST_CONNECTION_STRING",
+            args.connection_string.is_some(),
+        ) {
+            config.connection_string = Some(v);
         }
         // Checked before anything is written: a first start that fails here must not have
         // created (and printed, once) the administrator's password.
@@ -354,6 +366,10 @@ impl Config {
                 "tls_key"
             }
         );
+        // Checked here too (serve uses them later), so that `outpost config` refuses what
+        // `outpost serve` would.
+        crate::serve::env_filter(&config.log_level)?;
+        config.connected_limits()?;
         Ok(config)
     }
 
@@ -565,6 +581,69 @@ mod tests {
             jail.set_env("OUTPOST_LOGIN_SERVER", "https://site.example");
             let e = Config::load(&args()).unwrap_err().to_string();
             assert!(e.contains("host[:port]"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// ACR's variables outrank the file (an operator rotating a site's password through its
+    /// container's environment must not be overruled by a file baked into the image) and
+    /// are outranked by Outpost's own variables and flags.
+    #[test]
+    fn acr_variables_rank_between_the_file_and_outpost_variables() {
+        let cs = |name: &str| {
+            format!(
+                "ConnectedRegistryName={name};SyncTokenName={name};SyncTokenPassword=p;ParentGatewayEndpoint=parent.example:5000;ParentEndpointProtocol=http"
+            )
+        };
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                &format!(
+                    "connection_string = \"{}\"\nlogin_server = \"file.example:1\"\n",
+                    cs("filee")
+                ),
+            )?;
+            let mut a = args();
+            a.config = Some("c.toml".into());
+            let c = Config::load(&a).map_err(|e| e.to_string())?;
+            assert_eq!(c.connection_string, Some(cs("filee")));
+            assert_eq!(c.login_server.as_deref(), Some("file.example:1"));
+
+            jail.set_env("ACR_REGISTRY_CONNECTION_STRING", cs("acrrr"));
+            jail.set_env("ACR_REGISTRY_LOGIN_SERVER", "acr.example:2");
+            let c = Config::load(&a).map_err(|e| e.to_string())?;
+            assert_eq!(c.connection_string, Some(cs("acrrr")));
+            assert_eq!(c.login_server.as_deref(), Some("acr.example:2"));
+
+            jail.set_env("OUTPOST_CONNECTION_STRING", cs("outpo"));
+            jail.set_env("OUTPOST_LOGIN_SERVER", "outpost.example:3");
+            let c = Config::load(&a).map_err(|e| e.to_string())?;
+            assert_eq!(c.connection_string, Some(cs("outpo")));
+            assert_eq!(c.login_server.as_deref(), Some("outpost.example:3"));
+
+            a.connection_string = Some(cs("flagg"));
+            let c = Config::load(&a).map_err(|e| e.to_string())?;
+            assert_eq!(c.connection_string, Some(cs("flagg")));
+            Ok(())
+        });
+    }
+
+    /// What `serve` refuses, `config` (which loads the same way) refuses too.
+    #[test]
+    fn settings_serve_would_refuse_are_refused_at_load() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OUTPOST_LOG_LEVEL", "verbose");
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(e.contains("log_level \"verbose\" is not a level"), "{e}");
+            jail.set_env("OUTPOST_LOG_LEVEL", "Information");
+            jail.set_env("OUTPOST_MIN_SYNC_WINDOW", "P8D");
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(
+                e.contains("min_sync_window is longer than max_sync_window"),
+                "{e}"
+            );
+            jail.set_env("OUTPOST_MIN_SYNC_WINDOW", "PT2H");
+            Config::load(&args()).map_err(|e| e.to_string())?;
             Ok(())
         });
     }

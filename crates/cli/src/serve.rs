@@ -127,7 +127,7 @@ fn init_logging(level: &str, format: &str) -> anyhow::Result<LogHandle> {
 
 /// The filter for a configured level: `target=level` directives (no span or field filters,
 /// which would bring in a regex engine for a feature nobody here uses).
-fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::filter::Targets> {
+pub(crate) fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::filter::Targets> {
     let directives = log_filter(level)?;
     directives.parse().with_context(|| {
         format!(
