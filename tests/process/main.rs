@@ -408,6 +408,36 @@ fn cli(o: &Outpost, user: &str, pass: &str, args: &[&str]) -> (bool, String, Str
     )
 }
 
+/// A command whose output goes to a pipe nobody reads any more (`| head -1`) ends quietly,
+/// killed by SIGPIPE as `ls` would be: no panic, no "failed printing to stdout".
+#[tokio::test]
+async fn a_command_printing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    for args in [
+        &["token", "list", "-o", "json"][..],
+        &["token", "list"][..],
+        &["config"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(args)
+            .args(["--registry", &o.url("")])
+            .env("OUTPOST_USERNAME", "admin")
+            .env("OUTPOST_PASSWORD", support::ADMIN_PASSWORD)
+            .env("OUTPOST_DATA_DIR", dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.is_empty(), "{args:?}: {err}");
+        assert_eq!(out.status.signal(), Some(13), "{args:?}: {:?}", out.status);
+    }
+}
+
 #[tokio::test]
 async fn token_and_scope_map_cli_end_to_end() {
     let dir = tempfile::tempdir().unwrap();

@@ -117,6 +117,24 @@ fn failing_site(cs: &str) -> String {
 }
 
 /// Starts a site in `dir` that must fail at start; returns its stderr.
+/// Every file under `dir` with its contents, but for the lock file (it holds the pid of the
+/// last process to start there).
+fn files_of(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name() != Some(std::ffi::OsStr::new("outpost.lock")) {
+                files.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
+
 fn failing_site_in(dir: &std::path::Path, cs: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -382,6 +400,30 @@ async fn connection_problems_are_one_clear_line() {
             && err.contains("start it with its connection string"),
         "{err}"
     );
+    // Started with another registry's connection string (and another administrator
+    // password), it is refused before anything in it changes: the password is not reset.
+    let before = files_of(first_dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(first_dir.path())
+        .env("OUTPOST_CONNECTION_STRING", &unknown)
+        .env("OUTPOST_ADMIN_PASSWORD", "another-password")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to connected registry \"site-err\"")
+            && err.contains("names \"site-nope\""),
+        "{err}"
+    );
+    let after = files_of(first_dir.path());
+    let changed: Vec<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|p| before.get(*p) != after.get(*p))
+        .collect();
+    assert!(changed.is_empty(), "the refused start changed {changed:?}");
     let bundle = tempfile::tempdir().unwrap();
     cli_ok(
         &root,
@@ -3171,6 +3213,10 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     assert!(
         err.contains("belongs to connected registry \"someone-else\""),
         "{err}"
+    );
+    assert!(
+        !foreign.path().join("meta.db").exists(),
+        "refused before a database was created"
     );
 
     // A damaged blob is refused, not stored.

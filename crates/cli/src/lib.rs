@@ -92,6 +92,9 @@ pub fn main() -> ExitCode {
         cli.command,
         Command::Serve(_) | Command::Config(_) | Command::Import(_)
     );
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     let result = match cli.command {
         _ if !answers && cli.conn.query.is_some() => Err(anyhow::anyhow!(
             "--query selects from the answer of a management command (token, scope-map, connected-registry, gc, readiness); this command has none"
@@ -117,6 +120,17 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so printing to a pipe whose reader has gone (`outpost token list |
+/// head -1`) fails, and `println!` panics. A command that prints ends quietly instead, as
+/// `ls` or `grep` do, killed by the signal. Not for `serve`: a client closing its connection
+/// must not end the server.
+fn restore_sigpipe() {
+    // SAFETY: sets the disposition of one signal to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -161,6 +161,27 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             }
         );
     }
+    // Another connected registry's directory: refused before anything in it changes.
+    if let Some(cs) = &config.connection_string
+        && let Ok(cs) = outpost_control::ConnectionString::parse(cs)
+        && let Some(owner) = outpost_sync::saved_owner(&config.data_dir)
+        && owner != cs.connected_registry_name
+    {
+        anyhow::bail!(
+            "the data directory {} belongs to connected registry {owner:?}, but the connection \
+             string names {:?}; use that registry's data directory",
+            config.data_dir.display(),
+            cs.connected_registry_name
+        );
+    }
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let parent_ca = match &config.parent_ca_file {
+        Some(path) => Some(outpost_sync::ParentCa::load(path)?),
+        None => None,
+    };
     let registry = Registry::open(
         &config.data_dir,
         RegistryConfig {
@@ -209,27 +230,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     .await
     .context("opening access control")?;
     let control = std::sync::Arc::new(control);
-    if let Some(password) = control
-        .bootstrap_admin(config.admin_password.as_deref())
-        .await
-        .context("creating the administrator token")?
-    {
-        // Shown once, on the first start only; it is stored as a hash.
-        eprintln!(
-            "\nCreated the administrator token.\n  username: admin\n  password: {password}\n\
-             Save it now: it is not shown again. Log in with `docker login <host> -u admin`.\n\
-             (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
-        );
-    }
 
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
-        _ => None,
-    };
-    let parent_ca = match &config.parent_ca_file {
-        Some(path) => Some(outpost_sync::ParentCa::load(path)?),
-        None => None,
-    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -297,6 +298,21 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             Some(started)
         }
     };
+    // Last of the steps that can refuse the start: a start that fails leaves the
+    // administrator's password as it was (and a first one prints no password that is then
+    // never used).
+    if let Some(password) = control
+        .bootstrap_admin(config.admin_password.as_deref())
+        .await
+        .context("creating the administrator token")?
+    {
+        // Shown once, on the first start only; it is stored as a hash.
+        eprintln!(
+            "\nCreated the administrator token.\n  username: admin\n  password: {password}\n\
+             Save it now: it is not shown again. Log in with `docker login <host> -u admin`.\n\
+             (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
+        );
+    }
     let read_only = sync.as_ref().is_some_and(|s| s.read_only);
     let sync_scope = sync.as_ref().and_then(|s| s.scope.clone());
 
