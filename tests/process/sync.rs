@@ -3540,3 +3540,147 @@ async fn a_tag_moved_to_a_manifest_deleted_before_the_site_saw_it_goes_there_too
         "app:stale is gone at the root"
     );
 }
+
+/// The bytes and media type of a manifest.
+async fn manifest_of(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+) -> (Vec<u8>, String) {
+    let r = c
+        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(
+            "accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{repo}:{reference}");
+    let media_type = r.headers()["content-type"].to_str().unwrap().to_string();
+    (r.bytes().await.unwrap().to_vec(), media_type)
+}
+
+/// A ReadWrite site's push that references what the root deleted (and collected) while the
+/// site was cut off: an index over a manifest that came from the root, and a tag on an image
+/// whose blobs the root's garbage collection removed. The site holds all of it, so its
+/// outbox sends what the root lacks with the push instead of retrying a refusal for ever
+/// (which held up everything after it, both ways).
+#[tokio::test]
+async fn a_site_push_over_content_the_root_deleted_brings_that_content_back() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let root_addr = root.addr.clone();
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let child = push_image(&admin, &r, "app", "p1", "child").await;
+    let old = push_image(&admin, &r, "app", "gk", "old-image").await;
+    let cs = connected(
+        &root,
+        "site-back",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:p1 and app:gk", || async {
+        tag_digest(&site_admin, &s, "app", "p1").await.as_deref() == Some(child.as_str())
+            && tag_digest(&site_admin, &s, "app", "gk").await.as_deref() == Some(old.as_str())
+    })
+    .await;
+
+    // The root goes away; the site's clients push an index over app:p1 and tag app:gk again.
+    root.terminate();
+    let (child_bytes, child_type) = manifest_of(&site_admin, &s, "app", &child).await;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": child_type,
+            "digest": child,
+            "size": child_bytes.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+        }],
+    })
+    .to_string();
+    let resp = site_admin
+        .put(format!("{s}/v2/app/manifests/p1i"))
+        .header("content-type", "application/vnd.oci.image.index.v1+json")
+        .body(index.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let index_digest = resp.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (old_bytes, old_type) = manifest_of(&site_admin, &s, "app", &old).await;
+    let resp = site_admin
+        .put(format!("{s}/v2/app/manifests/gkb"))
+        .header("content-type", old_type)
+        .body(old_bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    // Meanwhile, at the root: both manifests deleted, their blobs collected.
+    let elsewhere = Outpost::start(root_dir.path(), &[]);
+    for d in [&child, &old] {
+        let resp = admin
+            .delete(format!("{}/v2/app/manifests/{d}", elsewhere.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    cli_ok(&elsewhere, &["gc", "--min-age-secs", "0"]);
+    elsewhere.terminate();
+
+    // The root is back where the site looks for it.
+    let root = Outpost::start_listen(root_dir.path(), &root_addr, &[]);
+    let marker = push_image(&admin, &r, "app", "after", "after").await;
+    eventually("the site's index and tag reach the root", || async {
+        tag_digest(&admin, &r, "app", "gkb").await.as_deref() == Some(old.as_str())
+            && admin
+                .head(format!("{r}/v2/app/manifests/p1i"))
+                .header("accept", "application/vnd.oci.image.index.v1+json")
+                .send()
+                .await
+                .is_ok_and(|resp| {
+                    resp.headers()
+                        .get("docker-content-digest")
+                        .is_some_and(|d| d.to_str().ok() == Some(index_digest.as_str()))
+                })
+    })
+    .await;
+    // Everything they reference came with them.
+    for (reference, what) in [(&child, "the index's child"), (&old, "app:gkb")] {
+        let (bytes, media_type) = manifest_of(&admin, &r, "app", reference).await;
+        let m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(media_type.contains("manifest"), "{what}: {media_type}");
+        let blobs = m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain([&m["config"]])
+            .map(|d| d["digest"].as_str().unwrap().to_string());
+        for b in blobs {
+            let resp = admin
+                .get(format!("{r}/v2/app/blobs/{b}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{what}: blob {b}");
+        }
+    }
+    // And the site goes on syncing both ways.
+    eventually("the root's later push reaches the site", || async {
+        tag_digest(&site_admin, &s, "app", "after").await.as_deref() == Some(marker.as_str())
+    })
+    .await;
+    drop(root);
+}

@@ -1366,6 +1366,30 @@ impl Meta {
         Ok(n > 0)
     }
 
+    /// Whether this node's clients, after event `seq`, pushed or tagged manifest `digest` in
+    /// `repo`, or a manifest there that references it (an index over it).
+    pub async fn client_used_manifest_after(
+        &self,
+        repo: &str,
+        digest: &str,
+        seq: i64,
+    ) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM events e WHERE e.repo = $1 AND e.seq > $3 \
+             AND e.origin IS NULL AND e.kind IN ($4, $5) AND (e.digest = $2 OR EXISTS (\
+               SELECT 1 FROM manifest_refs r JOIN repositories p ON p.id = r.repo_id \
+               WHERE p.name = $1 AND r.manifest = e.digest AND r.child = $2)) LIMIT 1) c",
+        )
+        .bind(repo)
+        .bind(digest)
+        .bind(seq)
+        .bind(EVENT_MANIFEST_PUT)
+        .bind(EVENT_TAG_SET)
+        .fetch_one(&self.read)
+        .await?;
+        Ok(n > 0)
+    }
+
     /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
     /// for it with a smaller sequence number, or `None` if there is none, it was a removal, or
     /// the repository was deleted after it.
@@ -1562,6 +1586,70 @@ pub(crate) mod tests {
     async fn seqs(meta: &Meta) -> Vec<i64> {
         let events = meta.events_after(0, 100).await.expect("read");
         events.iter().map(|e| e.seq).collect()
+    }
+
+    /// A ReadWrite site keeps a manifest its parent deleted while its own clients' push of
+    /// it, or of an index over it, waits to go up: the question it asks the log.
+    #[tokio::test]
+    async fn client_use_of_a_manifest_after_a_point_in_the_log() {
+        for (meta, _dir) in stores().await {
+            sqlx::query("INSERT INTO repositories (name, created_at) VALUES ('app', 0)")
+                .execute(&meta.write)
+                .await
+                .expect("insert");
+            let id: i64 = sqlx::query_scalar("SELECT id FROM repositories WHERE name = 'app'")
+                .fetch_one(&meta.write)
+                .await
+                .expect("id");
+            sqlx::query(
+                "INSERT INTO manifest_refs (repo_id, manifest, child) VALUES ($1, 'idx', 'm1')",
+            )
+            .bind(id)
+            .execute(&meta.write)
+            .await
+            .expect("insert");
+            // seq: what, and who made it
+            let log: &[(&str, Option<&str>, &str, Option<&str>)] = &[
+                ("tag_set", Some("v1"), "m1", Some("parent")), // 1: came from sync
+                ("manifest_put", None, "idx", None),           // 2: a client's index over m1
+                ("tag_set", Some("v2"), "m2", None),           // 3: a client's tag
+                ("tag_set", Some("v3"), "m3", Some("parent")), // 4: came from sync
+                ("tag_removed", Some("v4"), "m4", None),       // 5: a client's removal
+            ];
+            for (kind, tag, digest, origin) in log {
+                sqlx::query(
+                    "INSERT INTO events (at, repo, kind, tag, digest, origin) \
+                     VALUES (0, 'app', $1, $2, $3, $4)",
+                )
+                .bind(kind)
+                .bind(tag)
+                .bind(digest)
+                .bind(origin)
+                .execute(&meta.write)
+                .await
+                .expect("insert");
+            }
+            let used = |digest: &'static str, after: i64| {
+                let meta = meta.clone();
+                async move {
+                    meta.client_used_manifest_after("app", digest, after)
+                        .await
+                        .expect("query")
+                }
+            };
+            assert!(used("m1", 0).await, "an index over it was pushed");
+            assert!(!used("m1", 2).await, "that push went up");
+            assert!(used("m2", 2).await);
+            assert!(!used("m2", 3).await);
+            assert!(!used("m3", 0).await, "only synced");
+            assert!(!used("m4", 0).await, "a removal does not need it");
+            assert!(
+                !meta
+                    .client_used_manifest_after("other", "m2", 0)
+                    .await
+                    .expect("query")
+            );
+        }
     }
 
     /// Pruning below a floor keeps what readers still ask for: every event from the floor on,

@@ -568,6 +568,12 @@ fn refused_for_good(e: &SyncError) -> bool {
     }
 }
 
+/// Whether the parent refused a manifest because it lacks a blob or child manifest the
+/// manifest references.
+fn parent_misses_references(e: &SyncError) -> bool {
+    matches!(e, SyncError::Parent { status: 400, code, .. } if code == "MANIFEST_BLOB_UNKNOWN" || code == "MANIFEST_UNKNOWN")
+}
+
 /// Whether `e` says the parent lacks content it references (its blob or a child manifest
 /// answers 404 with the registry's `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN`, or a child manifest
 /// is gone): waiting will not bring it, so the manifest is skipped, not retried in a loop that
@@ -1671,17 +1677,8 @@ impl Child {
                 let Some(m) = local(&digest).await else {
                     return Ok(());
                 };
-                let parsed = Manifest::parse(&m.content, Some(&m.media_type))
-                    .map_err(|err| SyncError::Registry(RegistryError::ManifestInvalid(err)))?;
-                for b in parsed.required_blobs() {
-                    if !self
-                        .parent
-                        .has_blob(repo.as_str(), &b.digest.to_string())
-                        .await?
-                    {
-                        self.push_blob_up(&repo, &b.digest).await?;
-                    }
-                }
+                self.send_references(&repo, &m.content, &m.media_type, 0)
+                    .await?;
                 self.parent
                     .put_manifest(repo.as_str(), &digest, &m.media_type, m.content.clone())
                     .await?;
@@ -1701,9 +1698,22 @@ impl Child {
                     }
                     _ => None,
                 };
-                self.parent
+                let put = self
+                    .parent
                     .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
-                    .await?;
+                    .await;
+                match put {
+                    // The parent lost what the manifest references since this site had it
+                    // (deleted there, then collected): send it up, then the tag again.
+                    Err(err) if parent_misses_references(&err) => {
+                        self.send_references(&repo, &m.content, &m.media_type, 0)
+                            .await?;
+                        self.parent
+                            .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
+                            .await?;
+                    }
+                    other => other?,
+                }
                 // Reported once the write went through, so a retried send reports it once.
                 if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
@@ -1745,6 +1755,56 @@ impl Child {
                 }
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Makes sure the parent holds, in `repo`, everything a manifest references: blobs it
+    /// lacks are sent (mounted or uploaded), and so are child manifests it lacks, with what
+    /// they reference, whether this site's clients pushed them or they came from the parent
+    /// (which may have deleted them since). What this site lacks too is refused for good.
+    async fn send_references(
+        &self,
+        repo: &RepoName,
+        content: &[u8],
+        media_type: &str,
+        depth: u8,
+    ) -> Result<()> {
+        let parsed = Manifest::parse(content, Some(media_type))
+            .map_err(|err| SyncError::Registry(RegistryError::ManifestInvalid(err)))?;
+        for b in parsed.required_blobs() {
+            if !self
+                .parent
+                .has_blob(repo.as_str(), &b.digest.to_string())
+                .await?
+            {
+                self.push_blob_up(repo, &b.digest).await?;
+            }
+        }
+        for child in parsed.required_manifests() {
+            let d = child.digest.to_string();
+            if self
+                .parent
+                .manifest_digest(repo.as_str(), &d)
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            // An index of indexes nests a level or two; deeper is not a real image.
+            if depth >= 4 {
+                return Err(SyncError::Registry(RegistryError::ManifestUnknown(
+                    child.digest.to_string(),
+                )));
+            }
+            let m = self
+                .registry
+                .get_manifest(repo, &Reference::Digest(child.digest.clone()))
+                .await?;
+            Box::pin(self.send_references(repo, &m.content, &m.media_type, depth + 1)).await?;
+            self.parent
+                .put_manifest(repo.as_str(), &d, &m.media_type, m.content.clone())
+                .await?;
         }
         Ok(())
     }
@@ -2054,6 +2114,25 @@ impl Child {
             .map_err(|e| SyncError::Registry(e.into()))
     }
 
+    /// Whether this site's own clients pushed or tagged manifest `digest` of `repo` (or an
+    /// index over it) after its outbox last sent. Never on a ReadOnly site.
+    async fn client_used_manifest_pending(
+        &self,
+        repo: &str,
+        digest: &str,
+        read_only: bool,
+    ) -> Result<bool> {
+        if read_only {
+            return Ok(false);
+        }
+        let sent = read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0);
+        self.registry
+            .meta()
+            .client_used_manifest_after(repo, digest, sent)
+            .await
+            .map_err(|e| SyncError::Registry(e.into()))
+    }
+
     async fn apply(&self, m: &Message, read_only: bool) -> Result<()> {
         let Ok(name) = m.repository.parse::<RepoName>() else {
             return Ok(());
@@ -2100,6 +2179,16 @@ impl Child {
                 }
             }
             "manifest_deleted" => {
+                // Kept if this site's clients pushed or tagged it (or an index over it) since
+                // the outbox last sent: that push is on its way up and will bring it back at
+                // the parent, which it reaches last.
+                if self
+                    .client_used_manifest_pending(&m.repository, &digest, read_only)
+                    .await?
+                {
+                    tracing::info!(repository = %m.repository, %digest, "keeping a manifest the parent deleted: this site's clients pushed it since the outbox last sent");
+                    return Ok(());
+                }
                 if let Ok(d) = digest.parse::<Digest>() {
                     ignore_unknown(
                         self.registry
