@@ -408,6 +408,59 @@ fn cli(o: &Outpost, user: &str, pass: &str, args: &[&str]) -> (bool, String, Str
     )
 }
 
+/// A client that sends an upload's final `PUT` and goes away before the answer (a client
+/// timeout, a dropped link): the upload is completed all the same, so the blob is there, and
+/// never half-done (its file moved into the store but not recorded: the upload then claimed
+/// its bytes, its `PUT` answered 404, and the blob could not be served).
+#[tokio::test]
+async fn an_upload_whose_client_leaves_during_the_final_put_is_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let c = client();
+    for round in 0..3u8 {
+        let loc = start_upload(&c, &o, "app").await;
+        // Large enough that its commit (the fsync above all) takes a while.
+        let data: Vec<u8> = (0..48u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ round)
+            .collect();
+        let digest = sha256(&data);
+        let r = c
+            .patch(o.url(&loc))
+            .header("content-type", "application/octet-stream")
+            .body(data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let mut s = TcpStream::connect(&o.addr).unwrap();
+        write!(
+            s,
+            "PUT {loc}{sep}digest={digest} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Length: 0\r\n\r\n",
+            o.addr,
+            support::admin_auth()
+        )
+        .unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        drop(s);
+        let mut served = false;
+        for _ in 0..100 {
+            let r = c
+                .head(o.url(&format!("/v2/app/blobs/{digest}")))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served, "round {round}: the blob was never completed");
+    }
+}
+
 /// A command whose output goes to a pipe nobody reads any more (`| head -1`) ends quietly,
 /// killed by SIGPIPE as `ls` would be: no panic, no "failed printing to stdout".
 #[tokio::test]

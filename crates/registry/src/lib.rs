@@ -568,15 +568,29 @@ impl Registry {
                 .append(id, None, self.config.max_blob_bytes, self.counted(body))
                 .await?;
         }
+        // Once every byte is in, the commit runs to its end on a task of its own, even if the
+        // client goes away meanwhile: cut between moving the file into the blob store and
+        // recording it, it left an upload that still claimed its bytes but could not be
+        // completed (404), and a blob no repository could serve.
+        let this = self.clone();
+        let (repo, task_id, digest) = (repo.clone(), id.to_string(), digest.clone());
+        tokio::spawn(async move { this.commit_upload(&repo, &task_id, &digest).await })
+            .await
+            .map_err(|e| {
+                RegistryError::Storage(StorageError::Io {
+                    path: self.storage.layout().upload(id),
+                    cause: std::io::Error::other(format!("completing the upload: {e}")),
+                })
+            })?
+    }
+
+    async fn commit_upload(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64> {
         if self.storage.is_remote() {
             let size = self.storage.commit_upload(id, digest).await?;
             return self.link_stored(repo, digest, size, Some(id)).await;
         }
         let _gate = self.blob_gate_shared().await?;
-        let size = match self.storage.commit_upload(id, digest).await {
-            Ok(size) => size,
-            Err(e) => return Err(e.into()),
-        };
+        let size = self.storage.commit_upload(id, digest).await?;
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(size)
     }

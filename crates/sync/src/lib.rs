@@ -1928,6 +1928,13 @@ impl Child {
                     "the parent's copy of blob {digest} did not verify ({code}); it is sent again"
                 )))
             }
+            // The parent lost the upload (reaped, or a parent whose upload status and commit
+            // disagree): start a new one next time instead of resuming this one for ever.
+            Err(SyncError::Parent {
+                status: 404, code, ..
+            }) if code == "BLOB_UPLOAD_UNKNOWN" => Err(SyncError::Protocol(format!(
+                "the parent no longer has the upload of blob {digest}; it is sent again"
+            ))),
             other => other,
         };
         if finished.is_ok()
