@@ -2096,6 +2096,30 @@ async fn a_three_level_hierarchy_root_site_line() {
             .unwrap_or_default()
             .to_string()
     };
+    // The root hangs (it takes connections and never answers): the site relays the line's
+    // status reports upward only so long, and goes on serving the line from its own state.
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &root.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let v5 = push_image(&site_admin, &site_url, "app", "v5", "root-hangs-1").await;
+    eventually("app:v5 reaches the leaf while the root hangs", || async {
+        tag_digest(&site_admin, &l, "app", "v5").await.as_deref() == Some(v5.as_str())
+    })
+    .await;
+    // The line's next round starts with a status report, which the site relays.
+    let v6 = push_image(&site_admin, &site_url, "app", "v6", "root-hangs-2").await;
+    eventually("app:v6 reaches the leaf while the root hangs", || async {
+        tag_digest(&site_admin, &l, "app", "v6").await.as_deref() == Some(v6.as_str())
+    })
+    .await;
+    signal("-CONT");
+
     let known = show_line(&root);
     let root_addr = root.addr.clone();
     drop(root);

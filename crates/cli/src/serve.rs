@@ -235,8 +235,6 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
 
     let sync = match &config.connection_string {
         None if config.upstream_url.is_some() => {
@@ -313,6 +311,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
              (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
         );
     }
+    // Logged once the start can no longer be refused, just before requests are served.
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
     let read_only = sync.as_ref().is_some_and(|s| s.read_only);
     let sync_scope = sync.as_ref().and_then(|s| s.scope.clone());
 

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+/// How long a status report relayed upward may take before it is given up (it goes up whole
+/// with the next one).
+const RELAY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The way up from an intermediate connected registry to its parent, for relaying its
 /// descendants' activation and status (implemented by `outpost-sync`).
 pub trait Upstream: Send + Sync {
@@ -1627,7 +1631,16 @@ impl Control {
             let offline = known.is_some_and(|r| {
                 r.activated_offline && r.instance_id.as_deref() == Some(report.instance_id.as_str())
             });
-            match up.report(name, &full).await {
+            // Bounded well below a child's own patience (its read timeout, a minute by
+            // default): a parent that accepts and never answers must not make the child give
+            // up on this node, which serves it from its own state.
+            let relayed = match tokio::time::timeout(RELAY_WAIT, up.report(name, &full)).await {
+                Ok(r) => r,
+                Err(_) => Err(ControlError::Internal(format!(
+                    "the parent did not answer within {RELAY_WAIT:?}"
+                ))),
+            };
+            match relayed {
                 Ok(()) => {
                     if offline {
                         self.confirm_activation(name, &report.instance_id).await?;
