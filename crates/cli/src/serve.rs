@@ -231,10 +231,26 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     .context("opening access control")?;
     let control = std::sync::Arc::new(control);
 
+    // After the checks that refuse a start on another registry's data directory or on
+    // unreadable TLS or CA files: such a start leaves the administrator's password as it was.
+    if let Some(password) = control
+        .bootstrap_admin(config.admin_password.as_deref())
+        .await
+        .context("creating the administrator token")?
+    {
+        // Shown once, on the first start only; it is stored as a hash.
+        eprintln!(
+            "\nCreated the administrator token.\n  username: admin\n  password: {password}\n\
+             Save it now: it is not shown again. Log in with `docker login <host> -u admin`.\n\
+             (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
 
     let sync = match &config.connection_string {
         None if config.upstream_url.is_some() => {
@@ -296,24 +312,6 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             Some(started)
         }
     };
-    // Last of the steps that can refuse the start: a start that fails leaves the
-    // administrator's password as it was (and a first one prints no password that is then
-    // never used).
-    if let Some(password) = control
-        .bootstrap_admin(config.admin_password.as_deref())
-        .await
-        .context("creating the administrator token")?
-    {
-        // Shown once, on the first start only; it is stored as a hash.
-        eprintln!(
-            "\nCreated the administrator token.\n  username: admin\n  password: {password}\n\
-             Save it now: it is not shown again. Log in with `docker login <host> -u admin`.\n\
-             (Set OUTPOST_ADMIN_PASSWORD to choose the password instead.)\n"
-        );
-    }
-    // Logged once the start can no longer be refused, just before requests are served.
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
     let read_only = sync.as_ref().is_some_and(|s| s.read_only);
     let sync_scope = sync.as_ref().and_then(|s| s.scope.clone());
 
