@@ -409,8 +409,11 @@ const SQLITE_PRAGMAS: &str =
     // WAL + NORMAL: a process crash loses nothing and nothing is ever corrupted; an OS crash or
     // power cut may lose the last transactions (clients re-push). FULL would cost an fsync per
     // blob link, which halves small-layer push throughput.
+    // The WAL file is cut back to 16 MiB after a checkpoint: a large transaction would
+    // otherwise leave it at its peak until the process stops.
     "PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-     PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16000;";
+     PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16000; \
+     PRAGMA journal_size_limit = 16777216;";
 
 impl Meta {
     /// Whether the database answers a query (for the readiness endpoint).
@@ -734,19 +737,20 @@ impl Meta {
     /// Garbage collection in the database: the blobs that no manifest in any repository
     /// references, that were last stored or linked before `cutoff_ms` and that `keep` does not
     /// name (blobs a sync in progress holds for a manifest it has yet to store). Unless `dry_run`,
-    /// their rows and every repository's link to them are deleted in the same transaction as
-    /// the selection, so a manifest push that commits first keeps its blobs and one that
-    /// commits after is refused for the missing blob. Returns digests and sizes.
+    /// their rows and every repository's link to them are deleted, 500 blobs per transaction,
+    /// each batch checked again inside its transaction: a manifest push that commits first
+    /// keeps its blobs, one that commits after is refused for the missing blob, and pushes
+    /// go on between batches (one transaction for 38,000 blobs held every write for ~16 s).
+    /// Returns the digests and sizes removed (or, with `dry_run`, that would be).
     pub async fn collect_unreferenced_blobs(
         &self,
         cutoff_ms: i64,
         dry_run: bool,
         keep: &std::collections::HashSet<String>,
     ) -> Result<Vec<(String, u64)>> {
-        let mut tx = self.begin_write().await?;
-        // SQLite plans `NOT IN` with one temporary index of the children (its
-        // `manifest_refs` has none on `child`); PostgreSQL turns it into a scan per blob once
-        // the children outgrow `work_mem`, and wants `NOT EXISTS` on its index instead.
+        // SQLite plans `NOT IN` with one temporary index of the children; PostgreSQL turns it
+        // into a scan per blob once the children outgrow `work_mem`, and wants `NOT EXISTS`
+        // on its index instead.
         let sql = match self.backend {
             Backend::Sqlite => {
                 "SELECT digest, size FROM blobs WHERE created_at <= $1 \
@@ -760,28 +764,55 @@ impl Meta {
         };
         let rows: Vec<(String, i64)> = sqlx::query_as(sql)
             .bind(cutoff_ms)
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.read)
             .await?;
-        let rows: Vec<(String, u64)> = rows
+        let candidates: Vec<(String, u64)> = rows
             .into_iter()
             .filter(|(d, _)| !keep.contains(d))
             .map(|(d, s)| (d, s as u64))
             .collect();
-        if !dry_run && !rows.is_empty() {
-            for chunk in rows.chunks(500) {
-                let marks = placeholders(chunk.len());
-                for table in ["repo_blobs", "blobs"] {
-                    let sql = format!("DELETE FROM {table} WHERE digest IN ({marks})");
-                    let mut q = sqlx::query(&sql);
-                    for (d, _) in chunk {
-                        q = q.bind(d);
-                    }
-                    q.execute(&mut *tx).await?;
+        if dry_run {
+            return Ok(candidates);
+        }
+        let mut removed = Vec::with_capacity(candidates.len());
+        for chunk in candidates.chunks(500) {
+            let mut tx = self.begin_write().await?;
+            // Still unreferenced and old? A manifest stored, or a blob linked again, since
+            // the selection keeps its blobs.
+            let marks = placeholders(chunk.len());
+            let sql = format!(
+                "SELECT digest FROM blobs WHERE digest IN ({marks}) AND created_at <= ${} \
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.child = blobs.digest)",
+                chunk.len() + 1
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for (d, _) in chunk {
+                q = q.bind(d);
+            }
+            let still: std::collections::HashSet<String> = q
+                .bind(cutoff_ms)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            let doomed: Vec<&(String, u64)> =
+                chunk.iter().filter(|(d, _)| still.contains(d)).collect();
+            if doomed.is_empty() {
+                continue;
+            }
+            let marks = placeholders(doomed.len());
+            for table in ["repo_blobs", "blobs"] {
+                let sql = format!("DELETE FROM {table} WHERE digest IN ({marks})");
+                let mut q = sqlx::query(&sql);
+                for (d, _) in &doomed {
+                    q = q.bind(d);
                 }
+                q.execute(&mut *tx).await?;
             }
             tx.commit().await?;
+            removed.extend(doomed.into_iter().cloned());
         }
-        Ok(rows)
+        Ok(removed)
     }
 
     /// Repositories, tags, manifests, blobs and the blobs' total size, for the status page.
@@ -1586,6 +1617,79 @@ pub(crate) mod tests {
     async fn seqs(meta: &Meta) -> Vec<i64> {
         let events = meta.events_after(0, 100).await.expect("read");
         events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Collection in batches removes every old unreferenced blob, across batch boundaries,
+    /// and nothing referenced, recent or kept; a dry run removes nothing.
+    #[tokio::test]
+    async fn collection_in_batches_takes_exactly_the_unreferenced_blobs() {
+        for (meta, _dir) in stores().await {
+            sqlx::query("INSERT INTO repositories (name, created_at) VALUES ('app', 0)")
+                .execute(&meta.write)
+                .await
+                .expect("insert");
+            let id: i64 = sqlx::query_scalar("SELECT id FROM repositories WHERE name = 'app'")
+                .fetch_one(&meta.write)
+                .await
+                .expect("id");
+            // 1,203 blobs: every tenth referenced, blob 7 too new, blob 11 kept by a sync.
+            for i in 0..1203 {
+                let d = format!("sha256:{i:064}");
+                let at = if i == 7 { 5_000 } else { 0 };
+                sqlx::query("INSERT INTO blobs (digest, size, created_at) VALUES ($1, $2, $3)")
+                    .bind(&d)
+                    .bind(i as i64)
+                    .bind(at)
+                    .execute(&meta.write)
+                    .await
+                    .expect("insert");
+                sqlx::query("INSERT INTO repo_blobs (repo_id, digest) VALUES ($1, $2)")
+                    .bind(id)
+                    .bind(&d)
+                    .execute(&meta.write)
+                    .await
+                    .expect("insert");
+                if i % 10 == 0 {
+                    sqlx::query(
+                        "INSERT INTO manifest_refs (repo_id, manifest, child) VALUES ($1, 'm', $2)",
+                    )
+                    .bind(id)
+                    .bind(&d)
+                    .execute(&meta.write)
+                    .await
+                    .expect("insert");
+                }
+            }
+            let keep: std::collections::HashSet<String> =
+                [format!("sha256:{:064}", 11)].into_iter().collect();
+            let expected: Vec<String> = (0..1203)
+                .filter(|i| i % 10 != 0 && *i != 7 && *i != 11)
+                .map(|i| format!("sha256:{i:064}"))
+                .collect();
+            let digests = |rows: Vec<(String, u64)>| -> Vec<String> {
+                rows.into_iter().map(|(d, _)| d).collect()
+            };
+            let dry = meta
+                .collect_unreferenced_blobs(1_000, true, &keep)
+                .await
+                .expect("dry run");
+            assert_eq!(digests(dry), expected);
+            let removed = meta
+                .collect_unreferenced_blobs(1_000, false, &keep)
+                .await
+                .expect("collect");
+            assert_eq!(digests(removed), expected);
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM blobs")
+                .fetch_one(&meta.write)
+                .await
+                .expect("count");
+            assert_eq!(left, 1203 - expected.len() as i64);
+            let links: i64 = sqlx::query_scalar("SELECT count(*) FROM repo_blobs")
+                .fetch_one(&meta.write)
+                .await
+                .expect("count");
+            assert_eq!(links, left, "every removed blob's links went with it");
+        }
     }
 
     /// A ReadWrite site keeps a manifest its parent deleted while its own clients' push of

@@ -189,6 +189,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE connected_registries ADD COLUMN activated_offline INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 13: garbage collection checks and deletes blobs in batches, by digest, in tables whose
+    // keys begin with something else (PostgreSQL has had these since its first migration)
+    r#"
+    CREATE INDEX repo_blobs_by_digest ON repo_blobs(digest);
+    CREATE INDEX manifest_refs_by_child ON manifest_refs(child);
+    "#,
 ];
 
 /// The PostgreSQL schema. Text that is compared or sorted (names, tags, digests) uses the "C"
