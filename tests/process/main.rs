@@ -409,9 +409,9 @@ fn cli(o: &Outpost, user: &str, pass: &str, args: &[&str]) -> (bool, String, Str
 }
 
 /// A client that sends an upload's final `PUT` and goes away before the answer (a client
-/// timeout, a dropped link): the upload is completed all the same, so the blob is there, and
-/// never half-done (its file moved into the store but not recorded: the upload then claimed
-/// its bytes, its `PUT` answered 404, and the blob could not be served).
+/// timeout, a dropped link): once begun, the commit is completed all the same, and never left
+/// half-done (its file moved into the store but not recorded: the upload then claimed its
+/// bytes, its `PUT` answered 404, and the blob could not be served).
 #[tokio::test]
 async fn an_upload_whose_client_leaves_during_the_final_put_is_completed() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,20 +444,38 @@ async fn an_upload_whose_client_leaves_during_the_final_put_is_completed() {
         s.flush().unwrap();
         std::thread::sleep(Duration::from_millis(3));
         drop(s);
-        let mut served = false;
-        for _ in 0..100 {
-            let r = c
-                .head(o.url(&format!("/v2/app/blobs/{digest}")))
+        let served = || async {
+            c.head(o.url(&format!("/v2/app/blobs/{digest}")))
                 .send()
                 .await
-                .unwrap();
-            if r.status() == 200 {
-                served = true;
+                .unwrap()
+                .status()
+                == 200
+        };
+        let mut done = false;
+        for _ in 0..30 {
+            if served().await {
+                done = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(served, "round {round}: the blob was never completed");
+        if !done {
+            // Left before the server began the commit (a loaded machine): the upload is as
+            // it was, and the client's next try completes it.
+            let r = c
+                .put(o.url(&format!("{loc}{sep}digest={digest}")))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert!(
+                status == 201 || (status == 404 && served().await),
+                "round {round}: the upload was left half-done: {status} {body}"
+            );
+        }
+        assert!(served().await, "round {round}: the blob is not served");
     }
 }
 
@@ -758,6 +776,31 @@ async fn connected_registry_hierarchy_with_the_cli() {
         "-w",
         "PT2H",
     ]);
+    // Changing a sync token's passwords warns that its registry's instances stop syncing.
+    for (token, warned) in [("line-one", true), ("line-reader", false)] {
+        let (ok, _, err) = cli(
+            &o,
+            "admin",
+            pw,
+            &[
+                "token",
+                "credential",
+                "generate",
+                "-n",
+                token,
+                "--password2",
+                "--yes",
+            ],
+        );
+        assert!(ok, "{err}");
+        assert_eq!(
+            err.contains(
+                "It is the sync token of connected registry line-one: instances configured with the old password will stop syncing"
+            ),
+            warned,
+            "{token}: {err}"
+        );
+    }
     let site = scope_map_actions(&o, "site-one");
     assert!(
         site.contains(&"gateway/line-one/message/read".to_string()),
@@ -1197,6 +1240,20 @@ async fn readiness_and_garbage_collection_from_the_cli() {
     let (ok, _, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app:1.5"]);
     assert!(!ok);
     assert!(err.contains("1.5"), "{err}");
+    // Not ready exits 1; not being able to ask (a wrong password here) exits 2, so that a
+    // loop waiting for readiness does not wait for ever on a typo.
+    let status = |pass: &str, image: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["readiness", image, "--registry", &o.url("")])
+            .args(["--username", "admin", "--password", pass])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(status(ADMIN_PASSWORD, "team/app:1.5"), Some(1));
+    assert_eq!(status("wrong", "team/app:1.4"), Some(2));
+    assert_eq!(status(ADMIN_PASSWORD, "team/app:1.4"), Some(0));
     let (ok, _, err) = cli(&o, "admin", ADMIN_PASSWORD, &["readiness", "team/app"]);
     assert!(!ok && err.contains("no tag or digest"), "{err}");
     // --wait waits for an image that has not arrived yet.

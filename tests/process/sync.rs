@@ -3150,6 +3150,39 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     corrupt(largest());
     let repaired = export();
     assert!(repaired.contains(": 1 blobs downloaded"), "{repaired}");
+    // For scripts: the same counts as JSON on stdout.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "connected-registry",
+            "export",
+            "-n",
+            "site-far",
+            "-o",
+            "json",
+            "--dir",
+        ])
+        .arg(bundle.path())
+        .args([
+            "--registry",
+            &root.url(""),
+            "-u",
+            "admin",
+            "--password",
+            ADMIN_PASSWORD,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["repositories"].clone(),
+            v["tags"].clone(),
+            v["blobsDownloaded"].clone()
+        ),
+        (1.into(), 3.into(), 0.into()),
+        "{v}"
+    );
 
     // After the export the parent moves v1 and adds v3.
     let moved = push_image(&admin, &r, "app", "v1", "moved after the export").await;

@@ -338,16 +338,28 @@ pub async fn export(conn: &Connection, name: &str, dir: &Path) -> anyhow::Result
             }
         }
     }
-    eprintln!(
-        "exported {} repositories, {tags} tags, {} manifests to {}: {} blobs downloaded ({} bytes), {} already there, {pruned} no longer needed removed. \
-         The bundle holds client tokens' password hashes: carry it like a secret.",
-        repos.len(),
-        ex.manifests.len(),
-        dir.display(),
-        ex.blobs_fetched,
-        ex.bytes_fetched,
-        ex.blobs_present
-    );
+    let summary = serde_json::json!({
+        "directory": dir.display().to_string(),
+        "repositories": repos.len(),
+        "tags": tags,
+        "manifests": ex.manifests.len(),
+        "blobsDownloaded": ex.blobs_fetched,
+        "bytesDownloaded": ex.bytes_fetched,
+        "blobsPresent": ex.blobs_present,
+        "blobsRemoved": pruned,
+    });
+    if !conn.print_generic(&summary)? {
+        eprintln!(
+            "exported {} repositories, {tags} tags, {} manifests to {}: {} blobs downloaded ({} bytes), {} already there, {pruned} no longer needed removed.",
+            repos.len(),
+            ex.manifests.len(),
+            dir.display(),
+            ex.blobs_fetched,
+            ex.bytes_fetched,
+            ex.blobs_present
+        );
+    }
+    eprintln!("The bundle holds client tokens' password hashes: carry it like a secret.");
     Ok(())
 }
 
@@ -386,7 +398,12 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// `outpost import --data-dir <site data dir> --dir <bundle>`.
-pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> anyhow::Result<()> {
+pub async fn import(
+    data_dir: &Path,
+    dir: &Path,
+    blob_store: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     let _lock = lock_data_dir(data_dir)?;
     let bundle: Value = serde_json::from_slice(
         &read_bounded(&dir.join(BUNDLE_FILE), 256 << 20)
@@ -582,6 +599,17 @@ pub async fn import(data_dir: &Path, dir: &Path, blob_store: Option<&str>) -> an
         }
     }
     registry.close().await;
+    if json {
+        let summary = serde_json::json!({
+            "dataDir": data_dir.display().to_string(),
+            "manifests": manifests,
+            "tags": tags,
+            "blobsStored": blobs_stored,
+            "configurationInstalled": installed_config,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
     eprintln!(
         "imported {manifests} manifests, {tags} tags and {blobs_stored} new blobs into {}{}",
         data_dir.display(),

@@ -272,6 +272,10 @@ impl Client {
         let base = c.registry.trim_end_matches('/').to_string();
         let base = if base.starts_with("http://") || base.starts_with("https://") {
             base
+        } else if let Some((scheme, _)) = base.split_once("://") {
+            bail!(
+                "--registry {base}: {scheme}:// is not a registry address; give http://host:port, https://host:port or host:port"
+            );
         } else {
             format!("http://{base}")
         };
@@ -343,6 +347,9 @@ impl Client {
             }
             if why.contains("invalid HTTP version") && self.base.starts_with("http://") {
                 why.push_str(" (the registry may serve HTTPS: give --registry https://…)");
+            }
+            if why.contains("InvalidContentType") && self.base.starts_with("https://") {
+                why.push_str(" (the registry serves plain HTTP: give --registry http://…)");
             }
             anyhow::anyhow!("cannot reach the registry at {}: {why}", self.base)
         })?;

@@ -403,44 +403,9 @@ impl Config {
     /// connection string (it holds the sync token's password), the upstream password and the
     /// webhook's `Authorization` value.
     pub fn to_toml(&self) -> String {
+        let (shown, secrets) = self.shown();
         let mut out = String::new();
-        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
-            return out;
-        };
-        for (key, value) in map {
-            if matches!(
-                key.as_str(),
-                "admin_password" | "upstream_password" | "notification_authorization"
-            ) || value.is_null()
-            {
-                continue;
-            }
-            if key == "connection_string" {
-                // Whether this node runs as a connected registry, and of what, without the
-                // password.
-                let masked: Vec<String> = value
-                    .as_str()
-                    .unwrap_or_default()
-                    .split(';')
-                    .map(|kv| match kv.split_once('=') {
-                        Some((k, _)) if k.trim().eq_ignore_ascii_case("SyncTokenPassword") => {
-                            format!("{k}=***")
-                        }
-                        _ => kv.to_string(),
-                    })
-                    .collect();
-                let v = serde_json::Value::String(masked.join(";"));
-                out.push_str(&format!("{key} = {v}\n"));
-                continue;
-            }
-            if key == "database_url" {
-                let url = value
-                    .as_str()
-                    .map(outpost_meta::redact_url)
-                    .unwrap_or_default();
-                out.push_str(&format!("{key} = {}\n", serde_json::Value::String(url)));
-                continue;
-            }
+        for (key, value) in shown {
             // Strings, numbers, booleans and arrays of strings are written alike in JSON
             // and TOML.
             out.push_str(&format!("{key} = {value}\n"));
@@ -448,7 +413,78 @@ impl Config {
                 out.push_str("# (not set here: the parent's log level applies once synced)\n");
             }
         }
+        for key in secrets {
+            out.push_str(&format!("# {key} is set (not shown)\n"));
+        }
         out
+    }
+
+    /// `outpost config -o json`: the settings `to_toml` prints, and the names of the secrets
+    /// that are set (`secretsSet`), without their values.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (mut shown, secrets) = self.shown();
+        shown.insert("secretsSet".into(), secrets.into());
+        serde_json::Value::Object(shown)
+    }
+
+    /// The settings as `outpost config` shows them (unset ones left out, the connection
+    /// string's password and the database URL's hidden), and which secrets are set.
+    fn shown(
+        &self,
+    ) -> (
+        serde_json::Map<String, serde_json::Value>,
+        Vec<&'static str>,
+    ) {
+        let mut shown = serde_json::Map::new();
+        let mut secrets = Vec::new();
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
+            return (shown, secrets);
+        };
+        for (key, value) in map {
+            if let Some(secret) = [
+                "admin_password",
+                "upstream_password",
+                "notification_authorization",
+            ]
+            .into_iter()
+            .find(|s| *s == key)
+            {
+                if !value.is_null() {
+                    secrets.push(secret);
+                }
+                continue;
+            }
+            if value.is_null() {
+                continue;
+            }
+            let value = match key.as_str() {
+                // Whether this node runs as a connected registry, and of what, without the
+                // password.
+                "connection_string" => serde_json::Value::String(
+                    value
+                        .as_str()
+                        .unwrap_or_default()
+                        .split(';')
+                        .map(|kv| match kv.split_once('=') {
+                            Some((k, _)) if k.trim().eq_ignore_ascii_case("SyncTokenPassword") => {
+                                format!("{k}=***")
+                            }
+                            _ => kv.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(";"),
+                ),
+                "database_url" => serde_json::Value::String(
+                    value
+                        .as_str()
+                        .map(outpost_meta::redact_url)
+                        .unwrap_or_default(),
+                ),
+                _ => value,
+            };
+            shown.insert(key, value);
+        }
+        (shown, secrets)
     }
 }
 
@@ -480,6 +516,15 @@ fn explain(e: figment::Error) -> anyhow::Error {
                 (kind, true) if !e.path.is_empty() => {
                     format!("OUTPOST_{}: {kind}", e.path.join("_").to_ascii_uppercase())
                 }
+                (kind, false) if !e.path.is_empty() => format!(
+                    "setting {:?}{}: {kind}",
+                    e.path.join("."),
+                    e.metadata
+                        .as_ref()
+                        .and_then(|m| m.source.as_ref())
+                        .map(|s| format!(" in {s}"))
+                        .unwrap_or_default()
+                ),
                 _ => e.to_string(),
             }
         })
@@ -534,6 +579,28 @@ mod tests {
         for secret in ["hunter2", "secret"] {
             assert!(!text.contains(secret), "{text}");
         }
+        // The secrets that are set are named, as comments.
+        for key in [
+            "admin_password",
+            "upstream_password",
+            "notification_authorization",
+        ] {
+            assert!(
+                text.contains(&format!("\n# {key} is set (not shown)\n")),
+                "{text}"
+            );
+        }
+        let json = c.to_json();
+        assert_eq!(
+            json["secretsSet"],
+            serde_json::json!([
+                "admin_password",
+                "notification_authorization",
+                "upstream_password"
+            ])
+        );
+        assert_eq!(json["anonymous_pull"], true);
+        assert!(!json.to_string().contains("secret\""), "{json}");
         // Its log level, not set here, follows the parent: said so.
         assert!(
             text.contains("log_level = \"info\"\n# (not set here"),
@@ -624,6 +691,20 @@ mod tests {
             a.connection_string = Some(cs("flagg"));
             let c = Config::load(&a).map_err(|e| e.to_string())?;
             assert_eq!(c.connection_string, Some(cs("flagg")));
+            Ok(())
+        });
+    }
+
+    /// A value of the wrong type in the file names the setting as the file writes it.
+    #[test]
+    fn a_bad_value_in_the_file_names_its_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "listen = 5\n")?;
+            let mut a = args();
+            a.config = Some("c.toml".into());
+            let e = Config::load(&a).unwrap_err().to_string();
+            assert!(e.contains("setting \"listen\" in "), "{e}");
+            assert!(!e.contains("default."), "{e}");
             Ok(())
         });
     }

@@ -502,8 +502,15 @@ pub async fn run(conn: &Connection, cmd: ConnectedRegistryCmd) -> anyhow::Result
             if !conn.print_generic(&v)? {
                 match v["remainingSteps"].as_array().filter(|s| !s.is_empty()) {
                     Some(steps) => {
+                        // A registry at the top has no ancestors holding gateway rights.
+                        let gateway = steps.iter().any(|st| s(st).contains("--remove-gateway"));
                         eprintln!(
-                            "Deleted connected registry '{name}'. Its sync token, scope map and the ancestors' gateway permissions remain; remove them with:"
+                            "Deleted connected registry '{name}'. Its sync token{} remain; remove them with:",
+                            if gateway {
+                                ", scope map and the ancestors' gateway permissions"
+                            } else {
+                                " and scope map"
+                            }
                         );
                         for step in steps {
                             println!("  {}", s(step));

@@ -48,7 +48,8 @@ enum Command {
     ConnectedRegistry(connected::ConnectedRegistryCmd),
     /// Run garbage collection now: delete blobs that no manifest references.
     Gc(manage::GcArgs),
-    /// Is everything an image needs here (every platform, every blob)? Exits 1 if not.
+    /// Is everything an image needs here (every platform, every blob)? Exits 1 if not, 2 if
+    /// it could not ask (registry unreachable, wrong credentials).
     Readiness(manage::ReadinessArgs),
     /// Store an offline bundle (from `connected-registry export`) in a stopped site's data
     /// directory.
@@ -92,6 +93,7 @@ pub fn main() -> ExitCode {
         cli.command,
         Command::Serve(_) | Command::Config(_) | Command::Import(_)
     );
+    let readiness = matches!(cli.command, Command::Readiness(_));
     if !matches!(cli.command, Command::Serve(_)) {
         restore_sigpipe();
     }
@@ -101,7 +103,14 @@ pub fn main() -> ExitCode {
         )),
         Command::Serve(args) => serve::run(args),
         Command::Config(args) => config::Config::load(&args).map(|c| {
-            println!("{}", c.to_toml());
+            if cli.conn.output == client::Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&c.to_json()).unwrap_or_default()
+                );
+            } else {
+                println!("{}", c.to_toml());
+            }
         }),
         Command::ScopeMap(cmd) => block_on(manage::scope_map(&cli.conn, cmd, leaf)),
         Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),
@@ -112,13 +121,18 @@ pub fn main() -> ExitCode {
             &args.data_dir,
             &args.dir,
             args.blob_store.as_deref(),
+            cli.conn.output == client::Output::Json,
         )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if readiness && e.downcast_ref::<manage::NotReady>().is_none() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

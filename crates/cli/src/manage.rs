@@ -112,8 +112,8 @@ pub enum TokenCmd {
         #[arg(long, conflicts_with_all = ["expiration_in_days", "expiration"])]
         no_passwords: bool,
         /// Passwords expire after this many days (default: never)
-        #[arg(long, conflicts_with = "expiration")]
-        expiration_in_days: Option<u32>,
+        #[arg(long, conflicts_with = "expiration", allow_negative_numbers = true)]
+        expiration_in_days: Option<i64>,
         /// Expiry as YYYY-MM-DDTHH:MM:SSZ
         #[arg(long)]
         expiration: Option<String>,
@@ -166,8 +166,13 @@ pub enum CredentialCmd {
         #[arg(long)]
         password2: bool,
         /// Passwords expire after this many days (default: never)
-        #[arg(long, visible_alias = "days", conflicts_with = "expiration")]
-        expiration_in_days: Option<u32>,
+        #[arg(
+            long,
+            visible_alias = "days",
+            conflicts_with = "expiration",
+            allow_negative_numbers = true
+        )]
+        expiration_in_days: Option<i64>,
         /// Expiry as YYYY-MM-DDTHH:MM:SSZ
         #[arg(long)]
         expiration: Option<String>,
@@ -192,23 +197,57 @@ pub enum CredentialCmd {
     },
 }
 
-fn expiry(days: Option<u32>, at: Option<String>) -> anyhow::Result<Option<String>> {
+/// When `token` is a connected registry's sync token, a warning (with a leading space) that
+/// its instances stop syncing, for the prompt; with `--yes` (no prompt), printed to stderr.
+async fn sync_token_warning(c: &Client, token: &str, yes: bool) -> String {
+    let Ok(Some(list)) = c.call(Method::GET, "/connected-registries", None).await else {
+        return String::new();
+    };
+    let users: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["syncToken"].as_str() == Some(token))
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    if users.is_empty() {
+        return String::new();
+    }
+    let warning = format!(
+        " It is the sync token of connected registry {}: instances configured with the old password will stop syncing until they get a new connection string (`outpost connected-registry get-settings -n {} --generate-password 1` makes one).",
+        users.join(", "),
+        users[0]
+    );
+    if yes {
+        eprintln!("Warning:{warning}");
+    }
+    warning
+}
+
+/// Longest `--expiration-in-days`: 100 years (leave it out for passwords that never expire).
+const MAX_EXPIRATION_DAYS: i64 = 36_500;
+
+fn expiry(days: Option<i64>, at: Option<String>) -> anyhow::Result<Option<String>> {
     if let Some(at) = at {
         outpost_control::parse_rfc3339(&at).map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
         return Ok(Some(at));
     }
-    if days == Some(0) {
-        bail!(
-            "--expiration-in-days must be at least 1 (leave it out for passwords that do not expire)"
-        );
+    match days {
+        Some(d) if d < 1 => bail!(
+            "--expiration-in-days must be at least 1, not {d} (leave it out for passwords that do not expire)"
+        ),
+        Some(d) if d > MAX_EXPIRATION_DAYS => bail!(
+            "--expiration-in-days is at most {MAX_EXPIRATION_DAYS} (100 years), not {d} (leave it out for passwords that do not expire)"
+        ),
+        _ => {}
     }
     Ok(days.map(|d| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_secs() as i64)
             .unwrap_or(0)
-            + u64::from(d) * 86_400;
-        outpost_control::format_rfc3339(secs as i64 * 1000)
+            + d * 86_400;
+        outpost_control::format_rfc3339(secs * 1000)
     }))
 }
 
@@ -514,8 +553,9 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
             let which = slots(password1, password2);
             confirm(
                 &format!(
-                    "This will invalidate {} of token '{name}'. Continue?",
-                    which.join(" and ")
+                    "This will invalidate {} of token '{name}'.{} Continue?",
+                    which.join(" and "),
+                    sync_token_warning(&c, &name, yes).await
                 ),
                 yes,
             )?;
@@ -541,8 +581,9 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
             let which = slots(password1, password2);
             confirm(
                 &format!(
-                    "This will delete {} of token '{name}'. Continue?",
-                    which.join(" and ")
+                    "This will delete {} of token '{name}'.{} Continue?",
+                    which.join(" and "),
+                    sync_token_warning(&c, &name, yes).await
                 ),
                 yes,
             )?;
@@ -567,11 +608,14 @@ pub struct GcArgs {
     dry_run: bool,
     /// Spare blobs stored or linked in the last this many seconds (default: the server's
     /// gc_min_age_secs)
-    #[arg(long)]
-    min_age_secs: Option<u64>,
+    #[arg(long, allow_negative_numbers = true)]
+    min_age_secs: Option<i64>,
 }
 
 pub async fn gc(conn: &Connection, args: GcArgs) -> anyhow::Result<()> {
+    if let Some(s) = args.min_age_secs.filter(|s| *s < 0) {
+        bail!("--min-age-secs must be 0 or more, not {s}");
+    }
     let client = Client::new(conn)?;
     let mut body = serde_json::json!({ "dryRun": args.dry_run });
     if let Some(s) = args.min_age_secs {
@@ -655,6 +699,13 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
             {
                 Value::Null
             }
+            // An image that is not here at all is not ready (exit 1, not 2).
+            Err(e)
+                if e.downcast_ref::<HttpStatus>()
+                    .is_some_and(|h| h.status == reqwest::StatusCode::NOT_FOUND) =>
+            {
+                return Err(NotReady(format!("{e:#}")).into());
+            }
             Err(e) => return Err(e),
         };
         if waiting && !v["ready"].as_bool().unwrap_or(false) {
@@ -716,13 +767,21 @@ pub async fn readiness(conn: &Connection, args: ReadinessArgs) -> anyhow::Result
     }
     if !ready {
         let count = v["missing"].as_array().map_or(0, |m| m.len());
-        bail!(
-            "{} is not ready here: {count} manifest(s) or blob(s) missing; they arrive with the next sync (see `outpost connected-registry show` at the parent, or wait with --wait SECONDS)",
+        return Err(NotReady(format!(
+            "{} is not ready here: {count} manifest(s) or blob(s) missing; at a connected registry they arrive with the next sync (see `outpost connected-registry show` at the parent, or wait with --wait SECONDS); at the root, push the image again",
             args.image
-        );
+        ))
+        .into());
     }
     Ok(())
 }
+
+/// `outpost readiness` found something missing: exit status 1, kept apart from failing to
+/// ask (2), so that `until outpost readiness app:1.4; do …` does not loop for ever on a
+/// wrong password.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(String);
 
 #[cfg(test)]
 mod readiness_tests {

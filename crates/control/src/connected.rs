@@ -481,6 +481,36 @@ pub fn parse_schedule(what: &str, s: &str) -> Result<croner::Cron> {
     if s.split_whitespace().count() != 5 {
         return Err(bad(String::new()));
     }
+    // Numbers out of a field's range named here (the parser's own words are "Number out of
+    // bounds", without saying which).
+    const FIELDS: [(&str, u32, u32); 5] = [
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day of month", 1, 31),
+        ("month", 1, 12),
+        ("day of week", 0, 7),
+    ];
+    for (field, (name, lo, hi)) in s.split_whitespace().zip(FIELDS) {
+        let (values, step) = match field.split_once('/') {
+            Some((v, step)) => (v, Some(step)),
+            None => (field, None),
+        };
+        for n in values
+            .split([',', '-'])
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            if n < lo || n > hi {
+                return Err(bad(format!(": the {name} {n} is out of range ({lo}-{hi})")));
+            }
+        }
+        if let Some(n) = step.and_then(|p| p.parse::<u32>().ok())
+            && (n == 0 || n > hi)
+        {
+            return Err(bad(format!(
+                ": the {name} step /{n} is out of range (1-{hi})"
+            )));
+        }
+    }
     let cron = s
         .parse::<croner::Cron>()
         .map_err(|e| bad(format!(": {e}")))?;
@@ -1066,17 +1096,15 @@ impl Control {
         // The sync token and its scope map.
         let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
             None => {
-                if self.meta.token(name).await?.is_some() {
-                    return Err(ControlError::AlreadyExists {
-                        kind: "token",
-                        name: name.into(),
-                    });
-                }
-                if self.meta.scope_map(name).await?.is_some() {
-                    return Err(ControlError::AlreadyExists {
-                        kind: "scope map",
-                        name: name.into(),
-                    });
+                for (kind, taken) in [
+                    ("token", self.meta.token(name).await?.is_some()),
+                    ("scope map", self.meta.scope_map(name).await?.is_some()),
+                ] {
+                    if taken {
+                        return Err(ControlError::Taken(format!(
+                            "{kind} {name:?} already exists: creating connected registry {name:?} makes a sync token and a scope map of that name; give this registry another name, or use the existing token as its sync token with --sync-token {name}"
+                        )));
+                    }
                 }
                 let mut actions: Vec<String> =
                     repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
@@ -2558,7 +2586,17 @@ mod tests {
         assert!(parse_schedule("s", "*/15 2-4 * * MON-FRI").is_ok());
         assert!(parse_schedule("s", "0 12 * *").is_err());
         assert!(parse_schedule("s", "0 0 12 * * *").is_err(), "six fields");
-        assert!(parse_schedule("s", "61 * * * *").is_err());
+        for (bad, why) in [
+            ("61 * * * *", "the minute 61 is out of range (0-59)"),
+            ("0 24 * * *", "the hour 24 is out of range (0-23)"),
+            ("0 0 0 * *", "the day of month 0 is out of range (1-31)"),
+            ("0 0 1 1-13 *", "the month 13 is out of range (1-12)"),
+            ("0 0 * * 8", "the day of week 8 is out of range (0-7)"),
+            ("*/90 * * * *", "the minute step /90 is out of range (1-59)"),
+        ] {
+            let e = parse_schedule("s", bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
         let e = parse_schedule("sync schedule", "nope")
             .unwrap_err()
             .to_string();

@@ -45,6 +45,9 @@ pub enum ControlError {
     NotFound { kind: &'static str, name: String },
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: &'static str, name: String },
+    /// A name already in use, with what to do about it.
+    #[error("{0}")]
+    Taken(String),
     #[error("{0}")]
     Invalid(String),
     /// A connected-registry change asked of a connected registry: the resources come from the

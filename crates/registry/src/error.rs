@@ -16,7 +16,7 @@ pub enum RegistryError {
     BlobUnknown(Digest),
     #[error("upload {0} does not exist in this repository; start a new upload with POST")]
     UploadUnknown(String),
-    #[error("content hashes to {actual}, not to the digest {expected} given by the client")]
+    #[error("content hashes to {actual}, not to its digest {expected}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("manifest is invalid: {0}")]
     ManifestInvalid(#[from] ManifestError),

@@ -244,7 +244,7 @@ impl From<ControlError> for ApiError {
         let msg = e.to_string();
         match e {
             C::NotFound { .. } => ApiError::custom(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
-            C::AlreadyExists { .. } => {
+            C::AlreadyExists { .. } | C::Taken(_) => {
                 ApiError::custom(StatusCode::CONFLICT, "ALREADY_EXISTS", msg)
             }
             C::Invalid(_) | C::Scope(_) => {

@@ -162,6 +162,11 @@ async fn every_rule_is_enforced_with_a_message_that_names_it() {
             "already exists",
         ),
         (
+            json!({"name": "reader-01", "repositories": ["app"]}),
+            StatusCode::CONFLICT,
+            "token \"reader-01\" already exists: creating connected registry \"reader-01\" makes a sync token and a scope map of that name; give this registry another name, or use the existing token as its sync token with --sync-token reader-01",
+        ),
+        (
             json!({"name": "mode-bad", "mode": "Mirror2", "repositories": ["app"]}),
             StatusCode::BAD_REQUEST,
             "--mode supports only",
