@@ -169,10 +169,12 @@ pub struct NewManifest<'a> {
 }
 
 /// What `put_manifest` changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutOutcome {
     pub manifest_created: bool,
     pub tag_changed: bool,
+    /// What the tag pointed at before this put moved it (read in the same transaction).
+    pub replaced: Option<String>,
 }
 
 /// One entry of the event log.
@@ -932,6 +934,7 @@ impl Meta {
             .await?;
         }
         let mut tag_changed = false;
+        let mut replaced = None;
         if let Some(tag) = m.tag {
             let old: Option<String> =
                 sqlx::query_scalar("SELECT digest FROM tags WHERE repo_id = $1 AND name = $2")
@@ -960,12 +963,14 @@ impl Meta {
                 )
                 .await?;
                 tag_changed = true;
+                replaced = old;
             }
         }
         tx.commit().await?;
         Ok(PutOutcome {
             manifest_created: created,
             tag_changed,
+            replaced,
         })
     }
 

@@ -73,6 +73,10 @@ pub type StoredManifest = CachedManifest;
 pub struct PushedManifest {
     pub digest: Digest,
     pub subject: Option<Digest>,
+    /// For a put by tag: what the tag pointed at before this put moved it (`None`: the tag
+    /// is new, or already pointed here). Read in the same transaction as the move, so two
+    /// writers racing for a tag each learn exactly what they replaced.
+    pub replaced: Option<String>,
 }
 
 /// One node's registry: blob store plus metadata.
@@ -899,7 +903,11 @@ impl Registry {
                 if outcome.tag_changed || outcome.manifest_created {
                     self.changed(repo);
                 }
-                Ok(PushedManifest { digest, subject })
+                Ok(PushedManifest {
+                    digest,
+                    subject,
+                    replaced: outcome.replaced,
+                })
             }
             Err(MetaError::MissingBlob(d)) => Err(RegistryError::ManifestBlobUnknown(d)),
             Err(MetaError::MissingManifest(d)) => Err(RegistryError::ManifestChildUnknown(d)),

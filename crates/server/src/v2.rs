@@ -709,8 +709,17 @@ async fn put_manifest(
     {
         resp.headers_mut().insert("oci-subject", v);
     }
+    // A put by tag says what it replaced, for a ReadWrite site's conflict report.
+    if matches!(reference, Reference::Tag(_))
+        && let Ok(v) = HeaderValue::from_str(pushed.replaced.as_deref().unwrap_or("none"))
+    {
+        resp.headers_mut().insert(REPLACED_HEADER, v);
+    }
     Ok(resp)
 }
+
+/// On a `PUT` of a manifest by tag: the digest the tag pointed at before, or `none`.
+const REPLACED_HEADER: &str = "outpost-replaced-digest";
 
 async fn get_blob(
     app: &App,

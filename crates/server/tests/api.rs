@@ -1376,3 +1376,48 @@ async fn a_blob_file_cut_short_is_unknown_until_pushed_again() {
     assert_eq!(r.body, data);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 100_000);
 }
+
+/// A manifest put by tag says what the tag pointed at before (`Outpost-Replaced-Digest`,
+/// `none` for a new tag or one already there), read with the move itself: a ReadWrite site
+/// racing another site for a tag learns exactly what its write replaced, and reports the
+/// conflict when that was not what it last knew.
+#[tokio::test]
+async fn a_put_by_tag_says_what_it_replaced() {
+    let t = setup().await;
+    let (one, d1) = t.push_image("app", "seed1", "one").await;
+    let (two, _) = t.push_image("app", "seed2", "two").await;
+    let replaced = |bytes: Vec<u8>, reference: &'static str| {
+        let t = &t;
+        async move {
+            let r = t
+                .push_manifest("app", reference, OCI_MANIFEST, &bytes)
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED);
+            r.headers
+                .get("outpost-replaced-digest")
+                .map(|v| v.to_str().unwrap().to_string())
+        }
+    };
+    assert_eq!(
+        replaced(one.clone(), "x").await.as_deref(),
+        Some("none"),
+        "a new tag"
+    );
+    assert_eq!(
+        replaced(two.clone(), "x").await,
+        Some(d1.to_string()),
+        "moved from one to two"
+    );
+    assert_eq!(
+        replaced(two, "x").await.as_deref(),
+        Some("none"),
+        "already there"
+    );
+    let by_digest = d1.to_string();
+    let r = t.push_manifest("app", &by_digest, OCI_MANIFEST, &one).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert!(
+        r.headers.get("outpost-replaced-digest").is_none(),
+        "a put by digest moves no tag"
+    );
+}

@@ -1687,9 +1687,34 @@ impl Child {
                 let (Some(tag), Some(m)) = (e.tag.as_deref(), local(&digest).await) else {
                     return Ok(());
                 };
-                // A conflict only if the parent's tag moved away from what this site last knew
-                // (from its own push or from sync); not when the site moves its own tag again.
-                let conflict = match self.parent.manifest_digest(repo.as_str(), tag).await? {
+                // What the parent's tag points at now: what this write replaces, unless
+                // another write lands in between. A parent that says what the write replaced
+                // (read in the same transaction) is believed over this look.
+                let looked = self.parent.manifest_digest(repo.as_str(), tag).await?;
+                let put = self
+                    .parent
+                    .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
+                    .await;
+                let said = match put {
+                    // The parent lost what the manifest references since this site had it
+                    // (deleted there, then collected): send it up, then the tag again.
+                    Err(err) if parent_misses_references(&err) => {
+                        self.send_references(&repo, &m.content, &m.media_type, 0)
+                            .await?;
+                        self.parent
+                            .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
+                            .await?
+                    }
+                    other => other?,
+                };
+                let replaced = match said {
+                    Some(said) => said,
+                    None => looked,
+                };
+                // A conflict only if the parent's tag had moved away from what this site last
+                // knew (from its own push or from sync); not when the site moves its own tag
+                // again.
+                let conflict = match replaced {
                     Some(theirs)
                         if theirs != digest
                             && Some(&theirs) != self.tag_before(e, tag).await?.as_ref() =>
@@ -1698,22 +1723,6 @@ impl Child {
                     }
                     _ => None,
                 };
-                let put = self
-                    .parent
-                    .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
-                    .await;
-                match put {
-                    // The parent lost what the manifest references since this site had it
-                    // (deleted there, then collected): send it up, then the tag again.
-                    Err(err) if parent_misses_references(&err) => {
-                        self.send_references(&repo, &m.content, &m.media_type, 0)
-                            .await?;
-                        self.parent
-                            .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
-                            .await?;
-                    }
-                    other => other?,
-                }
                 // Reported once the write went through, so a retried send reports it once.
                 if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");

@@ -772,13 +772,15 @@ impl Parent {
             .to_string())
     }
 
+    /// Puts a manifest; for a put by tag, returns what the parent says the tag pointed at
+    /// before (`Some(None)`: nothing, or this same manifest; `None`: a parent too old to say).
     pub async fn put_manifest(
         &self,
         repo: &str,
         reference: &str,
         media_type: &str,
         body: Bytes,
-    ) -> Result<(), SyncError> {
+    ) -> Result<Option<Option<String>>, SyncError> {
         let resp = self
             .send(
                 self.request(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
@@ -786,8 +788,12 @@ impl Parent {
                     .body(body),
             )
             .await?;
-        self.check(resp).await?;
-        Ok(())
+        let resp = self.check(resp).await?;
+        Ok(resp
+            .headers()
+            .get("outpost-replaced-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| (v != "none").then(|| v.to_string())))
     }
 
     /// Deletes a tag or manifest at the parent; one already gone is fine.
