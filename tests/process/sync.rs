@@ -736,6 +736,74 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
     assert!(!log.contains("cannot reach the parent"), "{log}");
 }
 
+/// A transfer cut mid-blob whose image is then deleted at the root: the partial download is
+/// not needed any more, and once the site has caught up it is dropped rather than kept
+/// (out of the reaper's and garbage collection's reach) for a month.
+#[tokio::test]
+async fn a_partial_download_no_longer_needed_is_dropped() {
+    const SIZE: usize = 24 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    support::push_big_image(&admin, &r, "big", "v1", SIZE).await;
+    let manifest = tag_digest(&admin, &r, "big", "v1").await.unwrap();
+    let cs = connected(&root, "site-drop", &["--repository", "big"]);
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    proxy
+        .cut_at
+        .store(9 << 20, std::sync::atomic::Ordering::Relaxed);
+    let site = start_site_polling(site_dir.path(), &via(&cs, &proxy.addr), "1");
+    let partial = site_dir.path().join("sync/partial");
+    let uploads = site_dir.path().join("uploads");
+    let held = || {
+        std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    eventually("the transfer is cut part-way", || async {
+        proxy.bytes() >= 9 << 20
+    })
+    .await;
+    // The link stays down while the image is deleted at the root.
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        std::fs::read_dir(&partial).is_ok_and(|mut d| d.next().is_some()),
+        "a partial download is recorded"
+    );
+    assert!(held() > 1 << 20, "part of the blob is on disk");
+    let resp = admin
+        .delete(format!("{r}/v2/big/manifests/{manifest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    proxy
+        .cut_at
+        .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let marker = push_image(&admin, &r, "big", "small", "after").await;
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site catches up", || async {
+        tag_digest(&site_admin, &s, "big", "small").await.as_deref() == Some(marker.as_str())
+    })
+    .await;
+    eventually("the partial download is dropped", || async {
+        std::fs::read_dir(&partial).is_ok_and(|mut d| d.next().is_none()) && held() < 1 << 20
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_link_that_stalls_mid_blob_times_out_and_resumes() {
     const SIZE: usize = 24 << 20;

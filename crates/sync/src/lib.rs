@@ -1486,12 +1486,49 @@ impl Child {
                     self.set_cursor(None)?;
                 }
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if page.next >= page.latest {
+                    self.drop_stale_partials().await;
+                }
                 if busy {
                     self.report("Online", true).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Once nothing is left to fetch (the feed caught up, nothing skipped, no transfer under
+    /// way), partial downloads still on disk belong to transfers that were cut and then no
+    /// longer needed (the image deleted or moved at the parent meanwhile): they are dropped,
+    /// or each would hold its bytes for [`PARTIAL_DOWNLOAD_KEEP`], out of the reaper's and
+    /// garbage collection's reach.
+    async fn drop_stale_partials(&self) {
+        if !self
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            || !self.skipped.list().is_empty()
+        {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.join("partial")) else {
+            return;
+        };
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            if let Ok(Some(saved)) = read_state(&path)
+                && let Some((repo, id)) = saved.trim().split_once(' ')
+                && let Ok(repo) = repo.parse::<RepoName>()
+            {
+                if let Err(e) = self.registry.cancel_upload(&repo, id).await {
+                    tracing::debug!(upload = id, error = %e, "removing a partial download");
+                }
+                tracing::info!(repository = %repo, upload = id, "dropped a partial download no longer needed");
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a partial download's marker");
+            }
+        }
     }
 
     /// Local client changes not yet sent up (0 on a ReadOnly site, which takes none).
