@@ -19,6 +19,9 @@ use std::time::Duration;
 /// with the next one).
 const RELAY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long status reports are not relayed upward after a relay failed.
+const RELAY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The way up from an intermediate connected registry to its parent, for relaying its
 /// descendants' activation and status (implemented by `outpost-sync`).
 pub trait Upstream: Send + Sync {
@@ -1662,11 +1665,29 @@ impl Control {
             // Bounded well below a child's own patience (its read timeout, a minute by
             // default): a parent that accepts and never answers must not make the child give
             // up on this node, which serves it from its own state.
-            let relayed = match tokio::time::timeout(RELAY_WAIT, up.report(name, &full)).await {
-                Ok(r) => r,
-                Err(_) => Err(ControlError::Internal(format!(
-                    "the parent did not answer within {RELAY_WAIT:?}"
-                ))),
+            // After a failure, not again for RELAY_BACKOFF: the report goes up whole with a
+            // later one.
+            let failed_lately = self
+                .relay_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|at| at.elapsed() < RELAY_BACKOFF);
+            let relayed = if failed_lately {
+                Err(ControlError::Unavailable(
+                    "the parent did not answer lately; relayed with a later report".into(),
+                ))
+            } else {
+                let r = match tokio::time::timeout(RELAY_WAIT, up.report(name, &full)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ControlError::Internal(format!(
+                        "the parent did not answer within {RELAY_WAIT:?}"
+                    ))),
+                };
+                *self.relay_failed.lock().unwrap_or_else(|p| p.into_inner()) = match &r {
+                    Ok(()) | Err(ControlError::NotActive(_)) => None,
+                    Err(_) => Some(std::time::Instant::now()),
+                };
+                r
             };
             match relayed {
                 Ok(()) => {

@@ -422,6 +422,10 @@ pub struct Control {
     writes: tokio::sync::Mutex<()>,
     /// Set on an intermediate connected registry: where to relay activation and status.
     upstream: RwLock<Option<Arc<dyn connected::Upstream>>>,
+    /// When relaying a status report upward last failed (not answered in time, or not at
+    /// all): reports are not relayed for a while after, so children do not wait on a parent
+    /// that is away, nor dial it at every report.
+    relay_failed: Mutex<Option<std::time::Instant>>,
     /// Counts access-control changes, for those who wait on them ([`Control::subscribe`]).
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -474,6 +478,7 @@ impl Control {
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
             upstream: RwLock::new(None),
+            relay_failed: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
         }
     }
