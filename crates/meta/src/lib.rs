@@ -1624,19 +1624,24 @@ pub(crate) mod tests {
         events.iter().map(|e| e.seq).collect()
     }
 
+    /// Creates repository `app` by hand; returns its id.
+    async fn app_repository(meta: &Meta) -> i64 {
+        sqlx::query("INSERT INTO repositories (name, created_at) VALUES ('app', 0)")
+            .execute(&meta.write)
+            .await
+            .expect("insert");
+        sqlx::query_scalar("SELECT id FROM repositories WHERE name = 'app'")
+            .fetch_one(&meta.write)
+            .await
+            .expect("id")
+    }
+
     /// Collection in batches removes every old unreferenced blob, across batch boundaries,
     /// and nothing referenced, recent or kept; a dry run removes nothing.
     #[tokio::test]
     async fn collection_in_batches_takes_exactly_the_unreferenced_blobs() {
         for (meta, _dir) in stores().await {
-            sqlx::query("INSERT INTO repositories (name, created_at) VALUES ('app', 0)")
-                .execute(&meta.write)
-                .await
-                .expect("insert");
-            let id: i64 = sqlx::query_scalar("SELECT id FROM repositories WHERE name = 'app'")
-                .fetch_one(&meta.write)
-                .await
-                .expect("id");
+            let id = app_repository(&meta).await;
             // 1,203 blobs: every tenth referenced, blob 7 too new, blob 11 kept by a sync.
             for i in 0..1203 {
                 let d = format!("sha256:{i:064}");
@@ -1702,14 +1707,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn client_use_of_a_manifest_after_a_point_in_the_log() {
         for (meta, _dir) in stores().await {
-            sqlx::query("INSERT INTO repositories (name, created_at) VALUES ('app', 0)")
-                .execute(&meta.write)
-                .await
-                .expect("insert");
-            let id: i64 = sqlx::query_scalar("SELECT id FROM repositories WHERE name = 'app'")
-                .fetch_one(&meta.write)
-                .await
-                .expect("id");
+            let id = app_repository(&meta).await;
             sqlx::query(
                 "INSERT INTO manifest_refs (repo_id, manifest, child) VALUES ($1, 'idx', 'm1')",
             )
