@@ -2152,38 +2152,42 @@ impl Child {
         Ok(())
     }
 
-    /// Whether this site's own clients changed `repo:tag` after its outbox last sent: the
-    /// change is on its way up, and the parent's older state must not undo it. Never on a
-    /// ReadOnly site.
-    async fn client_change_pending(&self, repo: &str, tag: &str, read_only: bool) -> Result<bool> {
+    /// Where this site's outbox has sent its clients' changes up to; `None` on a ReadOnly
+    /// site, whose clients change nothing.
+    fn outbox_sent(&self, read_only: bool) -> Result<Option<i64>> {
         if read_only {
-            return Ok(false);
+            return Ok(None);
         }
-        let sent = read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0);
-        self.registry
-            .meta()
-            .client_changed_tag_after(repo, tag, sent)
-            .await
-            .map_err(|e| SyncError::Registry(e.into()))
+        Ok(Some(
+            read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0),
+        ))
+    }
+
+    /// Whether this site's own clients changed `repo:tag` after its outbox last sent: the
+    /// change is on its way up, and the parent's older state must not undo it.
+    async fn client_change_pending(&self, repo: &str, tag: &str, read_only: bool) -> Result<bool> {
+        let Some(sent) = self.outbox_sent(read_only)? else {
+            return Ok(false);
+        };
+        let meta = self.registry.meta();
+        let pending = meta.client_changed_tag_after(repo, tag, sent).await;
+        pending.map_err(|e| SyncError::Registry(e.into()))
     }
 
     /// Whether this site's own clients pushed or tagged manifest `digest` of `repo` (or an
-    /// index over it) after its outbox last sent. Never on a ReadOnly site.
+    /// index over it) after its outbox last sent.
     async fn client_used_manifest_pending(
         &self,
         repo: &str,
         digest: &str,
         read_only: bool,
     ) -> Result<bool> {
-        if read_only {
+        let Some(sent) = self.outbox_sent(read_only)? else {
             return Ok(false);
-        }
-        let sent = read_outbox_cursor(&self.dir.join("outbox-cursor"))?.unwrap_or(0);
-        self.registry
-            .meta()
-            .client_used_manifest_after(repo, digest, sent)
-            .await
-            .map_err(|e| SyncError::Registry(e.into()))
+        };
+        let meta = self.registry.meta();
+        let pending = meta.client_used_manifest_after(repo, digest, sent).await;
+        pending.map_err(|e| SyncError::Registry(e.into()))
     }
 
     async fn apply(&self, m: &Message, read_only: bool) -> Result<()> {
