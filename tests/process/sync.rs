@@ -2906,7 +2906,7 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(small.as_str())
     })
     .await;
-    eventually("the root shows DiskError for the site", || async {
+    let show = || {
         let out = cli_ok(
             &root,
             &[
@@ -2918,7 +2918,9 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
                 "json",
             ],
         );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let disk_error = |v: &serde_json::Value| {
         v["statusDetails"].as_array().is_some_and(|d| {
             d.iter().any(|x| {
                 x["code"] == "DiskError"
@@ -2928,7 +2930,15 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
                     })
             })
         })
-    })
+    };
+    // The sync is failing, and the root says so, not only in the details.
+    eventually(
+        "the root shows DiskError and a failed sync for the site",
+        || async {
+            let v = show();
+            disk_error(&v) && v["lastSyncResult"] == "Failed" && v["syncState"] == "Failed"
+        },
+    )
     .await;
     // A client push that does not fit gets a clear 507, and what the site holds stays intact.
     // The sync's retries fill the disk to the last byte at moments, and then the upload
@@ -2971,6 +2981,21 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
         .await
         .unwrap();
     assert_eq!(pulled.status(), 200);
+
+    // The image that cannot fit is deleted at the root: the site gets past it, and the root
+    // shows it syncing again, with the disk error gone.
+    let big = tag_digest(&admin, &r, "big", "v1").await.unwrap();
+    let resp = admin
+        .delete(format!("{r}/v2/big/manifests/{big}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    eventually("the root shows the site recovered", || async {
+        let v = show();
+        !disk_error(&v) && v["lastSyncResult"] == "Succeeded" && v["connectionState"] == "Online"
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -40,6 +40,7 @@ use outpost_registry::{Registry, RegistryError};
 use parent::Feed;
 pub use parent::ParentCa;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -336,6 +337,23 @@ struct Child {
     /// a scope that shrank while it was stopped arrives with its first configuration, not as
     /// a change.
     pruned: std::sync::atomic::AtomicBool,
+    /// Whether the parent last heard `lastSyncResult: Failed` from this instance, so that
+    /// the next iteration that goes through tells it otherwise.
+    failure_reported: std::sync::atomic::AtomicBool,
+}
+
+/// What a status report says about the sync's result (`lastSyncResult`, `lastSyncTime`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    /// Nothing: the parent keeps the last result (a report of progress or of a change).
+    Progress,
+    /// Content was applied: `Succeeded`, and now is the last sync time.
+    Synced,
+    /// An iteration went through after a failed one, with nothing to apply: `Succeeded`,
+    /// the last sync time unchanged.
+    Recovered,
+    /// The iteration failed; the status details say why.
+    Failed,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
@@ -994,6 +1012,7 @@ pub async fn start(
         scope: tokio::sync::watch::Sender::new(outpost_control::connected::SyncScope::of(&config)),
         activated: std::sync::atomic::AtomicBool::new(activated),
         pruned: std::sync::atomic::AtomicBool::new(false),
+        failure_reported: std::sync::atomic::AtomicBool::new(false),
     });
     let gc = child.gc.subscribe();
     let scope = child.scope.subscribe();
@@ -1091,6 +1110,7 @@ pub async fn start_mirror(
         scope: tokio::sync::watch::Sender::default(),
         activated: std::sync::atomic::AtomicBool::new(true),
         pruned: std::sync::atomic::AtomicBool::new(true),
+        failure_reported: std::sync::atomic::AtomicBool::new(false),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
@@ -1252,6 +1272,15 @@ impl Child {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
                     self.registry.metrics().sync_succeeded();
+                    // A whole iteration went through: whatever failed before is over.
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    // The root still shows the failure when the iteration that recovered
+                    // applied nothing (and so reported nothing): say so now.
+                    if self.failure_reported.load(Relaxed)
+                        && let Err(e) = self.report("Online", Outcome::Recovered).await
+                    {
+                        tracing::debug!(error = %e, "could not report the recovery to the parent");
+                    }
                 }
                 Err(SyncError::WindowClosed) => {
                     tracing::info!(
@@ -1259,7 +1288,7 @@ impl Child {
                     );
                     // No longer syncing, with what is still to apply: the root shows that
                     // until the next window rather than "Syncing".
-                    if let Err(e) = self.report("Online", false).await {
+                    if let Err(e) = self.report("Online", Outcome::Progress).await {
                         tracing::debug!(error = %e, "could not report the closed window to the parent");
                     }
                 }
@@ -1283,7 +1312,7 @@ impl Child {
                         });
                     // Tell the parent now if it can hear us: an error that recurs before the
                     // next successful report would otherwise never reach the root.
-                    if let Err(report) = self.report("Online", false).await {
+                    if let Err(report) = self.report("Online", Outcome::Failed).await {
                         tracing::debug!(error = %report, "could not report the failure to the parent");
                     }
                     // Jitter from the clock's sub-second noise keeps a fleet from retrying in step.
@@ -1302,7 +1331,8 @@ impl Child {
         }
     }
 
-    async fn report(&self, state: &str, synced: bool) -> Result<()> {
+    async fn report(&self, state: &str, outcome: Outcome) -> Result<()> {
+        let synced = outcome == Outcome::Synced;
         let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let outbox_depth = self.outbox_depth().await;
         let metrics = self.registry.metrics().clone();
@@ -1323,7 +1353,11 @@ impl Child {
                 instance_id: self.instance_id.clone(),
                 state: Some(state.into()),
                 last_sync_time: synced.then(now_rfc3339),
-                last_sync_result: synced.then(|| "Succeeded".into()),
+                last_sync_result: match outcome {
+                    Outcome::Progress => None,
+                    Outcome::Synced | Outcome::Recovered => Some("Succeeded".into()),
+                    Outcome::Failed => Some("Failed".into()),
+                },
                 status_details: Some(details),
                 version: Some(env!("CARGO_PKG_VERSION").into()),
                 login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
@@ -1332,6 +1366,11 @@ impl Child {
             })
             .await?;
         metrics.sync_reported(synced, lag, outbox_depth);
+        match outcome {
+            Outcome::Progress => {}
+            Outcome::Failed => self.failure_reported.store(true, Relaxed),
+            Outcome::Synced | Outcome::Recovered => self.failure_reported.store(false, Relaxed),
+        }
         Ok(())
     }
 
@@ -1392,7 +1431,7 @@ impl Child {
         // ends the wait below, and is sent by the next iteration.
         let mut local = self.registry.subscribe();
         if cfg.mode == "ReadWrite" && self.flush_outbox().await? > 0 {
-            self.report("Online", false).await?;
+            self.report("Online", Outcome::Progress).await?;
         }
         // Before any reconcile: when the list of skipped manifests is full, a reconcile stops
         // at the next one, and only retries can make room.
@@ -1407,14 +1446,14 @@ impl Child {
                     .collect();
                 if !added.is_empty() {
                     tracing::info!(repositories = ?added, "repositories added to this site's scope; fetching their content");
-                    self.report("Syncing", false).await?;
+                    self.report("Syncing", Outcome::Progress).await?;
                     let scope = SyncConfig {
                         repositories: added,
                         ..cfg.clone()
                     };
                     self.reconcile_scope(&scope).await?;
                     clear_backfill(&self.dir)?;
-                    self.report("Online", true).await?;
+                    self.report("Online", Outcome::Synced).await?;
                 }
                 c
             }
@@ -1424,13 +1463,13 @@ impl Child {
                     Feed::Expired { latest } => latest,
                     Feed::Page(p) => p.latest,
                 };
-                self.report("Syncing", false).await?;
+                self.report("Syncing", Outcome::Progress).await?;
                 self.reconcile(&cfg).await?;
                 clear_backfill(&self.dir)?;
                 self.set_cursor(Some(latest))?;
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.report("Online", true).await?;
+                self.report("Online", Outcome::Synced).await?;
                 latest
             }
         };
@@ -1471,7 +1510,7 @@ impl Child {
                 };
                 if busy {
                     lag_after(cursor);
-                    self.report("Syncing", false).await?;
+                    self.report("Syncing", Outcome::Progress).await?;
                 }
                 for m in &page.messages {
                     self.check_window()?;
@@ -1490,7 +1529,7 @@ impl Child {
                     self.drop_stale_partials().await;
                 }
                 if busy {
-                    self.report("Online", true).await?;
+                    self.report("Online", Outcome::Synced).await?;
                 }
             }
         }
@@ -2456,7 +2495,7 @@ impl Child {
                 .update(|items| items.retain(|x| !done.iter().any(|d| d.same(x))))?;
             if matches!(self.role, Role::Gateway) {
                 // The parent shows the shorter list at once, not at the next change.
-                self.report("Online", false).await?;
+                self.report("Online", Outcome::Progress).await?;
             }
         }
         ended
