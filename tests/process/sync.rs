@@ -1455,7 +1455,8 @@ async fn the_outbox_survives_kill_9_and_token_changes_reach_the_site() {
             "-n",
             "outbox-reader",
             "--status",
-            "disabled",
+            // As az users type it.
+            "Disabled",
         ],
     );
     eventually("the site refuses the disabled token", || async {
@@ -3369,13 +3370,16 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         "refused before a database was created"
     );
 
-    // A damaged blob is refused, not stored.
+    // A damaged blob is refused, not stored; the data directory the import made is gone
+    // again, so nothing takes it for a site.
     let other_site = tempfile::tempdir().unwrap();
+    let new_dir = other_site.path().join("new-site");
     corrupt(largest());
-    let out = import(other_site.path());
+    let out = import(&new_dir);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hashes to"), "{err}");
+    assert!(!new_dir.exists(), "the failed import left {new_dir:?}");
 
     // An altered bundle is refused: a configuration for
     // another registry, a repository outside the scope, a blob that is a link to a device.

@@ -397,8 +397,30 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// `outpost import --data-dir <site data dir> --dir <bundle>`.
+/// `outpost import --data-dir <site data dir> --dir <bundle>`. A data directory the import
+/// created is removed again when the import fails: a refused bundle leaves nothing behind
+/// that a later start or import would take for a site.
 pub async fn import(
+    data_dir: &Path,
+    dir: &Path,
+    blob_store: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let new = !data_dir.exists();
+    let result = import_into(data_dir, dir, blob_store, json).await;
+    if result.is_err()
+        && new
+        && let Err(e) = std::fs::remove_dir_all(data_dir)
+    {
+        eprintln!(
+            "warning: could not remove {} after the failed import: {e}",
+            data_dir.display()
+        );
+    }
+    result
+}
+
+async fn import_into(
     data_dir: &Path,
     dir: &Path,
     blob_store: Option<&str>,

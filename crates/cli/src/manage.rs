@@ -106,7 +106,7 @@ pub enum TokenCmd {
         #[arg(long, num_args = 2.., action = ArgAction::Append, value_names = ["NAME", "ACTION"])]
         gateway: Vec<String>,
         /// enabled or disabled (a disabled token authenticates nowhere, also at connected registries)
-        #[arg(long, value_parser = ["enabled", "disabled"], default_value = "enabled")]
+        #[arg(long, value_parser = ["enabled", "disabled"], ignore_case = true, default_value = "enabled")]
         status: String,
         /// Create the token without passwords (generate them later with `token credential generate`)
         #[arg(long, conflicts_with_all = ["expiration_in_days", "expiration"])]
@@ -127,7 +127,7 @@ pub enum TokenCmd {
         #[arg(long)]
         scope_map: Option<String>,
         /// enabled or disabled (a disabled token authenticates nowhere, also at connected registries)
-        #[arg(long, value_parser = ["enabled", "disabled"])]
+        #[arg(long, value_parser = ["enabled", "disabled"], ignore_case = true)]
         status: Option<String>,
     },
     /// Show one token.
@@ -482,6 +482,8 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                     sm
                 }
             };
+            // As az takes it: `Enabled` is `enabled`.
+            let status = status.to_lowercase();
             let mut body = json!({"name": name, "scopeMap": scope_map, "status": status, "noPasswords": no_passwords});
             if let Some(e) = expiry(expiration_in_days, expiration)? {
                 body["expiry"] = json!(e);
@@ -512,7 +514,9 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                 .call(
                     Method::PATCH,
                     &format!("/tokens/{name}"),
-                    Some(json!({"scopeMap": scope_map, "status": status})),
+                    Some(
+                        json!({"scopeMap": scope_map, "status": status.map(|s| s.to_lowercase())}),
+                    ),
                 )
                 .await?;
             print_tokens(conn, &v.into_iter().collect::<Vec<_>>())?;
