@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod blobstore;
+mod help;
 mod replicas;
 mod support;
 mod sync;

@@ -10,6 +10,14 @@ use serde_json::{Value, json};
 #[derive(Subcommand, Debug)]
 pub enum ConnectedRegistryCmd {
     /// Create a connected registry (and its sync token and scope map).
+    #[command(after_help = "Examples:
+  A read-only site that syncs two repositories continuously:
+    outpost connected-registry create -n ship1 --repository app base/alpine
+  A read-write site that syncs nightly for four hours, for client token 'crew-token':
+    outpost connected-registry create -n ship2 -m ReadWrite --repository app \\
+      --client-tokens crew-token -s '0 22 * * *' -w PT4H
+  A line under site 'ship1' (what it syncs must be synced by ship1):
+    outpost connected-registry create -n line1 -p ship1 --repository app")]
     Create {
         /// Name of the connected registry
         #[arg(long, short = 'n')]
@@ -54,6 +62,11 @@ pub enum ConnectedRegistryCmd {
         yes: bool,
     },
     /// Update a connected registry.
+    #[command(after_help = "Examples:
+  Sync only inside a two-hour window starting at 01:00 UTC:
+    outpost connected-registry update -n ship1 -s '0 1 * * *' -w PT2H
+  Sync continuously again, and let token 'crew-token' in:
+    outpost connected-registry update -n ship1 -s '* * * * *' --add-client-tokens crew-token")]
     Update {
         /// Name of the connected registry
         #[arg(long, short = 'n')]
@@ -129,6 +142,13 @@ pub enum ConnectedRegistryCmd {
         yes: bool,
     },
     /// Print the connection string and settings an instance needs.
+    #[command(
+        after_help = "Example (a new sync password; the connection string carries it):
+    outpost connected-registry get-settings -n ship1 --parent-protocol https \\
+      --generate-password 1 -y
+  then, at the site:
+    OUTPOST_CONNECTION_STRING='<connection string>' outpost serve --data-dir /var/lib/outpost"
+    )]
     GetSettings {
         /// Name of the connected registry
         #[arg(long, short = 'n')]
@@ -148,6 +168,10 @@ pub enum ConnectedRegistryCmd {
     },
     /// Write an offline bundle: everything in the registry's scope here, and its
     /// configuration, as an OCI image layout directory (`outpost import` reads it at the site).
+    #[command(after_help = "Example:
+    outpost connected-registry export -n ship1 --dir /media/usb/ship1
+  then, at the site, with its server stopped:
+    outpost import --data-dir /var/lib/outpost --dir /media/usb/ship1")]
     Export {
         /// Name of the connected registry
         #[arg(long, short = 'n')]

@@ -35,6 +35,11 @@ fn rules(kind: &str, groups: &[Vec<String>]) -> anyhow::Result<Vec<String>> {
 #[derive(Subcommand, Debug)]
 pub enum ScopeMapCmd {
     /// Create a scope map.
+    #[command(
+        after_help = "Example (pull from every repository under team/, push to team/app):
+    outpost scope-map create -n team-rights --repository 'team/*' content/read metadata/read \\
+      --repository team/app content/write"
+    )]
     Create {
         /// Name of the scope map
         #[arg(long, short = 'n')]
@@ -92,6 +97,11 @@ pub enum ScopeMapCmd {
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Create a token (and, with --repository/--gateway, its scope map <token>-scope-map).
+    #[command(after_help = "Examples:
+  A pull-only token whose passwords expire in 90 days:
+    outpost token create -n crew-token --repository app content/read --expiration-in-days 90
+  A token with the rights of an existing scope map:
+    outpost token create -n ci-token --scope-map team-rights")]
     Create {
         /// Name of the token
         #[arg(long, short = 'n')]
