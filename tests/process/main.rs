@@ -1373,3 +1373,77 @@ fn json_logs_are_one_object_per_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not text or json"));
 }
+
+/// A disk filled to the last few KiB by the registry's own data: deleting and garbage
+/// collection still work (they are how an operator makes room), and pushing works again once
+/// they have freed room.
+#[tokio::test]
+async fn deleting_and_collecting_work_on_a_full_disk() {
+    if !sync::may_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start_on_small_disk(dir.path(), "24m", &[]);
+    let c = client();
+    let base = o.base();
+    let keep = push_image(&c, &base, "keep", "v1", "kept").await;
+    let junk = push_image(&c, &base, "junk", "v1", "junk").await;
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    push_blob(&c, &base, "junk", &big).await;
+    // Let the server take its reserve, then fill the disk with an upload, in ever smaller
+    // chunks, until not even 4 KiB fit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loc = support::fill_disk_with_an_upload(&c, &base, "filler", 4 << 10).await;
+    // A push is refused with a message that says what to do.
+    let r = c
+        .post(o.url("/v2/keep/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 202 {
+        let next = r.headers()["location"].to_str().unwrap().to_string();
+        let r = c
+            .patch(o.url(&next))
+            .body(vec![4u8; 64 << 10])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 507);
+    } else {
+        assert_eq!(r.status(), 507);
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("`outpost gc` work while it is full"),
+            "{body}"
+        );
+    }
+
+    // Deleting an image goes through.
+    let r = c
+        .delete(o.url(&format!("/v2/junk/manifests/{junk}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    // So does garbage collection, which frees the 4 MiB blob nothing references.
+    let (ok, out, err) = cli(
+        &o,
+        "admin",
+        ADMIN_PASSWORD,
+        &["gc", "--min-age-secs", "0", "-o", "json"],
+    );
+    assert!(ok, "gc failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["bytesFreed"].as_u64().unwrap() >= 4 << 20, "{v}");
+    // The filler gives its room back too, and pushing works again.
+    let r = c.delete(o.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    push_image(&c, &base, "keep", "v2", "after").await;
+    assert_eq!(
+        support::tag_digest(&c, &base, "keep", "v1")
+            .await
+            .as_deref(),
+        Some(keep.as_str()),
+        "what was kept is intact"
+    );
+}

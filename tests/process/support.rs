@@ -668,6 +668,56 @@ impl Drop for BearerGate {
     }
 }
 
+/// Fills the disk of the registry at `base` with an upload to `repo`, appending ever smaller
+/// chunks until one of `smallest` bytes (4 KiB or 64 KiB) is refused with 507; returns the
+/// upload's location (relative), whose cancellation gives the room back.
+pub async fn fill_disk_with_an_upload(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    smallest: usize,
+) -> String {
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    assert_eq!(r.status(), 202);
+    let mut loc = r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
+    for size in [1 << 20, 64 << 10, 4 << 10]
+        .into_iter()
+        .filter(|&n| n >= smallest)
+    {
+        let chunk = vec![size as u8 ^ 0x5a; size];
+        loop {
+            let r = c
+                .patch(format!("{base}{loc}"))
+                .header("content-type", "application/octet-stream")
+                .body(chunk.clone())
+                .send()
+                .await
+                .expect("patch");
+            match r.status().as_u16() {
+                202 => {
+                    loc = r.headers()["location"]
+                        .to_str()
+                        .expect("location")
+                        .to_string()
+                }
+                507 => break,
+                other => panic!(
+                    "PATCH answered {other}: {}",
+                    r.text().await.unwrap_or_default()
+                ),
+            }
+        }
+    }
+    loc
+}
+
 /// The Prometheus text a node serves at `/metrics`.
 pub async fn metrics(base: &str) -> String {
     let r = reqwest::get(format!("{base}/metrics")).await.unwrap();

@@ -2859,7 +2859,7 @@ async fn two_repositories_needing_the_same_new_blob_download_it_once() {
 
 /// Whether this process may mount a tmpfs in a private namespace (it runs as root). Without
 /// root the disk-full test fails, unless TESTS_WITHOUT_ROOT=1 says to leave it out on purpose.
-fn may_mount() -> bool {
+pub(crate) fn may_mount() -> bool {
     let root = std::process::Command::new("id")
         .arg("-u")
         .output()
@@ -2995,6 +2995,79 @@ async fn a_full_disk_at_a_site_shows_as_disk_error_at_the_root() {
     eventually("the root shows the site recovered", || async {
         let v = show();
         !disk_error(&v) && v["lastSyncResult"] == "Succeeded" && v["connectionState"] == "Online"
+    })
+    .await;
+}
+
+/// How many upload sessions the node at `base` has cancelled (`DELETE` answered 204).
+async fn uploads_cancelled(base: &str) -> u64 {
+    support::metrics(base)
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("outpost_http_requests_total{")
+                && l.contains(r#"route="upload""#)
+                && l.contains(r#"method="DELETE""#)
+                && l.contains(r#"code="204""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A ReadWrite site whose parent's disk is full: each retry of the outbox gives up the
+/// parent's upload session it started before, instead of leaving one more behind every time,
+/// and the push goes up once the parent has room.
+#[tokio::test]
+async fn a_site_retrying_a_push_to_a_full_parent_leaves_no_sessions_behind() {
+    if !may_mount() {
+        return;
+    }
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start_on_small_disk(root_dir.path(), "24m", &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let cs = connected(
+        &root,
+        "site-up-full",
+        &["--repository", "app", "-m", "ReadWrite"],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site is active", || async {
+        let out = cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-up-full",
+                "-o",
+                "json",
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["activationStatus"] == "Active"
+    })
+    .await;
+    // Room for new sessions (a few KiB each), none for the pushed layer.
+    let filler = support::fill_disk_with_an_upload(&admin, &r, "filler", 64 << 10).await;
+    let cancelled = uploads_cancelled(&r).await;
+    let pushed = support::push_big_image(&site_admin, &s, "app", "v1", 1 << 20).await;
+    eventually(
+        "the site gives up its failed sessions at the root",
+        || async { uploads_cancelled(&r).await >= cancelled + 2 },
+    )
+    .await;
+    // The root gets room back: the push goes up.
+    let resp = admin.delete(format!("{r}{filler}")).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    eventually("the push reaches the root", || async {
+        admin
+            .head(format!("{r}/v2/app/blobs/{pushed}"))
+            .send()
+            .await
+            .is_ok_and(|x| x.status() == 200)
     })
     .await;
 }

@@ -323,6 +323,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         Duration::from_secs(config.upload_max_age_secs),
         config.data_dir.clone(),
     ));
+    let headroom = tokio::spawn(keep_headroom(registry.clone()));
     // A connected registry collects garbage as its parent configures; others as configured here.
     let gc_setting = match sync.as_ref().and_then(|s| s.gc.clone()) {
         Some(rx) => rx,
@@ -420,6 +421,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     }
     let _ = stopped_tx.send(true);
     reaper.abort();
+    headroom.abort();
     if let Some(f) = follower {
         f.abort();
     }
@@ -509,6 +511,19 @@ async fn reap_uploads(registry: Registry, age: Duration, data_dir: PathBuf) {
             tracing::warn!(error = %e, "reaping stale uploads failed; will retry");
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+/// How often the data directory's disk is checked for room.
+const HEADROOM_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps room for deletes on a full disk, and reports running out (see
+/// [`Registry::keep_headroom`]).
+async fn keep_headroom(registry: Registry) {
+    let mut short = false;
+    loop {
+        short = registry.keep_headroom(short).await;
+        tokio::time::sleep(HEADROOM_EVERY).await;
     }
 }
 

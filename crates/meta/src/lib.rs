@@ -426,6 +426,20 @@ impl Meta {
         Ok(())
     }
 
+    /// Gives the SQLite write-ahead log's space back to the disk: a checkpoint that truncates
+    /// it to nothing. A transaction that failed on a full disk (and was rolled back) leaves the
+    /// log at the size it grew to, up to `journal_size_limit`, holding the space the disk
+    /// lacks; nothing else would give it back before the next checkpoint. PostgreSQL: nothing
+    /// to do.
+    pub async fn truncate_wal(&self) -> Result<()> {
+        if self.backend == Backend::Sqlite {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.write)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -1634,6 +1648,24 @@ pub(crate) mod tests {
             .fetch_one(&meta.write)
             .await
             .expect("id")
+    }
+
+    /// The write-ahead log's space goes back to the disk on request, and the data stays.
+    #[tokio::test]
+    async fn truncating_the_write_ahead_log_gives_its_space_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Meta::open(&dir.path().join("meta.db")).await.expect("open");
+        app_repository(&meta).await;
+        let wal = dir.path().join("meta.db-wal");
+        let len = || std::fs::metadata(&wal).expect("wal").len();
+        assert!(len() > 0, "the insert went into the log");
+        meta.truncate_wal().await.expect("truncate");
+        assert_eq!(len(), 0);
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM repositories")
+            .fetch_one(&meta.read)
+            .await
+            .expect("count");
+        assert_eq!(n, 1);
     }
 
     /// Collection in batches removes every old unreferenced blob, across batch boundaries,

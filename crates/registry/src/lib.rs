@@ -392,7 +392,10 @@ impl Registry {
 
     /// Removes a blob from a repository. The bytes stay while other repositories use them.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if self.meta.unlink_blob(repo.as_str(), digest).await? {
+        if self
+            .freeing(|| self.meta.unlink_blob(repo.as_str(), digest))
+            .await?
+        {
             Ok(())
         } else {
             Err(RegistryError::BlobUnknown(digest.clone()))
@@ -729,6 +732,11 @@ impl Registry {
     /// `blob_gate` keeps a concurrent upload, mount or sync from linking a blob while its file
     /// is being removed. Manifests are never removed here.
     pub async fn collect_garbage(&self, min_age: Duration, dry_run: bool) -> Result<GcReport> {
+        self.freeing(|| self.collect_garbage_once(min_age, dry_run))
+            .await
+    }
+
+    async fn collect_garbage_once(&self, min_age: Duration, dry_run: bool) -> Result<GcReport> {
         // One collection at a time (the schedule and `outpost gc` may meet), and one at a
         // time among replicas sharing a database: each lists the whole store.
         let _one = self.gc_running.lock().await;
@@ -949,10 +957,16 @@ impl Registry {
 
     /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
-        let found = match reference {
-            Reference::Digest(d) => self.meta.delete_manifest(repo.as_str(), d).await?.is_some(),
-            Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
-        };
+        let found = self
+            .freeing(|| async {
+                Ok::<_, outpost_meta::MetaError>(match reference {
+                    Reference::Digest(d) => {
+                        self.meta.delete_manifest(repo.as_str(), d).await?.is_some()
+                    }
+                    Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
+                })
+            })
+            .await?;
         self.changed(repo);
         if found {
             Ok(())
@@ -963,9 +977,86 @@ impl Registry {
 
     /// Deletes a whole repository (tags, manifests, blob links).
     pub async fn delete_repository(&self, repo: &RepoName) -> Result<bool> {
-        let existed = self.meta.delete_repository(repo.as_str()).await?;
+        let existed = self
+            .freeing(|| self.meta.delete_repository(repo.as_str()))
+            .await?;
         self.changed(repo);
         Ok(existed)
+    }
+
+    // ---- room on a full disk ------------------------------------------------------------
+
+    /// Runs `op`, a change that frees space (a delete, a collection); when the disk is too
+    /// full even for its database transaction, releases the data directory's reserve (and the
+    /// write-ahead log's leftover growth) and runs it once more. Deleting is how an operator
+    /// makes room, so it must not need room itself.
+    async fn freeing<T, E, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, E>>,
+        E: Into<RegistryError>,
+    {
+        match op().await.map_err(Into::into) {
+            Err(e) if e.is_disk_full() && self.storage.release_reserve().await? => {
+                tracing::warn!(
+                    "the disk is full: released the data directory's reserve so that a delete                      can go through; it is taken again once the disk has room"
+                );
+                if let Err(e) = self.meta.truncate_wal().await {
+                    tracing::debug!(error = %e, "truncating the write-ahead log failed");
+                }
+                op().await.map_err(Into::into)
+            }
+            r => r,
+        }
+    }
+
+    /// Keeps room for deletes on the data directory's disk (SQLite only: a PostgreSQL
+    /// database lives elsewhere): takes the reserve when the disk has room to spare, gives a
+    /// failed transaction's write-ahead log growth back when it is short, and says so in the
+    /// log when the disk runs out of space or inodes. Returns whether the disk is short of room
+    /// now. Called every few seconds by the server.
+    pub async fn keep_headroom(&self, was_short: bool) -> bool {
+        if self.meta.backend() != outpost_meta::Backend::Sqlite {
+            return false;
+        }
+        let room = match self.storage.disk_room() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the data directory's free space");
+                return was_short;
+            }
+        };
+        let reserve = outpost_storage::RESERVE_MAX.min(room.size / 32);
+        let no_inodes = room.inodes_free == Some(0);
+        let short = room.free < reserve.saturating_mul(2) || no_inodes;
+        if short {
+            if !was_short {
+                tracing::warn!(
+                    free_bytes = room.free,
+                    free_inodes = ?room.inodes_free,
+                    "the data directory's disk is {}: pushes and syncs fail until an operator \
+                     frees room (deleting images and `outpost gc` work while it is full)",
+                    if no_inodes { "out of inodes" } else { "full" }
+                );
+            }
+            let wal = self.storage.layout().root().join("meta.db-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0)
+                && let Err(e) = self.meta.truncate_wal().await
+            {
+                tracing::debug!(error = %e, "truncating the write-ahead log failed");
+            }
+        } else if was_short {
+            tracing::info!(
+                free_bytes = room.free,
+                "the data directory's disk has room again"
+            );
+        }
+        if !self.storage.has_reserve()
+            && let Err(e) = self.storage.keep_reserve().await
+        {
+            tracing::debug!(error = %e, "could not take the data directory's reserve");
+        }
+        short
     }
 
     // ---- discovery ------------------------------------------------------------------------

@@ -145,12 +145,7 @@ impl From<RegistryError> for ApiError {
         use RegistryError as R;
         let msg = e.to_string();
         if e.is_disk_full() {
-            tracing::error!(error = %msg, "storage is full");
-            return ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                ErrorCode::Unknown,
-                "the registry's storage is full; nothing was stored, retry after the operator frees space",
-            );
+            return storage_full(&msg);
         }
         match e {
             R::NameUnknown(n) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
@@ -218,7 +213,22 @@ impl From<RegistryError> for ApiError {
 
 /// A metadata error: `503 UNAVAILABLE` when the database cannot be reached (a PostgreSQL
 /// server that is down or out of connections: worth trying again), `500` otherwise.
+/// `507`: the disk (of the blob store or the metadata database) is full.
+fn storage_full(cause: &str) -> ApiError {
+    tracing::error!(error = %cause, "storage is full");
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::Unknown,
+        "the registry's storage is full (no space or no inodes left on its disk); the request \
+         changed nothing: retry after the operator frees room (deleting images and `outpost gc` \
+         work while it is full)",
+    )
+}
+
 fn meta_error(m: &outpost_registry::MetaError) -> ApiError {
+    if m.is_disk_full() {
+        return storage_full(&m.to_string());
+    }
     if m.is_unavailable() {
         tracing::error!(error = %m, "the metadata database does not answer");
         return ApiError::custom(

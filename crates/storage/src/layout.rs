@@ -5,6 +5,7 @@
 //!   blobs/<algorithm>/<first 2 hex>/<hex>   verified blob bytes, immutable
 //!   uploads/<uuid>                          bytes received by an upload session so far
 //!   uploads/<uuid>.owner                    who started the session (the repository name)
+//!   reserve                                 a few MiB held for deletes when the disk fills up
 //! ```
 //!
 //! Digests and upload ids are validated before they get here (`Digest` only holds lowercase

@@ -13,9 +13,11 @@
 mod layout;
 mod mapped;
 mod remote;
+mod reserve;
 mod upload;
 
 pub use layout::Layout;
+pub use reserve::{DiskRoom, RESERVE_MAX, disk_room};
 pub use upload::{AppendOutcome, drain};
 
 use bytes::Bytes;

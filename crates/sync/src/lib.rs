@@ -342,6 +342,20 @@ struct Child {
     failure_reported: std::sync::atomic::AtomicBool,
 }
 
+/// Whether a status report went unrecorded because the parent failed to store it (a `5xx`:
+/// its disk is full, its database is down). That stops nothing that only reads from the
+/// parent, so it is logged, not an error; any other failure is.
+fn recorded_nothing(sent: Result<()>) -> Result<bool> {
+    match sent {
+        Ok(()) => Ok(false),
+        Err(e @ SyncError::Parent { status, .. }) if status >= 500 => {
+            tracing::warn!(error = %e, "the parent could not record this instance's status; syncing on");
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// What a status report says about the sync's result (`lastSyncResult`, `lastSyncTime`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Outcome {
@@ -1348,7 +1362,8 @@ impl Child {
         self.registry
             .metrics()
             .sync_skipped(self.skipped.list().len());
-        self.parent
+        let sent = self
+            .parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
                 state: Some(state.into()),
@@ -1364,7 +1379,10 @@ impl Child {
                 cursor_lag: lag,
                 outbox_depth,
             })
-            .await?;
+            .await;
+        if recorded_nothing(sent)? {
+            return Ok(());
+        }
         metrics.sync_reported(synced, lag, outbox_depth);
         match outcome {
             Outcome::Progress => {}
@@ -1385,20 +1403,19 @@ impl Child {
         // The parent answers 400 when this is no longer the active instance: the resource was
         // deactivated. Deactivation is meant to stop this instance (it keeps serving what it
         // has); re-activating here would undo it. A restart activates again.
-        if let Err(e) = self
+        let sent = self
             .parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
                 ..Default::default()
             })
-            .await
+            .await;
+        if let Err(e) = &sent
+            && not_active(e)
         {
-            return Err(if not_active(&e) {
-                SyncError::Deactivated(self.config().name.clone())
-            } else {
-                e
-            });
+            return Err(SyncError::Deactivated(self.config().name.clone()));
         }
+        recorded_nothing(sent)?;
         self.registry.metrics().sync_reported(false, None, None);
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
@@ -1910,12 +1927,17 @@ impl Child {
         let mut resumed = None;
         if let Some(saved) = read_state(&marker)?
             && let Some((saved_repo, loc)) = saved.split_once(' ')
-            && saved_repo == repo.as_str()
-            && let Some(offset) = self.parent.upload_offset(loc).await?
-            && offset <= size
         {
-            tracing::info!(%digest, offset, "resuming the upload of a blob to the parent");
-            resumed = Some((loc.to_string(), offset));
+            match self.parent.upload_offset(loc).await? {
+                Some(offset) if offset <= size && saved_repo == repo.as_str() => {
+                    tracing::info!(%digest, offset, "resuming the upload of a blob to the parent");
+                    resumed = Some((loc.to_string(), offset));
+                }
+                // Not worth resuming (empty, or its size unknown): cancelled, or every retry
+                // against a parent that keeps failing (a full disk) would leave one more
+                // session there until its reaper runs.
+                _ => self.parent.cancel_upload(loc).await,
+            }
         }
         let (mut loc, mut offset) = match resumed {
             Some(r) => r,
