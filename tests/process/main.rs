@@ -330,6 +330,31 @@ async fn many_clients_are_served_under_a_low_soft_open_files_limit() {
         log.contains("the open-files limit is low") && log.contains("open_files=256"),
         "{log}"
     );
+
+    // Past the hard limit, new clients wait, and the log says why; once connections close,
+    // the server answers again.
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        conns.push(tokio::net::TcpStream::connect(&o.addr).await.unwrap());
+    }
+    support::eventually(
+        "the log says the server is out of file descriptors",
+        || async {
+            o.log()
+                .contains("cannot accept connections: out of file descriptors")
+        },
+    )
+    .await;
+    assert!(o.log().contains("open_files_limit=256"), "{}", o.log());
+    drop(conns);
+    support::eventually("the server answers again", || async {
+        c.get(o.url("/v2/"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 401)
+    })
+    .await;
 }
 
 #[tokio::test]

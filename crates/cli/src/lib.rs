@@ -7,6 +7,7 @@ mod bundle;
 mod client;
 mod config;
 mod connected;
+mod listen;
 mod manage;
 mod serve;
 mod tls;

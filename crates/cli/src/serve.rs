@@ -407,17 +407,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         Some(tls) => outpost_server::serve(crate::tls::TlsListener::new(listener, tls)?, app, stop)
             .await
             .context("serving HTTPS")?,
-        None => {
-            // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            });
-            outpost_server::serve(listener, app, stop)
-                .await
-                .context("serving HTTP")?
-        }
+        None => outpost_server::serve(crate::listen::PlainListener::new(listener), app, stop)
+            .await
+            .context("serving HTTP")?,
     }
     let _ = stopped_tx.send(true);
     reaper.abort();

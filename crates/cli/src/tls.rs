@@ -73,26 +73,14 @@ impl TlsListener {
         let (tx, ready) = tokio::sync::mpsc::channel(READY_QUEUE);
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
+            let mut errors = crate::listen::AcceptErrors::default();
             loop {
                 // Once the server is gone (graceful shutdown dropped the listener), stop
                 // accepting instead of completing handshakes nobody will serve.
-                let accepted = tokio::select! {
-                    a = tcp.accept() => a,
+                let (stream, peer) = tokio::select! {
+                    a = crate::listen::accept(&tcp, &mut errors) => a,
                     () = tx.closed() => return,
                 };
-                let (stream, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                // Small answers (manifests, gateway calls) must not wait for delayed ACKs.
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

@@ -43,6 +43,17 @@ impl RegistryError {
             _ => false,
         }
     }
+
+    /// Whether a file could not be opened because the process (or the system) is out of file
+    /// descriptors: a passing condition, worth retrying shortly.
+    pub fn is_out_of_files(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Storage(StorageError::Io { cause, .. })
+                // EMFILE, ENFILE
+                if matches!(cause.raw_os_error(), Some(24 | 23))
+        )
+    }
 }
 
 impl From<StorageError> for RegistryError {

@@ -147,6 +147,16 @@ impl From<RegistryError> for ApiError {
         if e.is_disk_full() {
             return storage_full(&msg);
         }
+        if e.is_out_of_files() {
+            tracing::error!(error = %msg, "out of file descriptors");
+            return ApiError::custom(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the registry is out of file descriptors for the moment (too many connections \
+                 at once); retry shortly",
+            )
+            .with_header(header::RETRY_AFTER, "1");
+        }
         match e {
             R::NameUnknown(n) => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
                 .with_detail(json!({ "name": n.as_str() })),
@@ -385,5 +395,37 @@ mod tests {
             let a = ApiError::from(e);
             assert_eq!((a.status, a.code), (status, code.as_str()));
         }
+    }
+
+    /// Out of file descriptors is a passing condition: 503 with a time to retry, not a 500.
+    #[test]
+    fn out_of_file_descriptors_is_unavailable_for_a_moment() {
+        let io = |errno| {
+            RegistryError::Storage(StorageError::Io {
+                path: "blobs/x".into(),
+                cause: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        for errno in [24, 23] {
+            let a = ApiError::from(io(errno));
+            assert_eq!(
+                (a.status, a.code),
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            );
+            assert!(
+                a.headers
+                    .iter()
+                    .any(|(n, v)| n == header::RETRY_AFTER && v == "1")
+            );
+        }
+        // ENOSPC stays 507, EIO stays 500.
+        assert_eq!(
+            ApiError::from(io(28)).status,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            ApiError::from(io(5)).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

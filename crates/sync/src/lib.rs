@@ -47,7 +47,8 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(
-        "cannot reach the parent at {parent}: {reason}; check ParentGatewayEndpoint and ParentEndpointProtocol in the connection string and the network"
+        "cannot reach the parent at {parent}: {reason}; {}",
+        unreachable_hint(reason)
     )]
     Unreachable { parent: String, reason: String },
     /// A transfer from a parent that answered broke off (the link dropped, or stayed silent
@@ -101,6 +102,19 @@ pub enum SyncError {
         path: PathBuf,
         cause: std::io::Error,
     },
+}
+
+/// What to check when the parent cannot be reached: the connection string and the network,
+/// unless the cause is local (this process is out of file descriptors).
+fn unreachable_hint(reason: &str) -> &'static str {
+    if reason.contains("Too many open files") || reason.contains("os error 24") {
+        "this connected registry is out of file descriptors (too many connections at once): \
+         it retries; if this persists, raise its open-files limit (ulimit -n, LimitNOFILE= in \
+         a systemd unit, --ulimit nofile= for docker)"
+    } else {
+        "check ParentGatewayEndpoint and ParentEndpointProtocol in the connection string and \
+         the network"
+    }
 }
 
 impl SyncError {
@@ -2890,6 +2904,22 @@ mod tests {
             "state \"Busy\" is not Online"
         )));
         assert!(!not_active(&parent(400, "", "Bad Request")));
+    }
+
+    #[test]
+    fn an_unreachable_parent_names_a_local_cause_as_local() {
+        let e = |reason: &str| {
+            SyncError::Unreachable {
+                parent: "http://p:5000".into(),
+                reason: reason.into(),
+            }
+            .to_string()
+        };
+        let far = e("tcp connect error: Connection refused (os error 111)");
+        assert!(far.contains("check ParentGatewayEndpoint"), "{far}");
+        let local = e("tcp open error: Too many open files (os error 24)");
+        assert!(local.contains("out of file descriptors"), "{local}");
+        assert!(!local.contains("ParentGatewayEndpoint"), "{local}");
     }
 
     #[test]
