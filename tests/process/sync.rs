@@ -2412,8 +2412,9 @@ async fn resync_repairs_what_the_feed_will_not_resend() {
         .unwrap();
     db.close().await;
 
-    // The feed carries only what changes: v2 arrives, the lost v1 does not.
-    let site = start_site(site_dir.path(), &cs);
+    // The feed carries only what changes: v2 arrives, the lost v1 does not. (A minute's
+    // long-poll: the resync below must end it, not wait for it.)
+    let site = start_site_polling(site_dir.path(), &cs, "60");
     let s = site.base();
     let v2 = push_image(&admin, &r, "app", "v2", "resync-two").await;
     eventually("app:v2 arrives", || async {

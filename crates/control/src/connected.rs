@@ -1806,6 +1806,8 @@ impl Control {
         let mut row = self.registry_row(name).await?;
         row.resync_requested = true;
         self.meta.put_connected_registry(&row).await?;
+        // Ends the child's long-poll, so the request reaches it now, not at its next poll.
+        self.changed();
         self.view(&row).await
     }
 

@@ -430,6 +430,17 @@ pub struct Control {
     changes: tokio::sync::watch::Sender<u64>,
 }
 
+/// `token a, b and c`, or for a long list `1234 tokens (a, b, c, d, e, …)`: an error message
+/// stays readable however many there are.
+fn name_some(kind: &str, names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    match names.len() {
+        1 => format!("{kind} {}", names[0]),
+        n if n <= SHOWN => format!("{kind}s {}", names.join(", ")),
+        n => format!("{n} {kind}s ({}, …)", names[..SHOWN].join(", ")),
+    }
+}
+
 impl Control {
     /// Opens access control over `meta`, loading (or creating) the signing key in `data_dir/keys`.
     /// On a registry whose replicas share a PostgreSQL database, the key is kept in the
@@ -1022,8 +1033,8 @@ impl Control {
         let users = self.meta.tokens_using(name).await?;
         if !users.is_empty() {
             return Err(ControlError::Invalid(format!(
-                "scope map {name:?} is used by token(s) {}; delete them or point them at another scope map first",
-                users.join(", ")
+                "scope map {name:?} is used by {}; delete them or point them at another scope map first",
+                name_some("token", &users)
             )));
         }
         if !self.meta.delete_scope_map(name).await? {
@@ -1365,6 +1376,17 @@ async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_list_of_names_is_counted_not_spelled_out() {
+        let names = |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>();
+        assert_eq!(name_some("token", &names(1)), "token t0");
+        assert_eq!(name_some("token", &names(3)), "tokens t0, t1, t2");
+        assert_eq!(
+            name_some("token", &names(20000)),
+            "20000 tokens (t0, t1, t2, t3, t4, …)"
+        );
+    }
 
     #[test]
     fn dates_round_trip() {

@@ -89,12 +89,14 @@ fn bad_request(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, msg)
 }
 
-fn unsupported(method: &Method) -> ApiError {
+/// `405`, with the `Allow` header RFC 9110 asks for: the methods the endpoint takes.
+fn unsupported(method: &Method, allow: &str) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Unsupported,
-        format!("method {method} is not supported on this endpoint"),
+        format!("method {method} is not supported on this endpoint, which takes {allow}"),
     )
+    .with_header(axum::http::header::ALLOW, allow)
 }
 
 fn parse_n(q: &Query) -> Result<Option<u32>> {
@@ -202,11 +204,11 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
     match route {
         Route::Base => match *m {
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
-            _ => Err(unsupported(m)),
+            _ => Err(unsupported(m, "GET, HEAD")),
         },
         Route::Catalog => {
             if *m != Method::GET {
-                return Err(unsupported(m));
+                return Err(unsupported(m, "GET"));
             }
             let n = parse_n(&query)?;
             // Only what the caller may read (metadata/read), as ACR does. The page is filled
@@ -252,7 +254,7 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
         }
         Route::Tags { name } => {
             if *m != Method::GET {
-                return Err(unsupported(m));
+                return Err(unsupported(m, "GET"));
             }
             let n = parse_n(&query)?;
             // One more than asked for says whether there is a next page: no `Link` to an
@@ -300,7 +302,7 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 reg.delete_manifest(&name, &reference).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
-            _ => Err(unsupported(m)),
+            _ => Err(unsupported(m, "GET, HEAD, PUT, DELETE")),
         },
         Route::Blob { name, digest } => match *m {
             Method::GET | Method::HEAD => {
@@ -310,11 +312,11 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 reg.delete_blob(&name, &digest).await?;
                 Ok(StatusCode::ACCEPTED.into_response())
             }
-            _ => Err(unsupported(m)),
+            _ => Err(unsupported(m, "GET, HEAD, DELETE")),
         },
         Route::UploadStart { name } => {
             if *m != Method::POST {
-                return Err(unsupported(m));
+                return Err(unsupported(m, "POST"));
             }
             start_upload(app, &principal, &name, &query, body).await
         }
@@ -404,11 +406,11 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 reg.cancel_upload(&name, &id).await?;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
-            _ => Err(unsupported(m)),
+            _ => Err(unsupported(m, "GET, PATCH, PUT, DELETE")),
         },
         Route::Referrers { name, digest } => {
             if *m != Method::GET {
-                return Err(unsupported(m));
+                return Err(unsupported(m, "GET"));
             }
             let filter = query.artifact_type.as_deref().filter(|a| !a.is_empty());
             let body = reg.referrers(&name, &digest, filter).await?;

@@ -1278,10 +1278,20 @@ async fn hostile_names_and_methods() {
         (r.status, r.code().as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")
     );
+    // Every 405 says what the endpoint takes (RFC 9110 §15.5.6).
+    assert_eq!(r.header("allow"), "GET");
     let r = t
         .req(Method::PATCH, "/v2/a/manifests/x", &[], Body::empty())
         .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.header("allow"), "GET, HEAD, PUT, DELETE");
+    let r = t
+        .req(Method::HEAD, "/v2/_catalog", &[], Body::empty())
+        .await;
+    assert_eq!(
+        (r.status, r.header("allow")),
+        (StatusCode::METHOD_NOT_ALLOWED, "GET")
+    );
 }
 
 /// A NUL character, which PostgreSQL text cannot hold, in a login, a page cursor, a lookup or
