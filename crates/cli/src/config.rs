@@ -72,6 +72,11 @@ pub struct Config {
     pub metrics_enabled: bool,
     /// Name of this registry in token challenges (the `service` of issued access tokens).
     pub service: String,
+    /// The address clients use, `http(s)://host[:port]`, when it is not the one they reach
+    /// this process at (behind a reverse proxy): token challenges name their realm there.
+    /// Unset: from the request (`X-Forwarded-Proto`/`-Host`, `Forwarded`, `Host`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
     /// Password of the `admin` token. Set on first start (otherwise one is generated and
     /// printed once); setting it later resets the password. Never printed by `outpost config`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,6 +156,7 @@ impl Default for Config {
             anonymous_pull: false,
             metrics_enabled: true,
             service: "outpost".into(),
+            public_url: None,
             admin_password: None,
             max_tokens: 20_000,
             max_scope_maps: 20_000,
@@ -193,6 +199,28 @@ struct Overrides {
     tls_key: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent_ca_file: Option<PathBuf>,
+}
+
+/// `public_url` as given, without a trailing `/`, if it is `http(s)://host[:port]`.
+fn check_public_url(url: &str) -> anyhow::Result<String> {
+    let trimmed = url.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"));
+    match rest {
+        Some(host)
+            if !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) =>
+        {
+            Ok(trimmed.to_string())
+        }
+        _ => anyhow::bail!(
+            "public_url {url:?} is not http(s)://host[:port] (no path): it is the address \
+             clients use to reach this registry, e.g. https://registry.example.com"
+        ),
+    }
 }
 
 /// The value of ACR's environment variable `acr` (non-empty), unless the flag or the
@@ -246,6 +274,9 @@ impl Config {
             .filter(|s| !s.starts_with('<'))
         {
             config.login_server = Some(v);
+        }
+        if let Some(u) = config.public_url.take() {
+            config.public_url = Some(check_public_url(&u)?);
         }
         if let Some(l) = &config.login_server {
             outpost_control::connstr::check_endpoint(l).map_err(|why| {
@@ -628,6 +659,27 @@ mod tests {
                 ..c
             }
         );
+    }
+
+    #[test]
+    fn public_url_is_a_scheme_and_a_host() {
+        assert_eq!(
+            check_public_url("https://registry.example.com/").unwrap(),
+            "https://registry.example.com"
+        );
+        assert_eq!(
+            check_public_url("http://10.0.0.5:5000").unwrap(),
+            "http://10.0.0.5:5000"
+        );
+        for bad in [
+            "registry.example.com",
+            "https://",
+            "https://r.example/v2",
+            "ftp://x",
+        ] {
+            let e = check_public_url(bad).unwrap_err().to_string();
+            assert!(e.contains("is not http(s)://host[:port]"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -360,6 +360,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             anonymous_pull: config.anonymous_pull,
             service: config.service.clone(),
             tls: tls.is_some(),
+            public_url: config.public_url.clone(),
         },
         read_only,
         sync_scope,

@@ -24,6 +24,9 @@ pub struct AuthSettings {
     /// Served over HTTPS: challenges name an `https` token realm, so clients never send
     /// credentials to it in clear text.
     pub tls: bool,
+    /// The address clients use, `http(s)://host[:port]` (behind a reverse proxy): challenges
+    /// name the token realm there, whatever the request's headers say.
+    pub public_url: Option<String>,
 }
 
 impl Default for AuthSettings {
@@ -32,6 +35,7 @@ impl Default for AuthSettings {
             anonymous_pull: false,
             service: "outpost".into(),
             tls: false,
+            public_url: None,
         }
     }
 }
@@ -163,24 +167,57 @@ pub(crate) fn challenge(
     )
 }
 
-/// `Bearer realm=…,service=…[,scope=…]`, the realm on the host the client addressed.
-fn bearer_challenge(app: &App, headers: &HeaderMap, scope: Option<&str>) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| {
-            h.bytes()
+/// The first value of a header that proxies append to (`a, b`: `a` was set by the proxy
+/// nearest the client).
+fn first_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let v = headers.get(name)?.to_str().ok()?;
+    Some(v.split(',').next().unwrap_or(v).trim()).filter(|v| !v.is_empty())
+}
+
+/// A parameter (`proto`, `host`) of the first element of an RFC 7239 `Forwarded` header.
+fn forwarded<'a>(headers: &'a HeaderMap, key: &str) -> Option<&'a str> {
+    first_value(headers, "forwarded")?
+        .split(';')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// The scheme and host clients address this registry by: `public_url` when configured; else
+/// the request's, as a reverse proxy passes them on (`X-Forwarded-Proto`/`-Host`, or
+/// `Forwarded`), else its `Host` header and whether this server speaks TLS.
+fn public_base(app: &App, headers: &HeaderMap) -> String {
+    if let Some(url) = &app.auth.public_url {
+        return url.clone();
+    }
+    let plausible = |h: &&str| {
+        !h.is_empty()
+            && h.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    };
+    let host = first_value(headers, "x-forwarded-host")
+        .or_else(|| forwarded(headers, "host"))
+        .filter(plausible)
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .filter(plausible)
         })
         .unwrap_or("localhost");
-    // Behind a TLS-terminating proxy, it says so with X-Forwarded-Proto.
     let https = app.auth.tls
-        || headers
-            .get("x-forwarded-proto")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        || first_value(headers, "x-forwarded-proto")
+            .or_else(|| forwarded(headers, "proto"))
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"));
     let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{host}")
+}
+
+/// `Bearer realm=…,service=…[,scope=…]`, the realm where the client addressed this registry.
+fn bearer_challenge(app: &App, headers: &HeaderMap, scope: Option<&str>) -> String {
     let mut value = format!(
-        "Bearer realm=\"{scheme}://{host}/oauth2/token\",service=\"{}\"",
+        "Bearer realm=\"{}/oauth2/token\",service=\"{}\"",
+        public_base(app, headers),
         app.auth.service
     );
     if let Some(s) = scope {

@@ -285,6 +285,38 @@ async fn challenge_and_token_flow() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.header("www-authenticate").starts_with("Bearer realm="));
+    // Behind a reverse proxy the realm is where the client addressed it, as the proxy says:
+    // the first of a list, or RFC 7239's header.
+    for (headers, realm) in [
+        (
+            vec![
+                ("x-forwarded-proto", "https, http"),
+                ("x-forwarded-host", "reg.example.com, inner:5000"),
+            ],
+            "https://reg.example.com/oauth2/token",
+        ),
+        (
+            vec![(
+                "forwarded",
+                "for=10.0.0.9;proto=https;host=\"reg.example.com:8443\"",
+            )],
+            "https://reg.example.com:8443/oauth2/token",
+        ),
+        (
+            vec![("x-forwarded-host", "bad host/../x")],
+            "http://registry.test:5000/oauth2/token",
+        ),
+    ] {
+        let r = t
+            .req_as(None, Method::GET, "/v2/", &headers, Body::empty())
+            .await;
+        assert!(
+            r.header("www-authenticate")
+                .starts_with(&format!("Bearer realm=\"{realm}\"")),
+            "{headers:?}: {}",
+            r.header("www-authenticate")
+        );
+    }
     let r = t
         .req_as(
             None,
@@ -908,6 +940,29 @@ async fn catalog_lists_only_readable_repositories_and_mount_never_leaks() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
+}
+
+/// A configured public address is the realm whatever the request says.
+#[tokio::test]
+async fn the_public_url_names_the_realm() {
+    let t = setup_auth(AuthSettings {
+        public_url: Some("https://registry.example.com".into()),
+        ..Default::default()
+    })
+    .await;
+    let r = t
+        .req_as(
+            None,
+            Method::GET,
+            "/v2/",
+            &[("x-forwarded-host", "elsewhere.example")],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(
+        r.header("www-authenticate"),
+        "Bearer realm=\"https://registry.example.com/oauth2/token\",service=\"outpost\""
+    );
 }
 
 #[tokio::test]
