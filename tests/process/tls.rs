@@ -284,3 +284,63 @@ fn tls_settings_that_cannot_work_are_refused_with_one_clear_line() {
         "names the file it could not read:\n{err}"
     );
 }
+
+/// A renewed certificate is served after `SIGHUP`, without a restart; a renewal that cannot
+/// be read leaves the previous certificate in service.
+#[tokio::test]
+async fn sighup_serves_a_renewed_certificate() {
+    let (old, new) = (pki(), pki());
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let r = https(&root);
+    // A fresh client each time: a pooled connection would keep the old handshake.
+    let answers = |ca: &str| {
+        let ca = ca.to_string();
+        let url = format!("{r}/v2/");
+        async move {
+            tls_client(&ca, "admin", ADMIN_PASSWORD)
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|x| x.status() == 200)
+        }
+    };
+    assert!(answers(&old.ca_pem).await);
+    assert!(!answers(&new.ca_pem).await);
+    let hangup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &root.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    std::fs::copy(&new.cert, &cert).unwrap();
+    std::fs::copy(&new.key, &key).unwrap();
+    hangup();
+    eventually("the renewed certificate is served", || async {
+        answers(&new.ca_pem).await
+    })
+    .await;
+    assert!(!answers(&old.ca_pem).await);
+    assert!(root.log().contains("SIGHUP: reloaded the TLS certificate"));
+
+    std::fs::write(&cert, "not a certificate").unwrap();
+    hangup();
+    eventually("the failed reload is logged", || async {
+        root.log().contains("reloading the TLS certificate failed")
+    })
+    .await;
+    assert!(answers(&new.ca_pem).await, "still serving the renewed one");
+}

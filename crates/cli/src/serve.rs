@@ -174,10 +174,15 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             cs.connected_registry_name
         );
     }
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+    let certificate = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::Certificate::load(cert, key)?),
         _ => None,
     };
+    let tls = certificate
+        .clone()
+        .map(crate::tls::server_config)
+        .transpose()?;
+    reload_on_hangup(certificate);
     let parent_ca = match &config.parent_ca_file {
         Some(path) => Some(outpost_sync::ParentCa::load(path)?),
         None => None,
@@ -596,6 +601,45 @@ async fn collect_garbage(
             () = change => {}
         }
     }
+}
+
+/// `SIGHUP` reads the TLS certificate and key again (a renewed certificate is served to new
+/// connections without a restart), instead of ending the process as it would by default.
+fn reload_on_hangup(certificate: Option<std::sync::Arc<crate::tls::Certificate>>) {
+    #[cfg(unix)]
+    {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                    return;
+                }
+            };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match &certificate {
+                    None => tracing::info!(
+                        "SIGHUP: nothing to reload (no TLS certificate); the other settings \
+                         take effect at the next start"
+                    ),
+                    Some(c) => match c.reload() {
+                        Ok(()) => tracing::info!(
+                            cert = %c.paths().0.display(),
+                            "SIGHUP: reloaded the TLS certificate and key; new connections get them"
+                        ),
+                        Err(e) => tracing::warn!(
+                            error = format!("{e:#}"),
+                            "SIGHUP: reloading the TLS certificate failed; still serving the \
+                             previous one"
+                        ),
+                    },
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = certificate;
 }
 
 async fn shutdown_signal() {

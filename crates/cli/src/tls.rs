@@ -7,21 +7,63 @@
 
 use anyhow::{Context, bail};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::{self, pki_types};
+use tokio_rustls::rustls::{self, pki_types, sign::CertifiedKey};
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished handshakes waiting for the server to pick them up.
 const READY_QUEUE: usize = 256;
 
-/// Reads `cert` (the server certificate followed by any intermediates) and `key` (PKCS#8,
-/// PKCS#1 or SEC1), and checks that they belong together.
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// The server's certificate and key, read again from their files on `SIGHUP` (a renewed
+/// certificate is served without a restart). A reload that fails keeps the pair in use.
+#[derive(Debug)]
+pub struct Certificate {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    /// Reads `cert` (the server certificate followed by any intermediates) and `key` (PKCS#8,
+    /// PKCS#1 or SEC1), and checks that they belong together.
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<Certificate>> {
+        Ok(Arc::new(Certificate {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(read_pair(cert, key)?),
+        }))
+    }
+
+    /// Reads the files again; from now on new connections get what they hold.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let pair = read_pair(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = pair;
+        Ok(())
+    }
+
+    /// The files it is read from.
+    pub fn paths(&self) -> (&Path, &Path) {
+        (&self.cert, &self.key)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
     use pki_types::pem::PemObject;
     let chain = pki_types::CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading TLS certificate {}", cert.display()))?
@@ -39,12 +81,7 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
             key.display()
         )
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(chain, private)
+    let pair = CertifiedKey::from_der(chain, private, &rustls::crypto::ring::default_provider())
         .with_context(|| {
             format!(
                 "TLS certificate {} and key {} do not form a usable pair",
@@ -52,7 +89,17 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
                 key.display()
             )
         })?;
-    let mut config = config;
+    Ok(Arc::new(pair))
+}
+
+/// The TLS settings serving `certificate`.
+pub fn server_config(certificate: Arc<Certificate>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
