@@ -218,7 +218,8 @@ pub enum PermissionsCmd {
         #[arg(long, short = 'n')]
         name: String,
     },
-    /// Add repositories (also to every ancestor) or remove them (also from every descendant).
+    /// Add repositories (also to every ancestor that lacks them) or remove them (also from
+    /// every descendant, unless its parent still syncs them through a wildcard).
     Update {
         /// Name of the connected registry
         #[arg(long, short = 'n')]

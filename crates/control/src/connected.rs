@@ -638,6 +638,33 @@ fn gateway_rules(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `rule`, a repository rule, is granted by `set` already: by the same rule, or by the
+/// same action on a pattern that covers its repository (`fleet/*` covers `fleet/a/app`).
+/// Gateway rules and rules that do not parse count as not covered.
+fn rule_covered(set: &BTreeSet<String>, rule: &str) -> bool {
+    let Ok(crate::scope::Rule::Repository(want, action)) = crate::scope::Rule::parse(rule) else {
+        return false;
+    };
+    set.contains(rule)
+        || set.iter().any(|have| {
+            matches!(
+                crate::scope::Rule::parse(have),
+                Ok(crate::scope::Rule::Repository(p, a)) if a == action && p.covers(&want)
+            )
+        })
+}
+
+/// Adds `rules` to `set`, leaving out those it grants already: an ancestor that syncs
+/// `fleet/*` does not gain a `fleet/a/app` of its own for each child (each would count
+/// towards its repository limit, and outlive a removal of the wildcard).
+fn extend_uncovered(set: &mut BTreeSet<String>, rules: impl IntoIterator<Item = String>) {
+    for r in rules {
+        if !rule_covered(set, &r) {
+            set.insert(r);
+        }
+    }
+}
+
 fn repo_rules(repo: &RepoPattern, mode: Mode) -> Vec<String> {
     mode.repo_actions()
         .iter()
@@ -1259,7 +1286,7 @@ impl Control {
                     .chain(repo_rules_for_ancestors.iter().cloned())
                     .collect();
                 let w = self
-                    .planned_rules(&writes, &sm, |set| set.extend(add))
+                    .planned_rules(&writes, &sm, |set| extend_uncovered(set, add))
                     .await?;
                 writes.push(w);
             }
@@ -1899,6 +1926,8 @@ impl Control {
         // in the line refuses the whole update before anything is written.
         let mut planned: Vec<(outpost_meta::ScopeMapRow, BTreeSet<String>)> = Vec::new();
         let up = std::iter::once(&row).chain(Self::ancestors(&all, name));
+        // Parents come before their children, so each child is checked against its parent's
+        // new scope.
         let down = std::iter::once(&row).chain(Self::descendants(&all, name));
         for (t, adding) in up.map(|t| (t, true)).chain(down.map(|t| (t, false))) {
             let sm = self.sync_scope_map(t).await?;
@@ -1917,11 +1946,48 @@ impl Control {
                         planned.len() - 1
                     }
                 };
-            let set = &mut planned[i].1;
             if adding {
-                set.extend(add_rules.iter().cloned());
-            } else {
+                extend_uncovered(&mut planned[i].1, add_rules.iter().cloned());
+                continue;
+            }
+            if t.name == row.name {
+                let set = &mut planned[i].1;
                 set.retain(|a| !remove_rules.contains(a));
+                if !set.iter().any(|a| a.starts_with("repositories/")) {
+                    return Err(ControlError::Invalid(format!(
+                        "removing every repository connected registry {name:?} syncs would leave \
+                         it with nothing to sync; keep one, or delete the connected registry"
+                    )));
+                }
+                continue;
+            }
+            // A descendant keeps what its parent still syncs (through a wildcard, say), and
+            // loses what the parent no longer does.
+            let parent_sm = match &t.parent {
+                Some(p) => match all.get(p) {
+                    Some(parent) => self.sync_scope_map(parent).await?,
+                    None => continue,
+                },
+                None => continue,
+            };
+            let parent_set = planned
+                .iter()
+                .find(|(m, _)| m.name == parent_sm)
+                .map(|(_, set)| set.clone())
+                .unwrap_or_default();
+            let set = &mut planned[i].1;
+            set.retain(|a| !a.starts_with("repositories/") || rule_covered(&parent_set, a));
+            if !set.iter().any(|a| a.starts_with("repositories/")) {
+                return Err(ControlError::Invalid(format!(
+                    "removing {} would leave connected registry {:?} (below {name:?}) with no \
+                     repository to sync; delete it first, or keep a repository it syncs",
+                    remove
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    t.name
+                )));
             }
         }
         let mut writes = Vec::new();

@@ -125,6 +125,20 @@ impl RepoPattern {
     }
 }
 
+impl RepoPattern {
+    /// Whether every repository `other` matches, this matches too.
+    pub fn covers(&self, other: &RepoPattern) -> bool {
+        match (self, other) {
+            (RepoPattern::All, _) => true,
+            (_, RepoPattern::All) => false,
+            (RepoPattern::Exact(a), RepoPattern::Exact(b)) => a == b,
+            (RepoPattern::Exact(_), RepoPattern::Prefix(_)) => false,
+            (RepoPattern::Prefix(_), RepoPattern::Exact(b)) => self.matches(b),
+            (RepoPattern::Prefix(a), RepoPattern::Prefix(b)) => a == b || self.matches(b),
+        }
+    }
+}
+
 impl fmt::Display for RepoPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -283,6 +297,21 @@ mod tests {
 
     fn perms(rules: &[&str]) -> Permissions {
         Permissions::new(rules.iter().map(|r| Rule::parse(r).unwrap()))
+    }
+
+    #[test]
+    fn a_pattern_covers_what_it_matches() {
+        let p = |s: &str| RepoPattern::parse(s).unwrap();
+        assert!(p("*").covers(&p("a/*")));
+        assert!(p("fleet/*").covers(&p("fleet/g01/app")));
+        assert!(p("fleet/*").covers(&p("fleet/g01/*")));
+        assert!(p("fleet/*").covers(&p("fleet/*")));
+        assert!(!p("fleet/*").covers(&p("fleet")));
+        assert!(!p("fleet/*").covers(&p("fleetx/a")));
+        assert!(!p("fleet/g01/*").covers(&p("fleet/*")));
+        assert!(!p("a").covers(&p("a/*")));
+        assert!(!p("a/*").covers(&p("*")));
+        assert!(p("a").covers(&p("a")));
     }
 
     #[test]

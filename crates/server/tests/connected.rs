@@ -448,6 +448,77 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
         .await;
     assert_eq!(msg(&r), "No repository permissions to update.");
 
+    // A parent syncing a wildcard: a child's repository under it is not added to the parent
+    // again, and removing the child's repository from the parent keeps it at the child while
+    // the wildcard covers it.
+    let patch = |name: &str, body: serde_json::Value| {
+        let path = format!("/api/v1/connected-registries/{name}/permissions");
+        let t = &t;
+        async move { t.req(Method::PATCH, &path, &[], body.to_string()).await }
+    };
+    assert_eq!(
+        patch("site-a", json!({"add": ["fleet/*"]})).await.status,
+        StatusCode::OK
+    );
+    let r = create(
+        &t,
+        json!({"name": "line-b", "parent": "site-a", "repositories": ["fleet/g1/app", "base"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let site = scope_actions(&t, "site-a").await;
+    assert!(
+        !site.iter().any(|a| a.starts_with("repositories/fleet/g1/")),
+        "a repository the wildcard covers is not added again: {site:?}"
+    );
+    // The parent never named it, so it cannot be removed there by name...
+    let r = patch("site-a", json!({"remove": ["fleet/g1/app"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    // ...and removing something else leaves the child's covered repository alone.
+    assert_eq!(
+        patch("site-a", json!({"remove": ["tools"]})).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        scope_actions(&t, "line-b")
+            .await
+            .contains(&"repositories/fleet/g1/app/content/read".to_string())
+    );
+    // Removing the wildcard takes the child's repository under it away, down the line.
+    assert_eq!(
+        patch("site-a", json!({"remove": ["fleet/*"]})).await.status,
+        StatusCode::OK
+    );
+    let line = scope_actions(&t, "line-b").await;
+    assert!(
+        !line.iter().any(|a| a.starts_with("repositories/fleet/")),
+        "{line:?}"
+    );
+    assert!(line.contains(&"repositories/base/content/read".to_string()));
+    // A removal that would leave a registry with nothing to sync is refused, whole.
+    let r = patch("site-a", json!({"remove": ["base"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        msg(&r).contains("would leave connected registry"),
+        "{}",
+        msg(&r)
+    );
+    assert!(
+        scope_actions(&t, "site-a")
+            .await
+            .contains(&"repositories/base/content/read".to_string()),
+        "nothing changed"
+    );
+    let r = t
+        .req(
+            Method::DELETE,
+            "/api/v1/connected-registries/line-b",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+
     // list: tree order and filters
     let names = |r: Resp| {
         r.json()
