@@ -1472,3 +1472,29 @@ async fn deleting_and_collecting_work_on_a_full_disk() {
         "what was kept is intact"
     );
 }
+
+/// A manifest announced larger than the limit, by a client that waits for `100 Continue`:
+/// the refusal comes at once, and no `100 Continue` invites the body.
+#[test]
+fn an_oversized_manifest_is_refused_before_its_body_is_sent() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let mut s = TcpStream::connect(&o.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "PUT /v2/app/manifests/big HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\n\
+         Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+         Content-Length: 20000000\r\nExpect: 100-continue\r\n\r\n",
+        o.addr,
+        support::admin_auth()
+    )
+    .unwrap();
+    let mut status = String::new();
+    BufReader::new(&s).read_line(&mut status).unwrap();
+    assert!(
+        status.starts_with("HTTP/1.1 413"),
+        "the first answer line: {status:?}"
+    );
+}

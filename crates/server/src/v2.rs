@@ -667,25 +667,32 @@ async fn put_manifest(
     body: Body,
 ) -> Result<Response> {
     let limit = app.registry.config().max_manifest_bytes;
-    let too_large = |size: usize| {
+    let too_large = |size: String| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::SizeInvalid,
-            format!(
-                "manifest is {size} bytes or more, larger than this registry's {limit} byte limit"
-            ),
+            format!("manifest is {size} bytes, larger than this registry's {limit} byte limit"),
         )
     };
     if let Some(len) = content_length(h)?
         && len > limit as u64
     {
-        drain(body).await;
-        return Err(too_large(len as usize));
+        // A client that waits for `100 Continue` is answered without it, and sends nothing;
+        // any other is heard out (up to a bound), so it reads the answer instead of a reset.
+        let waits = h
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits {
+            drain(body).await;
+        }
+        return Err(too_large(len.to_string()));
     }
     let bytes =
         axum::body::to_bytes(body, limit).await.map_err(|e| {
             match std::error::Error::source(&e) {
-                Some(s) if s.to_string().contains("length limit") => too_large(limit + 1),
+                Some(s) if s.to_string().contains("length limit") => {
+                    too_large(format!("{} or more", limit + 1))
+                }
                 _ => bad_request(
                     ErrorCode::ManifestInvalid,
                     format!("could not read the manifest body: {e}"),
