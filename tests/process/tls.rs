@@ -213,6 +213,16 @@ async fn a_site_follows_an_https_root_signed_by_a_private_ca() {
         err.contains("certificate") && err.contains("--parent-ca-file"),
         "the error must name the certificate problem and the fix:\n{err}"
     );
+    // With another CA, it names the file given.
+    let other = self::pki();
+    let err = serve_fails(
+        &["--connection-string", &cs],
+        &[("OUTPOST_PARENT_CA_FILE", other.ca.as_path())],
+    );
+    assert!(
+        err.contains(&format!("neither by the CA in {}", other.ca.display())),
+        "{err}"
+    );
 
     // With it, the site follows the root.
     let site = Outpost::start_env(

@@ -339,11 +339,15 @@ impl Client {
         }
         let resp = req.send().await.map_err(|e| {
             let mut why = outpost_oci::error::error_chain(&e);
-            if why.contains("certificate") {
-                why.push_str(
-                    " (for a registry whose certificate a private CA signed, set SSL_CERT_FILE \
-                         to that CA's PEM file)",
-                );
+            let given = std::env::var("SSL_CERT_FILE")
+                .ok()
+                .filter(|f| !f.is_empty());
+            if let Some(hint) = outpost_oci::error::certificate_hint(
+                &why,
+                "set SSL_CERT_FILE to that CA's PEM file",
+                given.as_deref(),
+            ) {
+                why.push_str(&format!(" ({hint})"));
             }
             if why.contains("invalid HTTP version") && self.base.starts_with("http://") {
                 why.push_str(" (the registry may serve HTTPS: give --registry https://…)");

@@ -107,7 +107,9 @@ pub enum SyncError {
 /// What to check when the parent cannot be reached: the connection string and the network,
 /// unless the cause is local (this process is out of file descriptors).
 fn unreachable_hint(reason: &str) -> &'static str {
-    if reason.contains("Too many open files") || reason.contains("os error 24") {
+    if reason.contains("invalid peer certificate") {
+        "the parent answered, but its TLS certificate was refused (see above)"
+    } else if reason.contains("Too many open files") || reason.contains("os error 24") {
         "this connected registry is out of file descriptors (too many connections at once): \
          it retries; if this persists, raise its open-files limit (ulimit -n, LimitNOFILE= in \
          a systemd unit, --ulimit nofile= for docker)"

@@ -32,6 +32,8 @@ pub struct Parent {
     /// takes the sync token as Basic credentials, and its password must not be sent to a
     /// token service a challenge names.
     follow_bearer: bool,
+    /// The extra CA file trusted for the parent, named in certificate errors.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// The answer to a cross-repository mount request.
@@ -192,13 +194,15 @@ fn set_bearer(req: &mut reqwest::Request, token: &str) {
 /// A transport error with its causes (reqwest's own message omits them: "error sending
 /// request" hides "invalid peer certificate: UnknownIssuer"), plus what to do about an
 /// untrusted certificate.
-fn reason(e: &reqwest::Error) -> String {
+fn reason(e: &reqwest::Error, ca_file: Option<&std::path::Path>) -> String {
     let mut out = outpost_oci::error::error_chain(e);
-    if out.contains("certificate") {
-        out.push_str(
-            " (if the parent's certificate is signed by a private CA, pass that CA with \
-             --parent-ca-file or OUTPOST_PARENT_CA_FILE)",
-        );
+    let given = ca_file.map(|p| p.display().to_string());
+    if let Some(hint) = outpost_oci::error::certificate_hint(
+        &out,
+        "pass that CA with --parent-ca-file or OUTPOST_PARENT_CA_FILE",
+        given.as_deref(),
+    ) {
+        out.push_str(&format!(" ({hint})"));
     }
     out
 }
@@ -221,6 +225,7 @@ impl Parent {
             poll_http: client(ca, None)?,
             bearer: Default::default(),
             follow_bearer: false,
+            ca_file: ca.map(|c| c.path.clone()),
         })
     }
 
@@ -245,6 +250,7 @@ impl Parent {
             http,
             bearer: Default::default(),
             follow_bearer: true,
+            ca_file: ca.map(|c| c.path.clone()),
         })
     }
 
@@ -290,7 +296,7 @@ impl Parent {
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SyncError> {
         let unreachable = |e: reqwest::Error| SyncError::Unreachable {
             parent: self.base.clone(),
-            reason: reason(&e),
+            reason: reason(&e, self.ca_file.as_deref()),
         };
         let (client, req) = req.build_split();
         let mut req = req.map_err(unreachable)?;
@@ -352,7 +358,7 @@ impl Parent {
         }
         let resp = req.send().await.map_err(|e| SyncError::Unreachable {
             parent: challenge.realm.clone(),
-            reason: reason(&e),
+            reason: reason(&e, self.ca_file.as_deref()),
         })?;
         if matches!(
             resp.status(),
