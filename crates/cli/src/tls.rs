@@ -130,13 +130,21 @@ impl TlsListener {
                 };
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
+                    let handshake = async {
+                        if speaks_plain_http(&stream).await {
+                            answer_plain_http(stream).await;
+                            return None;
+                        }
+                        Some(acceptor.accept(stream).await)
+                    };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Some(Ok(tls))) => {
                             let _ = ready.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => {
+                        Ok(Some(Err(e))) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed")
                         }
+                        Ok(None) => tracing::debug!(%peer, "plain HTTP on the HTTPS port"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
@@ -144,6 +152,27 @@ impl TlsListener {
         });
         Ok(TlsListener { ready, local })
     }
+}
+
+/// Whether the client's first byte is a letter, as a plain HTTP request begins (a TLS
+/// handshake begins with the byte 22).
+async fn speaks_plain_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// Tells a plain HTTP client, in plain HTTP, that this port speaks HTTPS (as Go's servers do),
+/// instead of a TLS alert its HTTP parser cannot read.
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = "this port serves HTTPS: use https://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 impl axum::serve::Listener for TlsListener {

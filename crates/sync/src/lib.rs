@@ -148,6 +148,11 @@ impl SyncError {
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
 
+/// Longest wait before the sync tries again after a failure.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Longest wait when the failure was the link to the parent (down, cut off).
+const LINK_RETRY_MAX: Duration = Duration::from_secs(15);
+
 /// Repositories reconciled at the same time.
 const RECONCILE_CONCURRENCY: usize = 8;
 
@@ -1323,11 +1328,17 @@ impl Child {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
-                    self.registry.metrics().sync_failed(!matches!(
+                    let link = matches!(
                         e,
                         SyncError::Unreachable { .. } | SyncError::Interrupted { .. }
-                    ));
+                    );
+                    // A parent that is down (restarting, a link that drops) is tried again at
+                    // least every 15 s, so a site is back in step soon after it is: a connect
+                    // attempt costs the parent nothing. What it answered wrongly waits longer.
+                    let cap = if link { LINK_RETRY_MAX } else { RETRY_MAX };
+                    backoff = backoff.min(cap);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                    self.registry.metrics().sync_failed(!link);
                     // The outbox grows while the parent is away: that is when it is watched.
                     if let Some(depth) = self.outbox_depth().await {
                         self.registry.metrics().sync_outbox_depth(depth);
@@ -1355,7 +1366,7 @@ impl Child {
                         ) % 500,
                     );
                     tokio::time::sleep(backoff + jitter).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
         }
