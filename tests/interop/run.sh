@@ -1004,7 +1004,7 @@ site_online() { # the root reports site-interop's connectionState as Online
 # follows sync/app: what is pushed at the root reaches the site, which serves it to its client
 # token and refuses pushes.
 # A full disk stops the metadata database in the middle of a write. Once the operator frees
-# space, pushes must be stored for real, without a restart: after a delete was refused for
+# space, pushes must be stored for real, without a restart: after a write was refused for
 # want of space, sqlx used to run every later write as a savepoint inside the failed
 # transaction (answered 201, never committed, lost at restart). A loop-mounted 64 MiB ext4
 # reproduces it; tmpfs does not (it refuses writes at once, ext4 at write-back).
@@ -1051,8 +1051,12 @@ check_full_disk_recovery() {
     done
     expect_eq "a tag refused once the database is full" 507 "$status"
     t1=sha256:$(sha256sum "$dir/manifest-1.json" | cut -c1-64)
-    expect_eq "a delete while the disk is full" 507 \
+    # Deleting is how room is made: it goes through on the full disk (the data directory's
+    # reserve is released for it), and it sticks.
+    expect_eq "a delete while the disk is full" 202 \
         "$(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" -X DELETE "http://$reg/v2/fill/manifests/$t1")"
+    expect_eq "the deleted image, read back" 404 \
+        "$(curl -s -o /dev/null -w '%{http_code}' -u "admin:$pw" -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$reg/v2/fill/manifests/$t1")"
     rm "$dir/mnt/ballast"
     expect_eq "a push once space is freed" 201 \
         "$("${put[@]}" --data-binary "@$dir/manifest-0.json" "http://$reg/v2/fill/manifests/after")"

@@ -353,4 +353,18 @@ async fn sighup_serves_a_renewed_certificate() {
     })
     .await;
     assert!(answers(&new.ca_pem).await, "still serving the renewed one");
+
+    // A key that is gone is named as gone.
+    std::fs::copy(&new.cert, &cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    hangup();
+    let gone = format!(
+        "reading TLS private key {}: No such file or directory",
+        key.display()
+    );
+    eventually("the missing key is logged", || async {
+        root.log().contains(&gone)
+    })
+    .await;
+    assert!(answers(&new.ca_pem).await);
 }

@@ -65,6 +65,10 @@ impl rustls::server::ResolvesServerCert for Certificate {
 
 fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
     use pki_types::pem::PemObject;
+    for (what, path) in [("certificate", cert), ("private key", key)] {
+        std::fs::metadata(path)
+            .with_context(|| format!("reading TLS {what} {}", path.display()))?;
+    }
     let chain = pki_types::CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading TLS certificate {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()

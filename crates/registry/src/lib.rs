@@ -999,7 +999,8 @@ impl Registry {
         match op().await.map_err(Into::into) {
             Err(e) if e.is_disk_full() && self.storage.release_reserve().await? => {
                 tracing::warn!(
-                    "the disk is full: released the data directory's reserve so that a delete                      can go through; it is taken again once the disk has room"
+                    "the disk is full: released the data directory's reserve so that a delete \
+                     can go through; it is taken again once the disk has room"
                 );
                 if let Err(e) = self.meta.truncate_wal().await {
                     tracing::debug!(error = %e, "truncating the write-ahead log failed");
