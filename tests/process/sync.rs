@@ -3252,10 +3252,12 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
         &["--repository", "app", "--client-tokens", "far-reader"],
     );
 
-    let export = || {
+    // Exports site-far's bundle (with `extra` arguments); returns stdout and stderr.
+    let export_with = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
             .args(["connected-registry", "export", "-n", "site-far", "--dir"])
             .arg(bundle.path())
+            .args(extra)
             .args([
                 "--registry",
                 &root.url(""),
@@ -3268,8 +3270,9 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{err}");
-        err
+        (out.stdout, err)
     };
+    let export = || export_with(&[]).1;
     let first = export();
     assert!(first.contains("1 repositories, 3 tags"), "{first}");
     let index: serde_json::Value =
@@ -3319,29 +3322,8 @@ async fn a_site_with_no_link_at_all_starts_from_an_offline_bundle() {
     let repaired = export();
     assert!(repaired.contains(": 1 blobs downloaded"), "{repaired}");
     // For scripts: the same counts as JSON on stdout.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args([
-            "connected-registry",
-            "export",
-            "-n",
-            "site-far",
-            "-o",
-            "json",
-            "--dir",
-        ])
-        .arg(bundle.path())
-        .args([
-            "--registry",
-            &root.url(""),
-            "-u",
-            "admin",
-            "--password",
-            ADMIN_PASSWORD,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (stdout, _) = export_with(&["-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(
         (
             v["repositories"].clone(),

@@ -1052,9 +1052,7 @@ impl Registry {
                 "the data directory's disk has room again"
             );
         }
-        if !self.storage.has_reserve()
-            && let Err(e) = self.storage.keep_reserve().await
-        {
+        if let Err(e) = self.storage.keep_reserve().await {
             tracing::debug!(error = %e, "could not take the data directory's reserve");
         }
         short

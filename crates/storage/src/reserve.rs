@@ -54,11 +54,6 @@ impl Storage {
         self.layout().root().join("reserve")
     }
 
-    /// Whether the reserve is in place.
-    pub fn has_reserve(&self) -> bool {
-        self.reserve_path().exists()
-    }
-
     /// Takes the reserve if it is not in place and the disk has room to spare (four times its
     /// size free). Returns whether it is in place afterwards.
     pub async fn keep_reserve(&self) -> Result<bool> {
@@ -130,9 +125,9 @@ mod tests {
     async fn the_reserve_is_taken_with_real_blocks_and_released() {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), false).await.unwrap();
-        assert!(!s.has_reserve());
-        assert!(s.keep_reserve().await.unwrap());
         let path = dir.path().join("reserve");
+        assert!(!path.exists());
+        assert!(s.keep_reserve().await.unwrap());
         let meta = std::fs::metadata(&path).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert!(meta.len() > 0);
