@@ -2,8 +2,10 @@
 //! clients needs and `axum::serve` does not set. A connection must send a request's head
 //! within [`HEAD_TIMEOUT`] (which also closes a keep-alive connection idle that long), and a
 //! request body that stops arriving for [`BODY_IDLE_TIMEOUT`] is cut off (an upload's chunk
-//! is then rolled back). Without them a client that connects and sends nothing, or trickles
-//! a byte now and then, holds a file descriptor forever, and enough of them lock everyone
+//! is then rolled back). An answer the client stops reading — no byte of it taken for
+//! [`WRITE_STALL_TIMEOUT`] — is cut off too. Without them a client that connects and sends
+//! nothing, trickles a byte now and then, or starts a pull and then never reads, holds a file
+//! descriptor (and, for a pull, a mapped blob) forever, and enough of them lock everyone
 //! out. A slow link is not affected: only silence counts. Each request is handled as coming
 //! from its connection's address, which decides where its password checks queue.
 
@@ -22,13 +24,28 @@ use tokio::time::Instant;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request body may go without a single byte arriving.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an answer may wait to be written because the client takes none of it.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Serves `router` on every connection `listener` yields until `shutdown` completes, then
 /// stops accepting and waits for the requests in flight to finish.
 pub async fn serve<L>(
+    listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    serve_with_stall(listener, router, shutdown, WRITE_STALL_TIMEOUT).await
+}
+
+/// [`serve`] with another write stall timeout (tests use a short one).
+async fn serve_with_stall<L>(
     mut listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send,
+    stall: Duration,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
@@ -50,7 +67,8 @@ where
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(io), service));
+        let conn = graceful
+            .watch(http.serve_connection(TokioIo::new(StallGuard::new(io, stall)), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -60,6 +78,108 @@ where
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// A connection whose writes fail once the peer has taken no byte for `stall`. Reads pass
+/// through untouched (their silences are bounded by the head and body timeouts), and so does
+/// an idle keep-alive connection: only a write that is waiting counts.
+struct StallGuard<T> {
+    io: T,
+    stall: Duration,
+    /// Since when a write has been waiting for room (`None` while none is).
+    waiting_since: Option<Instant>,
+    /// Armed only while a write waits, and moved on lazily when it fires.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> StallGuard<T> {
+    fn new(io: T, stall: Duration) -> StallGuard<T> {
+        StallGuard {
+            io,
+            stall,
+            waiting_since: None,
+            timer: None,
+        }
+    }
+
+    /// After a write returned `Pending`: an error once the wait has lasted `stall`, else
+    /// `Pending` with the timer armed to wake this task at the deadline.
+    fn check_stall(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.stall;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                return Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client took no byte of the answer for {:?}", self.stall),
+                ));
+            }
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Passes a write's outcome on, watching for a stall while it is `Pending`.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.waiting_since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_stall(cx).map(Err),
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
 }
 
 /// Wraps a request body so that it fails once no data has arrived for `idle`. A request
@@ -222,6 +342,75 @@ mod tests {
             .unwrap();
         let answer = String::from_utf8_lossy(&buf[..n]).to_string();
         assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    }
+
+    /// A server answering `GET /big` with `size` bytes, whose writes stall out after `stall`.
+    async fn big_answer_server(size: usize, stall: Duration) -> std::net::SocketAddr {
+        let body = Bytes::from(vec![7u8; size]);
+        let app = Router::new().route("/big", axum::routing::get(move || async move { body }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with_stall(
+            listener,
+            app,
+            std::future::pending(),
+            stall,
+        ));
+        addr
+    }
+
+    /// Reads the rest of the connection, `chunk` bytes at a time with `pause` between reads,
+    /// and returns how many bytes came before it ended.
+    async fn read_to_end(c: &mut tokio::net::TcpStream, chunk: usize, pause: Duration) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; chunk];
+        let mut total = 0;
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// A client that asks for a large answer and then reads none of it loses the connection
+    /// once the stall time has passed; the answer is not delivered to it later.
+    #[tokio::test]
+    async fn an_answer_nobody_reads_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let size = 128 << 20;
+        let addr = big_answer_server(size, Duration::from_millis(300)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_to_end(&mut c, 1 << 20, Duration::ZERO),
+        )
+        .await
+        .expect("the server closed the stalled connection");
+        assert!(
+            got < size,
+            "only what the socket buffers held arrived: {got}"
+        );
+    }
+
+    /// A client that reads slowly but never stops gets the whole answer.
+    #[tokio::test]
+    async fn a_slow_reader_gets_the_whole_answer() {
+        use tokio::io::AsyncWriteExt;
+        let size = 24 << 20;
+        let addr = big_answer_server(size, Duration::from_millis(300)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        // 1 MiB every 100 ms: about 2.5 s in all, far longer than the stall time.
+        let got = read_to_end(&mut c, 1 << 20, Duration::from_millis(100)).await;
+        assert!(got > size, "head and all {size} body bytes arrived: {got}");
     }
 
     /// A stream of the channel's items.
