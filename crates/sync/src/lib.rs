@@ -2919,6 +2919,30 @@ mod tests {
         assert!(!not_active(&parent(400, "", "Bad Request")));
     }
 
+    /// A parent that cannot store a status report (its disk is full: 507; its database is
+    /// down: 503) does not stop a sync that only reads from it; a refusal does.
+    #[test]
+    fn a_status_report_the_parent_could_not_store_does_not_stop_the_sync() {
+        assert!(!recorded_nothing(Ok(())).unwrap());
+        for status in [500, 503, 507] {
+            assert!(
+                recorded_nothing(Err(parent(status, "UNAVAILABLE", "disk full"))).unwrap(),
+                "{status}"
+            );
+        }
+        for status in [400, 401, 403, 404] {
+            assert!(
+                recorded_nothing(Err(parent(status, "DENIED", ""))).is_err(),
+                "{status}"
+            );
+        }
+        let cut = SyncError::Unreachable {
+            parent: "http://p:5000".into(),
+            reason: "connection reset".into(),
+        };
+        assert!(recorded_nothing(Err(cut)).is_err());
+    }
+
     #[test]
     fn an_unreachable_parent_names_a_local_cause_as_local() {
         let e = |reason: &str| {
