@@ -9,6 +9,7 @@ mod config;
 mod connected;
 mod listen;
 mod manage;
+mod memory;
 mod serve;
 mod tls;
 mod webhook;

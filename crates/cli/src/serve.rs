@@ -329,6 +329,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         config.data_dir.clone(),
     ));
     let headroom = tokio::spawn(keep_headroom(registry.clone()));
+    let trimmer = tokio::spawn(crate::memory::give_back_freed_memory());
     // A connected registry collects garbage as its parent configures; others as configured here.
     let gc_setting = match sync.as_ref().and_then(|s| s.gc.clone()) {
         Some(rx) => rx,
@@ -420,6 +421,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     let _ = stopped_tx.send(true);
     reaper.abort();
     headroom.abort();
+    trimmer.abort();
     if let Some(f) = follower {
         f.abort();
     }
