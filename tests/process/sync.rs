@@ -631,6 +631,90 @@ async fn offline_longer_than_ttl(mode: &str) {
     );
 }
 
+/// A root restored from a backup writes its new events under the numbers of those it lost.
+/// A site whose cursor is still within the restored log (it was offline while the root wrote
+/// as many events as it lost) must notice that its cursor names another history, and
+/// reconcile, instead of continuing past what the restored root wrote.
+#[tokio::test]
+async fn a_site_reconciles_after_its_root_is_restored_from_a_backup() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (data, backup) = (dirs.path().join("root"), dirs.path().join("backup"));
+    let site_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let root_addr = format!("127.0.0.1:{}", crate::blobstore::free_port());
+    let root = Outpost::start_listen(&data, &root_addr, &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "before the backup").await;
+    let cs = connected(&root, "ship-restored", &["--repository", "app"]);
+    root.terminate();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    copy(&data, &backup);
+
+    // After the backup: three images the site fetches, then the root's disk is lost. (A new
+    // client each time the root restarts: a pooled connection to the last one is dead.)
+    let root = Outpost::start_listen(&data, &root_addr, &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let mut lost = Vec::new();
+    for i in 0..3 {
+        let tag = format!("lost{i}");
+        let d = push_image(&admin, &r, "app", &tag, &tag).await;
+        eventually(&format!("{tag} arrives"), || async {
+            tag_digest(&site_admin, &s, "app", &tag).await.as_deref() == Some(d.as_str())
+        })
+        .await;
+        lost.push(tag);
+    }
+    drop(site);
+    root.terminate();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy(&backup, &data);
+
+    // The restored root writes more events than it lost while the site is away.
+    let _root = Outpost::start_listen(&data, &root_addr, &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let mut after = Vec::new();
+    for i in 0..4 {
+        let tag = format!("after{i}");
+        let d = push_image(&admin, &r, "app", &tag, &tag).await;
+        after.push((tag, d));
+    }
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    for (tag, d) in &after {
+        eventually(&format!("{tag} arrives"), || async {
+            tag_digest(&site_admin, &s, "app", tag).await.as_deref() == Some(d.as_str())
+        })
+        .await;
+    }
+    for tag in &lost {
+        eventually(&format!("{tag}, gone at the root, goes"), || async {
+            tag_digest(&site_admin, &s, "app", tag).await.is_none()
+        })
+        .await;
+    }
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref(),
+        Some(v1.as_str())
+    );
+    assert!(
+        site.log().contains("reconciling fully"),
+        "the foreign cursor should be noticed:\n{}",
+        site.log()
+    );
+}
+
 /// The connection string `cs` with its parent endpoint replaced by `endpoint` (a proxy, or
 /// the new address of a parent that moved).
 pub(crate) fn via(cs: &str, endpoint: &str) -> String {

@@ -393,6 +393,10 @@ pub struct Message {
     pub tag: Option<String>,
     pub digest: Option<String>,
     pub media_type: Option<String>,
+    /// When the event was written (ms since the epoch): the cursor's mark once this message
+    /// is applied (see [`MessagePage::next_mark`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<i64>,
 }
 
 /// A page of a child's message feed.
@@ -406,6 +410,13 @@ pub struct MessagePage {
     pub latest: i64,
     /// An operator asked for a full reconciliation (`resync`).
     pub resync: bool,
+    /// When event `next` was written (ms since the epoch). The child sends it back with its
+    /// cursor (`mark`), which tells a cursor from this log apart from the same number in
+    /// another history: a parent restored from a backup reuses the numbers after its restore
+    /// point for other events. `None` from a parent of an earlier version, and when `next` is
+    /// 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_mark: Option<i64>,
 }
 
 const NO_PASSWORD: &str = "<use --generate-password to generate a new password>";
@@ -2300,9 +2311,17 @@ impl Control {
     }
 
     /// A page of `name`'s message feed after cursor `after`: the event-log entries of the
-    /// repositories it syncs, in order. A cursor older than the message TTL (or ahead of the
-    /// log) is refused with [`ControlError::CursorExpired`]; the child then reconciles fully.
-    pub async fn messages(&self, name: &str, after: i64, limit: u32) -> Result<MessagePage> {
+    /// repositories it syncs, in order. A cursor older than the message TTL, ahead of the log,
+    /// or whose `mark` (see [`MessagePage::next_mark`]) is not the time event `after` was
+    /// written here is refused with [`ControlError::CursorExpired`]; the child then reconciles
+    /// fully.
+    pub async fn messages(
+        &self,
+        name: &str,
+        after: i64,
+        mark: Option<i64>,
+        limit: u32,
+    ) -> Result<MessagePage> {
         let row = self.registry_row(name).await?;
         let ttl = parse_duration("message TTL", &row.message_ttl)?;
         let latest = self.meta.latest_event().await?;
@@ -2320,7 +2339,29 @@ impl Control {
                         None => true,
                         Some(o) => after + 1 < o,
                     }));
-        if expired {
+        // The event the cursor names, as this log has it: another time means the child's
+        // cursor comes from another history of the log (this node was restored from a backup
+        // and has written other events under the same numbers since).
+        let at_cursor = match after {
+            0 => None,
+            _ => self
+                .meta
+                .events_after(after - 1, 1)
+                .await?
+                .into_iter()
+                .find(|e| e.seq == after)
+                .map(|e| e.at_ms),
+        };
+        let elsewhere = matches!((mark, at_cursor), (Some(m), Some(at)) if m != at);
+        if expired || elsewhere {
+            if elsewhere {
+                tracing::warn!(
+                    connected_registry = name,
+                    cursor = after,
+                    "a child's message cursor names an event this log does not have (was this \
+                     registry restored from a backup?); the child reconciles fully"
+                );
+            }
             return Err(ControlError::CursorExpired {
                 name: name.into(),
                 after,
@@ -2337,6 +2378,7 @@ impl Control {
         let limit = limit.clamp(1, 1000) as usize;
         let mut messages = Vec::new();
         let mut next = after;
+        let mut next_mark = at_cursor;
         'scan: loop {
             let page = self.meta.events_after(next, 500).await?;
             if page.is_empty() {
@@ -2344,6 +2386,7 @@ impl Control {
             }
             for e in page {
                 next = e.seq;
+                next_mark = Some(e.at_ms);
                 if patterns.iter().any(|p| p.matches(&e.repo)) {
                     messages.push(Message {
                         seq: e.seq,
@@ -2353,6 +2396,7 @@ impl Control {
                         tag: e.tag,
                         digest: e.digest,
                         media_type: e.media_type,
+                        mark: Some(e.at_ms),
                     });
                     if messages.len() >= limit {
                         break 'scan;
@@ -2375,6 +2419,7 @@ impl Control {
             next,
             latest,
             resync: row.resync_requested,
+            next_mark,
         })
     }
 

@@ -167,6 +167,12 @@ async fn messages(
     let q = auth::pairs(uri.query().unwrap_or(""));
     let num = |k: &str, default: i64| crate::api::number(&q, k, default, 0..=i64::MAX);
     let after = num("after", 0)?;
+    // When the child's cursor event was written here, as this log told it (see
+    // `MessagePage::next_mark`); absent from a child of an earlier version.
+    let mark = match q.iter().any(|(k, _)| k == "mark") {
+        true => Some(num("mark", 0)?),
+        false => None,
+    };
     let limit = num("limit", 100)?.min(1000) as u32;
     let wait = std::time::Duration::from_secs(num("wait", 0)?.min(60) as u64);
     // Subscribe before reading, so a change between the read and the wait is not missed.
@@ -174,7 +180,7 @@ async fn messages(
     // A control-plane change ends the wait too (with an empty page), so the child fetches its
     // configuration at once instead of after the long-poll.
     let mut access = app.control.subscribe();
-    let mut page = app.control.messages(&name, after, limit).await?;
+    let mut page = app.control.messages(&name, after, mark, limit).await?;
     // The child names the configuration it has (`config`, its ETag): one changed since
     // (before this request subscribed) is answered at once, so it is fetched now.
     let stale = match q.iter().find(|(k, _)| k == "config") {
@@ -192,7 +198,7 @@ async fn messages(
             }
         })
         .await;
-        page = app.control.messages(&name, after, limit).await?;
+        page = app.control.messages(&name, after, mark, limit).await?;
     }
     Ok(json(StatusCode::OK, &page))
 }

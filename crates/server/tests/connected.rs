@@ -1277,6 +1277,38 @@ async fn expired_or_foreign_cursors_get_410() {
     // A cursor ahead of this parent's log (it was restored from a backup) also needs a reconcile.
     assert_eq!(get(latest + 10).await.status, StatusCode::GONE);
     assert_eq!(get(latest).await.status, StatusCode::OK);
+    // So does one whose number this log has, written at another time: a parent restored from
+    // a backup that has written as many events since as it lost. Each message, and the page,
+    // carries the mark (the time its event was written) the child keeps with its cursor.
+    let r = get(2).await;
+    let mark = r.json()["messages"][0]["mark"].as_i64().expect("a mark");
+    assert_eq!(r.json()["messages"][0]["seq"], json!(3));
+    assert_eq!(r.json()["nextMark"], r.json()["messages"][1]["mark"]);
+    let with_mark = |mark: i64| {
+        let t = &t;
+        let sync = sync.clone();
+        async move {
+            t.req_as(
+                Some(&sync),
+                Method::GET,
+                &format!("/gateway/v1/ship-ttl/messages?after=3&mark={mark}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    let r = with_mark(mark).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["messages"][0]["seq"], json!(4));
+    let r = with_mark(mark + 1).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::GONE, "CURSOR_EXPIRED"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.json()["errors"][0]["detail"]["latest"], json!(latest));
 
     // Pruning the log removes what is older than every TTL and changes no answer: the same
     // feed page, the same refusal of the old cursor.

@@ -1165,14 +1165,22 @@ impl Child {
             .clone()
     }
 
-    fn cursor(&self) -> Result<Option<i64>> {
-        Ok(read_state(&self.dir.join("cursor"))?.and_then(|s| s.parse().ok()))
+    /// The message cursor: the parent's last event handled, and its mark (when the parent
+    /// wrote it, see `MessagePage::next_mark`) when known. The file holds `seq` or
+    /// `seq mark`.
+    fn cursor(&self) -> Result<Option<(i64, Option<i64>)>> {
+        Ok(read_state(&self.dir.join("cursor"))?.and_then(|s| {
+            let mut words = s.split_whitespace();
+            let seq = words.next()?.parse().ok()?;
+            Some((seq, words.next().and_then(|m| m.parse().ok())))
+        }))
     }
 
-    fn set_cursor(&self, c: Option<i64>) -> Result<()> {
+    fn set_cursor(&self, c: Option<(i64, Option<i64>)>) -> Result<()> {
         let path = self.dir.join("cursor");
         match c {
-            Some(c) => write_state(&path, c.to_string()),
+            Some((seq, None)) => write_state(&path, seq.to_string()),
+            Some((seq, Some(mark))) => write_state(&path, format!("{seq} {mark}")),
             None => match std::fs::remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1480,7 +1488,7 @@ impl Child {
         // Before any reconcile: when the list of skipped manifests is full, a reconcile stops
         // at the next one, and only retries can make room.
         self.retry_skipped(&cfg).await?;
-        let cursor = match self.cursor()? {
+        let (cursor, mark) = match self.cursor()? {
             Some(c) if !cfg.resync_requested => {
                 // Repositories added to the scope: the feed only carries what changes from
                 // now on, so fetch what they already hold.
@@ -1503,18 +1511,18 @@ impl Child {
             }
             _ => {
                 // Everything after `latest` will also come through the feed; applying twice is harmless.
-                let latest = match self.parent.messages(i64::MAX / 2, 0, None).await? {
+                let latest = match self.parent.messages(i64::MAX / 2, None, 0, None).await? {
                     Feed::Expired { latest } => latest,
                     Feed::Page(p) => p.latest,
                 };
                 self.report("Syncing", Outcome::Progress).await?;
                 self.reconcile(&cfg).await?;
                 clear_backfill(&self.dir)?;
-                self.set_cursor(Some(latest))?;
+                self.set_cursor(Some((latest, None)))?;
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.report("Online", Outcome::Synced).await?;
-                latest
+                (latest, None)
             }
         };
         self.check_window()?;
@@ -1525,7 +1533,7 @@ impl Child {
         let have = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let poll = self
             .parent
-            .messages(cursor, self.poll_wait().as_secs(), have.as_deref());
+            .messages(cursor, mark, self.poll_wait().as_secs(), have.as_deref());
         let feed = if cfg.mode == "ReadWrite" {
             // A local client's change ends the wait: it goes up at once instead of after the
             // long-poll (up to sync_poll_secs).
@@ -1559,10 +1567,10 @@ impl Child {
                 for m in &page.messages {
                     self.check_window()?;
                     self.apply(m, cfg.mode == "ReadOnly").await?;
-                    self.set_cursor(Some(m.seq))?;
+                    self.set_cursor(Some((m.seq, m.mark)))?;
                     lag_after(m.seq);
                 }
-                self.set_cursor(Some(page.next))?;
+                self.set_cursor(Some((page.next, page.next_mark)))?;
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((page.latest - page.next).max(0));
                 if page.resync {

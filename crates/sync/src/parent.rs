@@ -473,12 +473,16 @@ impl Parent {
     pub async fn messages(
         &self,
         after: i64,
+        mark: Option<i64>,
         wait_secs: u64,
         config: Option<&str>,
     ) -> Result<Feed, SyncError> {
-        let config = config
+        let mut config = config
             .map(|e| format!("&config={}", e.trim_start_matches("W/").trim_matches('"')))
             .unwrap_or_default();
+        if let Some(m) = mark {
+            config.push_str(&format!("&mark={m}"));
+        }
         let req = self
             .request_with(
                 &self.poll_http,
