@@ -916,6 +916,57 @@ async fn a_link_that_stalls_mid_blob_times_out_and_resumes() {
     arrives_resumed(&site, &proxy, "big", &digest, SIZE).await;
 }
 
+/// A site restarted while its link is stalled (the parent's address takes connections and
+/// never answers) serves its clients at once from what it has, instead of holding every
+/// request until its first request to the parent times out.
+#[tokio::test]
+async fn a_site_restarted_on_a_stalled_link_serves_at_once() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let v1 = push_image(&admin, &root.base(), "app", "v1", "one").await;
+    let cs = connected(&root, "site-silent", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("app:v1 arrives", || async {
+        tag_digest(&site_admin, &site.base(), "app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
+    site.terminate();
+
+    // A black hole where the parent was: connections are taken and never answered.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            open.push(c);
+        }
+    });
+    // A read timeout far longer than the test waits: the site must not wait for it.
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", &via(&cs, &hole_addr)),
+            ("OUTPOST_SYNC_READ_TIMEOUT_SECS", "600"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site serves app:v1 with its parent silent", || async {
+        tag_digest(&site_admin, &site.base(), "app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
+    held.abort();
+}
+
 #[tokio::test]
 async fn a_partial_download_outlives_the_upload_reaper_while_the_parent_is_away() {
     const SIZE: usize = 24 << 20;

@@ -882,6 +882,10 @@ fn now_rfc3339() -> String {
 
 /// Activates at the parent (or, if it is unreachable and this instance activated before,
 /// continues from its saved configuration), applies the configuration and starts syncing.
+/// How long a restart with a saved configuration waits for each of its first requests to
+/// the parent before it serves what it has (see [`start`]).
+const FIRST_CONTACT: Duration = Duration::from_secs(5);
+
 pub async fn start(
     opts: ChildOptions,
     registry: Registry,
@@ -945,7 +949,24 @@ pub async fn start(
         },
     };
     let mut activated = true;
-    let mut first = parent.activate(&instance_id).await;
+    // With a saved configuration this instance can serve at once: its clients wait for a
+    // parent that answers slowly or not at all (a stalled link) at most FIRST_CONTACT per
+    // request, not the whole read timeout, before it serves what it has and goes on trying
+    // in the background.
+    let bound = match saved {
+        Some(_) => FIRST_CONTACT,
+        None => opts.read_timeout,
+    };
+    let unanswered = || SyncError::Unreachable {
+        parent: parent.base().to_string(),
+        reason: format!("no answer within {} s", bound.as_secs()),
+    };
+    let activate = || async {
+        tokio::time::timeout(bound, parent.activate(&instance_id))
+            .await
+            .unwrap_or_else(|_| Err(unanswered()))
+    };
+    let mut first = activate().await;
     // A password generated a moment ago reaches a parent that is itself a connected registry
     // at its next sync (within a second or so when it is online): ask again before giving up.
     for wait in [1, 2, 4] {
@@ -957,11 +978,17 @@ pub async fn start(
             "the parent refused this sync token's password; asking again in case it has not learnt a new password yet"
         );
         tokio::time::sleep(Duration::from_secs(wait)).await;
-        first = parent.activate(&instance_id).await;
+        first = activate().await;
     }
+    let first = match first {
+        Ok(()) => tokio::time::timeout(bound, parent.config(None))
+            .await
+            .unwrap_or_else(|_| Err(unanswered())),
+        Err(e) => Err(e),
+    };
     let config = match first {
-        Ok(()) => {
-            let (cfg, etag) = parent.config(None).await?.ok_or_else(|| {
+        Ok(got) => {
+            let (cfg, etag) = got.ok_or_else(|| {
                 SyncError::Protocol("the parent answered 304 to an unconditional request".into())
             })?;
             // Scope added while this instance was stopped (a first start reconciles anyway).
@@ -987,25 +1014,27 @@ pub async fn start(
             tracing::info!(parent = parent.base(), name = %cfg.name, mode = %cfg.mode, "activated at the parent");
             cfg
         }
-        Err(e @ SyncError::Unreachable { .. }) => match (saved, damaged) {
-            (Some(cfg), _) => {
-                tracing::warn!(error = %e, "parent unreachable; serving what is here and retrying in the background");
-                activated = false;
-                cfg
-            }
-            (None, Some(why)) => {
-                return Err(SyncError::State {
-                    path: config_path,
-                    cause: std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "the saved configuration is unreadable ({why}) and the parent cannot be reached to fetch it again ({e}); restore the file or start once the parent is reachable"
+        Err(e @ (SyncError::Unreachable { .. } | SyncError::Interrupted { .. })) => {
+            match (saved, damaged) {
+                (Some(cfg), _) => {
+                    tracing::warn!(error = %e, "parent unreachable; serving what is here and retrying in the background");
+                    activated = false;
+                    cfg
+                }
+                (None, Some(why)) => {
+                    return Err(SyncError::State {
+                        path: config_path,
+                        cause: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "the saved configuration is unreadable ({why}) and the parent cannot be reached to fetch it again ({e}); restore the file or start once the parent is reachable"
+                            ),
                         ),
-                    ),
-                });
+                    });
+                }
+                (None, None) => return Err(e),
             }
-            (None, None) => return Err(e),
-        },
+        }
         Err(e) => return Err(e),
     };
     // Notifications are made for what happens from the first start on: a new site's first
