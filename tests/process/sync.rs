@@ -1707,6 +1707,49 @@ async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent(
     );
 }
 
+/// A link that drops after every 3 MiB sent: a piece as large as the first (4 MiB) never
+/// gets through whole, and the parent keeps nothing of a cut piece. The site sends smaller
+/// pieces after a cut, so the layer still arrives.
+#[tokio::test]
+async fn a_push_goes_up_over_a_link_that_drops_every_few_mib() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const SIZE: usize = 8 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let cs = connected(
+        &root,
+        "site-drops",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site is activated", || async {
+        site.log().contains("activated at the parent")
+    })
+    .await;
+    let layer = support::push_big_image(&site_admin, &site.base(), "app", "v1", SIZE).await;
+    // From now on the link drops after every 3 MiB that goes up.
+    let (up, cut) = (proxy.upstream.clone(), proxy.up_cut_at.clone());
+    let dropper = tokio::spawn(async move {
+        loop {
+            if cut.load(Relaxed) == u64::MAX {
+                cut.store(up.load(Relaxed) + (3 << 20), Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    eventually("app:v1 reaches the root", || async {
+        tag_digest(&admin, &r, "app", "v1").await.is_some()
+    })
+    .await;
+    dropper.abort();
+    assert_eq!(blob_len(&admin, &r, "app", &layer).await, Some(SIZE));
+}
+
 #[tokio::test]
 async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest() {
     let root_dir = tempfile::tempdir().unwrap();

@@ -361,6 +361,14 @@ struct Child {
     /// Whether the parent last heard `lastSyncResult: Failed` from this instance, so that
     /// the next iteration that goes through tells it otherwise.
     failure_reported: std::sync::atomic::AtomicBool,
+    /// Whether a transfer moved bytes (a piece stored or sent) since the last failed
+    /// iteration: a link that carries data between cuts is retried at once, not after the
+    /// backoff it would earn by failing without progress.
+    progressed: std::sync::atomic::AtomicBool,
+    /// The size of the next piece sent up ([`UP_PIECE_BYTES`] at most): halved when a piece
+    /// is cut, so a slow link that drops often still gets whole pieces through, and doubled
+    /// again with each piece that arrives.
+    up_piece: std::sync::atomic::AtomicU64,
 }
 
 /// Whether a status report went unrecorded because the parent failed to store it (a `5xx`:
@@ -476,8 +484,10 @@ pub fn unsent_after(data_dir: &Path, read_write: bool) -> Result<Option<i64>> {
     Ok(outbox.into_iter().chain(notify).min())
 }
 
-/// The size of one piece of a blob sent up to the parent: what a cut link costs at most.
+/// The largest piece of a blob sent up to the parent: what a cut link costs at most.
 const UP_PIECE_BYTES: u64 = 4 << 20;
+/// The smallest: about a second at 2 Mbit/s.
+const UP_PIECE_MIN: u64 = 256 << 10;
 
 /// How long a partial download of a connected registry is kept for resuming, counted from
 /// when the transfer started: past it, the upload reaper may remove it (and a later fetch
@@ -1077,6 +1087,8 @@ pub async fn start(
         activated: std::sync::atomic::AtomicBool::new(activated),
         pruned: std::sync::atomic::AtomicBool::new(false),
         failure_reported: std::sync::atomic::AtomicBool::new(false),
+        progressed: std::sync::atomic::AtomicBool::new(false),
+        up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
     });
     let gc = child.gc.subscribe();
     let scope = child.scope.subscribe();
@@ -1175,6 +1187,8 @@ pub async fn start_mirror(
         activated: std::sync::atomic::AtomicBool::new(true),
         pruned: std::sync::atomic::AtomicBool::new(true),
         failure_reported: std::sync::atomic::AtomicBool::new(false),
+        progressed: std::sync::atomic::AtomicBool::new(false),
+        up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
@@ -1343,6 +1357,7 @@ impl Child {
             match self.iteration().await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
+                    self.progressed.store(false, Relaxed);
                     self.registry.metrics().sync_succeeded();
                     // A whole iteration went through: whatever failed before is over.
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -1373,6 +1388,12 @@ impl Child {
                     // least every 15 s, so a site is back in step soon after it is: a connect
                     // attempt costs the parent nothing. What it answered wrongly waits longer.
                     let cap = if link { LINK_RETRY_MAX } else { RETRY_MAX };
+                    // A link that carried data since the last failure is used again at once:
+                    // on one cut every 20 s, waiting out the backoff would leave no time to
+                    // move anything.
+                    if self.progressed.swap(false, Relaxed) {
+                        backoff = Duration::from_secs(1);
+                    }
                     backoff = backoff.min(cap);
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
                     self.registry.metrics().sync_failed(!link);
@@ -2057,7 +2078,8 @@ impl Child {
         };
         while offset < size {
             self.check_window()?;
-            let end = (offset + UP_PIECE_BYTES).min(size) - 1;
+            let piece_bytes = self.up_piece.load(Relaxed);
+            let end = (offset + piece_bytes).min(size) - 1;
             let piece = self
                 .registry
                 .read_blob(
@@ -2070,8 +2092,19 @@ impl Child {
                 .await
                 .map_err(outpost_registry::RegistryError::from)?;
             loc = match self.parent.upload_chunk(&loc, offset, piece).await {
-                Ok(next) => next,
+                Ok(next) => {
+                    self.progressed.store(true, Relaxed);
+                    self.up_piece
+                        .store((piece_bytes * 2).min(UP_PIECE_BYTES), Relaxed);
+                    next
+                }
                 Err(e) => {
+                    // The parent keeps nothing of a piece cut short (the cut shows as a
+                    // broken connection, or as the parent's answer that the body was cut
+                    // off): the next try sends a smaller one, which a link that drops often
+                    // can still carry whole.
+                    self.up_piece
+                        .store((piece_bytes / 2).max(UP_PIECE_MIN), Relaxed);
                     // The parent's upload is not where this site thinks (416), or is gone:
                     // the next attempt starts a new one instead of repeating this forever.
                     if matches!(
@@ -2702,6 +2735,7 @@ impl Child {
                         .registry
                         .append_upload(repo, &id, Some(offset), body)
                         .await?;
+                    self.progressed.store(true, Relaxed);
                     if offset < size {
                         self.check_window()?;
                     }
