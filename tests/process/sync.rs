@@ -916,6 +916,73 @@ async fn a_link_that_stalls_mid_blob_times_out_and_resumes() {
     arrives_resumed(&site, &proxy, "big", &digest, SIZE).await;
 }
 
+/// A restarted site tells the root where it serves and how its sync stands at its first
+/// contact, not at the next change: the root's view (and the connection strings of the
+/// site's own children, built from its login server) must not stay stale on a quiet fleet.
+#[tokio::test]
+async fn a_restarted_site_reports_its_status_at_once() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let v1 = push_image(&admin, &root.base(), "app", "v1", "one").await;
+    let cs = connected(&root, "site-again", &["--repository", "app"]);
+    let show = || {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-again",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap()
+    };
+    let site = start_site(site_dir.path(), &cs);
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("app:v1 arrives", || async {
+        tag_digest(&site_admin, &site.base(), "app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
+    let first = site.addr.clone();
+    eventually("the root knows the site's address", || async {
+        show()["loginServer"] == serde_json::json!(first)
+    })
+    .await;
+    site.terminate();
+    // The resource is made again at the root (a new password), as after a mistaken delete;
+    // the site keeps its data and comes back on another port.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "delete",
+            "-n",
+            "site-again",
+            "--force",
+            "--cleanup",
+            "--yes",
+        ],
+    );
+    let cs = connected(&root, "site-again", &["--repository", "app"]);
+    assert_eq!(show()["lastSyncResult"], serde_json::Value::Null);
+    let site = start_site(site_dir.path(), &cs);
+    eventually("the root shows the new address and a result", || async {
+        let s = show();
+        s["loginServer"] == serde_json::json!(site.addr)
+            && s["lastSyncResult"] == "Succeeded"
+            && s["version"].is_string()
+    })
+    .await;
+    assert_ne!(site.addr, first);
+}
+
 /// A site restarted while its link is stalled (the parent's address takes connections and
 /// never answers) serves its clients at once from what it has, instead of holding every
 /// request until its first request to the parent times out.

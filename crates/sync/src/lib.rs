@@ -358,8 +358,10 @@ struct Child {
     /// a scope that shrank while it was stopped arrives with its first configuration, not as
     /// a change.
     pruned: std::sync::atomic::AtomicBool,
-    /// Whether the parent last heard `lastSyncResult: Failed` from this instance, so that
-    /// the next iteration that goes through tells it otherwise.
+    /// Whether the parent last heard `lastSyncResult: Failed` from this instance, or has
+    /// heard no result from this process yet (a restarted site, or one whose resource was
+    /// created again, would show none, or a stale one, until content changed), so that the
+    /// next iteration that goes through reports `Succeeded`.
     failure_reported: std::sync::atomic::AtomicBool,
     /// Whether a transfer moved bytes (a piece stored or sent) since the last failed
     /// iteration: a link that carries data between cuts is retried at once, not after the
@@ -1086,7 +1088,7 @@ pub async fn start(
         scope: tokio::sync::watch::Sender::new(outpost_control::connected::SyncScope::of(&config)),
         activated: std::sync::atomic::AtomicBool::new(activated),
         pruned: std::sync::atomic::AtomicBool::new(false),
-        failure_reported: std::sync::atomic::AtomicBool::new(false),
+        failure_reported: std::sync::atomic::AtomicBool::new(true),
         progressed: std::sync::atomic::AtomicBool::new(false),
         up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
     });
@@ -1492,6 +1494,12 @@ impl Child {
             .parent
             .report(&StatusReport {
                 instance_id: self.instance_id.clone(),
+                // What this process is and where it serves, and what waits to go up, at
+                // every contact: after a restart or a long outage the root shows it at once,
+                // not at the next change.
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+                login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
+                outbox_depth: self.outbox_depth().await,
                 ..Default::default()
             })
             .await;
