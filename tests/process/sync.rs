@@ -198,6 +198,13 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         .await
         .unwrap();
     assert_eq!(blob.len(), 300_000);
+    // Counted as received, like a push (small blobs are fetched in one request, not through
+    // an upload session).
+    let received = support::metric(
+        &support::metrics(&s).await,
+        "outpost_upload_received_bytes_total",
+    );
+    assert!(received >= Some(300_000), "{received:?}");
 
     // New tags, moved tags and removed tags propagate.
     let v2 = push_image(&admin, r, "app", "v2", "two").await;

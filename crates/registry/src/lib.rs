@@ -448,6 +448,8 @@ impl Registry {
             }
             .into());
         }
+        // Received like an upload's bytes (a connected registry's small blobs come this way).
+        self.metrics.upload_bytes(bytes.len());
         if self.storage.is_remote() {
             let size = self.storage.put_blob(digest, bytes).await?;
             return self.link_stored(repo, digest, size, None).await;
