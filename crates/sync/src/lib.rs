@@ -54,7 +54,7 @@ pub enum SyncError {
     /// A transfer from a parent that answered broke off (the link dropped, or stayed silent
     /// for `sync_read_timeout_secs`): handled like an unreachable parent, and resumed.
     #[error(
-        "the transfer from the parent at {parent} broke off ({reason}); it resumes from there \
+        "the transfer with the parent at {parent} broke off ({reason}); it resumes from there \
          (a link that stays silent is given up after sync_read_timeout_secs)"
     )]
     Interrupted { parent: String, reason: String },

@@ -745,16 +745,27 @@ impl Parent {
         let end = offset + body.len() as u64 - 1;
         // Not through the client with the read timeout: reqwest counts it from the start of
         // the request to the answer, which includes sending the piece, however slow the link.
-        // A whole-request bound instead (a piece at ~7 KB/s still fits).
+        // A whole-request bound instead: pieces shrink after a cut (down to 256 KiB, which
+        // fits at ~2 KB/s), so a slow link is not given up on, and a silent one is after 2
+        // minutes.
         let resp = self
             .send(
                 self.request_with(&self.poll_http, Method::PATCH, location)
-                    .timeout(Duration::from_secs(600))
+                    .timeout(Duration::from_secs(120))
                     .header("content-type", "application/octet-stream")
                     .header("content-range", format!("{offset}-{end}"))
                     .body(body),
             )
-            .await?;
+            .await
+            // The parent answered this iteration's first requests a moment ago: a piece that
+            // fails now was cut on its way, which is not a wrong address or protocol.
+            .map_err(|e| match e {
+                SyncError::Unreachable { parent, reason } => SyncError::Interrupted {
+                    parent,
+                    reason: format!("piece {offset}-{end} of an upload cut: {reason}"),
+                },
+                other => other,
+            })?;
         let resp = self.check(resp).await?;
         self.location(&resp)
     }
