@@ -653,7 +653,7 @@ async fn a_site_reconciles_after_its_root_is_restored_from_a_backup() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "before the backup").await;
-    let cs = connected(&root, "ship-restored", &["--repository", "app"]);
+    let cs = connected(&root, "ship-restored", &["--repository", "app", "more/*"]);
     root.terminate();
     let copy = |from: &std::path::Path, to: &std::path::Path| {
         let ok = std::process::Command::new("cp")
@@ -683,6 +683,15 @@ async fn a_site_reconciles_after_its_root_is_restored_from_a_backup() {
         .await;
         lost.push(tag);
     }
+    // A whole repository under a wildcard, which the restored root will not have at all.
+    let gone = push_image(&admin, &r, "more/gone", "v1", "gone").await;
+    eventually("more/gone:v1 arrives", || async {
+        tag_digest(&site_admin, &s, "more/gone", "v1")
+            .await
+            .as_deref()
+            == Some(gone.as_str())
+    })
+    .await;
     drop(site);
     root.terminate();
     std::fs::remove_dir_all(&data).unwrap();
@@ -711,6 +720,15 @@ async fn a_site_reconciles_after_its_root_is_restored_from_a_backup() {
         })
         .await;
     }
+    eventually(
+        "more/gone:v1, whose repository the root lost, goes",
+        || async {
+            tag_digest(&site_admin, &s, "more/gone", "v1")
+                .await
+                .is_none()
+        },
+    )
+    .await;
     assert_eq!(
         tag_digest(&site_admin, &s, "app", "v1").await.as_deref(),
         Some(v1.as_str())

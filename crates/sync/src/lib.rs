@@ -2215,7 +2215,11 @@ impl Child {
             })
             .collect();
         if patterns.iter().any(|p| !matches!(p, RepoPattern::Exact(_))) {
-            for r in self.parent.catalog().await? {
+            // The parent's repositories, and this site's own: one the parent no longer has
+            // (deleted there, or lost with a restore from a backup) must be visited too, so
+            // that its tags go as the parent's did.
+            let local = self.registry.catalog(None, None).await?;
+            for r in self.parent.catalog().await?.into_iter().chain(local) {
                 if patterns.iter().any(|p| p.matches(&r)) && !out.contains(&r) {
                     out.push(r);
                 }
