@@ -1799,6 +1799,116 @@ async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent(
     );
 }
 
+/// A ReadWrite site's client moves a tag twice while the link is down. When the link is
+/// back the outbox sends both writes, and the feed then brings both back as the parent's
+/// changes: the first of them is older than the site's own last write and must not move the
+/// tag back, even for a moment (a pull in between would get the replaced image, and for as
+/// long as the link then stays down).
+#[tokio::test]
+async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let cs = connected(
+        &root,
+        "site-echo",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    let proxy = support::FaultProxy::start(&root.addr).await;
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site is activated", || async {
+        site.log().contains("activated at the parent")
+    })
+    .await;
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _a = push_image(&site_admin, &s, "app", "t", "first").await;
+    let b = push_image(&site_admin, &s, "app", "t", "second").await;
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("app:t reaches the root as the second push", || async {
+        tag_digest(&admin, &r, "app", "t").await.as_deref() == Some(b.as_str())
+    })
+    .await;
+    // Until the feed has brought both writes back: the site's cursor reaches the root's
+    // newest event.
+    let root_db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        root_dir.path().join("meta.db").display()
+    ))
+    .await
+    .unwrap();
+    let root_latest: i64 = sqlx::query_scalar("SELECT max(seq) FROM events")
+        .fetch_one(&root_db)
+        .await
+        .unwrap();
+    root_db.close().await;
+    let cursor = site_dir.path().join("sync").join("cursor");
+    eventually("the site's feed has caught up", || async {
+        std::fs::read_to_string(&cursor)
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse::<i64>().ok())
+            .is_some_and(|c| c >= root_latest)
+    })
+    .await;
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        site_dir.path().join("meta.db").display()
+    ))
+    .await
+    .unwrap();
+    let moved_by_sync: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE repo = 'app' AND tag = 't' AND origin = 'sync'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    assert_eq!(
+        moved_by_sync, 0,
+        "the feed moved the site's tag (back to its own first push, then on)"
+    );
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "t").await.as_deref(),
+        Some(b.as_str())
+    );
+
+    // Offline again: a tag set twice, then its second manifest deleted. Neither the second
+    // write nor that manifest goes up, and the parent's tag still has the site's first
+    // value when the removal arrives: that is no conflict.
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    push_image(&site_admin, &s, "app", "u", "u-first").await;
+    let second = push_image(&site_admin, &s, "app", "u", "u-second").await;
+    let gone = site_admin
+        .delete(format!("{s}/v2/app/manifests/{second}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    push_image(&site_admin, &s, "app", "marker", "after").await;
+    eventually("the marker reaches the root", || async {
+        tag_digest(&admin, &r, "app", "marker").await.is_some()
+    })
+    .await;
+    assert_eq!(tag_digest(&admin, &r, "app", "u").await, None);
+    assert!(
+        !site.log().contains("tag moved at the parent"),
+        "a false conflict:\n{}",
+        site.log()
+    );
+}
+
 /// A link that drops after every 3 MiB sent: a piece as large as the first (4 MiB) never
 /// gets through whole, and the parent keeps nothing of a cut piece. The site sends smaller
 /// pieces after a cut, so the layer still arrives.

@@ -175,6 +175,9 @@ pub struct PutOutcome {
     pub tag_changed: bool,
     /// What the tag pointed at before this put moved it (read in the same transaction).
     pub replaced: Option<String>,
+    /// The newest event in the log once this put committed (its own, or the one before it
+    /// when it changed nothing): every earlier event for the tag is superseded by this put.
+    pub log_position: i64,
 }
 
 /// One entry of the event log.
@@ -980,11 +983,17 @@ impl Meta {
                 replaced = old;
             }
         }
+        // Writers are serialized (one SQLite writer; an advisory lock on PostgreSQL), so
+        // this is exactly where the put stands in the log.
+        let log_position: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(PutOutcome {
             manifest_created: created,
             tag_changed,
             replaced,
+            log_position: log_position.unwrap_or(0),
         })
     }
 
@@ -1443,6 +1452,22 @@ impl Meta {
     /// What `repo:tag` pointed at just before event `seq`: the digest of the latest tag event
     /// for it with a smaller sequence number, or `None` if there is none, it was a removal, or
     /// the repository was deleted after it.
+    /// Whether `repo:tag` pointed at `digest` at some point before event `seq` (by an
+    /// event still in the log).
+    pub async fn tag_was(&self, repo: &str, tag: &str, digest: &str, seq: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT 1 FROM events WHERE repo = $1 AND tag = $2 AND digest = $3 AND seq < $4 \
+             AND kind = 'tag_set' LIMIT 1",
+        )
+        .bind(repo)
+        .bind(tag)
+        .bind(digest)
+        .bind(seq)
+        .fetch_optional(&self.read)
+        .await?
+        .is_some())
+    }
+
     pub async fn tag_before(&self, repo: &str, tag: &str, seq: i64) -> Result<Option<String>> {
         let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
             "SELECT seq, kind, digest FROM events WHERE repo = $1 AND tag = $2 AND seq < $3 \

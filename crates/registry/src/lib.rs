@@ -77,6 +77,8 @@ pub struct PushedManifest {
     /// is new, or already pointed here). Read in the same transaction as the move, so two
     /// writers racing for a tag each learn exactly what they replaced.
     pub replaced: Option<String>,
+    /// Where the put stands in the event log (see `outpost_meta::PutOutcome::log_position`).
+    pub log_position: i64,
 }
 
 /// One node's registry: blob store plus metadata.
@@ -917,6 +919,7 @@ impl Registry {
                     digest,
                     subject,
                     replaced: outcome.replaced,
+                    log_position: outcome.log_position,
                 })
             }
             Err(MetaError::MissingBlob(d)) => Err(RegistryError::ManifestBlobUnknown(d)),

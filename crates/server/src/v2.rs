@@ -723,12 +723,18 @@ async fn put_manifest(
         && let Ok(v) = HeaderValue::from_str(pushed.replaced.as_deref().unwrap_or("none"))
     {
         resp.headers_mut().insert(REPLACED_HEADER, v);
+        // And where it stands in the event log, so that the site can tell the older events
+        // for the tag that its feed still brings from the echo of this write.
+        resp.headers_mut()
+            .insert(LOG_POSITION_HEADER, HeaderValue::from(pushed.log_position));
     }
     Ok(resp)
 }
 
 /// On a `PUT` of a manifest by tag: the digest the tag pointed at before, or `none`.
 const REPLACED_HEADER: &str = "outpost-replaced-digest";
+/// On a `PUT` of a manifest by tag: the newest event in the log once it committed.
+const LOG_POSITION_HEADER: &str = "outpost-log-position";
 
 async fn get_blob(
     app: &App,

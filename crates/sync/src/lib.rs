@@ -371,6 +371,12 @@ struct Child {
     /// is cut, so a slow link that drops often still gets whole pieces through, and doubled
     /// again with each piece that arrives.
     up_piece: std::sync::atomic::AtomicU64,
+    /// Tags this site's outbox set at the parent, with where each write stands in the
+    /// parent's log (`outpost-log-position`): the feed's older events for such a tag are
+    /// superseded by the write, and applying them would put back, until the echo of the
+    /// write arrives, what this site's clients replaced. Entries go once the feed has
+    /// passed them.
+    sent_tags: Mutex<std::collections::HashMap<(String, String), i64>>,
 }
 
 /// Whether a status report went unrecorded because the parent failed to store it (a `5xx`:
@@ -1091,6 +1097,7 @@ pub async fn start(
         failure_reported: std::sync::atomic::AtomicBool::new(true),
         progressed: std::sync::atomic::AtomicBool::new(false),
         up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
+        sent_tags: Mutex::default(),
     });
     let gc = child.gc.subscribe();
     let scope = child.scope.subscribe();
@@ -1191,6 +1198,7 @@ pub async fn start_mirror(
         failure_reported: std::sync::atomic::AtomicBool::new(false),
         progressed: std::sync::atomic::AtomicBool::new(false),
         up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
+        sent_tags: Mutex::default(),
     });
     child.registry.metrics().sync_started();
     let task = tokio::spawn(child.run());
@@ -1609,6 +1617,12 @@ impl Child {
             Feed::Expired { latest } => {
                 tracing::info!(cursor, latest, "message cursor expired; reconciling fully");
                 self.set_cursor(None)?;
+                // Positions in a log this site no longer follows (a parent restored from a
+                // backup numbers its events anew).
+                self.sent_tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
             }
             Feed::Page(page) => {
                 let busy = !page.messages.is_empty();
@@ -1629,6 +1643,10 @@ impl Child {
                     lag_after(m.seq);
                 }
                 self.set_cursor(Some((page.next, page.next_mark)))?;
+                self.sent_tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|_, at| *at > page.next);
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((page.latest - page.next).max(0));
                 if page.resync {
@@ -1881,7 +1899,7 @@ impl Child {
                     .parent
                     .put_manifest(repo.as_str(), tag, &m.media_type, m.content.clone())
                     .await;
-                let said = match put {
+                let answer = match put {
                     // The parent lost what the manifest references since this site had it
                     // (deleted there, then collected): send it up, then the tag again.
                     Err(err) if parent_misses_references(&err) => {
@@ -1893,7 +1911,13 @@ impl Child {
                     }
                     other => other?,
                 };
-                let replaced = match said {
+                if let Some(at) = answer.log_position {
+                    self.sent_tags
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((repo.to_string(), tag.to_string()), at);
+                }
+                let replaced = match answer.replaced {
                     Some(said) => said,
                     None => looked,
                 };
@@ -1901,10 +1925,7 @@ impl Child {
                 // knew (from its own push or from sync); not when the site moves its own tag
                 // again.
                 let conflict = match replaced {
-                    Some(theirs)
-                        if theirs != digest
-                            && Some(&theirs) != self.tag_before(e, tag).await?.as_ref() =>
-                    {
+                    Some(theirs) if theirs != digest && !self.knew(e, tag, &theirs).await? => {
                         Some(theirs)
                     }
                     _ => None,
@@ -1923,7 +1944,7 @@ impl Child {
                     let Some(theirs) = theirs else {
                         return Ok(()); // already gone at the parent
                     };
-                    let moved = Some(&theirs) != self.tag_before(e, tag).await?.as_ref();
+                    let moved = !self.knew(e, tag, &theirs).await?;
                     self.parent.delete_manifest(repo.as_str(), tag).await?;
                     if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
@@ -2200,6 +2221,21 @@ impl Child {
             .map_err(|err| SyncError::Registry(err.into()))
     }
 
+    /// Whether the parent's `theirs` for `tag` is something this site knew for it before
+    /// change `e`: what the tag pointed at just before, or any value it had here earlier (a
+    /// site that moves its own tag twice and deletes the second manifest sends neither the
+    /// move nor the manifest, and the parent still has the first: no conflict).
+    async fn knew(&self, e: &outpost_registry::Event, tag: &str, theirs: &str) -> Result<bool> {
+        if self.tag_before(e, tag).await?.as_deref() == Some(theirs) {
+            return Ok(true);
+        }
+        self.registry
+            .meta()
+            .tag_was(&e.repo, tag, theirs, e.seq)
+            .await
+            .map_err(|err| SyncError::Registry(err.into()))
+    }
+
     /// Repositories in scope: named ones, and those the parent lists under `prefix/*` or `*`.
     async fn repositories(&self, cfg: &SyncConfig) -> Result<Vec<String>> {
         let patterns: Vec<RepoPattern> = cfg
@@ -2364,6 +2400,17 @@ impl Child {
         let Ok(name) = m.repository.parse::<RepoName>() else {
             return Ok(());
         };
+        if let Some(tag) = &m.tag
+            && let Some(&at) = self
+                .sent_tags
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(m.repository.clone(), tag.clone()))
+            && m.seq <= at
+        {
+            tracing::debug!(repository = %m.repository, tag, seq = m.seq, "skipping a change to a tag that this site's own later write replaced at the parent");
+            return Ok(());
+        }
         let digest = m.digest.clone().unwrap_or_default();
         match m.kind.as_str() {
             "manifest_put" => {

@@ -44,6 +44,14 @@ pub enum Mount {
     Upload(String),
 }
 
+/// What an Outpost parent says about a manifest put by tag (a plain registry says neither).
+pub struct PutAnswer {
+    /// What the tag pointed at before (`Some(None)`: nothing).
+    pub replaced: Option<Option<String>>,
+    /// The newest event in the parent's log once the put committed.
+    pub log_position: Option<i64>,
+}
+
 /// The answer to a message-feed request.
 pub enum Feed {
     Page(MessagePage),
@@ -801,7 +809,7 @@ impl Parent {
         reference: &str,
         media_type: &str,
         body: Bytes,
-    ) -> Result<Option<Option<String>>, SyncError> {
+    ) -> Result<PutAnswer, SyncError> {
         let resp = self
             .send(
                 self.request(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
@@ -810,11 +818,16 @@ impl Parent {
             )
             .await?;
         let resp = self.check(resp).await?;
-        Ok(resp
-            .headers()
-            .get("outpost-replaced-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| (v != "none").then(|| v.to_string())))
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        Ok(PutAnswer {
+            replaced: header("outpost-replaced-digest").map(|v| (v != "none").then_some(v)),
+            log_position: header("outpost-log-position").and_then(|v| v.parse().ok()),
+        })
     }
 
     /// Deletes a tag or manifest at the parent; one already gone is fine.
