@@ -839,7 +839,7 @@ async fn a_transfer_cut_mid_blob_resumes_where_it_stopped() {
     // Said as what happened: the parent answered, and the transfer broke off.
     let log = site.log();
     assert!(
-        log.contains("the transfer from the parent") && log.contains("broke off"),
+        log.contains("the transfer with the parent") && log.contains("broke off"),
         "{log}"
     );
     assert!(!log.contains("cannot reach the parent"), "{log}");

@@ -1325,6 +1325,7 @@ impl Control {
         writes.push(AccessWrite::PutConnectedRegistry(Box::new(row.clone())));
         self.meta.apply(&writes).await?;
         self.changed();
+        tracing::info!(connected_registry = name, mode = %row.mode, parent = row.parent.as_deref().unwrap_or("(this registry)"), "connected registry created");
         self.view(&row).await
     }
 
@@ -1564,6 +1565,12 @@ impl Control {
         if let Err(e) = self.meta.delete_notifications(name).await {
             tracing::warn!(registry = name, error = %e, "could not delete the notifications of a deleted connected registry");
         }
+        tracing::info!(
+            connected_registry = name,
+            was_active = row.activation == "Active",
+            cleaned_up = remaining.is_empty(),
+            "connected registry deleted"
+        );
         Ok(DeleteOutcome {
             deleted: name.into(),
             cleaned_up: remaining.is_empty(),
@@ -1579,6 +1586,10 @@ impl Control {
         row.instance_id = None;
         row.reported_state = None;
         self.meta.put_connected_registry(&row).await?;
+        tracing::info!(
+            connected_registry = name,
+            "connected registry deactivated; its instance stops syncing"
+        );
         self.view(&row).await
     }
 
@@ -1607,8 +1618,15 @@ impl Control {
             && row.activation == "Active"
             && row.instance_id.as_deref() != Some(instance_id)
         {
+            tracing::warn!(
+                connected_registry = name,
+                instance = instance_id,
+                active_instance = row.instance_id.as_deref().unwrap_or(""),
+                "refused to activate a second instance of a connected registry"
+            );
             return Err(ControlError::AlreadyActivated(name.into()));
         }
+        let new_instance = row.instance_id.as_deref() != Some(instance_id);
         row.activation = "Active".into();
         row.instance_id = Some(instance_id.into());
         row.last_activity_ms = Some(now_ms());
@@ -1616,6 +1634,12 @@ impl Control {
         // `report_status`), or it would take the instance for a deactivated one.
         row.activated_offline = relayed && !granted_above;
         self.meta.put_connected_registry(&row).await?;
+        tracing::info!(
+            connected_registry = name,
+            instance = instance_id,
+            new_instance,
+            "connected registry activated"
+        );
         self.view(&row).await
     }
 
@@ -2354,6 +2378,16 @@ impl Control {
         };
         let elsewhere = matches!((mark, at_cursor), (Some(m), Some(at)) if m != at);
         if expired || elsewhere {
+            // Not for the cursor far beyond any log a child sends to learn `latest` before
+            // it reconciles.
+            if !elsewhere && after < i64::MAX / 4 {
+                tracing::info!(
+                    connected_registry = name,
+                    cursor = after,
+                    latest,
+                    "a child's message cursor has expired (or is ahead of this log); the child reconciles fully"
+                );
+            }
             if elsewhere {
                 tracing::warn!(
                     connected_registry = name,
