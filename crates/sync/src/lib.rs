@@ -152,6 +152,8 @@ type Result<T, E = SyncError> = std::result::Result<T, E>;
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest wait when the failure was the link to the parent (down, cut off).
 const LINK_RETRY_MAX: Duration = Duration::from_secs(15);
+/// How long the same sync failure, repeating, is logged at debug level after its warning.
+const REPEAT_QUIET: Duration = Duration::from_secs(600);
 
 /// Repositories reconciled at the same time.
 const RECONCILE_CONCURRENCY: usize = 8;
@@ -1347,6 +1349,10 @@ impl Child {
             }
         }
         let mut backoff = Duration::from_secs(1);
+        // The failure last logged as a warning, and when: the same one again is logged at
+        // debug level for REPEAT_QUIET (a site whose parent is away for a day would
+        // otherwise log a warning every 15 s), and the end of a failure once, at info level.
+        let mut warned: Option<(String, std::time::Instant)> = None;
         loop {
             let cfg = self.config();
             let now = jiff::Timestamp::now();
@@ -1367,6 +1373,9 @@ impl Child {
             match self.iteration().await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
+                    if let Some((failure, _)) = warned.take() {
+                        tracing::info!(after = %failure, "sync with the parent works again");
+                    }
                     self.progressed.store(false, Relaxed);
                     self.registry.metrics().sync_succeeded();
                     // A whole iteration went through: whatever failed before is over.
@@ -1405,7 +1414,16 @@ impl Child {
                         backoff = Duration::from_secs(1);
                     }
                     backoff = backoff.min(cap);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                    let text = e.to_string();
+                    match &warned {
+                        Some((last, at)) if *last == text && at.elapsed() < REPEAT_QUIET => {
+                            tracing::debug!(error = %e, retry_in = ?backoff, "sync iteration failed again");
+                        }
+                        _ => {
+                            tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                            warned = Some((text, std::time::Instant::now()));
+                        }
+                    }
                     self.registry.metrics().sync_failed(!link);
                     // The outbox grows while the parent is away: that is when it is watched.
                     if let Some(depth) = self.outbox_depth().await {
