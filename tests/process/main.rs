@@ -1348,6 +1348,18 @@ async fn readiness_and_garbage_collection_from_the_cli() {
             >= 2 * 300_000,
         "two images' layers were pushed: {metrics}"
     );
+    // When the last collection ran survives a restart (an alert on its age must not fire
+    // because the server restarted).
+    let ran = support::metric(&metrics, "outpost_gc_last_run_timestamp_seconds");
+    assert!(ran.is_some_and(|t| t > 0), "{metrics}");
+    o.terminate();
+    let o = Outpost::start(dir.path(), &[]);
+    let metrics = support::metrics(&o.base()).await;
+    assert_eq!(
+        support::metric(&metrics, "outpost_gc_last_run_timestamp_seconds"),
+        ran,
+        "{metrics}"
+    );
 }
 
 #[test]

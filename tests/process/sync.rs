@@ -981,6 +981,14 @@ async fn a_restarted_site_reports_its_status_at_once() {
     })
     .await;
     site.terminate();
+    // Restarted with its parent out of reach, it still knows when it last synced.
+    let away = start_site(site_dir.path(), &via(&cs, "127.0.0.1:9"));
+    let synced = support::metric(
+        &support::metrics(&away.base()).await,
+        "outpost_sync_last_success_timestamp_seconds",
+    );
+    assert!(synced.is_some_and(|t| t > 0), "{synced:?}");
+    away.terminate();
     // The resource is made again at the root (a new password), as after a mistaken delete;
     // the site keeps its data and comes back on another port.
     cli_ok(

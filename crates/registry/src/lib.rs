@@ -81,6 +81,11 @@ pub struct PushedManifest {
     pub log_position: i64,
 }
 
+/// `log_state` names of the times (Unix seconds) of the last garbage collection and the
+/// last successful sync.
+const GC_LAST_RUN: &str = "gc_last_run";
+const SYNC_LAST_SUCCESS: &str = "sync_last_success";
+
 /// One node's registry: blob store plus metadata.
 #[derive(Clone)]
 pub struct Registry {
@@ -214,6 +219,13 @@ impl Registry {
             }
         };
         let cache = Arc::new(ManifestCache::new(config.manifest_cache_entries));
+        // When the last collection and the last sync happened survive a restart: an alert on
+        // their age must not fire, nor a site claim it never synced, because it restarted.
+        let metrics = metrics::Metrics::new();
+        metrics.restore_times(
+            meta.log_state(GC_LAST_RUN).await.ok().flatten(),
+            meta.log_state(SYNC_LAST_SUCCESS).await.ok().flatten(),
+        );
         Ok(Registry {
             storage,
             meta,
@@ -221,10 +233,30 @@ impl Registry {
             cache,
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             blob_gate: Arc::default(),
-            metrics: metrics::Metrics::new(),
+            metrics,
             pins: Arc::default(),
             gc_running: Arc::default(),
         })
+    }
+
+    /// A connected registry's status report went through (`synced`: content was applied):
+    /// the metrics, and the time of the sync as in [`Self::sync_succeeded`].
+    pub async fn sync_reported(&self, synced: bool, lag: Option<i64>, outbox: Option<i64>) {
+        if let Some(now) = self.metrics.sync_reported(synced, lag, outbox)
+            && let Err(e) = self.meta.set_log_state(SYNC_LAST_SUCCESS, now).await
+        {
+            tracing::debug!(error = %e, "could not record the time of the last sync");
+        }
+    }
+
+    /// Records that a connected registry's sync succeeded now, for the metrics and, at most
+    /// once a minute, in the database (so a restart still knows when).
+    pub async fn sync_succeeded(&self) {
+        if let Some(now) = self.metrics.sync_succeeded()
+            && let Err(e) = self.meta.set_log_state(SYNC_LAST_SUCCESS, now).await
+        {
+            tracing::debug!(error = %e, "could not record the time of the last sync");
+        }
     }
 
     pub fn meta(&self) -> &Meta {
@@ -799,10 +831,13 @@ impl Registry {
             self.delete_unrecorded_files(&orphans).await?;
         }
         if !dry_run {
-            self.metrics.gc(
+            let now = self.metrics.gc(
                 report.blobs_removed + report.orphan_files_removed,
                 report.bytes_freed,
             );
+            if let Err(e) = self.meta.set_log_state(GC_LAST_RUN, now).await {
+                tracing::debug!(error = %e, "could not record the time of the collection");
+            }
         }
         if report.blobs_removed + report.orphan_files_removed > 0 {
             tracing::info!(

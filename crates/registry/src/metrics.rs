@@ -163,6 +163,8 @@ pub struct Metrics {
     gc_last: Gauge,
     sync_connected: Gauge,
     sync_last_success: Gauge,
+    /// When the last successful sync was last written to the database (not rendered).
+    sync_last_persisted: Gauge,
     sync_lag: Gauge,
     sync_outbox: Gauge,
     sync_failures: Counter,
@@ -217,6 +219,7 @@ impl Metrics {
             gc_last: Gauge::default(),
             sync_connected: Gauge::default(),
             sync_last_success: Gauge::default(),
+            sync_last_persisted: Gauge::default(),
             sync_lag: Gauge::default(),
             sync_outbox: Gauge::default(),
             sync_failures: Counter::default(),
@@ -398,11 +401,25 @@ impl Metrics {
         self.upload_bytes.inc_by(n as u64);
     }
 
-    pub(crate) fn gc(&self, blobs: u64, bytes: u64) {
+    /// Counts a collection; returns its time (Unix seconds).
+    pub(crate) fn gc(&self, blobs: u64, bytes: u64) -> i64 {
         self.gc_runs.inc();
         self.gc_blobs.inc_by(blobs);
         self.gc_bytes.inc_by(bytes);
-        self.gc_last.set(unix_now());
+        let now = unix_now();
+        self.gc_last.set(now);
+        now
+    }
+
+    /// The times of the last collection and the last successful sync before a restart.
+    pub(crate) fn restore_times(&self, gc_last: Option<i64>, sync_last: Option<i64>) {
+        if let Some(t) = gc_last {
+            self.gc_last.set(t);
+        }
+        if let Some(t) = sync_last {
+            self.sync_last_success.set(t);
+            self.sync_last_persisted.set(t);
+        }
     }
 
     /// Marks this node as a connected registry: the `sync_*` metrics are rendered.
@@ -411,17 +428,35 @@ impl Metrics {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A sync iteration that finished without error (applying something or not).
-    pub fn sync_succeeded(&self) {
+    /// A sync iteration that finished without error (applying something or not). Returns
+    /// the time when it is due to be recorded (a minute after the time last recorded).
+    pub(crate) fn sync_succeeded(&self) -> Option<i64> {
         self.sync_connected.set(1);
-        self.sync_last_success.set(unix_now());
+        let now = unix_now();
+        self.sync_last_success.set(now);
+        (now - self.sync_last_persisted.get() >= 60).then(|| {
+            self.sync_last_persisted.set(now);
+            now
+        })
     }
 
     /// A connected registry's exchange with its parent: `synced` after a completed sync.
-    pub fn sync_reported(&self, synced: bool, lag: Option<i64>, outbox: Option<i64>) {
+    /// Returns the time when it is due to be recorded (see [`Self::sync_succeeded`]).
+    pub(crate) fn sync_reported(
+        &self,
+        synced: bool,
+        lag: Option<i64>,
+        outbox: Option<i64>,
+    ) -> Option<i64> {
         self.sync_connected.set(1);
+        let mut due = None;
         if synced {
-            self.sync_last_success.set(unix_now());
+            let now = unix_now();
+            self.sync_last_success.set(now);
+            if now - self.sync_last_persisted.get() >= 60 {
+                self.sync_last_persisted.set(now);
+                due = Some(now);
+            }
         }
         if let Some(l) = lag {
             self.sync_lag.set(l);
@@ -429,6 +464,7 @@ impl Metrics {
         if let Some(o) = outbox {
             self.sync_outbox.set(o);
         }
+        due
     }
 
     /// Local changes still to send up, counted whether or not the parent can be told.

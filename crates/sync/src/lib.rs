@@ -1335,7 +1335,7 @@ impl Child {
                 match self.reconcile(&cfg).await {
                     Ok(()) => {
                         tracing::debug!("mirrored the upstream registry");
-                        self.registry.metrics().sync_succeeded();
+                        self.registry.sync_succeeded().await;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying");
@@ -1377,7 +1377,7 @@ impl Child {
                         tracing::info!(after = %failure, "sync with the parent works again");
                     }
                     self.progressed.store(false, Relaxed);
-                    self.registry.metrics().sync_succeeded();
+                    self.registry.sync_succeeded().await;
                     // A whole iteration went through: whatever failed before is over.
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     // The root still shows the failure when the iteration that recovered
@@ -1462,7 +1462,6 @@ impl Child {
         let synced = outcome == Outcome::Synced;
         let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let outbox_depth = self.outbox_depth().await;
-        let metrics = self.registry.metrics().clone();
         let mut details: Vec<StatusDetail> = self
             .last_error
             .lock()
@@ -1496,7 +1495,7 @@ impl Child {
         if recorded_nothing(sent)? {
             return Ok(());
         }
-        metrics.sync_reported(synced, lag, outbox_depth);
+        self.registry.sync_reported(synced, lag, outbox_depth).await;
         match outcome {
             Outcome::Progress => {}
             Outcome::Failed => self.failure_reported.store(true, Relaxed),
@@ -1535,7 +1534,7 @@ impl Child {
             return Err(SyncError::Deactivated(self.config().name.clone()));
         }
         recorded_nothing(sent)?;
-        self.registry.metrics().sync_reported(false, None, None);
+        self.registry.sync_reported(false, None, None).await;
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
             // Recorded before the new configuration is saved, so a crash in between cannot
