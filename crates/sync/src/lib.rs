@@ -59,7 +59,8 @@ pub enum SyncError {
     )]
     Interrupted { parent: String, reason: String },
     #[error(
-        "the parent refused the password of sync token {token:?} ({message}): the password is wrong or was generated again since, or connected registry {name:?} was deleted; at the root, `outpost connected-registry show -n {name}` tells which, and `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1` makes a new connection string"
+        "the parent refused the password of sync token {token:?} ({message}): {}",
+        credentials_hint(token, name, message)
     )]
     BadCredentials {
         token: String,
@@ -379,6 +380,18 @@ struct Child {
     /// write arrives, what this site's clients replaced. Entries go once the feed has
     /// passed them.
     sent_tags: Mutex<std::collections::HashMap<(String, String), i64>>,
+}
+
+/// What to do about a sync token the parent refused, from its answer.
+fn credentials_hint(token: &str, name: &str, message: &str) -> String {
+    if message.contains("is disabled") {
+        return format!(
+            "the token is disabled; enable it at the root with `outpost token update -n {token} --status enabled`"
+        );
+    }
+    format!(
+        "the password is wrong or was generated again since, or connected registry {name:?} was deleted (`outpost connected-registry show -n {name}` at the root says whether it exists); `outpost connected-registry get-settings -n {name} --parent-protocol http --generate-password 1` at the root makes a new connection string"
+    )
 }
 
 /// Whether a status report went unrecorded because the parent failed to store it (a `5xx`:
@@ -3064,6 +3077,30 @@ mod tests {
             "state \"Busy\" is not Online"
         )));
         assert!(!not_active(&parent(400, "", "Bad Request")));
+    }
+
+    /// A refused sync token's message points at the fix for what the parent said.
+    #[test]
+    fn a_refused_sync_token_says_what_to_do() {
+        let refused = |message: &str| {
+            SyncError::BadCredentials {
+                token: "ship-one".into(),
+                name: "ship-one".into(),
+                message: message.into(),
+            }
+            .to_string()
+        };
+        let disabled = refused("token \"ship-one\" is disabled");
+        assert!(
+            disabled.contains("outpost token update -n ship-one --status enabled"),
+            "{disabled}"
+        );
+        assert!(!disabled.contains("--generate-password"), "{disabled}");
+        let wrong = refused("incorrect username or password");
+        assert!(
+            wrong.contains("get-settings -n ship-one --parent-protocol http --generate-password 1"),
+            "{wrong}"
+        );
     }
 
     /// A parent that cannot store a status report (its disk is full: 507; its database is
