@@ -2303,3 +2303,52 @@ async fn notifications_are_kept_once_and_listed_in_order() {
         r.status
     );
 }
+
+/// A scheduled site that reported `Syncing` and then went quiet when its window closed (the
+/// link often closes with the window, so the report saying it stopped never arrives) is
+/// shown `Online` outside its window, not syncing.
+#[tokio::test]
+async fn a_site_last_heard_syncing_shows_online_outside_its_window() {
+    let t = setup().await;
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    // A one-hour window opening twelve hours from now: closed now.
+    let opens = (now.hour() + 12) % 24;
+    let sync = registry_with_sync_password(
+        &t,
+        "ship-sched",
+        json!(["app"]),
+        json!({"syncSchedule": format!("0 {opens} * * *"), "syncWindow": "PT1H"}),
+    )
+    .await;
+    let send = |method: Method, path: &'static str, body: Value| {
+        let t = &t;
+        let sync = sync.clone();
+        async move {
+            t.req_as(Some(&sync), method, path, &[], body.to_string())
+                .await
+        }
+    };
+    let r = send(
+        Method::POST,
+        "/gateway/v1/ship-sched/activate",
+        json!({"instanceId": "ship-a"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let r = send(
+        Method::PUT,
+        "/gateway/v1/ship-sched/status",
+        json!({"instanceId": "ship-a", "state": "Syncing"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    let r = t
+        .req(
+            Method::GET,
+            "/api/v1/connected-registries/ship-sched",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.json()["connectionState"], "Online", "{:?}", r.body);
+}
