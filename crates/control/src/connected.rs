@@ -991,7 +991,8 @@ impl Control {
             serde_json::from_str(&row.status_details).unwrap_or_default();
         // Problems the instance cannot report itself, because they stop it from talking to us.
         let token = self.meta.token(&row.sync_token).await?;
-        if token.as_ref().is_none_or(|t| t.status != "enabled") {
+        let token_refused = token.as_ref().is_none_or(|t| t.status != "enabled");
+        if token_refused {
             status_details.push(StatusDetail {
                 kind: "SyncToken".into(),
                 code: "SyncTokenDisabled".into(),
@@ -1036,7 +1037,11 @@ impl Control {
                 schedule: row.gc_schedule.clone(),
             },
             activation_status: row.activation.clone(),
-            connection_state: self.connection_state(row, now_ms()),
+            connection_state: match self.connection_state(row, now_ms()) {
+                // What it last reported no longer holds: it is refused at its next contact.
+                s if token_refused && (s == "Online" || s == "Syncing") => "Unhealthy".into(),
+                s => s,
+            },
             status_details,
             last_activity_time: row.last_activity_ms.map(rfc3339),
             last_sync_time: row.last_sync_ms.map(rfc3339),

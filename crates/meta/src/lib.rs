@@ -388,6 +388,13 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{user}{host}")
 }
 
+/// Pool options shared by every pool. A wait for a connection is normal under a burst of
+/// pulls (thousands at once share a few readers): sqlx's warning for each one that waited
+/// over 2 s flooded the log, so it is logged at debug level.
+fn pool_options() -> AnyPoolOptions {
+    AnyPoolOptions::new().acquire_slow_level(log::LevelFilter::Debug)
+}
+
 /// The `sqlite://` URL of the file at `path`, every byte that is not plainly safe escaped.
 fn sqlite_url(path: &Path, mode: &str) -> Result<String> {
     let abs = std::path::absolute(path)
@@ -451,7 +458,7 @@ impl Meta {
     /// Opens (creating and migrating if needed) the SQLite database at `path`.
     pub async fn open(path: &Path) -> Result<Meta> {
         sqlx::any::install_default_drivers();
-        let write = AnyPoolOptions::new()
+        let write = pool_options()
             .max_connections(1)
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -479,7 +486,7 @@ impl Meta {
             .connect(&sqlite_url(path, "rwc")?)
             .await?;
         Self::migrate(&write, Backend::Sqlite).await?;
-        let read = AnyPoolOptions::new()
+        let read = pool_options()
             .max_connections(4)
             .min_connections(1)
             .after_connect(|conn, _| {
@@ -529,7 +536,7 @@ impl Meta {
         // Writers wait for the write lock holding a connection of `write`; readers have
         // their own, so a long write (or a held lock) never keeps a pull waiting.
         let pool = |max: u32, idle_in_tx: &'static str, wait: Duration| {
-            AnyPoolOptions::new()
+            pool_options()
                 .max_connections(max)
                 .min_connections(0)
                 .acquire_timeout(wait)

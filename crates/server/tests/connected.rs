@@ -1390,6 +1390,41 @@ async fn a_revoked_sync_token_shows_up_as_a_status_detail() {
             .unwrap()
             .contains("--status enabled")
     );
+
+    // An instance that last reported Online is Unhealthy once its token is disabled: it is
+    // refused at its next contact, which it cannot report.
+    let sync = registry_with_sync_password(&t, "edge-live", json!(["app"]), json!({})).await;
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/gateway/v1/edge-live/activate",
+            json!({"instanceId": "edge-a"}),
+        ),
+        (
+            Method::PUT,
+            "/gateway/v1/edge-live/status",
+            json!({"instanceId": "edge-a", "state": "Online", "lastSyncResult": "Succeeded"}),
+        ),
+    ] {
+        let r = t
+            .req_as(Some(&sync), method, path, &[], body.to_string())
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", msg(&r));
+    }
+    let state = || async {
+        t.get("/api/v1/connected-registries/edge-live").await.json()["connectionState"].clone()
+    };
+    assert_eq!(state().await, "Online");
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/tokens/edge-live",
+            &[],
+            json!({"status": "disabled"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(state().await, "Unhealthy");
 }
 
 /// On a connected registry, the connected-registry resources (its descendants, relayed from
