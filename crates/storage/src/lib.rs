@@ -120,9 +120,24 @@ pub struct Storage {
     /// Hash state of uploads written since this process started, keyed by upload id. A missing
     /// entry (after a restart) means the upload's file is re-read when it is committed.
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<upload::State>>>>>,
+    /// Uploads with a chunk arriving right now, and the size each had before it: what the
+    /// upload holds for sure, since a chunk that fails is rolled back to there.
+    appending: Arc<Mutex<HashMap<String, u64>>>,
     mapped: Arc<mapped::Mapped>,
     /// Where blobs live when not on local disk.
     remote: Option<Arc<remote::Remote>>,
+}
+
+/// Takes an upload out of [`Storage::appending`] when its append ends.
+struct Appending<'a> {
+    storage: &'a Storage,
+    id: &'a str,
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.storage.appending_lock().remove(self.id);
+    }
 }
 
 impl Storage {
@@ -138,6 +153,7 @@ impl Storage {
             layout,
             fsync,
             uploads: Arc::default(),
+            appending: Arc::default(),
             mapped: Arc::default(),
             remote: None,
         })
@@ -482,7 +498,16 @@ impl Storage {
         };
         match tokio::time::timeout(Duration::from_secs(10), state.lock()).await {
             Ok(s) => Ok(Some(s.size())),
-            Err(_) => self.upload_size(id).await,
+            // A chunk still arriving: what the upload had before it, which a client can
+            // resume from whether the chunk completes or is rolled back (the file's size
+            // would count bytes a rollback takes away).
+            Err(_) => {
+                let before = self.appending_lock().get(id).copied();
+                match before {
+                    Some(before) => Ok(Some(before)),
+                    None => self.upload_size(id).await,
+                }
+            }
         }
     }
 
@@ -513,7 +538,14 @@ impl Storage {
     {
         let state = self.state(id).await?;
         let mut state = state.lock().await;
+        self.appending_lock().insert(id.to_string(), state.size());
+        // Removed however the append ends, cancelled included.
+        let _done = Appending { storage: self, id };
         upload::append(&self.layout, id, &mut state, start, limit, body).await
+    }
+
+    fn appending_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.appending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Verifies an upload against `digest` and, if it matches, moves it into the blob store.
@@ -729,6 +761,36 @@ mod tests {
         s.append(&id, Some(10), None, rest).await.unwrap();
         let d = Digest::sha256_of(b"0123456789ABCDEF");
         assert_eq!(s.commit_upload(&id, &d).await.unwrap(), 16);
+    }
+
+    /// While a chunk is still arriving (its client silent, not gone), the progress answered
+    /// after the 10 s wait is what the upload had before the chunk: a client resuming from
+    /// there is right whether the chunk then completes or is rolled back. The file's size
+    /// would count bytes that a rollback takes away.
+    #[tokio::test]
+    async fn progress_during_a_stalled_chunk_is_what_came_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Storage::open(dir.path(), true).await.unwrap());
+        let id = s.create_upload("repo").await.unwrap();
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"0123456789",
+        ))]);
+        s.append(&id, Some(0), None, first).await.unwrap();
+        let stalled =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abcdef"))])
+                .chain(futures_util::stream::pending());
+        let (s2, id2) = (s.clone(), id.clone());
+        let chunk =
+            tokio::spawn(async move { s2.append(&id2, Some(10), None, Box::pin(stalled)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.upload_size(&id).await.unwrap(), Some(16));
+        assert_eq!(s.upload_progress(&id).await.unwrap(), Some(10));
+        chunk.abort();
+        let _ = chunk.await;
+        assert!(
+            s.appending_lock().is_empty(),
+            "the chunk's mark goes with it"
+        );
     }
 
     /// A cancel that arrives while a chunk is being written does not wait for it, and the

@@ -501,7 +501,15 @@ impl Parent {
                 ),
             )
             .timeout(Duration::from_secs(wait_secs + 30));
-        let resp = self.send(req).await?;
+        // Asked right after this iteration's status report and configuration went through: a
+        // failure now is a link cut under a waiting request, not a wrong address.
+        let resp = self.send(req).await.map_err(|e| match e {
+            SyncError::Unreachable { parent, reason } => SyncError::Interrupted {
+                parent,
+                reason: format!("the wait for the parent's messages was cut: {reason}"),
+            },
+            other => other,
+        })?;
         if resp.status() == StatusCode::GONE {
             let body: Value = resp.json().await.unwrap_or(Value::Null);
             let latest = body["errors"][0]["detail"]["latest"].as_i64().unwrap_or(0);
