@@ -1743,27 +1743,43 @@ async fn a_push_at_a_readwrite_site_goes_up_without_waiting_for_the_long_poll() 
     .await;
 }
 
-#[tokio::test]
-async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent() {
-    const SIZE: usize = 24 << 20;
+/// A root, and ReadWrite site `name` syncing `repositories` that reaches it through a
+/// [`support::FaultProxy`], once the site has activated. Returns the two data directories,
+/// the root, the proxy and the site.
+async fn readwrite_site_behind_proxy(
+    name: &str,
+    repositories: &[&str],
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    Outpost,
+    support::FaultProxy,
+    Outpost,
+) {
     let root_dir = tempfile::tempdir().unwrap();
     let site_dir = tempfile::tempdir().unwrap();
     let root = Outpost::start(root_dir.path(), &[]);
-    let admin = client_as("admin", ADMIN_PASSWORD);
-    let r = root.base();
-    let cs = connected(
-        &root,
-        "site-up",
-        &["-m", "ReadWrite", "--repository", "app", "app2"],
-    );
+    let mut args = vec!["-m", "ReadWrite", "--repository"];
+    args.extend_from_slice(repositories);
+    let cs = connected(&root, name, &args);
     let proxy = support::FaultProxy::start(&root.addr).await;
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    let s = site.base();
-    let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the site is activated", || async {
         site.log().contains("activated at the parent")
     })
     .await;
+    (root_dir, site_dir, root, proxy, site)
+}
+
+#[tokio::test]
+async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent() {
+    const SIZE: usize = 24 << 20;
+    let (_root_dir, _site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-up", &["app", "app2"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
 
     // The link drops once 9 MiB of the 24 MiB layer have gone up; the rest follows on the
     // next attempt without sending the first part again.
@@ -1814,24 +1830,12 @@ async fn blobs_go_up_in_resumable_pieces_and_shared_ones_are_mounted_not_resent(
 /// long as the link then stays down).
 #[tokio::test]
 async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
-    let root_dir = tempfile::tempdir().unwrap();
-    let site_dir = tempfile::tempdir().unwrap();
-    let root = Outpost::start(root_dir.path(), &[]);
+    let (root_dir, site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-echo", &["app"]).await;
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
-    let cs = connected(
-        &root,
-        "site-echo",
-        &["-m", "ReadWrite", "--repository", "app"],
-    );
-    let proxy = support::FaultProxy::start(&root.addr).await;
-    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
-    eventually("the site is activated", || async {
-        site.log().contains("activated at the parent")
-    })
-    .await;
     proxy
         .blocked
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1924,23 +1928,11 @@ async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
 async fn a_push_goes_up_over_a_link_that_drops_every_few_mib() {
     use std::sync::atomic::Ordering::Relaxed;
     const SIZE: usize = 8 << 20;
-    let root_dir = tempfile::tempdir().unwrap();
-    let site_dir = tempfile::tempdir().unwrap();
-    let root = Outpost::start(root_dir.path(), &[]);
+    let (_root_dir, _site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-drops", &["app"]).await;
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
-    let cs = connected(
-        &root,
-        "site-drops",
-        &["-m", "ReadWrite", "--repository", "app"],
-    );
-    let proxy = support::FaultProxy::start(&root.addr).await;
-    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
     let site_admin = client_as("admin", SITE_PASSWORD);
-    eventually("the site is activated", || async {
-        site.log().contains("activated at the parent")
-    })
-    .await;
     let layer = support::push_big_image(&site_admin, &site.base(), "app", "v1", SIZE).await;
     // From now on the link drops after every 3 MiB that goes up.
     let (up, cut) = (proxy.upstream.clone(), proxy.up_cut_at.clone());
