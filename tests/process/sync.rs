@@ -1848,42 +1848,11 @@ async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
         tag_digest(&admin, &r, "app", "t").await.as_deref() == Some(b.as_str())
     })
     .await;
-    // Until the feed has brought both writes back: the site's cursor reaches the root's
-    // newest event.
-    let root_db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        root_dir.path().join("meta.db").display()
-    ))
-    .await
-    .unwrap();
-    let root_latest: i64 = sqlx::query_scalar("SELECT max(seq) FROM events")
-        .fetch_one(&root_db)
-        .await
-        .unwrap();
-    root_db.close().await;
-    let cursor = site_dir.path().join("sync").join("cursor");
-    eventually("the site's feed has caught up", || async {
-        std::fs::read_to_string(&cursor)
-            .ok()
-            .and_then(|c| c.split_whitespace().next()?.parse::<i64>().ok())
-            .is_some_and(|c| c >= root_latest)
-    })
-    .await;
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        site_dir.path().join("meta.db").display()
-    ))
-    .await
-    .unwrap();
-    let moved_by_sync: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE repo = 'app' AND tag = 't' AND origin = 'sync'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    db.close().await;
+    // Until the feed has brought both writes back.
+    feed_caught_up(root_dir.path(), site_dir.path()).await;
     assert_eq!(
-        moved_by_sync, 0,
+        synced_tag_events(site_dir.path(), "t", 0).await,
+        0,
         "the feed moved the site's tag (back to its own first push, then on)"
     );
     assert_eq!(
@@ -1919,6 +1888,104 @@ async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
         "a false conflict:\n{}",
         site.log()
     );
+
+    // A tag the site has from the parent is moved there while the link is down, and removed
+    // at the site meanwhile. The removal goes up first and wins (a conflict, reported); the
+    // feed's older move must not set the tag at the site again, even for a moment.
+    let x = push_image(&admin, &r, "app", "w", "w-root").await;
+    eventually("app:w reaches the site", || async {
+        tag_digest(&site_admin, &s, "app", "w").await.as_deref() == Some(x.as_str())
+    })
+    .await;
+    let before = site_latest_event(site_dir.path()).await;
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    push_image(&admin, &r, "app", "w", "w-moved").await;
+    let gone = site_admin
+        .delete(format!("{s}/v2/app/manifests/w"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the removal reaches the root", || async {
+        tag_digest(&admin, &r, "app", "w").await.is_none()
+    })
+    .await;
+    feed_caught_up(root_dir.path(), site_dir.path()).await;
+    assert_eq!(tag_digest(&site_admin, &s, "app", "w").await, None);
+    assert_eq!(
+        synced_tag_events(site_dir.path(), "w", before).await,
+        0,
+        "the feed set the tag the site had removed"
+    );
+    assert!(
+        site.log()
+            .contains("tag moved at the parent and removed at this site")
+    );
+}
+
+/// Waits until a site's feed cursor reaches the root's newest event.
+async fn feed_caught_up(root_dir: &std::path::Path, site_dir: &std::path::Path) {
+    let root_db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        root_dir.join("meta.db").display()
+    ))
+    .await
+    .unwrap();
+    let root_latest: i64 = sqlx::query_scalar("SELECT max(seq) FROM events")
+        .fetch_one(&root_db)
+        .await
+        .unwrap();
+    root_db.close().await;
+    let cursor = site_dir.join("sync").join("cursor");
+    eventually("the site's feed has caught up", || async {
+        std::fs::read_to_string(&cursor)
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse::<i64>().ok())
+            .is_some_and(|c| c >= root_latest)
+    })
+    .await;
+}
+
+/// The newest event in a site's own log.
+async fn site_latest_event(site_dir: &std::path::Path) -> i64 {
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        site_dir.join("meta.db").display()
+    ))
+    .await
+    .unwrap();
+    let latest: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    latest.unwrap_or(0)
+}
+
+/// How many changes sync made to `app:tag` at a site after event `after` of its log.
+async fn synced_tag_events(site_dir: &std::path::Path, tag: &str, after: i64) -> i64 {
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        site_dir.join("meta.db").display()
+    ))
+    .await
+    .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE repo = 'app' AND tag = $1 AND origin = 'sync' \
+         AND seq > $2",
+    )
+    .bind(tag)
+    .bind(after)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    n
 }
 
 /// A link that drops after every 3 MiB sent: a piece as large as the first (4 MiB) never
@@ -2395,8 +2462,79 @@ async fn referrers_travel_with_their_subject() {
     .await;
 }
 
-/// Pushes an untagged signature-like artifact whose subject is `repo@subject`.
-async fn push_signature(admin: &reqwest::Client, r: &str, repo: &str, subject: &str) {
+/// A full reconciliation (a new site, `resync`, an expired cursor) brings what no tag reaches
+/// and takes away what was deleted by digest: a site that reconciled holds what one that
+/// followed the feed holds.
+#[tokio::test]
+async fn a_full_reconciliation_covers_untagged_manifests() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let subject = push_image(&admin, &r, "app", "v1", "reconciled").await;
+    let signature = push_signature(&admin, &r, "app", &subject).await;
+    // Pushed by digest only: a signature whose subject is not (yet) there.
+    let absent = format!("sha256:{}", "ab".repeat(32));
+    let orphan = push_signature(&admin, &r, "app", &absent).await;
+    let cs = connected(&root, "site-untagged", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    let local = client_as("admin", SITE_PASSWORD);
+    eventually("the site has app:v1 and its signature", || async {
+        has_signature(&local, &s, "app", &subject).await
+    })
+    .await;
+    eventually(
+        "the site has the untagged signature of an absent subject",
+        || async { has_signature(&local, &s, "app", &absent).await },
+    )
+    .await;
+    let cursor = site_dir.path().join("sync").join("cursor");
+    eventually("the site saved its cursor", || async { cursor.exists() }).await;
+    site.terminate();
+
+    // While the site is away: the signature is withdrawn, and a resync is asked for (which
+    // reconciles instead of reading the feed that carries the deletion).
+    let gone = admin
+        .delete(format!("{r}/v2/app/manifests/{signature}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    cli_ok(
+        &root,
+        &["connected-registry", "resync", "-n", "site-untagged"],
+    );
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    eventually("the withdrawn signature is gone from the site", || async {
+        !has_signature(&local, &s, "app", &subject).await
+    })
+    .await;
+    let get = |d: String| {
+        let (local, s) = (local.clone(), s.clone());
+        async move {
+            local
+                .get(format!("{s}/v2/app/manifests/{d}"))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get(signature).await, 404);
+    assert_eq!(get(orphan).await, 200);
+    assert_eq!(
+        tag_digest(&local, &s, "app", "v1").await.as_deref(),
+        Some(subject.as_str())
+    );
+}
+
+/// Pushes an untagged signature-like artifact whose subject is `repo@subject`; returns its
+/// digest.
+async fn push_signature(admin: &reqwest::Client, r: &str, repo: &str, subject: &str) -> String {
     let empty = b"{}".to_vec();
     support::push_blob(admin, r, repo, &empty).await;
     let sig = serde_json::json!({
@@ -2414,11 +2552,15 @@ async fn push_signature(admin: &reqwest::Client, r: &str, repo: &str, subject: &
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
         ))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(bytes)
+        .body(bytes.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(put.status(), 201);
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+    )
 }
 
 /// Whether the referrers API at `base` lists a signature for `repo@subject`.

@@ -719,6 +719,21 @@ impl Meta {
         .await?)
     }
 
+    /// Digests of the manifests `repo` holds, tagged or not, in byte order after `last`, at
+    /// most `n` (none for a repository that does not exist): what a child compares its copy
+    /// with in a full reconciliation.
+    pub async fn manifest_digests(&self, repo: &str, n: u32, last: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT m.digest FROM manifests m JOIN repositories r ON r.id = m.repo_id \
+             WHERE r.name = $1 AND m.digest > $2 ORDER BY m.digest LIMIT $3",
+        )
+        .bind(repo)
+        .bind(last)
+        .bind(i64::from(n))
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     // ---- blobs ---------------------------------------------------------------------------
 
     /// Size of `digest` if `repo` may serve it.
@@ -1111,11 +1126,13 @@ impl Meta {
         Ok(true)
     }
 
-    /// Removes a tag (the manifest stays, reachable by digest). Returns whether it existed.
-    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+    /// Removes a tag (the manifest stays, reachable by digest). Returns where the removal
+    /// stands in the event log (the newest event once it committed, as
+    /// [`PutOutcome::log_position`]), or `None` if there was no such tag.
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<Option<i64>> {
         let mut tx = self.begin_write().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         let old: Option<String> = sqlx::query_scalar(
             "DELETE FROM tags WHERE repo_id = $1 AND name = $2 RETURNING digest",
@@ -1124,12 +1141,16 @@ impl Meta {
         .bind(tag)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(d) = &old {
-            self.event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None)
-                .await?;
-        }
+        let Some(d) = &old else {
+            return Ok(None);
+        };
+        self.event(&mut tx, repo, EVENT_TAG_REMOVED, Some(tag), Some(d), None)
+            .await?;
+        let log_position: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(old.is_some())
+        Ok(Some(log_position.unwrap_or(0)))
     }
 
     /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if the repository

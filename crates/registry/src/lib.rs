@@ -995,24 +995,32 @@ impl Registry {
         }
     }
 
-    /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag.
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+    /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag. For a
+    /// tag, returns where the removal stands in the event log (as
+    /// [`PushedManifest::log_position`]).
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<i64>> {
         let found = self
             .freeing(|| async {
                 Ok::<_, outpost_meta::MetaError>(match reference {
-                    Reference::Digest(d) => {
-                        self.meta.delete_manifest(repo.as_str(), d).await?.is_some()
-                    }
-                    Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
+                    Reference::Digest(d) => self
+                        .meta
+                        .delete_manifest(repo.as_str(), d)
+                        .await?
+                        .map(|_| None),
+                    Reference::Tag(t) => self
+                        .meta
+                        .delete_tag(repo.as_str(), t.as_str())
+                        .await?
+                        .map(Some),
                 })
             })
             .await?;
         self.changed(repo);
-        if found {
-            Ok(())
-        } else {
-            Err(RegistryError::ManifestUnknown(reference.to_string()))
-        }
+        found.ok_or_else(|| RegistryError::ManifestUnknown(reference.to_string()))
     }
 
     /// Deletes a whole repository (tags, manifests, blob links).
@@ -1114,6 +1122,17 @@ impl Registry {
 
     pub async fn catalog(&self, n: Option<u32>, last: Option<&str>) -> Result<Vec<String>> {
         Ok(self.meta.catalog(n, last).await?)
+    }
+
+    /// Digests of the manifests `repo` holds, tagged or not, after `last` in byte order, at
+    /// most `n` (see `outpost_meta::Meta::manifest_digests`).
+    pub async fn manifest_digests(
+        &self,
+        repo: &RepoName,
+        n: u32,
+        last: &str,
+    ) -> Result<Vec<String>> {
+        Ok(self.meta.manifest_digests(repo.as_str(), n, last).await?)
     }
 
     /// The referrers index of `subject` in `repo` (an OCI image index, empty when there are

@@ -11,9 +11,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use outpost_control::GatewayAction;
 use outpost_control::connected::StatusReport;
 use outpost_control::notify::NotificationBatch;
+use outpost_control::{GatewayAction, RepoAction};
 use outpost_oci::ErrorCode;
 use serde::Deserialize;
 
@@ -23,6 +23,7 @@ pub(crate) fn routes() -> Router<App> {
         .route("/{name}/status", put(status))
         .route("/{name}/config", get(config))
         .route("/{name}/messages", get(messages))
+        .route("/{name}/manifests", get(manifests))
         .route("/{name}/notifications", post(notifications))
         .fallback(
             |uri: axum::http::Uri| async move { crate::error::no_such_route("/gateway/v1", &uri) },
@@ -155,6 +156,48 @@ async fn config_and_etag(app: &App, name: &str) -> Result<(Vec<u8>, String), Api
     let body = serde_json::to_vec(&cfg).unwrap_or_default();
     let etag = format!("\"{}\"", outpost_oci::Digest::sha256_of(&body).hex());
     Ok((body, etag))
+}
+
+/// `GET /{name}/manifests?repository=R[&last=D][&n=N]`: the digests of every manifest
+/// repository `R` holds here, tagged or not, in byte order after `last`, at most `n` (default
+/// and limit 1000). A full reconciliation compares them with the child's copy: tags alone miss
+/// what was pushed by digest (referrers of absent subjects among them) and what was deleted by
+/// digest while the child was away. A repository that does not exist has none.
+async fn manifests(
+    State(app): State<App>,
+    h: HeaderMap,
+    ApiPath(name): ApiPath<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    authorize(&app, &h, &name, GatewayAction::MessageRead).await?;
+    let q = auth::pairs(uri.query().unwrap_or(""));
+    let n = crate::api::number(&q, "n", 1000, 1..=1000)? as u32;
+    let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+    let repo: outpost_oci::RepoName =
+        get("repository").unwrap_or_default().parse().map_err(|e| {
+            ApiError::custom(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("repository: {e}"),
+            )
+        })?;
+    // The sync token reads only the connected registry's repositories.
+    let p = auth::basic_principal(&app, &h, "the gateway API").await?;
+    if !p.allows(repo.as_str(), RepoAction::ContentRead) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Denied,
+            format!("token {:?} may not read repository {repo}", p.name()),
+        ));
+    }
+    let digests = app
+        .registry
+        .manifest_digests(&repo, n, get("last").unwrap_or_default())
+        .await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "repository": repo.as_str(), "manifests": digests }),
+    ))
 }
 
 async fn messages(

@@ -299,8 +299,16 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
             }
             Method::PUT => put_manifest(app, &name, &reference, h, body).await,
             Method::DELETE => {
-                reg.delete_manifest(&name, &reference).await?;
-                Ok(StatusCode::ACCEPTED.into_response())
+                let at = reg.delete_manifest(&name, &reference).await?;
+                let mut resp = StatusCode::ACCEPTED.into_response();
+                // A tag's removal says where it stands in the event log, as a put by tag
+                // does: a ReadWrite site skips the older events for the tag that its feed
+                // still brings.
+                if let Some(at) = at {
+                    resp.headers_mut()
+                        .insert(LOG_POSITION_HEADER, HeaderValue::from(at));
+                }
+                Ok(resp)
             }
             _ => Err(unsupported(m, "GET, HEAD, PUT, DELETE")),
         },
@@ -733,7 +741,8 @@ async fn put_manifest(
 
 /// On a `PUT` of a manifest by tag: the digest the tag pointed at before, or `none`.
 const REPLACED_HEADER: &str = "outpost-replaced-digest";
-/// On a `PUT` of a manifest by tag: the newest event in the log once it committed.
+/// On a `PUT` of a manifest by tag, and a `DELETE` of a tag: the newest event in the log
+/// once it committed.
 const LOG_POSITION_HEADER: &str = "outpost-log-position";
 
 async fn get_blob(

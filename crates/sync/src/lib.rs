@@ -1975,7 +1975,14 @@ impl Child {
                         return Ok(()); // already gone at the parent
                     };
                     let moved = !self.knew(e, tag, &theirs).await?;
-                    self.parent.delete_manifest(repo.as_str(), tag).await?;
+                    // As for a put by tag: the feed's older events for the tag (the echo of
+                    // this site's earlier write among them) must not bring it back.
+                    if let Some(at) = self.parent.delete_manifest(repo.as_str(), tag).await? {
+                        self.sent_tags
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((repo.to_string(), tag.to_string()), at);
+                    }
                     if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
                         self.tag_conflict(format!(
@@ -2383,6 +2390,52 @@ impl Child {
                     .registry
                     .delete_manifest(&name, &Reference::Tag(t))
                     .await;
+            }
+        }
+        self.reconcile_untagged(&name, read_only).await
+    }
+
+    /// The part of a full reconciliation that tags do not reach, from an Outpost parent's
+    /// listing of every manifest it holds: what was pushed there by digest (referrers whose
+    /// subject is absent, index children pushed alone) is fetched, and what was deleted there
+    /// by digest while this site was away (a withdrawn signature) is deleted here, unless this
+    /// site's own clients pushed it since its outbox last sent (it is on its way up).
+    async fn reconcile_untagged(&self, name: &RepoName, read_only: bool) -> Result<()> {
+        let Some(theirs) = self.parent.manifest_digests(name.as_str()).await? else {
+            return Ok(()); // a plain registry: tags are all there is to compare
+        };
+        let mut ours = std::collections::HashSet::new();
+        let mut last = String::new();
+        loop {
+            let page = self.registry.manifest_digests(name, 1000, &last).await?;
+            let full = page.len() == 1000;
+            last = page.last().cloned().unwrap_or_default();
+            ours.extend(page);
+            if !full {
+                break;
+            }
+        }
+        for d in &theirs {
+            if !ours.contains(d) {
+                self.check_window()?;
+                self.ensure_or_skip(name, None, d).await?;
+            }
+        }
+        let theirs: std::collections::HashSet<&String> = theirs.iter().collect();
+        for d in ours.iter().filter(|d| !theirs.contains(d)) {
+            if self
+                .client_used_manifest_pending(name.as_str(), d, read_only)
+                .await?
+            {
+                continue;
+            }
+            if let Ok(digest) = d.parse::<Digest>() {
+                tracing::info!(repository = %name, digest = %d, "deleting a manifest the parent no longer has");
+                ignore_unknown(
+                    self.registry
+                        .delete_manifest(name, &Reference::Digest(digest))
+                        .await,
+                )?;
             }
         }
         Ok(())
@@ -2908,9 +2961,9 @@ fn corrupt_blob(digest: &Digest, actual: &Digest) -> SyncError {
     ))
 }
 
-fn ignore_unknown(r: Result<(), RegistryError>) -> Result<()> {
+fn ignore_unknown<T>(r: Result<T, RegistryError>) -> Result<()> {
     match r {
-        Ok(()) | Err(RegistryError::ManifestUnknown(_)) | Err(RegistryError::NameUnknown(_)) => {
+        Ok(_) | Err(RegistryError::ManifestUnknown(_)) | Err(RegistryError::NameUnknown(_)) => {
             Ok(())
         }
         Err(e) => Err(e.into()),

@@ -609,6 +609,45 @@ impl Parent {
             .collect())
     }
 
+    /// Digests of every manifest `repo` holds at the parent, tagged or not (the gateway's
+    /// `manifests` listing); `None` from a plain registry, or from an Outpost parent too old
+    /// to offer it.
+    pub async fn manifest_digests(&self, repo: &str) -> Result<Option<Vec<String>>, SyncError> {
+        const PAGE: usize = 1000;
+        if self.follow_bearer {
+            return Ok(None);
+        }
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let last = out.last().map(String::as_str).unwrap_or_default();
+            let path = format!(
+                "/gateway/v1/{}/manifests?repository={repo}&n={PAGE}&last={last}",
+                self.name
+            );
+            let resp = self.send(self.request(Method::GET, &path)).await?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            let v: Value = self
+                .check(resp)
+                .await?
+                .json()
+                .await
+                .map_err(|e| SyncError::Protocol(format!("manifest listing: {e}")))?;
+            let before = out.len();
+            out.extend(
+                v["manifests"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d.as_str().map(String::from)),
+            );
+            if out.len() - before < PAGE {
+                return Ok(Some(out));
+            }
+        }
+    }
+
     /// The digest a tag points at, from a `HEAD`; `None` if the tag is gone.
     pub async fn manifest_digest(
         &self,
@@ -838,16 +877,26 @@ impl Parent {
         })
     }
 
-    /// Deletes a tag or manifest at the parent; one already gone is fine.
-    pub async fn delete_manifest(&self, repo: &str, reference: &str) -> Result<(), SyncError> {
+    /// Deletes a tag or manifest at the parent; one already gone is fine. For a tag, returns
+    /// where the removal stands in the parent's event log, if the parent says (an Outpost
+    /// parent does).
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<i64>, SyncError> {
         let resp = self
             .send(self.request(Method::DELETE, &format!("/v2/{repo}/manifests/{reference}")))
             .await?;
         if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(());
+            return Ok(None);
         }
-        self.check(resp).await?;
-        Ok(())
+        let resp = self.check(resp).await?;
+        Ok(resp
+            .headers()
+            .get("outpost-log-position")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
     }
 
     /// A blob from byte `offset` on, as a stream.
