@@ -526,6 +526,10 @@ pub struct BearerGate {
     pub addr: String,
     /// Tokens issued so far.
     pub issued: Arc<std::sync::atomic::AtomicU64>,
+    /// While set, requests whose path contains the first string get the status and plain
+    /// text body that follow, whatever their credentials: a proxy or load balancer in front
+    /// of the registry answering for it.
+    pub canned: Arc<std::sync::Mutex<Option<(String, u16, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -545,15 +549,22 @@ impl BearerGate {
             base64_encode(format!("{user}:{password}").as_bytes())
         );
         let admin = client_as("admin", ADMIN_PASSWORD);
-        let (upstream, me, count) = (upstream.to_string(), addr.clone(), issued.clone());
+        let canned: Arc<std::sync::Mutex<Option<(String, u16, String)>>> = Arc::default();
+        let (upstream, me, count, answers) = (
+            upstream.to_string(),
+            addr.clone(),
+            issued.clone(),
+            canned.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
-                let (upstream, me, count, basic, admin) = (
+                let (upstream, me, count, basic, admin, answers) = (
                     upstream.clone(),
                     me.clone(),
                     count.clone(),
                     basic.clone(),
                     admin.clone(),
+                    answers.clone(),
                 );
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -575,71 +586,82 @@ impl BearerGate {
                         })
                     };
                     let auth = header("authorization").unwrap_or_default();
-                    let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) = if target
-                        .starts_with("/token")
-                    {
-                        if auth == basic {
-                            count.fetch_add(1, Ordering::Relaxed);
-                            let body = format!("{{\"token\":\"{}\"}}", BearerGate::TOKEN);
+                    let canned = answers
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .filter(|(path, ..)| target.contains(path.as_str()));
+                    let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) =
+                        if let Some((_, status, text)) = canned {
                             (
-                                200,
-                                vec![("content-type".into(), "application/json".into())],
-                                body.into_bytes(),
+                                status,
+                                vec![("content-type".into(), "text/plain".into())],
+                                text.into_bytes(),
                             )
-                        } else {
-                            (401, vec![], b"{}".to_vec())
-                        }
-                    } else if auth != format!("Bearer {}", BearerGate::TOKEN) {
-                        let repo = target.strip_prefix("/v2/").and_then(|r| {
-                            ["/manifests/", "/blobs/", "/tags/"]
-                                .iter()
-                                .find_map(|m| r.find(m).map(|i| r[..i].to_string()))
-                        });
-                        let scope = repo
-                            .map(|r| format!(",scope=\"repository:{r}:pull\""))
-                            .unwrap_or_default();
-                        let challenge =
-                            format!("Bearer realm=\"http://{me}/token\",service=\"gate\"{scope}");
-                        (
+                        } else if target.starts_with("/token") {
+                            if auth == basic {
+                                count.fetch_add(1, Ordering::Relaxed);
+                                let body = format!("{{\"token\":\"{}\"}}", BearerGate::TOKEN);
+                                (
+                                    200,
+                                    vec![("content-type".into(), "application/json".into())],
+                                    body.into_bytes(),
+                                )
+                            } else {
+                                (401, vec![], b"{}".to_vec())
+                            }
+                        } else if auth != format!("Bearer {}", BearerGate::TOKEN) {
+                            let repo = target.strip_prefix("/v2/").and_then(|r| {
+                                ["/manifests/", "/blobs/", "/tags/"]
+                                    .iter()
+                                    .find_map(|m| r.find(m).map(|i| r[..i].to_string()))
+                            });
+                            let scope = repo
+                                .map(|r| format!(",scope=\"repository:{r}:pull\""))
+                                .unwrap_or_default();
+                            let challenge = format!(
+                                "Bearer realm=\"http://{me}/token\",service=\"gate\"{scope}"
+                            );
+                            (
                             401,
                             vec![("www-authenticate".into(), challenge)],
                             br#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#
                                 .to_vec(),
                         )
-                    } else {
-                        let m = reqwest::Method::from_bytes(method.as_bytes())
-                            .unwrap_or(reqwest::Method::GET);
-                        let mut req = admin.request(m, format!("{upstream}{target}"));
-                        for h in ["accept", "range"] {
-                            if let Some(v) = header(h) {
-                                req = req.header(h, v);
+                        } else {
+                            let m = reqwest::Method::from_bytes(method.as_bytes())
+                                .unwrap_or(reqwest::Method::GET);
+                            let mut req = admin.request(m, format!("{upstream}{target}"));
+                            for h in ["accept", "range"] {
+                                if let Some(v) = header(h) {
+                                    req = req.header(h, v);
+                                }
                             }
-                        }
-                        match req.send().await {
-                            Ok(r) => {
-                                let status = r.status().as_u16();
-                                let keep: Vec<(String, String)> = r
-                                    .headers()
-                                    .iter()
-                                    .filter(|(k, _)| {
-                                        [
-                                            "content-type",
-                                            "docker-content-digest",
-                                            "content-range",
-                                            "content-length",
-                                        ]
-                                        .contains(&k.as_str())
-                                    })
-                                    .map(|(k, v)| {
-                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
-                                    })
-                                    .collect();
-                                let body = r.bytes().await.unwrap_or_default().to_vec();
-                                (status, keep, body)
+                            match req.send().await {
+                                Ok(r) => {
+                                    let status = r.status().as_u16();
+                                    let keep: Vec<(String, String)> = r
+                                        .headers()
+                                        .iter()
+                                        .filter(|(k, _)| {
+                                            [
+                                                "content-type",
+                                                "docker-content-digest",
+                                                "content-range",
+                                                "content-length",
+                                            ]
+                                            .contains(&k.as_str())
+                                        })
+                                        .map(|(k, v)| {
+                                            (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                        })
+                                        .collect();
+                                    let body = r.bytes().await.unwrap_or_default().to_vec();
+                                    (status, keep, body)
+                                }
+                                Err(_) => (502, vec![], Vec::new()),
                             }
-                            Err(_) => (502, vec![], Vec::new()),
-                        }
-                    };
+                        };
                     let mut out = format!("HTTP/1.1 {status} X\r\nconnection: close\r\n");
                     let mut has_len = false;
                     for (k, v) in &headers {
@@ -658,7 +680,12 @@ impl BearerGate {
                 });
             }
         });
-        BearerGate { addr, issued, task }
+        BearerGate {
+            addr,
+            issued,
+            canned,
+            task,
+        }
     }
 }
 

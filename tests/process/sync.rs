@@ -1389,6 +1389,64 @@ async fn a_plain_parent_that_wants_bearer_tokens_is_mirrored() {
         issued <= 3,
         "{issued} tokens for one repository: they are not reused"
     );
+
+    // A proxy in front of the registry answers 404 for the tags list, without the registry's
+    // NAME_UNKNOWN: that says nothing about the repository, and the site keeps its tags.
+    *gate.canned.lock().unwrap() = Some(("/tags/list".into(), 404, "404 page not found".into()));
+    eventually("the site logs the proxy's answer", || async {
+        site.log()
+            .contains("mirror/app/tags/list, without a registry error in the answer")
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .as_deref(),
+        Some(v1.as_str()),
+        "a proxy's 404 emptied the repository:\n{}",
+        site.log()
+    );
+    *gate.canned.lock().unwrap() = None;
+
+    // The upstream's password changed and the mirror restarts: it serves what it has, and
+    // says why it cannot sync.
+    site.terminate();
+    let site = Outpost::start_env(
+        site_dir.path(),
+        &[
+            ("OUTPOST_CONFIG", conf.to_str().unwrap()),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+            ("OUTPOST_UPSTREAM_PASSWORD", "changed-upstream"),
+        ],
+    );
+    let s = site.base();
+    assert_eq!(
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .as_deref(),
+        Some(v1.as_str())
+    );
+    assert!(
+        site.log().contains("serving what is here and retrying"),
+        "{}",
+        site.log()
+    );
+    // A first start with nothing to serve stops, so the mistake is seen at once.
+    // (Waited for off the runtime's thread, which the gate needs.)
+    let empty = tempfile::tempdir().unwrap();
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"));
+    first
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(empty.path())
+        .env("OUTPOST_CONFIG", &conf)
+        .env("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD)
+        .env("OUTPOST_UPSTREAM_PASSWORD", "changed-upstream");
+    let out = tokio::task::spawn_blocking(move || first.output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("mirror-bot"), "{err}");
 }
 
 #[tokio::test]
@@ -1769,6 +1827,64 @@ async fn readwrite_site_behind_proxy(
     })
     .await;
     (root_dir, site_dir, root, proxy, site)
+}
+
+/// A ReadWrite site's pushes the parent refuses (the repository left the site's scope while
+/// the site was offline) stay at the site, and go up once the repository is back in scope:
+/// the full reconciliation of the re-added repository must not take them for tags the parent
+/// deleted.
+#[tokio::test]
+async fn pushes_the_parent_refused_are_kept_and_go_up_when_allowed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_root_dir, _site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-refused", &["app", "shared"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    proxy.blocked.store(true, Relaxed);
+    let pushed = push_image(&site_admin, &s, "shared", "offline", "refused-then-taken").await;
+    let scope = |op: &str| {
+        cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "permissions",
+                "update",
+                "-n",
+                "site-refused",
+                op,
+                "shared",
+            ],
+        );
+    };
+    scope("--remove");
+    proxy.blocked.store(false, Relaxed);
+    eventually("the parent refuses the push", || async {
+        site.log().contains("the parent refused a local change")
+    })
+    .await;
+    assert_eq!(tag_digest(&admin, &r, "shared", "offline").await, None);
+    assert_eq!(
+        tag_digest(&site_admin, &s, "shared", "offline")
+            .await
+            .as_deref(),
+        Some(pushed.as_str())
+    );
+
+    scope("--add");
+    eventually("the refused push reaches the root", || async {
+        tag_digest(&admin, &r, "shared", "offline").await.as_deref() == Some(pushed.as_str())
+    })
+    .await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "shared", "offline")
+            .await
+            .as_deref(),
+        Some(pushed.as_str()),
+        "the site lost its push:\n{}",
+        site.log()
+    );
 }
 
 #[tokio::test]
@@ -2575,6 +2691,103 @@ async fn has_signature(c: &reqwest::Client, base: &str, repo: &str, subject: &st
             .await
             .unwrap()
             .contains("application/vnd.example.signature")
+}
+
+/// A repository added for a ReadOnly child reaches its ReadWrite parent with read actions
+/// only. That site syncs it, but refuses its clients' changes to it: its own parent would
+/// refuse them going up, and they would be dropped after the client was told they were taken.
+#[tokio::test]
+async fn a_readwrite_site_refuses_changes_to_a_repository_it_syncs_read_only() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "other", "v1", "read-only-here").await;
+    let site_cs = connected(
+        &root,
+        "site-rw",
+        &["-m", "ReadWrite", "--repository", "app"],
+    );
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "create",
+            "-n",
+            "line-ro",
+            "-p",
+            "site-rw",
+            "--repository",
+            "app",
+        ],
+    );
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "line-ro",
+            "--add",
+            "other",
+        ],
+    );
+    let site = start_site(site_dir.path(), &site_cs);
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site syncs other:v1 for its child", || async {
+        tag_digest(&site_admin, &s, "other", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    let start_upload = || async {
+        site_admin
+            .post(format!("{s}/v2/other/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let refused = start_upload().await;
+    assert_eq!(refused.status(), 403);
+    let text = refused.text().await.unwrap();
+    assert!(
+        text.contains("synced read-only") && text.contains("--add other"),
+        "{text}"
+    );
+    let removal = site_admin
+        .delete(format!("{s}/v2/other/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removal.status(), 403);
+    assert_eq!(
+        tag_digest(&site_admin, &s, "other", "v1").await.as_deref(),
+        Some(v1.as_str())
+    );
+
+    // What the message advises gives the site write access, and its push goes up.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-rw",
+            "--add",
+            "other",
+        ],
+    );
+    eventually("the site takes pushes to other", || async {
+        start_upload().await.status() == 202
+    })
+    .await;
+    let v2 = push_image(&site_admin, &s, "other", "v2", "written-at-the-site").await;
+    eventually("the site's push reaches the root", || async {
+        tag_digest(&admin, &r, "other", "v2").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -343,6 +343,10 @@ pub struct SyncScope {
     /// The connected registry's name.
     pub name: String,
     pub patterns: Vec<RepoPattern>,
+    /// What the registry's sync token may do at the parent (`None`: not known, from a parent
+    /// that does not say). A repository added to a ReadOnly child is synced to its ReadWrite
+    /// ancestors with read actions only: a change made there would be refused going up.
+    pub sync_token: Option<crate::scope::Permissions>,
 }
 
 impl SyncScope {
@@ -354,11 +358,26 @@ impl SyncScope {
                 .iter()
                 .filter_map(|r| RepoPattern::parse(r).ok())
                 .collect(),
+            sync_token: cfg.sync_token.as_ref().map(|t| {
+                crate::scope::Permissions::new(
+                    t.actions
+                        .iter()
+                        .filter_map(|a| crate::scope::Rule::parse(a).ok()),
+                )
+            }),
         }
     }
 
     pub fn covers(&self, repo: &str) -> bool {
         self.patterns.iter().any(|p| p.matches(repo))
+    }
+
+    /// Whether a change of kind `action` to `repo` made here can go up: the sync token may
+    /// make it at the parent.
+    pub fn sends(&self, repo: &str, action: RepoAction) -> bool {
+        self.sync_token
+            .as_ref()
+            .is_none_or(|p| p.allows(repo, action))
     }
 }
 
@@ -1373,6 +1392,20 @@ impl Control {
             &req.remove_notifications,
             "notifications",
         )?;
+        // A name that is not there (a typo) would leave the token meant working: say so.
+        if let Some(t) = req
+            .remove_client_tokens
+            .iter()
+            .find(|t| !row.client_tokens.contains(t))
+        {
+            return Err(ControlError::Invalid(format!(
+                "token {t:?} is not a client token of connected registry {name:?} (its client tokens: {}); nothing was changed",
+                match row.client_tokens.is_empty() {
+                    true => "none".to_string(),
+                    false => row.client_tokens.join(", "),
+                }
+            )));
+        }
         let mode = Mode::parse(&row.mode)?;
         let mut tokens: BTreeSet<String> = row.client_tokens.iter().cloned().collect();
         tokens.extend(req.add_client_tokens.iter().cloned());

@@ -190,6 +190,19 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                             add_repository_hint(&scope.name, name)
                         ),
                     ));
+                } else if !scope.sends(name, action) {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Denied,
+                        format!(
+                            "repository {name} is synced read-only to this connected registry \
+                             (its sync token may not {} it at the parent, as when it was added \
+                             for a ReadOnly child), so a change here would never reach its \
+                             parent: push it at the parent, or {}",
+                            action.as_str(),
+                            add_repository_hint(&scope.name, name)
+                        ),
+                    ));
                 }
             }
         }

@@ -308,6 +308,22 @@ async fn every_rule_is_enforced_with_a_message_that_names_it() {
         )
         .await;
     assert!(msg(&r).starts_with("Update ambiguity"), "{}", msg(&r));
+    // A token that is not one of its client tokens (a typo) is an error, not a silent no-op
+    // that leaves the token meant still working.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/ship-0001",
+            &[],
+            json!({"removeClientTokens": ["reader-1"]}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        msg(&r).contains("\"reader-1\" is not a client token"),
+        "{}",
+        msg(&r)
+    );
     let r = t.req(Method::PATCH, "/api/v1/connected-registries/ship-0001", &[], json!({"syncSchedule": "0 6 * * *", "syncWindow": "PT2H", "syncMessageTtl": "P7D", "logLevel": "debug", "addNotifications": ["app:*:push"], "gcEnabled": false}).to_string()).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let v = r.json();

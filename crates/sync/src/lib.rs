@@ -58,10 +58,7 @@ pub enum SyncError {
          (a link that stays silent is given up after sync_read_timeout_secs)"
     )]
     Interrupted { parent: String, reason: String },
-    #[error(
-        "the parent refused the password of sync token {token:?} ({message}): {}",
-        credentials_hint(token, name, message)
-    )]
+    #[error("{}", bad_credentials(token, name, message))]
     BadCredentials {
         token: String,
         name: String,
@@ -75,7 +72,7 @@ pub enum SyncError {
         "connected registry {0:?} does not exist at the parent; create it there with `outpost connected-registry create`"
     )]
     UnknownRegistry(String),
-    #[error("the parent answered {status} {code}: {message}")]
+    #[error("the parent answered {status}{}: {message}", code_suffix(.code))]
     Parent {
         status: u16,
         code: String,
@@ -342,6 +339,8 @@ struct Child {
     notices: Notices,
     /// Manifests skipped because the parent cannot serve them, retried later.
     skipped: SkipList,
+    /// Local changes the parent refused for good (a ReadWrite site's).
+    refused: RefusedList,
     /// How many of the parent's messages were still to apply after the last page.
     lag: Mutex<Option<i64>>,
     /// Applies the parent's log level, and the level last applied.
@@ -383,6 +382,20 @@ struct Child {
 }
 
 /// What to do about a sync token the parent refused, from its answer.
+/// The parent refused the credentials: which, and what to do. A mirror of a plain registry
+/// (no connected registry name) has upstream credentials, not a sync token.
+fn bad_credentials(token: &str, name: &str, message: &str) -> String {
+    if name.is_empty() {
+        return format!(
+            "the upstream registry refused the credentials of {token:?} ({message}): check upstream_username and upstream_password"
+        );
+    }
+    format!(
+        "the parent refused the password of sync token {token:?} ({message}): {}",
+        credentials_hint(token, name, message)
+    )
+}
+
 fn credentials_hint(token: &str, name: &str, message: &str) -> String {
     if message.contains("is disabled") {
         return format!(
@@ -687,6 +700,94 @@ struct Skipped {
 impl Skipped {
     fn same(&self, other: &Skipped) -> bool {
         self.repository == other.repository && self.tag == other.tag && self.digest == other.digest
+    }
+}
+
+/// A local change the parent refused for good: a tag this site's client set (`tag`), or a
+/// manifest it pushed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+struct RefusedChange {
+    repository: String,
+    tag: Option<String>,
+    digest: String,
+}
+
+/// The local changes the parent refused for good, kept in `sync/refused.json`. The parent never
+/// had what they put here, so a full reconciliation must not take it for something deleted
+/// there: it keeps those tags and manifests, and offers the tags to the parent again (the
+/// repository may have been added to the sync token's scope since, which is what reconciles
+/// it). An entry goes when the parent takes it, or when the tag has moved on here.
+struct RefusedList {
+    path: PathBuf,
+    items: Mutex<std::collections::BTreeSet<RefusedChange>>,
+}
+
+impl RefusedList {
+    /// The most entries kept (the oldest go first; what they protected is still reported as
+    /// `OutboxEntryRefused` for a day).
+    const MAX: usize = 10_000;
+
+    fn load(dir: &Path) -> RefusedList {
+        let path = dir.join("refused.json");
+        let items = read_state(&path)
+            .ok()
+            .flatten()
+            .map(|s| {
+                serde_json::from_str(&s).unwrap_or_else(|e| {
+                    tracing::warn!(path = %path.display(), error = %e, "the list of refused local changes is unreadable; starting a new one");
+                    Default::default()
+                })
+            })
+            .unwrap_or_default();
+        RefusedList {
+            path,
+            items: Mutex::new(items),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut std::collections::BTreeSet<RefusedChange>)) -> Result<()> {
+        let json = {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            let before = items.len();
+            f(&mut items);
+            if items.len() == before {
+                return Ok(());
+            }
+            serde_json::to_string(&*items).unwrap_or_default()
+        };
+        write_state(&self.path, &json)
+    }
+
+    fn add(&self, change: RefusedChange) -> Result<()> {
+        self.update(|items| {
+            if items.insert(change) && items.len() > Self::MAX {
+                items.pop_first();
+            }
+        })
+    }
+
+    fn remove(&self, change: &RefusedChange) -> Result<()> {
+        self.update(|items| {
+            items.remove(change);
+        })
+    }
+
+    /// Whether the parent refused this site's `repo:tag` → `digest`.
+    fn has_tag(&self, repo: &str, tag: &str, digest: &str) -> bool {
+        let items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        items.contains(&RefusedChange {
+            repository: repo.to_string(),
+            tag: Some(tag.to_string()),
+            digest: digest.to_string(),
+        })
+    }
+
+    /// Whether the parent refused a change of this site's that put `repo@digest` here.
+    fn has_manifest(&self, repo: &str, digest: &str) -> bool {
+        let items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        items
+            .iter()
+            .any(|c| c.repository == repo && c.digest == digest)
     }
 }
 
@@ -1086,6 +1187,7 @@ pub async fn start(
     }
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
+    let refused = RefusedList::load(&dir);
     let child = Arc::new(Child {
         role: Role::Gateway,
         parent,
@@ -1101,6 +1203,7 @@ pub async fn start(
         deadline: Mutex::new(None),
         notices,
         skipped,
+        refused,
         log_level_hook: opts.log_level_hook.clone(),
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
@@ -1162,6 +1265,12 @@ pub async fn start_mirror(
         Err(e @ SyncError::Unreachable { .. }) => {
             tracing::warn!(error = %e, "upstream unreachable; serving what is here and retrying")
         }
+        // A mirror that holds content serves it whatever the upstream says (a password
+        // changed there, a proxy's error page) and keeps trying; only a first start, with
+        // nothing to serve, stops at once on a refusal, so that the mistake is seen.
+        Err(e) if !registry.catalog(Some(1), None).await?.is_empty() => {
+            tracing::warn!(error = %e, "the upstream refuses this mirror; serving what is here and retrying")
+        }
         Err(e) => return Err(e),
     }
     let config = SyncConfig {
@@ -1185,6 +1294,7 @@ pub async fn start_mirror(
     let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
+    let refused = RefusedList::load(&dir);
     let child = Arc::new(Child {
         role: Role::Plain {
             interval: opts.interval,
@@ -1202,6 +1312,7 @@ pub async fn start_mirror(
         deadline: Mutex::new(None),
         notices,
         skipped,
+        refused,
         log_level_hook: None,
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
@@ -1778,6 +1889,15 @@ impl Child {
                                 ),
                             };
                             tracing::warn!(change = %what, error = %err, "the parent refused a local change; it is skipped");
+                            if let (Some(digest), "tag_set" | "manifest_put") =
+                                (&e.digest, e.kind.as_str())
+                            {
+                                self.refused.add(RefusedChange {
+                                    repository: e.repo.clone(),
+                                    tag: e.tag.clone(),
+                                    digest: digest.clone(),
+                                })?;
+                            }
                             self.notices.push(StatusDetail {
                                 kind: "Sync".into(),
                                 code: "OutboxEntryRefused".into(),
@@ -2347,6 +2467,8 @@ impl Child {
             return Ok(());
         };
         let tags = self.parent.tags(&repo).await?;
+        // Many tags on one manifest: its referrers are asked for once.
+        let mut asked = std::collections::HashSet::new();
         for tag in &tags {
             self.check_window()?;
             let Some(digest) = self.parent.manifest_digest(&repo, tag).await? else {
@@ -2361,6 +2483,9 @@ impl Child {
             if local.is_some_and(|m| m.digest.to_string() == digest) {
                 // The tag has not moved, but signatures, SBOMs and attestations may have been
                 // added to it since (and the feed that announced them may have expired).
+                if !asked.insert(digest.clone()) {
+                    continue;
+                }
                 for r in self.parent.referrers(&repo, &digest).await? {
                     self.ensure_or_skip(&name, None, &r).await?;
                 }
@@ -2374,6 +2499,7 @@ impl Child {
         // one follows deletions made at the parent while it was away longer than the feed
         // keeps them, except for tags its own clients changed since its outbox last sent
         // (those are on their way up).
+        let mut dropped = Vec::new();
         for local in self
             .registry
             .tags(&name, None, None)
@@ -2383,16 +2509,70 @@ impl Child {
             if tags.contains(&local) {
                 continue;
             }
+            if !read_only && self.offer_refused_tag(&name, &local).await? {
+                continue;
+            }
             if !self.client_change_pending(&repo, &local, read_only).await?
                 && let Ok(t) = local.parse::<Tag>()
-            {
-                let _ = self
+                && self
                     .registry
                     .delete_manifest(&name, &Reference::Tag(t))
-                    .await;
+                    .await
+                    .is_ok()
+            {
+                dropped.push(local);
             }
         }
+        if !dropped.is_empty() {
+            let shown = dropped
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(repository = %repo, count = dropped.len(), tags = %shown, "removed tags the parent no longer has");
+        }
         self.reconcile_untagged(&name, read_only).await
+    }
+
+    /// A tag of this site's the parent does not have: if it is one the parent refused (see
+    /// [`RefusedList`]), it is kept, and offered to the parent again. Returns whether it was.
+    async fn offer_refused_tag(&self, name: &RepoName, tag: &str) -> Result<bool> {
+        let Ok(t) = tag.parse::<Tag>() else {
+            return Ok(false);
+        };
+        let Ok(local) = self.registry.get_manifest(name, &Reference::Tag(t)).await else {
+            return Ok(false);
+        };
+        let digest = local.digest.to_string();
+        if !self.refused.has_tag(name.as_str(), tag, &digest) {
+            return Ok(false);
+        }
+        let change = outpost_registry::Event {
+            seq: 0,
+            at_ms: 0,
+            repo: name.to_string(),
+            kind: "tag_set".into(),
+            tag: Some(tag.to_string()),
+            digest: Some(digest.clone()),
+            media_type: None,
+            origin: None,
+        };
+        match self.send_up(&change).await {
+            Ok(()) => {
+                tracing::info!(repository = %name, tag, %digest, "the parent took a tag it refused before");
+                self.refused.remove(&RefusedChange {
+                    repository: name.to_string(),
+                    tag: Some(tag.to_string()),
+                    digest,
+                })?;
+            }
+            Err(e) if refused_for_good(&e) => {
+                tracing::debug!(repository = %name, tag, error = %e, "the parent still refuses this site's tag; it stays here only");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(true)
     }
 
     /// The part of a full reconciliation that tags do not reach, from an Outpost parent's
@@ -2423,9 +2603,11 @@ impl Child {
         }
         let theirs: std::collections::HashSet<&String> = theirs.iter().collect();
         for d in ours.iter().filter(|d| !theirs.contains(d)) {
-            if self
-                .client_used_manifest_pending(name.as_str(), d, read_only)
-                .await?
+            // The parent never had it: this site's push is on its way up, or was refused.
+            if (!read_only && self.refused.has_manifest(name.as_str(), d))
+                || self
+                    .client_used_manifest_pending(name.as_str(), d, read_only)
+                    .await?
             {
                 continue;
             }
@@ -2959,6 +3141,14 @@ fn corrupt_blob(digest: &Digest, actual: &Digest) -> SyncError {
     SyncError::Protocol(format!(
         "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
     ))
+}
+
+/// ` CODE` for a registry error code, nothing for an answer without one.
+fn code_suffix(code: &str) -> String {
+    match code {
+        "" => String::new(),
+        c => format!(" {c}"),
+    }
 }
 
 fn ignore_unknown<T>(r: Result<T, RegistryError>) -> Result<()> {

@@ -34,6 +34,8 @@ pub struct Parent {
     follow_bearer: bool,
     /// The extra CA file trusted for the parent, named in certificate errors.
     ca_file: Option<std::path::PathBuf>,
+    /// When the parent last showed it has no referrers API.
+    no_referrers_api: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// The answer to a cross-repository mount request.
@@ -108,7 +110,9 @@ fn client(
 ) -> Result<reqwest::Client, SyncError> {
     // Idle connections are given up before the parent closes them (after 60 s), so a
     // request is not sent on a connection the parent is just closing.
+    // Named, so the parent's operator can tell whose requests these are.
     let mut b = reqwest::Client::builder()
+        .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION"), " (sync)"))
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(30));
     if let Some(t) = read_timeout {
@@ -234,6 +238,7 @@ impl Parent {
             bearer: Default::default(),
             follow_bearer: false,
             ca_file: ca.map(|c| c.path.clone()),
+            no_referrers_api: Default::default(),
         })
     }
 
@@ -259,6 +264,7 @@ impl Parent {
             bearer: Default::default(),
             follow_bearer: true,
             ca_file: ca.map(|c| c.path.clone()),
+            no_referrers_api: Default::default(),
         })
     }
 
@@ -267,10 +273,16 @@ impl Parent {
         let resp = self.send(self.request(Method::GET, "/v2/")).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(SyncError::Denied {
-                message: format!(
-                    "the registry at {} wants credentials (or refused them): set upstream_username and upstream_password",
-                    self.base
-                ),
+                message: match self.password {
+                    Some(_) => format!(
+                        "the registry at {} refused the credentials of {:?}: check upstream_username and upstream_password",
+                        self.base, self.user
+                    ),
+                    None => format!(
+                        "the registry at {} wants credentials: set upstream_username and upstream_password",
+                        self.base
+                    ),
+                },
             });
         }
         self.check(resp).await?;
@@ -412,6 +424,12 @@ impl Parent {
                  right to that repository)",
                 self.user
             );
+        } else if code.is_empty() {
+            // Not a registry's error (a proxy's, a load balancer's, a wrong URL): say where.
+            message = match message.is_empty() {
+                true => format!("{path}, without a registry error in the answer"),
+                false => format!("{path}: {message}"),
+            };
         }
         Err(match status {
             StatusCode::UNAUTHORIZED => SyncError::BadCredentials {
@@ -560,10 +578,16 @@ impl Parent {
         let mut path = format!("/v2/{repo}/tags/list?n=1000");
         loop {
             let resp = self.send(self.request(Method::GET, &path)).await?;
-            if resp.status() == StatusCode::NOT_FOUND {
-                return Ok(out);
-            }
-            let resp = self.check(resp).await?;
+            // Only the registry's own word that the repository is unknown means it has no
+            // tags: a 404 without it (a proxy's, a load balancer's) would empty the site.
+            let resp = match self.check(resp).await {
+                Err(SyncError::Parent {
+                    status: 404, code, ..
+                }) if code == "NAME_UNKNOWN" => {
+                    return Ok(out);
+                }
+                other => other?,
+            };
             let link = resp
                 .headers()
                 .get("link")
@@ -703,10 +727,33 @@ impl Parent {
     /// Digests of the manifests that refer to `digest` (signatures, SBOMs…); empty when the
     /// parent has none or does not offer the referrers API.
     pub async fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<String>, SyncError> {
+        const ASK_AGAIN: Duration = Duration::from_secs(3600);
+        let asked = *self
+            .no_referrers_api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if asked.is_some_and(|at| at.elapsed() < ASK_AGAIN) {
+            return Ok(Vec::new());
+        }
         let resp = self
             .send(self.request(Method::GET, &format!("/v2/{repo}/referrers/{digest}")))
             .await?;
         if !resp.status().is_success() {
+            // A registry without the API (distribution 2.8 answers a bare 404) is not asked
+            // again for an hour: the tag schema (`sha256-<digest>` tags) brings its
+            // referrers as tags.
+            if resp.status() == StatusCode::NOT_FOUND
+                && !resp
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|t| t.contains("json"))
+            {
+                *self
+                    .no_referrers_api
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            }
             return Ok(Vec::new());
         }
         let v: Value = resp.json().await.unwrap_or(Value::Null);

@@ -134,6 +134,7 @@ async fn setup_site_mode(name: &str, patterns: &[&str], read_only: bool) -> T {
             .iter()
             .map(|p| outpost_control::RepoPattern::parse(p).unwrap())
             .collect(),
+        sync_token: None,
     };
     setup_node(
         RegistryConfig {
