@@ -362,6 +362,22 @@ async fn connection_problems_are_one_clear_line() {
         err.contains("refused the password") && err.contains("get-settings"),
         "{err}"
     );
+    // The instance cannot report why it is not heard from; the root says it for it.
+    let v: serde_json::Value = serde_json::from_str(&cli_ok(
+        &root,
+        &["connected-registry", "show", "-n", "site-err", "-o", "json"],
+    ))
+    .unwrap();
+    assert!(
+        v["statusDetails"].as_array().unwrap().iter().any(|d| {
+            d["code"] == "SyncTokenRejected"
+                && d["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--generate-password 1")
+        }),
+        "{v}"
+    );
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -3307,6 +3323,116 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
         ),
         Some(0)
     );
+}
+
+/// A layer whose file at the parent was damaged on disk (same size, other bytes) arrives
+/// hashing to the same wrong digest every time: its image is skipped and reported, instead
+/// of fetched again in a loop that holds up everything after it.
+#[tokio::test]
+async fn an_image_whose_layer_is_damaged_at_the_parent_is_skipped() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    push_image(&admin, &r, "app", "a-damaged", "damaged-at-the-root").await;
+    let layer: Vec<u8> = "damaged-at-the-root"
+        .bytes()
+        .cycle()
+        .take(300_000)
+        .collect();
+    let hex = support::sha256_hex(&layer)
+        .trim_start_matches("sha256:")
+        .to_string();
+    let path = root_dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(&hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let good = push_image(&admin, &r, "app", "b-good", "after-the-damage").await;
+
+    let cs = connected(&root, "site-damaged", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the image after the damaged one arrives", || async {
+        tag_digest(&local, &s, "app", "b-good").await.as_deref() == Some(good.as_str())
+    })
+    .await;
+    assert_eq!(tag_digest(&local, &s, "app", "a-damaged").await, None);
+    eventually("the root shows the damaged image skipped", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-damaged",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["statusDetails"].as_array().unwrap().iter().any(|d| {
+            d["code"] == "ParentContentMissing"
+                && d["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("the parent's copy is damaged")
+        })
+    })
+    .await;
+}
+
+/// Pushes `repo:tag`, whose one layer is non-distributable (it names `urls` where it may be
+/// found), with that layer's blob pushed too; returns the layer's digest.
+async fn push_non_distributable(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> String {
+    let config = format!("{{\"seed\":\"{tag}\"}}").into_bytes();
+    let layer: Vec<u8> = tag.bytes().cycle().take(3000).collect();
+    for blob in [&config, &layer] {
+        support::push_blob(c, base, repo, blob).await;
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": support::sha256_hex(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "digest": support::sha256_hex(&layer), "size": layer.len(), "urls": ["https://example.invalid/layer"]}]
+    });
+    let put = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&manifest).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    support::sha256_hex(&layer)
+}
+
+/// A non-distributable layer need not be held by a registry, but one that is held travels
+/// with its image, both ways: a site that is offline cannot fetch it from its `urls` either.
+#[tokio::test]
+async fn a_non_distributable_layer_that_is_held_travels_with_its_image() {
+    let (_root_dir, _site_dir, root, _proxy, site) =
+        readwrite_site_behind_proxy("site-nondist", &["app"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let down = push_non_distributable(&admin, &r, "app", "from-root").await;
+    let up = push_non_distributable(&site_admin, &s, "app", "from-site").await;
+    eventually("both images are at both ends", || async {
+        tag_digest(&site_admin, &s, "app", "from-root")
+            .await
+            .is_some()
+            && tag_digest(&admin, &r, "app", "from-site").await.is_some()
+    })
+    .await;
+    assert_eq!(blob_len(&site_admin, &s, "app", &down).await, Some(3000));
+    assert_eq!(blob_len(&admin, &r, "app", &up).await, Some(3000));
 }
 
 /// A site collects garbage on the schedule its parent sets, and follows a change of that

@@ -1023,6 +1023,28 @@ impl Control {
                 correlation_id: None,
             });
         }
+        // An instance whose password was refused since its last contact (the password was
+        // generated again, or the connection string mistyped) is not heard from at all.
+        let password_refused = self
+            .password_refused_at(&row.sync_token)
+            .filter(|at| row.last_activity_ms.is_none_or(|last| *at > last));
+        if let Some(at) = password_refused
+            && !token_refused
+        {
+            status_details.push(StatusDetail {
+                kind: "SyncToken".into(),
+                code: "SyncTokenRejected".into(),
+                description: format!(
+                    "a request at {} came with a password of sync token {:?} that is not valid (generated again since, or mistyped): an instance started with it cannot sync; restart it with the connection string from `outpost connected-registry get-settings -n {} --parent-protocol <http|https> --generate-password 1`",
+                    rfc3339(at),
+                    row.sync_token,
+                    row.name
+                ),
+                timestamp: Some(rfc3339(at)),
+                correlation_id: None,
+            });
+        }
+        let token_refused = token_refused || password_refused.is_some();
         if row.activation != "Active" && row.last_activity_ms.is_some() {
             status_details.push(StatusDetail {
                 kind: "Activation".into(),

@@ -414,6 +414,9 @@ pub struct Control {
     generation: AtomicU64,
     identities: RwLock<HashMap<String, CachedIdentity>>,
     verified: Mutex<HashMap<[u8; 32], Verified>>,
+    /// When each token name last came with a wrong password (Unix ms): a connected
+    /// registry's instance refused this way cannot report it, so the root shows it for it.
+    refused_passwords: Mutex<HashMap<String, i64>>,
     /// Argon2 checks run for logins (decoys included): a password flood shows here.
     password_checks: AtomicU64,
     /// Access tokens already verified, by their exact text.
@@ -485,6 +488,7 @@ impl Control {
             generation: AtomicU64::new(1),
             identities: RwLock::default(),
             verified: Mutex::default(),
+            refused_passwords: Mutex::default(),
             password_checks: AtomicU64::new(0),
             bearers: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
@@ -679,9 +683,17 @@ impl Control {
             Some(s) => s,
             None => {
                 let hashes = [id.passwords[0].hash.as_ref(), id.passwords[1].hash.as_ref()];
-                let s = check_slots(pass, hashes, &self.password_checks)
-                    .await
-                    .ok_or(ControlError::BadCredentials)?;
+                let Some(s) = check_slots(pass, hashes, &self.password_checks).await else {
+                    let mut refused = self
+                        .refused_passwords
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if refused.len() >= 10_000 {
+                        refused.clear();
+                    }
+                    refused.insert(user.to_string(), now);
+                    return Err(ControlError::BadCredentials);
+                };
                 let Some(hash) = hashes[s] else {
                     return Err(ControlError::BadCredentials);
                 };
@@ -708,6 +720,15 @@ impl Control {
             return Err(ControlError::PasswordExpired(id.name.clone()));
         }
         Ok((id, expiry))
+    }
+
+    /// When `token` last came with a wrong password (Unix ms), since this process started.
+    pub fn password_refused_at(&self, token: &str) -> Option<i64> {
+        self.refused_passwords
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .copied()
     }
 
     /// Verifies a bearer access token and that its token is still enabled.

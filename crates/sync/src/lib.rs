@@ -349,6 +349,8 @@ struct Child {
     /// Blobs being fetched right now, so two repositories that need the same new blob at
     /// the same time download it once (the second then links the stored copy).
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Blobs that arrived damaged: what they hashed to, and how many times in a row.
+    damaged: Mutex<std::collections::HashMap<Digest, (Digest, u32)>>,
     /// The garbage-collection setting the parent configures, for the node's collector.
     gc: tokio::sync::watch::Sender<GarbageCollection>,
     /// The repositories synced, for refusing local writes outside them.
@@ -1207,6 +1209,7 @@ pub async fn start(
         log_level_hook: opts.log_level_hook.clone(),
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
+        damaged: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config.garbage_collection.clone()),
         scope: tokio::sync::watch::Sender::new(outpost_control::connected::SyncScope::of(&config)),
@@ -1316,6 +1319,7 @@ pub async fn start_mirror(
         log_level_hook: None,
         log_level: Mutex::new(None),
         fetching: Mutex::default(),
+        damaged: Mutex::default(),
         lag: Mutex::new(None),
         gc: tokio::sync::watch::Sender::new(config_gc),
         scope: tokio::sync::watch::Sender::default(),
@@ -2154,6 +2158,21 @@ impl Child {
                 self.push_blob_up(repo, &b.digest).await?;
             }
         }
+        // An external layer (see `ensure_manifest`) goes up too if this site holds it.
+        for b in parsed.layers.iter().filter(|b| b.is_external()) {
+            if self
+                .registry
+                .blob_size_checked(repo, &b.digest)
+                .await
+                .is_ok()
+                && !self
+                    .parent
+                    .has_blob(repo.as_str(), &b.digest.to_string())
+                    .await?
+            {
+                self.push_blob_up(repo, &b.digest).await?;
+            }
+        }
         for child in parsed.required_manifests() {
             let d = child.digest.to_string();
             if self
@@ -2795,6 +2814,22 @@ impl Child {
         for b in manifest.required_blobs() {
             self.ensure_blob(repo, &b.digest, b.size).await?;
         }
+        // A layer a registry need not hold (foreign, or non-distributable with `urls`) comes
+        // along when the parent does hold it: an offline site cannot reach the URLs either.
+        for b in manifest.layers.iter().filter(|b| b.is_external()) {
+            if self
+                .registry
+                .blob_size_checked(repo, &b.digest)
+                .await
+                .is_err()
+                && self
+                    .parent
+                    .has_blob(repo.as_str(), &b.digest.to_string())
+                    .await?
+            {
+                self.ensure_blob(repo, &b.digest, b.size).await?;
+            }
+        }
         for child in manifest.required_manifests() {
             if !Box::pin(self.ensure_manifest(repo, &child.digest.to_string())).await? {
                 return Err(SyncError::MissingAtParent(format!(
@@ -3094,7 +3129,7 @@ impl Child {
             Err(RegistryError::DigestMismatch { actual, .. }) => {
                 // The upload was discarded; the next attempt starts over.
                 let _ = std::fs::remove_file(&marker);
-                Err(corrupt_blob(digest, &actual))
+                Err(self.corrupt_blob(digest, &actual))
             }
             // Anything else (a full disk at commit) keeps the upload to resume from.
             Err(e) => Err(e.into()),
@@ -3121,7 +3156,9 @@ impl Child {
             body.extend_from_slice(&chunk);
         }
         match self.registry.put_blob(repo, digest, body.freeze()).await {
-            Err(RegistryError::DigestMismatch { actual, .. }) => Err(corrupt_blob(digest, &actual)),
+            Err(RegistryError::DigestMismatch { actual, .. }) => {
+                Err(self.corrupt_blob(digest, &actual))
+            }
             other => other.map(drop).map_err(Into::into),
         }
     }
@@ -3137,10 +3174,33 @@ const PIECE_BYTES: usize = 1 << 20;
 /// `(PIECES_IN_FLIGHT + 1) * PIECE_BYTES` to download again), so keep it small.
 const PIECES_IN_FLIGHT: usize = 2;
 
-fn corrupt_blob(digest: &Digest, actual: &Digest) -> SyncError {
-    SyncError::Protocol(format!(
-        "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
-    ))
+impl Child {
+    /// Blob `digest` arrived hashing to `actual`; nothing of it was stored. Damage on the way
+    /// differs from one attempt to the next and is fetched again; the same wrong content
+    /// twice in a row is the parent's copy that is damaged, which no retry mends: the
+    /// manifest that needs it is then skipped like one whose blob the parent lacks, so it
+    /// does not hold up everything after it (and is retried with the other skipped ones).
+    fn corrupt_blob(&self, digest: &Digest, actual: &Digest) -> SyncError {
+        let times = {
+            let mut damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = damaged
+                .entry(digest.clone())
+                .or_insert_with(|| (actual.clone(), 0));
+            if seen.0 != *actual {
+                *seen = (actual.clone(), 0);
+            }
+            seen.1 += 1;
+            seen.1
+        };
+        if times >= 2 {
+            return SyncError::MissingAtParent(format!(
+                "blob {digest}: the parent's copy is damaged (it hashed to {actual} {times} times in a row)"
+            ));
+        }
+        SyncError::Protocol(format!(
+            "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
+        ))
+    }
 }
 
 /// ` CODE` for a registry error code, nothing for an answer without one.
