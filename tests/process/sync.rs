@@ -1845,6 +1845,51 @@ async fn readwrite_site_behind_proxy(
     (root_dir, site_dir, root, proxy, site)
 }
 
+/// A site whose window is closed still hears of a changed schedule (a wrong one set by
+/// mistake, say) without waiting for the window: it checks its configuration now and then.
+#[tokio::test]
+async fn a_schedule_changed_while_the_window_is_closed_reaches_the_site() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    // A window twelve hours away, whenever the test runs.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let hour = (now.as_secs() / 3600 + 12) % 24;
+    let schedule = format!("0 {hour} * * *");
+    let cs = connected(
+        &root,
+        "site-closed",
+        &["--repository", "app", "-s", &schedule, "-w", "PT1H"],
+    );
+    let site = start_site_polling(site_dir.path(), &cs, "1");
+    eventually("the site waits for its window", || async {
+        site.log().contains("outside the sync window")
+    })
+    .await;
+    let v1 = push_image(&admin, &r, "app", "v1", "closed-window").await;
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "update",
+            "-n",
+            "site-closed",
+            "-s",
+            "* * * * *",
+        ],
+    );
+    let s = site.base();
+    let local = client_as("admin", SITE_PASSWORD);
+    eventually("the site syncs continuously now", || async {
+        tag_digest(&local, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+}
+
 /// A ReadWrite site's pushes the parent refuses (the repository left the site's scope while
 /// the site was offline) stay at the site, and go up once the repository is back in scope:
 /// the full reconciliation of the re-added repository must not take them for tags the parent

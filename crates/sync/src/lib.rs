@@ -1481,6 +1481,9 @@ impl Child {
         // debug level for REPEAT_QUIET (a site whose parent is away for a day would
         // otherwise log a warning every 15 s), and the end of a failure once, at info level.
         let mut warned: Option<(String, std::time::Instant)> = None;
+        // While the window is closed: the opening last announced, and the last contact.
+        let mut announced: Option<jiff::Timestamp> = None;
+        let mut contacted: Option<std::time::Instant> = None;
         loop {
             let cfg = self.config();
             let now = jiff::Timestamp::now();
@@ -1490,9 +1493,24 @@ impl Child {
                     Some(std::time::Instant::now() + left)
                 }
                 Ok(Window::Closed { opens }) => {
+                    if announced != Some(opens) {
+                        tracing::info!(opens = %opens, "outside the sync window; syncing resumes when it opens");
+                        announced = Some(opens);
+                    }
+                    // A cheap contact now and then (nothing is synced): the root hears from
+                    // the site, and a changed schedule reaches it before the next window.
+                    let every = self.poll_wait * CLOSED_WINDOW_CONTACT;
+                    if contacted.is_none_or(|t| t.elapsed() >= every) {
+                        contacted = Some(std::time::Instant::now());
+                        if let Err(e) = self.contact().await {
+                            tracing::debug!(error = %e, "no contact with the parent outside the sync window");
+                        }
+                        continue;
+                    }
+                    let next_contact =
+                        contacted.map_or(Duration::ZERO, |t| every.saturating_sub(t.elapsed()));
                     let wait = Duration::try_from(opens.duration_since(now)).unwrap_or_default();
-                    tracing::debug!(opens = %opens, "outside the sync window; waiting");
-                    tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                    tokio::time::sleep(wait.min(next_contact).min(Duration::from_secs(60))).await;
                     continue;
                 }
                 Ok(Window::Continuous) | Err(_) => None,
@@ -1632,7 +1650,12 @@ impl Child {
         Ok(())
     }
 
-    async fn iteration(&self) -> Result<()> {
+    /// The contact that opens each sync attempt, and that a scheduled site also makes every
+    /// few minutes while its window is closed: activation if it is still due, a status report
+    /// (version, address, outbox depth), and the configuration if it changed. So the root
+    /// sees the site between windows, and a schedule set by mistake can be corrected without
+    /// waiting for the next window.
+    async fn contact(&self) -> Result<()> {
         if !self.activated.load(std::sync::atomic::Ordering::Relaxed) {
             // What a start with the parent reachable does first; a restart activates again.
             self.parent.activate(&self.instance_id).await?;
@@ -1684,6 +1707,11 @@ impl Child {
             *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
             *self.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
         }
+        Ok(())
+    }
+
+    async fn iteration(&self) -> Result<()> {
+        self.contact().await?;
         let cfg = self.config();
         if cfg.mode == "ReadOnly" && !self.pruned.load(std::sync::atomic::Ordering::Relaxed) {
             self.prune_out_of_scope(&cfg).await?;
@@ -3163,6 +3191,10 @@ impl Child {
         }
     }
 }
+
+/// How often a scheduled site outside its window reports and checks its configuration, in
+/// poll intervals (`sync_poll_secs`): every 5 minutes by default.
+const CLOSED_WINDOW_CONTACT: u32 = 12;
 
 /// Blobs up to this size are fetched in one request and stored in one step (no upload
 /// session, no resume marker): a cut transfer costs less to repeat than to track.
