@@ -699,6 +699,17 @@ struct Skipped {
     since: String,
 }
 
+/// What to do at the parent about a manifest skipped for `reason`.
+fn repair_advice(reason: &str) -> &'static str {
+    if reason.contains(", which ") && reason.ends_with(" lists") {
+        // An index whose child was deleted by digest at the parent (which a registry may
+        // allow): nothing is damaged, and pushing the child again might undo a withdrawal.
+        "The parent's index lists a manifest the parent no longer holds (deleted there by digest): delete the index there too, or push that manifest again if its deletion was a mistake"
+    } else {
+        "Push the image to the parent again to repair it there"
+    }
+}
+
 impl Skipped {
     fn same(&self, other: &Skipped) -> bool {
         self.repository == other.repository && self.tag == other.tag && self.digest == other.digest
@@ -928,11 +939,15 @@ impl SkipList {
                 kind: "Sync".into(),
                 code: "ParentContentMissing".into(),
                 description: format!(
-                    "{}{} ({}) is skipped: {}; it is retried at every sync. Push the image to the parent again to repair it there",
+                    "{}{} ({}) is skipped: {}; it is retried at every sync. {}",
                     s.repository,
-                    s.tag.as_deref().map(|t| format!(":{t}")).unwrap_or_default(),
+                    s.tag
+                        .as_deref()
+                        .map(|t| format!(":{t}"))
+                        .unwrap_or_default(),
                     s.digest,
-                    s.reason
+                    s.reason,
+                    repair_advice(&s.reason)
                 ),
                 timestamp: Some(s.since.clone()),
                 correlation_id: None,
@@ -3476,6 +3491,18 @@ mod tests {
         let local = e("tcp open error: Too many open files (os error 24)");
         assert!(local.contains("out of file descriptors"), "{local}");
         assert!(!local.contains("ParentGatewayEndpoint"), "{local}");
+    }
+
+    #[test]
+    fn repair_advice_fits_what_is_missing() {
+        let child = SyncError::MissingAtParent("manifest sha256:aa, which sha256:bb lists".into());
+        assert!(repair_advice(&child.to_string()).contains("delete the index there too"));
+        let blob = SyncError::Parent {
+            status: 404,
+            code: "BLOB_UNKNOWN".into(),
+            message: "blob unknown to registry".into(),
+        };
+        assert!(repair_advice(&blob.to_string()).starts_with("Push the image"));
     }
 
     #[test]
