@@ -1897,7 +1897,7 @@ async fn a_schedule_changed_while_the_window_is_closed_reaches_the_site() {
 #[tokio::test]
 async fn pushes_the_parent_refused_are_kept_and_go_up_when_allowed() {
     use std::sync::atomic::Ordering::Relaxed;
-    let (_root_dir, _site_dir, root, proxy, site) =
+    let (_root_dir, site_dir, root, proxy, site) =
         readwrite_site_behind_proxy("site-refused", &["app", "shared"]).await;
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
@@ -1946,6 +1946,37 @@ async fn pushes_the_parent_refused_are_kept_and_go_up_when_allowed() {
         "the site lost its push:\n{}",
         site.log()
     );
+    // Taken after all: no longer reported as refused.
+    eventually("the root no longer shows the push refused", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-refused",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        !v["statusDetails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["code"] == "OutboxEntryRefused")
+    })
+    .await;
+
+    // And no longer kept against the parent's deletes (which a full reconciliation would
+    // otherwise ignore for it).
+    let refused = site_dir.path().join("sync").join("refused.json");
+    eventually("the push leaves the list of refused changes", || async {
+        !std::fs::read_to_string(&refused)
+            .unwrap_or_default()
+            .contains(&pushed)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -2102,6 +2133,56 @@ async fn a_readwrite_site_does_not_move_its_tag_back_to_its_own_older_write() {
     assert!(
         site.log()
             .contains("tag moved at the parent and removed at this site")
+    );
+}
+
+/// A ReadWrite site's client removes a tag while the site is still applying a page of the
+/// feed that moves the tag at the parent (an older change, made there before the removal). The
+/// move must not set the tag again: the removal is on its way up and wins at the parent, whose
+/// own record of it the site then skips as the echo of its write — the tag came back for good.
+#[tokio::test]
+async fn a_tag_removed_at_a_readwrite_site_while_the_feed_moves_it_stays_removed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (root_dir, site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-removal", &["app"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let first = push_image(&admin, &r, "app", "t", "removal-first").await;
+    eventually("app:t reaches the site", || async {
+        tag_digest(&site_admin, &s, "app", "t").await.as_deref() == Some(first.as_str())
+    })
+    .await;
+    // While the link is down the root adds a large image, then moves the tag: one page of the
+    // feed, whose first entry takes seconds over the slow link once it is back.
+    proxy.blocked.store(true, Relaxed);
+    support::push_big_image(&admin, &r, "app", "big", 4 << 20).await;
+    push_image(&admin, &r, "app", "t", "removal-moved").await;
+    proxy.rate.store(1 << 20, Relaxed);
+    let before = proxy.downstream.load(Relaxed);
+    proxy.blocked.store(false, Relaxed);
+    eventually("the site is fetching the large image", || async {
+        proxy.downstream.load(Relaxed) > before + (512 << 10)
+    })
+    .await;
+    let gone = site_admin
+        .delete(format!("{s}/v2/app/manifests/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    proxy.rate.store(0, Relaxed);
+    eventually("the removal reaches the root", || async {
+        tag_digest(&admin, &r, "app", "t").await.is_none()
+    })
+    .await;
+    feed_caught_up(root_dir.path(), site_dir.path()).await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "t").await,
+        None,
+        "the parent's older move set the removed tag again:\n{}",
+        site.log()
     );
 }
 

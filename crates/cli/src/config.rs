@@ -297,6 +297,30 @@ impl Config {
         if let Some(cs) = &config.connection_string {
             outpost_control::ConnectionString::parse(cs).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        if let Some(u) = &config.upstream_url {
+            anyhow::ensure!(
+                config.connection_string.is_none(),
+                "upstream_url and a connection string are both set: a registry either mirrors a \
+                 plain registry (upstream_url) or is a connected registry (the connection \
+                 string); unset one"
+            );
+            anyhow::ensure!(
+                reqwest::Url::parse(u)
+                    .ok()
+                    .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()),
+                "upstream_url {u:?} is not an http:// or https:// URL (write it as \
+                 https://registry.example or http://host:port)"
+            );
+            for r in &config.upstream_repositories {
+                r.parse::<outpost_oci::RepoName>().map_err(|e| {
+                    anyhow::anyhow!(
+                        "upstream_repositories: {e} (each entry is one repository; patterns \
+                         such as team/* are not supported for a plain upstream: many registries \
+                         do not list their repositories)"
+                    )
+                })?;
+            }
+        }
         anyhow::ensure!(
             matches!(config.log_format.as_str(), "text" | "json"),
             "log_format {:?} is not text or json",
@@ -777,6 +801,35 @@ mod tests {
             );
             jail.set_env("OUTPOST_MIN_SYNC_WINDOW", "PT2H");
             Config::load(&args()).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_upstream_is_checked_before_serving() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OUTPOST_UPSTREAM_URL", "http://127.0.0.1:5001");
+            jail.set_env("OUTPOST_UPSTREAM_REPOSITORIES", "[\"team/app\"]");
+            Config::load(&args()).map_err(|e| e.to_string())?;
+            for bad in ["127.0.0.1:5001", "ftp://x", "http://"] {
+                jail.set_env("OUTPOST_UPSTREAM_URL", bad);
+                let e = Config::load(&args()).unwrap_err().to_string();
+                assert!(e.contains("http:// or https:// URL"), "{bad}: {e}");
+            }
+            jail.set_env("OUTPOST_UPSTREAM_URL", "http://127.0.0.1:5001");
+            jail.set_env("OUTPOST_UPSTREAM_REPOSITORIES", "[\"team/*\"]");
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(
+                e.contains("patterns such as team/* are not supported"),
+                "{e}"
+            );
+            jail.set_env("OUTPOST_UPSTREAM_REPOSITORIES", "[\"team/app\"]");
+            jail.set_env(
+                "OUTPOST_CONNECTION_STRING",
+                "ConnectedRegistryName=site;SyncTokenName=site;SyncTokenPassword=x;ParentGatewayEndpoint=root:5000;ParentEndpointProtocol=http",
+            );
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(e.contains("are both set"), "{e}");
             Ok(())
         });
     }

@@ -785,6 +785,17 @@ impl RefusedList {
         })
     }
 
+    /// Forgets the untagged entries of `repo` whose manifest `held(digest)` says the parent
+    /// holds now.
+    fn forget_held(&self, repo: &str, held: impl Fn(&str) -> bool) {
+        let result = self.update(|items| {
+            items.retain(|c| !(c.repository == repo && c.tag.is_none() && held(&c.digest)));
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not update the list of refused local changes");
+        }
+    }
+
     /// Whether the parent refused this site's `repo:tag` → `digest`.
     fn has_tag(&self, repo: &str, tag: &str, digest: &str) -> bool {
         let items = self.items.lock().unwrap_or_else(|p| p.into_inner());
@@ -1006,6 +1017,26 @@ impl Notices {
             serde_json::to_string(&*items).unwrap_or_default()
         };
         write_state(&self.path, &json)
+    }
+
+    /// Drops the `OutboxEntryRefused` notices about `what` (`tag_set of repo:tag`,
+    /// `manifest_put of repo@digest`): the parent took it after all.
+    fn settle(&self, what: &str) {
+        let about = format!("this site's {what} and it will not be retried");
+        let json = {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            let before = items.len();
+            items.retain(|(_, d)| {
+                !(d.code == "OutboxEntryRefused" && d.description.contains(&about))
+            });
+            if items.len() == before {
+                return;
+            }
+            serde_json::to_string(&*items).unwrap_or_default()
+        };
+        if let Err(e) = write_state(&self.path, &json) {
+            tracing::warn!(error = %e, "could not update the notices");
+        }
     }
 
     fn current(&self) -> Vec<StatusDetail> {
@@ -1475,7 +1506,12 @@ impl Child {
                 if let Err(e) = self.retry_skipped(&cfg).await {
                     tracing::warn!(error = %e, "retrying skipped manifests failed; retrying later");
                 }
-                match self.reconcile(&cfg).await {
+                let mirrored = self.reconcile(&cfg).await;
+                // No parent hears a mirror's report: the metric is where skips show.
+                self.registry
+                    .metrics()
+                    .sync_skipped(self.skipped.list().len());
+                match mirrored {
                     Ok(()) => {
                         tracing::debug!("mirrored the upstream registry");
                         self.registry.sync_succeeded().await;
@@ -2623,6 +2659,10 @@ impl Child {
         match self.send_up(&change).await {
             Ok(()) => {
                 tracing::info!(repository = %name, tag, %digest, "the parent took a tag it refused before");
+                self.refused.forget_held(name.as_str(), |d| d == digest);
+                self.notices.settle(&format!("tag_set of {name}:{tag}"));
+                self.notices
+                    .settle(&format!("manifest_put of {name}@{digest}"));
                 self.refused.remove(&RefusedChange {
                     repository: name.to_string(),
                     tag: Some(tag.to_string()),
@@ -2635,6 +2675,35 @@ impl Child {
             Err(e) => return Err(e),
         }
         Ok(true)
+    }
+
+    /// A manifest of this site's the parent refused (see [`RefusedList`]): offered again; it
+    /// leaves the list once the parent takes it.
+    async fn offer_refused_manifest(&self, name: &RepoName, digest: &str) -> Result<()> {
+        let change = outpost_registry::Event {
+            seq: 0,
+            at_ms: 0,
+            repo: name.to_string(),
+            kind: "manifest_put".into(),
+            tag: None,
+            digest: Some(digest.to_string()),
+            media_type: None,
+            origin: None,
+        };
+        match self.send_up(&change).await {
+            Ok(()) => {
+                tracing::info!(repository = %name, digest, "the parent took a manifest it refused before");
+                self.refused.forget_held(name.as_str(), |d| d == digest);
+                self.notices
+                    .settle(&format!("manifest_put of {name}@{digest}"));
+                Ok(())
+            }
+            Err(e) if refused_for_good(&e) => {
+                tracing::debug!(repository = %name, digest, error = %e, "the parent still refuses this site's manifest; it stays here only");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The part of a full reconciliation that tags do not reach, from an Outpost parent's
@@ -2664,12 +2733,20 @@ impl Child {
             }
         }
         let theirs: std::collections::HashSet<&String> = theirs.iter().collect();
+        // Refused pushes the parent holds now (they went up once allowed) are no longer kept
+        // against its deletes.
+        self.refused
+            .forget_held(name.as_str(), |d| theirs.contains(&d.to_string()));
         for d in ours.iter().filter(|d| !theirs.contains(d)) {
-            // The parent never had it: this site's push is on its way up, or was refused.
-            if (!read_only && self.refused.has_manifest(name.as_str(), d))
-                || self
-                    .client_used_manifest_pending(name.as_str(), d, read_only)
-                    .await?
+            // The parent never had it: this site's push was refused (it is offered again), or
+            // is on its way up.
+            if !read_only && self.refused.has_manifest(name.as_str(), d) {
+                self.offer_refused_manifest(name, d).await?;
+                continue;
+            }
+            if self
+                .client_used_manifest_pending(name.as_str(), d, read_only)
+                .await?
             {
                 continue;
             }
@@ -2744,7 +2821,13 @@ impl Child {
                 self.ensure_or_skip(&name, None, &digest).await?;
             }
             "tag_set" => {
+                // Not over a change this site's clients made to the tag since the outbox last
+                // sent (a move, or a removal): that change is on its way up, reaches the
+                // parent after this one and wins there, and its own event follows in the feed.
                 if let Some(Ok(tag)) = m.tag.as_deref().map(str::parse::<Tag>)
+                    && !self
+                        .client_change_pending(&m.repository, tag.as_str(), read_only)
+                        .await?
                     && self.ensure_or_skip(&name, Some(&tag), &digest).await?
                 {
                     self.tag(&name, &tag, &digest).await?;
