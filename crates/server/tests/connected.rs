@@ -1138,6 +1138,98 @@ async fn gateway_config_carries_client_tokens_children_and_an_etag() {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// The listing a full reconciliation compares with: every manifest of a repository in the
+/// registry's scope, tagged or not, paged; anything else refused with a message.
+#[tokio::test]
+async fn the_gateway_lists_every_manifest_of_a_repository_in_scope() {
+    let t = setup().await;
+    let sync =
+        registry_with_sync_password(&t, "edge-list", json!(["app", "team/*"]), json!({})).await;
+    let (_, a) = t.push_image("app", "v1", "a").await;
+    let (_, b) = t.push_image("app", "v2", "b").await;
+    t.push_image("other", "v1", "o").await;
+    // Untagged, the manifest is still listed.
+    let r = t
+        .req(Method::DELETE, "/v2/app/manifests/v2", &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let list = |q: &'static str| {
+        let (t, sync) = (&t, sync.clone());
+        async move {
+            t.req_as(
+                Some(&sync),
+                Method::GET,
+                &format!("/gateway/v1/edge-list/manifests?{q}"),
+                &[],
+                Body::empty(),
+            )
+            .await
+        }
+    };
+    let digests = |r: &Resp| -> Vec<String> {
+        r.json()["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = list("repository=app").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let mut want = vec![a.to_string(), b.to_string()];
+    want.sort();
+    assert_eq!(digests(&r), want);
+    let r = list("repository=app&n=1").await;
+    assert_eq!(digests(&r), want[..1]);
+    let after = format!(
+        "/gateway/v1/edge-list/manifests?repository=app&n=1&last={}",
+        want[0]
+    );
+    let r = t
+        .req_as(Some(&sync), Method::GET, &after, &[], Body::empty())
+        .await;
+    assert_eq!(digests(&r), want[1..]);
+    let r = list("repository=team/none").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(digests(&r).is_empty());
+    // Outside the scope, malformed, or without the sync token.
+    let r = list("repository=other").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        msg(&r).contains("may not read repository other"),
+        "{}",
+        msg(&r)
+    );
+    for bad in [
+        "repository=App",
+        "repository=../x",
+        "",
+        "repository=app&n=0",
+        "repository=app&n=x",
+    ] {
+        let r = t
+            .req_as(
+                Some(&sync),
+                Method::GET,
+                &format!("/gateway/v1/edge-list/manifests?{bad}"),
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {:?}", r.body);
+    }
+    let r = t
+        .req_as(
+            None,
+            Method::GET,
+            "/gateway/v1/edge-list/manifests?repository=app",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn message_feed_is_ordered_scoped_and_long_polls() {
     let t = std::sync::Arc::new(setup().await);
