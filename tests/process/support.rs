@@ -526,9 +526,10 @@ pub struct BearerGate {
     pub addr: String,
     /// Tokens issued so far.
     pub issued: Arc<std::sync::atomic::AtomicU64>,
-    /// While set, requests whose path contains the first string get the status and plain
-    /// text body that follow, whatever their credentials: a proxy or load balancer in front
-    /// of the registry answering for it.
+    /// While set, requests whose path contains the first string get the status and body that
+    /// follow (JSON if it starts with `{`, else plain text), whatever their credentials: a
+    /// proxy or load balancer in front of the registry answering for it, or the registry's own
+    /// error.
     pub canned: Arc<std::sync::Mutex<Option<(String, u16, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -593,9 +594,13 @@ impl BearerGate {
                         .filter(|(path, ..)| target.contains(path.as_str()));
                     let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) =
                         if let Some((_, status, text)) = canned {
+                            let kind = match text.starts_with('{') {
+                                true => "application/json",
+                                false => "text/plain",
+                            };
                             (
                                 status,
-                                vec![("content-type".into(), "text/plain".into())],
+                                vec![("content-type".into(), kind.into())],
                                 text.into_bytes(),
                             )
                         } else if target.starts_with("/token") {

@@ -1422,7 +1422,27 @@ async fn a_plain_parent_that_wants_bearer_tokens_is_mirrored() {
         "a proxy's 404 emptied the repository:\n{}",
         site.log()
     );
+    // The registry's own word that the repository is gone (Harbor's code): its tags go, and
+    // come back with it.
+    *gate.canned.lock().unwrap() = Some((
+        "/tags/list".into(),
+        404,
+        r#"{"errors":[{"code":"NOT_FOUND","message":"repository mirror/app not found"}]}"#.into(),
+    ));
+    eventually("the tags of a repository gone upstream go", || async {
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .is_none()
+    })
+    .await;
     *gate.canned.lock().unwrap() = None;
+    eventually("they come back with it", || async {
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .as_deref()
+            == Some(v1.as_str())
+    })
+    .await;
 
     // The upstream's password changed and the mirror restarts: it serves what it has, and
     // says why it cannot sync.

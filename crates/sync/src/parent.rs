@@ -578,14 +578,18 @@ impl Parent {
         let mut path = format!("/v2/{repo}/tags/list?n=1000");
         loop {
             let resp = self.send(self.request(Method::GET, &path)).await?;
-            // Only the registry's own word that the repository is unknown means it has no
-            // tags: a 404 without it (a proxy's, a load balancer's) would empty the site.
+            // Only the registry's own word that the repository is unknown (`NAME_UNKNOWN`;
+            // Harbor says `NOT_FOUND`) means it has no tags: a 404 without it (a proxy's, a
+            // load balancer's) would empty the site.
             let resp = match self.check(resp).await {
                 Err(SyncError::Parent {
                     status: 404, code, ..
                 }) if code == "NAME_UNKNOWN" => {
                     return Ok(out);
                 }
+                // A 404 with the code `NOT_FOUND` (read as an unknown connected registry
+                // elsewhere).
+                Err(SyncError::UnknownRegistry(_)) => return Ok(out),
                 other => other?,
             };
             let link = resp
