@@ -729,15 +729,16 @@ struct RefusedChange {
 /// had what they put here, so a full reconciliation must not take it for something deleted
 /// there: it keeps those tags and manifests, and offers the tags to the parent again (the
 /// repository may have been added to the sync token's scope since, which is what reconciles
-/// it). An entry goes when the parent takes it, or when the tag has moved on here.
+/// it). An entry goes when the parent takes it (or holds the manifest by then); one that went
+/// stale here (the tag moved on, the manifest deleted) protects nothing and just stays.
 struct RefusedList {
     path: PathBuf,
     items: Mutex<std::collections::BTreeSet<RefusedChange>>,
 }
 
 impl RefusedList {
-    /// The most entries kept (the oldest go first; what they protected is still reported as
-    /// `OutboxEntryRefused` for a day).
+    /// The most entries kept: past it, entries go in name order (a bound on the file, not a
+    /// policy; what they protected was reported as `OutboxEntryRefused`).
     const MAX: usize = 10_000;
 
     fn load(dir: &Path) -> RefusedList {
