@@ -459,6 +459,17 @@ async fn connection_problems_are_one_clear_line() {
             bundle.path().to_str().unwrap(),
         ],
     );
+    // Deleted at the root (its sync token kept): the site is told the registry is gone.
+    let gone = connected(&root, "site-gone", &["--repository", "app"]);
+    cli_ok(
+        &root,
+        &["connected-registry", "delete", "-n", "site-gone", "--yes"],
+    );
+    let err = failing_site(&gone);
+    assert!(
+        err.contains("connected registry \"site-gone\" does not exist at the parent"),
+        "{err}"
+    );
     drop(root);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
         .args(["import", "--data-dir"])

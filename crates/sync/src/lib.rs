@@ -2647,16 +2647,7 @@ impl Child {
         if !self.refused.has_tag(name.as_str(), tag, &digest) {
             return Ok(false);
         }
-        let change = outpost_registry::Event {
-            seq: 0,
-            at_ms: 0,
-            repo: name.to_string(),
-            kind: "tag_set".into(),
-            tag: Some(tag.to_string()),
-            digest: Some(digest.clone()),
-            media_type: None,
-            origin: None,
-        };
+        let change = client_change(name, "tag_set", Some(tag), &digest);
         match self.send_up(&change).await {
             Ok(()) => {
                 tracing::info!(repository = %name, tag, %digest, "the parent took a tag it refused before");
@@ -2681,16 +2672,7 @@ impl Child {
     /// A manifest of this site's the parent refused (see [`RefusedList`]): offered again; it
     /// leaves the list once the parent takes it.
     async fn offer_refused_manifest(&self, name: &RepoName, digest: &str) -> Result<()> {
-        let change = outpost_registry::Event {
-            seq: 0,
-            at_ms: 0,
-            repo: name.to_string(),
-            kind: "manifest_put".into(),
-            tag: None,
-            digest: Some(digest.to_string()),
-            media_type: None,
-            origin: None,
-        };
+        let change = client_change(name, "manifest_put", None, digest);
         match self.send_up(&change).await {
             Ok(()) => {
                 tracing::info!(repository = %name, digest, "the parent took a manifest it refused before");
@@ -3331,6 +3313,26 @@ impl Child {
         SyncError::Protocol(format!(
             "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
         ))
+    }
+}
+
+/// A client's change of this site's, as its outbox sends it up: for offering a refused change
+/// to the parent again.
+fn client_change(
+    repo: &RepoName,
+    kind: &str,
+    tag: Option<&str>,
+    digest: &str,
+) -> outpost_registry::Event {
+    outpost_registry::Event {
+        seq: 0,
+        at_ms: 0,
+        repo: repo.to_string(),
+        kind: kind.into(),
+        tag: tag.map(String::from),
+        digest: Some(digest.to_string()),
+        media_type: None,
+        origin: None,
     }
 }
 

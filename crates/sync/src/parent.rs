@@ -38,6 +38,15 @@ pub struct Parent {
     no_referrers_api: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
+/// Where a tag's put or removal stands in an Outpost parent's event log (its
+/// `Outpost-Log-Position` answer; a plain registry sends none).
+fn log_position(resp: &reqwest::Response) -> Option<i64> {
+    resp.headers()
+        .get("outpost-log-position")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The answer to a cross-repository mount request.
 pub enum Mount {
     /// The parent linked the blob it already had.
@@ -441,7 +450,9 @@ impl Parent {
             StatusCode::CONFLICT if code == "ALREADY_ACTIVATED" => {
                 SyncError::AlreadyActivated(message)
             }
-            StatusCode::NOT_FOUND if code == "NOT_FOUND" => {
+            // Only the gateway's own 404 names a connected registry it does not know; a
+            // registry may answer `NOT_FOUND` for a missing repository (Harbor does).
+            StatusCode::NOT_FOUND if code == "NOT_FOUND" && path.contains("/gateway/v1/") => {
                 SyncError::UnknownRegistry(self.name.clone())
             }
             _ => SyncError::Parent {
@@ -584,12 +595,9 @@ impl Parent {
             let resp = match self.check(resp).await {
                 Err(SyncError::Parent {
                     status: 404, code, ..
-                }) if code == "NAME_UNKNOWN" => {
+                }) if code == "NAME_UNKNOWN" || code == "NOT_FOUND" => {
                     return Ok(out);
                 }
-                // A 404 with the code `NOT_FOUND` (read as an unknown connected registry
-                // elsewhere).
-                Err(SyncError::UnknownRegistry(_)) => return Ok(out),
                 other => other?,
             };
             let link = resp
@@ -924,7 +932,7 @@ impl Parent {
         };
         Ok(PutAnswer {
             replaced: header("outpost-replaced-digest").map(|v| (v != "none").then_some(v)),
-            log_position: header("outpost-log-position").and_then(|v| v.parse().ok()),
+            log_position: log_position(&resp),
         })
     }
 
@@ -942,12 +950,7 @@ impl Parent {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let resp = self.check(resp).await?;
-        Ok(resp
-            .headers()
-            .get("outpost-log-position")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()))
+        Ok(log_position(&self.check(resp).await?))
     }
 
     /// A blob from byte `offset` on, as a stream.
