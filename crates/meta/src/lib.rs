@@ -36,6 +36,14 @@ pub enum MetaError {
     MissingBlob(Digest),
     #[error("manifest {0} is not in the repository")]
     MissingManifest(Digest),
+    /// A manifest could not be deleted because an index in its repository lists it.
+    #[error("manifest {digest} is listed by index {index}")]
+    ManifestListed {
+        digest: Digest,
+        index: String,
+        /// The index's tags, for the message.
+        tags: Vec<String>,
+    },
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
     /// A planned change no longer fits the rows it was planned on.
@@ -1061,17 +1069,49 @@ impl Meta {
     }
 
     /// Deletes a manifest and every tag pointing at it. Returns the removed tags, or `None` if
-    /// the manifest was not there.
+    /// the manifest was not there. With `unless_listed`, a manifest that an index (or manifest
+    /// list) of the repository lists is kept and [`MetaError::ManifestListed`] returned: a
+    /// client's delete must not leave an index whose platforms cannot be pulled. Sync follows
+    /// its parent's deletions without it (the parent's log deletes the index too).
     pub async fn delete_manifest(
         &self,
         repo: &str,
         digest: &Digest,
+        unless_listed: bool,
     ) -> Result<Option<Vec<String>>> {
         let mut tx = self.begin_write().await?;
         let Some(id) = Self::repo_id(&mut tx, repo).await? else {
             return Ok(None);
         };
         let d = digest.to_string();
+        if unless_listed {
+            let index: Option<String> = sqlx::query_scalar(
+                "SELECT r.manifest FROM manifest_refs r JOIN manifests m \
+                 ON m.repo_id = r.repo_id AND m.digest = r.manifest \
+                 WHERE r.repo_id = $1 AND r.child = $2 AND r.manifest <> $2 \
+                 AND m.media_type IN ($3, $4) ORDER BY r.manifest LIMIT 1",
+            )
+            .bind(id)
+            .bind(&d)
+            .bind(outpost_oci::manifest::OCI_INDEX)
+            .bind(outpost_oci::manifest::DOCKER_MANIFEST_LIST)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(index) = index {
+                let tags: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM tags WHERE repo_id = $1 AND digest = $2 ORDER BY name LIMIT 5",
+                )
+                .bind(id)
+                .bind(&index)
+                .fetch_all(&mut *tx)
+                .await?;
+                return Err(MetaError::ManifestListed {
+                    digest: digest.clone(),
+                    index,
+                    tags,
+                });
+            }
+        }
         let deleted = sqlx::query("DELETE FROM manifests WHERE repo_id = $1 AND digest = $2")
             .bind(id)
             .bind(&d)

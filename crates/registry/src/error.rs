@@ -26,10 +26,41 @@ pub enum RegistryError {
     ManifestBlobUnknown(Digest),
     #[error("index references manifest {0}, which is not in the repository; push it first")]
     ManifestChildUnknown(Digest),
+    #[error("manifest {digest} is listed by index {index}{}; delete the index first, or push it again without this manifest", tagged(.tags))]
+    ManifestReferenced {
+        digest: Digest,
+        index: String,
+        tags: Vec<String>,
+    },
     #[error(transparent)]
     Storage(StorageError),
     #[error(transparent)]
-    Meta(#[from] MetaError),
+    Meta(MetaError),
+}
+
+fn tagged(tags: &[String]) -> String {
+    match tags {
+        [] => String::new(),
+        [t] => format!(" (tag {t})"),
+        _ => format!(" (tags {})", tags.join(", ")),
+    }
+}
+
+impl From<MetaError> for RegistryError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::ManifestListed {
+                digest,
+                index,
+                tags,
+            } => RegistryError::ManifestReferenced {
+                digest,
+                index,
+                tags,
+            },
+            other => RegistryError::Meta(other),
+        }
+    }
 }
 
 impl RegistryError {

@@ -995,20 +995,41 @@ impl Registry {
         }
     }
 
-    /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag. For a
-    /// tag, returns where the removal stands in the event log (as
-    /// [`PushedManifest::log_position`]).
+    /// Deletes a manifest (by digest, with every tag pointing at it) or just a tag, for a
+    /// client. A manifest that an index of the repository lists is kept
+    /// ([`RegistryError::ManifestReferenced`]). For a tag, returns where the removal stands in
+    /// the event log (as [`PushedManifest::log_position`]).
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
+    ) -> Result<Option<i64>> {
+        self.delete(repo, reference, true).await
+    }
+
+    /// Deletes as the parent did, for sync: also a manifest that an index here still lists
+    /// (the parent deleted that index too, earlier in its log, or a reconciliation removes it
+    /// in the same pass).
+    pub async fn follow_deletion(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<i64>> {
+        self.delete(repo, reference, false).await
+    }
+
+    async fn delete(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        unless_listed: bool,
     ) -> Result<Option<i64>> {
         let found = self
             .freeing(|| async {
                 Ok::<_, outpost_meta::MetaError>(match reference {
                     Reference::Digest(d) => self
                         .meta
-                        .delete_manifest(repo.as_str(), d)
+                        .delete_manifest(repo.as_str(), d, unless_listed)
                         .await?
                         .map(|_| None),
                     Reference::Tag(t) => self

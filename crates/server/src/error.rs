@@ -185,6 +185,11 @@ impl From<RegistryError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown, msg)
                     .with_detail(json!({ "digest": d.to_string() }))
             }
+            // As GitLab's registry answers; zot refuses such a delete too.
+            R::ManifestReferenced { digest, index, .. } => {
+                ApiError::custom(StatusCode::CONFLICT, "MANIFEST_REFERENCED", msg)
+                    .with_detail(json!({ "digest": digest.to_string(), "index": index }))
+            }
             R::Storage(s) => match s {
                 StorageError::OutOfOrder { offset, .. } => {
                     let range = format!("0-{}", offset.saturating_sub(1));

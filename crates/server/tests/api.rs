@@ -1062,6 +1062,78 @@ async fn delete_tag_and_manifest() {
 }
 
 #[tokio::test]
+async fn a_manifest_an_index_lists_is_not_deleted_before_the_index() {
+    let t = setup().await;
+    let (bytes, child) = t.push_image("plat", "amd64", "a").await;
+    let entry =
+        json!({"mediaType": OCI_MANIFEST, "digest": child.to_string(), "size": bytes.len()});
+    let idx = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [entry]}))
+    .unwrap();
+    let r = t.push_manifest("plat", "1.0", OCI_INDEX, &idx).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let index = Digest::sha256_of(&idx);
+    let t = &t;
+    let delete = |d: String| async move {
+        t.req(
+            Method::DELETE,
+            &format!("/v2/plat/manifests/{d}"),
+            &[],
+            Body::empty(),
+        )
+        .await
+    };
+
+    // The child: refused, naming the index and its tag; nothing changes.
+    let r = delete(child.to_string()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::CONFLICT, "MANIFEST_REFERENCED")
+    );
+    let msg = r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains(&index.to_string())
+            && msg.contains("tag 1.0")
+            && msg.contains("delete the index first"),
+        "{msg}"
+    );
+    assert_eq!(r.json()["errors"][0]["detail"]["index"], index.to_string());
+    assert_eq!(
+        t.get(&format!("/v2/plat/manifests/{child}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.get("/v2/plat/manifests/amd64").await.status,
+        StatusCode::OK
+    );
+    // Untagging it is fine: the index still holds it.
+    let r = t
+        .req(
+            Method::DELETE,
+            "/v2/plat/manifests/amd64",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        t.get(&format!("/v2/plat/manifests/{child}")).await.status,
+        StatusCode::OK
+    );
+
+    // Once the index is gone, the child goes too.
+    assert_eq!(delete(index.to_string()).await.status, StatusCode::ACCEPTED);
+    assert_eq!(delete(child.to_string()).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        t.get(&format!("/v2/plat/manifests/{child}")).await.code(),
+        "MANIFEST_UNKNOWN"
+    );
+}
+
+#[tokio::test]
 async fn tags_list_and_catalog_pagination() {
     let t = setup().await;
     let (bytes, _) = t.push_image("pag", "t00", "p").await;

@@ -640,7 +640,8 @@ fn clear_backfill(dir: &Path) -> Result<()> {
 /// Whether sending a local change failed in a way no retry will fix: the parent denied it
 /// (403), or refused its content with a registry error code that says the content itself is
 /// unacceptable (an invalid name, tag or manifest, a size over its limit, an unsupported
-/// kind), or the change can no longer be read here (deleted meanwhile, unparsable).
+/// kind, the deletion of a manifest an index there lists), or the change can no longer be
+/// read here (deleted meanwhile, unparsable).
 /// Everything else — a cut upload (`BLOB_UPLOAD_INVALID`), a blob the parent lacks for now,
 /// a 4xx without a registry code (a proxy's answer), an odd reply — is retried.
 fn refused_for_good(e: &SyncError) -> bool {
@@ -657,6 +658,7 @@ fn refused_for_good(e: &SyncError) -> bool {
                         | "UNSUPPORTED"
                         | "DIGEST_INVALID"
                         | "DENIED"
+                        | "MANIFEST_REFERENCED"
                 )
         }
         SyncError::Registry(
@@ -2615,7 +2617,7 @@ impl Child {
                 && let Ok(t) = local.parse::<Tag>()
                 && self
                     .registry
-                    .delete_manifest(&name, &Reference::Tag(t))
+                    .follow_deletion(&name, &Reference::Tag(t))
                     .await
                     .is_ok()
             {
@@ -2737,7 +2739,7 @@ impl Child {
                 tracing::info!(repository = %name, digest = %d, "deleting a manifest the parent no longer has");
                 ignore_unknown(
                     self.registry
-                        .delete_manifest(name, &Reference::Digest(digest))
+                        .follow_deletion(name, &Reference::Digest(digest))
                         .await,
                 )?;
             }
@@ -2839,7 +2841,7 @@ impl Child {
                     {
                         ignore_unknown(
                             self.registry
-                                .delete_manifest(&name, &Reference::Tag(tag))
+                                .follow_deletion(&name, &Reference::Tag(tag))
                                 .await,
                         )?;
                     }
@@ -2859,7 +2861,7 @@ impl Child {
                 if let Ok(d) = digest.parse::<Digest>() {
                     ignore_unknown(
                         self.registry
-                            .delete_manifest(&name, &Reference::Digest(d))
+                            .follow_deletion(&name, &Reference::Digest(d))
                             .await,
                     )?;
                 }
@@ -3598,6 +3600,8 @@ mod tests {
         }));
         assert!(refused_for_good(&parent(400, "MANIFEST_INVALID", "")));
         assert!(refused_for_good(&parent(413, "SIZE_INVALID", "")));
+        // A deletion of a manifest an index at the parent lists.
+        assert!(refused_for_good(&parent(409, "MANIFEST_REFERENCED", "")));
         // Retried: a cut upload, a proxy's answer without a registry code, a blob the parent
         // lacks for now, load, odd replies.
         assert!(!refused_for_good(&parent(400, "BLOB_UPLOAD_INVALID", "")));
