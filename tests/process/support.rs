@@ -531,6 +531,10 @@ pub struct BearerGate {
     /// proxy or load balancer in front of the registry answering for it, or the registry's own
     /// error.
     pub canned: Arc<std::sync::Mutex<Option<(String, u16, String)>>>,
+    /// A `Retry-After` value sent with canned answers, while set.
+    pub retry_after: Arc<std::sync::Mutex<Option<String>>>,
+    /// Requests answered with the canned answer so far.
+    pub canned_hits: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -551,21 +555,27 @@ impl BearerGate {
         );
         let admin = client_as("admin", ADMIN_PASSWORD);
         let canned: Arc<std::sync::Mutex<Option<(String, u16, String)>>> = Arc::default();
-        let (upstream, me, count, answers) = (
+        let retry_after: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let canned_hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (upstream, me, count, answers, wait, hits) = (
             upstream.to_string(),
             addr.clone(),
             issued.clone(),
             canned.clone(),
+            retry_after.clone(),
+            canned_hits.clone(),
         );
         let task = tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
-                let (upstream, me, count, basic, admin, answers) = (
+                let (upstream, me, count, basic, admin, answers, wait, hits) = (
                     upstream.clone(),
                     me.clone(),
                     count.clone(),
                     basic.clone(),
                     admin.clone(),
                     answers.clone(),
+                    wait.clone(),
+                    hits.clone(),
                 );
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -594,15 +604,16 @@ impl BearerGate {
                         .filter(|(path, ..)| target.contains(path.as_str()));
                     let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) =
                         if let Some((_, status, text)) = canned {
+                            hits.fetch_add(1, Ordering::Relaxed);
                             let kind = match text.starts_with('{') {
                                 true => "application/json",
                                 false => "text/plain",
                             };
-                            (
-                                status,
-                                vec![("content-type".into(), kind.into())],
-                                text.into_bytes(),
-                            )
+                            let mut headers = vec![("content-type".into(), kind.into())];
+                            if let Some(after) = wait.lock().unwrap().clone() {
+                                headers.push(("retry-after".into(), after));
+                            }
+                            (status, headers, text.into_bytes())
                         } else if target.starts_with("/token") {
                             if auth == basic {
                                 count.fetch_add(1, Ordering::Relaxed);
@@ -689,6 +700,8 @@ impl BearerGate {
             addr,
             issued,
             canned,
+            retry_after,
+            canned_hits,
             task,
         }
     }

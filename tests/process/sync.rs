@@ -1455,6 +1455,70 @@ async fn a_plain_parent_that_wants_bearer_tokens_is_mirrored() {
     })
     .await;
 
+    // A rate limit (Docker Hub's answer): the mirror waits as long as the upstream asks,
+    // instead of calling again every poll interval (1 s here) and prolonging the limit.
+    *gate.retry_after.lock().unwrap() = Some("3600".into());
+    *gate.canned.lock().unwrap() = Some((
+        "/tags/list".into(),
+        429,
+        r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit reached"}]}"#.into(),
+    ));
+    eventually(
+        "the mirror says how long the upstream asks it to wait",
+        || async { site.log().contains("(it asks to wait 3600 s)") },
+    )
+    .await;
+    let hits = gate.canned_hits.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(
+        gate.canned_hits.load(std::sync::atomic::Ordering::Relaxed),
+        hits,
+        "the mirror called again while the upstream asked it to wait:\n{}",
+        site.log()
+    );
+    assert_eq!(
+        tag_digest(&site_admin, &s, "mirror/app", "v1")
+            .await
+            .as_deref(),
+        Some(v1.as_str()),
+        "a rate limit took the mirror's tags"
+    );
+    *gate.canned.lock().unwrap() = None;
+    *gate.retry_after.lock().unwrap() = None;
+
+    // A mirror first started while the upstream is down for maintenance (503) starts, and
+    // mirrors once the upstream is back.
+    *gate.canned.lock().unwrap() = Some((
+        "/v2/".into(),
+        503,
+        r#"{"errors":[{"code":"UNAVAILABLE","message":"down for maintenance"}]}"#.into(),
+    ));
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = Outpost::start_env(
+        fresh_dir.path(),
+        &[
+            ("OUTPOST_CONFIG", conf.to_str().unwrap()),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    eventually("the new mirror says the upstream cannot answer", || async {
+        fresh.log().contains("the upstream cannot answer for now")
+    })
+    .await;
+    *gate.canned.lock().unwrap() = None;
+    let f = fresh.base();
+    eventually(
+        "the new mirror mirrors once the upstream is back",
+        || async {
+            tag_digest(&site_admin, &f, "mirror/app", "v1")
+                .await
+                .as_deref()
+                == Some(v1.as_str())
+        },
+    )
+    .await;
+    drop(fresh);
+
     // The upstream's password changed and the mirror restarts: it serves what it has, and
     // says why it cannot sync.
     site.terminate();

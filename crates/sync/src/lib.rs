@@ -146,6 +146,19 @@ impl SyncError {
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
 
+/// Up to half a second from the clock's sub-second noise: added to a retry's wait, it keeps
+/// a fleet from retrying in step.
+fn jitter() -> Duration {
+    Duration::from_millis(
+        u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_millis())
+                .unwrap_or(0),
+        ) % 500,
+    )
+}
+
 /// Longest wait before the sync tries again after a failure.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest wait when the failure was the link to the parent (down, cut off).
@@ -1317,6 +1330,10 @@ pub async fn start_mirror(
         Err(e @ SyncError::Unreachable { .. }) => {
             tracing::warn!(error = %e, "upstream unreachable; serving what is here and retrying")
         }
+        // Busy, rate-limited or failing for the moment: no mistake of this mirror's.
+        Err(e @ SyncError::Parent { status, .. }) if status == 429 || status >= 500 => {
+            tracing::warn!(error = %e, "the upstream cannot answer for now; serving what is here and retrying")
+        }
         // A mirror that holds content serves it whatever the upstream says (a password
         // changed there, a proxy's error page) and keeps trying; only a first start, with
         // nothing to serve, stops at once on a refusal, so that the mistake is seen.
@@ -1520,13 +1537,25 @@ impl Child {
                         self.registry.sync_succeeded().await;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "mirroring the upstream registry failed; retrying");
-                        self.registry.metrics().sync_failed(!matches!(
+                        let link = matches!(
                             e,
                             SyncError::Unreachable { .. } | SyncError::Interrupted { .. }
-                        ));
+                        );
+                        // A transfer cut after it moved data goes on at once (from where it
+                        // stopped), not a whole interval later; an upstream that asked to be
+                        // left alone for longer than the interval is.
+                        let retry_in = if link && self.progressed.swap(false, Relaxed) {
+                            Duration::from_secs(1) + jitter()
+                        } else {
+                            interval.max(self.parent.asked_to_wait().unwrap_or_default())
+                        };
+                        tracing::warn!(error = %e, ?retry_in, "mirroring the upstream registry failed; retrying");
+                        self.registry.metrics().sync_failed(!link);
+                        tokio::time::sleep(retry_in).await;
+                        continue;
                     }
                 }
+                self.progressed.store(false, Relaxed);
                 tokio::time::sleep(interval).await;
             }
         }
@@ -1614,13 +1643,15 @@ impl Child {
                         backoff = Duration::from_secs(1);
                     }
                     backoff = backoff.min(cap);
+                    // A parent that answered 429/503 with `Retry-After` is left alone that long.
+                    let retry_in = backoff.max(self.parent.asked_to_wait().unwrap_or_default());
                     let text = e.to_string();
                     match &warned {
                         Some((last, at)) if *last == text && at.elapsed() < REPEAT_QUIET => {
-                            tracing::debug!(error = %e, retry_in = ?backoff, "sync iteration failed again");
+                            tracing::debug!(error = %e, ?retry_in, "sync iteration failed again");
                         }
                         _ => {
-                            tracing::warn!(error = %e, retry_in = ?backoff, "sync iteration failed");
+                            tracing::warn!(error = %e, ?retry_in, "sync iteration failed");
                             warned = Some((text, std::time::Instant::now()));
                         }
                     }
@@ -1642,16 +1673,7 @@ impl Child {
                     if let Err(report) = self.report("Online", Outcome::Failed).await {
                         tracing::debug!(error = %report, "could not report the failure to the parent");
                     }
-                    // Jitter from the clock's sub-second noise keeps a fleet from retrying in step.
-                    let jitter = Duration::from_millis(
-                        u64::from(
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.subsec_millis())
-                                .unwrap_or(0),
-                        ) % 500,
-                    );
-                    tokio::time::sleep(backoff + jitter).await;
+                    tokio::time::sleep(retry_in + jitter()).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }

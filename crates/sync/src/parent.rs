@@ -36,6 +36,28 @@ pub struct Parent {
     ca_file: Option<std::path::PathBuf>,
     /// When the parent last showed it has no referrers API.
     no_referrers_api: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Until when the parent asked not to be called again (a `429` or `503` with
+    /// `Retry-After`).
+    not_before: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// The longest `Retry-After` honoured: a parent asking for more is tried again after this.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
+
+/// How long a `Retry-After` header asks to wait: delta-seconds or an HTTP date (RFC 9110
+/// §10.2.3), capped at [`RETRY_AFTER_MAX`].
+fn retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = jiff::fmt::rfc2822::DateTimeParser::new()
+                .parse_timestamp(value)
+                .ok()?;
+            Duration::try_from(at.duration_since(now)).unwrap_or_default()
+        }
+    };
+    Some(wait.min(RETRY_AFTER_MAX))
 }
 
 /// Where a tag's put or removal stands in an Outpost parent's event log (its
@@ -248,6 +270,7 @@ impl Parent {
             follow_bearer: false,
             ca_file: ca.map(|c| c.path.clone()),
             no_referrers_api: Default::default(),
+            not_before: Default::default(),
         })
     }
 
@@ -274,7 +297,14 @@ impl Parent {
             follow_bearer: true,
             ca_file: ca.map(|c| c.path.clone()),
             no_referrers_api: Default::default(),
+            not_before: Default::default(),
         })
+    }
+
+    /// How much longer the parent asked not to be called (its last `Retry-After`), if at all.
+    pub fn asked_to_wait(&self) -> Option<Duration> {
+        let until = (*self.not_before.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(std::time::Instant::now())
     }
 
     /// Checks that a plain registry answers `/v2/` with these credentials.
@@ -420,6 +450,19 @@ impl Parent {
             return Ok(resp);
         }
         let path = resp.url().path().to_string();
+        // A parent under load (or rate-limiting this registry) that says when to come back.
+        let asked = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, jiff::Timestamp::now())),
+            _ => None,
+        };
+        if let Some(wait) = asked {
+            *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now() + wait);
+        }
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         let code = body["errors"][0]["code"].as_str().unwrap_or("").to_string();
         let mut message = body["errors"][0]["message"]
@@ -439,6 +482,9 @@ impl Parent {
                 true => format!("{path}, without a registry error in the answer"),
                 false => format!("{path}: {message}"),
             };
+        }
+        if let Some(wait) = asked {
+            message = format!("{message} (it asks to wait {} s)", wait.as_secs());
         }
         Err(match status {
             StatusCode::UNAUTHORIZED => SyncError::BadCredentials {
@@ -1004,6 +1050,25 @@ mod tests {
             parse_challenge(r#"Bearer realm="http://x/t",scope="unterminated"#),
             None
         );
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 12:02:30 GMT", now),
+            Some(Duration::from_secs(150))
+        );
+        // A date already past: no wait. Capped at an hour. Nonsense: ignored.
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 11:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("86400", now), Some(RETRY_AFTER_MAX));
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-5", now), None);
     }
 
     #[test]
