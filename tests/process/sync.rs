@@ -423,6 +423,17 @@ async fn connection_problems_are_one_clear_line() {
             && err.contains("start it with its connection string"),
         "{err}"
     );
+    // `outpost config`, which refuses what `serve` would, says the same.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "--data-dir"])
+        .arg(first_dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to connected registry \"site-err\""),
+        "{err}"
+    );
     // Started with another registry's connection string (and another administrator
     // password), it is refused before anything in it changes: the password is not reset.
     let before = files_of(first_dir.path());
@@ -1344,6 +1355,27 @@ async fn a_plain_docker_registry_can_be_the_parent() {
         .await
         .unwrap();
     assert_eq!(denied.status(), 403, "a mirror is read-only");
+    let text = denied.text().await.unwrap();
+    assert!(
+        text.contains(&format!(
+            "a read-only mirror of {upstream}: push, tag and delete there"
+        )),
+        "{text}"
+    );
+    // Its status page says what it mirrors, and that the polls work.
+    let page = site_admin
+        .get(format!("{s}/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!("mirror of {upstream}"))
+            && page.contains("<tr><th>Upstream reachable</th><td>yes</td></tr>"),
+        "{page}"
+    );
 }
 
 #[tokio::test]

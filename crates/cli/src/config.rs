@@ -247,20 +247,34 @@ impl Config {
             );
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig
-            // The management commands' variables are not server settings.
-            .merge(
-                Env::prefixed("OUTPOST_").ignore(&["config", "registry", "username", "password"]),
-            )
-            .merge(Serialized::defaults(Overrides {
-                listen: args.listen,
-                data_dir: args.data_dir.clone(),
-                log_level: args.log_level.clone(),
-                connection_string: args.connection_string.clone(),
-                tls_cert: args.tls_cert.clone(),
-                tls_key: args.tls_key.clone(),
-                parent_ca_file: args.parent_ca_file.clone(),
-            }));
+        // The management commands' variables are not server settings.
+        let mut ignored = vec!["config", "registry", "username", "password"];
+        // A list in a variable is written as TOML (`["a/b","c"]`) or, as people write lists
+        // in variables, comma-separated (`a/b,c`).
+        let repositories = std::env::var("OUTPOST_UPSTREAM_REPOSITORIES")
+            .ok()
+            .filter(|v| !v.trim().is_empty() && !v.trim_start().starts_with('['));
+        if repositories.is_some() {
+            ignored.push("upstream_repositories");
+        }
+        fig = fig.merge(Env::prefixed("OUTPOST_").ignore(&ignored));
+        if let Some(list) = repositories {
+            let list: Vec<String> = list
+                .split(',')
+                .map(|r| r.trim().to_string())
+                .filter(|r| !r.is_empty())
+                .collect();
+            fig = fig.merge(Serialized::default("upstream_repositories", list));
+        }
+        fig = fig.merge(Serialized::defaults(Overrides {
+            listen: args.listen,
+            data_dir: args.data_dir.clone(),
+            log_level: args.log_level.clone(),
+            connection_string: args.connection_string.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            parent_ca_file: args.parent_ca_file.clone(),
+        }));
         let mut config: Config = fig.extract().map_err(explain)?;
         config.log_level_explicit = args.log_level.is_some()
             || std::env::var_os("OUTPOST_LOG_LEVEL").is_some_and(|v| !v.is_empty())
@@ -295,7 +309,16 @@ impl Config {
         // Checked before anything is written: a first start that fails here must not have
         // created (and printed, once) the administrator's password.
         if let Some(cs) = &config.connection_string {
-            outpost_control::ConnectionString::parse(cs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let parsed =
+                outpost_control::ConnectionString::parse(cs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(
+                parsed.sync_token_password != "***",
+                "the connection string's SyncTokenPassword is ***, the mask `outpost config` \
+                 prints in its place: give the string this registry was started with, or a new \
+                 one from `outpost connected-registry get-settings -n {} --generate-password 1 \
+                 -y` at the parent",
+                parsed.connected_registry_name
+            );
         }
         if let Some(u) = &config.upstream_url {
             anyhow::ensure!(
@@ -462,10 +485,29 @@ impl Config {
         let mut out = String::new();
         for (key, value) in shown {
             // Strings, numbers, booleans and arrays of strings are written alike in JSON
-            // and TOML.
-            out.push_str(&format!("{key} = {value}\n"));
-            if key == "log_level" && !self.log_level_explicit && self.connection_string.is_some() {
-                out.push_str("# (not set here: the parent's log level applies once synced)\n");
+            // and TOML. A value shown with its password masked is a comment: loaded back, the
+            // mask would be taken for the password (and the parent refuse it).
+            match key.as_str() {
+                "connection_string" => out.push_str(&format!(
+                    "# connection_string = {value} (set; its password is not shown)\n"
+                )),
+                "database_url"
+                    if self
+                        .database_url
+                        .as_deref()
+                        .is_some_and(|u| outpost_meta::redact_url(u) != u) =>
+                {
+                    out.push_str(&format!(
+                        "# database_url = {value} (set; its password is not shown)\n"
+                    ))
+                }
+                // Not pinned here: printed as a setting, it would stop following the parent.
+                "log_level" if !self.log_level_explicit && self.connection_string.is_some() => out
+                    .push_str(&format!(
+                        "# log_level = {value} (not set here: the parent's log level applies \
+                         once synced)\n"
+                    )),
+                _ => out.push_str(&format!("{key} = {value}\n")),
             }
         }
         for key in secrets {
@@ -624,11 +666,16 @@ mod tests {
         };
         let text = c.to_toml();
         assert!(text.contains("https://hooks.example/outpost"), "{text}");
-        // Whether it runs as a connected registry, and of what, is shown; the password not.
+        // Whether it runs as a connected registry, and of what, is shown, as a comment: the
+        // password is masked, and a masked password must not load back.
         assert!(
             text.contains(
-                "ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=***;"
+                "\n# connection_string = \"ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=***;"
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n# database_url = \"postgres://outpost:***@db:5432/outpost\""),
             "{text}"
         );
         for secret in ["hunter2", "secret"] {
@@ -656,15 +703,17 @@ mod tests {
         );
         assert_eq!(json["anonymous_pull"], true);
         assert!(!json.to_string().contains("secret\""), "{json}");
-        // Its log level, not set here, follows the parent: said so.
+        // Its log level, not set here, follows the parent: said so, and not pinned by a
+        // file that loads this back.
         assert!(
-            text.contains("log_level = \"info\"\n# (not set here"),
+            text.contains("\n# log_level = \"info\" (not set here"),
             "{text}"
         );
         let set = Config {
             log_level_explicit: true,
             ..c.clone()
         };
+        assert!(set.to_toml().contains("\nlog_level = \"info\"\n"));
         assert!(!set.to_toml().contains("not set here"));
         let back: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string(&text))
@@ -674,12 +723,10 @@ mod tests {
             back,
             Config {
                 admin_password: None,
-                connection_string: Some(
-                    "ConnectedRegistryName=site-one;SyncTokenName=site-one;SyncTokenPassword=***;ParentGatewayEndpoint=cloud.example:5000;ParentEndpointProtocol=https".into(),
-                ),
+                connection_string: None,
                 upstream_password: None,
                 notification_authorization: None,
-                database_url: Some("postgres://outpost:***@db:5432/outpost".into()),
+                database_url: None,
                 ..c
             }
         );
@@ -801,6 +848,16 @@ mod tests {
             );
             jail.set_env("OUTPOST_MIN_SYNC_WINDOW", "PT2H");
             Config::load(&args()).map_err(|e| e.to_string())?;
+            // The connection string as `outpost config` shows it, password masked.
+            jail.set_env(
+                "OUTPOST_CONNECTION_STRING",
+                "ConnectedRegistryName=site;SyncTokenName=site;SyncTokenPassword=***;ParentGatewayEndpoint=root:5000;ParentEndpointProtocol=http",
+            );
+            let e = Config::load(&args()).unwrap_err().to_string();
+            assert!(
+                e.contains("SyncTokenPassword is ***") && e.contains("get-settings -n site"),
+                "{e}"
+            );
             Ok(())
         });
     }
@@ -823,7 +880,15 @@ mod tests {
                 e.contains("patterns such as team/* are not supported"),
                 "{e}"
             );
+            jail.set_env(
+                "OUTPOST_UPSTREAM_REPOSITORIES",
+                " team/app, library/alpine ,",
+            );
+            let c = Config::load(&args()).map_err(|e| e.to_string())?;
+            assert_eq!(c.upstream_repositories, ["team/app", "library/alpine"]);
             jail.set_env("OUTPOST_UPSTREAM_REPOSITORIES", "[\"team/app\"]");
+            let c = Config::load(&args()).map_err(|e| e.to_string())?;
+            assert_eq!(c.upstream_repositories, ["team/app"]);
             jail.set_env(
                 "OUTPOST_CONNECTION_STRING",
                 "ConnectedRegistryName=site;SyncTokenName=site;SyncTokenPassword=x;ParentGatewayEndpoint=root:5000;ParentEndpointProtocol=http",

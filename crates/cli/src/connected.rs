@@ -22,6 +22,8 @@ pub enum ConnectedRegistryCmd {
         /// Name of the connected registry
         #[arg(long, short = 'n')]
         name: String,
+        /// ReadOnly (clients pull only) or ReadWrite (local pushes go up to the parent); a
+        /// ReadWrite registry needs a ReadWrite parent
         #[arg(long, short = 'm', default_value = "ReadOnly", value_parser = ["ReadOnly", "ReadWrite"], ignore_case = true)]
         mode: String,
         /// Parent connected registry (default: this registry)

@@ -104,15 +104,26 @@ pub fn main() -> ExitCode {
             "--query selects from the answer of a management command (token, scope-map, connected-registry, gc, readiness); this command has none"
         )),
         Command::Serve(args) => serve::run(args),
-        Command::Config(args) => config::Config::load(&args).map(|c| {
-            if cli.conn.output == client::Output::Json {
-                println!(
+        Command::Config(args) => config::Config::load(&args).and_then(|c| {
+            // What `serve` checks before it starts, short of starting.
+            serve::check_data_dir_owner(&c)?;
+            if let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) {
+                tls::Certificate::load(cert, key)?;
+            }
+            match cli.conn.output {
+                client::Output::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&c.to_json()).unwrap_or_default()
-                );
-            } else {
-                println!("{}", c.to_toml());
+                ),
+                client::Output::Table => println!("{}", c.to_toml()),
+                // Only whether the configuration loads: the exit status.
+                client::Output::None => {}
+                client::Output::Tsv => anyhow::bail!(
+                    "outpost config prints TOML (the default) or JSON (--output json); \
+                     --output tsv does not apply"
+                ),
             }
+            Ok(())
         }),
         Command::ScopeMap(cmd) => block_on(manage::scope_map(&cli.conn, cmd, leaf)),
         Command::Token(cmd) => block_on(manage::token(&cli.conn, cmd, leaf)),

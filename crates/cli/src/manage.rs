@@ -122,7 +122,12 @@ pub enum TokenCmd {
         #[arg(long, conflicts_with_all = ["expiration_in_days", "expiration"])]
         no_passwords: bool,
         /// Passwords expire after this many days (default: never)
-        #[arg(long, conflicts_with = "expiration", allow_negative_numbers = true)]
+        #[arg(
+            long,
+            visible_alias = "days",
+            conflicts_with = "expiration",
+            allow_negative_numbers = true
+        )]
         expiration_in_days: Option<i64>,
         /// Expiry as YYYY-MM-DDTHH:MM:SSZ
         #[arg(long)]

@@ -136,11 +136,9 @@ pub(crate) fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::filt
     })
 }
 
-async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
-    // One process per data directory: a second server, or an import, is refused.
-    let _lock = crate::bundle::lock_data_dir(&config.data_dir)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+/// Refuses a data directory that belongs to another role or registry (`serve`, and
+/// `outpost config`, which refuses what `serve` would).
+pub(crate) fn check_data_dir_owner(config: &Config) -> anyhow::Result<()> {
     // A connected registry's directory started without its connection string would take
     // pushes as a root that its parent never sees (and a ReadOnly one would then serve tags
     // its parent does not have).
@@ -157,7 +155,8 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             },
             match owner.as_str() {
                 "mirror" => "upstream_url (OUTPOST_UPSTREAM_URL)",
-                _ => "its connection string (--connection-string or OUTPOST_CONNECTION_STRING)",
+                _ =>
+                    "its connection string (--connection-string, OUTPOST_CONNECTION_STRING or ACR_REGISTRY_CONNECTION_STRING)",
             }
         );
     }
@@ -174,6 +173,15 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             cs.connected_registry_name
         );
     }
+    Ok(())
+}
+
+async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
+    // One process per data directory: a second server, or an import, is refused.
+    let _lock = crate::bundle::lock_data_dir(&config.data_dir)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    check_data_dir_owner(&config)?;
     let certificate = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::Certificate::load(cert, key)?),
         _ => None,
@@ -372,6 +380,18 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         sync_scope,
         gc_min_age,
         metrics_enabled: config.metrics_enabled,
+        // Without credentials a URL might carry: it is shown to clients.
+        upstream: config
+            .upstream_url
+            .as_deref()
+            .map(|u| match reqwest::Url::parse(u) {
+                Ok(mut url) => {
+                    let _ = url.set_username("");
+                    let _ = url.set_password(None);
+                    url.as_str().trim_end_matches('/').to_string()
+                }
+                Err(_) => u.to_string(),
+            }),
     });
     // A replica whose replica_url leads elsewhere would have uploads started here looked
     // for elsewhere: it stops, saying so, once the check has an answer.

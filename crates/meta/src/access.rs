@@ -168,7 +168,8 @@ impl Meta {
     }
 
     pub async fn count_tokens(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tokens")
+        // The administrator token is ACR's admin user, which no token limit counts.
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tokens WHERE is_admin = 0")
             .fetch_one(&self.read)
             .await?;
         Ok(n as u64)

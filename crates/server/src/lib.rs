@@ -46,6 +46,9 @@ pub struct AppState {
     pub gc_min_age: std::time::Duration,
     /// Whether `/metrics` answers.
     pub metrics_enabled: bool,
+    /// At a mirror of a plain registry, that registry's URL (for messages and the status
+    /// page).
+    pub upstream: Option<String>,
 }
 
 pub type App = Arc<AppState>;
@@ -65,7 +68,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/gateway/v1", gateway::routes())
         .route(
             "/healthz",
-            get(|| async { ([(replicas::INSTANCE, replicas::instance_id())], "ok") }),
+            get(|| async { ([(replicas::INSTANCE, replicas::instance_id())], "ok\n") }),
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

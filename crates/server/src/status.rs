@@ -76,10 +76,10 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><body>\
          <h1>Outpost {}</h1><p>Role: <b>{}</b>{}</p>",
         esc(env!("CARGO_PKG_VERSION")),
-        if me.connected_registry {
-            "connected registry"
-        } else {
-            "registry"
+        match &app.upstream {
+            Some(upstream) => format!("mirror of {}", esc(upstream)),
+            None if me.connected_registry => "connected registry".into(),
+            None => "registry".into(),
         },
         if app.read_only {
             " (ReadOnly: clients pull only)"
@@ -105,7 +105,19 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
         }
     }
     h.push_str("</table>");
-    if me.connected_registry {
+    if app.upstream.is_some() {
+        // A mirror has no feed and no outbox: what it can say is whether its polls work.
+        let _ = write!(
+            h,
+            "<h2>Mirroring the upstream</h2><table>\
+             <tr><th>Upstream reachable</th><td>{}</td></tr>\
+             <tr><th>Last successful pass</th><td>{}</td></tr>\
+             <tr><th>Failed passes since start</th><td>{}</td></tr></table>",
+            if me.parent_connected { "yes" } else { "no" },
+            when(me.last_sync_success_unix),
+            me.sync_failures
+        );
+    } else if me.connected_registry {
         let _ = write!(
             h,
             "<h2>Sync with the parent</h2><table>\

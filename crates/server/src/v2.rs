@@ -166,7 +166,12 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     ErrorCode::Denied,
-                    "this connected registry is read-only: push, tag and delete at its parent; changes reach this site at the next sync",
+                    match &app.upstream {
+                        Some(upstream) => format!(
+                            "this registry is a read-only mirror of {upstream}: push, tag and delete there; changes reach this mirror at its next poll"
+                        ),
+                        None => "this connected registry is read-only: push, tag and delete at its parent; changes reach this site at the next sync".into(),
+                    },
                 ));
             }
             if let Some(scope) = &app.sync_scope

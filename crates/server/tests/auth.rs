@@ -1226,7 +1226,7 @@ async fn token_and_scope_map_count_limits() {
     )
     .await
     .unwrap();
-    // admin already counts as one token.
+    // The administrator token (ACR's admin user) does not count.
     c.create_scope_map("mapone", "", &["repositories/a/content/read".into()])
         .await
         .unwrap();
@@ -1244,8 +1244,11 @@ async fn token_and_scope_map_count_limits() {
     c.create_token("toktwo", "mapone", true, true, None)
         .await
         .unwrap();
+    c.create_token("tokthree", "mapone", true, true, None)
+        .await
+        .unwrap();
     let e = c
-        .create_token("tokthree", "mapone", true, true, None)
+        .create_token("tokfour", "mapone", true, true, None)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("limit is 3"), "{e}");

@@ -180,6 +180,7 @@ async fn setup_node(
         sync_scope,
         gc_min_age: std::time::Duration::ZERO,
         metrics_enabled: true,
+        upstream: None,
     });
     T {
         app,
