@@ -1171,10 +1171,15 @@ impl Control {
             .map(|r| RepoPattern::parse(r))
             .collect::<Result<_, _>>()?;
 
-        // Gateway rights for this name that a registry of the same name, deleted without
-        // cleanup, left in some scope map would let its old ancestors (or other holders of
-        // that scope map) read the new registry's configuration and take its activation.
+        // What a registry of the same name deleted without cleanup leaves: gateway rights for
+        // this name in some scope map (they would let its old ancestors, or other holders of
+        // that scope map, read the new registry's configuration and take its activation), and
+        // its sync token and scope map, whose names the new one takes. All of it is named at
+        // once, with the commands that remove it, in the order they work.
         let granted: BTreeSet<String> = gateway_rules(name).into_iter().collect();
+        let own = req.sync_token.is_none();
+        let token_taken = own && self.meta.token(name).await?.is_some();
+        let map_taken = own && self.meta.scope_map(name).await?.is_some();
         let stale: Vec<String> = self
             .meta
             .scope_maps()
@@ -1183,11 +1188,63 @@ impl Control {
             .filter(|m| m.actions.iter().any(|a| granted.contains(a)))
             .map(|m| m.name)
             .collect();
-        if let Some(first) = stale.first() {
-            return Err(ControlError::Invalid(format!(
-                "scope map(s) {} still grant gateway rights for {name:?}, left by a connected registry of that name deleted without --cleanup; remove them first, e.g. `outpost scope-map update -n {first} --remove-gateway {name} config/read config/write message/read message/write`",
-                stale.join(", ")
-            )));
+        let stale_rights = !stale.is_empty();
+        let mut steps: Vec<String> = stale
+            .iter()
+            // The old sync scope map itself goes whole, below.
+            .filter(|m| !(map_taken && *m == name))
+            .map(|m| {
+                format!(
+                    "outpost scope-map update -n {m} --remove-gateway {name} config/read config/write message/read message/write"
+                )
+            })
+            .collect();
+        if stale_rights {
+            // A leftover for sure: everything it left is named, with the commands in the
+            // order they work (a token first, then the scope map it uses).
+            let mut left = Vec::new();
+            if !steps.is_empty() {
+                left.push(format!(
+                    "gateway rights in scope map(s) {}",
+                    stale
+                        .iter()
+                        .filter(|m| !(map_taken && *m == name))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if token_taken {
+                left.push(format!("token {name:?}"));
+                steps.push(format!("outpost token delete -n {name} --yes"));
+            }
+            if map_taken {
+                left.push(format!("scope map {name:?}"));
+                steps.push(format!("outpost scope-map delete -n {name} --yes"));
+            }
+            let message = format!(
+                "a connected registry named {name:?} was deleted without --cleanup and left {}; \
+                 remove {}: {} (or give this registry another name)",
+                left.join(", "),
+                if steps.len() == 1 {
+                    "it"
+                } else {
+                    "them, in this order"
+                },
+                steps.join("; ")
+            );
+            return Err(if token_taken || map_taken {
+                ControlError::Taken(message)
+            } else {
+                ControlError::Invalid(message)
+            });
+        }
+        for (kind, taken) in [("token", token_taken), ("scope map", map_taken)] {
+            if taken {
+                return Err(ControlError::Taken(format!(
+                    "{kind} {name:?} already exists: creating connected registry {name:?} makes a sync token and a scope map of that name; give this registry another name, or use the existing token as its sync token with --sync-token {name}"
+                )));
+            }
         }
 
         // Every row the create writes is planned first and written in one transaction, so
@@ -1196,16 +1253,6 @@ impl Control {
         // The sync token and its scope map.
         let (sync_token, repo_rules_for_ancestors) = match &req.sync_token {
             None => {
-                for (kind, taken) in [
-                    ("token", self.meta.token(name).await?.is_some()),
-                    ("scope map", self.meta.scope_map(name).await?.is_some()),
-                ] {
-                    if taken {
-                        return Err(ControlError::Taken(format!(
-                            "{kind} {name:?} already exists: creating connected registry {name:?} makes a sync token and a scope map of that name; give this registry another name, or use the existing token as its sync token with --sync-token {name}"
-                        )));
-                    }
-                }
                 let mut actions: Vec<String> =
                     repos.iter().flat_map(|r| repo_rules(r, mode)).collect();
                 actions.extend(gateway_rules(name));

@@ -658,11 +658,36 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
     let r = create(&t, json!({"name": "line-a", "syncToken": "other-sync"})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(
-        msg(&r).contains("still grant gateway rights")
+        msg(&r).contains("deleted without --cleanup and left gateway rights in scope map(s)")
             && msg(&r).contains("--remove-gateway line-a"),
         "{}",
         msg(&r)
     );
+    // Created again as before (its own sync token): one answer names everything in the way,
+    // with the commands in the order they work, not one leftover per attempt.
+    let r = create(&t, json!({"name": "line-a", "repositories": ["app"]})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let m = msg(&r);
+    let at = |needle: &str| {
+        m.find(needle)
+            .unwrap_or_else(|| panic!("{needle} not in {m}"))
+    };
+    assert!(
+        at("--remove-gateway line-a") < at("outpost token delete -n line-a")
+            && at("outpost token delete -n line-a") < at("outpost scope-map delete -n line-a"),
+        "{m}"
+    );
+    // Those are the steps carried out below (the delete's remaining steps are the same).
+    let listed: Vec<Value> = m
+        .split("in this order: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (or give").next())
+        .unwrap_or_else(|| panic!("{m}"))
+        .split("; ")
+        .map(|s| json!(s))
+        .collect();
+    assert_eq!(listed.len(), steps.len(), "{m} vs {steps:?}");
+    let steps = listed;
     // A sync token whose scope map another token also uses is refused: the gateway rights
     // added to that scope map would reach the other token too.
     let r = t
