@@ -2577,6 +2577,11 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
         Some(d.as_str()),
         "a ReadWrite site keeps a repository that left its scope"
     );
+    assert!(
+        site.log().contains("repositories left this site's scope"),
+        "the site does not say a repository left its scope:\n{}",
+        site.log()
+    );
     let resp = site_admin
         .delete(format!("{s}/v2/kept/manifests/{d}"))
         .send()
@@ -3435,6 +3440,11 @@ async fn resync_repairs_what_the_feed_will_not_resend() {
         tag_digest(&local, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
     })
     .await;
+    assert!(
+        site.log().contains("the parent asked for a resync"),
+        "the site does not say why it reconciles:\n{}",
+        site.log()
+    );
     eventually("the root no longer shows the resync pending", || async {
         let v: serde_json::Value = serde_json::from_str(&cli_ok(
             &root,

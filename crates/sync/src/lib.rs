@@ -1766,12 +1766,24 @@ impl Child {
         if let Some((cfg, etag)) = self.parent.config(etag.as_deref()).await? {
             // Recorded before the new configuration is saved, so a crash in between cannot
             // lose the repositories still to fetch.
-            add_backfill(&self.dir, &self.config(), &cfg)?;
+            let old = self.config();
+            add_backfill(&self.dir, &old, &cfg)?;
             // Applied before the ETag is kept: if applying fails, the next iteration fetches
             // the configuration again instead of hearing 304 and never retrying.
             self.apply_config(&cfg).await?;
             if cfg.mode == "ReadOnly" {
                 self.prune_out_of_scope(&cfg).await?;
+            } else {
+                // A ReadWrite site keeps what it holds of them (its clients' pushes may be
+                // there), but no longer syncs them or takes pushes there.
+                let left: Vec<&String> = old
+                    .repositories
+                    .iter()
+                    .filter(|r| !cfg.repositories.contains(r))
+                    .collect();
+                if !left.is_empty() && !old.name.is_empty() {
+                    tracing::info!(repositories = ?left, "repositories left this site's scope: what is here of them is kept, no longer synced, and refuses pushes (clients may still pull and delete it)");
+                }
             }
             write_state(
                 &self.dir.join("config.json"),
@@ -1824,7 +1836,13 @@ impl Child {
                 }
                 c
             }
-            _ => {
+            no_cursor => {
+                match no_cursor {
+                    Some(_) => tracing::info!(
+                        "the parent asked for a resync: reconciling every repository in scope"
+                    ),
+                    None => tracing::info!("reconciling every repository in scope with the parent"),
+                }
                 // Everything after `latest` will also come through the feed; applying twice is harmless.
                 let latest = match self.parent.messages(i64::MAX / 2, None, 0, None).await? {
                     Feed::Expired { latest } => latest,
@@ -1899,6 +1917,9 @@ impl Child {
                 *self.lag.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((page.latest - page.next).max(0));
                 if page.resync {
+                    tracing::info!(
+                        "the parent asked for a resync: every repository in scope is reconciled next"
+                    );
                     self.set_cursor(None)?;
                 }
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
