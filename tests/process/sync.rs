@@ -2313,6 +2313,63 @@ async fn a_tag_removed_at_a_readwrite_site_while_the_feed_moves_it_stays_removed
     );
 }
 
+/// A ReadWrite site that tags a manifest the root deleted while the link was down keeps its
+/// tag: the tag goes up and brings the manifest back at the root, and the root's deletion,
+/// older than that write, must not take it from the site afterwards.
+#[tokio::test]
+async fn a_tag_set_at_a_readwrite_site_on_a_manifest_the_root_deleted_stays_at_the_site() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (root_dir, site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-retag", &["app"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let x = push_image(&admin, &r, "app", "a", "deleted-then-retagged").await;
+    eventually("app:a reaches the site", || async {
+        tag_digest(&site_admin, &s, "app", "a").await.as_deref() == Some(x.as_str())
+    })
+    .await;
+    proxy.blocked.store(true, Relaxed);
+    let gone = admin
+        .delete(format!("{r}/v2/app/manifests/{x}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let body = site_admin
+        .get(format!("{s}/v2/app/manifests/a"))
+        .header("accept", oci)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let put = site_admin
+        .put(format!("{s}/v2/app/manifests/b"))
+        .header("content-type", oci)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    proxy.blocked.store(false, Relaxed);
+    eventually("app:b reaches the root", || async {
+        tag_digest(&admin, &r, "app", "b").await.as_deref() == Some(x.as_str())
+    })
+    .await;
+    feed_caught_up(root_dir.path(), site_dir.path()).await;
+    assert_eq!(
+        tag_digest(&site_admin, &s, "app", "b").await.as_deref(),
+        Some(x.as_str()),
+        "the root's older deletion took the site's own tag:\n{}",
+        site.log()
+    );
+    assert_eq!(tag_digest(&site_admin, &s, "app", "a").await, None);
+}
+
 /// Waits until a site's feed cursor reaches the root's newest event.
 async fn feed_caught_up(root_dir: &std::path::Path, site_dir: &std::path::Path) {
     let root_db = sqlx::SqlitePool::connect(&format!(

@@ -2893,7 +2893,36 @@ impl Child {
             "manifest_deleted" => {
                 // Kept if this site's clients pushed or tagged it (or an index over it) since
                 // the outbox last sent: that push is on its way up and will bring it back at
-                // the parent, which it reaches last.
+                // the parent, which it reaches last. Kept too if such a write already went up
+                // and the parent logged it after this deletion (its own event is then skipped
+                // here as an echo, so the deletion must not take the site's tag).
+                let later_write = {
+                    let newer: Vec<String> = self
+                        .sent_tags
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .filter(|((repo, _), at)| *repo == m.repository && **at > m.seq)
+                        .map(|((_, tag), _)| tag.clone())
+                        .collect();
+                    let mut found = false;
+                    for tag in newer.iter().filter_map(|t| t.parse::<Tag>().ok()) {
+                        if self
+                            .registry
+                            .get_manifest(&name, &Reference::Tag(tag))
+                            .await
+                            .is_ok_and(|local| local.digest.to_string() == digest)
+                        {
+                            found = true;
+                            break;
+                        }
+                    }
+                    found
+                };
+                if later_write {
+                    tracing::info!(repository = %m.repository, %digest, "keeping a manifest the parent deleted: this site's clients tagged it since, and the parent took that tag after the deletion");
+                    return Ok(());
+                }
                 if self
                     .client_used_manifest_pending(&m.repository, &digest, read_only)
                     .await?
