@@ -2888,6 +2888,33 @@ async fn a_deactivated_site_stops_syncing_until_it_restarts() {
         tag_digest(&site_admin, &s, "app", "v2").await.as_deref() == Some(v2.as_str())
     })
     .await;
+    let connected =
+        || async { support::metric(&support::metrics(&s).await, "outpost_sync_parent_connected") };
+    assert_eq!(connected().await, Some(1));
+    // Its password generated again at the root: the parent answers, but refuses every
+    // request, and the site's metric says the exchange fails (as for an unreachable parent).
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "get-settings",
+            "-n",
+            "site-deact",
+            "--parent-protocol",
+            "http",
+            "--generate-password",
+            "1",
+            "--yes",
+        ],
+    );
+    eventually("the site hears its password refused", || async {
+        site.log().contains("refused the password")
+    })
+    .await;
+    eventually("the site's parent_connected metric drops to 0", || async {
+        connected().await == Some(0)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -280,7 +280,7 @@ impl Metrics {
         );
         sync.register(
             "sync_parent_connected",
-            "1 while this connected registry's last exchange with its parent succeeded",
+            "1 while this connected registry's last exchange with its parent succeeded (0 while the parent is unreachable or refuses it: a rejected password, a deactivated registry)",
             m.sync_connected.clone(),
         );
         sync.register(
@@ -497,7 +497,8 @@ impl Metrics {
         self.webhook_failures.inc();
     }
 
-    /// A failed sync iteration; `reached` says whether the parent answered at all.
+    /// A failed sync iteration; `reached` says whether the parent answered and took this
+    /// registry's requests (a failure of its own, a full disk say, leaves the link up).
     pub fn sync_failed(&self, reached: bool) {
         self.sync_failures.inc();
         if !reached {

@@ -112,12 +112,26 @@ fn unreachable_hint(reason: &str) -> &'static str {
          it retries; if this persists, raise its open-files limit (ulimit -n, LimitNOFILE= in \
          a systemd unit, --ulimit nofile= for docker)"
     } else {
-        "check ParentGatewayEndpoint and ParentEndpointProtocol in the connection string and \
-         the network"
+        "this registry serves what it has and retries; check the network, and the parent's \
+         address (ParentGatewayEndpoint and ParentEndpointProtocol in the connection string, \
+         or upstream_url for a mirror)"
     }
 }
 
 impl SyncError {
+    /// Whether the parent answered but will not sync with this registry as it stands (a
+    /// refused password, a deactivated or unknown registry, a denied request): the link
+    /// works, the exchange does not.
+    fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            SyncError::BadCredentials { .. }
+                | SyncError::Deactivated(_)
+                | SyncError::UnknownRegistry(_)
+                | SyncError::Denied { .. }
+        )
+    }
+
     /// The status detail code the parent shows for this failure.
     fn status_code(&self) -> &'static str {
         match self {
@@ -145,6 +159,16 @@ impl SyncError {
 }
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+/// What makes a failure "the same again" for logging: its status code (a link down is one
+/// failure whatever the socket error of each attempt), or its text when it has no code of
+/// its own.
+fn repeat_key(e: &SyncError) -> String {
+    match e.status_code() {
+        "SyncError" => e.to_string(),
+        code => code.to_string(),
+    }
+}
 
 /// Up to half a second from the clock's sub-second noise: added to a retry's wait, it keeps
 /// a fleet from retrying in step.
@@ -1407,6 +1431,17 @@ pub async fn start_mirror(
 }
 
 impl Child {
+    /// Where a client change this site sends up was made, for conflict reports: at a site
+    /// with connected registries below it, the change may be theirs (their pushes reach it
+    /// as a client's).
+    fn here(&self) -> &'static str {
+        if self.config().children.is_empty() {
+            "this site"
+        } else {
+            "this site (or a connected registry below it)"
+        }
+    }
+
     fn config(&self) -> SyncConfig {
         self.config
             .lock()
@@ -1521,6 +1556,7 @@ impl Child {
     async fn run(self: Arc<Self>) {
         use outpost_control::connected::{Window, window_at};
         if let Role::Plain { interval } = self.role {
+            let mut warned: Option<(String, std::time::Instant)> = None;
             loop {
                 let cfg = self.config();
                 if let Err(e) = self.retry_skipped(&cfg).await {
@@ -1534,6 +1570,9 @@ impl Child {
                 match mirrored {
                     Ok(()) => {
                         tracing::debug!("mirrored the upstream registry");
+                        if warned.take().is_some() {
+                            tracing::info!("mirroring the upstream registry works again");
+                        }
                         self.registry.sync_succeeded().await;
                     }
                     Err(e) => {
@@ -1549,8 +1588,19 @@ impl Child {
                         } else {
                             interval.max(self.parent.asked_to_wait().unwrap_or_default())
                         };
-                        tracing::warn!(error = %e, ?retry_in, "mirroring the upstream registry failed; retrying");
-                        self.registry.metrics().sync_failed(!link);
+                        let key = repeat_key(&e);
+                        match &warned {
+                            Some((last, at)) if *last == key && at.elapsed() < REPEAT_QUIET => {
+                                tracing::debug!(error = %e, ?retry_in, "mirroring the upstream registry failed again");
+                            }
+                            _ => {
+                                tracing::warn!(error = %e, ?retry_in, "mirroring the upstream registry failed; retrying");
+                                warned = Some((key, std::time::Instant::now()));
+                            }
+                        }
+                        self.registry
+                            .metrics()
+                            .sync_failed(!link && !e.is_refusal());
                         tokio::time::sleep(retry_in).await;
                         continue;
                     }
@@ -1645,7 +1695,7 @@ impl Child {
                     backoff = backoff.min(cap);
                     // A parent that answered 429/503 with `Retry-After` is left alone that long.
                     let retry_in = backoff.max(self.parent.asked_to_wait().unwrap_or_default());
-                    let text = e.to_string();
+                    let text = repeat_key(&e);
                     match &warned {
                         Some((last, at)) if *last == text && at.elapsed() < REPEAT_QUIET => {
                             tracing::debug!(error = %e, ?retry_in, "sync iteration failed again");
@@ -1655,7 +1705,9 @@ impl Child {
                             warned = Some((text, std::time::Instant::now()));
                         }
                     }
-                    self.registry.metrics().sync_failed(!link);
+                    self.registry
+                        .metrics()
+                        .sync_failed(!link && !e.is_refusal());
                     // The outbox grows while the parent is away: that is when it is watched.
                     if let Some(depth) = self.outbox_depth().await {
                         self.registry.metrics().sync_outbox_depth(depth);
@@ -1682,6 +1734,13 @@ impl Child {
 
     async fn report(&self, state: &str, outcome: Outcome) -> Result<()> {
         let synced = outcome == Outcome::Synced;
+        // A report under way carries the last failure until the iteration completes; once
+        // it does, the recovery must be reported too, or the parent shows that failure on.
+        let carries_failure = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
         let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let outbox_depth = self.outbox_depth().await;
         let mut details: Vec<StatusDetail> = self
@@ -1719,6 +1778,7 @@ impl Child {
         }
         self.registry.sync_reported(synced, lag, outbox_depth).await;
         match outcome {
+            Outcome::Progress if carries_failure => self.failure_reported.store(true, Relaxed),
             Outcome::Progress => {}
             Outcome::Failed => self.failure_reported.store(true, Relaxed),
             Outcome::Synced | Outcome::Recovered => self.failure_reported.store(false, Relaxed),
@@ -2031,7 +2091,15 @@ impl Child {
                                 kind: "Sync".into(),
                                 code: "OutboxEntryRefused".into(),
                                 description: format!(
-                                    "the parent refused this site's {what} and it will not be retried: {err}"
+                                    "the parent refused this site's {what} and it will not be retried: {err}{}",
+                                    match e.kind.as_str() {
+                                        // Kept in refused.json and offered at a reconcile.
+                                        "tag_set" | "manifest_put" => format!(
+                                            " (once the cause is fixed, `outpost connected-registry resync -n {}` at the root offers it again)",
+                                            self.config().name
+                                        ),
+                                        _ => String::new(),
+                                    }
                                 ),
                                 timestamp: Some(now_rfc3339()),
                                 correlation_id: None,
@@ -2213,7 +2281,8 @@ impl Child {
                 if let Some(theirs) = conflict {
                     tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
                     self.tag_conflict(format!(
-                            "{repo}:{tag} was {theirs} at the parent and is now {digest} from this site (the last write to reach the parent wins; {theirs} is kept by digest)"
+                            "{repo}:{tag} was {theirs} at the parent and is now {digest} from {} (the last write to reach the parent wins; {theirs} is kept by digest)",
+                            self.here()
                         ))?;
                 }
             }
@@ -2235,7 +2304,8 @@ impl Child {
                     if moved {
                         tracing::warn!(repository = %repo, tag, parent = %theirs, "tag moved at the parent and removed at this site; the removal wins");
                         self.tag_conflict(format!(
-                                "{repo}:{tag} was moved to {theirs} at the parent and removed at this site (the last write to reach the parent wins; {theirs} is kept by digest)"
+                                "{repo}:{tag} was moved to {theirs} at the parent and removed at {} (the last write to reach the parent wins; {theirs} is kept by digest)",
+                                self.here()
                             ))?;
                     }
                 }
@@ -2251,7 +2321,8 @@ impl Child {
                 } else {
                     tracing::warn!(repository = %repo, digest, tags = ?theirs, "manifest deleted at this site is tagged at the parent; it is kept");
                     self.tag_conflict(format!(
-                            "{repo}@{digest} was deleted at this site, but the parent's tags {} point at it (set there while this site was away): it is kept, with those tags",
+                            "{repo}@{digest} was deleted at {}, but the parent's tags {} point at it (set there while this site was away): it is kept, with those tags",
+                            self.here(),
                             theirs.join(", ")
                         ))?;
                 }
@@ -3647,7 +3718,10 @@ mod tests {
             .to_string()
         };
         let far = e("tcp connect error: Connection refused (os error 111)");
-        assert!(far.contains("check ParentGatewayEndpoint"), "{far}");
+        assert!(
+            far.contains("ParentGatewayEndpoint") && far.contains("or upstream_url for a mirror"),
+            "{far}"
+        );
         let local = e("tcp open error: Too many open files (os error 24)");
         assert!(local.contains("out of file descriptors"), "{local}");
         assert!(!local.contains("ParentGatewayEndpoint"), "{local}");
