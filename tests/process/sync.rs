@@ -2370,6 +2370,76 @@ async fn a_tag_set_at_a_readwrite_site_on_a_manifest_the_root_deleted_stays_at_t
     assert_eq!(tag_digest(&site_admin, &s, "app", "a").await, None);
 }
 
+/// A failure the site reported while it recovered (the link came back and a push of its was
+/// refused in the same pass) does not stay at the root once the site syncs again.
+#[tokio::test]
+async fn a_recovered_link_failure_does_not_stay_at_the_root() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_root_dir, _site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-stale", &["app", "other"]).await;
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    eventually("the site takes pushes to other", || async {
+        site_admin
+            .post(format!("{s}/v2/other/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 202
+    })
+    .await;
+    proxy.blocked.store(true, Relaxed);
+    eventually("the site sees the parent unreachable", || async {
+        site.log().contains("cannot reach the parent")
+    })
+    .await;
+    // While the link is down, the root takes `other` out of the site's scope and the site's
+    // client pushes there: the push is refused when it goes up.
+    cli_ok(
+        &root,
+        &[
+            "connected-registry",
+            "permissions",
+            "update",
+            "-n",
+            "site-stale",
+            "--remove",
+            "other",
+        ],
+    );
+    push_image(&site_admin, &s, "other", "v1", "refused later").await;
+    proxy.blocked.store(false, Relaxed);
+    let details = || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-stale",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["statusDetails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["code"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually("the root shows the refused push", || async {
+        details().await.iter().any(|c| c == "OutboxEntryRefused")
+    })
+    .await;
+    eventually("the root no longer shows the link failure", || async {
+        !details().await.iter().any(|c| c == "ParentUnreachable")
+    })
+    .await;
+}
+
 /// Waits until a site's feed cursor reaches the root's newest event.
 async fn feed_caught_up(root_dir: &std::path::Path, site_dir: &std::path::Path) {
     let root_db = sqlx::SqlitePool::connect(&format!(
