@@ -2949,6 +2949,13 @@ async fn a_deactivated_site_stops_syncing_until_it_restarts() {
     ))
     .unwrap();
     assert_ne!(v["activationStatus"], "Active", "{v}");
+    // The table says what is wrong too, in full, below the row.
+    let table = cli_ok(&root, &["connected-registry", "show", "-n", "site-deact"]);
+    assert!(
+        table.contains("LAST HEARD (UTC)")
+            && table.contains("\nDeactivated: the resource was deactivated"),
+        "{table}"
+    );
 
     // A restart activates again and catches up.
     site.terminate();

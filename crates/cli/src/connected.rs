@@ -256,6 +256,7 @@ fn print_one(conn: &Connection, v: &Value) -> anyhow::Result<()> {
             "PARENT",
             "LOGIN SERVER",
             "LAST SYNC (UTC)",
+            "LAST HEARD (UTC)",
             "SYNC SCHEDULE",
             "SYNC WINDOW",
             "SYNC STATE",
@@ -267,11 +268,25 @@ fn print_one(conn: &Connection, v: &Value) -> anyhow::Result<()> {
             s(&v["parent"]),
             s(&v["loginServer"]),
             s(&v["lastSyncTime"]),
+            s(&v["lastActivityTime"]),
             s(&v["syncSchedule"]),
             s(&v["syncWindow"]),
             s(&v["syncState"]),
         ]],
     );
+    // The table has no room for what is wrong: each status detail follows it, in full.
+    if conn.output == Output::Table
+        && let Some(details) = v["statusDetails"].as_array().filter(|d| !d.is_empty())
+    {
+        println!();
+        for d in details {
+            let when = match d["timestamp"].as_str() {
+                Some(t) => format!(" ({t})"),
+                None => String::new(),
+            };
+            println!("{}{when}: {}", s(&d["code"]), s(&d["description"]));
+        }
+    }
     Ok(())
 }
 
@@ -374,6 +389,7 @@ fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
                 parent,
                 s(&v["loginServer"]),
                 s(&v["lastSyncTime"]),
+                s(&v["lastActivityTime"]),
                 s(&v["syncState"]),
                 problems(&v["statusDetails"]),
             ]
@@ -388,6 +404,7 @@ fn print_list(conn: &Connection, list: &Value) -> anyhow::Result<()> {
             "PARENT",
             "LOGIN SERVER",
             "LAST SYNC (UTC)",
+            "LAST HEARD (UTC)",
             "SYNC STATE",
             "PROBLEMS",
         ],
