@@ -286,7 +286,8 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         .unwrap();
     assert!(
         page.contains("Role: <b>connected registry</b> (ReadOnly")
-            && page.contains("<tr><th>Parent reachable</th><td>yes</td></tr>"),
+            && page.contains("<tr><th>Parent reachable</th><td>yes</td></tr>")
+            && page.contains("<tr><th>Problems</th><td>none</td></tr>"),
         "{page}"
     );
 
@@ -2949,6 +2950,17 @@ async fn a_deactivated_site_stops_syncing_until_it_restarts() {
     ))
     .unwrap();
     assert_ne!(v["activationStatus"], "Active", "{v}");
+    // The site's own status page says so too.
+    let page = reqwest::get(format!("{s}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<tr><th>Problems</th><td>Deactivated</td></tr>"),
+        "{page}"
+    );
     // The table says what is wrong too, in full, below the row.
     let table = cli_ok(&root, &["connected-registry", "show", "-n", "site-deact"]);
     assert!(

@@ -177,6 +177,9 @@ pub struct Metrics {
     password_checks_queued: Gauge,
     /// Serializes [`Metrics::set_password_checks`], which moves a counter up to a total.
     password_checks_seen: std::sync::Arc<std::sync::Mutex<()>>,
+    /// The codes of this connected registry's own current status details (what it reports
+    /// to its parent), for its status page.
+    sync_problems: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     fleet_up: Family<FleetLabels, Gauge>,
     fleet_last_sync: Family<FleetLabels, Gauge>,
     fleet_lag: Family<FleetLabels, Gauge>,
@@ -231,6 +234,7 @@ impl Metrics {
             password_checks: Counter::default(),
             password_checks_queued: Gauge::default(),
             password_checks_seen: std::sync::Arc::default(),
+            sync_problems: Default::default(),
             fleet_up: Family::default(),
             fleet_last_sync: Family::default(),
             fleet_lag: Family::default(),
@@ -547,6 +551,19 @@ impl Metrics {
                 self.fleet_activity.get_or_create(&l).set(t);
             }
         }
+    }
+
+    /// Records the codes of this connected registry's current status details.
+    pub fn set_sync_problems(&self, codes: Vec<String>) {
+        *self.sync_problems.lock().unwrap_or_else(|p| p.into_inner()) = codes;
+    }
+
+    /// The codes [`Self::set_sync_problems`] recorded last.
+    pub fn sync_problems(&self) -> Vec<String> {
+        self.sync_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// This node's own sync and garbage-collection state, for the status page.

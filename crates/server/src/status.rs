@@ -105,6 +105,17 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
         }
     }
     h.push_str("</table>");
+    // This node's own problems, as it reports them to its parent: codes only (their text
+    // names repositories; `outpost connected-registry show` at the parent has it).
+    let problems = {
+        let mut codes = app.registry.metrics().sync_problems();
+        codes.sort();
+        codes.dedup();
+        match codes.is_empty() {
+            true => "none".to_string(),
+            false => esc(&codes.join(", ")),
+        }
+    };
     if app.upstream.is_some() {
         // A mirror has no feed and no outbox: what it can say is whether its polls work.
         let _ = write!(
@@ -112,6 +123,7 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
             "<h2>Mirroring the upstream</h2><table>\
              <tr><th>Upstream reachable</th><td>{}</td></tr>\
              <tr><th>Last successful pass</th><td>{}</td></tr>\
+             <tr><th>Problems</th><td>{problems}</td></tr>\
              <tr><th>Failed passes since start</th><td>{}</td></tr></table>",
             if me.parent_connected { "yes" } else { "no" },
             when(me.last_sync_success_unix),
@@ -123,6 +135,7 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
             "<h2>Sync with the parent</h2><table>\
              <tr><th>Parent reachable</th><td>{}</td></tr>\
              <tr><th>Last successful sync</th><td>{}</td></tr>\
+             <tr><th>Problems</th><td>{problems}</td></tr>\
              <tr><th>Parent messages still to apply</th><td>{}</td></tr>\
              <tr><th>Local changes still to send up</th><td>{}</td></tr>\
              <tr><th>Failed iterations since start</th><td>{}</td></tr></table>",

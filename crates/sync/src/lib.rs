@@ -1573,6 +1573,8 @@ impl Child {
                         if warned.take().is_some() {
                             tracing::info!("mirroring the upstream registry works again");
                         }
+                        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        self.current_details();
                         self.registry.sync_succeeded().await;
                     }
                     Err(e) => {
@@ -1588,6 +1590,7 @@ impl Child {
                         } else {
                             interval.max(self.parent.asked_to_wait().unwrap_or_default())
                         };
+                        self.record_failure(&e);
                         let key = repeat_key(&e);
                         match &warned {
                             Some((last, at)) if *last == key && at.elapsed() < REPEAT_QUIET => {
@@ -1659,6 +1662,7 @@ impl Child {
                     self.registry.sync_succeeded().await;
                     // A whole iteration went through: whatever failed before is over.
                     *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.current_details();
                     // The root still shows the failure when the iteration that recovered
                     // applied nothing (and so reported nothing): say so now.
                     if self.failure_reported.load(Relaxed)
@@ -1712,14 +1716,7 @@ impl Child {
                     if let Some(depth) = self.outbox_depth().await {
                         self.registry.metrics().sync_outbox_depth(depth);
                     }
-                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(StatusDetail {
-                            kind: "Sync".into(),
-                            code: e.status_code().into(),
-                            description: e.status_description(),
-                            timestamp: Some(now_rfc3339()),
-                            correlation_id: None,
-                        });
+                    self.record_failure(&e);
                     // Tell the parent now if it can hear us: an error that recurs before the
                     // next successful report would otherwise never reach the root.
                     if let Err(report) = self.report("Online", Outcome::Failed).await {
@@ -1730,6 +1727,37 @@ impl Child {
                 }
             }
         }
+    }
+
+    /// Keeps `e` as the last failure, reported (and shown on the status page) until an
+    /// iteration goes through.
+    fn record_failure(&self, e: &SyncError) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(StatusDetail {
+            kind: "Sync".into(),
+            code: e.status_code().into(),
+            description: e.status_description(),
+            timestamp: Some(now_rfc3339()),
+            correlation_id: None,
+        });
+        self.current_details();
+    }
+
+    /// This registry's status details as it reports them: the last failure, notices and
+    /// skipped manifests. Their codes are also kept for the status page.
+    fn current_details(&self) -> Vec<StatusDetail> {
+        let mut details: Vec<StatusDetail> = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        details.extend(self.notices.current());
+        details.extend(self.skipped.details());
+        self.registry
+            .metrics()
+            .set_sync_problems(details.iter().map(|d| d.code.clone()).collect());
+        details
     }
 
     async fn report(&self, state: &str, outcome: Outcome) -> Result<()> {
@@ -1743,15 +1771,7 @@ impl Child {
             .is_some();
         let lag = *self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let outbox_depth = self.outbox_depth().await;
-        let mut details: Vec<StatusDetail> = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
-        details.extend(self.notices.current());
-        details.extend(self.skipped.details());
+        let details = self.current_details();
         self.registry
             .metrics()
             .sync_skipped(self.skipped.list().len());
