@@ -1320,7 +1320,7 @@ async fn a_plain_docker_registry_can_be_the_parent() {
 
     let site_dir = tempfile::tempdir().unwrap();
     let conf = site_dir.path().join("outpost.toml");
-    std::fs::write(&conf, format!("upstream_url = \"{upstream}\"\nupstream_repositories = [\"mirror/app\"]\nupstream_poll_secs = 1\n")).unwrap();
+    std::fs::write(&conf, format!("upstream_url = \"{upstream}\"\nupstream_repositories = [\"mirror/app\", \"mirror/apq\"]\nupstream_poll_secs = 1\n")).unwrap();
     let site = Outpost::start_env(
         site_dir.path(),
         &[
@@ -1342,6 +1342,13 @@ async fn a_plain_docker_registry_can_be_the_parent() {
         None,
         "only listed repositories"
     );
+    // A listed repository the upstream does not have (a typo) is said once.
+    eventually(
+        "the mirror names the repository the upstream lacks",
+        || async { site.log().contains("the upstream has no such repository") },
+    )
+    .await;
+    assert!(site.log().contains("mirror/apq"), "{}", site.log());
     let v2 = push_image(&plain, &upstream, "mirror/app", "v2", "plain-two").await;
     eventually("a new tag is picked up by polling", || async {
         tag_digest(&site_admin, &s, "mirror/app", "v2")
@@ -1350,6 +1357,14 @@ async fn a_plain_docker_registry_can_be_the_parent() {
             == Some(v2.as_str())
     })
     .await;
+    assert_eq!(
+        site.log()
+            .matches("the upstream has no such repository")
+            .count(),
+        1,
+        "said more than once:\n{}",
+        site.log()
+    );
     let denied = site_admin
         .post(format!("{s}/v2/mirror/app/blobs/uploads/"))
         .send()

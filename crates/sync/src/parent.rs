@@ -39,6 +39,8 @@ pub struct Parent {
     /// Until when the parent asked not to be called again (a `429` or `503` with
     /// `Retry-After`).
     not_before: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Repositories a plain upstream said it does not have (each warned about once).
+    missing_repos: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The longest `Retry-After` honoured: a parent asking for more is tried again after this.
@@ -271,6 +273,7 @@ impl Parent {
             ca_file: ca.map(|c| c.path.clone()),
             no_referrers_api: Default::default(),
             not_before: Default::default(),
+            missing_repos: Default::default(),
         })
     }
 
@@ -298,6 +301,7 @@ impl Parent {
             ca_file: ca.map(|c| c.path.clone()),
             no_referrers_api: Default::default(),
             not_before: Default::default(),
+            missing_repos: Default::default(),
         })
     }
 
@@ -642,6 +646,17 @@ impl Parent {
                 Err(SyncError::Parent {
                     status: 404, code, ..
                 }) if code == "NAME_UNKNOWN" || code == "NOT_FOUND" => {
+                    // A mirror's list names repositories by hand: one the upstream does not
+                    // have is most likely misspelt. Said once per repository and start.
+                    if self.follow_bearer
+                        && self
+                            .missing_repos
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(repo.to_string())
+                    {
+                        tracing::warn!(repository = repo, upstream = %self.base, "the upstream has no such repository (404 {code}): check its name in upstream_repositories; it is mirrored once it exists");
+                    }
                     return Ok(out);
                 }
                 other => other?,
