@@ -2386,6 +2386,62 @@ async fn a_tag_set_at_a_readwrite_site_on_a_manifest_the_root_deleted_stays_at_t
     assert_eq!(tag_digest(&site_admin, &s, "app", "a").await, None);
 }
 
+/// A tag removed at the root while a ReadWrite site moved it offline: the site's write
+/// reaches the root last and wins, and the removal it undid is reported, not lost silently.
+#[tokio::test]
+async fn a_removal_at_the_root_undone_by_a_sites_offline_move_is_reported() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_root_dir, _site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-undo", &["app"]).await;
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let v1 = push_image(&admin, &r, "app", "t", "removed-at-root").await;
+    eventually("app:t reaches the site", || async {
+        tag_digest(&site_admin, &s, "app", "t").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    proxy.blocked.store(true, Relaxed);
+    let v2 = push_image(&site_admin, &s, "app", "t", "moved-at-site").await;
+    let gone = admin
+        .delete(format!("{r}/v2/app/manifests/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 202);
+    proxy.blocked.store(false, Relaxed);
+    eventually("the site's move reaches the root", || async {
+        tag_digest(&admin, &r, "app", "t").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    eventually(
+        "the root shows the removal the site's write undid",
+        || async {
+            let v: serde_json::Value = serde_json::from_str(&cli_ok(
+                &root,
+                &[
+                    "connected-registry",
+                    "show",
+                    "-n",
+                    "site-undo",
+                    "-o",
+                    "json",
+                ],
+            ))
+            .unwrap();
+            v["statusDetails"].as_array().unwrap().iter().any(|d| {
+                d["code"] == "TagConflict"
+                    && d["description"]
+                        .as_str()
+                        .unwrap()
+                        .contains("app:t was removed at the parent")
+            })
+        },
+    )
+    .await;
+}
+
 /// A failure the site reported while it recovered (the link came back and a push of its was
 /// refused in the same pass) does not stay at the root once the site syncs again.
 #[tokio::test]

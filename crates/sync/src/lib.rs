@@ -2293,17 +2293,27 @@ impl Child {
                 // again.
                 let conflict = match replaced {
                     Some(theirs) if theirs != digest && !self.knew(e, tag, &theirs).await? => {
-                        Some(theirs)
+                        Some(format!(
+                            "{repo}:{tag} was {theirs} at the parent and is now {digest} from {} (the last write to reach the parent wins; {theirs} is kept by digest)",
+                            self.here()
+                        ))
                     }
+                    // The parent had no such tag, but this site had one before its client's
+                    // write (from sync, or its own earlier write that went up): the parent
+                    // removed it meanwhile, and the site's write sets it again.
+                    None => match self.tag_before(e, tag).await? {
+                        Some(before) if before != digest => Some(format!(
+                            "{repo}:{tag} was removed at the parent (it was {before}) and is now {digest} again from {} (the last write to reach the parent wins)",
+                            self.here()
+                        )),
+                        _ => None,
+                    },
                     _ => None,
                 };
                 // Reported once the write went through, so a retried send reports it once.
-                if let Some(theirs) = conflict {
-                    tracing::warn!(repository = %repo, tag, parent = %theirs, site = %digest, "tag changed on both sides; this site's write wins");
-                    self.tag_conflict(format!(
-                            "{repo}:{tag} was {theirs} at the parent and is now {digest} from {} (the last write to reach the parent wins; {theirs} is kept by digest)",
-                            self.here()
-                        ))?;
+                if let Some(what) = conflict {
+                    tracing::warn!(repository = %repo, tag, site = %digest, "tag changed on both sides; this site's write wins");
+                    self.tag_conflict(what)?;
                 }
             }
             "tag_removed" => {
