@@ -1510,3 +1510,43 @@ fn an_oversized_manifest_is_refused_before_its_body_is_sent() {
         "the first answer line: {status:?}"
     );
 }
+
+/// `outpost_http_response_body_bytes_total` counts what went out: a client that reads a few
+/// bytes of a large blob and hangs up is not counted for the whole blob.
+#[tokio::test]
+async fn an_abandoned_download_counts_only_the_bytes_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outpost::start(dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let base = o.base();
+    let blob = vec![7u8; 64 << 20];
+    push_blob(&admin, &base, "big", &blob).await;
+    let digest = support::sha256_hex(&blob);
+    let sent = || async {
+        let text = support::metrics(&base).await;
+        support::metric(
+            &text,
+            "outpost_http_response_body_bytes_total{route=\"blob\"}",
+        )
+        .unwrap_or(0)
+    };
+    let before = sent().await;
+    let mut resp = admin
+        .get(format!("{base}/v2/big/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    drop(resp);
+    // The server stops writing once the connection is gone; at most the socket buffers were
+    // filled before.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counted = sent().await - before;
+    assert!(
+        counted > 0 && counted < 32 << 20,
+        "{counted} bytes counted for a download abandoned after {} bytes",
+        first.len()
+    );
+}

@@ -457,3 +457,35 @@ async fn a_long_upload_stays_reachable_through_every_replica() {
         .unwrap();
     assert_eq!(r.status(), 201);
 }
+
+/// A data directory whose metadata is in PostgreSQL, started without `database_url` (a
+/// configuration file written from `outpost config`, whose URL is a comment), is refused:
+/// it would serve an empty registry on a new SQLite database beside the blobs, whose garbage
+/// collection would take every blob for an orphan.
+#[tokio::test]
+async fn a_postgresql_data_directory_is_not_started_without_its_database() {
+    let Some(fleet) = Fleet::new("marker", &[]).await else {
+        return;
+    };
+    let a = fleet.replica(0);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    push_image(&admin, &a.base(), "app", "v1", "kept in postgres").await;
+    a.terminate();
+    let dir = fleet.dirs[0].path();
+    let err = failing_start(dir, &fleet.s3.env("fleet"));
+    assert!(
+        err.contains("keeps its metadata in PostgreSQL") && err.contains("database_url"),
+        "{err}"
+    );
+    assert!(!dir.join("meta.db").exists(), "a SQLite database was made");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("keeps its metadata in PostgreSQL"),
+        "{err}"
+    );
+}

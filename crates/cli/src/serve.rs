@@ -136,9 +136,23 @@ pub(crate) fn env_filter(level: &str) -> anyhow::Result<tracing_subscriber::filt
     })
 }
 
+/// The file in a data directory that says its metadata lives in PostgreSQL.
+const DATABASE_MARKER: &str = "database";
+
 /// Refuses a data directory that belongs to another role or registry (`serve`, and
 /// `outpost config`, which refuses what `serve` would).
 pub(crate) fn check_data_dir_owner(config: &Config) -> anyhow::Result<()> {
+    // Its metadata is in PostgreSQL: without the URL the registry would start empty on a new
+    // SQLite database, and garbage collection would take every blob for an orphan.
+    if config.database_url.is_none() && config.data_dir.join(DATABASE_MARKER).exists() {
+        anyhow::bail!(
+            "the data directory {} keeps its metadata in PostgreSQL: start it with database_url \
+             (OUTPOST_DATABASE_URL); without it this registry would start empty on a new SQLite \
+             database beside the blobs (remove the file {} only if that database is gone for good)",
+            config.data_dir.display(),
+            config.data_dir.join(DATABASE_MARKER).display()
+        );
+    }
     // A connected registry's directory started without its connection string would take
     // pushes as a root that its parent never sees (and a ReadOnly one would then serve tags
     // its parent does not have).
@@ -220,6 +234,15 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         ),
         None => format!("opening data directory {}", config.data_dir.display()),
     })?;
+    if config.database_url.is_some() {
+        // Remembered, so that a start without the URL is refused instead of running an empty
+        // registry on a new SQLite database next to the blobs (check_data_dir_owner).
+        let marker = config.data_dir.join(DATABASE_MARKER);
+        if !marker.exists() {
+            std::fs::write(&marker, "postgresql\n")
+                .with_context(|| format!("writing {}", marker.display()))?;
+        }
+    }
 
     let control = outpost_control::Control::open(
         registry.meta().clone(),

@@ -131,6 +131,16 @@ pub struct FleetMember {
     pub last_activity_unix: Option<i64>,
 }
 
+/// Counts the bytes of a response body as they go out ([`Metrics::response_body`]).
+#[derive(Clone)]
+pub struct SentBytes(Counter);
+
+impl SentBytes {
+    pub fn add(&self, n: usize) {
+        self.0.inc_by(n as u64);
+    }
+}
+
 /// A node's own state as its metrics hold it ([`Metrics::snapshot`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -258,7 +268,7 @@ impl Metrics {
         );
         r.register(
             "http_response_body_bytes",
-            "Bytes of response bodies of known length, by route",
+            "Bytes of response bodies sent, by route (what a client that stops reading never got is not counted)",
             m.response_bytes.clone(),
         );
         r.register(
@@ -399,6 +409,15 @@ impl Metrics {
         if let Some(n) = response_bytes.filter(|n| *n > 0) {
             self.response_bytes.get_or_create(&l).inc_by(n);
         }
+    }
+
+    /// Where the bytes of one response body to `route` are counted as they are sent.
+    pub fn response_body(&self, route: Route) -> SentBytes {
+        SentBytes(
+            self.response_bytes
+                .get_or_create(&RouteLabels { route })
+                .clone(),
+        )
     }
 
     pub(crate) fn upload_bytes(&self, n: usize) {

@@ -140,6 +140,39 @@ async fn metrics(axum::extract::State(app): axum::extract::State<App>) -> Respon
         .into_response()
 }
 
+/// A response body that counts its bytes as they are sent: a download the client abandons
+/// counts what it got, not the whole blob.
+struct Counted {
+    inner: axum::body::Body,
+    sent: outpost_registry::metrics::SentBytes,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent.add(data.len());
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 
 /// Adds `Docker-Distribution-API-Version` to every response, counts each request in the
@@ -149,7 +182,6 @@ async fn common(
     req: Request,
     next: Next,
 ) -> Response {
-    use axum::body::HttpBody as _;
     use outpost_registry::metrics::{Method, Route};
     let method = req.method().clone();
     let route = Route::of(req.uri().path());
@@ -170,8 +202,10 @@ async fn common(
         resp.status().as_u16(),
         took,
         request_bytes,
-        resp.body().size_hint().exact(),
+        None,
     );
+    let sent = app.registry.metrics().response_body(route);
+    let resp = resp.map(|inner| axum::body::Body::new(Counted { inner, sent }));
     if let Some(path) = path {
         tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = took.as_secs_f64() * 1e3, "request");
     }

@@ -819,8 +819,43 @@ async fn get_blob(
     }
     // A memory-mapped blob goes to the socket without a copy through a user-space buffer.
     let body = match reg.read_blob(name, digest, range).await? {
-        BlobBody::Mapped(bytes) => Body::from(bytes),
+        BlobBody::Mapped(bytes) => Body::new(Sliced(bytes)),
         BlobBody::Streamed(stream) => Body::from_stream(stream),
     };
     Ok(b.body(body).unwrap_or_default())
+}
+
+/// A mapped blob handed to the connection a few MiB at a time (each piece still without a
+/// copy): the connection asks for the next piece only once it has written the previous, so
+/// what is counted as sent ([`crate::Counted`]) is what went out, give or take a piece,
+/// also when the client hangs up half way.
+struct Sliced(bytes::Bytes);
+
+/// How much of a mapped blob is handed over at once.
+const SLICE: usize = 4 << 20;
+
+impl http_body::Body for Sliced {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, Self::Error>>>
+    {
+        if self.0.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.0.len().min(SLICE);
+        let piece = self.0.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.len() as u64)
+    }
 }
