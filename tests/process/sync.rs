@@ -286,7 +286,7 @@ async fn a_site_follows_its_root_and_keeps_serving_when_it_is_gone() {
         .unwrap();
     assert!(
         page.contains("Role: <b>connected registry</b> (ReadOnly")
-            && page.contains("<tr><th>Parent reachable</th><td>yes</td></tr>")
+            && page.contains("<tr><th>Last exchange with the parent</th><td>succeeded</td></tr>")
             && page.contains("<tr><th>Problems</th><td>none</td></tr>"),
         "{page}"
     );
@@ -1389,7 +1389,7 @@ async fn a_plain_docker_registry_can_be_the_parent() {
         .unwrap();
     assert!(
         page.contains(&format!("mirror of {upstream}"))
-            && page.contains("<tr><th>Upstream reachable</th><td>yes</td></tr>"),
+            && page.contains("<tr><th>Last exchange with the upstream</th><td>succeeded</td></tr>"),
         "{page}"
     );
 }
@@ -1516,6 +1516,13 @@ async fn a_plain_parent_that_wants_bearer_tokens_is_mirrored() {
         || async { site.log().contains("(it asks to wait 3600 s)") },
     )
     .await;
+    // In a mirror's words: the other registry is its upstream, not a parent.
+    assert!(
+        site.log()
+            .contains("the upstream answered 429 TOOMANYREQUESTS"),
+        "{}",
+        site.log()
+    );
     let hits = gate.canned_hits.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     assert_eq!(

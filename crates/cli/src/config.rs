@@ -315,8 +315,8 @@ impl Config {
                 parsed.sync_token_password != "***",
                 "the connection string's SyncTokenPassword is ***, the mask `outpost config` \
                  prints in its place: give the string this registry was started with, or a new \
-                 one from `outpost connected-registry get-settings -n {} --generate-password 1 \
-                 -y` at the parent",
+                 one from `outpost connected-registry get-settings -n {} --parent-protocol \
+                 <http|https> --generate-password 1 -y` at the parent",
                 parsed.connected_registry_name
             );
         }

@@ -265,7 +265,10 @@ fn print_one(conn: &Connection, v: &Value) -> anyhow::Result<()> {
             s(&v["name"]),
             s(&v["mode"]),
             s(&v["connectionState"]),
-            s(&v["parent"]),
+            match v["parent"].as_str() {
+                Some(p) => p.to_string(),
+                None => "(this registry)".into(),
+            },
             s(&v["loginServer"]),
             s(&v["lastSyncTime"]),
             s(&v["lastActivityTime"]),

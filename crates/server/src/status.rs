@@ -121,11 +121,15 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
         let _ = write!(
             h,
             "<h2>Mirroring the upstream</h2><table>\
-             <tr><th>Upstream reachable</th><td>{}</td></tr>\
+             <tr><th>Last exchange with the upstream</th><td>{}</td></tr>\
              <tr><th>Last successful pass</th><td>{}</td></tr>\
              <tr><th>Problems</th><td>{problems}</td></tr>\
              <tr><th>Failed passes since start</th><td>{}</td></tr></table>",
-            if me.parent_connected { "yes" } else { "no" },
+            if me.parent_connected {
+                "succeeded"
+            } else {
+                "failed"
+            },
             when(me.last_sync_success_unix),
             me.sync_failures
         );
@@ -133,13 +137,17 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
         let _ = write!(
             h,
             "<h2>Sync with the parent</h2><table>\
-             <tr><th>Parent reachable</th><td>{}</td></tr>\
+             <tr><th>Last exchange with the parent</th><td>{}</td></tr>\
              <tr><th>Last successful sync</th><td>{}</td></tr>\
              <tr><th>Problems</th><td>{problems}</td></tr>\
              <tr><th>Parent messages still to apply</th><td>{}</td></tr>\
              <tr><th>Local changes still to send up</th><td>{}</td></tr>\
              <tr><th>Failed iterations since start</th><td>{}</td></tr></table>",
-            if me.parent_connected { "yes" } else { "no" },
+            if me.parent_connected {
+                "succeeded"
+            } else {
+                "failed"
+            },
             when(me.last_sync_success_unix),
             me.cursor_lag,
             me.outbox_depth,

@@ -112,9 +112,8 @@ fn unreachable_hint(reason: &str) -> &'static str {
          it retries; if this persists, raise its open-files limit (ulimit -n, LimitNOFILE= in \
          a systemd unit, --ulimit nofile= for docker)"
     } else {
-        "this registry serves what it has and retries; check the network, and the parent's \
-         address (ParentGatewayEndpoint and ParentEndpointProtocol in the connection string, \
-         or upstream_url for a mirror)"
+        "check the network, and the parent's address (ParentGatewayEndpoint and \
+         ParentEndpointProtocol in the connection string, or upstream_url for a mirror)"
     }
 }
 
@@ -159,6 +158,17 @@ impl SyncError {
 }
 
 type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+/// A failure as a mirror says it: its parent is the upstream registry, configured by
+/// `upstream_url` (the errors' own words are a connected registry's).
+fn as_mirror(e: &SyncError) -> String {
+    e.to_string()
+        .replace(
+            " (ParentGatewayEndpoint and ParentEndpointProtocol in the connection string, or upstream_url for a mirror)",
+            " (upstream_url)",
+        )
+        .replace("the parent", "the upstream")
+}
 
 /// What makes a failure "the same again" for logging: its status code (a link down is one
 /// failure whatever the socket error of each attempt), or its text when it has no code of
@@ -1352,17 +1362,17 @@ pub async fn start_mirror(
             tracing::info!(upstream = parent.base(), repositories = ?opts.repositories, "mirroring a plain registry")
         }
         Err(e @ SyncError::Unreachable { .. }) => {
-            tracing::warn!(error = %e, "upstream unreachable; serving what is here and retrying")
+            tracing::warn!(error = %as_mirror(&e), "upstream unreachable; serving what is here and retrying")
         }
         // Busy, rate-limited or failing for the moment: no mistake of this mirror's.
         Err(e @ SyncError::Parent { status, .. }) if status == 429 || status >= 500 => {
-            tracing::warn!(error = %e, "the upstream cannot answer for now; serving what is here and retrying")
+            tracing::warn!(error = %as_mirror(&e), "the upstream cannot answer for now; serving what is here and retrying")
         }
         // A mirror that holds content serves it whatever the upstream says (a password
         // changed there, a proxy's error page) and keeps trying; only a first start, with
         // nothing to serve, stops at once on a refusal, so that the mistake is seen.
         Err(e) if !registry.catalog(Some(1), None).await?.is_empty() => {
-            tracing::warn!(error = %e, "the upstream refuses this mirror; serving what is here and retrying")
+            tracing::warn!(error = %as_mirror(&e), "the upstream refuses this mirror; serving what is here and retrying")
         }
         Err(e) => return Err(e),
     }
@@ -1594,10 +1604,10 @@ impl Child {
                         let key = repeat_key(&e);
                         match &warned {
                             Some((last, at)) if *last == key && at.elapsed() < REPEAT_QUIET => {
-                                tracing::debug!(error = %e, ?retry_in, "mirroring the upstream registry failed again");
+                                tracing::debug!(error = %as_mirror(&e), ?retry_in, "mirroring the upstream registry failed again");
                             }
                             _ => {
-                                tracing::warn!(error = %e, ?retry_in, "mirroring the upstream registry failed; retrying");
+                                tracing::warn!(error = %as_mirror(&e), ?retry_in, "mirroring the upstream registry failed; retrying");
                                 warned = Some((key, std::time::Instant::now()));
                             }
                         }
