@@ -2299,11 +2299,7 @@ async fn a_tag_removed_at_a_readwrite_site_while_the_feed_moves_it_stays_removed
     let r = root.base();
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
-    let first = push_image(&admin, &r, "app", "t", "removal-first").await;
-    eventually("app:t reaches the site", || async {
-        tag_digest(&site_admin, &s, "app", "t").await.as_deref() == Some(first.as_str())
-    })
-    .await;
+    let first = pushed_to_site(&admin, &r, &site_admin, &s, "t", "removal-first").await;
     // While the link is down the root adds a large image, then moves the tag: one page of the
     // feed, whose first entry takes seconds over the slow link once it is back.
     proxy.blocked.store(true, Relaxed);
@@ -2348,11 +2344,7 @@ async fn a_tag_set_at_a_readwrite_site_on_a_manifest_the_root_deleted_stays_at_t
     let r = root.base();
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
-    let x = push_image(&admin, &r, "app", "a", "deleted-then-retagged").await;
-    eventually("app:a reaches the site", || async {
-        tag_digest(&site_admin, &s, "app", "a").await.as_deref() == Some(x.as_str())
-    })
-    .await;
+    let x = pushed_to_site(&admin, &r, &site_admin, &s, "a", "deleted-then-retagged").await;
     proxy.blocked.store(true, Relaxed);
     let gone = admin
         .delete(format!("{r}/v2/app/manifests/{x}"))
@@ -2404,11 +2396,7 @@ async fn a_removal_at_the_root_undone_by_a_sites_offline_move_is_reported() {
     let r = root.base();
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
-    let v1 = push_image(&admin, &r, "app", "t", "removed-at-root").await;
-    eventually("app:t reaches the site", || async {
-        tag_digest(&site_admin, &s, "app", "t").await.as_deref() == Some(v1.as_str())
-    })
-    .await;
+    pushed_to_site(&admin, &r, &site_admin, &s, "t", "removed-at-root").await;
     proxy.blocked.store(true, Relaxed);
     let v2 = push_image(&site_admin, &s, "app", "t", "moved-at-site").await;
     let gone = admin
@@ -2517,6 +2505,24 @@ async fn a_recovered_link_failure_does_not_stay_at_the_root() {
         !details().await.iter().any(|c| c == "ParentUnreachable")
     })
     .await;
+}
+
+/// Pushes `app:<tag>` at the root (`r`) and waits until the site (`s`) serves it; returns its
+/// digest.
+async fn pushed_to_site(
+    admin: &reqwest::Client,
+    r: &str,
+    site_admin: &reqwest::Client,
+    s: &str,
+    tag: &str,
+    seed: &str,
+) -> String {
+    let digest = push_image(admin, r, "app", tag, seed).await;
+    eventually(&format!("app:{tag} reaches the site"), || async {
+        tag_digest(site_admin, s, "app", tag).await.as_deref() == Some(digest.as_str())
+    })
+    .await;
+    digest
 }
 
 /// Waits until a site's feed cursor reaches the root's newest event.
@@ -3817,7 +3823,26 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
     .await;
     assert_eq!(tag_digest(&local, &s, "app", "broken2").await, None);
 
-    // Repaired at the root (the lost layers uploaded again): both arrive, the details go.
+    // Repaired at the root (the lost layers uploaded again): both arrive, the details go,
+    // and the root's last sync time moves (uploading blobs writes nothing to the feed: only
+    // the retry of what was skipped applies content).
+    let last_sync = || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-skip",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["lastSyncTime"].as_str().unwrap_or_default().to_string()
+    };
+    let before = last_sync().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     for seed in ["skip-broken", "skip-broken-two"] {
         support::push_blob(&admin, &r, "app", &layer(seed)).await;
     }
@@ -3828,6 +3853,10 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
     .await;
     eventually("the root no longer shows them skipped", || async {
         skipped_at_root().is_empty()
+    })
+    .await;
+    eventually("the root's last sync time moves", || async {
+        last_sync().await > before
     })
     .await;
     assert_eq!(

@@ -1103,7 +1103,9 @@ impl Registry {
             if !was_short {
                 tracing::warn!(
                     free_bytes = room.free,
-                    free_inodes = ?room.inodes_free,
+                    free_inodes = %room
+                        .inodes_free
+                        .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
                     "the data directory's disk is {}: pushes and syncs fail until an operator \
                      frees room (deleting images and `outpost gc` work while it is full)",
                     if no_inodes { "out of inodes" } else { "full" }

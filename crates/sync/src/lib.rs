@@ -3204,6 +3204,7 @@ impl Child {
             .filter_map(|r| RepoPattern::parse(r).ok())
             .collect();
         let mut done = Vec::new();
+        let mut arrived = false;
         let mut ended = Ok(());
         for s in self.skipped.next_round() {
             if let Err(e) = self.check_window() {
@@ -3241,7 +3242,10 @@ impl Child {
                 Ok(true)
             };
             match attempt.await {
-                Ok(_) => done.push(s),
+                Ok(stored) => {
+                    arrived |= stored;
+                    done.push(s);
+                }
                 Err(e) if parent_lacks_content(&e) => {}
                 Err(
                     e @ (SyncError::Unreachable { .. }
@@ -3266,8 +3270,13 @@ impl Child {
             self.skipped
                 .update(|items| items.retain(|x| !done.iter().any(|d| d.same(x))))?;
             if matches!(self.role, Role::Gateway) {
-                // The parent shows the shorter list at once, not at the next change.
-                self.report("Online", Outcome::Progress).await?;
+                // The parent shows the shorter list at once, not at the next change, and
+                // content that arrived moves the last sync time.
+                let outcome = match arrived {
+                    true => Outcome::Synced,
+                    false => Outcome::Progress,
+                };
+                self.report("Online", outcome).await?;
             }
         }
         ended
