@@ -2299,7 +2299,7 @@ async fn a_tag_removed_at_a_readwrite_site_while_the_feed_moves_it_stays_removed
     let r = root.base();
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
-    let first = pushed_to_site(&admin, &r, &site_admin, &s, "t", "removal-first").await;
+    pushed_to_site(&admin, &r, &site_admin, &s, "t", "removal-first").await;
     // While the link is down the root adds a large image, then moves the tag: one page of the
     // feed, whose first entry takes seconds over the slow link once it is back.
     proxy.blocked.store(true, Relaxed);
