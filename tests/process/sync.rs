@@ -2718,6 +2718,12 @@ async fn a_change_the_parent_refuses_is_reported_and_does_not_hold_up_the_rest()
         "a site moving its own tag is not a conflict: {v}"
     );
     assert_eq!(v["connectionState"], "Unhealthy", "{v}");
+    // The root says so in its log, without anyone asking.
+    eventually("the root logs that the site is unhealthy", || async {
+        root.log()
+            .contains("connected registry site-skip is Unhealthy: OutboxEntryRefused")
+    })
+    .await;
 
     // A refused change with nothing after it is reported too, without waiting for some
     // unrelated change to trigger a report.
@@ -2990,7 +2996,9 @@ async fn a_deactivated_site_stops_syncing_until_it_restarts() {
     let r = root.base();
     let v1 = push_image(&admin, &r, "app", "v1", "before").await;
     let cs = connected(&root, "site-deact", &["--repository", "app"]);
-    let site = start_site(site_dir.path(), &cs);
+    // Long-polls of a minute: the deactivation ends the one under way, it is not noticed
+    // only when the poll ends by itself.
+    let site = start_site_polling(site_dir.path(), &cs, "60");
     let s = site.base();
     let site_admin = client_as("admin", SITE_PASSWORD);
     eventually("the site has app:v1", || async {

@@ -564,6 +564,7 @@ async fn import_into(
                     &repo,
                     &id,
                     &b.digest,
+                    None,
                     Some(tokio_util::io::ReaderStream::new(file)),
                 )
                 .await

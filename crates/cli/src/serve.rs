@@ -388,6 +388,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
             config.notification_authorization.clone(),
         ))
     });
+    let watcher = tokio::spawn(watch_fleet(control.clone()));
     let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
     let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
     let app = outpost_server::router(outpost_server::AppState {
@@ -469,6 +470,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         f.abort();
     }
     pruner.abort();
+    watcher.abort();
     if let Some(w) = webhook {
         w.abort();
     }
@@ -577,6 +579,31 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// log does not grow without bound, and notifications kept longer than
 /// `outpost_control::notify::KEEP`. `site` is a connected registry's data directory and whether
 /// it is ReadWrite: what it has still to send up stays.
+/// Logs the connected registries below this node going `Offline` or `Unhealthy`, and coming
+/// back: their state is derived when asked, so nothing else would say so unless someone asks.
+/// The first look waits a little, for children to reconnect after this node restarts.
+async fn watch_fleet(control: std::sync::Arc<outpost_control::Control>) {
+    let mut watch = outpost_control::watch::FleetWatch::default();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    loop {
+        match control.list_connected_registries(None, false).await {
+            Ok(list) => {
+                for change in watch.observe(&list) {
+                    if change.is_problem() {
+                        tracing::warn!("{change}");
+                    } else {
+                        tracing::info!("{change}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the connected registries' health")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
 async fn prune_event_log(
     control: std::sync::Arc<outpost_control::Control>,
     metrics: outpost_registry::metrics::Metrics,

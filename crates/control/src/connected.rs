@@ -1529,8 +1529,6 @@ impl Control {
         self.view(&row).await
     }
 
-    /// `list`: everything; `--no-children` alone: top level; `--parent P`: all descendants of
-    /// P; both: P's direct children. Ordered as a depth-first walk of the tree.
     /// Health of every connected registry below this node, for the metrics: name, whether it
     /// is online or syncing, its last completed sync (Unix seconds), and the cursor lag and
     /// outbox depth it last reported.
@@ -1557,6 +1555,8 @@ impl Control {
             .collect())
     }
 
+    /// `list`: everything; `--no-children` alone: top level; `--parent P`: all descendants of
+    /// P; both: P's direct children. Ordered as a depth-first walk of the tree.
     pub async fn list_connected_registries(
         &self,
         parent: Option<&str>,
@@ -1706,6 +1706,9 @@ impl Control {
         row.instance_id = None;
         row.reported_state = None;
         self.meta.put_connected_registry(&row).await?;
+        // Ends the instance's long-poll: its next read of the feed is refused, and it stops
+        // now rather than at its next status report.
+        self.changed();
         tracing::info!(
             connected_registry = name,
             "connected registry deactivated; its instance stops syncing"
@@ -1746,8 +1749,10 @@ impl Control {
             );
             return Err(ControlError::AlreadyActivated(name.into()));
         }
-        let new_instance = row.instance_id.as_deref() != Some(instance_id);
-        row.activation = "Active".into();
+        // Deactivation forgets the instance, so whether this is the same one as before is
+        // not known: the log says what the resource was.
+        let was = std::mem::replace(&mut row.activation, "Active".into());
+        let first = row.last_activity_ms.is_none();
         row.instance_id = Some(instance_id.into());
         row.last_activity_ms = Some(now_ms());
         // Granted here without the root: it is asked when it answers again (see
@@ -1757,7 +1762,11 @@ impl Control {
         tracing::info!(
             connected_registry = name,
             instance = instance_id,
-            new_instance,
+            was = if first {
+                "never activated"
+            } else {
+                was.as_str()
+            },
             "connected registry activated"
         );
         self.view(&row).await
@@ -2467,6 +2476,12 @@ impl Control {
         limit: u32,
     ) -> Result<MessagePage> {
         let row = self.registry_row(name).await?;
+        if row.activation != "Active" {
+            return Err(ControlError::NotActive(format!(
+                "connected registry {name:?} is not active: it was deactivated (or never \
+                 activated); restart its instance to activate it again"
+            )));
+        }
         let ttl = parse_duration("message TTL", &row.message_ttl)?;
         let latest = self.meta.latest_event().await?;
         let oldest = self

@@ -17,6 +17,7 @@ pub mod jwt;
 pub mod notify;
 pub mod password;
 pub mod scope;
+pub mod watch;
 
 pub use checks::as_client;
 pub use connected::{

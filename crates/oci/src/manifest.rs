@@ -96,6 +96,14 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("manifest is not valid JSON: {0}")]
     Json(String),
+    /// Valid JSON of the wrong form: a field of the wrong type, a digest that is not one.
+    #[error("manifest is valid JSON but not a valid manifest: {0}")]
+    Shape(String),
+    #[error(
+        "manifest has no mediaType field and both an index's `manifests` and an image \
+         manifest's `config`/`layers`: say which it is with a mediaType field"
+    )]
+    Ambiguous,
     #[error("manifest schemaVersion must be 2, got {0:?}")]
     SchemaVersion(Option<i64>),
     #[error(
@@ -130,13 +138,23 @@ impl Manifest {
         if matches!(content_type, Some(DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED)) {
             return Err(ManifestError::Schema1);
         }
-        let raw: Raw =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ManifestError::Shape(e.to_string()),
+            _ => ManifestError::Json(e.to_string()),
+        })?;
         if raw.schema_version == Some(1) {
             return Err(ManifestError::Schema1);
         }
         if raw.schema_version != Some(2) {
             return Err(ManifestError::SchemaVersion(raw.schema_version));
+        }
+        // Without a mediaType, a document of both shapes could be stored as one and served
+        // as the other.
+        if raw.media_type.is_none()
+            && raw.manifests.is_some()
+            && (raw.config.is_some() || raw.layers.is_some())
+        {
+            return Err(ManifestError::Ambiguous);
         }
         let media_type = match (&raw.media_type, content_type) {
             (Some(mt), Some(ct)) if is_manifest_type(ct) && ct != mt => {
@@ -206,10 +224,12 @@ impl Manifest {
             .filter(|d| is_manifest_type(&d.media_type))
     }
 
-    /// The artifact type reported by the referrers API: `artifactType`, else the config's
-    /// media type for image manifests.
+    /// The artifact type reported by the referrers API: `artifactType`, else (also when it
+    /// is empty, as the distribution spec says) the config's media type for image manifests
+    /// and none for indexes.
     pub fn effective_artifact_type(&self) -> Option<String> {
-        self.artifact_type.clone().or_else(|| match self.kind {
+        let given = self.artifact_type.clone().filter(|t| !t.is_empty());
+        given.or_else(|| match self.kind {
             ManifestKind::Image => self.config.as_ref().map(|c| c.media_type.clone()),
             ManifestKind::Index => None,
         })
@@ -269,9 +289,10 @@ mod tests {
             Manifest::parse(b"{", None),
             Err(ManifestError::Json(_))
         ));
+        // Valid JSON of the wrong form is told apart from text that is not JSON.
         assert!(matches!(
             Manifest::parse(b"[]", None),
-            Err(ManifestError::Json(_))
+            Err(ManifestError::Shape(_))
         ));
         assert!(matches!(
             Manifest::parse(br#"{"schemaVersion":1}"#, None),
@@ -290,8 +311,18 @@ mod tests {
         let bad_digest = image(OCI_MANIFEST).replace(D2, "sha256:zz");
         assert!(matches!(
             Manifest::parse(bad_digest.as_bytes(), None),
-            Err(ManifestError::Json(_))
+            Err(ManifestError::Shape(_))
         ));
+        // Both shapes and no mediaType: which one it is cannot be told.
+        let both = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"c","digest":"{D1}","size":2}},"layers":[],"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{D2}","size":3}}]}}"#
+        );
+        for ct in [None, Some(OCI_MANIFEST), Some(OCI_INDEX)] {
+            assert_eq!(
+                Manifest::parse(both.as_bytes(), ct),
+                Err(ManifestError::Ambiguous)
+            );
+        }
         let index_of_blob = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/octet-stream","digest":"{D1}","size":3}}]}}"#
         );
@@ -325,6 +356,19 @@ mod tests {
             m.artifact_type.as_deref(),
             Some("application/vnd.example.sbom")
         );
+        // An empty artifactType is as good as none: the config's media type for an image
+        // manifest, nothing for an index.
+        let empty = body.replace("application/vnd.example.sbom", "");
+        let m = Manifest::parse(empty.as_bytes(), None).unwrap();
+        assert_eq!(
+            m.effective_artifact_type().as_deref(),
+            Some(OCI_EMPTY_CONFIG)
+        );
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","artifactType":"","manifests":[]}}"#
+        );
+        let m = Manifest::parse(index.as_bytes(), None).unwrap();
+        assert_eq!(m.effective_artifact_type(), None);
     }
 
     proptest! {

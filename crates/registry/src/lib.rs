@@ -587,13 +587,15 @@ impl Registry {
         Ok(out.size)
     }
 
-    /// Completes an upload: appends the final body (if any), verifies `digest`, and links the
-    /// blob into `repo`. Returns the blob size.
+    /// Completes an upload: appends the final body (if any, at `start` when the client
+    /// said where it goes), verifies `digest`, and links the blob into `repo`. Returns the
+    /// blob size.
     pub async fn finish_upload<S, E>(
         &self,
         repo: &RepoName,
         id: &str,
         digest: &Digest,
+        start: Option<u64>,
         body: Option<S>,
     ) -> Result<u64>
     where
@@ -608,7 +610,7 @@ impl Registry {
         }
         if let Some(body) = body {
             self.storage
-                .append(id, None, self.config.max_blob_bytes, self.counted(body))
+                .append(id, start, self.config.max_blob_bytes, self.counted(body))
                 .await?;
         }
         // Once every byte is in, the commit runs to its end on a task of its own, even if the
@@ -1041,7 +1043,14 @@ impl Registry {
             })
             .await?;
         self.changed(repo);
-        found.ok_or_else(|| RegistryError::ManifestUnknown(reference.to_string()))
+        match found {
+            Some(f) => Ok(f),
+            // As a GET of it answers.
+            None if !self.meta.repo_exists(repo.as_str()).await? => {
+                Err(RegistryError::NameUnknown(repo.clone()))
+            }
+            None => Err(RegistryError::ManifestUnknown(reference.to_string())),
+        }
     }
 
     /// Deletes a whole repository (tags, manifests, blob links).

@@ -309,7 +309,7 @@ impl Metrics {
         );
         sync.register(
             "sync_outbox_depth",
-            "Local changes this ReadWrite connected registry has yet to send up",
+            "Local changes this ReadWrite connected registry has yet to send up (a manifest, a tag set or removed, a deletion: a push by tag is two)",
             m.sync_outbox.clone(),
         );
         sync.register(
@@ -369,7 +369,7 @@ impl Metrics {
         );
         r.register(
             "connected_registry_outbox_depth",
-            "Local changes a connected registry below this node had yet to send up, as it reported",
+            "Local changes a connected registry below this node had yet to send up, as it reported (a push by tag is two: the manifest and the tag)",
             m.fleet_outbox.clone(),
         );
         r.register(

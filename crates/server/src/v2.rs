@@ -352,80 +352,44 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                 Ok(upload_response(StatusCode::NO_CONTENT, &name, &id, size))
             }
             Method::PATCH => {
-                let start = || -> Result<Option<u64>> {
-                    let Some(cr) = header_str(h, header::CONTENT_RANGE) else {
-                        return Ok(None);
-                    };
-                    let r = parse_content_range(cr).map_err(|_| {
-                        ApiError::new(
-                            StatusCode::RANGE_NOT_SATISFIABLE,
-                            ErrorCode::BlobUploadInvalid,
-                            format!(
-                                "Content-Range {:?} is not <start>-<end> (the chunk's first and \
-                                 last byte offsets, as in 0-1048575)",
-                                cr.chars().take(100).collect::<String>()
-                            ),
-                        )
-                    })?;
-                    if let Some(len) = content_length(h)?
-                        && len != r.len()
-                    {
-                        return Err(bad_request(
-                            ErrorCode::SizeInvalid,
-                            format!(
-                                "Content-Length {len} does not match Content-Range {cr} ({} bytes)",
-                                r.len()
-                            ),
-                        ));
-                    }
-                    Ok(Some(r.start))
-                };
-                // A 416 tells the client where the upload is: its `Range`, `Location` and id.
-                let at_upload = |api: ApiError| {
-                    if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
-                        api.with_header(header::LOCATION, &format!("/v2/{name}/blobs/uploads/{id}"))
-                            .with_header(HeaderName::from_static(UPLOAD_UUID), &id)
-                    } else {
-                        api
-                    }
-                };
-                let start = match start() {
+                let start = match chunk_start(reg, &name, &id, h).await {
                     Ok(s) => s,
-                    Err(mut e) => {
+                    Err(e) => {
                         drain(body).await;
-                        if e.status == StatusCode::RANGE_NOT_SATISFIABLE {
-                            let size = reg.upload_status(&name, &id).await?;
-                            e = e.with_header(
-                                header::RANGE,
-                                &format!("0-{}", size.saturating_sub(1)),
-                            );
-                        }
-                        return Err(at_upload(e));
+                        return Err(e);
                     }
                 };
                 let size = reg
                     .append_upload(&name, &id, start, body.into_data_stream())
                     .await
-                    .map_err(|e| at_upload(ApiError::from(e)))?;
+                    .map_err(|e| at_upload(ApiError::from(e), &name, &id))?;
                 Ok(upload_response(StatusCode::ACCEPTED, &name, &id, size))
             }
             Method::PUT => {
-                let digest = match query_digest(&query).and_then(|d| {
+                let digest = query_digest(&query).and_then(|d| {
                     d.ok_or_else(|| {
                         bad_request(
                             ErrorCode::DigestInvalid,
                             "completing an upload needs ?digest=<algorithm:hex>",
                         )
                     })
-                }) {
-                    Ok(d) => d,
+                });
+                // The closing PUT may carry the last chunk, with its Content-Range checked as
+                // a PATCH's is: out of order, it is refused and the upload kept.
+                let checked = match digest {
+                    Ok(d) => chunk_start(reg, &name, &id, h).await.map(|s| (d, s)),
+                    Err(e) => Err(e),
+                };
+                let (digest, start) = match checked {
+                    Ok(v) => v,
                     Err(e) => {
                         drain(body).await;
                         return Err(e);
                     }
                 };
-                reg.finish_upload(&name, &id, &digest, Some(body.into_data_stream()))
-                    .await?;
+                reg.finish_upload(&name, &id, &digest, start, Some(body.into_data_stream()))
+                    .await
+                    .map_err(|e| at_upload(ApiError::from(e), &name, &id))?;
                 Ok(blob_created(&name, &digest))
             }
             Method::DELETE => {
@@ -544,6 +508,57 @@ pub(crate) fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a chunk (a PATCH's body, or a closing PUT's) says it starts: its `Content-Range`,
+/// checked against its `Content-Length`. A malformed range is a 416 that tells the client
+/// where the upload is.
+async fn chunk_start(
+    reg: &outpost_registry::Registry,
+    name: &RepoName,
+    id: &str,
+    h: &HeaderMap,
+) -> Result<Option<u64>> {
+    let Some(cr) = header_str(h, header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let Ok(r) = parse_content_range(cr) else {
+        let size = reg.upload_status(name, id).await?;
+        let e = ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::BlobUploadInvalid,
+            format!(
+                "Content-Range {:?} is not <start>-<end> (the chunk's first and last byte \
+                 offsets, as in 0-1048575)",
+                cr.chars().take(100).collect::<String>()
+            ),
+        )
+        .with_header(header::RANGE, &format!("0-{}", size.saturating_sub(1)));
+        return Err(at_upload(e, name, id));
+    };
+    if let Some(len) = content_length(h)?
+        && len != r.len()
+    {
+        return Err(bad_request(
+            ErrorCode::SizeInvalid,
+            format!(
+                "Content-Length {len} does not match Content-Range {cr} ({} bytes)",
+                r.len()
+            ),
+        ));
+    }
+    Ok(Some(r.start))
+}
+
+/// A 416 tells the client where the upload is: its `Range` (set by the caller), `Location`
+/// and id.
+fn at_upload(api: ApiError, name: &RepoName, id: &str) -> ApiError {
+    if api.status == StatusCode::RANGE_NOT_SATISFIABLE {
+        api.with_header(header::LOCATION, &format!("/v2/{name}/blobs/uploads/{id}"))
+            .with_header(HeaderName::from_static(UPLOAD_UUID), id)
+    } else {
+        api
+    }
 }
 
 fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
@@ -674,7 +689,7 @@ async fn start_upload(
     let id = reg.start_upload(name).await?;
     if let Some(digest) = digest {
         if let Err(e) = reg
-            .finish_upload(name, &id, &digest, Some(body.into_data_stream()))
+            .finish_upload(name, &id, &digest, None, Some(body.into_data_stream()))
             .await
         {
             let _ = reg.cancel_upload(name, &id).await;

@@ -334,11 +334,36 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
         .await;
     assert_eq!(r.header("range"), "0-1999");
 
+    // The closing PUT's last chunk is checked as a PATCH's is: out of order, a 416 that keeps
+    // the upload; a length that disagrees with its range, a 400 that keeps it too.
     let r = t
         .req(
             Method::PUT,
             &format!("{loc}?digest={d}"),
-            &[],
+            &[("content-range", "2500-2999"), ("content-length", "500")],
+            data[2500..].to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{:?}", r.body);
+    assert_eq!(r.header("range"), "0-1999");
+    assert_eq!(r.header("location"), loc);
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[("content-range", "2000-2499"), ("content-length", "1000")],
+            data[2000..].to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.code(), "SIZE_INVALID");
+    assert_eq!(t.get(&loc).await.header("range"), "0-1999");
+
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[("content-range", "2000-2999"), ("content-length", "1000")],
             data[2000..].to_vec(),
         )
         .await;
@@ -769,6 +794,19 @@ async fn manifests_by_tag_and_digest() {
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
     );
     let r = t.get("/v2/ghost/manifests/v1").await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+    );
+    // A DELETE says the same as a GET.
+    let r = t
+        .req(
+            Method::DELETE,
+            &format!("/v2/ghost/manifests/{digest}"),
+            &[],
+            Body::empty(),
+        )
+        .await;
     assert_eq!(
         (r.status, r.code().as_str()),
         (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
@@ -1321,6 +1359,32 @@ async fn referrers_api() {
         t.get("/v2/ref/referrers/sha256:bad").await.code(),
         "DIGEST_INVALID"
     );
+
+    // An empty artifactType is listed, and found, under the config's media type.
+    let m = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config.to_string(), "size": 2},
+        "layers": [],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject.to_string(), "size": 1}
+    })
+    .to_string()
+    .into_bytes();
+    let d = Digest::sha256_of(&m);
+    let r = t
+        .push_manifest("ref", &d.to_string(), OCI_MANIFEST, &m)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = t
+        .get(&format!(
+            "/v2/ref/referrers/{subject}?artifactType=application/vnd.oci.empty.v1%2Bjson"
+        ))
+        .await;
+    let list = r.json()["manifests"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["digest"], d.to_string());
+    assert_eq!(list[0]["artifactType"], "application/vnd.oci.empty.v1+json");
 }
 
 #[tokio::test]

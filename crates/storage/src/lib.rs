@@ -45,7 +45,9 @@ pub enum StorageError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("upload body was cut off after {received} bytes: {reason}")]
     Interrupted { received: u64, reason: String },
-    #[error("upload would be {size} bytes, larger than the {limit} byte limit")]
+    #[error(
+        "the blob is at least {size} bytes, larger than this registry's {limit} byte limit for a blob (max_blob_bytes)"
+    )]
     TooLarge { size: u64, limit: u64 },
     #[error("blob {0} does not exist")]
     BlobUnknown(Digest),

@@ -1816,6 +1816,16 @@ impl Child {
         Ok(())
     }
 
+    /// The parent refusing to serve this registry's feed because the resource is no longer
+    /// active means the same as a refused status report: deactivated.
+    fn deactivated_if_refused(&self, e: SyncError) -> SyncError {
+        if not_active(&e) {
+            SyncError::Deactivated(self.config().name.clone())
+        } else {
+            e
+        }
+    }
+
     /// The contact that opens each sync attempt, and that a scheduled site also makes every
     /// few minutes while its window is closed: activation if it is still due, a status report
     /// (version, address, outbox depth), and the configuration if it changed. So the root
@@ -1934,7 +1944,12 @@ impl Child {
                     None => tracing::info!("reconciling every repository in scope with the parent"),
                 }
                 // Everything after `latest` will also come through the feed; applying twice is harmless.
-                let latest = match self.parent.messages(i64::MAX / 2, None, 0, None).await? {
+                let latest = match self
+                    .parent
+                    .messages(i64::MAX / 2, None, 0, None)
+                    .await
+                    .map_err(|e| self.deactivated_if_refused(e))?
+                {
                     Feed::Expired { latest } => latest,
                     Feed::Page(p) => p.latest,
                 };
@@ -1954,9 +1969,12 @@ impl Child {
             tracing::warn!(error = %e, "could not send notifications to the parent; they are sent later");
         }
         let have = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let poll = self
-            .parent
-            .messages(cursor, mark, self.poll_wait().as_secs(), have.as_deref());
+        let poll = async {
+            self.parent
+                .messages(cursor, mark, self.poll_wait().as_secs(), have.as_deref())
+                .await
+                .map_err(|e| self.deactivated_if_refused(e))
+        };
         let feed = if cfg.mode == "ReadWrite" {
             // A local client's change ends the wait: it goes up at once instead of after the
             // long-poll (up to sync_poll_secs).
@@ -3421,6 +3439,7 @@ impl Child {
                 repo,
                 &id,
                 digest,
+                None,
                 None::<futures_util::stream::Empty<Result<Bytes, std::io::Error>>>,
             )
             .await;
