@@ -44,6 +44,15 @@ pub enum MetaError {
         /// The index's tags, for the message.
         tags: Vec<String>,
     },
+    /// A conditional tag write (`If-Match`/`If-None-Match`) whose condition did not hold.
+    #[error("tag {tag} {found}, so the condition of this push does not hold ({wanted})")]
+    TagCondition {
+        tag: String,
+        /// What the tag is now: `points at sha256:…` or `does not exist`.
+        found: String,
+        /// The condition, as the client sent it.
+        wanted: String,
+    },
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
     /// A planned change no longer fits the rows it was planned on.
@@ -170,10 +179,44 @@ pub struct NewManifest<'a> {
     pub annotations: Option<String>,
     pub content: &'a [u8],
     pub tag: Option<&'a str>,
+    /// Only if the tag's current digest meets this (an HTTP conditional request).
+    pub tag_condition: Option<&'a TagCondition>,
     /// Blobs that must already be linked to the repository.
     pub blobs: Vec<&'a Digest>,
     /// Manifests that must already be in the repository.
     pub children: Vec<&'a Digest>,
+}
+
+/// The conditions of an HTTP conditional request (`If-Match`, `If-None-Match`; RFC 9110
+/// §13.1) on a tag, whose entity tag is the digest it points at. Each is a list of digests,
+/// or `*` for any: `If-Match` holds when the tag exists and points at one of them,
+/// `If-None-Match` when it does not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagCondition {
+    pub if_match: Option<Vec<String>>,
+    pub if_none_match: Option<Vec<String>>,
+}
+
+impl TagCondition {
+    /// Whether a tag now pointing at `current` (or absent) meets the condition.
+    pub fn holds(&self, current: Option<&str>) -> bool {
+        let matches =
+            |list: &Vec<String>| current.is_some_and(|c| list.iter().any(|e| e == "*" || e == c));
+        self.if_match.as_ref().is_none_or(matches)
+            && !self.if_none_match.as_ref().is_some_and(matches)
+    }
+
+    /// The condition as the client wrote it, for messages.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.if_match {
+            parts.push(format!("If-Match: {}", l.join(", ")));
+        }
+        if let Some(l) = &self.if_none_match {
+            parts.push(format!("If-None-Match: {}", l.join(", ")));
+        }
+        parts.join("; ")
+    }
 }
 
 /// What `put_manifest` changed.
@@ -989,6 +1032,19 @@ impl Meta {
                     .bind(tag)
                     .fetch_optional(&mut *tx)
                     .await?;
+            // Checked in the transaction that writes the tag: no other write comes between.
+            if let Some(c) = m.tag_condition
+                && !c.holds(old.as_deref())
+            {
+                return Err(MetaError::TagCondition {
+                    tag: tag.to_string(),
+                    found: match &old {
+                        Some(d) => format!("points at {d}"),
+                        None => "does not exist".into(),
+                    },
+                    wanted: c.describe(),
+                });
+            }
             if old.as_deref() != Some(digest.as_str()) {
                 sqlx::query(
                     "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES ($1, $2, $3, $4) \

@@ -32,6 +32,9 @@ pub enum RegistryError {
         index: String,
         tags: Vec<String>,
     },
+    /// A conditional push whose condition did not hold: nothing was stored.
+    #[error("{0}")]
+    TagCondition(String),
     #[error(transparent)]
     Storage(StorageError),
     #[error(transparent)]
@@ -58,6 +61,7 @@ impl From<MetaError> for RegistryError {
                 index,
                 tags,
             },
+            e @ MetaError::TagCondition { .. } => RegistryError::TagCondition(e.to_string()),
             other => RegistryError::Meta(other),
         }
     }

@@ -14,7 +14,7 @@ pub use cache::CachedManifest;
 
 pub use error::RegistryError;
 pub use outpost_meta::is_disk_full;
-pub use outpost_meta::{EVENT_MANIFEST_PUT, Event, Meta, MetaError};
+pub use outpost_meta::{EVENT_MANIFEST_PUT, Event, Meta, MetaError, TagCondition};
 pub use outpost_storage::{BlobBody, Storage, StorageError};
 
 use bytes::Bytes;
@@ -905,6 +905,20 @@ impl Registry {
         content_type: Option<&str>,
         bytes: &[u8],
     ) -> Result<PushedManifest> {
+        self.put_manifest_if(repo, reference, content_type, bytes, None)
+            .await
+    }
+
+    /// [`Registry::put_manifest`], but a tag is only set if its current digest meets
+    /// `condition` (a client's `If-Match`/`If-None-Match`); nothing is stored otherwise.
+    pub async fn put_manifest_if(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &[u8],
+        condition: Option<&TagCondition>,
+    ) -> Result<PushedManifest> {
         if bytes.len() > self.config.max_manifest_bytes {
             return Err(RegistryError::ManifestTooLarge {
                 size: bytes.len(),
@@ -943,6 +957,7 @@ impl Registry {
                 annotations,
                 content: bytes,
                 tag,
+                tag_condition: condition,
                 blobs: manifest.required_blobs().map(|d| &d.digest).collect(),
                 children: manifest.required_manifests().map(|d| &d.digest).collect(),
             })

@@ -190,6 +190,11 @@ impl From<RegistryError> for ApiError {
                 ApiError::custom(StatusCode::CONFLICT, "MANIFEST_REFERENCED", msg)
                     .with_detail(json!({ "digest": digest.to_string(), "index": index }))
             }
+            // The entity tag of a tag is its digest (the manifest's ETag): a conditional push
+            // (RFC 9110 §13.1.1, §13.1.2) that does not hold changes nothing.
+            R::TagCondition(_) => {
+                ApiError::custom(StatusCode::PRECONDITION_FAILED, "PRECONDITION_FAILED", msg)
+            }
             R::Storage(s) => match s {
                 StorageError::OutOfOrder { offset, .. } => {
                     let range = format!("0-{}", offset.saturating_sub(1));

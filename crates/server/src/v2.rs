@@ -561,6 +561,32 @@ fn at_upload(api: ApiError, name: &RepoName, id: &str) -> ApiError {
     }
 }
 
+/// A push's `If-Match`/`If-None-Match` (RFC 9110 §13.1.1-2) on a tag, whose entity tag is
+/// the quoted digest it points at (the ETag a manifest GET answers with). `If-Match` compares
+/// strongly, so a weak tag (`W/"…"`) never matches it; `If-None-Match` weakly.
+fn tag_condition(h: &HeaderMap) -> Option<outpost_registry::TagCondition> {
+    let list = |name: HeaderName, weak: bool| -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut seen = false;
+        for v in h.get_all(name) {
+            seen = true;
+            for e in String::from_utf8_lossy(v.as_bytes()).split(',') {
+                let e = e.trim();
+                let e = if weak { e.trim_start_matches("W/") } else { e };
+                if !e.is_empty() {
+                    out.push(e.trim_matches('"').to_string());
+                }
+            }
+        }
+        seen.then_some(out)
+    };
+    let c = outpost_registry::TagCondition {
+        if_match: list(header::IF_MATCH, false),
+        if_none_match: list(header::IF_NONE_MATCH, true),
+    };
+    (c != outpost_registry::TagCondition::default()).then_some(c)
+}
+
 fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
     header_str(h, header::CONTENT_LENGTH)
         .map(|v| {
@@ -740,9 +766,20 @@ async fn put_manifest(
                 ),
             }
         })?;
+    let condition = match reference {
+        Reference::Tag(_) => tag_condition(h),
+        // A digest names one immutable manifest: there is nothing to compare.
+        Reference::Digest(_) => None,
+    };
     let pushed = app
         .registry
-        .put_manifest(name, reference, header_str(h, header::CONTENT_TYPE), &bytes)
+        .put_manifest_if(
+            name,
+            reference,
+            header_str(h, header::CONTENT_TYPE),
+            &bytes,
+            condition.as_ref(),
+        )
         .await?;
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)

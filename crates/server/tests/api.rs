@@ -1567,3 +1567,76 @@ async fn a_put_by_tag_says_what_it_replaced() {
         "a put by digest moves no tag"
     );
 }
+
+#[tokio::test]
+async fn conditional_pushes_of_a_tag() {
+    let t = setup().await;
+    let (_, first) = t.push_image("cond", "v1", "one").await;
+    let etag = t
+        .get("/v2/cond/manifests/v1")
+        .await
+        .header("etag")
+        .to_string();
+    assert_eq!(etag, format!("\"{first}\""));
+    let (bytes, second) = {
+        let config = t.push_blob("cond", b"{\"seed\":\"two\"}").await;
+        let layer = t.push_blob("cond", b"layer-two").await;
+        let m = image_manifest(&config, &layer, None);
+        let d = Digest::sha256_of(&m);
+        (m, d)
+    };
+    let put = |tag: &'static str, cond: Vec<(&'static str, String)>| {
+        let bytes = bytes.clone();
+        let t = &t;
+        async move {
+            let headers: Vec<(&str, &str)> = std::iter::once(("content-type", OCI_MANIFEST))
+                .chain(cond.iter().map(|(k, v)| (*k, v.as_str())))
+                .collect();
+            t.req(
+                Method::PUT,
+                &format!("/v2/cond/manifests/{tag}"),
+                &headers,
+                bytes,
+            )
+            .await
+        }
+    };
+    // Create-only on a tag that exists, and a stale If-Match: refused, nothing stored.
+    for cond in [
+        vec![("if-none-match", "*".to_string())],
+        vec![("if-none-match", etag.clone())],
+        vec![("if-match", format!("\"{second}\""))],
+        vec![("if-match", format!("W/{etag}"))],
+    ] {
+        let r = put("v1", cond.clone()).await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{cond:?}");
+        assert_eq!(r.code(), "PRECONDITION_FAILED", "{cond:?}");
+        assert!(
+            r.message().contains(&format!("tag v1 points at {first}")),
+            "{}",
+            r.message()
+        );
+        assert_eq!(
+            t.get(&format!("/v2/cond/manifests/{second}")).await.status,
+            StatusCode::NOT_FOUND,
+            "{cond:?}: the refused push stored its manifest"
+        );
+        assert_eq!(t.get("/v2/cond/manifests/v1").await.header("etag"), etag);
+    }
+    // Replace-only-if-unchanged with the ETag a GET gave: moves the tag.
+    let r = put("v1", vec![("if-match", format!("\"sha256:00\", {etag}"))]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(
+        t.get("/v2/cond/manifests/v1").await.header("etag"),
+        format!("\"{second}\"")
+    );
+    // A tag that does not exist: create-only works, If-Match: * does not.
+    assert_eq!(
+        put("v2", vec![("if-match", "*".into())]).await.status,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(
+        put("v2", vec![("if-none-match", "*".into())]).await.status,
+        StatusCode::CREATED
+    );
+}
