@@ -291,6 +291,11 @@ pub struct SyncConfig {
     #[serde(default)]
     pub sync_token: Option<ClientTokenConfig>,
     pub children: Vec<SyncConfig>,
+    /// When the resource was created at the root (Unix milliseconds): a registry deleted and
+    /// created again under the same name is another resource, whose status an intermediate
+    /// node must not carry over. Absent from a parent of an earlier version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<i64>,
 }
 
 /// `report` completed with what `row` (this node's record of the descendant) already holds.
@@ -2294,6 +2299,7 @@ impl Control {
             client_tokens,
             sync_token: self.token_config(&row.sync_token).await?,
             children,
+            created_ms: Some(row.created_ms),
         })
     }
 
@@ -2373,6 +2379,10 @@ impl Control {
         let existing = self.all_registries().await?;
         for (cfg, parent) in &all {
             let old = existing.get(&cfg.name);
+            // The same name for another resource (deleted and created again at the root since
+            // the last configuration): what the old one reported is not this one's status.
+            // Its activation stays: the root judges that when the instance next reports.
+            let reported = old.filter(|o| cfg.created_ms.is_none_or(|c| c == o.created_ms));
             let row = ConnectedRegistryRow {
                 name: cfg.name.clone(),
                 mode: cfg.mode.clone(),
@@ -2390,24 +2400,27 @@ impl Control {
                 notifications: cfg.notifications.clone(),
                 gc_enabled: cfg.garbage_collection.enabled,
                 gc_schedule: cfg.garbage_collection.schedule.clone(),
-                created_ms: old.map(|o| o.created_ms).unwrap_or_else(now_ms),
+                created_ms: cfg
+                    .created_ms
+                    .or(old.map(|o| o.created_ms))
+                    .unwrap_or_else(now_ms),
                 updated_ms: now_ms(),
                 activation: old
                     .map(|o| o.activation.clone())
                     .unwrap_or_else(|| "Inactive".into()),
                 instance_id: old.and_then(|o| o.instance_id.clone()),
                 last_activity_ms: old.and_then(|o| o.last_activity_ms),
-                last_sync_ms: old.and_then(|o| o.last_sync_ms),
-                sync_result: old.and_then(|o| o.sync_result.clone()),
-                reported_state: old.and_then(|o| o.reported_state.clone()),
-                status_details: old
+                last_sync_ms: reported.and_then(|o| o.last_sync_ms),
+                sync_result: reported.and_then(|o| o.sync_result.clone()),
+                reported_state: reported.and_then(|o| o.reported_state.clone()),
+                status_details: reported
                     .map(|o| o.status_details.clone())
                     .unwrap_or_else(|| "[]".into()),
-                version: old.and_then(|o| o.version.clone()),
-                login_server: old.and_then(|o| o.login_server.clone()),
+                version: reported.and_then(|o| o.version.clone()),
+                login_server: reported.and_then(|o| o.login_server.clone()),
                 resync_requested: cfg.resync_requested,
-                cursor_lag: old.and_then(|o| o.cursor_lag),
-                outbox_depth: old.and_then(|o| o.outbox_depth),
+                cursor_lag: reported.and_then(|o| o.cursor_lag),
+                outbox_depth: reported.and_then(|o| o.outbox_depth),
                 activated_offline: old.is_some_and(|o| o.activated_offline),
             };
             writes.push(AccessWrite::PutConnectedRegistry(Box::new(row)));

@@ -2520,3 +2520,69 @@ async fn a_site_last_heard_syncing_shows_online_outside_its_window() {
         .await;
     assert_eq!(r.json()["connectionState"], "Online", "{:?}", r.body);
 }
+
+/// An intermediate node keeps what its descendants reported across configuration fetches,
+/// but not onto another resource of the same name (deleted and created again at the root).
+#[tokio::test]
+async fn a_recreated_descendant_does_not_inherit_the_old_ones_status() {
+    let root = setup().await;
+    assert_eq!(
+        create(&root, json!({"name": "line-re", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let cfg = root.control.sync_config("line-re").await.unwrap();
+    assert!(cfg.created_ms.is_some(), "{cfg:?}");
+    // The intermediate node: its descendant as the root configured it, then reporting.
+    let site = setup().await;
+    site.control
+        .apply_descendants(std::slice::from_ref(&cfg))
+        .await
+        .unwrap();
+    site.control
+        .activate_connected_registry("line-re", "line-instance")
+        .await
+        .unwrap();
+    let report = outpost_control::connected::StatusReport {
+        instance_id: "line-instance".into(),
+        state: Some("Online".into()),
+        last_sync_time: Some("2026-11-29T03:00:00Z".into()),
+        last_sync_result: Some("Failed".into()),
+        status_details: Some(vec![outpost_control::connected::StatusDetail {
+            kind: "Storage".into(),
+            code: "DiskError".into(),
+            description: "the disk is full".into(),
+            timestamp: None,
+            correlation_id: None,
+        }]),
+        ..Default::default()
+    };
+    site.control.report_status("line-re", report).await.unwrap();
+    let shown = || async {
+        site.get("/api/v1/connected-registries/line-re")
+            .await
+            .json()
+    };
+    // The same resource configured again: its status stays.
+    site.control
+        .apply_descendants(std::slice::from_ref(&cfg))
+        .await
+        .unwrap();
+    let v = shown().await;
+    assert_eq!(v["statusDetails"][0]["code"], "DiskError", "{v}");
+    // Another resource under the same name: a clean slate.
+    let recreated = outpost_control::connected::SyncConfig {
+        created_ms: cfg.created_ms.map(|c| c + 1),
+        ..cfg.clone()
+    };
+    site.control
+        .apply_descendants(std::slice::from_ref(&recreated))
+        .await
+        .unwrap();
+    let v = shown().await;
+    // (Its sync token is installed by the sync, not here: that detail is this node's own.)
+    assert!(!v["statusDetails"].to_string().contains("DiskError"), "{v}");
+    assert_eq!(v["lastSyncTime"], Value::Null, "{v}");
+    assert_eq!(v["lastSyncResult"], Value::Null, "{v}");
+}

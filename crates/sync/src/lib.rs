@@ -1393,6 +1393,7 @@ pub async fn start_mirror(
         client_tokens: Vec::new(),
         sync_token: None,
         children: Vec::new(),
+        created_ms: None,
     };
     let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
