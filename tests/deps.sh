@@ -22,9 +22,10 @@ PACKAGES=(
     postgresql                    # metadata in PostgreSQL (tests/postgres.sh starts a private server)
     iperf3 wrk                    # bench/
     e2fsprogs                     # mkfs.ext4: the interop suite's small full disk (loop-mounted)
+    faketime                      # libfaketime: a connected registry whose clock is wrong
 )
 # one command per package above, to tell whether it is installed
-COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq pg_ctlcluster iperf3 wrk mkfs.ext4)
+COMMANDS=(skopeo podman buildah umoci dockerd /usr/bin/docker containerd ctr docker-registry curl jq pg_ctlcluster iperf3 wrk mkfs.ext4 faketime)
 
 missing=()
 for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done

@@ -76,6 +76,17 @@ impl Outpost {
         Self::spawn_cmd(cmd, data_dir, &[], &[])
     }
 
+    /// Like [`Outpost::start_env`], with the system clock it sees moved by `offset`
+    /// (libfaketime's form: `-3d`, `+2h`): a ship whose clock is wrong. The monotonic clock
+    /// stays true, as a real one does whatever the wall clock says.
+    pub fn start_with_clock(data_dir: &Path, offset: &str, env: &[(&str, &str)]) -> Outpost {
+        let mut cmd = Command::new("faketime");
+        cmd.args(["-f", offset])
+            .arg(env!("CARGO_BIN_EXE_outpost"))
+            .env("DONT_FAKE_MONOTONIC", "1");
+        Self::spawn_cmd(cmd, data_dir, &[], env)
+    }
+
     /// Like [`Outpost::start_env`], listening on `listen` (an address other processes must
     /// know before it starts).
     pub fn start_listen(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Outpost {

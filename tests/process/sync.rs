@@ -5306,3 +5306,118 @@ async fn a_site_push_over_content_the_root_deleted_brings_that_content_back() {
     .await;
     drop(root);
 }
+
+/// A ship whose clock is three days behind: it goes by the root's time for password expiries
+/// and for the times it reports, and says its clock is wrong.
+#[tokio::test]
+async fn a_site_whose_clock_is_days_behind_goes_by_the_roots_time() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let v1 = push_image(&admin, &r, "app", "v1", "clock").await;
+    // A client token whose password expires in a few seconds, by the root's clock.
+    let expires = outpost_control::format_rfc3339(outpost_control::clock::system_ms() + 6_000);
+    let out = cli_ok(
+        &root,
+        &[
+            "token",
+            "create",
+            "-n",
+            "clock-reader",
+            "--repository",
+            "app",
+            "content/read",
+            "metadata/read",
+            "--expiration",
+            &expires,
+            "-o",
+            "json",
+        ],
+    );
+    let pw = serde_json::from_str::<serde_json::Value>(&out).unwrap()["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cs = connected(
+        &root,
+        "site-clock",
+        &["--repository", "app", "--client-tokens", "clock-reader"],
+    );
+    let site = Outpost::start_with_clock(
+        site_dir.path(),
+        "-3d",
+        &[
+            ("OUTPOST_CONNECTION_STRING", cs.as_str()),
+            ("OUTPOST_SYNC_POLL_SECS", "5"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let s = site.base();
+    let reader = client_as("clock-reader", &pw);
+    eventually("the site has app:v1 for the reader", || async {
+        tag_digest(&reader, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    // Past the expiry by the root's clock (three days before it by the site's own).
+    eventually("the expired password is refused at the site", || async {
+        let resp = reader
+            .get(format!("{s}/v2/app/tags/list"))
+            .send()
+            .await
+            .unwrap();
+        resp.status() == 401 && resp.text().await.unwrap().contains("expired at")
+    })
+    .await;
+    // The root shows the site's last sync in its own time, and why it had to correct it.
+    let show = || async {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-clock",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap()
+    };
+    eventually("the root hears of the skew", || async {
+        show().await["statusDetails"]
+            .to_string()
+            .contains("ClockSkew")
+    })
+    .await;
+    let v = show().await;
+    let synced = outpost_control::parse_rfc3339(v["lastSyncTime"].as_str().unwrap()).unwrap();
+    let behind = outpost_control::clock::system_ms() - synced;
+    assert!(
+        (0..3_600_000).contains(&behind),
+        "last sync {} is not in the last hour: {v}",
+        v["lastSyncTime"]
+    );
+    let skew = v["statusDetails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "ClockSkew")
+        .unwrap()
+        .clone();
+    assert!(
+        skew["description"]
+            .as_str()
+            .unwrap()
+            .contains("3d 0h 0m behind its parent's"),
+        "{skew}"
+    );
+    // A notice: the site is not shown as unhealthy for it.
+    assert_eq!(v["connectionState"], "Online", "{v}");
+    assert!(
+        site.log().contains("clock is 3d 0h 0m behind"),
+        "{}",
+        site.log()
+    );
+}

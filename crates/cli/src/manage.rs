@@ -242,10 +242,12 @@ async fn sync_token_warning(c: &Client, token: &str, yes: bool) -> String {
 /// Longest `--expiration-in-days`: 100 years (leave it out for passwords that never expire).
 const MAX_EXPIRATION_DAYS: i64 = 36_500;
 
-fn expiry(days: Option<i64>, at: Option<String>) -> anyhow::Result<Option<String>> {
+/// The expiry fields of a request: `expiry` for a date, `expiryInDays` for a number of days,
+/// which the registry counts by its own clock (this machine's may be off).
+fn expiry(days: Option<i64>, at: Option<String>) -> anyhow::Result<Option<(&'static str, Value)>> {
     if let Some(at) = at {
         outpost_control::parse_rfc3339(&at).map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
-        return Ok(Some(at));
+        return Ok(Some(("expiry", json!(at))));
     }
     match days {
         Some(d) if d < 1 => bail!(
@@ -256,14 +258,7 @@ fn expiry(days: Option<i64>, at: Option<String>) -> anyhow::Result<Option<String
         ),
         _ => {}
     }
-    Ok(days.map(|d| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-            + d * 86_400;
-        outpost_control::format_rfc3339(secs * 1000)
-    }))
+    Ok(days.map(|d| ("expiryInDays", json!(d))))
 }
 
 fn slots(p1: bool, p2: bool) -> Vec<&'static str> {
@@ -500,8 +495,8 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
             // As az takes it: `Enabled` is `enabled`.
             let status = status.to_lowercase();
             let mut body = json!({"name": name, "scopeMap": scope_map, "status": status, "noPasswords": no_passwords});
-            if let Some(e) = expiry(expiration_in_days, expiration)? {
-                body["expiry"] = json!(e);
+            if let Some((field, value)) = expiry(expiration_in_days, expiration)? {
+                body[field] = value;
             }
             let v = match c.call(Method::POST, "/tokens", Some(body)).await {
                 Ok(v) => v,
@@ -579,8 +574,8 @@ pub async fn token(conn: &Connection, cmd: TokenCmd, m: &ArgMatches) -> anyhow::
                 yes,
             )?;
             let mut body = json!({"passwords": which});
-            if let Some(e) = expiry(expiration_in_days, expiration)? {
-                body["expiry"] = json!(e);
+            if let Some((field, value)) = expiry(expiration_in_days, expiration)? {
+                body[field] = value;
             }
             let v = c
                 .call(

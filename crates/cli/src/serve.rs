@@ -389,6 +389,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         ))
     });
     let watcher = tokio::spawn(watch_fleet(control.clone()));
+    let clock_watch = tokio::spawn(watch_clock());
     let gc_min_age = Duration::from_secs(config.gc_min_age_secs);
     let collector = tokio::spawn(collect_garbage(registry.clone(), gc_setting, gc_min_age));
     let app = outpost_server::router(outpost_server::AppState {
@@ -471,6 +472,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     }
     pruner.abort();
     watcher.abort();
+    clock_watch.abort();
     if let Some(w) = webhook {
         w.abort();
     }
@@ -579,6 +581,34 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// log does not grow without bound, and notifications kept longer than
 /// `outpost_control::notify::KEEP`. `site` is a connected registry's data directory and whether
 /// it is ReadWrite: what it has still to send up stays.
+/// Says when the system clock jumps (set by hand, NTP or GPS coming back after weeks): the
+/// ages of upload sessions and of unreferenced blobs are measured by it, so a jump forward
+/// can end an upload under way, and a jump back delays collection.
+async fn watch_clock() {
+    const EVERY: Duration = Duration::from_secs(60);
+    const JUMP_MS: i64 = 5 * 60_000;
+    let mut wall = outpost_control::clock::system_ms();
+    let mut mono = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let (now_wall, now_mono) = (
+            outpost_control::clock::system_ms(),
+            std::time::Instant::now(),
+        );
+        let jump = (now_wall - wall) - now_mono.duration_since(mono).as_millis() as i64;
+        if jump.abs() >= JUMP_MS {
+            tracing::warn!(
+                now = %outpost_control::format_rfc3339(now_wall),
+                "the system clock jumped {} by {}: upload sessions and unreferenced blobs are \
+                 aged by it, so an upload under way may have to start again",
+                if jump > 0 { "forward" } else { "back" },
+                outpost_control::clock::human_offset(jump)
+            );
+        }
+        (wall, mono) = (now_wall, now_mono);
+    }
+}
+
 /// Logs the connected registries below this node going `Offline` or `Unhealthy`, and coming
 /// back: their state is derived when asked, so nothing else would say so unless someone asks.
 /// The first look waits a little, for children to reconnect after this node restarts.

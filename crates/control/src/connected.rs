@@ -1090,7 +1090,12 @@ impl Control {
             },
             status_details,
             last_activity_time: row.last_activity_ms.map(rfc3339),
-            last_sync_time: row.last_sync_ms.map(rfc3339),
+            // Reported by the instance, by its clock: never later than when it was last heard
+            // from (a clock running ahead; an instance of a version that does not correct it).
+            last_sync_time: row
+                .last_sync_ms
+                .map(|t| row.last_activity_ms.map_or(t, |heard| t.min(heard)))
+                .map(rfc3339),
             last_sync_result: row.sync_result.clone(),
             sync_state,
             version: row.version.clone(),
@@ -1495,6 +1500,8 @@ impl Control {
             .unwrap_or_else(|| row.schedule.clone());
         let window = match &req.sync_window {
             Some(w) => Some(w.clone()),
+            // Made continuous: the old schedule's window no longer means anything.
+            None if req.sync_schedule.as_deref().is_some_and(is_continuous) => None,
             None => row.sync_window.clone(),
         };
         self.check_schedule_and_window(&schedule, window.as_deref())?;

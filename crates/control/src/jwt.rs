@@ -48,6 +48,12 @@ pub enum JwtError {
     Signature,
     #[error("access token has expired; request a new one")]
     Expired,
+    /// Issued in this node's future: its clock went back since.
+    #[error(
+        "access token is not valid yet: it was issued at a later time than this registry's \
+         clock now reads (the clock was set back since); request a new one"
+    )]
+    NotYetValid,
     #[error("access token is for {0:?}, not this registry")]
     Audience(String),
     #[error("access token was issued before the token's passwords changed; request a new one")]
@@ -116,7 +122,10 @@ impl Signer {
         if claims.aud != audience {
             return Err(JwtError::Audience(claims.aud));
         }
-        if now >= claims.exp || now + 60 < claims.nbf {
+        if now + 60 < claims.nbf {
+            return Err(JwtError::NotYetValid);
+        }
+        if now >= claims.exp {
             return Err(JwtError::Expired);
         }
         Ok(claims)
@@ -151,6 +160,21 @@ mod tests {
         let t = s.sign(&claims(1000));
         assert_eq!(s.verify(&t, "reg", 10).unwrap(), claims(1000));
         assert_eq!(s.verify(&t, "reg", 1000), Err(JwtError::Expired));
+        // Issued at 500 by a clock that has since gone back an hour.
+        let later = s.sign(&Claims {
+            nbf: 500,
+            iat: 500,
+            ..claims(5000)
+        });
+        assert_eq!(
+            s.verify(&later, "reg", 450).map(|c| c.nbf),
+            Ok(500),
+            "a minute of leeway"
+        );
+        assert_eq!(
+            s.verify(&later, "reg", 500 - 3600),
+            Err(JwtError::NotYetValid)
+        );
         assert_eq!(
             s.verify(&t, "other", 10),
             Err(JwtError::Audience("reg".into()))

@@ -235,12 +235,27 @@ pub(crate) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
         .into_response()
 }
 
-fn expiry(e: &Option<String>) -> Result<Option<i64>> {
-    e.as_deref()
-        .map(outpost_control::parse_rfc3339)
-        .transpose()
-        .map_err(ApiError::from)
+/// A password expiry: a date (`expiry`), or a number of days (`expiryInDays`) counted here,
+/// by this registry's clock rather than by the machine the command ran on.
+fn expiry(e: &Option<String>, days: Option<i64>) -> Result<Option<i64>> {
+    let invalid = |m: String| ApiError::custom(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m);
+    match (e, days) {
+        (Some(_), Some(_)) => Err(invalid("give expiry or expiryInDays, not both".into())),
+        (None, Some(d)) if !(1..=MAX_EXPIRY_DAYS).contains(&d) => Err(invalid(format!(
+            "expiryInDays must be 1 to {MAX_EXPIRY_DAYS} (100 years), not {d}; leave it out for \
+             passwords that do not expire"
+        ))),
+        (None, Some(d)) => Ok(Some(outpost_control::clock::now_ms() + d * 86_400_000)),
+        (e, None) => e
+            .as_deref()
+            .map(outpost_control::parse_rfc3339)
+            .transpose()
+            .map_err(ApiError::from),
+    }
 }
+
+/// Longest `expiryInDays`: 100 years.
+const MAX_EXPIRY_DAYS: i64 = 36_500;
 
 fn slots(names: &[String]) -> Result<Vec<usize>> {
     if names.is_empty() {
@@ -292,6 +307,7 @@ struct CreateToken {
     #[serde(default)]
     no_passwords: bool,
     expiry: Option<String>,
+    expiry_in_days: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +322,7 @@ struct UpdateToken {
 struct Credentials {
     passwords: Vec<String>,
     expiry: Option<String>,
+    expiry_in_days: Option<i64>,
 }
 
 fn status(s: &Option<String>) -> Result<Option<bool>> {
@@ -397,7 +414,7 @@ async fn create_token(
             &req.scope_map,
             enabled,
             req.no_passwords,
-            expiry(&req.expiry)?,
+            expiry(&req.expiry, req.expiry_in_days)?,
         )
         .await?;
     Ok(json(StatusCode::CREATED, &v))
@@ -447,7 +464,11 @@ async fn generate_credentials(
     let req: Credentials = parse(&body)?;
     let v = app
         .control
-        .generate_credentials(&name, &slots(&req.passwords)?, expiry(&req.expiry)?)
+        .generate_credentials(
+            &name,
+            &slots(&req.passwords)?,
+            expiry(&req.expiry, req.expiry_in_days)?,
+        )
         .await?;
     Ok(json(StatusCode::OK, &v))
 }
@@ -460,7 +481,7 @@ async fn delete_credentials(
 ) -> Result<Response> {
     admin(&app, &h).await?;
     let req: Credentials = parse(&body)?;
-    if req.expiry.is_some() {
+    if req.expiry.is_some() || req.expiry_in_days.is_some() {
         return Err(ApiError::custom(
             StatusCode::BAD_REQUEST,
             "INVALID_REQUEST",

@@ -131,13 +131,14 @@ async fn login_error(app: &App, e: outpost_control::ControlError) -> ApiError {
                 scope.borrow().name
             ),
         ),
-        ControlError::PasswordExpired(name) => ApiError::new(
+        ControlError::PasswordExpired { name, at } => ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             format!(
-                "the password of token {name:?} has expired; generate a new one at the root \
-                 (`outpost token credential generate -n {name} --registry <root>`): this \
-                 connected registry learns it at its next sync"
+                "the password of token {name:?} expired at {} (by the root's clock); generate \
+                 a new one at the root (`outpost token credential generate -n {name} \
+                 --registry <root>`): this connected registry learns it at its next sync",
+                outpost_control::format_rfc3339(at)
             ),
         ),
         e => ApiError::from(e),

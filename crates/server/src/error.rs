@@ -297,7 +297,7 @@ impl From<ControlError> for ApiError {
                     "Deactivate the connected registry before deploying it again."
                 ))
             }
-            C::BadCredentials | C::Disabled(_) | C::PasswordExpired(_) | C::Jwt(_) => {
+            C::BadCredentials | C::Disabled(_) | C::PasswordExpired { .. } | C::Jwt(_) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg)
             }
             C::Meta(m) => meta_error(&m),

@@ -31,6 +31,18 @@ pub(crate) fn routes() -> Router<App> {
         .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
             crate::error::no_such_method("/gateway/v1", &m, &uri)
         })
+        // Every answer says what time it is at the root (as this node knows it): a child with
+        // a wrong clock goes by it (`outpost_control::clock`).
+        .layer(axum::middleware::map_response(
+            |mut resp: Response| async move {
+                if let Ok(v) =
+                    header::HeaderValue::from_str(&outpost_control::clock::now_ms().to_string())
+                {
+                    resp.headers_mut().insert(outpost_control::clock::HEADER, v);
+                }
+                resp
+            },
+        ))
 }
 
 /// `POST /{name}/notifications`: notifications the connected registry made from its event log

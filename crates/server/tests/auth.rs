@@ -758,6 +758,46 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
         "{:?}",
         r.body
     );
+    // A number of days is counted here, by the registry's clock; out of range, or with a
+    // date as well, it is refused.
+    let r = t
+        .req(
+            Method::POST,
+            "/api/v1/tokens/rotator/credentials/generate",
+            &[],
+            json!({"passwords": ["password2"], "expiryInDays": 30}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let p2 = &r.json()["passwords"][1];
+    let days = (outpost_control::parse_rfc3339(p2["expiry"].as_str().unwrap()).unwrap()
+        - outpost_control::parse_rfc3339(p2["creationTime"].as_str().unwrap()).unwrap())
+        as f64
+        / 86_400_000.0;
+    assert!((days - 30.0).abs() < 0.01, "{p2}");
+    for bad in [
+        json!({"passwords": ["password2"], "expiryInDays": 0}),
+        json!({"passwords": ["password2"], "expiryInDays": 36_501}),
+        json!({"passwords": ["password2"], "expiryInDays": 3, "expiry": "2099-01-01T00:00:00Z"}),
+    ] {
+        let r = t
+            .req(
+                Method::POST,
+                "/api/v1/tokens/rotator/credentials/generate",
+                &[],
+                bad.to_string(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            r.json()["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expiryInDays"),
+            "{bad}: {:?}",
+            r.body
+        );
+    }
     // An expired password is refused with a message that says so: one that expires in two
     // seconds, used after it did.
     let old2 = password_expiring_in(&t, "rotator", "password2", 2_000).await;
@@ -791,12 +831,11 @@ async fn disabled_tokens_expired_and_rotated_passwords() {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expired")
-    );
+    let m = r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(m.contains("expired at 20"), "it says when: {m}");
 
     // Disabling the token refuses Basic and already-issued access tokens alike.
     let r = t
@@ -1308,7 +1347,7 @@ async fn a_site_says_where_refused_credentials_are_fixed() {
     };
     for m in refusals("site-reader", pw).await {
         assert!(
-            m.contains("has expired") && m.contains("at the root"),
+            m.contains("expired at 20") && m.contains("at the root"),
             "{m}"
         );
     }

@@ -337,6 +337,17 @@ async fn every_rule_is_enforced_with_a_message_that_names_it() {
     );
     assert_eq!(v["notifications"], json!(["app:*:push"]));
     assert_eq!(v["garbageCollection"]["enabled"], false);
+    // Made continuous, it keeps no window from the old schedule.
+    let r = t
+        .req(
+            Method::PATCH,
+            "/api/v1/connected-registries/ship-0001",
+            &[],
+            json!({"syncSchedule": "* * * * *"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["syncWindow"], Value::Null, "{:?}", r.body);
 }
 
 #[tokio::test]

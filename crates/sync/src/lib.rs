@@ -1101,11 +1101,9 @@ impl Notices {
     }
 }
 
+/// The root's time, as far as this node knows it: what it reports goes by it.
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    outpost_control::clock::now_ms()
 }
 
 fn now_rfc3339() -> String {
@@ -1633,9 +1631,14 @@ impl Child {
         let mut contacted: Option<std::time::Instant> = None;
         loop {
             let cfg = self.config();
-            let now = jiff::Timestamp::now();
+            // Windows are the root's schedule: by its time, not by a clock that may be off.
+            let now = jiff::Timestamp::from_millisecond(now_ms())
+                .unwrap_or_else(|_| jiff::Timestamp::now());
             let deadline = match window_at(&cfg.sync_schedule, cfg.sync_window.as_deref(), now) {
                 Ok(Window::Open { until }) => {
+                    // A window that closes again is announced again, even with the same
+                    // next opening (a clock set back into it, then forward).
+                    announced = None;
                     let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
                     Some(std::time::Instant::now() + left)
                 }
@@ -1765,6 +1768,17 @@ impl Child {
             .collect();
         details.extend(self.notices.current());
         details.extend(self.skipped.details());
+        let offset = outpost_control::clock::offset_ms();
+        if offset.abs() >= outpost_control::clock::SKEW_WORTH_SAYING_MS {
+            // Handled (this node goes by the parent's time), but the operator should know.
+            details.push(StatusDetail {
+                kind: NOTICE.into(),
+                code: "ClockSkew".into(),
+                description: outpost_control::clock::describe_skew(offset),
+                timestamp: Some(now_rfc3339()),
+                correlation_id: None,
+            });
+        }
         self.registry
             .metrics()
             .set_sync_problems(details.iter().map(|d| d.code.clone()).collect());

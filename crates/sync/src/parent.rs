@@ -375,6 +375,7 @@ impl Parent {
         }
         let retry = req.try_clone();
         let resp = client.execute(req).await.map_err(unreachable)?;
+        heard_time(&resp);
         if resp.status() != StatusCode::UNAUTHORIZED || !self.follow_bearer {
             return Ok(resp);
         }
@@ -1032,6 +1033,30 @@ impl Parent {
             )));
         }
         Ok(resp.bytes_stream())
+    }
+}
+
+/// Learns the root's time from a gateway answer (`Outpost-Time`), and says so when this
+/// system's clock turns out to be off, or is set right.
+fn heard_time(resp: &reqwest::Response) {
+    use outpost_control::clock;
+    let Some(parent_ms) = resp
+        .headers()
+        .get(clock::HEADER)
+        .and_then(|v| clock::parse_header(v.as_bytes()))
+    else {
+        return;
+    };
+    if let Some((_, offset)) = clock::learn(parent_ms) {
+        if offset.abs() >= clock::SKEW_WORTH_SAYING_MS {
+            tracing::warn!(
+                parent_time = %outpost_control::format_rfc3339(parent_ms),
+                "{}",
+                clock::describe_skew(offset)
+            );
+        } else {
+            tracing::info!("this registry's clock agrees with its parent's again");
+        }
     }
 }
 

@@ -1,0 +1,124 @@
+//! The time a node goes by where it matters across the fleet: the root's. Ships and rigs run
+//! for weeks without NTP, or with a clock reset to 1970, while token expiries are set at the
+//! root and the times a site reports are shown there. Every gateway answer carries the
+//! parent's time (`Outpost-Time`, Unix milliseconds, itself the root's time as that node knows
+//! it); a connected registry learns from it how far its own clock is off ([`learn`]) and goes
+//! by the corrected time ([`now_ms`]) for password expiries and for every time it reports.
+//! Until it has heard from its parent, and on a root, it is the system clock.
+//!
+//! What stays on the system clock: access tokens (issued and checked by the same node), the
+//! ages of uploads and garbage, and the event log's own timestamps, each compared only with
+//! this node's clock.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The header that carries the parent's time on gateway answers.
+pub const HEADER: &str = "outpost-time";
+
+/// Differences below this are the network's delay, not a wrong clock: ignored.
+const NOISE_MS: i64 = 2_000;
+
+/// From which difference a clock counts as wrong enough to say so.
+pub const SKEW_WORTH_SAYING_MS: i64 = 60_000;
+
+/// The parent's time minus this system's, as last learned.
+static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The system clock, Unix milliseconds.
+pub fn system_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        // A clock set before 1970.
+        .unwrap_or_else(|e| -(e.duration().as_millis() as i64))
+}
+
+/// The fleet's time: the system clock corrected by what the parent last said.
+pub fn now_ms() -> i64 {
+    system_ms() + OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// How far this system's clock is behind the parent's (negative: ahead), in milliseconds.
+pub fn offset_ms() -> i64 {
+    OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// Takes the parent's time, as an answer just received said it. Returns the previous and
+/// the new offset when the difference changed by more than [`SKEW_WORTH_SAYING_MS`] (for
+/// the caller to log), `None` otherwise.
+pub fn learn(parent_ms: i64) -> Option<(i64, i64)> {
+    let mut offset = parent_ms - system_ms();
+    if offset.abs() < NOISE_MS {
+        offset = 0;
+    }
+    let before = OFFSET_MS.swap(offset, Ordering::Relaxed);
+    ((offset - before).abs() >= SKEW_WORTH_SAYING_MS).then_some((before, offset))
+}
+
+/// The parent's time from an answer's [`HEADER`] value.
+pub fn parse_header(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+/// A difference of clocks as a person reads it: `3d 0h 2m`, `45m 10s`, `12s`.
+pub fn human_offset(ms: i64) -> String {
+    let s = ms.unsigned_abs() / 1000;
+    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h {m}m")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+/// What to say about a clock `offset` behind the parent's (negative: ahead).
+pub fn describe_skew(offset: i64) -> String {
+    format!(
+        "this registry's clock is {} {} its parent's (the root's time, as passed down); it \
+         goes by the parent's time for password expiries and the times it reports, but set \
+         the system clock right (NTP): logs and local ages still use it",
+        human_offset(offset),
+        if offset > 0 { "behind" } else { "ahead of" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_the_parents_time_and_ignores_network_delay() {
+        // One test touches the process-wide offset, so these run in order.
+        assert_eq!(learn(system_ms() + 500), None);
+        assert_eq!(
+            offset_ms(),
+            0,
+            "half a second is the network, not the clock"
+        );
+        let three_days = 3 * 86_400_000;
+        let (before, after) = learn(system_ms() + three_days).expect("a change worth saying");
+        assert_eq!(before, 0);
+        assert!((after - three_days).abs() < 1000, "{after}");
+        assert!((now_ms() - system_ms() - three_days).abs() < 1000);
+        // The same again: nothing to say.
+        assert_eq!(learn(system_ms() + three_days), None);
+        // Set right: said, and back to the system clock.
+        assert!(learn(system_ms()).is_some());
+        assert_eq!(offset_ms(), 0);
+        assert_eq!(parse_header(b" 1795989769000 "), Some(1_795_989_769_000));
+        assert_eq!(parse_header(b"soon"), None);
+    }
+
+    #[test]
+    fn describes_a_skew_as_a_person_reads_it() {
+        assert_eq!(human_offset(3 * 86_400_000 + 2 * 60_000), "3d 0h 2m");
+        assert_eq!(human_offset(-(45 * 60_000 + 10_000)), "45m 10s");
+        assert!(describe_skew(3 * 86_400_000).contains("3d 0h 0m behind its parent's"));
+        assert!(describe_skew(-7_200_000).contains("2h 0m ahead of its parent's"));
+    }
+}
