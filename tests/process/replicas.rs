@@ -56,11 +56,23 @@ impl Fleet {
 
     /// Starts (or starts again) replica `i` on its own data directory and a fresh port.
     fn replica(&self, i: usize) -> Outpost {
+        self.replica_with(i, &[])
+    }
+
+    /// [`Fleet::replica`] with settings of its own (`OUTPOST_REPLICA_URL` empty: none).
+    fn replica_with(&self, i: usize, own: &[(&str, &str)]) -> Outpost {
         let listen = format!("127.0.0.1:{}", free_port());
         let mut env = self.s3.env("fleet");
         env.push(("OUTPOST_DATABASE_URL".into(), self.db.clone()));
-        env.push(("OUTPOST_REPLICA_URL".into(), format!("http://{listen}")));
+        if !own.contains(&("OUTPOST_REPLICA_URL", "")) {
+            env.push(("OUTPOST_REPLICA_URL".into(), format!("http://{listen}")));
+        }
         env.extend(self.extra.iter().cloned());
+        env.extend(
+            own.iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Outpost::start_listen(self.dirs[i].path(), &listen, &env)
     }
@@ -366,6 +378,138 @@ async fn a_database_outage_is_503_until_it_returns() {
     }
     drop(o);
     pg("stop");
+}
+
+/// An upload whose final `PUT` meets a database outage (its bytes already in the object
+/// store) is answered 503, as a retry is worth it, and the retry after the outage finishes
+/// it: the upload is not lost with the link that could not be written.
+#[tokio::test]
+async fn a_final_put_during_a_database_outage_can_be_retried() {
+    if std::env::var("SKIP_POSTGRES_TESTS").as_deref() == Ok("1") {
+        return;
+    }
+    let Some(store) = Emulator::start(Kind::S3).await else {
+        return;
+    };
+    let pg_dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh");
+    let pg = |cmd: &str| {
+        let out = std::process::Command::new(script)
+            .args([cmd, &pg_dir.path().join("pg").display().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let server = pg("start");
+    let db = outpost_meta::create_postgres_database(&server, "final_put")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = store.env("finalput");
+    env.push(("OUTPOST_DATABASE_URL".into(), db));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = Outpost::start_env(dir.path(), &env);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = o.base();
+    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = sha256_hex(&blob);
+    let resp = admin
+        .post(format!("{r}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let loc = resp.headers()["location"].to_str().unwrap().to_string();
+    let resp = admin
+        .patch(format!("{r}{loc}"))
+        .header("content-type", "application/octet-stream")
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let put = || async {
+        admin
+            .put(format!("{r}{loc}?digest={digest}"))
+            .send()
+            .await
+            .unwrap()
+    };
+
+    pg("stop");
+    let resp = put().await;
+    assert_eq!(resp.status(), 503, "{:?}", resp.text().await);
+    pg("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = put().await;
+        if resp.status() == 201 {
+            break;
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(
+            status == 503 && std::time::Instant::now() < deadline,
+            "the retried PUT answers {status} {text}; log:\n{}",
+            o.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = admin
+        .get(format!("{r}/v2/app/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().len(), blob.len());
+    drop(o);
+    pg("stop");
+}
+
+/// A replica started with another `service` than the others says so: tokens one issues
+/// would be refused by the other, and logins through a balancer fail at random. A replica
+/// started without a `replica_url` forwards the uploads the others hold all the same.
+#[tokio::test]
+async fn a_replica_with_another_service_warns_and_one_without_an_address_forwards() {
+    let Some(fleet) = Fleet::new("replica_service", &[]).await else {
+        return;
+    };
+    let a = fleet.replica(0);
+    assert!(!a.log().contains("different `service`"), "{}", a.log());
+    let b = fleet.replica_with(1, &[("OUTPOST_SERVICE", "elsewhere")]);
+    eventually("the odd replica warns", || async {
+        b.log().contains("started with a different `service`")
+    })
+    .await;
+    drop(b);
+
+    // A replica without a replica_url of its own still forwards to one that has it.
+    let b = fleet.replica_with(1, &[("OUTPOST_REPLICA_URL", "")]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let blob = b"an upload started at the replica with an address".to_vec();
+    let r = admin
+        .post(format!("{}/v2/app/blobs/uploads/", a.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let r = admin
+        .put(format!(
+            "{}{location}?digest={}",
+            b.base(),
+            sha256_hex(&blob)
+        ))
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
 }
 
 /// A connected registry following one replica gets what is pushed at another, as fast as

@@ -354,6 +354,9 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
     // Replicas sharing a PostgreSQL database follow each other's writes.
     let follower = (registry.meta().backend() == outpost_meta::Backend::Postgres)
         .then(|| tokio::spawn(follow_replicas(registry.clone(), control.clone())));
+    if registry.meta().backend() == outpost_meta::Backend::Postgres {
+        check_same_service(&registry, &config.service).await;
+    }
     let reaper = tokio::spawn(reap_uploads(
         registry.clone(),
         Duration::from_secs(config.upload_max_age_secs),
@@ -581,6 +584,31 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// log does not grow without bound, and notifications kept longer than
 /// `outpost_control::notify::KEEP`. `site` is a connected registry's data directory and whether
 /// it is ReadWrite: what it has still to send up stays.
+/// Replicas must name the same `service`: an access token one issues names it, and another
+/// refuses a token for another service. Each records a fingerprint of its own in the shared
+/// database at start, and warns when it finds another there (so does the other when it next
+/// starts). Only a warning: changing the service of every replica, one at a time, must work.
+async fn check_same_service(registry: &Registry, service: &str) {
+    const KEY: &str = "service_fingerprint";
+    let digest = outpost_oci::Digest::sha256_of(service.as_bytes());
+    let Ok(mine) = i64::from_str_radix(&digest.hex()[..15], 16) else {
+        return;
+    };
+    match registry.meta().log_state(KEY).await {
+        Ok(Some(other)) if other != mine => tracing::warn!(
+            service,
+            "another replica sharing this database started with a different `service`: an \
+             access token issued by one is refused by the other (\"access token is for …, not \
+             this registry\"), so logins through a load balancer fail at random; give every \
+             replica the same service"
+        ),
+        _ => {}
+    }
+    if let Err(e) = registry.meta().set_log_state(KEY, mine).await {
+        tracing::debug!(error = %e, "could not record this replica's service");
+    }
+}
+
 /// Says when the system clock jumps (set by hand, NTP or GPS coming back after weeks): the
 /// ages of upload sessions and of unreferenced blobs are measured by it, so a jump forward
 /// can end an upload under way, and a jump back delays collection.

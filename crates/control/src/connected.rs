@@ -1718,8 +1718,8 @@ impl Control {
         row.instance_id = None;
         row.reported_state = None;
         self.meta.put_connected_registry(&row).await?;
-        // Ends the instance's long-poll: its next read of the feed is refused, and it stops
-        // now rather than at its next status report.
+        // Ends the instance's long-poll: its next contact is refused, and it stops now rather
+        // than when the poll would have ended.
         self.changed();
         tracing::info!(
             connected_registry = name,
@@ -2496,12 +2496,6 @@ impl Control {
         limit: u32,
     ) -> Result<MessagePage> {
         let row = self.registry_row(name).await?;
-        if row.activation != "Active" {
-            return Err(ControlError::NotActive(format!(
-                "connected registry {name:?} is not active: it was deactivated (or never \
-                 activated); restart its instance to activate it again"
-            )));
-        }
         let ttl = parse_duration("message TTL", &row.message_ttl)?;
         let latest = self.meta.latest_event().await?;
         let oldest = self

@@ -92,10 +92,15 @@ impl MetaError {
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::WorkerCrashed,
             ) => true,
-            // 57P01-57P03: the server is shutting down or starting; 08xxx: connection failures.
+            // 57P01-57P03: the server is shutting down or starting; 08xxx: connection failures;
+            // 25P03: this session stalled inside a transaction and the server ended it.
             MetaError::Db(sqlx::Error::Database(e)) => e
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some_and(|pg| pg.code().starts_with("57P") || pg.code().starts_with("08")),
+                .is_some_and(|pg| {
+                    pg.code().starts_with("57P")
+                        || pg.code().starts_with("08")
+                        || pg.code() == "25P03"
+                }),
             _ => false,
         }
     }
@@ -599,9 +604,10 @@ impl Meta {
                 })
                 .connect_lazy(url)
         };
-        // A replica that stalls inside a transaction (paused, cut off) would hold the write
-        // lock until TCP noticed: the server ends such a session after a minute.
-        const SHORT: &str = "SET idle_in_transaction_session_timeout = '60s'";
+        // A replica that stalls inside a transaction (paused, swapping, cut off) would hold
+        // the write lock, and with it every replica's writes, until TCP noticed: the server
+        // ends such a session after 15 s. These transactions take milliseconds.
+        const SHORT: &str = "SET idle_in_transaction_session_timeout = '15s'";
         let write = pool(max_connections.clamp(2, 8), SHORT, PG_CONNECT)?;
         Self::migrate(&write, Backend::Postgres).await?;
         let read = pool(max_connections.max(2), SHORT, PG_CONNECT)?;

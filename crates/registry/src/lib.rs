@@ -102,7 +102,14 @@ pub struct Registry {
     /// Blobs garbage collection must leave alone right now, with how many holders each.
     pins: Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
     gc_running: Arc<tokio::sync::Mutex<()>>,
+    /// Uploads whose bytes reached the blob store but whose link to the repository could not
+    /// be recorded (the database did not answer): upload id → repository, digest, size. The
+    /// client was told to try again; its next `PUT` (or status request) finds the upload here.
+    unlinked: Arc<std::sync::Mutex<std::collections::HashMap<String, Unlinked>>>,
 }
+
+/// An upload committed to the blob store but not linked: its repository, digest and size.
+type Unlinked = (RepoName, Digest, u64);
 
 /// Blobs kept from garbage collection until this is dropped: [`Registry::pin_blobs`].
 pub struct BlobPins {
@@ -236,6 +243,7 @@ impl Registry {
             metrics,
             pins: Arc::default(),
             gc_running: Arc::default(),
+            unlinked: Arc::default(),
         })
     }
 
@@ -270,7 +278,17 @@ impl Registry {
             .check()
             .await
             .map_err(|e| format!("the metadata database does not answer: {e}"))?;
-        self.storage.check().await.map_err(|e| match e {
+        // A probe wants an answer within seconds: a store that hangs (rather than refusing
+        // connections) is not ready, whatever it answers a minute later.
+        let checked = tokio::time::timeout(std::time::Duration::from_secs(5), self.storage.check())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the blob store {} did not answer within 5 s",
+                    self.storage.blob_store()
+                )
+            })?;
+        checked.map_err(|e| match e {
             // The store's own answer (endpoint, account, provider message) goes to the log;
             // readiness is asked without credentials.
             StorageError::Remote { .. } => {
@@ -534,17 +552,19 @@ impl Registry {
     /// Where to forward a request for upload `id`: the URL of the replica that holds it, when
     /// that is another replica (`None`: it is here, unknown, or replicas do not forward).
     pub async fn upload_elsewhere(&self, id: &str) -> Result<Option<String>> {
-        let Some(me) = &self.config.replica_url else {
-            return Ok(None);
-        };
-        if self.storage.upload_owner(id).await?.is_some() {
+        // Only replicas share a database: elsewhere there is no elsewhere. A replica without
+        // a `replica_url` of its own still forwards to the replicas that have one.
+        if self.meta.backend() != outpost_meta::Backend::Postgres
+            || self.storage.upload_owner(id).await?.is_some()
+        {
             return Ok(None);
         }
+        let me = self.config.replica_url.as_deref();
         Ok(self
             .meta
             .upload_replica(id)
             .await?
-            .filter(|owner| owner != me))
+            .filter(|owner| Some(owner.as_str()) != me))
     }
 
     async fn check_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
@@ -554,8 +574,22 @@ impl Registry {
         }
     }
 
+    /// An upload committed to the blob store and waiting to be linked into `repo`: its
+    /// digest and size.
+    fn unlinked_upload(&self, repo: &RepoName, id: &str) -> Option<(Digest, u64)> {
+        self.unlinked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .filter(|(r, _, _)| r == repo)
+            .map(|(_, d, size)| (d.clone(), *size))
+    }
+
     /// Bytes an upload holds so far.
     pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        if let Some((_, size)) = self.unlinked_upload(repo, id) {
+            return Ok(size);
+        }
         self.check_upload(repo, id).await?;
         self.storage
             .upload_progress(id)
@@ -602,6 +636,26 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
+        // Committed by an earlier PUT whose link failed: this one (the client trying again)
+        // only has to record the link. What it sends again is what the blob already holds,
+        // if it hashes to the same digest, which is all a PUT can claim.
+        if let Some((committed, size)) = self.unlinked_upload(repo, id) {
+            if let Some(mut body) = body {
+                outpost_storage::drain(&mut body).await;
+            }
+            if &committed != digest {
+                return Err(RegistryError::DigestMismatch {
+                    expected: digest.clone(),
+                    actual: committed,
+                });
+            }
+            let size = self.link_stored(repo, digest, size, Some(id)).await?;
+            self.unlinked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            return Ok(size);
+        }
         if let Err(e) = self.check_upload(repo, id).await {
             if let Some(mut body) = body {
                 outpost_storage::drain(&mut body).await;
@@ -630,14 +684,35 @@ impl Registry {
     }
 
     async fn commit_upload(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64> {
-        if self.storage.is_remote() {
+        let linked = if self.storage.is_remote() {
             let size = self.storage.commit_upload(id, digest).await?;
-            return self.link_stored(repo, digest, size, Some(id)).await;
+            self.link_stored(repo, digest, size, Some(id))
+                .await
+                .map_err(|e| (e, size))
+        } else {
+            let _gate = self.blob_gate_shared().await?;
+            let size = self.storage.commit_upload(id, digest).await?;
+            self.meta
+                .link_blob(repo.as_str(), digest, size)
+                .await
+                .map(|()| size)
+                .map_err(|e| (e.into(), size))
+        };
+        match linked {
+            Ok(size) => Ok(size),
+            // The blob is in the store and the upload closed, but the database did not
+            // answer: kept here, so that the client's next try (it was told to retry) links
+            // it rather than finding no upload.
+            Err((RegistryError::Meta(e), size)) if e.is_unavailable() => {
+                let mut unlinked = self.unlinked.lock().unwrap_or_else(|p| p.into_inner());
+                if unlinked.len() >= 10_000 {
+                    unlinked.clear();
+                }
+                unlinked.insert(id.to_string(), (repo.clone(), digest.clone(), size));
+                Err(RegistryError::Meta(e))
+            }
+            Err((e, _)) => Err(e),
         }
-        let _gate = self.blob_gate_shared().await?;
-        let size = self.storage.commit_upload(id, digest).await?;
-        self.meta.link_blob(repo.as_str(), digest, size).await?;
-        Ok(size)
     }
 
     /// `body`, counting its bytes in the metrics as they arrive (chunked ones too).
