@@ -62,17 +62,22 @@ pub fn parse_header(value: &[u8]) -> Option<i64> {
 }
 
 /// A difference of clocks as a person reads it: `3d 0h 2m`, `45m 10s`, `12s`.
+/// Rounded to the unit shown last (a clock three days off, measured across a network, is
+/// three days off, not 2d 23h 59m).
 pub fn human_offset(ms: i64) -> String {
-    let s = ms.unsigned_abs() / 1000;
-    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
-    if d > 0 {
-        format!("{d}d {h}h {m}m")
-    } else if h > 0 {
-        format!("{h}h {m}m")
-    } else if m > 0 {
-        format!("{m}m {sec}s")
+    let s = (ms.unsigned_abs() + 500) / 1000;
+    if s >= 3600 {
+        let min = (s + 30) / 60;
+        let (d, h, m) = (min / 1440, min / 60 % 24, min % 60);
+        if d > 0 {
+            format!("{d}d {h}h {m}m")
+        } else {
+            format!("{h}h {m}m")
+        }
+    } else if s >= 60 {
+        format!("{}m {}s", s / 60, s % 60)
     } else {
-        format!("{sec}s")
+        format!("{s}s")
     }
 }
 
@@ -118,6 +123,8 @@ mod tests {
     fn describes_a_skew_as_a_person_reads_it() {
         assert_eq!(human_offset(3 * 86_400_000 + 2 * 60_000), "3d 0h 2m");
         assert_eq!(human_offset(-(45 * 60_000 + 10_000)), "45m 10s");
+        assert_eq!(human_offset(3 * 86_400_000 - 40), "3d 0h 0m", "rounded");
+        assert_eq!(human_offset(59_700), "1m 0s");
         assert!(describe_skew(3 * 86_400_000).contains("3d 0h 0m behind its parent's"));
         assert!(describe_skew(-7_200_000).contains("2h 0m ahead of its parent's"));
     }
