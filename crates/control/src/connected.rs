@@ -2092,6 +2092,19 @@ impl Control {
                     .filter_map(|a| a.strip_prefix("repositories/"))
                     .filter_map(|a| a.rsplitn(3, '/').nth(2))
                     .collect();
+                // Inside a wildcard the registry syncs: the wildcard cannot leave one out.
+                let r_text = r.to_string();
+                if let Some(wide) = synced.iter().find(|p| {
+                    **p == "*"
+                        || p.strip_suffix('*')
+                            .is_some_and(|pre| r_text.starts_with(pre))
+                }) {
+                    return Err(ControlError::Invalid(format!(
+                        "repository {r} is synced by connected registry {name:?} through the \
+                         pattern {wide}, which cannot leave one repository out: remove {wide} \
+                         (--remove '{wide}') and add the repositories to keep (--add)"
+                    )));
+                }
                 return Err(ControlError::Invalid(format!(
                     "repository {r} is not in the sync scope of connected registry {name:?}, which syncs: {}",
                     synced.into_iter().collect::<Vec<_>>().join(", ")

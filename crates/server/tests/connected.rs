@@ -498,9 +498,14 @@ async fn three_level_hierarchy_propagates_scope_maps_up_and_down() {
         !site.iter().any(|a| a.starts_with("repositories/fleet/g1/")),
         "a repository the wildcard covers is not added again: {site:?}"
     );
-    // The parent never named it, so it cannot be removed there by name...
+    // The parent never named it, so it cannot be removed there by name, and is told how...
     let r = patch("site-a", json!({"remove": ["fleet/g1/app"]})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        msg(&r).contains("through the pattern fleet/*, which cannot leave one repository out"),
+        "{}",
+        msg(&r)
+    );
     // ...and removing something else leaves the child's covered repository alone.
     assert_eq!(
         patch("site-a", json!({"remove": ["tools"]})).await.status,

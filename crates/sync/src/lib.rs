@@ -1807,6 +1807,9 @@ impl Child {
                 state: Some(state.into()),
                 last_sync_time: synced.then(now_rfc3339),
                 last_sync_result: match outcome {
+                    // Still the last attempt's failure (its detail goes with this report),
+                    // even if the report that said so was lost with the link.
+                    Outcome::Progress if carries_failure => Some("Failed".into()),
                     Outcome::Progress => None,
                     Outcome::Synced | Outcome::Recovered => Some("Succeeded".into()),
                     Outcome::Failed => Some("Failed".into()),
