@@ -853,8 +853,10 @@ impl Control {
             }
         }
         let now = now_ms() / 1000;
-        let ttl = (self.config.access_token_ttl.as_secs() as i64)
-            .min(until.map_or(i64::MAX, |u| (u / 1000 - now).max(1)));
+        // The password's expiry is the root's time: what is left of it is counted by the
+        // root's time too (this node's clock may be off), then the token runs on this clock.
+        let left = |u: i64| ((u - clock::now_ms()) / 1000).max(1);
+        let ttl = (self.config.access_token_ttl.as_secs() as i64).min(until.map_or(i64::MAX, left));
         let claims = jwt::Claims {
             iss: service.into(),
             sub: identity.name.clone(),
@@ -1342,7 +1344,7 @@ async fn check_slots(
 /// the one it replaces would be gone.
 fn check_future_expiry(expiry_ms: Option<i64>) -> Result<()> {
     match expiry_ms {
-        Some(e) if e <= now_ms() => Err(ControlError::Invalid(format!(
+        Some(e) if e <= clock::now_ms() => Err(ControlError::Invalid(format!(
             "the expiration {} is in the past; give a later date or time (YYYY-MM-DDTHH:MM:SSZ)",
             rfc3339(e)
         ))),

@@ -1729,3 +1729,28 @@ async fn a_verified_login_is_checked_again_only_when_its_password_changes() {
     assert_eq!(pull("reader", fresh).await, StatusCode::OK);
     assert_eq!(password_checks(&t).await, before + 11);
 }
+
+/// A node whose clock runs two days ahead of the root's (a connected registry that learned
+/// so from its parent): a password that expires tomorrow, by the root's time, is good here,
+/// and buys an access token of the usual length, not one cut to a second.
+#[tokio::test]
+async fn a_clock_ahead_of_the_roots_does_not_shorten_access_tokens() {
+    let t = setup_default().await;
+    let name = "ahead-reader";
+    token(&t, name, &["repositories/app/content/read"]).await;
+    // From here on, this node knows its clock is two days ahead of the root's.
+    outpost_control::clock::learn(outpost_control::clock::system_ms() - 2 * 86_400_000);
+    // Tomorrow by the root's time: yesterday by this node's clock.
+    let pw = password_expiring_in(&t, name, "password1", -86_400_000).await;
+    let r = t
+        .req_as(
+            Some(&basic(name, &pw)),
+            Method::GET,
+            "/oauth2/token?service=outpost&scope=repository:app:pull",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["expires_in"], 300, "{:?}", r.body);
+}
