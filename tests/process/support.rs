@@ -87,6 +87,24 @@ impl Outpost {
         Self::spawn_cmd(cmd, data_dir, &[], env)
     }
 
+    /// Like [`Outpost::start_env`], with a system clock moved by what `file` says, read
+    /// afresh at every look (libfaketime's `FAKETIME_TIMESTAMP_FILE`: `+0`, `-1d`): a clock
+    /// set wrong, or right, while the server runs.
+    pub fn start_with_clock_file(data_dir: &Path, file: &Path, env: &[(&str, &str)]) -> Outpost {
+        let lib = std::fs::read_dir("/usr/lib")
+            .expect("/usr/lib")
+            .filter_map(Result::ok)
+            .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+            .find(|p| p.exists())
+            .expect("libfaketime is not installed: run tests/deps.sh (Debian package faketime)");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
+        cmd.env("LD_PRELOAD", lib)
+            .env("FAKETIME_TIMESTAMP_FILE", file)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("DONT_FAKE_MONOTONIC", "1");
+        Self::spawn_cmd(cmd, data_dir, &[], env)
+    }
+
     /// Like [`Outpost::start_env`], listening on `listen` (an address other processes must
     /// know before it starts).
     pub fn start_listen(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Outpost {

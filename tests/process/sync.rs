@@ -5421,3 +5421,59 @@ async fn a_site_whose_clock_is_days_behind_goes_by_the_roots_time() {
         site.log()
     );
 }
+
+/// A site's clock set wrong, then right, while it runs and nothing is synced: the root hears
+/// of each at the site's next contact, not at the next change it applies.
+#[tokio::test]
+async fn a_clock_set_wrong_and_right_while_running_is_reported_at_once() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let clock = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(clock.path(), "+0\n").unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let v1 = push_image(&admin, &root.base(), "app", "v1", "clock-file").await;
+    let cs = connected(&root, "site-clock2", &["--repository", "app"]);
+    let site = Outpost::start_with_clock_file(
+        site_dir.path(),
+        clock.path(),
+        &[
+            ("OUTPOST_CONNECTION_STRING", cs.as_str()),
+            ("OUTPOST_SYNC_POLL_SECS", "2"),
+            ("OUTPOST_ADMIN_PASSWORD", SITE_PASSWORD),
+        ],
+    );
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the site has app:v1", || async {
+        tag_digest(&site_admin, &s, "app", "v1").await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+    let skew_shown = || async {
+        cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-clock2",
+                "-o",
+                "json",
+            ],
+        )
+        .contains("ClockSkew")
+    };
+    assert!(!skew_shown().await);
+    std::fs::write(clock.path(), "-1d\n").unwrap();
+    eventually("the root shows the skew", skew_shown).await;
+    std::fs::write(clock.path(), "+0\n").unwrap();
+    eventually("the root no longer shows it", || async {
+        !skew_shown().await
+    })
+    .await;
+    assert!(
+        site.log().contains("agrees with its parent's again"),
+        "{}",
+        site.log()
+    );
+}

@@ -10,7 +10,7 @@
 //! ages of uploads and garbage, and the event log's own timestamps, each compared only with
 //! this node's clock.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The header that carries the parent's time on gateway answers.
@@ -24,6 +24,20 @@ pub const SKEW_WORTH_SAYING_MS: i64 = 60_000;
 
 /// The parent's time minus this system's, as last learned.
 static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Set when the offset changed enough to say so, until the sync reports it.
+static CHANGED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the offset changed enough to say so since the last call: the sync then reports
+/// its status details (with or without the `ClockSkew` notice) at its next contact.
+pub fn take_changed() -> bool {
+    CHANGED.swap(false, Ordering::Relaxed)
+}
+
+/// The report that was to say so did not go through: say it at the next one.
+pub fn mark_changed() {
+    CHANGED.store(true, Ordering::Relaxed);
+}
 
 /// The system clock, Unix milliseconds.
 pub fn system_ms() -> i64 {
@@ -53,7 +67,11 @@ pub fn learn(parent_ms: i64) -> Option<(i64, i64)> {
         offset = 0;
     }
     let before = OFFSET_MS.swap(offset, Ordering::Relaxed);
-    ((offset - before).abs() >= SKEW_WORTH_SAYING_MS).then_some((before, offset))
+    let changed = (offset - before).abs() >= SKEW_WORTH_SAYING_MS;
+    if changed {
+        CHANGED.store(true, Ordering::Relaxed);
+    }
+    changed.then_some((before, offset))
 }
 
 /// The parent's time from an answer's [`HEADER`] value.

@@ -1860,6 +1860,7 @@ impl Child {
         // The parent answers 400 when this is no longer the active instance: the resource was
         // deactivated. Deactivation is meant to stop this instance (it keeps serving what it
         // has); re-activating here would undo it. A restart activates again.
+        let skew_changed = outpost_control::clock::take_changed();
         let sent = self
             .parent
             .report(&StatusReport {
@@ -1870,9 +1871,15 @@ impl Child {
                 version: Some(env!("CARGO_PKG_VERSION").into()),
                 login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
                 outbox_depth: self.outbox_depth().await,
+                // The clock found off, or set right, since the last report: the details
+                // (the ClockSkew notice) go now, not at the next change applied.
+                status_details: skew_changed.then(|| self.current_details()),
                 ..Default::default()
             })
             .await;
+        if skew_changed && sent.is_err() {
+            outpost_control::clock::mark_changed();
+        }
         if let Err(e) = &sent
             && not_active(e)
         {
