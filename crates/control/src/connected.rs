@@ -296,6 +296,11 @@ pub struct SyncConfig {
     /// node must not carry over. Absent from a parent of an earlier version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_ms: Option<i64>,
+    /// The resource's activation status as the sender knows it (`Active`, `Inactive`): an
+    /// intermediate node learns this way that the root deactivated a descendant below it,
+    /// and ends that descendant's long-poll, instead of waiting for its next report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_status: Option<String>,
 }
 
 /// `report` completed with what `row` (this node's record of the descendant) already holds.
@@ -1921,7 +1926,7 @@ impl Control {
                     }
                 }
                 Err(ControlError::NotActive(e)) => {
-                    tracing::info!(registry = name, error = %e, "the root deactivated this descendant; passing that on");
+                    tracing::debug!(registry = name, error = %e, "the root refused this descendant's report: not active there");
                     deactivated_above = true;
                 }
                 Err(e) => {
@@ -1937,6 +1942,9 @@ impl Control {
             && row.activation == "Active"
             && row.instance_id.as_deref() == Some(report.instance_id.as_str())
         {
+            // Said once, when this node's record changes; the instance is refused each time
+            // it tries again.
+            tracing::info!(registry = name, "the root deactivated this descendant; passing that on");
             row.activation = "Inactive".into();
             row.instance_id = None;
             self.meta.put_connected_registry(&row).await?;
@@ -2320,6 +2328,7 @@ impl Control {
             sync_token: self.token_config(&row.sync_token).await?,
             children,
             created_ms: Some(row.created_ms),
+            activation_status: Some(row.activation.clone()),
         })
     }
 
@@ -2403,6 +2412,16 @@ impl Control {
             // the last configuration): what the old one reported is not this one's status.
             // Its activation stays: the root judges that when the instance next reports.
             let reported = old.filter(|o| cfg.created_ms.is_none_or(|c| c == o.created_ms));
+            // Deactivated above: no longer active here either, unless this node granted the
+            // activation itself while its parent was away (the parent has not heard of it).
+            let deactivated_above = cfg.activation_status.as_deref() == Some("Inactive")
+                && old.is_some_and(|o| o.activation == "Active" && !o.activated_offline);
+            if deactivated_above {
+                tracing::info!(
+                    registry = %cfg.name,
+                    "the root deactivated this descendant; its instance stops at its next contact"
+                );
+            }
             let row = ConnectedRegistryRow {
                 name: cfg.name.clone(),
                 mode: cfg.mode.clone(),
@@ -2425,11 +2444,16 @@ impl Control {
                     .or(old.map(|o| o.created_ms))
                     .unwrap_or_else(now_ms),
                 updated_ms: now_ms(),
-                activation: old
-                    .map(|o| o.activation.clone())
-                    .unwrap_or_else(|| "Inactive".into()),
-                instance_id: old.and_then(|o| o.instance_id.clone()),
-                last_activity_ms: old.and_then(|o| o.last_activity_ms),
+                activation: match old {
+                    Some(_) if deactivated_above => "Inactive".into(),
+                    Some(o) => o.activation.clone(),
+                    None => "Inactive".into(),
+                },
+                instance_id: old
+                    .filter(|_| !deactivated_above)
+                    .and_then(|o| o.instance_id.clone()),
+                // Of another resource under the same name: not when this one was heard from.
+                last_activity_ms: reported.and_then(|o| o.last_activity_ms),
                 last_sync_ms: reported.and_then(|o| o.last_sync_ms),
                 sync_result: reported.and_then(|o| o.sync_result.clone()),
                 reported_state: reported.and_then(|o| o.reported_state.clone()),

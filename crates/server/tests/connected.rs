@@ -2601,4 +2601,66 @@ async fn a_recreated_descendant_does_not_inherit_the_old_ones_status() {
     assert!(!v["statusDetails"].to_string().contains("DiskError"), "{v}");
     assert_eq!(v["lastSyncTime"], Value::Null, "{v}");
     assert_eq!(v["lastSyncResult"], Value::Null, "{v}");
+    assert_eq!(v["lastActivityTime"], Value::Null, "{v}");
+    assert_ne!(v["connectionState"], "Online", "{v}");
+}
+
+/// The root deactivating a registry below an intermediate node: the node learns it from its
+/// configuration (not only when the descendant next reports), and its record says so.
+#[tokio::test]
+async fn a_descendant_deactivated_at_the_root_is_inactive_at_the_intermediate_node() {
+    let root = setup().await;
+    assert_eq!(
+        create(&root, json!({"name": "line-de", "repositories": ["app"]}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let site = setup().await;
+    let mut cfg = root.control.sync_config("line-de").await.unwrap();
+    site.control
+        .apply_descendants(std::slice::from_ref(&cfg))
+        .await
+        .unwrap();
+    site.control
+        .activate_connected_registry("line-de", "line-instance")
+        .await
+        .unwrap();
+    // The root's view, active, changes nothing.
+    cfg.activation_status = Some("Active".into());
+    site.control
+        .apply_descendants(std::slice::from_ref(&cfg))
+        .await
+        .unwrap();
+    let show = || async {
+        site.get("/api/v1/connected-registries/line-de")
+            .await
+            .json()
+    };
+    assert_eq!(show().await["activationStatus"], "Active");
+    // Deactivated at the root.
+    cfg.activation_status = Some("Inactive".into());
+    let mut changes = site.control.subscribe();
+    changes.borrow_and_update();
+    site.control
+        .apply_descendants(std::slice::from_ref(&cfg))
+        .await
+        .unwrap();
+    assert_eq!(show().await["activationStatus"], "Inactive");
+    assert!(changes.has_changed().unwrap(), "long-polls here are woken");
+    // Its instance is refused here at its next report.
+    let r = site
+        .control
+        .report_status(
+            "line-de",
+            outpost_control::connected::StatusReport {
+                instance_id: "line-instance".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(r, Err(outpost_control::ControlError::NotActive(_))),
+        "{r:?}"
+    );
 }

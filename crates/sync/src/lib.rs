@@ -1392,6 +1392,7 @@ pub async fn start_mirror(
         sync_token: None,
         children: Vec::new(),
         created_ms: None,
+        activation_status: None,
     };
     let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
