@@ -1944,7 +1944,10 @@ impl Control {
         {
             // Said once, when this node's record changes; the instance is refused each time
             // it tries again.
-            tracing::info!(registry = name, "the root deactivated this descendant; passing that on");
+            tracing::info!(
+                registry = name,
+                "the root deactivated this descendant; passing that on"
+            );
             row.activation = "Inactive".into();
             row.instance_id = None;
             self.meta.put_connected_registry(&row).await?;

@@ -359,8 +359,9 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                         return Err(e);
                     }
                 };
+                let (start, count) = start.map_or((None, None), |c| (Some(c.start), c.count));
                 let size = reg
-                    .append_upload(&name, &id, start, body.into_data_stream())
+                    .append_upload(&name, &id, start, chunk_body(body, count))
                     .await
                     .map_err(|e| at_upload(ApiError::from(e), &name, &id))?;
                 Ok(upload_response(StatusCode::ACCEPTED, &name, &id, size))
@@ -387,7 +388,8 @@ async fn handle(app: &App, req: Request) -> Result<Response> {
                         return Err(e);
                     }
                 };
-                reg.finish_upload(&name, &id, &digest, start, Some(body.into_data_stream()))
+                let (start, count) = start.map_or((None, None), |c| (Some(c.start), c.count));
+                reg.finish_upload(&name, &id, &digest, start, Some(chunk_body(body, count)))
                     .await
                     .map_err(|e| at_upload(ApiError::from(e), &name, &id))?;
                 Ok(blob_created(&name, &digest))
@@ -518,7 +520,7 @@ async fn chunk_start(
     name: &RepoName,
     id: &str,
     h: &HeaderMap,
-) -> Result<Option<u64>> {
+) -> Result<Option<Chunk>> {
     let Some(cr) = header_str(h, header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -536,7 +538,8 @@ async fn chunk_start(
         .with_header(header::RANGE, &format!("0-{}", size.saturating_sub(1)));
         return Err(at_upload(e, name, id));
     };
-    if let Some(len) = content_length(h)?
+    let length = content_length(h)?;
+    if let Some(len) = length
         && len != r.len()
     {
         return Err(bad_request(
@@ -547,7 +550,63 @@ async fn chunk_start(
             ),
         ));
     }
-    Ok(Some(r.start))
+    Ok(Some(Chunk {
+        start: r.start,
+        // With a Content-Length the server holds the body to it; without (chunked transfer
+        // encoding), the bytes are counted as they come.
+        count: length.is_none().then_some(r.len()),
+    }))
+}
+
+/// Where a chunk starts, and how many bytes it must hold when nothing else checks that.
+struct Chunk {
+    start: u64,
+    count: Option<u64>,
+}
+
+/// A request body as an upload takes it: when the chunk's length is only known from its
+/// Content-Range, a body longer or shorter than that fails (the upload keeps what it had
+/// before the chunk).
+fn chunk_body(
+    body: Body,
+    count: Option<u64>,
+) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, String>> + Send + Unpin {
+    use futures_util::{StreamExt, TryStreamExt};
+    let stream = body.into_data_stream().map_err(|e| e.to_string());
+    match count {
+        None => futures_util::future::Either::Left(stream),
+        Some(expected) => {
+            futures_util::future::Either::Right(Box::pin(futures_util::stream::unfold(
+                (stream, 0u64, false),
+                move |(mut inner, seen, done)| async move {
+                    if done {
+                        return None;
+                    }
+                    match inner.next().await {
+                        Some(Ok(b)) if seen + b.len() as u64 > expected => Some((
+                            Err(format!(
+                                "the chunk is longer than the {expected} bytes its Content-Range says"
+                            )),
+                            (inner, seen, true),
+                        )),
+                        Some(Ok(b)) => {
+                            let seen = seen + b.len() as u64;
+                            Some((Ok(b), (inner, seen, false)))
+                        }
+                        Some(Err(e)) => Some((Err(e), (inner, seen, true))),
+                        None if seen < expected => Some((
+                            Err(format!(
+                                "the chunk ended after {seen} of the {expected} bytes its \
+                             Content-Range says"
+                            )),
+                            (inner, seen, true),
+                        )),
+                        None => None,
+                    }
+                },
+            )))
+        }
+    }
 }
 
 /// A 416 tells the client where the upload is: its `Range` (set by the caller), `Location`
@@ -572,9 +631,14 @@ fn tag_condition(h: &HeaderMap) -> Option<outpost_registry::TagCondition> {
             seen = true;
             for e in String::from_utf8_lossy(v.as_bytes()).split(',') {
                 let e = e.trim();
-                let e = if weak { e.trim_start_matches("W/") } else { e };
-                if !e.is_empty() {
-                    out.push(e.trim_matches('"').to_string());
+                // A weak tag stays marked as one (`W/sha256:…`), so it never equals a digest.
+                let (mark, tag) = match e.strip_prefix("W/") {
+                    Some(t) if !weak => ("W/", t),
+                    Some(t) => ("", t),
+                    None => ("", e),
+                };
+                if !tag.is_empty() {
+                    out.push(format!("{mark}{}", tag.trim_matches('"')));
                 }
             }
         }

@@ -334,6 +334,32 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
         .await;
     assert_eq!(r.header("range"), "0-1999");
 
+    // Sent without a Content-Length (chunked transfer encoding), a chunk is held to its
+    // Content-Range as it arrives: shorter or longer, refused, and the upload keeps what it had.
+    for body in [vec![1u8; 5], vec![1u8; 150]] {
+        let r = t
+            .req(
+                Method::PATCH,
+                &loc,
+                &[("content-range", "2000-2099")],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_REQUEST,
+            "{} bytes: {:?}",
+            body.len(),
+            r.body
+        );
+        assert!(
+            r.message().contains("Content-Range says"),
+            "{}",
+            r.message()
+        );
+        assert_eq!(t.get(&loc).await.header("range"), "0-1999");
+    }
+
     // The closing PUT's last chunk is checked as a PATCH's is: out of order, a 416 that keeps
     // the upload; a length that disagrees with its range, a 400 that keeps it too.
     let r = t
