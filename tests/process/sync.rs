@@ -639,6 +639,17 @@ async fn offline_longer_than_ttl(mode: &str) {
         tag_digest(&site_admin, &s, "app", "kept").await.as_deref() == Some(kept.as_str())
     })
     .await;
+    // The first reconciliation is over (its cursor saved) once it is reported: stopped before,
+    // the site would start over without a cursor, not with an expired one.
+    eventually("the site reports its first sync", || async {
+        serde_json::from_str::<serde_json::Value>(&cli_ok(
+            &root,
+            &["connected-registry", "show", "-n", "ship-one", "-o", "json"],
+        ))
+        .unwrap()["lastSyncTime"]
+            .is_string()
+    })
+    .await;
     drop(site);
 
     // While the ship is away: a new tag, a removed tag, a signature for a tag that does not
