@@ -285,6 +285,22 @@ async fn replicas_share_content_uploads_tokens_and_changes() {
     assert!(err.contains("already holds a registry"), "{err}");
 }
 
+/// Runs `tests/postgres.sh cmd` (`start`, `stop`) on a PostgreSQL server of the test's own
+/// under `dir`, one it may stop; returns what the script printed (at start, the URL).
+fn private_postgres(dir: &std::path::Path, cmd: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh");
+    let out = std::process::Command::new(script)
+        .args([cmd, &dir.join("pg").display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The database going away: requests that need it are answered `503` within seconds (not
 /// after a long hang, not `500`), readiness says so, pulls of cached manifests go on, and
 /// everything works again when it is back. A wrong password at start is one clear line
@@ -295,19 +311,7 @@ async fn a_database_outage_is_503_until_it_returns() {
         return;
     }
     let pg_dir = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh");
-    let pg = |cmd: &str| {
-        let out = std::process::Command::new(script)
-            .args([cmd, &pg_dir.path().join("pg").display().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let pg = |cmd: &str| private_postgres(pg_dir.path(), cmd);
     let server = pg("start");
     let db = outpost_meta::create_postgres_database(&server, "outage")
         .await
@@ -392,19 +396,7 @@ async fn a_final_put_during_a_database_outage_can_be_retried() {
         return;
     };
     let pg_dir = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postgres.sh");
-    let pg = |cmd: &str| {
-        let out = std::process::Command::new(script)
-            .args([cmd, &pg_dir.path().join("pg").display().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let pg = |cmd: &str| private_postgres(pg_dir.path(), cmd);
     let server = pg("start");
     let db = outpost_meta::create_postgres_database(&server, "final_put")
         .await
