@@ -55,6 +55,40 @@ fn main() {
     }
 }
 
+/// `name` with `Cs<base62>_` and `B<base62>_` turned into `Cs*_` and `B*_`. Matching
+/// more than the one symbol is harmless: it only moves another function next to the hot ones.
+fn path_free(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut out = String::with_capacity(name.len());
+    let mut i = 0;
+    while i < b.len() {
+        let (lead, skip) = if b[i] == b'C' && b.get(i + 1) == Some(&b's') {
+            ("Cs", 2)
+        } else if b[i] == b'B' {
+            ("B", 1)
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+            continue;
+        };
+        let start = i + skip;
+        let mut j = start;
+        while j < b.len() && b[j].is_ascii_alphanumeric() {
+            j += 1;
+        }
+        // `Cs` needs at least one character before its `_`; `B` may have none (`B_`).
+        if j < b.len() && b[j] == b'_' && (lead == "B" || j > start) {
+            out.push_str(lead);
+            out.push_str("*_");
+            i = j + 1;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Writes the linker script for `.text.hot` into `OUT_DIR` and passes it to the linker.
 fn hot_layout() {
     let Ok(list) = std::fs::read_to_string("link/hot-symbols.txt") else {
@@ -81,6 +115,15 @@ fn hot_layout() {
                 Some(base) => format!("{base}.llvm.*"),
                 None if name.ends_with("17h") => format!("{name}*"),
                 None => name.to_string(),
+            };
+            // A v0-mangled name (`_R…`) carries each crate's disambiguator (`Cs<hash>_`),
+            // which for a workspace crate comes from its path: a checkout in another
+            // directory would match none of our generic instances. Those parts, and the back
+            // references whose offsets move with them (`B<offset>_`), match anything.
+            let name = if name.starts_with("_R") {
+                path_free(&name)
+            } else {
+                name
             };
             let _ = writeln!(script, "    *(.text.{name} .text.unlikely.{name})");
         }
