@@ -80,9 +80,11 @@ impl Outpost {
     /// (libfaketime's form: `-3d`, `+2h`): a ship whose clock is wrong. The monotonic clock
     /// stays true, as a real one does whatever the wall clock says.
     pub fn start_with_clock(data_dir: &Path, offset: &str, env: &[(&str, &str)]) -> Outpost {
-        let mut cmd = Command::new("faketime");
-        cmd.args(["-f", offset])
-            .arg(env!("CARGO_BIN_EXE_outpost"))
+        // The library itself, not the `faketime` command: that one forks, and killing it
+        // would leave the server running.
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME", offset)
             .env("DONT_FAKE_MONOTONIC", "1");
         Self::spawn_cmd(cmd, data_dir, &[], env)
     }
@@ -91,14 +93,8 @@ impl Outpost {
     /// afresh at every look (libfaketime's `FAKETIME_TIMESTAMP_FILE`: `+0`, `-1d`): a clock
     /// set wrong, or right, while the server runs.
     pub fn start_with_clock_file(data_dir: &Path, file: &Path, env: &[(&str, &str)]) -> Outpost {
-        let lib = std::fs::read_dir("/usr/lib")
-            .expect("/usr/lib")
-            .filter_map(Result::ok)
-            .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
-            .find(|p| p.exists())
-            .expect("libfaketime is not installed: run tests/deps.sh (Debian package faketime)");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
-        cmd.env("LD_PRELOAD", lib)
+        cmd.env("LD_PRELOAD", libfaketime())
             .env("FAKETIME_TIMESTAMP_FILE", file)
             .env("FAKETIME_NO_CACHE", "1")
             .env("DONT_FAKE_MONOTONIC", "1");
@@ -232,6 +228,16 @@ impl Drop for Outpost {
 }
 
 /// A reqwest client that authenticates as `user`.
+/// libfaketime's library for threaded programs (Debian package `faketime`).
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime is not installed: run tests/deps.sh (Debian package faketime)")
+}
+
 pub fn client_as(user: &str, pass: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     let auth = format!(
