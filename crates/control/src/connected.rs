@@ -2415,15 +2415,15 @@ impl Control {
             // the last configuration): what the old one reported is not this one's status.
             // Its activation stays: the root judges that when the instance next reports.
             let reported = old.filter(|o| cfg.created_ms.is_none_or(|c| c == o.created_ms));
-            // Deactivated above: no longer active here either, unless this node granted the
-            // activation itself while its parent was away (the parent has not heard of it).
-            let deactivated_above = cfg.activation_status.as_deref() == Some("Inactive")
-                && old.is_some_and(|o| o.activation == "Active" && !o.activated_offline);
-            if deactivated_above {
-                tracing::info!(
-                    registry = %cfg.name,
-                    "the root deactivated this descendant; its instance stops at its next contact"
-                );
+            // Deactivated at the root: the record here is left for the root to judge (a
+            // configuration read just before the root granted an activation relayed through
+            // here must not undo it). The changed configuration ends the descendant's
+            // long-poll (`changed()` below); its next report is relayed, the root refuses it,
+            // and `report_status` marks it inactive.
+            if cfg.activation_status.as_deref() == Some("Inactive")
+                && old.is_some_and(|o| o.activation == "Active")
+            {
+                tracing::debug!(registry = %cfg.name, "the root has this descendant inactive; waking it");
             }
             let row = ConnectedRegistryRow {
                 name: cfg.name.clone(),
@@ -2447,14 +2447,10 @@ impl Control {
                     .or(old.map(|o| o.created_ms))
                     .unwrap_or_else(now_ms),
                 updated_ms: now_ms(),
-                activation: match old {
-                    Some(_) if deactivated_above => "Inactive".into(),
-                    Some(o) => o.activation.clone(),
-                    None => "Inactive".into(),
-                },
-                instance_id: old
-                    .filter(|_| !deactivated_above)
-                    .and_then(|o| o.instance_id.clone()),
+                activation: old
+                    .map(|o| o.activation.clone())
+                    .unwrap_or_else(|| "Inactive".into()),
+                instance_id: old.and_then(|o| o.instance_id.clone()),
                 // Of another resource under the same name: not when this one was heard from.
                 last_activity_ms: reported.and_then(|o| o.last_activity_ms),
                 last_sync_ms: reported.and_then(|o| o.last_sync_ms),
