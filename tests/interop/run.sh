@@ -1295,7 +1295,9 @@ unset_outpost=()
 for v in $(compgen -e | grep '^OUTPOST_' || true); do unset_outpost+=(-u "$v"); done
 # debug for one log line per request (shown when a check fails), without sqlx's statements
 # OUTPOST_ADMIN_PASSWORD creates the administrator token `admin` on first start.
-ADMIN_PW=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+# It always begins with `-` (base64url does one time in 64): every client and `outpost
+# --password` must take it as a value, not a flag.
+ADMIN_PW=-$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
 ADMIN=admin:$ADMIN_PW
 spawn outpost "$LOGS/outpost.log" env "${unset_outpost[@]}" OUTPOST_ADMIN_PASSWORD="$ADMIN_PW" \
     "$OUTPOST" serve --listen "$REG" \

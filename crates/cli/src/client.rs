@@ -24,8 +24,14 @@ pub struct Connection {
     /// Token name to authenticate with
     #[arg(long, short = 'u', global = true, env = "OUTPOST_USERNAME")]
     pub username: Option<String>,
-    /// Password
-    #[arg(long, global = true, env = "OUTPOST_PASSWORD", hide_env_values = true)]
+    /// Password (a value that begins with `-` is taken as the password, not as a flag)
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_PASSWORD",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub password: Option<String>,
     /// Output format
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]

@@ -170,4 +170,22 @@ mod tests {
         // Catches clashing short flags, bad defaults and the like for every subcommand.
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn a_password_that_begins_with_a_hyphen_is_a_password() {
+        // Generated base64url secrets begin with `-` one time in 64; clap must not read
+        // `--password -5ab…` as an unknown flag.
+        let cli = Cli::try_parse_from([
+            "outpost",
+            "token",
+            "list",
+            "--password",
+            "-5ab_c",
+            "--username",
+            "admin",
+        ])
+        .expect("parses");
+        assert_eq!(cli.conn.password.as_deref(), Some("-5ab_c"));
+        assert_eq!(cli.conn.username.as_deref(), Some("admin"));
+    }
 }
