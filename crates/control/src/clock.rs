@@ -50,7 +50,7 @@ pub fn system_ms() -> i64 {
 
 /// The fleet's time: the system clock corrected by what the parent last said.
 pub fn now_ms() -> i64 {
-    system_ms() + OFFSET_MS.load(Ordering::Relaxed)
+    system_ms().saturating_add(OFFSET_MS.load(Ordering::Relaxed))
 }
 
 /// How far this system's clock is behind the parent's (negative: ahead), in milliseconds.
@@ -62,12 +62,12 @@ pub fn offset_ms() -> i64 {
 /// the new offset when the difference changed by more than [`SKEW_WORTH_SAYING_MS`] (for
 /// the caller to log), `None` otherwise.
 pub fn learn(parent_ms: i64) -> Option<(i64, i64)> {
-    let mut offset = parent_ms - system_ms();
-    if offset.abs() < NOISE_MS {
+    let mut offset = parent_ms.saturating_sub(system_ms());
+    if offset.saturating_abs() < NOISE_MS {
         offset = 0;
     }
     let before = OFFSET_MS.swap(offset, Ordering::Relaxed);
-    let changed = (offset - before).abs() >= SKEW_WORTH_SAYING_MS;
+    let changed = offset.saturating_sub(before).saturating_abs() >= SKEW_WORTH_SAYING_MS;
     if changed {
         CHANGED.store(true, Ordering::Relaxed);
     }
@@ -75,8 +75,12 @@ pub fn learn(parent_ms: i64) -> Option<(i64, i64)> {
 }
 
 /// The parent's time from an answer's [`HEADER`] value.
+/// Anything before 1970 or after the year 9999 is not a time but a broken or hostile
+/// header, and is ignored.
 pub fn parse_header(value: &[u8]) -> Option<i64> {
-    std::str::from_utf8(value).ok()?.trim().parse().ok()
+    const YEAR_10000_MS: i64 = 253_402_300_800_000;
+    let ms: i64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    (0..YEAR_10000_MS).contains(&ms).then_some(ms)
 }
 
 /// A difference of clocks as a person reads it: `3d 0h 2m`, `45m 10s`, `12s`.
@@ -135,6 +139,13 @@ mod tests {
         assert_eq!(offset_ms(), 0);
         assert_eq!(parse_header(b" 1795989769000 "), Some(1_795_989_769_000));
         assert_eq!(parse_header(b"soon"), None);
+        // Hostile values: not a time, and no overflow.
+        assert_eq!(parse_header(b"-9223372036854775808"), None);
+        assert_eq!(parse_header(b"9223372036854775807"), None);
+        assert_eq!(parse_header(b"-1"), None);
+        assert_eq!(parse_header(b"0"), Some(0));
+        assert!(learn(i64::MIN).is_some() && learn(system_ms()).is_some());
+        assert_eq!(offset_ms(), 0);
     }
 
     #[test]

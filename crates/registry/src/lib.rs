@@ -449,6 +449,9 @@ impl Registry {
             .await?
         {
             Ok(())
+        } else if !self.meta.repo_exists(repo.as_str()).await? {
+            // As a GET of it answers.
+            Err(RegistryError::NameUnknown(repo.clone()))
         } else {
             Err(RegistryError::BlobUnknown(digest.clone()))
         }

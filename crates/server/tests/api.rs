@@ -837,6 +837,19 @@ async fn manifests_by_tag_and_digest() {
         (r.status, r.code().as_str()),
         (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
     );
+    // And for a blob: the repository is what is unknown; in a known one, the blob.
+    let blob = format!("sha256:{}", "0".repeat(64));
+    for (repo, code) in [("ghost", "NAME_UNKNOWN"), ("app", "BLOB_UNKNOWN")] {
+        let r = t
+            .req(
+                Method::DELETE,
+                &format!("/v2/{repo}/blobs/{blob}"),
+                &[],
+                Body::empty(),
+            )
+            .await;
+        assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, code));
+    }
     let r = t
         .req(Method::HEAD, "/v2/app/manifests/v2", &[], Body::empty())
         .await;
