@@ -650,14 +650,22 @@ pub async fn gc(conn: &Connection, args: GcArgs) -> anyhow::Result<()> {
             "BLOBS REMOVED",
             "ORPHAN FILES REMOVED",
             "BYTES FREED",
+            "FILES LEFT",
         ],
         &[vec![
             v["dryRun"].as_bool().unwrap_or(false).to_string(),
             n("blobsRemoved"),
             n("orphanFilesRemoved"),
             n("bytesFreed"),
+            n("filesLeft"),
         ]],
     );
+    if n("filesLeft") != "0" {
+        eprintln!(
+            "warning: {} blob files could not be deleted from the blob store now (see the server log); the next collection deletes them",
+            n("filesLeft")
+        );
+    }
     Ok(())
 }
 

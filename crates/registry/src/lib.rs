@@ -176,7 +176,14 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Files in the blob store with no record at all (left by a crash), removed.
     pub orphan_files_removed: u64,
+    /// Files of removed blobs that could not be deleted now (the store failed or was too
+    /// slow): their records are gone, and the next collection deletes them as orphans.
+    pub files_left: u64,
 }
+
+/// The longest a collection holds the exclusive blob gate (pushes wait meanwhile) before
+/// letting go and taking it again for the rest of its batch.
+const HOLD_GATE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Registry {
     /// Opens the registry stored in `data_dir` (creating it if needed).
@@ -429,6 +436,11 @@ impl Registry {
             // unknown, like a missing one, not with a body that ends before its length.
             Ok(BlobBody::Mapped(b)) if range.is_none() && b.len() as u64 != size => {
                 damaged_file(repo, digest, b.len() as u64, size);
+                Err(RegistryError::BlobUnknown(digest.clone()))
+            }
+            // The same for an object in a store, whatever the range.
+            Ok(BlobBody::Streamed { object_size, .. }) if object_size != size => {
+                damaged_file(repo, digest, object_size, size);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
             Err(e) => match self.storage.blob_size(digest).await {
@@ -885,7 +897,7 @@ impl Registry {
         report.bytes_freed = doomed.iter().map(|(_, s)| *s).sum();
         if !dry_run {
             let doomed: Vec<String> = doomed.into_iter().map(|(d, _)| d).collect();
-            self.delete_unrecorded_files(&doomed).await?;
+            report.files_left += self.delete_unrecorded_files(&doomed).await?;
         }
         // Files with no row: a crash between a blob's rename and its row, or between a
         // collection's commit and its deletes.
@@ -908,7 +920,7 @@ impl Registry {
             }
         }
         if !dry_run {
-            self.delete_unrecorded_files(&orphans).await?;
+            report.files_left += self.delete_unrecorded_files(&orphans).await?;
         }
         if !dry_run {
             let now = self.metrics.gc(
@@ -934,29 +946,49 @@ impl Registry {
     /// Deletes the files of `digests` that still have no row, a batch at a time under the
     /// exclusive `blob_gate`: an upload, mount or sync that put the blob back since (file and
     /// row, under the shared gate) is seen and left alone, and none waits for the whole run.
-    async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<()> {
+    async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<u64> {
         // On a shared database every replica's links wait while a batch is deleted: smaller
         // batches there.
         let batch_size = match self.meta.backend() {
             outpost_meta::Backend::Sqlite => 256,
             outpost_meta::Backend::Postgres => 32,
         };
-        for batch in digests.chunks(batch_size) {
+        let mut rest = digests;
+        let mut left = 0;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(batch_size)];
             let _gate = self.blob_gate.write().await;
             let _cluster = self.meta.cluster_blob_gate(true).await?;
             let known = self.meta.known_blobs(batch).await?;
-            for d in batch.iter().filter(|d| !known.contains(*d)) {
+            // Pushes wait while the gate is held: a slow store (each delete a request, which
+            // may take its full timeout) must not hold them for a whole batch. The gate is let
+            // go after HOLD_GATE, and the rest of the batch checked again under the next one.
+            let held = std::time::Instant::now();
+            let mut done = 0;
+            for d in batch {
+                done += 1;
+                if known.contains(d) {
+                    continue;
+                }
                 let Ok(digest) = d.parse::<Digest>() else {
                     tracing::warn!(digest = %d, "a blob with an unparsable digest");
                     continue;
                 };
+                // No timeout of our own: a delete given up on might still land at the store
+                // after the gate is let go, and remove a blob pushed again meanwhile. The
+                // store client's own timeouts bound it.
                 if let Err(e) = self.storage.delete_blob(&digest).await {
                     // Its row is gone: the file is an orphan the next run removes.
-                    tracing::warn!(%digest, error = %e, "could not delete a collected blob's file");
+                    left += 1;
+                    tracing::warn!(%digest, error = %e, "could not delete a collected blob's file; the next collection removes it");
+                }
+                if held.elapsed() >= HOLD_GATE {
+                    break;
                 }
             }
+            rest = &rest[done..];
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Keeps `digests` from garbage collection while the returned guard lives: sync holds the

@@ -168,6 +168,7 @@ struct GcView {
     blobs_removed: u64,
     bytes_freed: u64,
     orphan_files_removed: u64,
+    files_left: u64,
 }
 
 /// Runs garbage collection now: unreferenced blobs and orphaned files go.
@@ -190,6 +191,7 @@ async fn run_gc(State(app): State<App>, h: HeaderMap, ApiBody(body): ApiBody) ->
             blobs_removed: r.blobs_removed,
             bytes_freed: r.bytes_freed,
             orphan_files_removed: r.orphan_files_removed,
+            files_left: r.files_left,
         },
     ))
 }

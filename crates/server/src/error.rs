@@ -219,9 +219,10 @@ impl From<RegistryError> for ApiError {
                     ApiError::custom(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UNAVAILABLE",
-                        "the registry's blob store did not answer; try again later (the operator \
-                         can find the cause in the server log)",
+                        "the registry's blob store failed or did not answer; try again later \
+                         (the operator can find the cause in the server log)",
                     )
+                    .with_header(header::RETRY_AFTER, "5")
                 }
                 other => ApiError::internal(&other),
             },

@@ -936,7 +936,7 @@ async fn get_blob(
     // A memory-mapped blob goes to the socket without a copy through a user-space buffer.
     let body = match reg.read_blob(name, digest, range).await? {
         BlobBody::Mapped(bytes) => Body::new(Sliced(bytes)),
-        BlobBody::Streamed(stream) => Body::from_stream(stream),
+        BlobBody::Streamed { stream, .. } => Body::from_stream(stream),
     };
     Ok(b.body(body).unwrap_or_default())
 }

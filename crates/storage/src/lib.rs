@@ -83,8 +83,12 @@ fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
 pub enum BlobBody {
     /// Memory-mapped from local disk: nothing is copied until the socket write.
     Mapped(Bytes),
-    /// Fetched from an object store, segment by segment.
-    Streamed(BoxStream<'static, io::Result<Bytes>>),
+    /// Fetched from an object store, segment by segment. `object_size` is the size of the
+    /// object in the store, so a caller can tell a damaged one (another size than the blob).
+    Streamed {
+        stream: BoxStream<'static, io::Result<Bytes>>,
+        object_size: u64,
+    },
 }
 
 impl BlobBody {
@@ -92,7 +96,7 @@ impl BlobBody {
     pub async fn into_bytes(self) -> Result<Bytes> {
         match self {
             BlobBody::Mapped(b) => Ok(b),
-            BlobBody::Streamed(mut s) => {
+            BlobBody::Streamed { stream: mut s, .. } => {
                 use futures_util::StreamExt;
                 let mut out = bytes::BytesMut::new();
                 while let Some(piece) = s.next().await {
@@ -376,7 +380,11 @@ impl Storage {
     pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
         if let Some(r) = &self.remote {
             let range = range.map(|r| (r.start, r.end + 1));
-            return Ok(BlobBody::Streamed(r.read(digest, range).await?));
+            let (stream, object_size) = r.read(digest, range).await?;
+            return Ok(BlobBody::Streamed {
+                stream,
+                object_size,
+            });
         }
         let path = self.layout.blob(digest);
         let range = range.map(|r| (r.start as usize, r.end as usize + 1));

@@ -305,12 +305,13 @@ impl Remote {
         }
     }
 
-    /// Bytes `start..end` of a blob (all of it without a range), as a stream of segments.
+    /// Bytes `start..end` of a blob (all of it without a range), as a stream of segments,
+    /// and the size of its object.
     pub(crate) async fn read(
         &self,
         d: &Digest,
         range: Option<(u64, u64)>,
-    ) -> Result<BoxStream<'static, io::Result<Bytes>>> {
+    ) -> Result<(BoxStream<'static, io::Result<Bytes>>, u64)> {
         // Asked first so that a missing object is an error now, not a cut-off body later.
         let size = self
             .size(d)
@@ -327,7 +328,7 @@ impl Remote {
             move |r: std::ops::Range<u64>| {
                 let (store, key, url) = (store.clone(), key.clone(), url.clone());
                 async move {
-                    let got = tokio::spawn(async move { store.get_range(&key, r).await })
+                    let got = tokio::spawn(async move { get_segment(&*store, &key, r).await })
                         .await
                         .map_err(io::Error::other)?;
                     got.map_err(|e| {
@@ -344,7 +345,7 @@ impl Remote {
         // a 503 rather than a body cut off after its headers.
         // (Fetched here rather than by `fetch`: an object deleted since the HEAD is unknown.)
         let first = match segments.next() {
-            Some(r) => match self.store.get_range(&key, r).await {
+            Some(r) => match get_segment(&*self.store, &key, r).await {
                 Ok(b) => Some(b),
                 Err(object_store::Error::NotFound { .. }) => {
                     return Err(StorageError::BlobUnknown(d.clone()));
@@ -353,36 +354,76 @@ impl Remote {
             },
             None => None,
         };
-        Ok(stream::iter(first.map(Ok))
+        let stream = stream::iter(first.map(Ok))
             .chain(stream::iter(segments).map(fetch).buffered(2))
-            .boxed())
+            .boxed();
+        Ok((stream, size))
     }
 
     /// Stores a blob held in memory, already verified.
+    ///
+    /// A conditional create: an object already at the key holds these bytes, unless the
+    /// store damaged it (another size), in which case it is overwritten: a push is how a
+    /// damaged blob is repaired. A write whose connection broke is sent again, at most
+    /// twice: `object_store` does not retry a PUT that may have been sent, but a repeated
+    /// create of the same bytes is harmless (it finds the first one's object).
     pub(crate) async fn put_bytes(&self, d: &Digest, bytes: Bytes) -> Result<()> {
         let key = self.key(d);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match self
-            .store
-            .put_opts(&key, PutPayload::from(bytes.clone()), opts)
-            .await
-        {
-            // Content-addressed: what is there already holds these bytes.
-            Ok(_)
-            | Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(()),
-            // Stores without conditional writes: a plain write of the same bytes is as good.
-            Err(object_store::Error::NotImplemented { .. }) => self
+        let mut retries = 0;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            match self
                 .store
-                .put(&key, PutPayload::from(bytes))
+                .put_opts(&key, PutPayload::from(bytes.clone()), opts)
                 .await
-                .map(drop)
-                .map_err(|e| self.err(&key, e)),
-            Err(e) => Err(self.err(&key, e)),
+            {
+                Ok(_) => return Ok(()),
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => {
+                    if self.holds(d, bytes.len() as u64).await? {
+                        return Ok(());
+                    }
+                    return self.overwrite(&key, bytes).await;
+                }
+                // Stores without conditional writes: a plain write of the same bytes is as
+                // good.
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    return self.overwrite(&key, bytes).await;
+                }
+                Err(e) if retries < 2 && broken_connection(&e) => {
+                    retries += 1;
+                    tracing::info!(store = %self.url, error = %e, retry = retries, "a blob write lost its connection; sending it again");
+                    tokio::time::sleep(Duration::from_millis(200 * retries)).await;
+                }
+                Err(e) => return Err(self.err(&key, e)),
+            }
         }
+    }
+
+    /// Whether the object of `d` is there with `size` bytes. One of another size was
+    /// damaged in the store (its bytes cannot be right): logged, and `false`.
+    async fn holds(&self, d: &Digest, size: u64) -> Result<bool> {
+        match self.size(d).await? {
+            Some(n) if n == size => Ok(true),
+            Some(n) => {
+                tracing::error!(store = %self.url, digest = %d, in_store = n, size, "the blob store held this blob with the wrong size (damaged); writing the verified bytes over it");
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn overwrite(&self, key: &Key, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(key, PutPayload::from(bytes))
+            .await
+            .map(drop)
+            .map_err(|e| self.err(key, e))
     }
 
     /// Stores the file of a verified upload of `size` bytes: in one request if it is small,
@@ -401,7 +442,7 @@ impl Remote {
             let bytes = tokio::fs::read(path).await.map_err(io)?;
             return self.put_bytes(d, Bytes::from(bytes)).await;
         }
-        if self.size(d).await?.is_some() {
+        if self.holds(d, size).await? {
             return Ok(());
         }
         let key = self.key(d);
@@ -433,11 +474,19 @@ impl Remote {
         }
         .await;
         match sent {
-            Ok(()) => writer
-                .finish()
-                .await
-                .map(drop)
-                .map_err(|e| self.err(&key, e)),
+            Ok(()) => match writer.finish().await {
+                Ok(_) => Ok(()),
+                // Another push of the same blob may have completed first: Azure then refuses
+                // this one's block list (its uncommitted blocks were dropped). The object
+                // being there, whole, is all that was wanted.
+                Err(e) => match self.size(d).await {
+                    Ok(Some(n)) if n == size => {
+                        tracing::debug!(store = %self.url, error = %e, "a concurrent push stored this blob first");
+                        Ok(())
+                    }
+                    _ => Err(self.err(&key, e)),
+                },
+            },
             Err(e) => {
                 // Parts already sent are discarded by the store (and by its lifecycle rules
                 // for incomplete uploads, should the abort itself fail).
@@ -457,10 +506,12 @@ impl Remote {
             // ours: what cannot be listed is only ever left alone, never deleted.
             let m = match item {
                 Ok(m) => m,
-                Err(e) => {
+                Err(e @ object_store::Error::InvalidPath { .. }) => {
                     tracing::warn!(store = %self.url, error = %e, "a key in the blob store could not be listed; what is there is left alone");
                     continue;
                 }
+                // The listing itself failed: a collection must not go on as if it were whole.
+                Err(e) => return Err(self.err(&blobs, e)),
             };
             let Some(parts) = m.location.prefix_match(&blobs) else {
                 continue;
@@ -496,4 +547,52 @@ impl Remote {
             Err(e) => Err(self.err(&key, e)),
         }
     }
+}
+
+/// Bytes `r` of `key`, refusing an answer of another length: a store (or a proxy) that cuts
+/// a range short but says so in its Content-Length would otherwise have the next segment
+/// sent at the wrong offset. A short answer is asked for again, at most twice.
+async fn get_segment(
+    store: &dyn ObjectStore,
+    key: &Key,
+    r: std::ops::Range<u64>,
+) -> object_store::Result<Bytes> {
+    let want = r.end - r.start;
+    let mut tries = 0;
+    loop {
+        let got = store.get_range(key, r.clone()).await?;
+        if got.len() as u64 == want {
+            return Ok(got);
+        }
+        tries += 1;
+        if tries == 3 {
+            return Err(object_store::Error::Generic {
+                store: "blob store",
+                source: format!(
+                    "asked for bytes {}..{} of {key}, got {} bytes, three times",
+                    r.start,
+                    r.end,
+                    got.len()
+                )
+                .into(),
+            });
+        }
+    }
+}
+
+/// Whether a request failed because its connection broke after it may have been sent (reset,
+/// closed, an answer cut off): `object_store` retries only idempotent requests then.
+fn broken_connection(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HttpError>() {
+            return matches!(
+                h.kind(),
+                HttpErrorKind::Interrupted | HttpErrorKind::Unknown | HttpErrorKind::Decode
+            );
+        }
+        source = s.source();
+    }
+    false
 }
