@@ -5488,3 +5488,95 @@ async fn a_clock_set_wrong_and_right_while_running_is_reported_at_once() {
         site.log()
     );
 }
+
+/// An index chain hundreds deep (each index listing the one below), which the root accepts
+/// from any pusher, is skipped and reported at the site: following it by recursion overflowed
+/// the stack and aborted the site at every start.
+#[tokio::test]
+async fn an_index_chain_too_deep_to_follow_is_skipped_not_a_crash() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let mut below = push_image(&admin, &r, "app", "base", "deep-base").await;
+    let mut size = 0;
+    let base_len = admin
+        .get(format!("{r}/v2/app/manifests/base"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    let mut media = "application/vnd.oci.image.manifest.v1+json";
+    for level in 0..600 {
+        let len = if level == 0 { base_len } else { size };
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": media, "digest": below, "size": len}],
+        }))
+        .unwrap();
+        let tag = if level == 599 { "deep" } else { "" };
+        let reference = if tag.is_empty() {
+            support::sha256_hex(&index)
+        } else {
+            tag.to_string()
+        };
+        let put = admin
+            .put(format!("{r}/v2/app/manifests/{reference}"))
+            .header("content-type", "application/vnd.oci.image.index.v1+json")
+            .body(index.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201, "level {level}");
+        below = support::sha256_hex(&index);
+        size = index.len();
+        media = "application/vnd.oci.image.index.v1+json";
+    }
+    let after = push_image(&admin, &r, "app", "after", "after-the-deep-one").await;
+
+    let cs = connected(&root, "site-deep", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &cs);
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    eventually("the image after the deep chain arrives", || async {
+        tag_digest(&local, &s, "app", "after").await.as_deref() == Some(after.as_str())
+    })
+    .await;
+    eventually("the root shows the deep chain skipped", || async {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+            &root,
+            &[
+                "connected-registry",
+                "show",
+                "-n",
+                "site-deep",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        v["statusDetails"].as_array().unwrap().iter().any(|d| {
+            d["code"] == "ParentContentMissing"
+                && d["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nested more than 64 levels deep")
+        })
+    })
+    .await;
+    assert_eq!(tag_digest(&local, &s, "app", "deep").await, None);
+    // Still serving, after all that.
+    assert!(
+        reqwest::get(site.url("/healthz"))
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}

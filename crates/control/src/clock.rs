@@ -75,12 +75,13 @@ pub fn learn(parent_ms: i64) -> Option<(i64, i64)> {
 }
 
 /// The parent's time from an answer's [`HEADER`] value.
-/// Anything before 1970 or after the year 9999 is not a time but a broken or hostile
-/// header, and is ignored.
+/// A time before 2024 (older than this software) or from 2200 on is not the root's time but
+/// a broken clock or a hostile header: it is ignored, and the system clock stays the time.
 pub fn parse_header(value: &[u8]) -> Option<i64> {
-    const YEAR_10000_MS: i64 = 253_402_300_800_000;
+    const YEAR_2024_MS: i64 = 1_704_067_200_000;
+    const YEAR_2200_MS: i64 = 7_258_118_400_000;
     let ms: i64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
-    (0..YEAR_10000_MS).contains(&ms).then_some(ms)
+    (YEAR_2024_MS..YEAR_2200_MS).contains(&ms).then_some(ms)
 }
 
 /// A difference of clocks as a person reads it: `3d 0h 2m`, `45m 10s`, `12s`.
@@ -143,7 +144,8 @@ mod tests {
         assert_eq!(parse_header(b"-9223372036854775808"), None);
         assert_eq!(parse_header(b"9223372036854775807"), None);
         assert_eq!(parse_header(b"-1"), None);
-        assert_eq!(parse_header(b"0"), Some(0));
+        assert_eq!(parse_header(b"0"), None, "1970");
+        assert_eq!(parse_header(b"32503680000000"), None, "the year 3000");
         assert!(learn(i64::MIN).is_some() && learn(system_ms()).is_some());
         assert_eq!(offset_ms(), 0);
     }

@@ -396,8 +396,9 @@ struct Child {
     /// Blobs being fetched right now, so two repositories that need the same new blob at
     /// the same time download it once (the second then links the stored copy).
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
-    /// Blobs that arrived damaged: what they hashed to, and how many times in a row.
-    damaged: Mutex<std::collections::HashMap<Digest, (Digest, u32)>>,
+    /// Blobs and manifests that arrived damaged: what was wrong with them, and how many
+    /// times in a row.
+    damaged: Mutex<std::collections::HashMap<Digest, (String, u32)>>,
     /// The garbage-collection setting the parent configures, for the node's collector.
     gc: tokio::sync::watch::Sender<GarbageCollection>,
     /// The repositories synced, for refusing local writes outside them.
@@ -2037,9 +2038,16 @@ impl Child {
                     lag_after(cursor);
                     self.report("Syncing", Outcome::Progress).await?;
                 }
+                let scope = outpost_control::connected::SyncScope::of(&cfg);
                 for m in &page.messages {
                     self.check_window()?;
-                    self.apply(m, cfg.mode == "ReadOnly").await?;
+                    // The parent's feed names only what is in this site's scope; anything
+                    // else (a broken or hostile parent) is not brought in.
+                    if scope.covers(&m.repository) {
+                        self.apply(m, cfg.mode == "ReadOnly").await?;
+                    } else {
+                        tracing::warn!(repository = %m.repository, seq = m.seq, "the parent's feed names a repository outside this site's scope; ignored");
+                    }
                     self.set_cursor(Some((m.seq, m.mark)))?;
                     lag_after(m.seq);
                 }
@@ -2985,6 +2993,7 @@ impl Child {
 
     async fn apply(&self, m: &Message, read_only: bool) -> Result<()> {
         let Ok(name) = m.repository.parse::<RepoName>() else {
+            tracing::warn!(repository = %m.repository, seq = m.seq, "the parent's feed names an invalid repository; ignored");
             return Ok(());
         };
         if let Some(tag) = &m.tag
@@ -3123,6 +3132,22 @@ impl Child {
     /// Makes manifest `digest` (and everything it references) present locally. Returns false
     /// if the parent no longer has it (a later message will say what happened to it).
     async fn ensure_manifest(&self, repo: &RepoName, digest: &str) -> Result<bool> {
+        // Each level of an index (or of a referrer's referrer) is polled inside the one above
+        // it, on one stack: a chain of hundreds, which any pusher at the parent can make,
+        // would overflow it and abort the process at every start.
+        let depth = NESTING.try_with(|d| *d).unwrap_or(0);
+        if depth >= MAX_NESTING {
+            return Err(SyncError::MissingAtParent(format!(
+                "manifest {digest} is nested more than {MAX_NESTING} levels deep (indexes \
+                 listing indexes, or referrers of referrers); this registry follows no deeper"
+            )));
+        }
+        NESTING
+            .scope(depth + 1, self.ensure_manifest_here(repo, digest))
+            .await
+    }
+
+    async fn ensure_manifest_here(&self, repo: &RepoName, digest: &str) -> Result<bool> {
         let d: Digest = digest
             .parse()
             .map_err(|e| SyncError::Protocol(format!("digest {digest:?}: {e}")))?;
@@ -3137,10 +3162,9 @@ impl Child {
         let Some((bytes, media_type)) = self.parent.manifest(repo.as_str(), digest).await? else {
             return Ok(false);
         };
-        if Digest::of(d.algorithm(), &bytes) != d {
-            return Err(SyncError::Protocol(format!(
-                "manifest {digest} from the parent does not hash to its digest"
-            )));
+        let actual = Digest::of(d.algorithm(), &bytes);
+        if actual != d {
+            return Err(self.damaged_copy("manifest", &d, format!("hashes to {actual}")));
         }
         let manifest = Manifest::parse(&bytes, Some(&media_type))
             .map_err(|e| SyncError::Protocol(format!("manifest {digest}: {e}")))?;
@@ -3408,12 +3432,21 @@ impl Child {
             // network while the other hashes and writes the last one. Each append is a point the
             // transfer can resume from.
             let (pieces, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIECES_IN_FLIGHT);
+            // Never more than the descriptor's size: a parent that sends without end would
+            // fill the disk.
+            let mut room = size - offset;
             let download = async move {
                 let mut piece: Vec<Bytes> = Vec::new();
                 let mut piece_len = 0usize;
                 loop {
                     let (done, cut) = match stream.next().await {
+                        Some(Ok(chunk)) if chunk.len() as u64 > room => {
+                            return Err(SyncError::Protocol(format!(
+                                "is longer than the {size} bytes its descriptor says"
+                            )));
+                        }
                         Some(Ok(chunk)) => {
+                            room -= chunk.len() as u64;
                             piece_len += chunk.len();
                             piece.push(chunk);
                             (false, None)
@@ -3448,8 +3481,16 @@ impl Child {
                 }
                 Ok::<_, SyncError>(())
             };
-            let (cut, ()) = tokio::try_join!(download, store)?;
-            cut
+            match tokio::try_join!(download, store) {
+                Ok((cut, ())) => cut,
+                Err(SyncError::Protocol(wrong)) if wrong.starts_with("is longer than") => {
+                    // What was stored of it is not worth resuming from.
+                    let _ = self.registry.cancel_upload(repo, &id).await;
+                    let _ = std::fs::remove_file(&marker);
+                    return Err(self.damaged_copy("blob", digest, wrong));
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
@@ -3497,9 +3538,11 @@ impl Child {
                 reason: format!("blob {digest} cut at byte {}: {e}", body.len()),
             })?;
             if (body.len() + chunk.len()) as u64 > size {
-                return Err(SyncError::Protocol(format!(
-                    "blob {digest} from the parent is longer than the {size} bytes its descriptor says"
-                )));
+                return Err(self.damaged_copy(
+                    "blob",
+                    digest,
+                    format!("is longer than the {size} bytes its descriptor says"),
+                ));
             }
             body.extend_from_slice(&chunk);
         }
@@ -3515,6 +3558,15 @@ impl Child {
 /// How often a scheduled site outside its window reports and checks its configuration, in
 /// poll intervals (`sync_poll_secs`): every 5 minutes by default.
 const CLOSED_WINDOW_CONTACT: u32 = 12;
+
+tokio::task_local! {
+    /// How many manifests deep [`Child::ensure_manifest`] is: indexes and referrers are
+    /// followed by recursion.
+    static NESTING: usize;
+}
+
+/// The deepest chain of manifests followed (real ones are 2 or 3 deep).
+const MAX_NESTING: usize = 64;
 
 /// Blobs up to this size are fetched in one request and stored in one step (no upload
 /// session, no resume marker): a cut transfer costs less to repeat than to track.
@@ -3533,24 +3585,31 @@ impl Child {
     /// manifest that needs it is then skipped like one whose blob the parent lacks, so it
     /// does not hold up everything after it (and is retried with the other skipped ones).
     fn corrupt_blob(&self, digest: &Digest, actual: &Digest) -> SyncError {
+        self.damaged_copy("blob", digest, format!("hashes to {actual}"))
+    }
+
+    /// Content `digest` arrived `wrong` (another digest, more bytes than its descriptor
+    /// says); nothing of it was stored. Fetched again, unless it arrived wrong the same way
+    /// last time too: see [`Self::corrupt_blob`].
+    fn damaged_copy(&self, kind: &str, digest: &Digest, wrong: String) -> SyncError {
         let times = {
             let mut damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
             let seen = damaged
                 .entry(digest.clone())
-                .or_insert_with(|| (actual.clone(), 0));
-            if seen.0 != *actual {
-                *seen = (actual.clone(), 0);
+                .or_insert_with(|| (wrong.clone(), 0));
+            if seen.0 != wrong {
+                *seen = (wrong.clone(), 0);
             }
             seen.1 += 1;
             seen.1
         };
         if times >= 2 {
             return SyncError::MissingAtParent(format!(
-                "blob {digest}: the parent's copy is damaged (it hashed to {actual} {times} times in a row)"
+                "{kind} {digest}: the parent's copy is damaged (it {wrong}, {times} times in a row)"
             ));
         }
         SyncError::Protocol(format!(
-            "blob {digest} from the parent hashes to {actual}; nothing was stored, it is fetched again"
+            "{kind} {digest} from the parent {wrong}; nothing was stored, it is fetched again"
         ))
     }
 }

@@ -43,6 +43,20 @@ pub struct Parent {
     missing_repos: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
+/// The most a JSON answer of the parent (configuration, message feed, listings, a token) may
+/// hold. The largest real ones (a page of 500 messages, 1000 tags, a configuration with its
+/// client tokens) are well under 1 MiB: anything near this is a broken or hostile parent, and
+/// must not be read into memory whole.
+const MAX_JSON: usize = 32 << 20;
+/// The most of an error answer's body read for its message.
+const MAX_ERROR_BODY: usize = 64 << 10;
+/// The most a manifest from the parent may hold: `max_manifest_bytes` refuses larger ones when
+/// they are stored anyway, and this bounds what is read before that.
+pub const MAX_MANIFEST: usize = 64 << 20;
+/// The most referrers of one manifest fetched: a listing that names more (or one digest over
+/// and over) is cut here, and said so.
+const MAX_REFERRERS: usize = 10_000;
+
 /// The longest `Retry-After` honoured: a parent asking for more is tried again after this.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
 
@@ -253,6 +267,60 @@ fn reason(e: &reqwest::Error, ca_file: Option<&std::path::Path>) -> String {
 }
 
 impl Parent {
+    /// An answer's body, refused once it passes `limit` bytes (by its `Content-Length` at
+    /// once, else as it arrives): a parent that sends without end must not fill the memory.
+    async fn body(
+        &self,
+        mut resp: reqwest::Response,
+        limit: usize,
+        what: &str,
+    ) -> Result<Bytes, SyncError> {
+        let too_big = |n: u64| {
+            SyncError::Protocol(format!(
+                "the parent's {what} is over {n} bytes, more than the {} MiB this registry \
+                 reads from it: the parent (or a proxy before it) is broken",
+                limit >> 20
+            ))
+        };
+        if let Some(n) = resp.content_length()
+            && n > limit as u64
+        {
+            return Err(too_big(n));
+        }
+        let mut out = bytes::BytesMut::new();
+        loop {
+            let chunk = resp.chunk().await.map_err(|e| SyncError::Unreachable {
+                parent: self.base.clone(),
+                reason: format!("reading the {what}: {e}"),
+            })?;
+            let Some(chunk) = chunk else {
+                return Ok(out.freeze());
+            };
+            if out.len() + chunk.len() > limit {
+                return Err(too_big((out.len() + chunk.len()) as u64));
+            }
+            out.extend_from_slice(&chunk);
+        }
+    }
+
+    /// A JSON answer, read with [`MAX_JSON`] as its bound.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+    ) -> Result<T, SyncError> {
+        let bytes = self.body(resp, MAX_JSON, what).await?;
+        serde_json::from_slice(&bytes).map_err(|e| SyncError::Protocol(format!("{what}: {e}")))
+    }
+
+    /// A JSON error body for its code and message; anything else (or too long) is `Null`.
+    async fn error_json(&self, resp: reqwest::Response) -> Value {
+        match self.body(resp, MAX_ERROR_BODY, "error answer").await {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
     /// A gateway parent. `read_timeout` bounds how long any read may wait for the next byte:
     /// a link that stalls without closing (packets dropped, not reset) fails the transfer
     /// after that long, and it resumes from where it stopped.
@@ -437,10 +505,12 @@ impl Parent {
                 resp.status()
             )));
         }
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| SyncError::Protocol(format!("token service {}: {e}", challenge.realm)))?;
+        let v: Value = self
+            .json(
+                resp,
+                &format!("answer of the token service {}", challenge.realm),
+            )
+            .await?;
         Ok(v["token"]
             .as_str()
             .or_else(|| v["access_token"].as_str())
@@ -468,7 +538,7 @@ impl Parent {
             *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(std::time::Instant::now() + wait);
         }
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let body: Value = self.error_json(resp).await;
         let code = body["errors"][0]["code"].as_str().unwrap_or("").to_string();
         let mut message = body["errors"][0]["message"]
             .as_str()
@@ -548,10 +618,7 @@ impl Parent {
             .get("etag")
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let cfg = resp
-            .json()
-            .await
-            .map_err(|e| SyncError::Protocol(format!("configuration: {e}")))?;
+        let cfg = self.json(resp, "configuration").await?;
         Ok(Some((cfg, etag)))
     }
 
@@ -591,14 +658,12 @@ impl Parent {
             other => other,
         })?;
         if resp.status() == StatusCode::GONE {
-            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let body: Value = self.error_json(resp).await;
             let latest = body["errors"][0]["detail"]["latest"].as_i64().unwrap_or(0);
             return Ok(Feed::Expired { latest });
         }
         let resp = self.check(resp).await?;
-        Ok(Feed::Page(resp.json().await.map_err(|e| {
-            SyncError::Protocol(format!("messages: {e}"))
-        })?))
+        Ok(Feed::Page(self.json(resp, "messages").await?))
     }
 
     pub async fn report(&self, report: &StatusReport) -> Result<(), SyncError> {
@@ -638,6 +703,7 @@ impl Parent {
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, SyncError> {
         let mut out = Vec::new();
         let mut path = format!("/v2/{repo}/tags/list?n=1000");
+        let mut pages = std::collections::HashSet::new();
         loop {
             let resp = self.send(self.request(Method::GET, &path)).await?;
             // Only the registry's own word that the repository is unknown (`NAME_UNKNOWN`;
@@ -669,10 +735,7 @@ impl Parent {
                 .and_then(|l| l.strip_prefix('<'))
                 .and_then(|l| l.split('>').next())
                 .map(String::from);
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| SyncError::Protocol(format!("tags list: {e}")))?;
+            let v: Value = self.json(resp, "tags list").await?;
             out.extend(
                 v["tags"]
                     .as_array()
@@ -681,6 +744,12 @@ impl Parent {
                     .filter_map(|t| t.as_str().map(String::from)),
             );
             match link {
+                // A page that links to one already read would be followed forever.
+                Some(l) if !pages.insert(l.clone()) => {
+                    return Err(SyncError::Protocol(format!(
+                        "the tags list of {repo} links back to a page already read ({l})"
+                    )));
+                }
                 Some(l) => path = l,
                 None => return Ok(out),
             }
@@ -695,10 +764,7 @@ impl Parent {
                     .await?,
             )
             .await?;
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| SyncError::Protocol(format!("catalog: {e}")))?;
+        let v: Value = self.json(resp, "catalog").await?;
         Ok(v["repositories"]
             .as_array()
             .into_iter()
@@ -726,12 +792,8 @@ impl Parent {
             if resp.status() == StatusCode::NOT_FOUND {
                 return Ok(None);
             }
-            let v: Value = self
-                .check(resp)
-                .await?
-                .json()
-                .await
-                .map_err(|e| SyncError::Protocol(format!("manifest listing: {e}")))?;
+            let resp = self.check(resp).await?;
+            let v: Value = self.json(resp, "manifest listing").await?;
             let before = out.len();
             out.extend(
                 v["manifests"]
@@ -791,10 +853,13 @@ impl Parent {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let bytes = resp.bytes().await.map_err(|e| SyncError::Unreachable {
-            parent: self.base.clone(),
-            reason: e.to_string(),
-        })?;
+        let bytes = self
+            .body(
+                resp,
+                MAX_MANIFEST,
+                &format!("manifest {reference} of {repo}"),
+            )
+            .await?;
         Ok(Some((bytes, media_type)))
     }
 
@@ -830,13 +895,22 @@ impl Parent {
             }
             return Ok(Vec::new());
         }
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        Ok(v["manifests"]
+        let v: Value = self
+            .json(resp, &format!("referrers of {digest} in {repo}"))
+            .await
+            .unwrap_or(Value::Null);
+        let mut seen = std::collections::HashSet::new();
+        let all: Vec<String> = v["manifests"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|m| m["digest"].as_str().map(String::from))
-            .collect())
+            .filter(|d| seen.insert(d.clone()))
+            .collect();
+        if all.len() > MAX_REFERRERS {
+            tracing::warn!(repository = repo, %digest, referrers = all.len(), "the parent lists more referrers of this manifest than this registry fetches; only the first {MAX_REFERRERS} are synced");
+        }
+        Ok(all.into_iter().take(MAX_REFERRERS).collect())
     }
 
     /// Whether the parent holds blob `digest` in `repo`.
@@ -1109,6 +1183,70 @@ mod tests {
         assert_eq!(retry_after("86400", now), Some(RETRY_AFTER_MAX));
         assert_eq!(retry_after("soon", now), None);
         assert_eq!(retry_after("-5", now), None);
+    }
+
+    /// A parent on loopback that answers every request with `answer(path)`: the head and a
+    /// body of `body_len` bytes of `fill` (streamed, without end for `u64::MAX`).
+    async fn fake_parent(answer: fn(&str) -> (String, u64, u8)) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split(' ').nth(1).unwrap_or("").to_string();
+                    let (head, mut left, fill) = answer(&path);
+                    if c.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![fill; 64 << 10];
+                    while left > 0 {
+                        let n = left.min(chunk.len() as u64) as usize;
+                        if c.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// A parent that sends without end, or says it will send 100 GB, is refused once past
+    /// the bound, without the answer being read into memory; a tags list whose pages link
+    /// in a circle is not followed for ever.
+    #[tokio::test]
+    async fn answers_without_end_are_refused() {
+        let url = fake_parent(|path| {
+            if path.starts_with("/v2/endless/tags/list") {
+                // A JSON string that never closes, with no Content-Length.
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"tags\":[\"";
+                (head.into(), u64::MAX, b'a')
+            } else if path.starts_with("/v2/circle/tags/list") {
+                let body = r#"{"tags":["v1"]}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nlink: </v2/circle/tags/list?n=1000&last=v1>; rel=\"next\"\r\n\r\n{body}",
+                    body.len()
+                );
+                (head, 0, 0)
+            } else {
+                // A manifest that claims 100 GB.
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ncontent-length: 100000000000\r\n\r\n";
+                (head.into(), u64::MAX, b'{')
+            }
+        })
+        .await;
+        let parent = Parent::plain(&url, None, None, Duration::from_secs(10)).unwrap();
+        let e = parent.tags("endless").await.unwrap_err().to_string();
+        assert!(e.contains("more than the 32 MiB"), "{e}");
+        let e = parent.manifest("app", "v1").await.unwrap_err().to_string();
+        assert!(e.contains("over 100000000000 bytes"), "{e}");
+        let e = parent.tags("circle").await.unwrap_err().to_string();
+        assert!(e.contains("links back to a page already read"), "{e}");
     }
 
     #[test]
