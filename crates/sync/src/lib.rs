@@ -2506,6 +2506,12 @@ impl Child {
         if let Some(saved) = read_state(&marker)?
             && let Some((saved_repo, loc)) = saved.split_once(' ')
         {
+            if !loc.starts_with('/') {
+                // Saved by an earlier version from a Location on another host: unusable.
+                tracing::warn!(%digest, location = loc, "dropping a saved upload location that is not on the parent; the blob is sent again from the start");
+                let _ = std::fs::remove_file(&marker);
+                return Box::pin(self.push_blob_up(repo, digest)).await;
+            }
             match self.parent.upload_offset(loc).await? {
                 Some(offset) if offset <= size && saved_repo == repo.as_str() => {
                     tracing::info!(%digest, offset, "resuming the upload of a blob to the parent");

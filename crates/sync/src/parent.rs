@@ -525,6 +525,7 @@ impl Parent {
             return Ok(resp);
         }
         let path = resp.url().path().to_string();
+        let resp_url = resp.url().clone();
         // A parent under load (or rate-limiting this registry) that says when to come back.
         let asked = match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => resp
@@ -560,6 +561,22 @@ impl Parent {
         }
         if let Some(wait) = asked {
             message = format!("{message} (it asks to wait {} s)", wait.as_secs());
+        }
+        // An answer from another host than the parent's (a redirect was followed, without
+        // the sync token's credentials) says nothing about them.
+        let elsewhere =
+            reqwest::Url::parse(&self.base).is_ok_and(|base| base.origin() != resp_url.origin());
+        if elsewhere && matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(SyncError::Parent {
+                status: status.as_u16(),
+                code,
+                message: format!(
+                    "{} (the parent redirected this request to {}, which refused it; the sync \
+                     token's credentials are not sent to another host)",
+                    message,
+                    resp_url.origin().ascii_serialization()
+                ),
+            });
         }
         Err(match status {
             StatusCode::UNAUTHORIZED => SyncError::BadCredentials {
@@ -1037,10 +1054,17 @@ impl Parent {
             .get("location")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| SyncError::Protocol("upload answer without a Location".into()))?;
-        Ok(loc
-            .strip_prefix(self.base.as_str())
-            .unwrap_or(loc)
-            .to_string())
+        let path = loc.strip_prefix(self.base.as_str()).unwrap_or(loc);
+        // Anything else (another host, another scheme) is not followed: the sync token's
+        // password goes to the parent only, and a location saved to resume from must be one
+        // the next attempt can use.
+        if !path.starts_with('/') {
+            return Err(SyncError::Protocol(format!(
+                "the parent's upload answer gives Location {loc:?}, which is not on the parent ({}); not followed",
+                self.base
+            )));
+        }
+        Ok(path.to_string())
     }
 
     /// Puts a manifest; for a put by tag, returns what the parent says the tag pointed at
@@ -1247,6 +1271,67 @@ mod tests {
         assert!(e.contains("over 100000000000 bytes"), "{e}");
         let e = parent.tags("circle").await.unwrap_err().to_string();
         assert!(e.contains("links back to a page already read"), "{e}");
+    }
+
+    /// An upload `Location` on another host is refused, not kept to resume from.
+    #[tokio::test]
+    async fn an_upload_location_on_another_host_is_not_followed() {
+        let url = fake_parent(|path| {
+            let loc = if path.contains("/other/") {
+                "http://127.0.0.1:1/v2/rw/blobs/uploads/evil"
+            } else {
+                "/v2/rw/blobs/uploads/fine"
+            };
+            let head =
+                format!("HTTP/1.1 202 Accepted\r\nlocation: {loc}\r\ncontent-length: 0\r\n\r\n");
+            (head, 0, 0)
+        })
+        .await;
+        let parent = Parent::plain(&url, None, None, Duration::from_secs(10)).unwrap();
+        let e = parent
+            .start_upload("other/rw")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("which is not on the parent"), "{e}");
+        assert_eq!(
+            parent.start_upload("rw").await.unwrap(),
+            "/v2/rw/blobs/uploads/fine"
+        );
+    }
+
+    /// A 401 from a host the parent redirected to is not the parent refusing the sync
+    /// token's password (which would send the operator to make a new one for nothing).
+    #[tokio::test]
+    async fn a_refusal_after_a_redirect_names_the_other_host() {
+        static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let other = fake_parent(|_| {
+            let head = "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+            (head.into(), 0, 0)
+        })
+        .await;
+        OTHER.set(other.clone()).unwrap();
+        let url = fake_parent(|path| {
+            let head = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {}{path}\r\ncontent-length: 0\r\n\r\n",
+                OTHER.get().unwrap()
+            );
+            (head, 0, 0)
+        })
+        .await;
+        let parent = Parent::plain(
+            &url,
+            Some(("sync".into(), "pw".into())),
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let e = parent.manifest("app", "v1").await.unwrap_err();
+        assert!(
+            !matches!(e, SyncError::BadCredentials { .. }),
+            "{e:?} is not about the sync token"
+        );
+        assert!(e.to_string().contains(&other), "{e}");
     }
 
     #[test]
