@@ -359,6 +359,13 @@ async fn a_database_outage_is_503_until_it_returns() {
     );
     let ready = reqwest::get(format!("{r}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 503);
+    // The log says what the driver's "pool timed out" means.
+    assert!(
+        o.log().contains("it refuses connections")
+            || o.log().contains("connection to the database failed"),
+        "{}",
+        o.log()
+    );
 
     pg("start");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -105,6 +105,22 @@ impl MetaError {
         }
     }
 
+    /// What an unavailable database's error means, for the log, where the driver's own words
+    /// do not say it: a pool that timed out hides why no connection could be opened.
+    pub fn unavailable_hint(&self) -> Option<&'static str> {
+        match self {
+            MetaError::Db(sqlx::Error::PoolTimedOut) => Some(
+                "no connection to the database within 5 s: it refuses connections (stopped or \
+                 restarting), does not answer (network, firewall), or every connection of this \
+                 server's pool is in use",
+            ),
+            MetaError::Db(sqlx::Error::Io(_)) => {
+                Some("the connection to the database failed (stopped, restarted or unreachable)")
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the database could not be written because its disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {

@@ -251,7 +251,12 @@ fn meta_error(m: &outpost_registry::MetaError) -> ApiError {
         return storage_full(&m.to_string());
     }
     if m.is_unavailable() {
-        tracing::error!(error = %m, "the metadata database does not answer");
+        match m.unavailable_hint() {
+            Some(hint) => {
+                tracing::error!(error = %m, hint, "the metadata database does not answer")
+            }
+            None => tracing::error!(error = %m, "the metadata database does not answer"),
+        }
         return ApiError::custom(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
