@@ -5580,3 +5580,64 @@ async fn an_index_chain_too_deep_to_follow_is_skipped_not_a_crash() {
             .is_success()
     );
 }
+
+/// A plain upstream that lists a tag whose manifest it has lost (`HEAD` of the tag gives a
+/// digest, `GET` of it `404 MANIFEST_UNKNOWN`): the mirror reports the tag as content the
+/// upstream cannot serve, instead of passing over it without a trace.
+#[tokio::test]
+async fn a_mirror_reports_a_tag_whose_manifest_the_upstream_lost() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/process/fake_upstream.py");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _upstream = Kill(
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the fake upstream answers", || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/v2/"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mirror = Outpost::start_env(
+        dir.path(),
+        &[
+            ("OUTPOST_UPSTREAM_URL", url.as_str()),
+            ("OUTPOST_UPSTREAM_REPOSITORIES", "[\"mirror/app\"]"),
+            ("OUTPOST_UPSTREAM_POLL_SECS", "1"),
+        ],
+    );
+    eventually("the lost manifest is reported", || async {
+        let status = reqwest::get(mirror.url("/status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        status.contains("ParentContentMissing")
+    })
+    .await;
+    assert!(
+        mirror
+            .log()
+            .contains("(tag t9): it answers 404 MANIFEST_UNKNOWN"),
+        "{}",
+        mirror.log()
+    );
+}

@@ -3226,7 +3226,16 @@ impl Child {
         tag: Option<&Tag>,
         digest: &str,
     ) -> Result<bool> {
-        match self.ensure_manifest(repo, digest).await {
+        let found = match (self.ensure_manifest(repo, digest).await, tag) {
+            // An Outpost parent's feed says next what happened to a manifest that is gone;
+            // a plain upstream has no feed: a tag it lists whose manifest answers 404 is
+            // content it cannot serve.
+            (Ok(false), Some(t)) if self.parent.is_plain() => Err(SyncError::MissingAtParent(
+                format!("manifest {digest} (tag {t}): it answers 404 MANIFEST_UNKNOWN"),
+            )),
+            (other, _) => other,
+        };
+        match found {
             Ok(present) => {
                 if present {
                     self.skipped

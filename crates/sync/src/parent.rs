@@ -321,6 +321,11 @@ impl Parent {
         }
     }
 
+    /// Whether this is a plain OCI registry (a mirror's upstream), not an Outpost gateway.
+    pub fn is_plain(&self) -> bool {
+        self.follow_bearer
+    }
+
     /// A gateway parent. `read_timeout` bounds how long any read may wait for the next byte:
     /// a link that stalls without closing (packets dropped, not reset) fails the transfer
     /// after that long, and it resumes from where it stopped.
