@@ -679,6 +679,16 @@ async fn a_damaged_object_is_replaced_by_the_next_push(kind: Kind) {
         }
     }
     assert!(o.log().contains("wrong size"), "{}", o.log());
+    // Nor is it mounted into another repository: the client is told to upload it (202),
+    // which repairs it, rather than given a link to bytes that cannot be served.
+    let r = c
+        .post(o.url(&format!(
+            "/v2/other/blobs/uploads/?mount={layer_digest}&from=app"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "mount of a damaged blob");
 
     // Pushed again: stored over the damage, and served whole.
     crate::support::push_blob(&c, &base, "app", &layer).await;

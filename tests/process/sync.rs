@@ -5640,4 +5640,28 @@ async fn a_mirror_reports_a_tag_whose_manifest_the_upstream_lost() {
         "{}",
         mirror.log()
     );
+    // Said once, not at every pass: wait for two more passes.
+    let last_pass = || async {
+        let m = reqwest::get(mirror.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("outpost_sync_last_success_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let first = last_pass().await;
+    eventually("two more passes", || async {
+        last_pass().await >= first + 2.0
+    })
+    .await;
+    assert_eq!(
+        mirror.log().matches("skipping it for now").count(),
+        1,
+        "{}",
+        mirror.log()
+    );
 }

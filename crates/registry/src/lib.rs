@@ -481,8 +481,15 @@ impl Registry {
         let Some(size) = self.meta.linked_blob(from.as_str(), digest).await? else {
             return Ok(None);
         };
-        if self.storage.blob_size(digest).await?.is_none() {
-            return Ok(None);
+        // Missing or damaged (another size): not mounted, so the client uploads the blob,
+        // which repairs it.
+        match self.storage.blob_size(digest).await? {
+            Some(n) if n == size => {}
+            None => return Ok(None),
+            Some(n) => {
+                damaged_file(from, digest, n, size);
+                return Ok(None);
+            }
         }
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(Some(size))
@@ -895,9 +902,18 @@ impl Registry {
             .await?;
         report.blobs_removed = doomed.len() as u64;
         report.bytes_freed = doomed.iter().map(|(_, s)| *s).sum();
+        // Files this run tried and failed to delete are left for the next one, not counted
+        // again as orphans below.
+        let mut failed = std::collections::HashSet::new();
         if !dry_run {
-            let doomed: Vec<String> = doomed.into_iter().map(|(d, _)| d).collect();
-            report.files_left += self.delete_unrecorded_files(&doomed).await?;
+            let names: Vec<String> = doomed.iter().map(|(d, _)| d.clone()).collect();
+            failed = self.delete_unrecorded_files(&names).await?;
+            report.files_left += failed.len() as u64;
+            report.bytes_freed -= doomed
+                .iter()
+                .filter(|(d, _)| failed.contains(d))
+                .map(|(_, s)| *s)
+                .sum::<u64>();
         }
         // Files with no row: a crash between a blob's rename and its row, or between a
         // collection's commit and its deletes.
@@ -910,17 +926,29 @@ impl Registry {
             .map(|(d, _)| d.to_string())
             .collect();
         let known = self.meta.known_blobs(&old).await?;
-        let orphans: Vec<String> = old.into_iter().filter(|d| !known.contains(d)).collect();
+        let orphans: Vec<String> = old
+            .into_iter()
+            .filter(|d| !known.contains(d) && !failed.contains(d))
+            .collect();
+        let mut sizes = Vec::with_capacity(orphans.len());
         for d in &orphans {
             if let Ok(digest) = d.parse::<Digest>()
                 && let Some(size) = self.storage.blob_size(&digest).await?
             {
+                sizes.push((d.clone(), size));
+            }
+        }
+        let not_deleted = if dry_run {
+            Default::default()
+        } else {
+            self.delete_unrecorded_files(&orphans).await?
+        };
+        report.files_left += not_deleted.len() as u64;
+        for (d, size) in sizes {
+            if !not_deleted.contains(&d) {
                 report.bytes_freed += size;
                 report.orphan_files_removed += 1;
             }
-        }
-        if !dry_run {
-            report.files_left += self.delete_unrecorded_files(&orphans).await?;
         }
         if !dry_run {
             let now = self.metrics.gc(
@@ -946,7 +974,10 @@ impl Registry {
     /// Deletes the files of `digests` that still have no row, a batch at a time under the
     /// exclusive `blob_gate`: an upload, mount or sync that put the blob back since (file and
     /// row, under the shared gate) is seen and left alone, and none waits for the whole run.
-    async fn delete_unrecorded_files(&self, digests: &[String]) -> Result<u64> {
+    async fn delete_unrecorded_files(
+        &self,
+        digests: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
         // On a shared database every replica's links wait while a batch is deleted: smaller
         // batches there.
         let batch_size = match self.meta.backend() {
@@ -954,7 +985,7 @@ impl Registry {
             outpost_meta::Backend::Postgres => 32,
         };
         let mut rest = digests;
-        let mut left = 0;
+        let mut left = std::collections::HashSet::new();
         while !rest.is_empty() {
             let batch = &rest[..rest.len().min(batch_size)];
             let _gate = self.blob_gate.write().await;
@@ -979,7 +1010,7 @@ impl Registry {
                 // store client's own timeouts bound it.
                 if let Err(e) = self.storage.delete_blob(&digest).await {
                     // Its row is gone: the file is an orphan the next run removes.
-                    left += 1;
+                    left.insert(d.clone());
                     tracing::warn!(%digest, error = %e, "could not delete a collected blob's file; the next collection removes it");
                 }
                 if held.elapsed() >= HOLD_GATE {

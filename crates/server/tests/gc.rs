@@ -257,3 +257,27 @@ async fn blobs_a_sync_is_fetching_for_an_unstored_manifest_are_kept() {
     assert_eq!(gc(&t, json!({"minAgeSecs": 0})).await["blobsRemoved"], 1);
     assert_eq!(blob_status(&t, "one", &layer).await, StatusCode::NOT_FOUND);
 }
+
+/// A blob file the collection cannot delete (here a directory stands where the file was) is
+/// reported as left for the next run: its bytes are not counted as freed, and it is not
+/// counted again as an orphan removed in the same run.
+#[tokio::test]
+async fn a_file_that_cannot_be_deleted_is_reported_as_left() {
+    let t = setup().await;
+    let stuck = t.push_blob("one", b"a blob whose file cannot go").await;
+    let gone = t.push_blob("one", b"a blob whose file goes").await;
+    let path = blob_file(&t, &stuck);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("keep"), b"x").unwrap();
+    let report = gc(&t, json!({"minAgeSecs": 0})).await;
+    assert_eq!(report["blobsRemoved"], 2, "{report}");
+    assert_eq!(report["filesLeft"], 1, "{report}");
+    assert_eq!(
+        report["bytesFreed"],
+        b"a blob whose file goes".len(),
+        "{report}"
+    );
+    assert_eq!(report["orphanFilesRemoved"], 0, "{report}");
+    assert!(!blob_file(&t, &gone).exists());
+}

@@ -962,6 +962,15 @@ impl SkipList {
         Ok(added)
     }
 
+    /// Whether `entry`'s manifest is on the list already.
+    fn has(&self, entry: &Skipped) -> bool {
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s.same(entry))
+    }
+
     /// `digest` arrived in `repo` (under `tag`, if given): entries it settles leave the list.
     /// Entries for the same manifest under another tag stay; their retry sets their tag.
     fn arrived(&self, repo: &str, tag: Option<&str>, digest: &str) -> Result<()> {
@@ -3248,17 +3257,23 @@ impl Child {
                     Some(t) => format!("{repo}:{t}"),
                     None => format!("{repo}@{digest}"),
                 };
-                let added = self.skipped.add(Skipped {
+                let entry = Skipped {
                     repository: repo.to_string(),
                     tag: tag.map(|t| t.to_string()),
                     digest: digest.to_string(),
                     reason: e.to_string(),
                     since: now_rfc3339(),
-                })?;
-                if !added {
+                };
+                let known = self.skipped.has(&entry);
+                if !self.skipped.add(entry)? {
                     return Err(e);
                 }
-                tracing::warn!(manifest = %what, %digest, error = %e, "the parent cannot serve everything this manifest needs; skipping it for now");
+                // Said once; a retry that fails again (every pass, for a mirror) is not news.
+                if known {
+                    tracing::debug!(manifest = %what, %digest, error = %e, "still skipped: the parent cannot serve everything this manifest needs");
+                } else {
+                    tracing::warn!(manifest = %what, %digest, error = %e, "the parent cannot serve everything this manifest needs; skipping it for now");
+                }
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -3316,6 +3331,15 @@ impl Child {
                     return Ok(false);
                 }
                 if !self.ensure_manifest(&repo, &s.digest).await? {
+                    // A plain upstream still naming it under the tag has lost it: it stays.
+                    if let Some(t) = &tag
+                        && self.parent.is_plain()
+                    {
+                        return Err(SyncError::MissingAtParent(format!(
+                            "manifest {} (tag {t}): it answers 404 MANIFEST_UNKNOWN",
+                            s.digest
+                        )));
+                    }
                     return Ok(false); // gone at the parent
                 }
                 if let Some(t) = &tag {

@@ -275,9 +275,9 @@ impl Parent {
         limit: usize,
         what: &str,
     ) -> Result<Bytes, SyncError> {
-        let too_big = |n: u64| {
+        let too_big = |size: String| {
             SyncError::Protocol(format!(
-                "the parent's {what} is over {n} bytes, more than the {} MiB this registry \
+                "the parent's answer ({what}) is {size}, more than the {} MiB this registry \
                  reads from it: the parent (or a proxy before it) is broken",
                 limit >> 20
             ))
@@ -285,7 +285,7 @@ impl Parent {
         if let Some(n) = resp.content_length()
             && n > limit as u64
         {
-            return Err(too_big(n));
+            return Err(too_big(format!("{n} bytes")));
         }
         let mut out = bytes::BytesMut::new();
         loop {
@@ -297,7 +297,10 @@ impl Parent {
                 return Ok(out.freeze());
             };
             if out.len() + chunk.len() > limit {
-                return Err(too_big((out.len() + chunk.len()) as u64));
+                return Err(too_big(format!(
+                    "over {} bytes",
+                    out.len() + chunk.len() - 1
+                )));
             }
             out.extend_from_slice(&chunk);
         }
@@ -1063,7 +1066,8 @@ impl Parent {
         // Anything else (another host, another scheme) is not followed: the sync token's
         // password goes to the parent only, and a location saved to resume from must be one
         // the next attempt can use.
-        if !path.starts_with('/') {
+        // `//host/…` is another host too (a network-path reference, RFC 3986 §4.2).
+        if !path.starts_with('/') || path.starts_with("//") {
             return Err(SyncError::Protocol(format!(
                 "the parent's upload answer gives Location {loc:?}, which is not on the parent ({}); not followed",
                 self.base
@@ -1273,7 +1277,7 @@ mod tests {
         let e = parent.tags("endless").await.unwrap_err().to_string();
         assert!(e.contains("more than the 32 MiB"), "{e}");
         let e = parent.manifest("app", "v1").await.unwrap_err().to_string();
-        assert!(e.contains("over 100000000000 bytes"), "{e}");
+        assert!(e.contains("is 100000000000 bytes"), "{e}");
         let e = parent.tags("circle").await.unwrap_err().to_string();
         assert!(e.contains("links back to a page already read"), "{e}");
     }
@@ -1283,7 +1287,7 @@ mod tests {
     async fn an_upload_location_on_another_host_is_not_followed() {
         let url = fake_parent(|path| {
             let loc = if path.contains("/other/") {
-                "http://127.0.0.1:1/v2/rw/blobs/uploads/evil"
+                "//127.0.0.1:1/v2/rw/blobs/uploads/evil"
             } else {
                 "/v2/rw/blobs/uploads/fine"
             };
