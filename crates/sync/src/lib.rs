@@ -2055,7 +2055,9 @@ impl Child {
                     if scope.covers(&m.repository) {
                         self.apply(m, cfg.mode == "ReadOnly").await?;
                     } else {
-                        tracing::warn!(repository = %m.repository, seq = m.seq, "the parent's feed names a repository outside this site's scope; ignored");
+                        // Also when the scope just grew and its configuration has not
+                        // arrived yet: the repository is then fetched whole with it.
+                        tracing::info!(repository = %m.repository, seq = m.seq, "the parent's feed names a repository outside this site's configured scope; not applied (if the scope just grew, the repository is fetched with the new configuration)");
                     }
                     self.set_cursor(Some((m.seq, m.mark)))?;
                     lag_after(m.seq);
