@@ -61,6 +61,21 @@ fn connected_settings(root: &Outpost, name: &str) -> String {
     .to_string()
 }
 
+/// Whether the root shows connected registry `name` with a status detail of `code` whose
+/// description contains `text`.
+fn shows_detail(root: &Outpost, name: &str, code: &str, text: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(&cli_ok(
+        root,
+        &["connected-registry", "show", "-n", name, "-o", "json"],
+    ))
+    .unwrap();
+    v["statusDetails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["code"] == code && d["description"].as_str().unwrap().contains(text))
+}
+
 fn start_site(dir: &std::path::Path, cs: &str) -> Outpost {
     start_site_polling(dir, cs, "5")
 }
@@ -364,21 +379,12 @@ async fn connection_problems_are_one_clear_line() {
         "{err}"
     );
     // The instance cannot report why it is not heard from; the root says it for it.
-    let v: serde_json::Value = serde_json::from_str(&cli_ok(
+    assert!(shows_detail(
         &root,
-        &["connected-registry", "show", "-n", "site-err", "-o", "json"],
-    ))
-    .unwrap();
-    assert!(
-        v["statusDetails"].as_array().unwrap().iter().any(|d| {
-            d["code"] == "SyncTokenRejected"
-                && d["description"]
-                    .as_str()
-                    .unwrap()
-                    .contains("--generate-password 1")
-        }),
-        "{v}"
-    );
+        "site-err",
+        "SyncTokenRejected",
+        "--generate-password 1"
+    ));
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -3926,25 +3932,12 @@ async fn an_image_whose_layer_is_damaged_at_the_parent_is_skipped() {
     .await;
     assert_eq!(tag_digest(&local, &s, "app", "a-damaged").await, None);
     eventually("the root shows the damaged image skipped", || async {
-        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+        shows_detail(
             &root,
-            &[
-                "connected-registry",
-                "show",
-                "-n",
-                "site-damaged",
-                "-o",
-                "json",
-            ],
-        ))
-        .unwrap();
-        v["statusDetails"].as_array().unwrap().iter().any(|d| {
-            d["code"] == "ParentContentMissing"
-                && d["description"]
-                    .as_str()
-                    .unwrap()
-                    .contains("the parent's copy is damaged")
-        })
+            "site-damaged",
+            "ParentContentMissing",
+            "the parent's copy is damaged",
+        )
     })
     .await;
 }
@@ -5549,25 +5542,12 @@ async fn an_index_chain_too_deep_to_follow_is_skipped_not_a_crash() {
     })
     .await;
     eventually("the root shows the deep chain skipped", || async {
-        let v: serde_json::Value = serde_json::from_str(&cli_ok(
+        shows_detail(
             &root,
-            &[
-                "connected-registry",
-                "show",
-                "-n",
-                "site-deep",
-                "-o",
-                "json",
-            ],
-        ))
-        .unwrap();
-        v["statusDetails"].as_array().unwrap().iter().any(|d| {
-            d["code"] == "ParentContentMissing"
-                && d["description"]
-                    .as_str()
-                    .unwrap()
-                    .contains("nested more than 64 levels deep")
-        })
+            "site-deep",
+            "ParentContentMissing",
+            "nested more than 64 levels deep",
+        )
     })
     .await;
     assert_eq!(tag_digest(&local, &s, "app", "deep").await, None);

@@ -3473,8 +3473,14 @@ impl Child {
             // network while the other hashes and writes the last one. Each append is a point the
             // transfer can resume from.
             let (pieces, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(PIECES_IN_FLIGHT);
-            // Never more than the descriptor's size: a parent that sends without end would
-            // fill the disk.
+            /// How the download ended.
+            enum Ending {
+                Whole,
+                Cut(String),
+                /// More bytes than the descriptor's size: a parent that sends without end
+                /// would fill the disk.
+                TooLong,
+            }
             let mut room = size - offset;
             let download = async move {
                 let mut piece: Vec<Bytes> = Vec::new();
@@ -3482,23 +3488,21 @@ impl Child {
                 loop {
                     let (done, cut) = match stream.next().await {
                         Some(Ok(chunk)) if chunk.len() as u64 > room => {
-                            return Err(SyncError::Protocol(format!(
-                                "is longer than the {size} bytes its descriptor says"
-                            )));
+                            return Ok(Ending::TooLong);
                         }
                         Some(Ok(chunk)) => {
                             room -= chunk.len() as u64;
                             piece_len += chunk.len();
                             piece.push(chunk);
-                            (false, None)
+                            (false, Ending::Whole)
                         }
-                        Some(Err(e)) => (true, Some(e.to_string())),
-                        None => (true, None),
+                        Some(Err(e)) => (true, Ending::Cut(e.to_string())),
+                        None => (true, Ending::Whole),
                     };
                     if piece_len >= PIECE_BYTES || (done && piece_len > 0) {
                         piece_len = 0;
                         if pieces.send(std::mem::take(&mut piece)).await.is_err() {
-                            return Ok(None); // the appends stopped; their error is the answer
+                            return Ok(Ending::Whole); // the appends stopped; their error is the answer
                         }
                     }
                     if done {
@@ -3522,15 +3526,19 @@ impl Child {
                 }
                 Ok::<_, SyncError>(())
             };
-            match tokio::try_join!(download, store) {
-                Ok((cut, ())) => cut,
-                Err(SyncError::Protocol(wrong)) if wrong.starts_with("is longer than") => {
+            match tokio::try_join!(download, store)? {
+                (Ending::Whole, ()) => None,
+                (Ending::Cut(reason), ()) => Some(reason),
+                (Ending::TooLong, ()) => {
                     // What was stored of it is not worth resuming from.
                     let _ = self.registry.cancel_upload(repo, &id).await;
                     let _ = std::fs::remove_file(&marker);
-                    return Err(self.damaged_copy("blob", digest, wrong));
+                    return Err(self.damaged_copy(
+                        "blob",
+                        digest,
+                        format!("is longer than the {size} bytes its descriptor says"),
+                    ));
                 }
-                Err(e) => return Err(e),
             }
         } else {
             None
