@@ -5645,3 +5645,123 @@ async fn a_mirror_reports_a_tag_whose_manifest_the_upstream_lost() {
         mirror.log()
     );
 }
+
+/// A metric's value in `node`'s `/metrics` (0 when absent).
+async fn metric(node: &Outpost, name: &str) -> f64 {
+    let text = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
+    const SIZE: usize = 3 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    // A layer fetched in pieces through an upload session, and one fetched in one request.
+    let big = support::push_big_image(&admin, &r, "app", "big", SIZE).await;
+    push_image(&admin, &r, "app", "small", "damaged-at-the-site").await;
+    let small_layer: Vec<u8> = "damaged-at-the-site"
+        .bytes()
+        .cycle()
+        .take(300_000)
+        .collect();
+    let small = support::sha256_hex(&small_layer);
+    let cs = connected(
+        &root,
+        "site-rot",
+        &["--repository", "app", "app2", "--mode", "ReadOnly"],
+    );
+    // Long-polls longer than `eventually` waits: the repair must not wait for the next one.
+    let site = start_site_polling(site_dir.path(), &cs, "60");
+    let local = client_as("admin", SITE_PASSWORD);
+    let s = site.base();
+    for (digest, size) in [(&big, SIZE), (&small, small_layer.len())] {
+        eventually("the site serves the layer", || async {
+            blob_len(&local, &s, "app", digest).await == Some(size)
+        })
+        .await;
+    }
+    let file = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        site_dir
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    // Storage damage at the site: one file cut short, one gone.
+    std::fs::File::options()
+        .write(true)
+        .open(file(&big))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    std::fs::remove_file(file(&small)).unwrap();
+    for digest in [&big, &small] {
+        let answer = local
+            .get(format!("{s}/v2/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "a damaged blob is not served");
+    }
+    // Nothing is pushed to a ReadOnly site: it mends them from its parent by itself.
+    for (digest, layer_len) in [(&big, SIZE), (&small, small_layer.len())] {
+        eventually("the site serves the layer whole again", || async {
+            let answer = local
+                .get(format!("{s}/v2/app/blobs/{digest}"))
+                .send()
+                .await
+                .unwrap();
+            answer.status() == 200
+                && answer
+                    .bytes()
+                    .await
+                    .is_ok_and(|b| b.len() == layer_len && support::sha256_hex(&b) == **digest)
+        })
+        .await;
+    }
+    assert_eq!(
+        metric(&site, "outpost_sync_blobs_repaired_total").await,
+        2.0
+    );
+    assert!(metric(&site, "outpost_blobs_damaged_total").await >= 2.0);
+    assert!(
+        site.log()
+            .contains("a damaged blob was fetched again from the parent"),
+        "{}",
+        site.log()
+    );
+
+    // Damaged again, unnoticed, when another image needs it: the sync fetches it for that
+    // image instead of linking the damaged copy.
+    std::fs::File::options()
+        .write(true)
+        .open(file(&small))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let image = push_image(&admin, &r, "app2", "v1", "damaged-at-the-site").await;
+    eventually("the second image arrives", || async {
+        tag_digest(&local, &s, "app2", "v1").await.as_deref() == Some(image.as_str())
+    })
+    .await;
+    let answer = local
+        .get(format!("{s}/v2/app2/blobs/{small}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(support::sha256_hex(&answer.bytes().await.unwrap()), small);
+}

@@ -532,7 +532,7 @@ async fn import_into(
         let parsed = Manifest::parse(&bytes, Some(media_type))?;
         for b in parsed.required_blobs() {
             if registry
-                .link_existing_blob(&repo, &b.digest)
+                .link_existing_blob(&repo, &b.digest, b.size)
                 .await?
                 .is_some()
             {

@@ -106,7 +106,22 @@ pub struct Registry {
     /// be recorded (the database did not answer): upload id → repository, digest, size. The
     /// client was told to try again; its next `PUT` (or status request) finds the upload here.
     unlinked: Arc<std::sync::Mutex<std::collections::HashMap<String, Unlinked>>>,
+    /// Linked blobs found missing or damaged in the store, for a connected registry's sync
+    /// to fetch again from its parent.
+    damage: Arc<Damage>,
 }
+
+/// Blobs found damaged, kept for [`Registry::take_damaged`] once a connected registry's sync
+/// asked for them ([`Registry::repair_from_parent`]); no one repairs them at the root.
+#[derive(Default)]
+struct Damage {
+    wanted: std::sync::atomic::AtomicBool,
+    found: std::sync::Mutex<std::collections::HashMap<Digest, (RepoName, u64)>>,
+    notify: tokio::sync::Notify,
+}
+
+/// The most damaged blobs kept for repair at once; more are found again at their next read.
+const DAMAGE_KEPT: usize = 1000;
 
 /// An upload committed to the blob store but not linked: its repository, digest and size.
 type Unlinked = (RepoName, Digest, u64);
@@ -251,6 +266,7 @@ impl Registry {
             pins: Arc::default(),
             gc_running: Arc::default(),
             unlinked: Arc::default(),
+            damage: Arc::default(),
         })
     }
 
@@ -410,8 +426,8 @@ impl Registry {
     pub async fn blob_size_checked(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         let size = self.blob_size(repo, digest).await?;
         match self.storage.blob_size(digest).await? {
-            None => missing_file(repo, digest),
-            Some(n) if n != size => damaged_file(repo, digest, n, size),
+            None => self.damaged(repo, digest, None, size),
+            Some(n) if n != size => self.damaged(repo, digest, Some(n), size),
             Some(_) => return Ok(size),
         }
         Err(RegistryError::BlobUnknown(digest.clone()))
@@ -429,23 +445,23 @@ impl Registry {
         let size = self.blob_size(repo, digest).await?;
         match self.storage.read_blob(digest, range).await {
             Err(StorageError::BlobUnknown(_)) => {
-                missing_file(repo, digest);
+                self.damaged(repo, digest, None, size);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
             // A file of another size than the blob (cut short on disk) is answered as
             // unknown, like a missing one, not with a body that ends before its length.
             Ok(BlobBody::Mapped(b)) if range.is_none() && b.len() as u64 != size => {
-                damaged_file(repo, digest, b.len() as u64, size);
+                self.damaged(repo, digest, Some(b.len() as u64), size);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
             // The same for an object in a store, whatever the range.
             Ok(BlobBody::Streamed { object_size, .. }) if object_size != size => {
-                damaged_file(repo, digest, object_size, size);
+                self.damaged(repo, digest, Some(object_size), size);
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
             Err(e) => match self.storage.blob_size(digest).await {
                 Ok(Some(n)) if n != size => {
-                    damaged_file(repo, digest, n, size);
+                    self.damaged(repo, digest, Some(n), size);
                     Err(RegistryError::BlobUnknown(digest.clone()))
                 }
                 _ => Err(e.into()),
@@ -487,7 +503,7 @@ impl Registry {
             Some(n) if n == size => {}
             None => return Ok(None),
             Some(n) => {
-                damaged_file(from, digest, n, size);
+                self.damaged(from, digest, Some(n), size);
                 return Ok(None);
             }
         }
@@ -496,16 +512,25 @@ impl Registry {
     }
 
     /// Links a blob that is already in the local store (under any repository) into `repo`,
-    /// so sync never downloads what it has. Returns its size, or `None` if it is not stored.
+    /// so sync never downloads what it has. `size` is what the manifest's descriptor says:
+    /// a stored copy of another size (cut short or grown by storage damage) is not linked,
+    /// so the caller fetches the blob again, which replaces it. Returns the size, or `None`
+    /// if no whole copy is stored.
     pub async fn link_existing_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        size: u64,
     ) -> Result<Option<u64>> {
         let _gate = self.blob_gate_shared().await?;
-        let Some(size) = self.storage.blob_size(digest).await? else {
-            return Ok(None);
-        };
+        match self.storage.blob_size(digest).await? {
+            None => return Ok(None),
+            Some(n) if n != size => {
+                tracing::warn!(repository = %repo, %digest, stored = n, size, "a stored blob has another size than its descriptor says (storage damage, or a wrong descriptor); it is fetched again");
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
         self.meta.link_blob(repo.as_str(), digest, size).await?;
         Ok(Some(size))
     }
@@ -1356,13 +1381,59 @@ impl Registry {
     }
 }
 
-/// A blob's file is `on_disk` bytes where the blob has `size`: damaged like a missing one.
-fn damaged_file(repo: &RepoName, digest: &Digest, on_disk: u64, size: u64) {
-    tracing::error!(repository = %repo, %digest, on_disk, size, "a linked blob's file has the wrong size (storage damage); it is answered as unknown until it is pushed again");
-}
+impl Registry {
+    /// A blob the metadata links has no file (`on_disk` is `None`: a disk error, a file
+    /// deleted by hand) or a file of `on_disk` bytes where the blob has `size` (cut short):
+    /// storage damage. It is answered as unknown, so the next push of it repairs it; at a
+    /// connected registry it is also kept for the sync to fetch again from the parent.
+    fn damaged(&self, repo: &RepoName, digest: &Digest, on_disk: Option<u64>, size: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.blob_damaged();
+        let repaired = self.damage.wanted.load(Relaxed);
+        let until = match repaired {
+            true => "until it is fetched again from the parent",
+            false => "until it is pushed again",
+        };
+        match on_disk {
+            None => {
+                tracing::error!(repository = %repo, %digest, "a linked blob has no file in the store (storage damage); it is answered as unknown {until}")
+            }
+            Some(n) => {
+                tracing::error!(repository = %repo, %digest, on_disk = n, size, "a linked blob's file has the wrong size (storage damage); it is answered as unknown {until}")
+            }
+        }
+        if repaired {
+            let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
+            if found.len() < DAMAGE_KEPT && !found.contains_key(digest) {
+                found.insert(digest.clone(), (repo.clone(), size));
+                self.damage.notify.notify_one();
+            }
+        }
+    }
 
-/// A blob the metadata links has no file: the store was damaged (a disk error, a file deleted
-/// by hand). Answered as unknown, so the next push of it repairs it.
-fn missing_file(repo: &RepoName, digest: &Digest) {
-    tracing::error!(repository = %repo, %digest, "a linked blob has no file in the store (storage damage); it is answered as unknown until it is pushed again");
+    /// Whether the store holds a whole copy of blob `digest` (`size` bytes), linked or not.
+    pub async fn holds_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
+        Ok(self.storage.blob_size(digest).await? == Some(size))
+    }
+
+    /// Called by a connected registry's sync: from now on, blobs found damaged are kept for
+    /// [`Self::take_damaged`].
+    pub fn repair_from_parent(&self) {
+        self.damage
+            .wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The blobs found damaged since the last call: a repository that links each, the digest
+    /// and the size its metadata records.
+    pub fn take_damaged(&self) -> Vec<(RepoName, Digest, u64)> {
+        let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
+        found.drain().map(|(d, (r, n))| (r, d, n)).collect()
+    }
+
+    /// Returns once a damaged blob was found since the last [`Self::take_damaged`] (at once if
+    /// one was found while no one waited).
+    pub async fn damage_found(&self) {
+        self.damage.notify.notified().await;
+    }
 }

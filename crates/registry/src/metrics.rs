@@ -167,6 +167,8 @@ pub struct Metrics {
     request_bytes: Family<RouteLabels, Counter>,
     response_bytes: Family<RouteLabels, Counter>,
     upload_bytes: Counter,
+    blobs_damaged: Counter,
+    blobs_repaired: Counter,
     gc_runs: Counter,
     gc_blobs: Counter,
     gc_bytes: Counter,
@@ -226,6 +228,8 @@ impl Metrics {
             request_bytes: Family::default(),
             response_bytes: Family::default(),
             upload_bytes: Counter::default(),
+            blobs_damaged: Counter::default(),
+            blobs_repaired: Counter::default(),
             gc_runs: Counter::default(),
             gc_blobs: Counter::default(),
             gc_bytes: Counter::default(),
@@ -276,6 +280,11 @@ impl Metrics {
             "Bytes received into upload sessions: client pushes, and blobs a connected registry fetches from its parent",
             m.upload_bytes.clone(),
         );
+        r.register(
+            "blobs_damaged",
+            "Reads that found a linked blob missing from the store or of the wrong size (storage damage)",
+            m.blobs_damaged.clone(),
+        );
         r.register("gc_runs", "Garbage collections run", m.gc_runs.clone());
         r.register(
             "gc_blobs_removed",
@@ -316,6 +325,11 @@ impl Metrics {
             "sync_failures",
             "Sync iterations that failed",
             m.sync_failures.clone(),
+        );
+        sync.register(
+            "sync_blobs_repaired",
+            "Blobs found damaged in this connected registry's store and fetched again from its parent",
+            m.blobs_repaired.clone(),
         );
         sync.register(
             "sync_skipped_manifests",
@@ -498,6 +512,16 @@ impl Metrics {
     /// How many manifests the connected registry has skipped (its parent cannot serve them).
     pub fn sync_skipped(&self, n: usize) {
         self.sync_skipped.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A linked blob found missing or damaged in the store.
+    pub fn blob_damaged(&self) {
+        self.blobs_damaged.inc();
+    }
+
+    /// A damaged blob fetched again from the parent.
+    pub fn blob_repaired(&self) {
+        self.blobs_repaired.inc();
     }
 
     /// Events pruned from the event log.

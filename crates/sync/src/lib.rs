@@ -429,6 +429,9 @@ struct Child {
     /// write arrives, what this site's clients replaced. Entries go once the feed has
     /// passed them.
     sent_tags: Mutex<std::collections::HashMap<(String, String), i64>>,
+    /// Damaged blobs the parent could not serve again, and when: not asked for again for
+    /// [`REPAIR_QUIET`], however often clients read them meanwhile.
+    unrepaired: Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
 }
 
 /// What to do about a sync token the parent refused, from its answer.
@@ -1323,10 +1326,12 @@ pub async fn start(
         progressed: std::sync::atomic::AtomicBool::new(false),
         up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
         sent_tags: Mutex::default(),
+        unrepaired: Mutex::default(),
     });
     let gc = child.gc.subscribe();
     let scope = child.scope.subscribe();
     child.registry.metrics().sync_started();
+    child.registry.repair_from_parent();
     child.apply_config(&config).await?;
     child
         .control
@@ -1439,8 +1444,10 @@ pub async fn start_mirror(
         progressed: std::sync::atomic::AtomicBool::new(false),
         up_piece: std::sync::atomic::AtomicU64::new(UP_PIECE_BYTES),
         sent_tags: Mutex::default(),
+        unrepaired: Mutex::default(),
     });
     child.registry.metrics().sync_started();
+    child.registry.repair_from_parent();
     let task = tokio::spawn(child.run());
     Ok(Started {
         read_only: true,
@@ -1582,7 +1589,10 @@ impl Child {
                 if let Err(e) = self.retry_skipped(&cfg).await {
                     tracing::warn!(error = %e, "retrying skipped manifests failed; retrying later");
                 }
-                let mirrored = self.reconcile(&cfg).await;
+                let mirrored = match self.repair_damaged().await {
+                    Ok(()) => self.reconcile(&cfg).await,
+                    Err(e) => Err(e),
+                };
                 // No parent hears a mirror's report: the metric is where skips show.
                 self.registry
                     .metrics()
@@ -1629,7 +1639,19 @@ impl Child {
                     }
                 }
                 self.progressed.store(false, Relaxed);
-                tokio::time::sleep(interval).await;
+                let next = tokio::time::sleep(interval);
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        () = &mut next => break,
+                        // Fetched again at once, not an interval later.
+                        () = self.registry.damage_found() => {
+                            if let Err(e) = self.repair_damaged().await {
+                                tracing::debug!(error = %as_mirror(&e), "fetching a damaged blob again failed; it is tried at its next read");
+                            }
+                        }
+                    }
+                }
             }
         }
         let mut backoff = Duration::from_secs(1);
@@ -1951,6 +1973,7 @@ impl Child {
         // Before any reconcile: when the list of skipped manifests is full, a reconcile stops
         // at the next one, and only retries can make room.
         self.retry_skipped(&cfg).await?;
+        self.repair_damaged().await?;
         let (cursor, mark) = match self.cursor()? {
             Some(c) if !cfg.resync_requested => {
                 // Repositories added to the scope: the feed only carries what changes from
@@ -2011,18 +2034,21 @@ impl Child {
                 .await
                 .map_err(|e| self.deactivated_if_refused(e))
         };
-        let feed = if cfg.mode == "ReadWrite" {
-            // A local client's change ends the wait: it goes up at once instead of after the
-            // long-poll (up to sync_poll_secs).
+        tokio::pin!(poll);
+        let read_write = cfg.mode == "ReadWrite";
+        let feed = loop {
             tokio::select! {
-                feed = poll => feed?,
-                Ok(()) = local.changed() => {
+                feed = &mut poll => break feed?,
+                // A local client's change ends the wait: it goes up at once instead of after
+                // the long-poll (up to sync_poll_secs).
+                Ok(()) = local.changed(), if read_write => {
                     tracing::debug!("a local change interrupts the wait for the parent's messages");
                     return Ok(());
                 }
+                // A damaged blob a client's pull found is fetched again at once, not after
+                // the long-poll.
+                () = self.registry.damage_found() => self.repair_damaged().await?,
             }
-        } else {
-            poll.await?
         };
         match feed {
             Feed::Expired { latest } => {
@@ -3391,19 +3417,73 @@ impl Child {
         ended
     }
 
+    /// Fetches again from the parent the blobs the registry found missing or cut short in the
+    /// local store (a client's pull of them was answered `BLOB_UNKNOWN`): nothing is pushed
+    /// to a ReadOnly site, so without this a damaged blob would stay unknown here for good.
+    /// One the parent cannot serve is given up for [`REPAIR_QUIET`]; one a broken link cut
+    /// off is found again at its next read and tried then.
+    async fn repair_damaged(&self) -> Result<()> {
+        for (repo, digest, size) in self.registry.take_damaged() {
+            let now = std::time::Instant::now();
+            let quiet = self
+                .unrepaired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&digest)
+                .is_some_and(|t| now.duration_since(*t) < REPAIR_QUIET);
+            // Mended already: a pull that found it damaged again while it was being fetched.
+            if quiet || self.registry.holds_blob(&digest, size).await? {
+                continue;
+            }
+            match self.fetch_blob_once(&repo, &digest, size).await {
+                Ok(()) => {
+                    tracing::info!(repository = %repo, %digest, size, "a damaged blob was fetched again from the parent");
+                    self.registry.metrics().blob_repaired();
+                }
+                Err(
+                    e @ (SyncError::Unreachable { .. }
+                    | SyncError::Interrupted { .. }
+                    | SyncError::WindowClosed),
+                ) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(repository = %repo, %digest, error = %e, "a damaged blob could not be fetched again from the parent; it stays unknown here until it is pushed again");
+                    let mut unrepaired = self.unrepaired.lock().unwrap_or_else(|p| p.into_inner());
+                    unrepaired.retain(|_, t| now.duration_since(*t) < REPAIR_QUIET);
+                    unrepaired.insert(digest, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Makes blob `digest` (of `size` bytes, as its descriptor says) present in `repo`: linked
     /// if stored already, else downloaded. Small blobs come in one request and are stored in
     /// one step; larger ones go in pieces into an upload whose id survives restarts, resuming
     /// with `Range`.
     async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
-        if self.registry.blob_size_checked(repo, digest).await.is_ok() {
-            // Linked again, which marks it recently used: until its manifest is stored it is
-            // referenced by nothing, and garbage collection spares only recent blobs. An image
-            // that takes several sync windows keeps what earlier windows fetched as long as
-            // the windows come more often than gc_min_age_secs.
-            self.registry.link_existing_blob(repo, digest).await?;
+        // Linked again, which marks it recently used: until its manifest is stored it is
+        // referenced by nothing, and garbage collection spares only recent blobs. An image
+        // that takes several sync windows keeps what earlier windows fetched as long as the
+        // windows come more often than gc_min_age_secs.
+        if self
+            .registry
+            .blob_size_checked(repo, digest)
+            .await
+            .is_ok_and(|n| n == size)
+            && self
+                .registry
+                .link_existing_blob(repo, digest, size)
+                .await?
+                .is_some()
+        {
             return Ok(());
         }
+        self.fetch_blob_once(repo, digest, size).await
+    }
+
+    /// [`Self::fetch_blob`], one task at a time per digest: another that needs the same blob
+    /// waits, then finds it stored.
+    async fn fetch_blob_once(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         let gate = self
             .fetching
             .lock()
@@ -3430,7 +3510,7 @@ impl Child {
                 .join(format!("{}-{}", digest.algorithm(), digest.hex()));
         if self
             .registry
-            .link_existing_blob(repo, digest)
+            .link_existing_blob(repo, digest, size)
             .await?
             .is_some()
         {
@@ -3613,6 +3693,10 @@ tokio::task_local! {
     /// followed by recursion.
     static NESTING: usize;
 }
+
+/// How long a damaged blob the parent could not serve is left alone before it is asked for
+/// again: [`Child::repair_damaged`].
+const REPAIR_QUIET: Duration = Duration::from_secs(300);
 
 /// The deepest chain of manifests followed (real ones are 2 or 3 deep).
 const MAX_NESTING: usize = 64;
