@@ -23,6 +23,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=OUTPOST_NO_PACKED_RELOCS");
     println!("cargo:rerun-if-env-changed=NO_HOT_LAYOUT");
     println!("cargo:rerun-if-changed=link/hot-symbols.txt");
+    commit_id();
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     let linux_gnu = os == "linux" && env == "gnu";
@@ -53,6 +54,37 @@ fn main() {
             None => hot_layout(),
         }
     }
+}
+
+/// `BUILT_FROM_COMMIT`: the commit the binary is built from (12 hex digits), or empty outside a
+/// git checkout (a source tarball) or without git. The version every node shows and reports
+/// to its parent carries it, so an operator can tell builds of one release apart. (Not an
+/// `OUTPOST_*` name: `cargo test` sets it for the tests too, and their servers would refuse it.)
+fn commit_id() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_default();
+    // Built again when HEAD moves: a new commit on the branch changes the branch's ref (loose
+    // or packed), a checkout changes HEAD. Only paths that exist are named: cargo would run a
+    // build script with a missing one every time.
+    if !commit.is_empty() {
+        let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+        for what in ["HEAD", "packed-refs"].into_iter().chain(branch.as_deref()) {
+            if let Some(p) = git(&["rev-parse", "--git-path", what])
+                && std::path::Path::new(&p).exists()
+            {
+                println!("cargo:rerun-if-changed={p}");
+            }
+        }
+    }
+    println!("cargo:rustc-env=BUILT_FROM_COMMIT={commit}");
 }
 
 /// `name` with `Cs<base62>_` and `B<base62>_` turned into `Cs*_` and `B*_`. Matching

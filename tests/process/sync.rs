@@ -1070,6 +1070,27 @@ async fn a_restarted_site_reports_its_status_at_once() {
     })
     .await;
     assert_ne!(site.addr, first);
+    // The version tells builds of one release apart: it names the commit built.
+    let built = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let built = String::from_utf8(built.stdout).unwrap();
+    assert_eq!(
+        Some(format!("outpost {}", show()["version"].as_str().unwrap()).as_str()),
+        built.lines().next()
+    );
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git, to know the commit built");
+    assert!(head.status.success(), "the tests run from a git checkout");
+    let head = String::from_utf8(head.stdout).unwrap();
+    assert!(
+        built.contains(&format!("+{}", head.trim())),
+        "{built} does not name commit {head}"
+    );
 }
 
 /// A site restarted while its link is stalled (the parent's address takes connections and

@@ -80,8 +80,11 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
 }
 
 /// Entry point of the `outpost` binary.
-pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+/// Runs the command line. `version` is the build's (the release, and the commit it was built
+/// from when known), shown by `--version`, the status page and reported to a parent.
+pub fn main(version: String) -> ExitCode {
+    let version = outpost_registry::set_version(version);
+    let matches = Cli::command().version(version).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

@@ -286,7 +286,7 @@ async fn serve(config: Config, log: LogHandle) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), "outpost listening");
+    tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), blobs = %registry.blob_store(), version = outpost_registry::version(), "outpost listening");
 
     let sync = match &config.connection_string {
         None if config.upstream_url.is_some() => {

@@ -434,7 +434,17 @@ pub struct Control {
     relay_failed: Mutex<Option<std::time::Instant>>,
     /// Counts access-control changes, for those who wait on them ([`Control::subscribe`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// A login was refused: at a connected registry, its copy of the tokens may be older than
+    /// the parent's ([`Control::logins_refused`]).
+    refused: tokio::sync::Notify,
+    /// When `refused` was last notified: at most every [`REFUSED_NOTICE`].
+    refused_noticed: Mutex<Option<std::time::Instant>>,
 }
+
+/// The least time between two [`Control::logins_refused`] wake-ups: a client that keeps
+/// sending a wrong password makes a connected registry ask its parent for its configuration
+/// at most this often.
+const REFUSED_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `token a, b and c`, or for a long list `1234 tokens (a, b, c, d, e, …)`: an error message
 /// stays readable however many there are.
@@ -498,6 +508,8 @@ impl Control {
             upstream: RwLock::new(None),
             relay_failed: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            refused: tokio::sync::Notify::new(),
+            refused_noticed: Mutex::default(),
         }
     }
 
@@ -662,6 +674,7 @@ impl Control {
     ) -> Result<(Arc<Identity>, Option<i64>)> {
         let Some(id) = self.identity(user).await? else {
             check_slots(pass, [None, None], &self.password_checks).await;
+            self.login_refused();
             return Err(ControlError::BadCredentials);
         };
         let now = now_ms();
@@ -695,6 +708,8 @@ impl Control {
                         refused.clear();
                     }
                     refused.insert(user.to_string(), now);
+                    drop(refused);
+                    self.login_refused();
                     return Err(ControlError::BadCredentials);
                 };
                 let Some(hash) = hashes[s] else {
@@ -727,6 +742,25 @@ impl Control {
             });
         }
         Ok((id, expiry))
+    }
+
+    fn login_refused(&self) {
+        let mut last = self
+            .refused_noticed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= REFUSED_NOTICE) {
+            *last = Some(std::time::Instant::now());
+            self.refused.notify_one();
+        }
+    }
+
+    /// Returns once a login was refused here (an unknown token, or a wrong password), at most
+    /// once per 10 s. A connected registry's sync then asks its parent for the configuration
+    /// at once: the token or password may have been made at the root a moment ago, and a
+    /// parent of an earlier version does not end the long-poll for it.
+    pub async fn logins_refused(&self) {
+        self.refused.notified().await;
     }
 
     /// When `token` last came with a wrong password (Unix ms), since this process started.

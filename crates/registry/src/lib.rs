@@ -120,6 +120,21 @@ struct Damage {
     notify: tokio::sync::Notify,
 }
 
+static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the build's version for [`version`], once (the binary's `main` does); returns it.
+pub fn set_version(version: String) -> &'static str {
+    VERSION.get_or_init(|| version)
+}
+
+/// The build's version: the release, with `+<commit>` when the binary knows it (tests that
+/// run the server in-process see the release alone).
+pub fn version() -> &'static str {
+    VERSION
+        .get()
+        .map_or(env!("CARGO_PKG_VERSION"), String::as_str)
+}
+
 /// The most damaged blobs kept for repair at once; more are found again at their next read.
 const DAMAGE_KEPT: usize = 1000;
 

@@ -75,7 +75,7 @@ pub(crate) async fn page(State(app): State<App>) -> Response {
          <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
          td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><body>\
          <h1>Outpost {}</h1><p>Role: <b>{}</b>{}</p>",
-        esc(env!("CARGO_PKG_VERSION")),
+        esc(outpost_registry::version()),
         match &app.upstream {
             Some(upstream) => format!("mirror of {}", esc(upstream)),
             None if me.connected_registry => "connected registry".into(),

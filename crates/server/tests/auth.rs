@@ -1754,3 +1754,52 @@ async fn a_clock_ahead_of_the_roots_does_not_shorten_access_tokens() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.json()["expires_in"], 300, "{:?}", r.body);
 }
+
+/// A refused login wakes whoever waits for one (a connected registry's sync, which then asks
+/// its parent for the configuration at once: the password may be a minute old), at most
+/// once per 10 s however many follow.
+#[tokio::test]
+async fn a_refused_login_is_signalled_at_most_every_ten_seconds() {
+    let t = setup_default().await;
+    let pw = token(&t, "reader", &["repositories/app/content/read"]).await;
+    let wait = |t: &T| {
+        let control = t.control.clone();
+        tokio::spawn(async move { control.logins_refused().await })
+    };
+    let mut waiter = wait(&t);
+    let tags = |auth: String| {
+        let t = &t;
+        async move {
+            t.req_as(
+                Some(&auth),
+                Method::GET,
+                "/v2/app/tags/list",
+                &[],
+                Body::empty(),
+            )
+            .await
+            .status
+        }
+    };
+    assert_ne!(tags(basic("reader", &pw)).await, StatusCode::UNAUTHORIZED);
+    let quiet = std::time::Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(quiet, &mut waiter).await.is_err(),
+        "an accepted login is not a refusal"
+    );
+    assert_eq!(
+        tags(basic("reader", "not-the-password")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("a wrong password is signalled")
+        .unwrap();
+    // Right after: an unknown token is refused, and not signalled again yet.
+    let waiter = wait(&t);
+    assert_eq!(
+        tags(basic("no-such-token", "x")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(tokio::time::timeout(quiet, waiter).await.is_err());
+}

@@ -1848,7 +1848,7 @@ impl Child {
                     Outcome::Failed => Some("Failed".into()),
                 },
                 status_details: Some(details),
-                version: Some(env!("CARGO_PKG_VERSION").into()),
+                version: Some(outpost_registry::version().into()),
                 login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
                 cursor_lag: lag,
                 outbox_depth,
@@ -1901,7 +1901,7 @@ impl Child {
                 // What this process is and where it serves, and what waits to go up, at
                 // every contact: after a restart or a long outage the root shows it at once,
                 // not at the next change.
-                version: Some(env!("CARGO_PKG_VERSION").into()),
+                version: Some(outpost_registry::version().into()),
                 login_server: (!self.login_server.is_empty()).then(|| self.login_server.clone()),
                 outbox_depth: self.outbox_depth().await,
                 // The clock found off, or set right, since the last report: the details
@@ -2048,6 +2048,13 @@ impl Child {
                 // A damaged blob a client's pull found is fetched again at once, not after
                 // the long-poll.
                 () = self.registry.damage_found() => self.repair_damaged().await?,
+                // A login refused here (a child's sync token, a client token) may use a
+                // password or token made at the root a moment ago: the next iteration asks
+                // for the configuration at once.
+                () = self.control.logins_refused() => {
+                    tracing::debug!("a login was refused; asking the parent for the configuration");
+                    return Ok(());
+                }
             }
         };
         match feed {

@@ -159,7 +159,7 @@ fn client(
     // request is not sent on a connection the parent is just closing.
     // Named, so the parent's operator can tell whose requests these are.
     let mut b = reqwest::Client::builder()
-        .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION"), " (sync)"))
+        .user_agent(format!("outpost/{} (sync)", outpost_registry::version()))
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(30));
     if let Some(t) = read_timeout {
