@@ -811,3 +811,94 @@ pub fn metric(text: &str, name: &str) -> Option<i64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
 }
+
+/// What a [`RewriteProxy`] does to an answer: given the request's path and query and the
+/// answer's body, a new body, or `None` to pass it on as it is.
+pub type Rewrite = Arc<dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
+/// An HTTP proxy in front of `target` that passes every request on and lets a test rewrite
+/// the bodies of the answers: a parent that sends what no real one does. Bodies are held
+/// whole, so keep what passes through small.
+pub struct RewriteProxy {
+    pub addr: String,
+    rewrite: Arc<Mutex<Option<Rewrite>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RewriteProxy {
+    pub async fn start(target: &str) -> RewriteProxy {
+        use axum::extract::{Request, State};
+        use axum::response::Response;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the rewriting proxy");
+        let addr = listener.local_addr().expect("address").to_string();
+        let rewrite: Arc<Mutex<Option<Rewrite>>> = Arc::default();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let state = (client, format!("http://{target}"), rewrite.clone());
+        type St = (reqwest::Client, String, Arc<Mutex<Option<Rewrite>>>);
+        async fn pass(State((client, target, rewrite)): State<St>, req: Request) -> Response {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            let method = req.method().clone();
+            let mut headers = req.headers().clone();
+            headers.remove(axum::http::header::HOST);
+            let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+                .await
+                .unwrap_or_default();
+            let answer = client
+                .request(method, format!("{target}{path}"))
+                .headers(headers)
+                .body(body)
+                .send()
+                .await;
+            let Ok(answer) = answer else {
+                return Response::builder()
+                    .status(502)
+                    .body(axum::body::Body::empty())
+                    .expect("response");
+            };
+            let status = answer.status();
+            let mut headers = answer.headers().clone();
+            let body = answer.bytes().await.unwrap_or_default();
+            let f = rewrite.lock().unwrap().clone();
+            let body = match f.and_then(|f| f(&path, &body)) {
+                Some(new) => new.into(),
+                None => body,
+            };
+            for h in ["content-length", "transfer-encoding", "connection"] {
+                headers.remove(h);
+            }
+            let mut r = Response::new(axum::body::Body::from(body));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r
+        }
+        let app = axum::Router::new().fallback(pass).with_state(state);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        RewriteProxy {
+            addr,
+            rewrite,
+            server,
+        }
+    }
+
+    /// Rewrites answers from now on (replacing any earlier rewrite).
+    pub fn rewrite(&self, f: impl Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static) {
+        *self.rewrite.lock().unwrap() = Some(Arc::new(f));
+    }
+}
+
+impl Drop for RewriteProxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -5786,3 +5786,62 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
     assert_eq!(answer.status(), 200);
     assert_eq!(support::sha256_hex(&answer.bytes().await.unwrap()), small);
 }
+
+/// A scope from a parent of a later version, with an entry this build cannot read (a new
+/// kind of pattern): a ReadOnly site deletes nothing that entry might cover, and says why.
+#[tokio::test]
+async fn a_scope_entry_this_build_cannot_read_deletes_nothing() {
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    push_image(&admin, &r, "app", "v1", "in-scope").await;
+    let other = push_image(&admin, &r, "other", "v1", "covered-by-a-new-pattern").await;
+    let cs = connected(
+        &root,
+        "site-future",
+        &["--repository", "app", "other", "--mode", "ReadOnly"],
+    );
+    let proxy = support::RewriteProxy::start(&root.addr).await;
+    let cs = via(&cs, &proxy.addr);
+    let local = client_as("admin", SITE_PASSWORD);
+    let synced = {
+        let site = start_site(site_dir.path(), &cs);
+        let s = site.base();
+        eventually("the site holds both repositories", || async {
+            tag_digest(&local, &s, "other", "v1").await.as_deref() == Some(other.as_str())
+        })
+        .await;
+        metric(&site, "outpost_sync_last_success_timestamp_seconds").await
+    };
+    // The parent now names `other` with a pattern this build does not know.
+    proxy.rewrite(|path, body| {
+        path.ends_with("/config").then(|| {
+            String::from_utf8_lossy(body)
+                .replace("\"other\"", "\"other/**\"")
+                .into_bytes()
+        })
+    });
+    let site = start_site(site_dir.path(), &cs);
+    let s = site.base();
+    // The first iteration after a start is the one that deletes what left the scope.
+    eventually("a sync iteration passes", || async {
+        metric(&site, "outpost_sync_last_success_timestamp_seconds").await > synced
+    })
+    .await;
+    let log = site.log();
+    assert!(log.contains("this build cannot read"), "{log}");
+    assert!(
+        log.contains("no repository is deleted as out of scope"),
+        "{log}"
+    );
+    assert!(
+        local
+            .head(format!("{s}/v2/other/manifests/{other}"))
+            .send()
+            .await
+            .is_ok_and(|a| a.status() != 404),
+        "the site deleted `other`"
+    );
+}

@@ -1503,6 +1503,16 @@ impl Child {
     /// Installs the client tokens and the descendants (their resources and sync tokens), so
     /// this node authenticates its clients and serves its children, also offline.
     async fn apply_config(&self, cfg: &SyncConfig) -> Result<()> {
+        let unreadable: Vec<&str> = cfg
+            .repositories
+            .iter()
+            .filter(|r| RepoPattern::parse(r).is_err())
+            .map(String::as_str)
+            .take(10)
+            .collect();
+        if !unreadable.is_empty() {
+            tracing::warn!(entries = ?unreadable, "the parent's scope has repositories or patterns this build cannot read (a parent of a later version?); they are not synced");
+        }
         let scope = outpost_control::connected::SyncScope::of(cfg);
         self.scope.send_if_modified(|s| {
             let changed = *s != scope;
@@ -2803,11 +2813,19 @@ impl Child {
     /// A ReadOnly site is a strict mirror: repositories no longer in its scope are deleted
     /// (a ReadWrite site keeps them: they may hold its own pushes).
     async fn prune_out_of_scope(&self, cfg: &SyncConfig) -> Result<()> {
-        let patterns: Vec<RepoPattern> = cfg
+        let Ok(patterns) = cfg
             .repositories
             .iter()
-            .filter_map(|r| RepoPattern::parse(r).ok())
-            .collect();
+            .map(|r| RepoPattern::parse(r))
+            .collect::<std::result::Result<Vec<_>, _>>()
+        else {
+            // A scope this build cannot read whole (a parent of a later version with a new
+            // kind of pattern, say): what it does not understand may cover what is here.
+            tracing::warn!(
+                "the parent's scope has entries this build cannot read; no repository is deleted as out of scope"
+            );
+            return Ok(());
+        };
         for repo in self.registry.catalog(None, None).await? {
             if !patterns.iter().any(|p| p.matches(&repo))
                 && let Ok(name) = repo.parse::<RepoName>()
