@@ -5845,3 +5845,45 @@ async fn a_scope_entry_this_build_cannot_read_deletes_nothing() {
         "the site deleted `other`"
     );
 }
+
+/// A parent that sends more of a large blob than its descriptor says (a proxy that appends,
+/// a parent that sends without end): the site stops reading at the descriptor's size, keeps
+/// nothing of it, and after the same twice skips the image as damaged at the parent.
+#[tokio::test]
+async fn a_large_blob_longer_than_its_descriptor_is_cut_off_and_skipped() {
+    const SIZE: usize = 3 << 20;
+    let root_dir = tempfile::tempdir().unwrap();
+    let site_dir = tempfile::tempdir().unwrap();
+    let root = Outpost::start(root_dir.path(), &[]);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    let r = root.base();
+    let layer = support::push_big_image(&admin, &r, "app", "long", SIZE).await;
+    let proxy = support::RewriteProxy::start(&root.addr).await;
+    let path = format!("/blobs/{layer}");
+    proxy.rewrite(move |p, body| {
+        p.ends_with(&path).then(|| {
+            let mut longer = body.to_vec();
+            longer.extend(std::iter::repeat_n(0u8, 2 << 20));
+            longer
+        })
+    });
+    let cs = connected(&root, "site-long", &["--repository", "app"]);
+    let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
+    eventually("the root shows the image skipped as damaged at the parent", || async {
+        shows_detail(
+            &root,
+            "site-long",
+            "ParentContentMissing",
+            &format!("is longer than the {SIZE} bytes its descriptor says"),
+        )
+    })
+    .await;
+    let local = client_as("admin", SITE_PASSWORD);
+    assert_eq!(blob_len(&local, &site.base(), "app", &layer).await, None);
+    let held: u64 = std::fs::read_dir(site_dir.path().join("uploads"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(held <= SIZE as u64, "the site kept {held} bytes of uploads");
+}
