@@ -5869,14 +5869,17 @@ async fn a_large_blob_longer_than_its_descriptor_is_cut_off_and_skipped() {
     });
     let cs = connected(&root, "site-long", &["--repository", "app"]);
     let site = start_site(site_dir.path(), &via(&cs, &proxy.addr));
-    eventually("the root shows the image skipped as damaged at the parent", || async {
-        shows_detail(
-            &root,
-            "site-long",
-            "ParentContentMissing",
-            &format!("is longer than the {SIZE} bytes its descriptor says"),
-        )
-    })
+    eventually(
+        "the root shows the image skipped as damaged at the parent",
+        || async {
+            shows_detail(
+                &root,
+                "site-long",
+                "ParentContentMissing",
+                &format!("is longer than the {SIZE} bytes its descriptor says"),
+            )
+        },
+    )
     .await;
     let local = client_as("admin", SITE_PASSWORD);
     assert_eq!(blob_len(&local, &site.base(), "app", &layer).await, None);

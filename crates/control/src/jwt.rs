@@ -56,7 +56,9 @@ pub enum JwtError {
     NotYetValid,
     #[error("access token is for {0:?}, not this registry")]
     Audience(String),
-    #[error("access token was issued before the token's passwords changed; request a new one")]
+    #[error(
+        "access token was issued for a password of the token that was generated again or deleted since; request a new one"
+    )]
     CredentialsChanged,
     #[error("access token was issued for token {0:?}, which no longer exists; log in again")]
     TokenDeleted(String),

@@ -187,9 +187,14 @@ pub struct Identity {
     pub enabled: bool,
     pub perms: Permissions,
     passwords: [PasswordRow; 2],
-    /// Changes whenever a password of the token is generated or deleted: access tokens carry
-    /// it, so one issued before a rotation stops working at once instead of at its expiry.
+    /// Changes whenever a password of the token is generated or deleted. Access tokens of
+    /// earlier versions carry it (and [`Control::issue`] still does): any rotation ends them.
     credential_version: String,
+    /// One per password slot, changing when that password is generated or deleted: an access
+    /// token carries the one of the password it was bought with, so it stops working at once
+    /// when that password changes, instead of at its expiry, and keeps working while the
+    /// other one is rotated (the rotation ACR's two passwords exist for).
+    password_versions: [String; 2],
 }
 
 /// A short digest of a token's password hashes (see [`Identity::credential_version`]).
@@ -199,10 +204,29 @@ fn credential_version(passwords: &[PasswordRow; 2]) -> String {
         h.update(p.hash.as_deref().unwrap_or("-").as_bytes());
         h.update([0u8]);
     }
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    short_hex(&h.finalize())
+}
+
+/// A short digest of password slot `slot`'s hash (see [`Identity::password_versions`]).
+fn password_version(slot: usize, password: &PasswordRow) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update([b'1' + slot as u8, 0]);
+    h.update(password.hash.as_deref().unwrap_or("-").as_bytes());
+    short_hex(&h.finalize())
+}
+
+fn short_hex(digest: &[u8]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A login [`Control::authenticate_until`] verified: which password matched, and when it
+/// expires.
+#[derive(Debug, Clone, Copy)]
+pub struct Login {
+    /// When the password expires (Unix milliseconds; `None`: never), which bounds an access
+    /// token issued for it.
+    pub until: Option<i64>,
+    slot: usize,
 }
 
 /// Who is making a request.
@@ -647,6 +671,10 @@ impl Control {
                     enabled: t.status == "enabled",
                     perms,
                     credential_version: credential_version(&t.passwords),
+                    password_versions: [
+                        password_version(0, &t.passwords[0]),
+                        password_version(1, &t.passwords[1]),
+                    ],
                     passwords: t.passwords,
                 }))
             }
@@ -671,7 +699,7 @@ impl Control {
         &self,
         user: &str,
         pass: &str,
-    ) -> Result<(Arc<Identity>, Option<i64>)> {
+    ) -> Result<(Arc<Identity>, Login)> {
         let Some(id) = self.identity(user).await? else {
             check_slots(pass, [None, None], &self.password_checks).await;
             self.login_refused();
@@ -741,7 +769,13 @@ impl Control {
                 at,
             });
         }
-        Ok((id, expiry))
+        Ok((
+            id,
+            Login {
+                until: expiry,
+                slot,
+            },
+        ))
     }
 
     fn login_refused(&self) {
@@ -807,11 +841,9 @@ impl Control {
         if !identity.enabled {
             return Err(ControlError::Disabled(identity.name.clone()));
         }
-        if claims
-            .cv
-            .as_ref()
-            .is_some_and(|cv| *cv != identity.credential_version)
-        {
+        if claims.cv.as_ref().is_some_and(|cv| {
+            *cv != identity.credential_version && !identity.password_versions.contains(cv)
+        }) {
             return Err(ControlError::Jwt(jwt::JwtError::CredentialsChanged));
         }
         Ok(Principal::Bearer { identity, claims })
@@ -820,20 +852,33 @@ impl Control {
     /// Issues an access token for `identity` covering the requested scopes
     /// (`repository:<name>:pull,push,delete`, `registry:catalog:*`), each reduced to what the
     /// token's scope map allows.
+    /// It stops working when any of the token's passwords changes.
     pub fn issue(&self, identity: &Identity, scopes: &[String], service: &str) -> AccessToken {
-        self.issue_until(identity, scopes, service, None)
+        self.issue_token(identity, scopes, service, None)
     }
 
-    /// [`Control::issue`] for credentials valid until `until` (Unix milliseconds, from
-    /// [`Control::authenticate_until`]): the token expires then at the latest, so an expired
-    /// password is not extended by the access token it bought.
-    pub fn issue_until(
+    /// [`Control::issue`] for a login [`Control::authenticate_until`] verified: the access
+    /// token expires with the password at the latest (an expired password is not extended by
+    /// the access token it bought), and stops working when that password is generated again
+    /// or deleted, not when the other one is.
+    pub fn issue_for(
+        &self,
+        identity: &Identity,
+        login: &Login,
+        scopes: &[String],
+        service: &str,
+    ) -> AccessToken {
+        self.issue_token(identity, scopes, service, Some(login))
+    }
+
+    fn issue_token(
         &self,
         identity: &Identity,
         scopes: &[String],
         service: &str,
-        until: Option<i64>,
+        login: Option<&Login>,
     ) -> AccessToken {
+        let until = login.and_then(|l| l.until);
         let mut access = Vec::new();
         for scope in scopes.iter().flat_map(|s| s.split(' ')) {
             let Some((kind, rest)) = scope.split_once(':') else {
@@ -900,7 +945,10 @@ impl Control {
             iat: now,
             jti: hex_id(),
             access,
-            cv: Some(identity.credential_version.clone()),
+            cv: Some(match login {
+                Some(l) => identity.password_versions[l.slot].clone(),
+                None => identity.credential_version.clone(),
+            }),
         };
         let token = self.signer.sign(&claims);
         AccessToken {

@@ -391,13 +391,13 @@ async fn token(app: &App, req: Request) -> Result<Response, ApiError> {
             "authentication required: log in with a token name and password (docker login -u <token> -p <password>)",
         ));
     };
-    let (identity, until) = match app.control.authenticate_until(&user, &pass).await {
+    let (identity, login) = match app.control.authenticate_until(&user, &pass).await {
         Ok(found) => found,
         Err(e) => return Err(login_error(app, e).await),
     };
     let issued = app
         .control
-        .issue_until(&identity, &scopes, &app.auth.service, until);
+        .issue_for(&identity, &login, &scopes, &app.auth.service);
     let body = serde_json::to_vec(&issued).unwrap_or_default();
     Ok(Response::builder()
         .status(StatusCode::OK)
