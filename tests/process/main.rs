@@ -211,6 +211,24 @@ async fn data_survives_graceful_restart_and_sigterm_exits_cleanly() {
         .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().await.unwrap().to_vec(), blob);
+
+    // Its metadata database lost (cut to nothing, or deleted) beside the blobs: a start is
+    // refused rather than serving an empty registry, and nothing in the directory changes.
+    drop(o);
+    let meta = dir.path().join("meta.db");
+    for lose in ["empty", "missing"] {
+        match lose {
+            "empty" => std::fs::File::create(&meta).map(drop).unwrap(),
+            _ => std::fs::remove_file(&meta).unwrap(),
+        }
+        let err = crate::blobstore::failing_start(dir.path(), &[]);
+        assert!(
+            err.contains(&format!("is {lose}: starting would serve an empty registry"))
+                && err.contains("Restore meta.db from a backup"),
+            "{err}"
+        );
+        assert_eq!(meta.exists(), lose == "empty");
+    }
 }
 
 #[tokio::test]

@@ -153,6 +153,32 @@ pub(crate) fn check_data_dir_owner(config: &Config) -> anyhow::Result<()> {
             config.data_dir.join(DATABASE_MARKER).display()
         );
     }
+    // The metadata database lost (deleted, or cut to nothing by a disk or an operator) beside
+    // what a registry left: a start would make a new, empty one and serve an empty registry
+    // beside the old blobs, and a connected registry would lose its place in its own event
+    // log (its outbox cursor then points past events it will never send up).
+    let meta = config.data_dir.join("meta.db");
+    let lost = match std::fs::metadata(&meta) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+        Ok(m) if m.len() == 0 => Some("empty"),
+        _ => None,
+    };
+    if config.database_url.is_none()
+        && let Some(lost) = lost
+        && let Some(left) = ["blob-store", "keys/access-token.key", "sync/instance-id"]
+            .into_iter()
+            .find(|f| config.data_dir.join(f).exists())
+    {
+        anyhow::bail!(
+            "the data directory {} was used before (it holds {left}), but its metadata \
+             database {} is {lost}: starting would serve an empty registry beside the old \
+             blobs. Restore meta.db from a backup (docs/storage-layout.md, \"Backing up and \
+             restoring\"), or start on an empty data directory (a connected registry fetches \
+             everything again from its parent; a ReadWrite one loses what it had not sent up)",
+            config.data_dir.display(),
+            meta.display(),
+        );
+    }
     // A connected registry's directory started without its connection string would take
     // pushes as a root that its parent never sees (and a ReadOnly one would then serve tags
     // its parent does not have).

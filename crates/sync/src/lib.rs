@@ -794,22 +794,27 @@ impl RefusedList {
     /// policy; what they protected was reported as `OutboxEntryRefused`).
     const MAX: usize = 10_000;
 
-    fn load(dir: &Path) -> RefusedList {
+    /// An unreadable list stops the sync, like an unreadable outbox cursor: starting a new
+    /// one would let the next full reconciliation delete the changes it protected, which
+    /// exist nowhere else.
+    fn load(dir: &Path) -> Result<RefusedList> {
         let path = dir.join("refused.json");
-        let items = read_state(&path)
-            .ok()
-            .flatten()
-            .map(|s| {
-                serde_json::from_str(&s).unwrap_or_else(|e| {
-                    tracing::warn!(path = %path.display(), error = %e, "the list of refused local changes is unreadable; starting a new one");
-                    Default::default()
-                })
-            })
-            .unwrap_or_default();
-        RefusedList {
+        let items = match read_state(&path)? {
+            None => Default::default(),
+            Some(s) => serde_json::from_str(&s).map_err(|e| SyncError::State {
+                path: path.clone(),
+                cause: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{e}: it lists this site's pushes its parent refused, which exist only here and which a full reconciliation would otherwise delete as gone from the parent; restore it from a backup, or remove it to let the parent's content win"
+                    ),
+                ),
+            })?,
+        };
+        Ok(RefusedList {
             path,
             items: Mutex::new(items),
-        }
+        })
     }
 
     fn update(&self, f: impl FnOnce(&mut std::collections::BTreeSet<RefusedChange>)) -> Result<()> {
@@ -1296,7 +1301,7 @@ pub async fn start(
     }
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
-    let refused = RefusedList::load(&dir);
+    let refused = RefusedList::load(&dir)?;
     let child = Arc::new(Child {
         role: Role::Gateway,
         parent,
@@ -1412,7 +1417,7 @@ pub async fn start_mirror(
     let config_gc = config.garbage_collection.clone();
     let notices = Notices::load(&dir);
     let skipped = SkipList::load(&dir);
-    let refused = RefusedList::load(&dir);
+    let refused = RefusedList::load(&dir)?;
     let child = Arc::new(Child {
         role: Role::Plain {
             interval: opts.interval,
@@ -3941,6 +3946,29 @@ mod tests {
             let e = read_outbox_cursor(&path).unwrap_err().to_string();
             assert!(
                 e.contains("outbox-cursor") && e.contains("not an event number"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_list_of_refused_changes_is_an_error_not_a_new_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = RefusedList::load(dir.path()).unwrap();
+        assert!(!list.has_tag("local", "v7", "sha256:00"));
+        list.add(RefusedChange {
+            repository: "local".into(),
+            tag: Some("v7".into()),
+            digest: "sha256:00".into(),
+        })
+        .unwrap();
+        let again = RefusedList::load(dir.path()).unwrap();
+        assert!(again.has_tag("local", "v7", "sha256:00"));
+        for bad in ["", "{{{", "\0\0\0\0"] {
+            std::fs::write(dir.path().join("refused.json"), bad).unwrap();
+            let e = RefusedList::load(dir.path()).err().unwrap().to_string();
+            assert!(
+                e.contains("refused.json") && e.contains("restore it from a backup"),
                 "{e}"
             );
         }
