@@ -223,8 +223,9 @@ async fn data_survives_graceful_restart_and_sigterm_exits_cleanly() {
         }
         let err = crate::blobstore::failing_start(dir.path(), &[]);
         assert!(
-            err.contains(&format!("is {lose}: starting would serve an empty registry"))
-                && err.contains("Restore meta.db from a backup"),
+            err.contains(&format!(
+                "is {lose}: starting would serve an empty registry"
+            )) && err.contains("Restore meta.db from a backup"),
             "{err}"
         );
         assert_eq!(meta.exists(), lose == "empty");

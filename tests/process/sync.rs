@@ -5890,3 +5890,55 @@ async fn a_large_blob_longer_than_its_descriptor_is_cut_off_and_skipped() {
         .sum();
     assert!(held <= SIZE as u64, "the site kept {held} bytes of uploads");
 }
+
+/// A layer a ReadWrite site's client pushed, damaged at the site before it went up in a way
+/// that kept its size (zeroed sectors): the parent refuses it as not matching its digest.
+/// The site checks its own copy, removes it (its clients no longer get the bad bytes), and
+/// reports the change refused instead of sending the blob again for ever, so the changes
+/// behind it go up.
+#[tokio::test]
+async fn a_local_push_damaged_before_it_went_up_is_refused_not_resent_for_ever() {
+    let (_root_dir, site_dir, root, proxy, site) =
+        readwrite_site_behind_proxy("site-rotten", &["app"]).await;
+    let s = site.base();
+    let site_admin = client_as("admin", SITE_PASSWORD);
+    let admin = client_as("admin", ADMIN_PASSWORD);
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    push_image(&site_admin, &s, "app", "rotten", "zeroed-at-the-site").await;
+    let layer: Vec<u8> = "zeroed-at-the-site".bytes().cycle().take(300_000).collect();
+    let hex = support::sha256_hex(&layer);
+    let hex = hex.trim_start_matches("sha256:");
+    let file = site_dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    std::fs::write(&file, vec![0u8; layer.len()]).unwrap();
+    let good = push_image(&site_admin, &s, "app", "after", "pushed-after-the-damage").await;
+    proxy
+        .blocked
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = root.base();
+    eventually(
+        "the push behind the damaged one reaches the root",
+        || async { tag_digest(&admin, &r, "app", "after").await.as_deref() == Some(good.as_str()) },
+    )
+    .await;
+    eventually("the root shows the damaged push refused", || async {
+        shows_detail(&root, "site-rotten", "OutboxEntryRefused", "rotten")
+    })
+    .await;
+    assert!(!file.exists(), "the damaged copy is still at the site");
+    assert_eq!(
+        blob_len(&site_admin, &s, "app", &format!("sha256:{hex}")).await,
+        None
+    );
+    assert!(
+        site.log()
+            .contains("a stored blob does not hash to its digest"),
+        "{}",
+        site.log()
+    );
+}

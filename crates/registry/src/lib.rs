@@ -118,7 +118,12 @@ struct Damage {
     wanted: std::sync::atomic::AtomicBool,
     found: std::sync::Mutex<std::collections::HashMap<Digest, (RepoName, u64)>>,
     notify: tokio::sync::Notify,
+    /// When each damaged blob was last logged: once a minute, however often it is read.
+    logged: std::sync::Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
 }
+
+/// How often the same damaged blob is logged.
+const DAMAGE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -1409,7 +1414,22 @@ impl Registry {
             true => "until it is fetched again from the parent",
             false => "until it is pushed again",
         };
+        let log = {
+            let mut logged = self.damage.logged.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if logged.len() >= DAMAGE_KEPT {
+                logged.retain(|_, t| now.duration_since(*t) < DAMAGE_LOG_EVERY);
+            }
+            match logged.get(digest) {
+                Some(t) if now.duration_since(*t) < DAMAGE_LOG_EVERY => false,
+                _ => {
+                    logged.insert(digest.clone(), now);
+                    true
+                }
+            }
+        };
         match on_disk {
+            _ if !log => {}
             None => {
                 tracing::error!(repository = %repo, %digest, "a linked blob has no file in the store (storage damage); it is answered as unknown {until}")
             }
@@ -1424,6 +1444,59 @@ impl Registry {
                 self.damage.notify.notify_one();
             }
         }
+    }
+
+    /// Hashes the stored copy of blob `digest`, read whole: only for a copy found suspect
+    /// (its parent refused it as not matching its digest). A copy that does not hash to its
+    /// digest (damage that kept its size: flipped bits, zeroed sectors) is deleted, logged and
+    /// counted as storage damage, so from now on it is answered as unknown and the next push
+    /// of it (at a connected registry, a fetch from the parent) replaces it. Returns whether
+    /// the copy was whole.
+    pub async fn verify_stored_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        use futures_util::StreamExt as _;
+        let actual = match self.storage.read_blob(digest, None).await? {
+            BlobBody::Mapped(bytes) => {
+                let algorithm = digest.algorithm();
+                tokio::task::spawn_blocking(move || Digest::of(algorithm, &bytes))
+                    .await
+                    .map_err(|e| StorageError::Io {
+                        path: self.storage.layout().blob(digest),
+                        cause: std::io::Error::other(e),
+                    })?
+            }
+            BlobBody::Streamed { mut stream, .. } => {
+                let mut hasher = outpost_oci::Digester::new(digest.algorithm());
+                while let Some(piece) = stream.next().await {
+                    hasher.update(&piece.map_err(|e| StorageError::Io {
+                        path: self.storage.layout().blob(digest),
+                        cause: e,
+                    })?);
+                }
+                hasher.finish()
+            }
+        };
+        if &actual == digest {
+            return Ok(true);
+        }
+        self.metrics.blob_damaged();
+        tracing::error!(repository = %repo, %digest, %actual, "a stored blob does not hash to its digest (storage damage that kept its size); it is removed and answered as unknown until it arrives again");
+        {
+            let _gate = self.blob_gate_shared().await?;
+            self.storage.delete_blob(digest).await?;
+        }
+        if self
+            .damage
+            .wanted
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let size = self.blob_size(repo, digest).await.unwrap_or_default();
+            let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
+            if found.len() < DAMAGE_KEPT {
+                found.insert(digest.clone(), (repo.clone(), size));
+                self.damage.notify.notify_one();
+            }
+        }
+        Ok(false)
     }
 
     /// Whether the store holds a whole copy of blob `digest` (`size` bytes), linked or not.

@@ -429,8 +429,8 @@ struct Child {
     /// write arrives, what this site's clients replaced. Entries go once the feed has
     /// passed them.
     sent_tags: Mutex<std::collections::HashMap<(String, String), i64>>,
-    /// Damaged blobs the parent could not serve again, and when: not asked for again for
-    /// [`REPAIR_QUIET`], however often clients read them meanwhile.
+    /// Damaged blobs that could not be fetched again, and until when they are left alone
+    /// ([`REPAIR_QUIET`], [`REPAIR_RETRY`]), however often clients read them meanwhile.
     unrepaired: Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
 }
 
@@ -2681,11 +2681,21 @@ impl Child {
             write_state(&marker, format!("{repo} {loc}"))?;
         }
         let finished = match self.parent.finish_upload(&loc, &d).await {
-            // The bytes were verified here, so a mismatch means the parent's copy went wrong
-            // (a bad resume point, a corrupting link): send it again, whole, next time.
+            // The bytes were verified when they arrived here, so a mismatch means the parent's
+            // copy went wrong (a bad resume point, a corrupting link): send it again, whole,
+            // next time. Unless this site's copy went bad since (damage that kept its size):
+            // sending that again would fail for ever and hold up every change behind it. It
+            // is removed, and the change is refused like one whose blob is missing here.
             Err(SyncError::Parent { code, .. })
                 if code == "DIGEST_INVALID" || code == "BLOB_UPLOAD_INVALID" =>
             {
+                let _ = std::fs::remove_file(&marker);
+                self.parent.cancel_upload(&loc).await;
+                if !self.registry.verify_stored_blob(repo, digest).await? {
+                    return Err(SyncError::Registry(RegistryError::BlobUnknown(
+                        digest.clone(),
+                    )));
+                }
                 Err(SyncError::Protocol(format!(
                     "the parent's copy of blob {digest} did not verify ({code}); it is sent again"
                 )))
@@ -3450,8 +3460,9 @@ impl Child {
     /// Fetches again from the parent the blobs the registry found missing or cut short in the
     /// local store (a client's pull of them was answered `BLOB_UNKNOWN`): nothing is pushed
     /// to a ReadOnly site, so without this a damaged blob would stay unknown here for good.
-    /// One the parent cannot serve is given up for [`REPAIR_QUIET`]; one a broken link cut
-    /// off is found again at its next read and tried then.
+    /// One the parent cannot serve is left alone for [`REPAIR_QUIET`], one that failed here
+    /// (a full disk, say) for [`REPAIR_RETRY`]; one a broken link cut off is found again at
+    /// its next read and tried then.
     async fn repair_damaged(&self) -> Result<()> {
         for (repo, digest, size) in self.registry.take_damaged() {
             let now = std::time::Instant::now();
@@ -3460,7 +3471,7 @@ impl Child {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&digest)
-                .is_some_and(|t| now.duration_since(*t) < REPAIR_QUIET);
+                .is_some_and(|until| now < *until);
             // Mended already: a pull that found it damaged again while it was being fetched.
             if quiet || self.registry.holds_blob(&digest, size).await? {
                 continue;
@@ -3476,10 +3487,19 @@ impl Child {
                     | SyncError::WindowClosed),
                 ) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(repository = %repo, %digest, error = %e, "a damaged blob could not be fetched again from the parent; it stays unknown here until it is pushed again");
+                    let wait = match parent_lacks_content(&e) {
+                        true => {
+                            tracing::warn!(repository = %repo, %digest, error = %e, "the parent cannot serve a damaged blob either; it stays unknown here, and is asked for again at a read a minute from now");
+                            REPAIR_QUIET
+                        }
+                        false => {
+                            tracing::warn!(repository = %repo, %digest, error = %e, "a damaged blob could not be fetched again; it is tried again at a read 10 s from now");
+                            REPAIR_RETRY
+                        }
+                    };
                     let mut unrepaired = self.unrepaired.lock().unwrap_or_else(|p| p.into_inner());
-                    unrepaired.retain(|_, t| now.duration_since(*t) < REPAIR_QUIET);
-                    unrepaired.insert(digest, now);
+                    unrepaired.retain(|_, until| now < *until);
+                    unrepaired.insert(digest, now + wait);
                 }
             }
         }
@@ -3725,8 +3745,11 @@ tokio::task_local! {
 }
 
 /// How long a damaged blob the parent could not serve is left alone before it is asked for
-/// again: [`Child::repair_damaged`].
-const REPAIR_QUIET: Duration = Duration::from_secs(300);
+/// again: [`Child::repair_damaged`]. Short, since a parent may be mending its own copy (an
+/// intermediate node that found the same damage).
+const REPAIR_QUIET: Duration = Duration::from_secs(60);
+/// The same for a fetch that failed here (a full disk, a path that is not a file).
+const REPAIR_RETRY: Duration = Duration::from_secs(10);
 
 /// The deepest chain of manifests followed (real ones are 2 or 3 deep).
 const MAX_NESTING: usize = 64;
