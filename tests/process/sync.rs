@@ -5785,6 +5785,25 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
         .unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(support::sha256_hex(&answer.bytes().await.unwrap()), small);
+
+    // Paths that are no readable file: a directory, a symbolic link loop (as an unreadable
+    // sector would be, a read error rather than a missing file). Unknown, then mended.
+    std::fs::remove_file(file(&big)).unwrap();
+    std::fs::create_dir(file(&big)).unwrap();
+    std::fs::remove_file(file(&small)).unwrap();
+    std::os::unix::fs::symlink(file(&small), file(&small)).unwrap();
+    for (digest, layer_len) in [(&big, SIZE), (&small, small_layer.len())] {
+        let answer = local
+            .get(format!("{s}/v2/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "an unreadable blob is unknown");
+        eventually("the unreadable layer is mended", || async {
+            blob_len(&local, &s, "app", digest).await == Some(layer_len)
+        })
+        .await;
+    }
 }
 
 /// A scope from a parent of a later version, with an entry this build cannot read (a new

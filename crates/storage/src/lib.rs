@@ -68,6 +68,18 @@ impl StorageError {
     }
 }
 
+/// Whether an error opening or reading a blob file means the file is damaged rather than the
+/// system short of something: an I/O error (a bad sector), a symbolic link loop, a directory
+/// where the file should be (which cannot be mapped: `ENODEV`). Such a blob counts as missing
+/// (see [`Storage::blob_size`]).
+fn unreadable(e: &io::Error) -> bool {
+    const EIO: i32 = 5;
+    const ENODEV: i32 = 19;
+    const EISDIR: i32 = 21;
+    const ELOOP: i32 = 40;
+    matches!(e.raw_os_error(), Some(EIO | ENODEV | EISDIR | ELOOP))
+}
+
 /// Writes a small file whole or not at all: temp file, fsync, rename, fsync of the directory.
 fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -361,15 +373,18 @@ impl Storage {
         &self.layout
     }
 
-    /// Size of a stored blob, or `None` if absent.
+    /// Size of a stored blob, or `None` if absent. A path that is no readable file (a
+    /// directory, a symbolic link loop, an I/O error: damage) counts as absent, so the blob is
+    /// answered as unknown and stored again over it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
         if let Some(r) = &self.remote {
             return r.size(digest).await;
         }
         let path = self.layout.blob(digest);
         match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_dir() => Ok(None),
             Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || unreadable(&e) => Ok(None),
             Err(e) => Err(io_err(path)(e)),
         }
     }
@@ -390,7 +405,7 @@ impl Storage {
         let range = range.map(|r| (r.start as usize, r.end as usize + 1));
         match self.mapped.slice(digest, &path, range).await {
             Err(StorageError::Io { cause: source, .. })
-                if source.kind() == io::ErrorKind::NotFound =>
+                if source.kind() == io::ErrorKind::NotFound || unreadable(&source) =>
             {
                 Err(StorageError::BlobUnknown(digest.clone()))
             }
@@ -625,7 +640,7 @@ impl Storage {
                     actual,
                 });
             }
-            if std::fs::metadata(&dst).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            if std::fs::metadata(&dst).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
                 return Ok(bytes.len() as u64);
             }
             let written = std::fs::write(&path, &bytes)

@@ -388,13 +388,18 @@ pub(crate) fn publish(src: &Path, dst: &Path, fsync: bool) -> Result<()> {
     let dir = dst
         .parent()
         .ok_or_else(|| io_err(dst)(io::Error::other("blob path has no parent")))?;
-    if let Ok(existing) = std::fs::metadata(dst) {
+    if let Ok(existing) = std::fs::symlink_metadata(dst) {
         let len = std::fs::metadata(src).map_err(io_err(src))?.len();
-        if existing.len() == len {
+        let whole = existing.is_file() && existing.len() == len;
+        if whole {
             std::fs::remove_file(src).map_err(io_err(src))?;
             return Ok(());
         }
         tracing::warn!(path = %dst.display(), on_disk = existing.len(), verified = len, "replacing a damaged blob file with the bytes just verified");
+        // A directory where the file should be: a rename cannot replace it.
+        if existing.is_dir() {
+            std::fs::remove_dir_all(dst).map_err(io_err(dst))?;
+        }
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     std::fs::rename(src, dst).map_err(io_err(dst))?;
