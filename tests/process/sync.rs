@@ -5778,6 +5778,9 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
         tag_digest(&local, &s, "app2", "v1").await.as_deref() == Some(image.as_str())
     })
     .await;
+    // Arrivals are logged, for an operator watching the site.
+    let arrived = format!("a tag arrived from the parent repository=app2 tag=v1 digest={image}");
+    assert!(site.log().contains(&arrived), "{}", site.log());
     let answer = local
         .get(format!("{s}/v2/app2/blobs/{small}"))
         .send()

@@ -3201,6 +3201,12 @@ impl Child {
             .registry
             .get_manifest(repo, &Reference::Digest(d))
             .await?;
+        let before = self
+            .registry
+            .get_manifest(repo, &Reference::Tag(tag.clone()))
+            .await
+            .ok()
+            .map(|b| b.digest);
         self.registry
             .put_manifest(
                 repo,
@@ -3209,6 +3215,17 @@ impl Child {
                 &m.content,
             )
             .await?;
+        // What an operator watching a site wants to see: content arriving.
+        if before.as_ref() != Some(&m.digest) {
+            match before {
+                Some(was) => {
+                    tracing::info!(repository = %repo, %tag, digest = %m.digest, %was, "a tag moved at the parent arrived")
+                }
+                None => {
+                    tracing::info!(repository = %repo, %tag, digest = %m.digest, "a tag arrived from the parent")
+                }
+            }
+        }
         Ok(())
     }
 
