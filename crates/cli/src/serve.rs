@@ -163,11 +163,24 @@ pub(crate) fn check_data_dir_owner(config: &Config) -> anyhow::Result<()> {
         Ok(m) if m.len() == 0 => Some("empty"),
         _ => None,
     };
+    // (Not `blob-store`: a first start that failed, at an object store say, leaves that
+    // record and nothing else.)
+    let blob_file = || {
+        let sha = config.data_dir.join("blobs").join("sha256");
+        std::fs::read_dir(sha).ok().is_some_and(|dirs| {
+            dirs.flatten().any(|d| {
+                std::fs::read_dir(d.path())
+                    .ok()
+                    .is_some_and(|mut files| files.next().is_some())
+            })
+        })
+    };
     if config.database_url.is_none()
         && let Some(lost) = lost
-        && let Some(left) = ["blob-store", "keys/access-token.key", "sync/instance-id"]
+        && let Some(left) = ["keys/access-token.key", "sync/instance-id"]
             .into_iter()
             .find(|f| config.data_dir.join(f).exists())
+            .or_else(|| blob_file().then_some("blobs"))
     {
         anyhow::bail!(
             "the data directory {} was used before (it holds {left}), but its metadata \
