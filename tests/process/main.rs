@@ -216,6 +216,19 @@ async fn data_survives_graceful_restart_and_sigterm_exits_cleanly() {
     // refused rather than serving an empty registry, and nothing in the directory changes.
     drop(o);
     let meta = dir.path().join("meta.db");
+    // Cut in half (a disk that lost its end): said at once, not after a pool's time-out.
+    let len = std::fs::metadata(&meta).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&meta)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = crate::blobstore::failing_start(dir.path(), &[]);
+    assert!(
+        err.contains("meta.db is damaged") && err.contains("restore it from a backup"),
+        "{err}"
+    );
     for lose in ["empty", "missing"] {
         match lose {
             "empty" => std::fs::File::create(&meta).map(drop).unwrap(),

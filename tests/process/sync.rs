@@ -5744,10 +5744,7 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
         })
         .await;
     }
-    assert_eq!(
-        metric(&site, "outpost_sync_blobs_repaired_total").await,
-        2
-    );
+    assert_eq!(metric(&site, "outpost_sync_blobs_repaired_total").await, 2);
     assert!(metric(&site, "outpost_blobs_damaged_total").await >= 2);
     assert!(
         site.log()
@@ -5798,6 +5795,23 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
         })
         .await;
     }
+
+    // Lost at the parent too: the site cannot mend it, and the root shows that.
+    let at_root = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        root_dir
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    std::fs::remove_file(at_root(&small)).unwrap();
+    std::fs::remove_file(file(&small)).unwrap();
+    assert_eq!(blob_len(&local, &s, "app", &small).await, None);
+    eventually("the root shows the damage the site cannot mend", || async {
+        shows_detail(&root, "site-rot", "StorageDamage", &small)
+    })
+    .await;
 }
 
 /// A scope from a parent of a later version, with an entry this build cannot read (a new

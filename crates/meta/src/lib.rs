@@ -55,6 +55,13 @@ pub enum MetaError {
     },
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
+    /// The SQLite file is not a database, or a damaged one.
+    #[error(
+        "the metadata database {path} is damaged ({cause}): restore it from a backup \
+         (docs/storage-layout.md, \"Backing up and restoring\"); a connected registry can \
+         instead start on an empty data directory and fetch everything again from its parent"
+    )]
+    Damaged { path: String, cause: String },
     /// A planned change no longer fits the rows it was planned on.
     #[error("metadata changed while a change was planned: {0}")]
     Stale(String),
@@ -530,6 +537,37 @@ impl Meta {
     /// Opens (creating and migrating if needed) the SQLite database at `path`.
     pub async fn open(path: &Path) -> Result<Meta> {
         sqlx::any::install_default_drivers();
+        // A damaged file fails every connection a pool opens, and the pool retries until its
+        // acquire timeout and then reports only that it timed out: one connection first says
+        // what is wrong, at once.
+        {
+            use sqlx::Connection as _;
+            let damaged = |e: sqlx::Error| match e.as_database_error() {
+                Some(d)
+                    if matches!(d.code().as_deref(), Some("11" | "26"))
+                        || d.message().contains("malformed")
+                        || d.message().contains("not a database") =>
+                {
+                    MetaError::Damaged {
+                        path: path.display().to_string(),
+                        cause: d.message().to_string(),
+                    }
+                }
+                _ => MetaError::Db(e),
+            };
+            let mut probe = sqlx::AnyConnection::connect(&sqlite_url(path, "rwc")?)
+                .await
+                .map_err(damaged)?;
+            probe
+                .execute("PRAGMA journal_mode = WAL")
+                .await
+                .map_err(damaged)?;
+            probe
+                .execute("SELECT count(*) FROM sqlite_master")
+                .await
+                .map_err(damaged)?;
+            let _ = probe.close().await;
+        }
         let write = pool_options()
             .max_connections(1)
             .after_connect(|conn, _| {

@@ -429,9 +429,10 @@ struct Child {
     /// write arrives, what this site's clients replaced. Entries go once the feed has
     /// passed them.
     sent_tags: Mutex<std::collections::HashMap<(String, String), i64>>,
-    /// Damaged blobs that could not be fetched again, and until when they are left alone
-    /// ([`REPAIR_QUIET`], [`REPAIR_RETRY`]), however often clients read them meanwhile.
-    unrepaired: Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
+    /// Damaged blobs that could not be fetched again, until one is: shown as `StorageDamage`
+    /// status details, and left alone until their `until` ([`REPAIR_QUIET`],
+    /// [`REPAIR_RETRY`]), however often clients read them meanwhile.
+    unrepaired: Mutex<std::collections::HashMap<Digest, Unrepaired>>,
 }
 
 /// What to do about a sync token the parent refused, from its answer.
@@ -1816,6 +1817,7 @@ impl Child {
             .collect();
         details.extend(self.notices.current());
         details.extend(self.skipped.details());
+        details.extend(self.damage_details());
         let offset = outpost_control::clock::offset_ms();
         if offset.abs() >= outpost_control::clock::SKEW_WORTH_SAYING_MS {
             // Handled (this node goes by the parent's time), but the operator should know.
@@ -3488,7 +3490,7 @@ impl Child {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&digest)
-                .is_some_and(|until| now < *until);
+                .is_some_and(|u| now < u.until);
             // Mended already: a pull that found it damaged again while it was being fetched.
             if quiet || self.registry.holds_blob(&digest, size).await? {
                 continue;
@@ -3497,6 +3499,15 @@ impl Child {
                 Ok(()) => {
                     tracing::info!(repository = %repo, %digest, size, "a damaged blob was fetched again from the parent");
                     self.registry.metrics().blob_repaired();
+                    let shown = self
+                        .unrepaired
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&digest)
+                        .is_some();
+                    if shown {
+                        self.damage_changed().await;
+                    }
                 }
                 Err(
                     e @ (SyncError::Unreachable { .. }
@@ -3514,13 +3525,78 @@ impl Child {
                             REPAIR_RETRY
                         }
                     };
-                    let mut unrepaired = self.unrepaired.lock().unwrap_or_else(|p| p.into_inner());
-                    unrepaired.retain(|_, until| now < *until);
-                    unrepaired.insert(digest, now + wait);
+                    let new = {
+                        let mut unrepaired =
+                            self.unrepaired.lock().unwrap_or_else(|p| p.into_inner());
+                        let since = unrepaired
+                            .get(&digest)
+                            .map_or_else(now_rfc3339, |u| u.since.clone());
+                        let new = !unrepaired.contains_key(&digest);
+                        if !new || unrepaired.len() < DAMAGE_KEPT_HERE {
+                            unrepaired.insert(
+                                digest,
+                                Unrepaired {
+                                    repo,
+                                    reason: e.to_string(),
+                                    since,
+                                    until: now + wait,
+                                },
+                            );
+                        }
+                        new
+                    };
+                    if new {
+                        self.damage_changed().await;
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The parent shows the damage this node could not mend at once, and stops showing it once
+    /// mended, not at the next change.
+    async fn damage_changed(&self) {
+        if matches!(self.role, Role::Gateway)
+            && let Err(e) = self.report("Online", Outcome::Progress).await
+        {
+            tracing::debug!(error = %e, "could not report storage damage to the parent");
+        }
+        self.current_details();
+    }
+
+    /// `StorageDamage` details: blobs damaged here that could not be fetched again.
+    fn damage_details(&self) -> Vec<StatusDetail> {
+        let unrepaired = self.unrepaired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shown: Vec<(&Digest, &Unrepaired)> = unrepaired.iter().collect();
+        shown.sort_by(|a, b| a.1.since.cmp(&b.1.since).then(a.0.cmp(b.0)));
+        let mut details: Vec<StatusDetail> = shown
+            .iter()
+            .take(DAMAGE_SHOWN)
+            .map(|(digest, u)| StatusDetail {
+                kind: "Sync".into(),
+                code: "StorageDamage".into(),
+                description: format!(
+                    "blob {digest} of {} is damaged in this registry's store and could not be fetched again ({}); its clients get BLOB_UNKNOWN for it. It is tried again when read",
+                    u.repo, u.reason
+                ),
+                timestamp: Some(u.since.clone()),
+                correlation_id: None,
+            })
+            .collect();
+        if shown.len() > DAMAGE_SHOWN {
+            details.push(StatusDetail {
+                kind: "Sync".into(),
+                code: "StorageDamage".into(),
+                description: format!(
+                    "{} more damaged blobs could not be fetched again (see the registry's log)",
+                    shown.len() - DAMAGE_SHOWN
+                ),
+                timestamp: None,
+                correlation_id: None,
+            });
+        }
+        details
     }
 
     /// Makes blob `digest` (of `size` bytes, as its descriptor says) present in `repo`: linked
@@ -3760,6 +3836,19 @@ tokio::task_local! {
     /// followed by recursion.
     static NESTING: usize;
 }
+
+/// A damaged blob that could not be fetched again: [`Child::repair_damaged`].
+struct Unrepaired {
+    repo: RepoName,
+    reason: String,
+    since: String,
+    until: std::time::Instant,
+}
+
+/// The most damaged blobs shown one by one in the status; more are counted.
+const DAMAGE_SHOWN: usize = 10;
+/// The most damaged blobs remembered as not fetched again.
+const DAMAGE_KEPT_HERE: usize = 1000;
 
 /// How long a damaged blob the parent could not serve is left alone before it is asked for
 /// again: [`Child::repair_damaged`]. Short, since a parent may be mending its own copy (an
