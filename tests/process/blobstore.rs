@@ -440,7 +440,7 @@ async fn blobs_live_in_the_object_store(kind: Kind) {
     assert_eq!(r.status(), 503);
     let text = r.text().await.unwrap();
     assert!(text.contains(&store.url(prefix)), "{text}");
-    let layer: Vec<u8> = "object-store".bytes().cycle().take(300_000).collect();
+    let layer = crate::support::seed_layer("object-store");
     let (status, body) = get_bytes(
         &c,
         &o,
@@ -656,7 +656,7 @@ async fn a_damaged_object_is_replaced_by_the_next_push(kind: Kind) {
     let c = client_as("admin", ADMIN_PASSWORD);
     let base = o.base();
     push_image(&c, &base, "app", "v1", "damaged-layer").await;
-    let layer: Vec<u8> = "damaged-layer".bytes().cycle().take(300_000).collect();
+    let layer = crate::support::seed_layer("damaged-layer");
     let layer_digest = sha256_hex(&layer);
     let big: Vec<u8> = (0..12u32 << 20).map(|i| (i % 241) as u8).collect();
     let big_digest = sha256_hex(&big);

@@ -285,6 +285,18 @@ pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, blob: &[u8])
     assert_eq!(r.status(), 201, "blob push to {base}");
 }
 
+/// The layer [`push_image`] makes from `seed`.
+pub fn seed_layer(seed: &str) -> Vec<u8> {
+    seed.bytes().cycle().take(300_000).collect()
+}
+
+/// Where the data directory `data_dir` keeps the file of blob `digest` (`sha256:…`), on
+/// local disk (docs/storage-layout.md).
+pub fn blob_file(data_dir: &Path, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
 /// Pushes a one-layer image (contents derived from `seed`) as `repo:tag`; returns its digest.
 pub async fn push_image(
     c: &reqwest::Client,
@@ -294,7 +306,7 @@ pub async fn push_image(
     seed: &str,
 ) -> String {
     let config = format!("{{\"seed\":\"{seed}\"}}").into_bytes();
-    let layer: Vec<u8> = seed.bytes().cycle().take(300_000).collect();
+    let layer = seed_layer(seed);
     for blob in [&config, &layer] {
         push_blob(c, base, repo, blob).await;
     }

@@ -3779,15 +3779,9 @@ async fn an_image_the_parent_cannot_serve_is_skipped_and_arrives_once_repaired()
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     // The layer `push_image` makes from a seed, and losing its file at the root.
-    let layer = |seed: &str| -> Vec<u8> { seed.bytes().cycle().take(300_000).collect() };
+    let layer = support::seed_layer;
     let lose = |seed: &str| {
-        let d = support::sha256_hex(&layer(seed));
-        let hex = d.trim_start_matches("sha256:");
-        let path = root_dir
-            .path()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex);
+        let path = support::blob_file(root_dir.path(), &support::sha256_hex(&layer(seed)));
         std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     };
     let good = push_image(&admin, &r, "app", "good", "skip-good").await;
@@ -3925,19 +3919,8 @@ async fn an_image_whose_layer_is_damaged_at_the_parent_is_skipped() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     push_image(&admin, &r, "app", "a-damaged", "damaged-at-the-root").await;
-    let layer: Vec<u8> = "damaged-at-the-root"
-        .bytes()
-        .cycle()
-        .take(300_000)
-        .collect();
-    let hex = support::sha256_hex(&layer)
-        .trim_start_matches("sha256:")
-        .to_string();
-    let path = root_dir
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(&hex);
+    let layer = support::seed_layer("damaged-at-the-root");
+    let path = support::blob_file(root_dir.path(), &support::sha256_hex(&layer));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[1000] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
@@ -4021,7 +4004,7 @@ async fn a_site_collects_garbage_as_its_parent_configures() {
     let admin = client_as("admin", ADMIN_PASSWORD);
     let r = root.base();
     let digest = push_image(&admin, &r, "app", "v1", "gc-at-the-site").await;
-    let layer: Vec<u8> = "gc-at-the-site".bytes().cycle().take(300_000).collect();
+    let layer = support::seed_layer("gc-at-the-site");
     let layer = support::sha256_hex(&layer);
     let cs = connected(
         &root,
@@ -5009,7 +4992,7 @@ async fn an_offline_bundle_lands_in_the_sites_object_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let layer: Vec<u8> = "bundled".bytes().cycle().take(300_000).collect();
+    let layer = support::seed_layer("bundled");
     let keys = store.keys("bundled-site").await;
     assert!(
         keys.contains(&key("bundled-site", &support::sha256_hex(&layer))),
@@ -5683,11 +5666,7 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
     // A layer fetched in pieces through an upload session, and one fetched in one request.
     let big = support::push_big_image(&admin, &r, "app", "big", SIZE).await;
     push_image(&admin, &r, "app", "small", "damaged-at-the-site").await;
-    let small_layer: Vec<u8> = "damaged-at-the-site"
-        .bytes()
-        .cycle()
-        .take(300_000)
-        .collect();
+    let small_layer = support::seed_layer("damaged-at-the-site");
     let small = support::sha256_hex(&small_layer);
     let cs = connected(
         &root,
@@ -5704,14 +5683,7 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
         })
         .await;
     }
-    let file = |digest: &str| {
-        let hex = digest.trim_start_matches("sha256:");
-        site_dir
-            .path()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-    };
+    let file = |digest: &str| support::blob_file(site_dir.path(), digest);
     // Storage damage at the site: one file cut short, one gone.
     std::fs::File::options()
         .write(true)
@@ -5797,15 +5769,7 @@ async fn a_blob_damaged_at_a_readonly_site_is_fetched_again_from_its_parent() {
     }
 
     // Lost at the parent too: the site cannot mend it, and the root shows that.
-    let at_root = |digest: &str| {
-        let hex = digest.trim_start_matches("sha256:");
-        root_dir
-            .path()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-    };
-    std::fs::remove_file(at_root(&small)).unwrap();
+    std::fs::remove_file(support::blob_file(root_dir.path(), &small)).unwrap();
     std::fs::remove_file(file(&small)).unwrap();
     assert_eq!(blob_len(&local, &s, "app", &small).await, None);
     eventually("the root shows the damage the site cannot mend", || async {
@@ -5934,14 +5898,9 @@ async fn a_local_push_damaged_before_it_went_up_is_refused_not_resent_for_ever()
         .blocked
         .store(true, std::sync::atomic::Ordering::SeqCst);
     push_image(&site_admin, &s, "app", "rotten", "zeroed-at-the-site").await;
-    let layer: Vec<u8> = "zeroed-at-the-site".bytes().cycle().take(300_000).collect();
-    let hex = support::sha256_hex(&layer);
-    let hex = hex.trim_start_matches("sha256:");
-    let file = site_dir
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex);
+    let layer = support::seed_layer("zeroed-at-the-site");
+    let digest = support::sha256_hex(&layer);
+    let file = support::blob_file(site_dir.path(), &digest);
     std::fs::write(&file, vec![0u8; layer.len()]).unwrap();
     let good = push_image(&site_admin, &s, "app", "after", "pushed-after-the-damage").await;
     proxy
@@ -5958,10 +5917,7 @@ async fn a_local_push_damaged_before_it_went_up_is_refused_not_resent_for_ever()
     })
     .await;
     assert!(!file.exists(), "the damaged copy is still at the site");
-    assert_eq!(
-        blob_len(&site_admin, &s, "app", &format!("sha256:{hex}")).await,
-        None
-    );
+    assert_eq!(blob_len(&site_admin, &s, "app", &digest).await, None);
     assert!(
         site.log()
             .contains("a stored blob does not hash to its digest"),

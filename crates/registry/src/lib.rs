@@ -1438,11 +1438,16 @@ impl Registry {
             }
         }
         if repaired {
-            let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
-            if found.len() < DAMAGE_KEPT && !found.contains_key(digest) {
-                found.insert(digest.clone(), (repo.clone(), size));
-                self.damage.notify.notify_one();
-            }
+            self.keep_for_repair(repo, digest, size);
+        }
+    }
+
+    /// Keeps damaged blob `digest` for [`Self::take_damaged`] and wakes the sync.
+    fn keep_for_repair(&self, repo: &RepoName, digest: &Digest, size: u64) {
+        let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
+        if found.len() < DAMAGE_KEPT && !found.contains_key(digest) {
+            found.insert(digest.clone(), (repo.clone(), size));
+            self.damage.notify.notify_one();
         }
     }
 
@@ -1490,11 +1495,7 @@ impl Registry {
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             let size = self.blob_size(repo, digest).await.unwrap_or_default();
-            let mut found = self.damage.found.lock().unwrap_or_else(|p| p.into_inner());
-            if found.len() < DAMAGE_KEPT {
-                found.insert(digest.clone(), (repo.clone(), size));
-                self.damage.notify.notify_one();
-            }
+            self.keep_for_repair(repo, digest, size);
         }
         Ok(false)
     }
